@@ -1,0 +1,53 @@
+// swift-tools-version:6.1
+// Furcate: a self-hosted microVM engine whose forks cost one O(1) store clone.
+// Modules depend downward only; see docs/ARCHITECTURE.md for the picture.
+import PackageDescription
+
+let package = Package(
+    name: "furcate",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "furcate", targets: ["furcate"]),
+        .library(name: "BlockStore", targets: ["BlockStore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+    ],
+    targets: [
+        // C bridges: system libraries from Debian, nothing else.
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+
+        // Leaf: the shared error type, locks, sizes, name checks.
+        .target(
+            name: "FurcateCore",
+            dependencies: [.product(name: "Logging", package: "swift-log")]
+        ),
+        // Content-addressed copy-on-write block store.
+        .target(
+            name: "BlockStore",
+            dependencies: [
+                "FurcateCore", "CZstd", "CLZ4", "CZlib",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // @main: argument parsing and wiring only.
+        .executableTarget(
+            name: "furcate",
+            dependencies: [
+                "FurcateCore", "BlockStore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
+        .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,487 @@
+// BlockStore — Furcate's content-addressed copy-on-write store.
+//
+// Fixed-size blocks named by their SHA-256 are stored once, compressed, in append-only pack
+// files; a SQLite index says where each block lives. A file is a persistent radix tree of
+// block ids (`BlockTree`): clone and snapshot copy a root, never data. Neighbours: StoreFS
+// (above) serves these files to the kernel through FUSE and calls in from its own threads;
+// nothing here knows of FUSE, QEMU or HTTP. See docs/ARCHITECTURE.md for the on-disk format.
+import Foundation
+import FurcateCore
+import GRDB
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of an open store.
+public struct StoreOptions: Sendable {
+    /// Bytes of decompressed blocks kept in memory, shared by all files.
+    public var blockCacheBytes = 256 << 20
+    /// Bytes of decoded tree nodes kept in memory.
+    public var nodeCacheBytes = 64 << 20
+    /// Unsynced written bytes held in memory before they are hashed and appended to packs.
+    public var dirtyBudgetBytes = 128 << 20
+    /// A sealed pack whose live fraction falls below this is compacted by GC.
+    public var compactionThreshold = 0.5
+    /// Size at which the active pack is sealed and a new one started.
+    public var packRolloverBytes: UInt64 = 256 << 20
+    /// Verify the SHA-256 of every block read from a pack, not only its CRC (fsck always does).
+    public var verifyHashOnRead = false
+    public var logger = Logger(label: "furcate.store")
+
+    public init() {}
+}
+
+/// What `furcate store ls` lists.
+public struct FileInfo: Sendable, Codable, Equatable {
+    public var name: String
+    public var kind: FileKind
+    public var size: UInt64
+    public var blockSize: Int
+    public var codec: String
+    public var createdAt: Double
+    public var modifiedAt: Double
+}
+
+/// A content-addressed copy-on-write block store in one directory.
+///
+/// Thread-safe and synchronous: its callers include FUSE worker threads, which must not hop
+/// onto Swift's cooperative pool, so it guards state with locks rather than being an actor.
+/// Only one process opens a store at a time (an exclusive `flock`); a second gets `.busy`.
+public final class BlockStore: Sendable {
+    /// Smallest and largest block sizes a file may have.
+    public static let blockSizeRange = 4096...(1 << 20)
+    public static let defaultBlockSize = 64 << 10
+
+    public let directory: String
+    public let options: StoreOptions
+    /// Block size given to files created without one.
+    public let defaultBlockSize: Int
+    /// Codec given to files created without one.
+    public let defaultCodec: Codec
+
+    let index: StoreIndex
+    let packs: PackSet
+    let blockCache: LRUCache<[UInt8]>
+    let nodeCache: LRUCache<TreeNode>
+    let registry = PendingRegistry()
+    /// Held shared while a writer checks whether a block exists; held exclusively while GC
+    /// decides what to delete, so a block found by a writer is never swept under it.
+    let gcGate = RWLock()
+    let gcMutex = Mutex(())
+    let dirtyBytes = Atomic<Int>(0)
+    let lockFD: Int32
+    private let files = Mutex<[String: StoreFile]>([:])
+    /// Serializes namespace changes (create, clone, rename, delete) with the in-memory table.
+    let namespace = Mutex(())
+    let closed = Atomic<Bool>(false)
+
+    var logger: Logger { options.logger }
+
+    // MARK: create / open
+
+    /// Creates an empty store in `directory` (created if missing; it must be empty).
+    /// - Throws: `.exists` when a store is there already, `.invalidArgument` for a bad block
+    ///   size, `.io` when the directory cannot be made.
+    @discardableResult
+    public static func create(
+        at directory: String, blockSize: Int = defaultBlockSize, codec: Codec = .default,
+        options: StoreOptions = StoreOptions()
+    ) throws -> BlockStore {
+        try validateBlockSize(blockSize)
+        let fm = FileManager.default
+        if fm.fileExists(atPath: directory + "/index.sqlite") {
+            throw FurcateError(.exists, "a store exists already", path: directory)
+        }
+        var isDir: ObjCBool = false
+        if fm.fileExists(atPath: directory, isDirectory: &isDir) {
+            guard isDir.boolValue else { throw FurcateError(.invalidArgument, "not a directory", path: directory) }
+            let entries = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
+            guard entries.isEmpty else {
+                throw FurcateError(.exists, "directory is not empty; a new store needs an empty directory", path: directory)
+            }
+        }
+        do {
+            try fm.createDirectory(atPath: directory + "/packs", withIntermediateDirectories: true)
+        } catch {
+            throw FurcateError(.io, "cannot create store directory", path: directory, underlying: UnderlyingMessage(error))
+        }
+        let store = try BlockStore(directory: directory, creating: true, options: options)
+        try store.index.write("init") { db in
+            try store.index.setMeta(db, "block_size", "\(blockSize)")
+            try store.index.setMeta(db, "codec", codec.description)
+        }
+        store.close()
+        return try open(at: directory, options: options)
+    }
+
+    /// Opens an existing store.
+    /// - Throws: `.notAStore` when `directory` holds none, `.busy` when another process has it
+    ///   open, `.unsupportedFormat` for a newer format.
+    public static func open(at directory: String, options: StoreOptions = StoreOptions()) throws -> BlockStore {
+        try BlockStore(directory: directory, creating: false, options: options)
+    }
+
+    public static func validateBlockSize(_ size: Int) throws {
+        guard blockSizeRange.contains(size), size & (size - 1) == 0 else {
+            throw FurcateError(.invalidArgument, "block size \(size) is not a power of two from 4 KiB to 1 MiB")
+        }
+    }
+
+    private init(directory: String, creating: Bool, options: StoreOptions) throws {
+        let dir = directory.count > 1 && directory.hasSuffix("/") ? String(directory.dropLast()) : directory
+        self.directory = dir
+        self.options = options
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
+            throw FurcateError(.notAStore, "no store here (run 'furcate store init' first)", path: dir)
+        }
+        if !creating && !FileManager.default.fileExists(atPath: dir + "/index.sqlite") {
+            throw FurcateError(.notAStore, "not a Furcate store (no index.sqlite; run 'furcate store init' first)", path: dir)
+        }
+        // One writer process: an exclusive, non-blocking flock on DIR/lock, released by the
+        // kernel when the process dies however it dies, so a kill -9 never leaves it stuck.
+        let lockPath = dir + "/lock"
+        let fd = try syscall("open", path: lockPath) { Glibc.open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644) }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let e = errno
+            var holder = ""
+            if let text = try? String(contentsOfFile: lockPath, encoding: .utf8), let pid = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                holder = " by process \(pid)"
+            }
+            Glibc.close(fd)
+            if e == EWOULDBLOCK {
+                throw FurcateError(.busy, "store is in use\(holder); only one process may open it", path: dir)
+            }
+            throw FurcateError.system("flock", errno: e, path: lockPath)
+        }
+        ftruncate(fd, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { pwrite(fd, $0, strlen($0), 0) }
+        lockFD = fd
+        do {
+            try? FileManager.default.createDirectory(atPath: dir + "/packs", withIntermediateDirectories: true)
+            let idx = try StoreIndex(path: dir + "/index.sqlite", create: creating)
+            index = idx
+            let (version, bs, codec) = try idx.read("read meta") { db in
+                (try idx.meta(db, "format_version"), try idx.meta(db, "block_size"), try idx.meta(db, "codec"))
+            }
+            guard version == "\(StoreIndex.formatVersion)" else {
+                throw FurcateError(.unsupportedFormat, "store format version \(version ?? "?") is not supported (this build reads \(StoreIndex.formatVersion))", path: dir)
+            }
+            defaultBlockSize = bs.flatMap(Int.init) ?? Self.defaultBlockSize
+            defaultCodec = (try? codec.map(Codec.init(parsing:)) ?? .default) ?? .default
+            let packDir = dir + "/packs"
+            let probe = PackSet(directory: packDir, nextID: 1)
+            let maxOnDisk = probe.packIDsOnDisk().last ?? 0
+            let maxIndexed = try idx.read("read packs") { db in
+                try Int64.fetchOne(db, sql: "SELECT MAX(pack) FROM blocks") ?? 0
+            }
+            // A new pack per session: never append after a torn tail a crash may have left.
+            packs = PackSet(directory: packDir, nextID: max(maxOnDisk, maxIndexed) + 1, rolloverSize: options.packRolloverBytes)
+            blockCache = LRUCache(capacity: options.blockCacheBytes)
+            nodeCache = LRUCache(capacity: options.nodeCacheBytes)
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+    }
+
+    /// Makes every file's writes durable and releases the store. Idempotent; not an error
+    /// when a sync fails (the failure is logged and unsynced writes are lost as in a crash).
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for f in files.withLock({ Array($0.values) }) {
+            do { try f.sync() } catch {
+                logger.error("close: sync failed", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
+            }
+        }
+        try? index.pool.close()
+        Glibc.close(lockFD)
+    }
+
+    deinit { close() }
+
+    func checkOpen() throws {
+        if closed.load(ordering: .acquiring) { throw FurcateError(.invalidArgument, "store is closed", path: directory) }
+    }
+
+    // MARK: namespace
+
+    /// Creates an empty file.
+    /// - Throws: `.exists`, `.invalidArgument` (bad name or block size).
+    @discardableResult
+    public func createFile(_ name: String, blockSize: Int? = nil, codec: Codec? = nil) throws -> StoreFile {
+        try checkOpen()
+        try EntityName.validate(name, what: "file name")
+        let bs = blockSize ?? defaultBlockSize
+        try Self.validateBlockSize(bs)
+        return try namespace.withLock { _ in
+            let id = try index.write("create \(name)") { db in
+                try index.insertFile(db, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec)
+            }
+            let row = FileRow(
+                id: id, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec,
+                createdAt: Date().timeIntervalSince1970, modifiedAt: Date().timeIntervalSince1970, generation: 0)
+            let f = StoreFile(store: self, row: row)
+            files.withLock { $0[name] = f }
+            return f
+        }
+    }
+
+    /// The file or snapshot called `name`.
+    /// - Throws: `.notFound`.
+    public func file(_ name: String) throws -> StoreFile {
+        try checkOpen()
+        if let f = files.withLock({ $0[name] }) { return f }
+        try EntityName.validate(name)
+        return try namespace.withLock { _ in
+            if let f = files.withLock({ $0[name] }) { return f }
+            guard let row = try index.read("look up \(name)", { db in try index.file(db, named: name) }) else {
+                throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory)
+            }
+            let f = StoreFile(store: self, row: row)
+            files.withLock { $0[name] = f }
+            return f
+        }
+    }
+
+    /// True when a file or snapshot called `name` exists.
+    public func exists(_ name: String) throws -> Bool {
+        if files.withLock({ $0[name] }) != nil { return true }
+        return try index.read("look up \(name)") { db in try index.file(db, named: name) } != nil
+    }
+
+    /// Every file and snapshot, by name, with sizes as last synced or written.
+    public func list() throws -> [FileInfo] {
+        try checkOpen()
+        let rows = try index.read("list") { db in try index.files(db) }
+        let open = files.withLock { $0 }
+        return rows.map { r in
+            let size = open[r.name]?.size ?? r.size
+            return FileInfo(
+                name: r.name, kind: r.kind, size: size, blockSize: r.blockSize, codec: r.codec.description,
+                createdAt: r.createdAt, modifiedAt: r.modifiedAt)
+        }
+    }
+
+    /// O(1) copy-on-write clone: `dst` becomes a new file with `src`'s current contents.
+    /// `src` (a file or a snapshot) is synced first, so pending writes are part of the clone.
+    /// - Throws: `.notFound` (src), `.exists` (dst), `.invalidArgument` (bad name).
+    @discardableResult
+    public func clone(_ src: String, to dst: String) throws -> StoreFile {
+        try derive(src, dst, kind: .file)
+    }
+
+    /// An immutable snapshot of `name` called `snapshotName`, O(1) like `clone`.
+    @discardableResult
+    public func snapshot(_ name: String, as snapshotName: String) throws -> StoreFile {
+        try derive(name, snapshotName, kind: .snapshot)
+    }
+
+    private func derive(_ src: String, _ dst: String, kind: FileKind) throws -> StoreFile {
+        try checkOpen()
+        try EntityName.validate(dst, what: "\(kind.name) name")
+        let source = try file(src)
+        // Sync and capture the root under the source's write lock so no write slips between.
+        let (root, size) = try source.committedState()
+        return try namespace.withLock { _ in
+            let id = try index.write("\(kind.name) \(src) -> \(dst)") { db in
+                try index.insertFile(db, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec)
+            }
+            let now = Date().timeIntervalSince1970
+            let row = FileRow(
+                id: id, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec,
+                createdAt: now, modifiedAt: now, generation: 0)
+            let f = StoreFile(store: self, row: row)
+            files.withLock { $0[dst] = f }
+            return f
+        }
+    }
+
+    /// Deletes a file or snapshot. Its blocks are freed by the next GC unless shared.
+    /// - Throws: `.notFound`.
+    public func delete(_ name: String) throws {
+        try checkOpen()
+        try namespace.withLock { _ in
+            let open = files.withLock { $0[name] }
+            let n = try index.write("delete \(name)") { db in
+                try db.execute(sql: "DELETE FROM files WHERE name = ?", arguments: [name])
+                return db.changesCount
+            }
+            guard n > 0 else { throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory) }
+            files.withLock { $0[name] = nil }
+            open?.discard()
+        }
+    }
+
+    /// Renames a file or snapshot.
+    /// - Throws: `.notFound` (from), `.exists` (to), `.invalidArgument` (bad name).
+    public func rename(_ from: String, to: String) throws {
+        try checkOpen()
+        try EntityName.validate(to)
+        try namespace.withLock { _ in
+            try index.write("rename \(from) -> \(to)") { db in
+                if try index.file(db, named: to) != nil { throw FurcateError(.exists, "'\(to)' exists already") }
+                try db.execute(sql: "UPDATE files SET name = ? WHERE name = ?", arguments: [to, from])
+                if db.changesCount == 0 { throw FurcateError(.notFound, "no file or snapshot named '\(from)'") }
+            }
+            files.withLock { t in
+                if let f = t.removeValue(forKey: from) {
+                    f.renamed(to)
+                    t[to] = f
+                }
+            }
+        }
+    }
+
+    /// Syncs every file with unsynced writes.
+    public func syncAll() throws {
+        for f in files.withLock({ Array($0.values) }) { try f.sync() }
+    }
+
+    // MARK: blocks
+
+    /// Loads a tree node, checking its hash and encoding.
+    func loadNode(_ id: BlockID) throws -> TreeNode {
+        if let n = nodeCache.get(id) { return n }
+        guard let data = try index.read("load node", { db in try index.nodeData(db, id) }) else {
+            throw FurcateError(.damaged, "tree node \(id) is missing from the index", path: index.path)
+        }
+        let node = try data.withUnsafeBytes { raw -> TreeNode in
+            guard BlockID.hash(raw) == id, let n = TreeNode.decode(raw) else {
+                throw FurcateError(.damaged, "tree node \(id) fails its hash check", path: index.path)
+            }
+            return n
+        }
+        nodeCache.put(id, node, cost: 8 << 10)
+        return node
+    }
+
+    var tree: BlockTree { BlockTree(load: { [unowned self] in try self.loadNode($0) }) }
+
+    /// Where block `id` is: a pending (unindexed) location first, then the index.
+    func locate(_ id: BlockID) throws -> BlockLocation? {
+        if let l = registry.location(id) { return l }
+        return try index.read("locate block") { db in try index.location(db, id) }
+    }
+
+    /// Reads block `id` (exactly `dst.count` bytes) into `dst`, through the block cache.
+    /// - Throws: `.damaged` naming `file` and `fileOffset` (and logs it) when the block is
+    ///   missing, quarantined or fails a check.
+    func readBlock(_ id: BlockID, into dst: UnsafeMutableRawBufferPointer, file: String, fileOffset: UInt64) throws {
+        if let cached = blockCache.get(id), cached.count == dst.count {
+            cached.withUnsafeBytes { dst.copyMemory(from: $0) }
+            return
+        }
+        do {
+            var attempt = 0
+            while true {
+                guard let loc = try locate(id) else {
+                    let q = try index.read("check quarantine") { db in
+                        try Bool.fetchOne(db, sql: "SELECT 1 FROM quarantine WHERE id = ?", arguments: [Data(id.bytes)]) ?? false
+                    }
+                    throw FurcateError(.damaged, q ? "block \(id) is quarantined (damaged)" : "block \(id) is missing from the index")
+                }
+                let h: PackHandle
+                do {
+                    h = try packs.handle(loc.pack)
+                } catch let e as FurcateError where e.code == .notFound && attempt == 0 {
+                    attempt += 1  // compacted away between the lookup and the open: look again
+                    continue
+                }
+                let claimed = try h.readBlock(loc, into: dst)
+                guard claimed == id else {
+                    throw FurcateError(.damaged, "pack record holds block \(claimed), index expected \(id)", path: h.path, offset: loc.offset)
+                }
+                if options.verifyHashOnRead, BlockID.hash(UnsafeRawBufferPointer(dst)) != id {
+                    throw FurcateError(.damaged, "block \(id) fails its hash check", path: h.path, offset: loc.offset)
+                }
+                break
+            }
+        } catch let e as FurcateError {
+            guard e.code == .damaged else { throw e }
+            logger.error(
+                "damaged block",
+                metadata: [
+                    "store.file": "\(file)", "store.offset": "\(fileOffset)", "block.id": "\(id.hex)",
+                    "pack.path": "\(e.path ?? "-")", "pack.offset": "\(e.offset.map(String.init) ?? "-")", "reason": "\(e.message)",
+                ])
+            throw FurcateError(
+                .damaged, "damaged block in '\(file)' at offset \(fileOffset): \(e.message)", path: file, offset: fileOffset,
+                operation: "read", underlying: e)
+        }
+        blockCache.put(id, Array(UnsafeRawBufferPointer(dst)), cost: dst.count)
+    }
+
+    /// Makes sure block `id` with contents `data` is stored, and takes a pending reference on it
+    /// (released by `releasePending` once a commit indexed it or the entry was overwritten).
+    func storePending(_ id: BlockID, _ data: UnsafeRawBufferPointer, codec: Codec) throws {
+        try gcGate.withReadLock {
+            if registry.retainIfPresent(id) { return }
+            if try index.read("dedup lookup", { db in try index.location(db, id) }) != nil {
+                registry.retain(id, location: nil)
+                return
+            }
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Codec.bound(data.count), alignment: 16)
+            defer { scratch.deallocate() }
+            let loc: BlockLocation
+            if let n = codec.compress(data, into: scratch) {
+                loc = try packs.append(id: id, codecTag: codec.tag, rawLength: data.count, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+            } else {
+                loc = try packs.append(id: id, codecTag: 0, rawLength: data.count, payload: data)
+            }
+            registry.retain(id, location: loc)
+            blockCache.put(id, Array(data), cost: data.count)
+        }
+    }
+}
+
+/// Blocks referenced by uncommitted file state, with the location of those written to a pack
+/// but not yet indexed. GC keeps everything named here; readers find unindexed blocks here.
+final class PendingRegistry: Sendable {
+    private struct Entry {
+        var count: Int
+        var location: BlockLocation?
+    }
+    private let map = Mutex<[BlockID: Entry]>([:])
+
+    func retainIfPresent(_ id: BlockID) -> Bool {
+        map.withLock { m in
+            guard m[id] != nil else { return false }
+            m[id]!.count += 1
+            return true
+        }
+    }
+
+    func retain(_ id: BlockID, location: BlockLocation?) {
+        map.withLock { m in
+            if var e = m[id] {
+                e.count += 1
+                if e.location == nil { e.location = location }
+                m[id] = e
+            } else {
+                m[id] = Entry(count: 1, location: location)
+            }
+        }
+    }
+
+    func release(_ id: BlockID) {
+        map.withLock { m in
+            guard var e = m[id] else { return }
+            e.count -= 1
+            m[id] = e.count > 0 ? e : nil
+        }
+    }
+
+    func location(_ id: BlockID) -> BlockLocation? { map.withLock { $0[id]?.location } }
+
+    /// The ids and the packs holding unindexed blocks, for GC.
+    func snapshot() -> (ids: Set<BlockID>, packs: Set<Int64>) {
+        map.withLock { m in
+            (Set(m.keys), Set(m.values.compactMap { $0.location?.pack }))
+        }
+    }
+}
