@@ -43,7 +43,7 @@ extension BlockStore {
         report.files = rows.count
         // Nodes are loaded straight from the index so a cached copy cannot hide damage.
         var badNodes: [BlockID: String] = [:]
-        let checked = BlockTree(load: { [unowned self] id in
+        let checked = BlockTree(load: { id in
             guard let data = try self.index.read("fsck: node", { db in try self.index.nodeData(db, id) }) else {
                 throw FurcateError(.damaged, "tree node \(id.hex) is missing")
             }

@@ -63,7 +63,7 @@ extension BlockStore {
                     guard let id = BlockID([UInt8](r)) else { continue }
                     if marked.insert(id).inserted {
                         // Nodes committed after phase 1 are read through this transaction.
-                        let tx = BlockTree(load: { [unowned self] nid in
+                        let tx = BlockTree(load: { nid in
                             if let n = self.nodeCache.get(nid) { return n }
                             guard let data = try self.index.nodeData(db, nid), let n = data.withUnsafeBytes({ TreeNode.decode($0) }) else {
                                 throw FurcateError(.damaged, "tree node \(nid) is missing or malformed", path: self.index.path)

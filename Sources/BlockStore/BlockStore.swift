@@ -194,7 +194,7 @@ public final class BlockStore: Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for f in files.withLock({ Array($0.values) }) {
-            do { try f.sync() } catch {
+            do { try f.sync(in: self) } catch {
                 logger.error("close: sync failed", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
             }
         }
@@ -360,7 +360,9 @@ public final class BlockStore: Sendable {
         return node
     }
 
-    var tree: BlockTree { BlockTree(load: { [unowned self] in try self.loadNode($0) }) }
+    /// A tree reader over this store's nodes. Holds the store strongly: it is a short-lived value,
+    /// and `close()` runs it from `deinit`, where an unowned reference could no longer be read.
+    var tree: BlockTree { BlockTree(load: { try self.loadNode($0) }) }
 
     /// Where block `id` is: a pending (unindexed) location first, then the index.
     func locate(_ id: BlockID) throws -> BlockLocation? {

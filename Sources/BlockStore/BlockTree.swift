@@ -79,39 +79,53 @@ struct BlockTree {
         return .hole
     }
 
+    /// Nodes made by one `apply`: later steps of the same apply read them before they are stored.
+    struct Batch {
+        var created: [(BlockID, [UInt8])] = []
+        var fresh: [BlockID: TreeNode] = [:]
+    }
+
     /// A changed tree: clears applied first (block ranges made holes), then `sets` (sorted by index).
     /// New nodes are appended to `created` as (id, encoding).
     func apply(
         _ root: BlockID, clears: [Range<UInt64>], sets: [(UInt64, BlockID)],
         created: inout [(BlockID, [UInt8])]
     ) throws -> BlockID {
+        var batch = Batch()
         var r = root
         for c in clears where !c.isEmpty {
-            r = try clear(r, level: Self.depth - 1, base: 0, c, &created)
+            r = try clear(r, level: Self.depth - 1, base: 0, c, &batch)
         }
         if !sets.isEmpty {
-            r = try set(r, level: Self.depth - 1, base: 0, sets[...], &created)
+            r = try set(r, level: Self.depth - 1, base: 0, sets[...], &batch)
         }
+        created.append(contentsOf: batch.created)
         return r
     }
 
-    private func make(_ slots: [BlockID], level: Int, _ created: inout [(BlockID, [UInt8])]) -> BlockID {
+    private func slots(_ id: BlockID, _ batch: Batch) throws -> [BlockID] {
+        if id.isHole { return [BlockID](repeating: .hole, count: TreeNode.fanout) }
+        if let n = batch.fresh[id] { return n.slots }
+        return try load(id).slots
+    }
+
+    private func make(_ slots: [BlockID], level: Int, _ batch: inout Batch) -> BlockID {
         if slots.allSatisfy(\.isHole) { return .hole }
         let node = TreeNode(level: level, slots: slots)
         let enc = node.encode()
         let id = enc.withUnsafeBytes { BlockID.hash($0) }
-        created.append((id, enc))
+        if batch.fresh.updateValue(node, forKey: id) == nil { batch.created.append((id, enc)) }
         return id
     }
 
     private func clear(
-        _ id: BlockID, level: Int, base: UInt64, _ r: Range<UInt64>, _ created: inout [(BlockID, [UInt8])]
+        _ id: BlockID, level: Int, base: UInt64, _ r: Range<UInt64>, _ batch: inout Batch
     ) throws -> BlockID {
         if id.isHole { return id }
         let end = base + Self.span(level)
         if r.upperBound <= base || r.lowerBound >= end { return id }
         if r.lowerBound <= base && r.upperBound >= end { return .hole }
-        var slots = try load(id).slots
+        var slots = try slots(id, batch)
         if level == 0 {
             let lo = Int(max(r.lowerBound, base) - base)
             let hi = Int(min(r.upperBound, end) - base)
@@ -121,17 +135,16 @@ struct BlockTree {
             let lo = Int((max(r.lowerBound, base) - base) / child)
             let hi = Int((min(r.upperBound, end) - base - 1) / child)
             for s in lo...hi {
-                slots[s] = try clear(slots[s], level: level - 1, base: base + UInt64(s) * child, r, &created)
+                slots[s] = try clear(slots[s], level: level - 1, base: base + UInt64(s) * child, r, &batch)
             }
         }
-        return make(slots, level: level, &created)
+        return make(slots, level: level, &batch)
     }
 
     private func set(
-        _ id: BlockID, level: Int, base: UInt64, _ sets: ArraySlice<(UInt64, BlockID)>,
-        _ created: inout [(BlockID, [UInt8])]
+        _ id: BlockID, level: Int, base: UInt64, _ sets: ArraySlice<(UInt64, BlockID)>, _ batch: inout Batch
     ) throws -> BlockID {
-        var slots = id.isHole ? [BlockID](repeating: .hole, count: TreeNode.fanout) : try load(id).slots
+        var slots = try slots(id, batch)
         if level == 0 {
             for (i, e) in sets { slots[Int(i - base)] = e }
         } else {
@@ -142,11 +155,11 @@ struct BlockTree {
                 let childEnd = base + UInt64(s + 1) * child
                 var end = start + 1
                 while end < sets.endIndex && sets[end].0 < childEnd { end += 1 }
-                slots[s] = try set(slots[s], level: level - 1, base: base + UInt64(s) * child, sets[start..<end], &created)
+                slots[s] = try set(slots[s], level: level - 1, base: base + UInt64(s) * child, sets[start..<end], &batch)
                 start = end
             }
         }
-        return make(slots, level: level, &created)
+        return make(slots, level: level, &batch)
     }
 
     /// The first index ≥ `from` whose entry is not a hole, or nil.

@@ -189,7 +189,7 @@ public final class StoreFile: @unchecked Sendable {
             modifiedAt = Date().timeIntervalSince1970
             return store.dirtyBytes.load(ordering: .relaxed) > store.options.dirtyBudgetBytes
         }
-        if needFlush { try lock.withWriteLock { try flushDirtyLocked() } }
+        if needFlush { try lock.withWriteLock { try flushDirtyLocked(store) } }
     }
 
     /// Writes `bytes` at `offset`.
@@ -361,7 +361,7 @@ public final class StoreFile: @unchecked Sendable {
     }
 
     /// Hashes, compresses and appends every dirty block to a pack. Needs the write lock.
-    private func flushDirtyLocked() throws {
+    private func flushDirtyLocked(_ store: BlockStore) throws {
         guard !dirty.isEmpty else { return }
         for k in dirty.keys.sorted() {
             guard let data = dirty[k] else { continue }
@@ -396,13 +396,18 @@ public final class StoreFile: @unchecked Sendable {
     /// size committed in one index transaction. Once it returns no crash loses those writes.
     /// - Throws: `.diskFull`/`.io`; the unsynced state is kept for a later retry.
     public func sync() throws {
-        try lock.withWriteLock { try syncHoldingLock() }
+        try sync(in: store)
     }
 
-    private func syncHoldingLock() throws {
+    /// `sync()` with the store passed in, for `BlockStore.close()` run from its `deinit`.
+    func sync(in store: BlockStore) throws {
+        try lock.withWriteLock { try syncHoldingLock(store) }
+    }
+
+    private func syncHoldingLock(_ store: BlockStore) throws {
         try checkLive()
         guard isDirtyLocked, kind == .file else { return }
-        try flushDirtyLocked()
+        try flushDirtyLocked(store)
         try store.packs.sync()
         var created: [(BlockID, [UInt8])] = []
         let sets = pending.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
@@ -436,7 +441,7 @@ public final class StoreFile: @unchecked Sendable {
     func committedState() throws -> (BlockID, UInt64) {
         try lock.withWriteLock {
             try checkLive()
-            try syncHoldingLock()
+            try syncHoldingLock(store)
             return (root, committedSize)
         }
     }
