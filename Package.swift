@@ -37,11 +37,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // System benchmarks behind `furcate bench`, each with a same-run baseline.
+        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore"]),
         // @main: argument parsing and wiring only.
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore",
+                "FurcateCore", "BlockStore", "FurcateBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

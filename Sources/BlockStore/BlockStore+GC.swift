@@ -46,7 +46,7 @@ extension BlockStore {
     private func runGC() throws -> GCReport {
         let start = Date()
         var report = GCReport()
-        packs.seal()
+        let sealedBelow = packs.seal()
         let t = tree
         // Phase 1: mark from the roots as they are now, without holding anything.
         var live = Reachable()
@@ -98,7 +98,7 @@ extension BlockStore {
         }
         report.liveBlocks = live.blocks.count
         report.liveNodes = live.nodes.count
-        try compact(&report)
+        try compact(&report, sealedBelow: sealedBelow)
         report.seconds = Date().timeIntervalSince(start)
         logger.info(
             "gc done",
@@ -110,9 +110,10 @@ extension BlockStore {
     }
 
     /// Copies the live records of sparse sealed packs into the active pack and deletes them.
-    private func compact(_ report: inout GCReport) throws {
-        let pendingPacks = registry.snapshot().packs
-        let active = packs.activePackID
+    private func compact(_ report: inout GCReport, sealedBelow: Int64) throws {
+        // Under the gate no writer is between appending a record and registering it, so every
+        // unindexed record in a sealed pack is in this snapshot.
+        let pendingPacks = gcGate.withWriteLock { registry.snapshot().packs }
         let liveBytes = try index.read("gc: live bytes") { db in
             var m: [Int64: UInt64] = [:]
             for row in try Row.fetchAll(db, sql: "SELECT pack, SUM(stored_len) AS s, COUNT(*) AS n FROM blocks GROUP BY pack") {
@@ -120,7 +121,7 @@ extension BlockStore {
             }
             return m
         }
-        for pack in packs.packIDsOnDisk() where pack != active && !pendingPacks.contains(pack) {
+        for pack in packs.packIDsOnDisk() where pack < sealedBelow && !pendingPacks.contains(pack) {
             guard let size = packs.size(of: pack) else { continue }
             let live = liveBytes[pack] ?? 0
             if live == 0 {

@@ -370,14 +370,21 @@ public final class BlockStore: Sendable {
         return try index.read("locate block") { db in try index.location(db, id) }
     }
 
-    /// Reads block `id` (exactly `dst.count` bytes) into `dst`, through the block cache.
+    /// The bytes of block `id` (`size` bytes), shared with the block cache: a hit copies nothing.
     /// - Throws: `.damaged` naming `file` and `fileOffset` (and logs it) when the block is
     ///   missing, quarantined or fails a check.
-    func readBlock(_ id: BlockID, into dst: UnsafeMutableRawBufferPointer, file: String, fileOffset: UInt64) throws {
-        if let cached = blockCache.get(id), cached.count == dst.count {
-            cached.withUnsafeBytes { dst.copyMemory(from: $0) }
-            return
+    func blockData(_ id: BlockID, size: Int, file: String, fileOffset: UInt64) throws -> [UInt8] {
+        if let cached = blockCache.get(id), cached.count == size { return cached }
+        let data = try [UInt8](unsafeUninitializedCapacity: size) { buf, n in
+            try readBlockUncached(id, into: UnsafeMutableRawBufferPointer(buf), file: file, fileOffset: fileOffset)
+            n = size
         }
+        blockCache.put(id, data, cost: size)
+        return data
+    }
+
+    /// Reads block `id` (exactly `dst.count` bytes) from its pack into `dst`, bypassing the cache.
+    private func readBlockUncached(_ id: BlockID, into dst: UnsafeMutableRawBufferPointer, file: String, fileOffset: UInt64) throws {
         do {
             var attempt = 0
             while true {
@@ -415,7 +422,6 @@ public final class BlockStore: Sendable {
                 .damaged, "damaged block in '\(file)' at offset \(fileOffset): \(e.message)", path: file, offset: fileOffset,
                 operation: "read", underlying: e)
         }
-        blockCache.put(id, Array(UnsafeRawBufferPointer(dst)), cost: dst.count)
     }
 
     /// Makes sure block `id` with contents `data` is stored, and takes a pending reference on it

@@ -8,8 +8,11 @@ final class LRUCache<Value: Sendable>: Sendable {
         let key: BlockID
         var value: Value
         var cost: Int
-        weak var prev: Entry?
-        var next: Entry?
+        // SAFETY: unowned(unsafe) links: `map` holds the only strong reference to every entry, and
+        // an entry is unlinked before it leaves `map`, so a link never outlives its target. Strong
+        // links would make freeing a long list recurse once per entry.
+        unowned(unsafe) var prev: Entry?
+        unowned(unsafe) var next: Entry?
         init(key: BlockID, value: Value, cost: Int) {
             self.key = key
             self.value = value

@@ -194,9 +194,6 @@ final class PackSet: Sendable {
         }
     }
 
-    /// The id of the pack taking appends now, if one was started.
-    var activePackID: Int64? { state.withLock { $0.active?.id } }
-
     /// Appends one block record and returns its location. Not durable until `sync()`.
     /// - Throws: `.diskFull` or `.io`; the pack's logical end does not move on failure.
     func append(id: BlockID, codecTag: UInt8, rawLength: Int, payload: UnsafeRawBufferPointer) throws -> BlockLocation {
@@ -242,9 +239,14 @@ final class PackSet: Sendable {
         }
     }
 
-    /// Seals the active pack: later appends go to a new one.
-    func seal() {
-        state.withLock { s in s.active = nil }
+    /// Seals the active pack: later appends go to a new one, whose id is returned (every pack
+    /// with a smaller id is sealed from now on).
+    @discardableResult
+    func seal() -> Int64 {
+        state.withLock { s in
+            s.active = nil
+            return s.nextID
+        }
     }
 
     private func startPack(_ s: inout State) throws {

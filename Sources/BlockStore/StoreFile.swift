@@ -94,32 +94,17 @@ public final class StoreFile: @unchecked Sendable {
         return try store.tree.lookup(root, i)
     }
 
-    /// Copies block `i` (all of it) into `dst`. Needs the lock.
-    private func readBlockLocked(_ i: UInt64, into dst: UnsafeMutableRawBufferPointer) throws {
-        if let d = dirty[i] {
-            d.withUnsafeBytes { dst.copyMemory(from: $0) }
-            return
-        }
-        let e = try entryLocked(i)
-        if e.isStored {
-            try store.readBlock(e, into: dst, file: _name, fileOffset: i * UInt64(blockSize))
-        } else {
-            dst.initializeMemory(as: UInt8.self, repeating: 0)
-        }
-    }
-
     /// Reads up to `buffer.count` bytes at `offset`; returns how many (fewer only at end of file).
     /// Holes read as zeros.
     /// - Throws: `.damaged` (an I/O error to the caller) naming the file and offset; never wrong data.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         try lock.withReadLock {
             try checkLive()
+            try store.checkOpen()
             guard offset < _size else { return 0 }
             let n = Int(min(UInt64(buffer.count), _size - offset))
             let bs = UInt64(blockSize)
             var done = 0
-            var scratch: UnsafeMutableRawBufferPointer?
-            defer { scratch?.deallocate() }
             while done < n {
                 let pos = offset + UInt64(done)
                 let i = pos / bs
@@ -132,12 +117,9 @@ public final class StoreFile: @unchecked Sendable {
                     let e = try entryLocked(i)
                     if !e.isStored {
                         out.initializeMemory(as: UInt8.self, repeating: 0)
-                    } else if within == 0 && len == blockSize {
-                        try store.readBlock(e, into: out, file: _name, fileOffset: i * bs)
                     } else {
-                        if scratch == nil { scratch = .allocate(byteCount: blockSize, alignment: 16) }
-                        try store.readBlock(e, into: scratch!, file: _name, fileOffset: i * bs)
-                        out.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch![within..<(within + len)]))
+                        let block = try store.blockData(e, size: blockSize, file: _name, fileOffset: i * bs)
+                        block.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + len)])) }
                     }
                 }
                 done += len
@@ -203,12 +185,11 @@ public final class StoreFile: @unchecked Sendable {
             dirty[i]!.withUnsafeMutableBytes(body)
             return
         }
-        var buf = [UInt8](repeating: 0, count: blockSize)
-        try buf.withUnsafeMutableBytes { b in
-            let e = try entryLocked(i)
-            if e.isStored { try store.readBlock(e, into: b, file: _name, fileOffset: i * UInt64(blockSize)) }
-            body(b)
-        }
+        let e = try entryLocked(i)
+        var buf = e.isStored
+            ? try store.blockData(e, size: blockSize, file: _name, fileOffset: i * UInt64(blockSize))
+            : [UInt8](repeating: 0, count: blockSize)
+        buf.withUnsafeMutableBytes(body)  // copy-on-write: the cached block is left untouched
         dirty[i] = buf
         store.dirtyBytes.add(blockSize, ordering: .relaxed)
     }

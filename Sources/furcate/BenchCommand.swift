@@ -1,7 +1,54 @@
 import ArgumentParser
+import Foundation
+import FurcateBench
+import FurcateCore
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [])
+        subcommands: [Store.self])
+
+    struct Store: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Clone/snapshot time by file size, 4 KiB I/O vs a plain file, codec throughput, clone growth.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Flag(help: "Smaller sizes (16 MiB-1 GiB files, 20 clones of 256 MiB) for a run of a minute or two.") var quick = false
+        @Option(help: "Directory on the filesystem to measure (default: the current directory).") var dir: String = "."
+
+        func run() throws {
+            try reportingErrors {
+                bootstrapOnce
+                let b = StoreBenchmark(workDir: dir, quick: quick) { FileHandleStderr.write("bench: \($0)\n") }
+                let r = try b.run()
+                if json { return try printJSON(r) }
+                print("clone and snapshot (p50 / p99 ms):")
+                for c in r.clone {
+                    print("  \(ByteSize.format(c.fileBytes).leftPad(8))  clone \(f3(c.cloneMillisP50)) / \(f3(c.cloneMillisP99))   snapshot \(f3(c.snapshotMillisP50)) / \(f3(c.snapshotMillisP99))")
+                }
+                print(String(format: "  flatness (largest / smallest clone p50): %.2f (goal <= 2)", r.cloneFlatness))
+                print("4 KiB I/O, store vs plain file (MB/s):")
+                for i in r.io {
+                    print("  \(i.pattern.rightPad(26)) store \(f1(i.storeMBps).leftPad(8))   plain \(f1(i.plainFileMBps).leftPad(8))   ratio \(f2(i.ratio))")
+                }
+                print("SHA-256 (MB/s): " + r.hashMBps.sorted { Int($0.key)! < Int($1.key)! }.map { "\(ByteSize.format(UInt64($0.key)!)) \(Int($0.value))" }.joined(separator: ", "))
+                print("codecs (compress / decompress MB/s, ratio):")
+                for c in r.codecs {
+                    print("  \(c.codec.rightPad(7)) \(ByteSize.format(UInt64(c.blockSize)).leftPad(7))  \(f0(c.compressMBps).leftPad(6)) / \(f0(c.decompressMBps).leftPad(6))  \(f2(c.ratio))x")
+                }
+                if let g = r.growth {
+                    print("growth: \(g.clones) clones of \(ByteSize.format(g.baseFileBytes)), \(g.blocksDirtied) blocks dirtied (\(ByteSize.format(g.dirtiedBytesAtBlockGranularity)) at block granularity): store grew \(ByteSize.format(g.storeGrowthBytes)), ratio \(f3(g.growthRatio)) (goal <= 1.5)")
+                }
+                print(String(format: "total %.1f s", r.seconds))
+            }
+        }
+    }
+}
+
+func f0(_ v: Double) -> String { String(format: "%.0f", v) }
+func f1(_ v: Double) -> String { String(format: "%.1f", v) }
+func f2(_ v: Double) -> String { String(format: "%.2f", v) }
+func f3(_ v: Double) -> String { String(format: "%.3f", v) }
+
+extension String {
+    func rightPad(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
 }

@@ -37,6 +37,15 @@ struct StoreOptionsGroup: ParsableArguments {
     }
 }
 
+/// Opens the store at `dir`, runs `body`, closes it; errors become one line on stderr.
+func withStore(_ dir: String, _ body: (BlockStore) throws -> Void) throws {
+    try reportingErrors {
+        let store = try openStore(dir)
+        defer { store.close() }
+        try body(store)
+    }
+}
+
 func openStore(_ dir: String) throws -> BlockStore {
     bootstrapOnce
     var o = StoreOptions()
@@ -102,9 +111,7 @@ extension StoreCommand {
         @Argument(help: "Local file to write (replaced if it exists).") var dstfile: String
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 let f = try store.file(name)
                 let fd = try syscall("open", path: dstfile) { open(dstfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
                 defer { close(fd) }
@@ -120,9 +127,7 @@ extension StoreCommand {
         @Argument var dst: String
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 try store.clone(src, to: dst)
             }
         }
@@ -135,9 +140,7 @@ extension StoreCommand {
         @Argument var snapname: String
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 try store.snapshot(name, as: snapname)
             }
         }
@@ -149,9 +152,7 @@ extension StoreCommand {
         @Flag var json = false
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 let items = try store.list()
                 if json { return try printJSON(items) }
                 for i in items {
@@ -168,9 +169,7 @@ extension StoreCommand {
         @Argument var name: String
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 try store.delete(name)
             }
         }
@@ -182,9 +181,7 @@ extension StoreCommand {
         @Flag var json = false
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 let r = try store.gc()
                 if json { return try printJSON(r) }
                 print("freed \(r.blocksFreed) blocks (\(ByteSize.format(r.bytesFreedInIndex)) raw) and \(r.nodesFreed) nodes; compacted \(r.packsCompacted) packs, deleted \(r.packsDeleted); reclaimed \(ByteSize.format(r.bytesReclaimedOnDisk)) on disk")
@@ -199,9 +196,7 @@ extension StoreCommand {
         @Flag var json = false
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 let r = try store.fsck(repair: repair)
                 if json {
                     try printJSON(r)
@@ -226,9 +221,7 @@ extension StoreCommand {
         @Flag var json = false
 
         func run() throws {
-            try reportingErrors {
-                let store = try openStore(dir)
-                defer { store.close() }
+            try withStore(dir) { store in
                 let s = try store.stats()
                 if json { return try printJSON(s) }
                 print("files \(s.files), snapshots \(s.snapshots)")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Furcate needs (idempotent: apt runs only when one is missing).
+# Sourced by setup.sh and test.sh; the list grows as layers land.
+set -euo pipefail
+
+FURCATE_PACKAGES=(
+  pkg-config        # system-library targets find their libraries through it
+  libzstd-dev       # block compression (zstd)
+  liblz4-dev        # block compression (lz4)
+  zlib1g-dev        # crc32 of pack records
+  libsqlite3-dev    # the store index, through GRDB
+  util-linux        # mount/umount for the full-disk test's tmpfs
+)
+
+install_packages() {
+  local missing=()
+  for p in "${FURCATE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    echo "packages: all ${#FURCATE_PACKAGES[@]} present"
+    return
+  fi
+  echo "packages: installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
