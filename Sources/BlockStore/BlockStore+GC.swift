@@ -22,11 +22,7 @@ struct Reachable {
 
     /// Adds everything under `root`, visiting shared subtrees once.
     mutating func mark(_ root: BlockID, tree: BlockTree) throws {
-        var n = nodes
-        var b = blocks
-        try tree.walk(root, enter: { n.insert($0).inserted }, leaf: { _, e in if e.isStored { b.insert(e) } })
-        nodes = n
-        blocks = b
+        try tree.walk(root, enter: { nodes.insert($0).inserted }, leaf: { _, e in if e.isStored { blocks.insert(e) } })
     }
 }
 

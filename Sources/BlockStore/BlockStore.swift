@@ -285,9 +285,11 @@ public final class BlockStore: Sendable {
         try checkOpen()
         try EntityName.validate(dst, what: "\(kind.name) name")
         let source = try file(src)
-        // Sync and capture the root under the source's write lock so no write slips between.
-        let (root, size) = try source.committedState()
         return try namespace.withLock { _ in
+            // Under the namespace lock the source cannot be deleted (and its root swept by GC)
+            // before the new row names the root; the sync and capture hold the source's write
+            // lock so no write slips between.
+            let (root, size) = try source.committedState()
             let id = try index.write("\(kind.name) \(src) -> \(dst)") { db in
                 try index.insertFile(db, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec)
             }
