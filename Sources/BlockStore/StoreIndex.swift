@@ -133,10 +133,10 @@ final class StoreIndex: Sendable {
             rawLength: UInt32(row["raw_len"] as Int64), codecTag: UInt8(row["codec"] as Int64))
     }
 
+    /// Hot path (every block-cache miss and dedup check): a cached prepared statement.
     func location(_ db: Database, _ id: BlockID) throws -> BlockLocation? {
-        try Row.fetchOne(
-            db, sql: "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE id = ?", arguments: [Data(id.bytes)]
-        ).map(Self.location)
+        let st = try db.cachedStatement(sql: "SELECT pack, offset, stored_len, raw_len, codec FROM blocks WHERE id = ?")
+        return try Row.fetchOne(st, arguments: [Data(id.bytes)]).map(Self.location)
     }
 
     func insertBlock(_ db: Database, _ id: BlockID, _ l: BlockLocation) throws {
@@ -148,7 +148,7 @@ final class StoreIndex: Sendable {
     // MARK: nodes
 
     func nodeData(_ db: Database, _ id: BlockID) throws -> Data? {
-        try Data.fetchOne(db, sql: "SELECT data FROM nodes WHERE id = ?", arguments: [Data(id.bytes)])
+        try Data.fetchOne(db.cachedStatement(sql: "SELECT data FROM nodes WHERE id = ?"), arguments: [Data(id.bytes)])
     }
 
     func insertNode(_ db: Database, _ id: BlockID, _ data: [UInt8]) throws {

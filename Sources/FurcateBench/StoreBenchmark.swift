@@ -58,11 +58,16 @@ public struct StoreBenchReport: Codable, Sendable {
 public struct StoreBenchmark {
     public var workDir: String
     public var quick: Bool
+    /// The parts to run (`codecs`, `clone`, `io`, `growth`); all when empty.
+    public var only: Set<String>
     public var progress: (String) -> Void
 
-    public init(workDir: String, quick: Bool, progress: @escaping (String) -> Void) {
+    public static let parts = ["codecs", "clone", "io", "growth"]
+
+    public init(workDir: String, quick: Bool, only: Set<String> = [], progress: @escaping (String) -> Void) {
         self.workDir = workDir
         self.quick = quick
+        self.only = only
         self.progress = progress
     }
 
@@ -115,10 +120,11 @@ public struct StoreBenchmark {
         let t0 = Self.now()
         var r = StoreBenchReport(quick: quick, filesystemOf: workDir)
         let sample = Self.sample(bytes: 64 << 20)
-        try benchCodecs(sample, &r)
-        try benchClone(sample, &r)
-        try benchIO(sample, &r)
-        try benchGrowth(sample, &r)
+        let want = { (part: String) in only.isEmpty || only.contains(part) }
+        if want("codecs") { try benchCodecs(sample, &r) }
+        if want("clone") { try benchClone(sample, &r) }
+        if want("io") { try benchIO(sample, &r) }
+        if want("growth") { try benchGrowth(sample, &r) }
         r.seconds = Self.now() - t0
         return r
     }

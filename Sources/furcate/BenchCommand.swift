@@ -14,24 +14,29 @@ struct BenchCommand: ParsableCommand {
         @Flag(help: "Print the report as JSON.") var json = false
         @Flag(help: "Smaller sizes (16 MiB-1 GiB files, 20 clones of 256 MiB) for a run of a minute or two.") var quick = false
         @Option(help: "Directory on the filesystem to measure (default: the current directory).") var dir: String = "."
+        @Option(help: "Run only these parts (comma-separated): codecs, clone, io, growth.") var only: String?
 
         func run() throws {
             try reportingErrors {
                 bootstrapOnce
-                let b = StoreBenchmark(workDir: dir, quick: quick) { FileHandleStderr.write("bench: \($0)\n") }
+                let parts = Set((only ?? "").split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+                if let bad = parts.first(where: { !StoreBenchmark.parts.contains($0) }) {
+                    throw FurcateError(.invalidArgument, "--only: unknown part '\(bad)'; parts are \(StoreBenchmark.parts.joined(separator: ", "))")
+                }
+                let b = StoreBenchmark(workDir: dir, quick: quick, only: parts) { FileHandleStderr.write("bench: \($0)\n") }
                 let r = try b.run()
                 if json { return try printJSON(r) }
-                print("clone and snapshot (p50 / p99 ms):")
+                if !r.clone.isEmpty { print("clone and snapshot (p50 / p99 ms):") }
                 for c in r.clone {
                     print("  \(ByteSize.format(c.fileBytes).leftPad(8))  clone \(f3(c.cloneMillisP50)) / \(f3(c.cloneMillisP99))   snapshot \(f3(c.snapshotMillisP50)) / \(f3(c.snapshotMillisP99))")
                 }
-                print(String(format: "  flatness (largest / smallest clone p50): %.2f (goal <= 2)", r.cloneFlatness))
-                print("4 KiB I/O, store vs plain file (MB/s):")
+                if !r.clone.isEmpty { print("  flatness (largest / smallest clone p50): \(f2(r.cloneFlatness)) (goal <= 2)") }
+                if !r.io.isEmpty { print("4 KiB I/O, store vs plain file (MB/s):") }
                 for i in r.io {
                     print("  \(i.pattern.rightPad(26)) store \(f1(i.storeMBps).leftPad(8))   plain \(f1(i.plainFileMBps).leftPad(8))   ratio \(f2(i.ratio))")
                 }
-                print("SHA-256 (MB/s): " + r.hashMBps.sorted { Int($0.key)! < Int($1.key)! }.map { "\(ByteSize.format(UInt64($0.key)!)) \(Int($0.value))" }.joined(separator: ", "))
-                print("codecs (compress / decompress MB/s, ratio):")
+                if !r.hashMBps.isEmpty { print("SHA-256 (MB/s): " + r.hashMBps.sorted { Int($0.key)! < Int($1.key)! }.map { "\(ByteSize.format(UInt64($0.key)!)) \(Int($0.value))" }.joined(separator: ", ")) }
+                if !r.codecs.isEmpty { print("codecs (compress / decompress MB/s, ratio):") }
                 for c in r.codecs {
                     print("  \(c.codec.rightPad(7)) \(ByteSize.format(UInt64(c.blockSize)).leftPad(7))  \(f0(c.compressMBps).leftPad(6)) / \(f0(c.decompressMBps).leftPad(6))  \(f2(c.ratio))x")
                 }

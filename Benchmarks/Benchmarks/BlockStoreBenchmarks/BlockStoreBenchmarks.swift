@@ -23,43 +23,59 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
-    Benchmark("store: 4 KiB read, warm (tree walk + block cache)") { benchmark in
-        let (dir, store, f) = try storeWith16MiBFile(block, "read")
-        defer {
-            store.close()
-            try? FileManager.default.removeItem(atPath: dir)
-        }
-        var buf = [UInt8](repeating: 0, count: 4096)
-        var r = SplitMix64(seed: 2)
-        benchmark.startMeasurement()
-        for _ in benchmark.scaledIterations {
-            let off = (r.next() % (256 * 16)) * 4096
-            blackHole(try buf.withUnsafeMutableBytes { try f.read(into: $0, at: off) })
-        }
-    }
+    let reads = StoreFixture(block, "read")
+    Benchmark(
+        "store: 4 KiB read, warm (tree walk + block cache)",
+        closure: { benchmark in
+            guard let f = reads.file else { return }
+            var buf = [UInt8](repeating: 0, count: 4096)
+            var r = SplitMix64(seed: 2)
+            for _ in benchmark.scaledIterations {
+                let off = (r.next() % (256 * 16)) * 4096
+                blackHole(try buf.withUnsafeMutableBytes { try f.read(into: $0, at: off) })
+            }
+        }, setup: { try reads.setUp() }, teardown: { reads.tearDown() })
 
-    Benchmark("store: clone of a 16 MiB file") { benchmark in
-        let (dir, store, _) = try storeWith16MiBFile(block, "clone")
-        defer {
-            store.close()
-            try? FileManager.default.removeItem(atPath: dir)
-        }
-        var n = 0
-        benchmark.startMeasurement()
-        for _ in benchmark.scaledIterations {
-            n += 1
-            try store.clone("f", to: "c\(n)")
-        }
-    }
+    let clones = StoreFixture(block, "clone")
+    Benchmark(
+        "store: clone of a 16 MiB file",
+        closure: { benchmark in
+            guard let store = clones.store else { return }
+            for _ in benchmark.scaledIterations {
+                clones.counter += 1
+                try store.clone("f", to: "c\(clones.counter)")
+            }
+        }, setup: { try clones.setUp() }, teardown: { clones.tearDown() })
 }
 
-/// A new store in a temp dir holding file "f": 256 copies of `block` (16 MiB).
-func storeWith16MiBFile(_ block: [UInt8], _ label: String) throws -> (String, BlockStore, StoreFile) {
-    let dir = NSTemporaryDirectory() + "furcate-mb-\(getpid())-\(label)"
-    try? FileManager.default.removeItem(atPath: dir)
-    let store = try BlockStore.create(at: dir)
-    let f = try store.createFile("f")
-    for k in 0..<256 { try f.write(block, at: UInt64(k) * 65536) }
-    try f.sync()
-    return (dir, store, f)
+/// A store in a temp dir holding file "f": 256 copies of `block` (16 MiB), made in a
+/// benchmark's setup so the measured closure does only the operation.
+final class StoreFixture: @unchecked Sendable {
+    let block: [UInt8]
+    let dir: String
+    var store: BlockStore?
+    var file: StoreFile?
+    var counter = 0
+
+    init(_ block: [UInt8], _ label: String) {
+        self.block = block
+        dir = NSTemporaryDirectory() + "furcate-mb-\(getpid())-\(label)"
+    }
+
+    func setUp() throws {
+        try? FileManager.default.removeItem(atPath: dir)
+        let s = try BlockStore.create(at: dir)
+        let f = try s.createFile("f")
+        for k in 0..<256 { try f.write(block, at: UInt64(k) * 65536) }
+        try f.sync()
+        store = s
+        file = f
+    }
+
+    func tearDown() {
+        file = nil
+        store?.close()
+        store = nil
+        try? FileManager.default.removeItem(atPath: dir)
+    }
 }
