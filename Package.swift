@@ -21,6 +21,7 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
 
         // Leaf: the shared error type, locks, sizes, name checks.
         .target(
@@ -37,19 +38,25 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // FUSE server over BlockStore: store files as ordinary files for QEMU, mkfs, cp.
+        .target(
+            name: "StoreFS",
+            dependencies: ["FurcateCore", "BlockStore", "CFuse", .product(name: "Logging", package: "swift-log")]
+        ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore"]),
         // @main: argument parsing and wiring only.
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "FurcateBench",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore"]),
+        .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse"]),
     ],
     swiftLanguageModes: [.v6]
 )

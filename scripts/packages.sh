@@ -10,6 +10,9 @@ FURCATE_PACKAGES=(
   zlib1g-dev        # crc32 of pack records
   libsqlite3-dev    # the store index, through GRDB
   util-linux        # mount/umount for the full-disk test's tmpfs
+  fuse3             # /dev/fuse tools (fusermount3) for StoreFS
+  libfuse3-dev      # the CFuse system-library target
+  e2fsprogs         # mkfs.ext4, e2fsck and debugfs in the StoreFS tests
 )
 
 install_packages() {

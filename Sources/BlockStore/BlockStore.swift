@@ -248,6 +248,33 @@ public final class BlockStore: Sendable {
         }
     }
 
+    /// The file or snapshot whose row id is `id` (its inode number, stable across renames).
+    /// - Throws: `.notFound`.
+    public func file(id: Int64) throws -> StoreFile {
+        try checkOpen()
+        if let f = files.withLock({ $0.values.first { $0.id == id } }) { return f }
+        guard let name = try index.read("look up file \(id)", { db in
+            try String.fetchOne(db, sql: "SELECT name FROM files WHERE id = ?", arguments: [id])
+        }) else {
+            throw FurcateError(.notFound, "no file or snapshot with id \(id)", path: directory)
+        }
+        return try file(name)
+    }
+
+    /// O(1): makes `dst` (a file) hold `src`'s current contents, dropping its own unsynced
+    /// writes (`cp` through the mount, restore of a VM disk). Durable on return.
+    /// - Throws: `.notPermitted` when `dst` is a snapshot.
+    public func replaceContents(of dst: StoreFile, with src: StoreFile) throws {
+        try checkOpen()
+        guard dst.kind == .file else {
+            throw FurcateError(.notPermitted, "'\(dst.name)' is a snapshot and cannot be changed")
+        }
+        try namespace.withLock { _ in
+            let (root, size) = try src.committedState()
+            try dst.replace(root: root, size: size)
+        }
+    }
+
     /// True when a file or snapshot called `name` exists.
     public func exists(_ name: String) throws -> Bool {
         if files.withLock({ $0[name] }) != nil { return true }

@@ -418,6 +418,28 @@ public final class StoreFile: @unchecked Sendable {
         committedSize = newSize
     }
 
+    /// Replaces this file's contents with a committed tree (see `BlockStore.replaceContents`).
+    func replace(root newRoot: BlockID, size newSize: UInt64) throws {
+        try lock.withWriteLock {
+            try checkWritable()
+            let now = Date().timeIntervalSince1970
+            let fileID = id
+            try store.index.write("replace \(_name)") { db in
+                try db.execute(
+                    sql: "UPDATE files SET root = ?, size = ?, modified_at = ?, generation = generation + 1 WHERE id = ?",
+                    arguments: [Data(newRoot.bytes), Int64(newSize), now, fileID])
+            }
+            releaseDirtyAccounting()
+            for e in pending.values where e.isStored { store.registry.release(e) }
+            pending.removeAll()
+            clears.removeAll()
+            root = newRoot
+            committedSize = newSize
+            _size = newSize
+            modifiedAt = now
+        }
+    }
+
     /// Syncs, then returns the committed root and size atomically (for clone and snapshot).
     func committedState() throws -> (BlockID, UInt64) {
         try lock.withWriteLock {
@@ -425,6 +447,15 @@ public final class StoreFile: @unchecked Sendable {
             try syncHoldingLock(store)
             return (root, committedSize)
         }
+    }
+
+    /// True when both files hold the same synced contents (one was cloned from the other and
+    /// neither changed since): a copy between them is a no-op.
+    public func hasSameContents(as other: StoreFile) -> Bool {
+        guard other !== self else { return true }
+        let a = lock.withReadLock { (root, committedSize, isDirtyLocked) }
+        let b = other.lock.withReadLock { (other.root, other.committedSize, other.isDirtyLocked) }
+        return !a.2 && !b.2 && a.0 == b.0 && a.1 == b.1 && blockSize == other.blockSize
     }
 
     /// The committed root (for GC, fsck and stats).

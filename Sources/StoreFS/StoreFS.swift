@@ -1,0 +1,209 @@
+// StoreFS — serves a BlockStore's files as ordinary files through libfuse3's low-level API, so
+// QEMU, mkfs and cp use them directly: `/files/NAME` read-write, `/snapshots/NAME` read-only.
+//
+// Requests run on libfuse's own worker threads (`fuse_session_loop_mt`), never on Swift's
+// cooperative pool, and call the store synchronously. Neighbours: BlockStore below; the VM
+// engine above mounts it and invalidates the kernel's cache when it changes files behind it.
+import BlockStore
+import CFuse
+import Foundation
+import FurcateCore
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of a mount.
+public struct MountOptions: Sendable {
+    /// Let other users than the mounting one access the mount (`-o allow_other`).
+    public var allowOther = false
+    /// Largest read and write request (`max_read`, `max_write`), and the readahead.
+    public var maxIO: UInt32 = 1 << 20
+    /// Worker threads serving requests.
+    public var threads: UInt32 = 8
+    /// How long the kernel may cache names and attributes, in seconds. Long: only this process
+    /// changes the files, and it invalidates the kernel's copy when it does so behind its back.
+    public var cacheTimeout: Double = 3600
+    public var logger = Logger(label: "furcate.fs")
+
+    public init() {}
+}
+
+/// A FUSE server over one store.
+public final class StoreFS: @unchecked Sendable {
+    // SAFETY (@unchecked): `session` is set once in `mount` before the loop starts and read-only
+    // afterwards; everything else is immutable or thread-safe (the store).
+    public let store: BlockStore
+    public let mountpoint: String
+    let options: MountOptions
+    var session: OpaquePointer?
+    /// argv handed to libfuse, which keeps pointers into it for the session's life.
+    private var argv: [UnsafeMutablePointer<CChar>?] = []
+
+    /// The kernel's per-request limits of copy_file_range: FUSE caps a request at
+    /// UINT_MAX & PAGE_MASK (its reply count is 32-bit), the VFS at MAX_RW_COUNT.
+    static let copyRequestCaps: Set<Int> = [Int(UInt32.max) & ~4095, Int(Int32.max) & ~4095]
+
+    static let rootIno: fuse_ino_t = 1
+    static let filesIno: fuse_ino_t = 2
+    static let snapshotsIno: fuse_ino_t = 3
+    /// File inode = this + the file's row id (ids are never reused, so inodes are stable).
+    static let fileInoBase: fuse_ino_t = 16
+
+    var logger: Logger { options.logger }
+    let uid = getuid()
+    let gid = getgid()
+    /// Directories show the time the server started.
+    let started = timespec(tv_sec: time(nil), tv_nsec: 0)
+
+    public init(store: BlockStore, mountpoint: String, options: MountOptions = MountOptions()) {
+        self.store = store
+        self.mountpoint = mountpoint
+        self.options = options
+    }
+
+    deinit {
+        for a in argv { free(a) }
+    }
+
+    /// Mounts, serves requests until unmounted or signalled (SIGINT/SIGTERM/SIGHUP), then
+    /// unmounts. Clears a stale mount left by a killed server first.
+    /// - Parameter ready: called once the mount is live.
+    /// - Throws: `.busy` when something live is mounted there, `.io` when mounting fails.
+    public func run(ready: () -> Void = {}) throws {
+        try Self.clearStaleMount(mountpoint)
+        var ops = makeOperations()
+        var opts = "fsname=furcate,subtype=furcate,max_read=\(options.maxIO),default_permissions"
+        if options.allowOther { opts += ",allow_other" }
+        argv = ["furcate", "-o", opts].map { (s: String) -> UnsafeMutablePointer<CChar>? in strdup(s) }
+        let se = argv.withUnsafeMutableBufferPointer { a in
+            cfuse_session_new(Int32(a.count), a.baseAddress, &ops, Unmanaged.passUnretained(self).toOpaque())
+        }
+        guard let se else { throw FurcateError(.io, "cannot create the FUSE session (see libfuse's message above)") }
+        session = se
+        defer {
+            fuse_session_destroy(se)
+            session = nil
+        }
+        guard fuse_session_mount(se, mountpoint) == 0 else {
+            throw FurcateError(.io, "cannot mount (is /dev/fuse there, and are you allowed to mount?)", path: mountpoint)
+        }
+        defer { fuse_session_unmount(se) }
+        logger.info("mounted", metadata: ["fs.mountpoint": "\(mountpoint)", "store.dir": "\(store.directory)"])
+        startSignalThread()
+        ready()
+        let r = withExtendedLifetime(ops) { cfuse_session_loop_mt(se, options.threads) }
+        logger.info("unmounting", metadata: ["fs.mountpoint": "\(mountpoint)", "fs.loop_result": "\(r)"])
+        do { try store.syncAll() } catch {
+            logger.error("sync at unmount failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    static let terminationSignals = [SIGINT, SIGTERM, SIGHUP]
+
+    /// Blocks SIGINT/SIGTERM/SIGHUP in the calling thread and every thread it starts later, so
+    /// they reach only the thread `run` dedicates to them. Call it first thing in a process that
+    /// will mount: a signal delivered to any other thread would kill it without unmounting.
+    /// (libfuse's own handlers only work when the signal lands on one of its threads.)
+    public static func blockTerminationSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in terminationSignals { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    /// Waits for a termination signal on a dedicated thread, then unmounts: the kernel ends the
+    /// connection, libfuse's workers see it and the session loop returns. With files still open
+    /// the unmount is lazy, and they are served until closed.
+    private func startSignalThread() {
+        let mp = mountpoint
+        let log = logger
+        Thread.detachNewThread {
+            var set = sigset_t()
+            sigemptyset(&set)
+            for s in StoreFS.terminationSignals { sigaddset(&set, s) }
+            var sig: Int32 = 0
+            guard sigwait(&set, &sig) == 0 else { return }
+            log.info("signal: unmounting", metadata: ["fs.signal": "\(sig)", "fs.mountpoint": "\(mp)"])
+            if umount2(mp, 0) != 0 { umount2(mp, Int32(MNT_DETACH)) }
+        }
+    }
+
+    /// Detects a mount whose server died ("Transport endpoint is not connected") and detaches it.
+    /// - Throws: `.busy` when a live filesystem is already mounted at `path`.
+    public static func clearStaleMount(_ path: String) throws {
+        // statvfs, unlike stat, is never answered from the kernel's attribute cache, so it
+        // reaches a dead server and fails.
+        var sfs = statvfs()
+        if statvfs(path, &sfs) == 0 {
+            if isMountPoint(path) {
+                throw FurcateError(.busy, "something is already mounted here", path: path)
+            }
+            return
+        }
+        let e = errno
+        guard e == ENOTCONN || e == ECONNABORTED else {
+            throw FurcateError.system("stat", errno: e, path: path)
+        }
+        if umount2(path, Int32(MNT_DETACH)) != 0 {
+            throw FurcateError.system("umount2 (clearing a stale mount)", errno: errno, path: path)
+        }
+    }
+
+    /// True when `path` is a mount point (its device differs from its parent's).
+    public static func isMountPoint(_ path: String) -> Bool {
+        var a = stat()
+        var b = stat()
+        guard stat(path, &a) == 0, stat(path + "/..", &b) == 0 else { return false }
+        return a.st_dev != b.st_dev || a.st_ino == b.st_ino
+    }
+
+    /// Asks the kernel to drop its cached pages and attributes of `file` (after the store changed
+    /// it outside FUSE: a clone onto it, a restore). Not an error when the kernel has none.
+    public func invalidate(_ file: StoreFile) {
+        guard let se = session else { return }
+        _ = fuse_lowlevel_notify_inval_inode(se, Self.fileInoBase + fuse_ino_t(file.id), 0, 0)
+    }
+
+    // MARK: helpers used by the operations
+
+    func fileIno(_ f: StoreFile) -> fuse_ino_t { Self.fileInoBase + fuse_ino_t(f.id) }
+
+    func file(_ ino: fuse_ino_t) throws -> StoreFile {
+        guard ino >= Self.fileInoBase else { throw FurcateError(.invalidArgument, "not a file") }
+        return try store.file(id: Int64(ino - Self.fileInoBase))
+    }
+
+    func attr(_ ino: fuse_ino_t) throws -> stat {
+        var st = stat()
+        st.st_ino = UInt(ino)
+        st.st_uid = uid
+        st.st_gid = gid
+        switch ino {
+        case Self.rootIno, Self.filesIno, Self.snapshotsIno:
+            st.st_mode = S_IFDIR | 0o755
+            st.st_nlink = 2
+            st.st_size = 4096
+            st.st_mtim = started
+            st.st_ctim = started
+            st.st_atim = started
+        default:
+            let f = try file(ino)
+            st.st_mode = S_IFREG | (f.isSnapshot ? 0o444 : 0o644)
+            st.st_nlink = 1
+            st.st_size = off_t(f.size)
+            st.st_blksize = Int(f.blockSize)
+            st.st_blocks = (off_t(f.size) + 511) / 512
+            let t = f.modificationTime
+            let ts = timespec(tv_sec: Int(t), tv_nsec: Int((t - t.rounded(.down)) * 1e9))
+            st.st_mtim = ts
+            st.st_ctim = ts
+            st.st_atim = ts
+        }
+        return st
+    }
+
+    /// Which directory a file of `kind` lives in.
+    static func directory(of f: StoreFile) -> fuse_ino_t { f.isSnapshot ? snapshotsIno : filesIno }
+}

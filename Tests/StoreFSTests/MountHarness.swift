@@ -1,0 +1,133 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import StoreFS
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why FUSE tests cannot run here, or nil when they can (root and /dev/fuse).
+let fuseUnavailable: String? = {
+    if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
+    if geteuid() != 0 { return "mounting needs root" }
+    return nil
+}()
+
+let fuseAvailable: Bool = {
+    if let why = fuseUnavailable { print("skipping FUSE tests: \(why)") }
+    return fuseUnavailable == nil
+}()
+
+/// A fresh temporary directory, removed when the value is dropped.
+final class TempDir {
+    let path: String
+    init(_ label: String = "t") {
+        var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
+        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        path = String(cString: p!)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    func sub(_ name: String) -> String { path + "/" + name }
+}
+
+/// The `furcate` executable built beside this test bundle.
+var furcateBinary: String {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("furcate").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    return "furcate"
+}
+
+/// A store mounted by a real `furcate mount --foreground` child process.
+final class Mounted {
+    let tmp = TempDir("fs")
+    var storeDir: String { tmp.sub("store") }
+    var mountpoint: String { tmp.sub("mnt") }
+    var files: String { mountpoint + "/files" }
+    var snapshots: String { mountpoint + "/snapshots" }
+    private(set) var server: Process?
+
+    /// Creates a store (optionally filled by `prepare` before mounting) and mounts it.
+    init(prepare: (BlockStore) throws -> Void = { _ in }) throws {
+        try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
+        let s = try BlockStore.create(at: storeDir)
+        try prepare(s)
+        s.close()
+        try mount()
+    }
+
+    func mount() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: furcateBinary)
+        p.arguments = ["mount", storeDir, mountpoint, "--foreground"]
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        server = p
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            var sfs = statvfs()
+            // statfs reaches the server (a stale mount from a killed one fails it).
+            if StoreFS.isMountPoint(mountpoint) && statvfs(mountpoint, &sfs) == 0 && p.isRunning { return }
+            if !p.isRunning { throw FurcateError(.io, "furcate mount exited with \(p.terminationStatus)") }
+            usleep(5000)
+        }
+        throw FurcateError(.io, "mount did not appear")
+    }
+
+    /// Unmounts cleanly (SIGTERM to the server) and waits for it. Files still open keep a
+    /// lazily unmounted filesystem alive, so after 15 s the server is killed rather than waited
+    /// for forever; the test then fails on what it checks next.
+    func unmount() {
+        guard let p = server else { return }
+        if p.isRunning {
+            kill(p.processIdentifier, SIGTERM)
+            let deadline = Date().addingTimeInterval(15)
+            while p.isRunning && Date() < deadline { usleep(10_000) }
+            if p.isRunning {
+                Issue.record("furcate mount did not exit within 15 s of SIGTERM")
+                kill(p.processIdentifier, SIGKILL)
+                umount2(mountpoint, Int32(MNT_DETACH))
+            }
+            p.waitUntilExit()
+        }
+        server = nil
+    }
+
+    /// Kills the server with SIGKILL, leaving a stale mount behind.
+    func kill9() {
+        guard let p = server else { return }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        server = nil
+    }
+
+    deinit {
+        unmount()
+        umount2(mountpoint, Int32(MNT_DETACH))
+    }
+}
+
+/// Runs a command; returns its status and output.
+@discardableResult
+func sh(_ args: [String]) throws -> (Int32, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    a.count == b.count && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
+}

@@ -1,0 +1,266 @@
+import BlockStore
+import CFuse
+import Foundation
+import FurcateCore
+import StoreFS
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+struct StoreFSTests {
+    @Test func namespaceBehavesLikeALocalFilesystem() throws {
+        let m = try Mounted { s in
+            try s.createFile("base").write(Array("base contents".utf8), at: 0)
+            try s.snapshot("base", as: "snap")
+        }
+        let fm = FileManager.default
+        #expect(try fm.contentsOfDirectory(atPath: m.mountpoint).sorted() == ["files", "snapshots"])
+        #expect(try fm.contentsOfDirectory(atPath: m.files) == ["base"])
+        #expect(try fm.contentsOfDirectory(atPath: m.snapshots) == ["snap"])
+        #expect(fm.contents(atPath: m.snapshots + "/snap") == Data("base contents".utf8))
+
+        // Snapshots are read-only.
+        #expect(open(m.snapshots + "/snap", O_WRONLY) == -1 && errno == EROFS)
+        #expect(open(m.snapshots + "/new", O_WRONLY | O_CREAT, 0o644) == -1 && errno == EROFS)
+        // Missing names and bad names.
+        #expect(open(m.files + "/nope", O_RDONLY) == -1 && errno == ENOENT)
+        #expect(open(m.files + "/base", O_WRONLY | O_CREAT | O_EXCL, 0o644) == -1 && errno == EEXIST)
+
+        // create, write, rename (replacing), unlink.
+        try Data("one".utf8).write(to: URL(fileURLWithPath: m.files + "/a"))
+        try Data("two".utf8).write(to: URL(fileURLWithPath: m.files + "/b"))
+        #expect(rename(m.files + "/a", m.files + "/b") == 0)
+        #expect(fm.contents(atPath: m.files + "/b") == Data("one".utf8))
+        #expect(!fm.fileExists(atPath: m.files + "/a"))
+        #expect(rename(m.files + "/b", m.snapshots + "/b") == -1 && errno == EXDEV)
+        #expect(unlink(m.files + "/b") == 0)
+        #expect(try fm.contentsOfDirectory(atPath: m.files) == ["base"])
+
+        var st = statvfs()
+        #expect(statvfs(m.mountpoint, &st) == 0 && st.f_namemax == 255 && st.f_blocks > 0)
+        m.unmount()
+        #expect(!StoreFS.isMountPoint(m.mountpoint))
+        let s = try BlockStore.open(at: m.storeDir)
+        #expect(try s.list().map(\.name) == ["base", "snap"])
+        #expect(try s.fsck().clean)
+    }
+
+    /// fsx-style: random pwrite/pread/truncate/punch/mmap through the mount and on a reference
+    /// file on tmpfs, compared after every batch.
+    @Test func randomOperationsMatchATmpfsReference() throws {
+        let m = try Mounted()
+        let refDir = TempDir("ref")
+        let path = m.files + "/fsx"
+        let ref = refDir.sub("fsx")
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        let rfd = open(ref, O_RDWR | O_CREAT, 0o644)
+        try #require(fd >= 0 && rfd >= 0)
+        var closed = false
+        defer {
+            if !closed {
+                close(fd)
+                close(rfd)
+            }
+        }
+        var rng = SplitMix64(seed: 2026)
+        let maxSize = 3 << 20
+        var size = 0
+        for batch in 0..<40 {
+            for _ in 0..<50 {
+                let off = Int(rng.next() % UInt64(maxSize))
+                switch rng.next() % 8 {
+                case 0...2:
+                    let len = Int(rng.next() % 200_000) + 1
+                    let data = (0..<len).map { _ in UInt8(truncatingIfNeeded: rng.next() >> 56) }
+                    data.withUnsafeBytes {
+                        #expect(pwrite(fd, $0.baseAddress, len, off_t(off)) == len)
+                        #expect(pwrite(rfd, $0.baseAddress, len, off_t(off)) == len)
+                    }
+                    size = max(size, off + len)
+                case 3:
+                    #expect(ftruncate(fd, off_t(off)) == 0)
+                    #expect(ftruncate(rfd, off_t(off)) == 0)
+                    size = off
+                case 4:
+                    let len = Int(rng.next() % 300_000) + 1
+                    let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                    #expect(cfuse_fallocate(fd, mode, off_t(off), off_t(len)) == 0, "punch: \(String(cString: strerror(errno)))")
+                    #expect(cfuse_fallocate(rfd, mode, off_t(off), off_t(len)) == 0)
+                case 5 where size > 0:
+                    // Write through a shared mapping, as QEMU does with guest RAM.
+                    let o = Int(rng.next() % UInt64(size)) & ~4095
+                    let len = min(size - o, Int(rng.next() % 20_000) + 1)
+                    guard len > 0 else { continue }
+                    let byte = UInt8(truncatingIfNeeded: rng.next())
+                    for f in [fd, rfd] {
+                        let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED, f, off_t(o))
+                        #expect(p != MAP_FAILED)
+                        if p != MAP_FAILED {
+                            memset(p!, Int32(byte), len)
+                            msync(p, len, MS_SYNC)
+                            munmap(p, len)
+                        }
+                    }
+                case 6:
+                    #expect(fsync(fd) == 0)
+                default:
+                    var a = [UInt8](repeating: 0, count: 65536)
+                    var b = a
+                    let n1 = a.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 65536, off_t(off)) }
+                    let n2 = b.withUnsafeMutableBytes { pread(rfd, $0.baseAddress, 65536, off_t(off)) }
+                    #expect(n1 == n2 && sameBytes(a, b), "batch \(batch): pread at \(off)")
+                }
+            }
+            var st1 = stat()
+            var st2 = stat()
+            fstat(fd, &st1)
+            fstat(rfd, &st2)
+            #expect(st1.st_size == st2.st_size, "batch \(batch): size")
+            let whole = Int(st2.st_size)
+            var a = [UInt8](repeating: 0, count: whole)
+            var b = a
+            _ = a.withUnsafeMutableBytes { pread(fd, $0.baseAddress, whole, 0) }
+            _ = b.withUnsafeMutableBytes { pread(rfd, $0.baseAddress, whole, 0) }
+            let same = sameBytes(a, b)
+            #expect(same, "batch \(batch): contents differ")
+            if !same { return }
+        }
+        // SEEK_DATA / SEEK_HOLE see the holes punched above.
+        let data0 = lseek(fd, 0, SEEK_DATA_LINUX)
+        #expect(data0 >= 0 || errno == ENXIO)
+        #expect(fsync(fd) == 0)
+        close(fd)
+        close(rfd)
+        closed = true
+        m.unmount()
+        let s = try BlockStore.open(at: m.storeDir)
+        #expect(try s.fsck().clean)
+        let f = try s.file("fsx")
+        let got = try f.read(at: 0, count: Int(f.size) + 1)
+        let want = [UInt8](FileManager.default.contents(atPath: ref) ?? Data())
+        #expect(sameBytes(got, want), "after unmount the store holds what was written")
+    }
+
+    @Test func mkfsExt4AndE2fsckThroughTheMount() throws {
+        let m = try Mounted()
+        let img = m.files + "/disk.img"
+        let content = TempDir("content")
+        let payload = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 >> 3) }
+        try Data(payload).write(to: URL(fileURLWithPath: content.sub("payload.bin")))
+        try Data("hello\n".utf8).write(to: URL(fileURLWithPath: content.sub("hello.txt")))
+        let (mk, mkOut) = try sh(["mkfs.ext4", "-q", "-F", "-d", content.path, img, "1G"])
+        #expect(mk == 0, "\(mkOut)")
+        let (ck, ckOut) = try sh(["e2fsck", "-fn", img])
+        #expect(ck == 0, "\(ckOut)")
+        let out = TempDir("dump")
+        let (dump, dumpOut) = try sh(["debugfs", "-R", "dump /payload.bin \(out.sub("p"))", img])
+        #expect(dump == 0, "\(dumpOut)")
+        #expect(FileManager.default.contents(atPath: out.sub("p")) == Data(payload))
+        // The image keeps its holes: far less is stored than its size.
+        var st = stat()
+        stat(img, &st)
+        #expect(st.st_size == 1 << 30)
+    }
+
+    @Test func sharedMappingWritesAreSeenByReadInAnotherProcess() throws {
+        let m = try Mounted()
+        let path = m.files + "/ram"
+        let len = 8 << 20
+        defer { withExtendedLifetime(m) {} }  // unmount only after the mapping and fd are gone
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        #expect(ftruncate(fd, off_t(len)) == 0)
+        let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        try #require(p != MAP_FAILED)
+        defer { munmap(p, len) }
+        let bytes = p!.assumingMemoryBound(to: UInt8.self)
+        for i in stride(from: 0, to: len, by: 4096) { bytes[i] = UInt8(truncatingIfNeeded: i >> 12) }
+        // No msync: another process reading with read(2) sees the same page cache.
+        let expected = TempDir("exp")
+        var want = [UInt8](repeating: 0, count: len)
+        for i in stride(from: 0, to: len, by: 4096) { want[i] = UInt8(truncatingIfNeeded: i >> 12) }
+        try Data(want).write(to: URL(fileURLWithPath: expected.sub("want")))
+        let (rc, out) = try sh(["cmp", path, expected.sub("want")])
+        #expect(rc == 0, "\(out)")
+        // After fsync a clone (cp) holds the data.
+        #expect(msync(p, len, MS_SYNC) == 0)
+        #expect(fsync(fd) == 0)
+        let (cp, cpOut) = try sh(["cp", path, m.files + "/ram-copy"])
+        #expect(cp == 0, "\(cpOut)")
+        let (rc2, out2) = try sh(["cmp", m.files + "/ram-copy", expected.sub("want")])
+        #expect(rc2 == 0, "\(out2)")
+    }
+
+    /// `cp` inside the mount is an O(1) clone (copy_file_range), and the copy is independent.
+    @Test func cpOfA4GiBFileIsAnInstantIndependentClone() throws {
+        let size: UInt64 = 4 << 30
+        let m = try Mounted { s in
+            let f = try s.createFile("big")
+            var block = [UInt8](repeating: 0xAB, count: 1 << 20)
+            for k in 0..<(size >> 20) {
+                block[0] = UInt8(truncatingIfNeeded: k)  // 4096 distinct MiB-chunks
+                try f.write(block, at: k << 20)
+            }
+            try f.sync()
+        }
+        var best = Double.infinity
+        for i in 0..<3 {
+            let t = Date()
+            let (rc, out) = try sh(["cp", m.files + "/big", m.files + "/copy\(i)"])
+            best = min(best, Date().timeIntervalSince(t))
+            #expect(rc == 0, "\(out)")
+        }
+        print("cp of a 4 GiB file inside the mount: best of 3 \(Int(best * 1000)) ms")
+        #expect(best < 0.1, "cp took \(Int(best * 1000)) ms: not an O(1) clone")
+        // Independent: writing the copy leaves the original unchanged, and the reverse.
+        defer { withExtendedLifetime(m) {} }
+        let c = open(m.files + "/copy0", O_RDWR)
+        let o = open(m.files + "/big", O_RDWR)
+        defer {
+            close(c)
+            close(o)
+        }
+        var x: UInt8 = 0x11
+        #expect(pwrite(c, &x, 1, 5) == 1)
+        var y: UInt8 = 0x22
+        #expect(pwrite(o, &y, 1, 6) == 1)
+        var r: UInt8 = 0
+        #expect(pread(o, &r, 1, 5) == 1 && r == 0xAB)
+        #expect(pread(c, &r, 1, 6) == 1 && r == 0xAB)
+        #expect(pread(c, &r, 1, off_t(size - 1)) == 1 && r == 0xAB)
+        var st = stat()
+        fstat(c, &st)
+        #expect(UInt64(st.st_size) == size)
+    }
+
+    /// kill -9 of the server: the next mount clears the stale mount, and the store passes fsck
+    /// with every fsynced write present.
+    @Test func killedServerLeavesAStaleMountThatTheNextMountClears() throws {
+        let m = try Mounted()
+        let path = m.files + "/journal"
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        let synced = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        _ = synced.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        #expect(fsync(fd) == 0)
+        let unsynced = [UInt8](repeating: 0xEE, count: 50_000)
+        _ = unsynced.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 200_000) }
+        m.kill9()
+        close(fd)
+        var sfs = statvfs()
+        #expect(statvfs(m.mountpoint, &sfs) == -1 && errno == ENOTCONN, "expected a stale mount")
+        try m.mount()
+        let got = [UInt8](FileManager.default.contents(atPath: path) ?? Data())
+        let count = got.count
+        #expect(count >= synced.count)
+        let intact = sameBytes(Array(got.prefix(synced.count)), synced)
+        #expect(intact, "the fsynced bytes survived")
+        m.unmount()
+        let s = try BlockStore.open(at: m.storeDir)
+        #expect(try s.fsck().clean)
+    }
+}
