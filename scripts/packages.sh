@@ -13,6 +13,9 @@ FURCATE_PACKAGES=(
   fuse3             # /dev/fuse tools (fusermount3) for StoreFS
   libfuse3-dev      # the CFuse system-library target
   e2fsprogs         # mkfs.ext4, e2fsck and debugfs in the StoreFS tests
+  qemu-system-x86   # the hypervisor (TCG here, KVM where the CPU has vmx/svm)
+  busybox-static    # guest initramfs
+  cpio              # packing the initramfs
 )
 
 install_packages() {

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the tests need and runs every test (a real SIGKILL crash test, a tmpfs full-disk
-# test when root, the property test). FURCATE_CRASH_ROUNDS sets the crash rounds (default 50).
+# Installs what the tests need (Debian packages, the guest kernel and initramfs) and runs every
+# test: the store's property, SIGKILL crash (FURCATE_CRASH_ROUNDS, default 50) and full-disk
+# tests, real FUSE mounts, and a QEMU boot with guest RAM on a store file. Tests that need root,
+# /dev/fuse or QEMU say so and skip when those are absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/packages.sh
 install_packages
+# Guest kernel and initramfs for the QEMU tests, kept outside the checkout.
+export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}"
+scripts/guest-artifacts.sh "$FURCATE_GUEST_DIR"
 echo "test: swift build --build-tests"
 swift build --build-tests
 echo "test: swift test"
