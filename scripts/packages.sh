@@ -16,6 +16,7 @@ FURCATE_PACKAGES=(
   qemu-system-x86   # the hypervisor (TCG here, KVM where the CPU has vmx/svm)
   busybox-static    # guest initramfs
   cpio              # packing the initramfs
+  fio               # `furcate bench fs`
 )
 
 install_packages() {

@@ -6,7 +6,35 @@ import FurcateCore
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self])
+        subcommands: [Store.self, FS.self])
+
+    struct FS: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "fs",
+            abstract: "fio through the mount vs tmpfs (warm) and ext4 (cold), psync and mmap; needs root and fio.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Flag(help: "256 MiB files and 2 s jobs instead of 1 GiB and 5 s.") var quick = false
+        @Option(help: "Directory on the ext4 filesystem to measure (holds the store; default: the current directory).") var dir: String = "."
+
+        func run() throws {
+            try reportingErrors {
+                bootstrapOnce
+                let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe) { FileHandleStderr.write("bench: \($0)\n") }
+                let r = try b.run()
+                if json { return try printJSON(r) }
+                print("fio, \(ByteSize.format(r.fileBytes)) file, \(r.secondsPerJob) s per job (MB/s, p50 / p99 us):")
+                for j in r.jobs {
+                    print("  \(j.target.rightPad(6)) \(j.job.rightPad(24)) \(f1(j.mbps).leftPad(9))  \(f1(j.latencyP50Micros).leftPad(8)) / \(f1(j.latencyP99Micros))")
+                }
+                print("mount vs baseline:")
+                for x in r.ratios {
+                    print("  \(x.job.rightPad(24)) \(f2(x.ratio)) of \(x.baseline) (goal >= \(f2(x.goal)))")
+                }
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
 
     struct Store: ParsableCommand {
         static let configuration = CommandConfiguration(
