@@ -25,7 +25,7 @@ static inline void cfuse_fi_set_direct_io(struct fuse_file_info *fi, int v) { fi
 /// Negotiates the connection in `init`: request sizes, readahead, and the capabilities we want.
 /// The page cache is kept (no auto_inval_data): measured, a guest whose RAM is a FUSE file
 /// runs only with the cache kept.
-static inline void cfuse_conn_setup(struct fuse_conn_info *conn, unsigned max_io, unsigned readahead) {
+static inline void cfuse_conn_setup(struct fuse_conn_info *conn, unsigned max_io, unsigned readahead, int writeback) {
     conn->max_write = max_io;
     conn->max_read = max_io;
     conn->max_readahead = readahead;
@@ -33,6 +33,8 @@ static inline void cfuse_conn_setup(struct fuse_conn_info *conn, unsigned max_io
     if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+    if (writeback && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+    else conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
 }
 
 /// fuse_session_new with FUSE_ARGS_INIT (a macro). `argv` must stay valid: libfuse keeps it.

@@ -38,12 +38,15 @@ public struct FSBenchmark {
     public var quick: Bool
     /// The furcate executable that serves the mount.
     public var furcate: String
+    /// Extra `furcate mount` flags (e.g. --writeback-cache) to measure a setting.
+    public var mountFlags: [String]
     public var progress: (String) -> Void
 
-    public init(workDir: String, quick: Bool, furcate: String, progress: @escaping (String) -> Void) {
+    public init(workDir: String, quick: Bool, furcate: String, mountFlags: [String] = [], progress: @escaping (String) -> Void) {
         self.workDir = workDir
         self.quick = quick
         self.furcate = furcate
+        self.mountFlags = mountFlags
         self.progress = progress
     }
 
@@ -127,7 +130,7 @@ public struct FSBenchmark {
     func mount(_ store: String, _ mountpoint: String) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: furcate)
-        p.arguments = ["mount", store, mountpoint, "--foreground"]
+        p.arguments = ["mount", store, mountpoint, "--foreground"] + mountFlags
         p.standardOutput = FileHandle.nullDevice
         try p.run()
         let deadline = Date().addingTimeInterval(20)

@@ -49,7 +49,7 @@ extension StoreFS {
         ops.`init` = { userdata, conn in
             guard let userdata, let conn else { return }
             let fs = Unmanaged<StoreFS>.fromOpaque(userdata).takeUnretainedValue()
-            cfuse_conn_setup(conn, fs.options.maxIO, fs.options.maxIO)
+            cfuse_conn_setup(conn, fs.options.maxIO, fs.options.maxIO, fs.options.writebackCache ? 1 : 0)
         }
 
         ops.lookup = { req, parent, cname in

@@ -25,6 +25,9 @@ public struct MountOptions: Sendable {
     /// How long the kernel may cache names and attributes, in seconds. Long: only this process
     /// changes the files, and it invalidates the kernel's copy when it does so behind its back.
     public var cacheTimeout: Double = 3600
+    /// Let the kernel buffer writes in its page cache and send them in large batches
+    /// (FUSE_CAP_WRITEBACK_CACHE). Off by default until measured (docs/BENCHMARKS.md).
+    public var writebackCache = false
     public var logger = Logger(label: "furcate.fs")
 
     public init() {}

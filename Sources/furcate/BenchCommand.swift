@@ -15,12 +15,13 @@ struct BenchCommand: ParsableCommand {
         @Flag(help: "Print the report as JSON.") var json = false
         @Flag(help: "256 MiB files and 2 s jobs instead of 1 GiB and 5 s.") var quick = false
         @Option(help: "Directory on the ext4 filesystem to measure (holds the store; default: the current directory).") var dir: String = "."
+        @Flag(help: "Mount with the FUSE writeback cache.") var writebackCache = false
 
         func run() throws {
             try reportingErrors {
                 bootstrapOnce
                 let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe) { FileHandleStderr.write("bench: \($0)\n") }
+                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe, mountFlags: writebackCache ? ["--writeback-cache"] : []) { FileHandleStderr.write("bench: \($0)\n") }
                 let r = try b.run()
                 if json { return try printJSON(r) }
                 print("fio, \(ByteSize.format(r.fileBytes)) file, \(r.secondsPerJob) s per job (MB/s, p50 / p99 us):")

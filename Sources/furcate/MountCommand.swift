@@ -18,6 +18,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground (default: detach once the mount is live).") var foreground = false
     @Flag(help: "Let other users access the mount (needs user_allow_other for non-root).") var allowOther = false
     @Option(help: "FUSE worker threads.") var threads: UInt32 = 8
+    @Flag(help: "Let the kernel cache writes (FUSE writeback cache).") var writebackCache = false
 
     func run() throws {
         try reportingErrors {
@@ -34,6 +35,7 @@ struct MountCommand: ParsableCommand {
         var o = MountOptions()
         o.allowOther = allowOther
         o.threads = threads
+        o.writebackCache = writebackCache
         let fs = StoreFS(store: store, mountpoint: mountpoint, options: o)
         try fs.run {
             print("mounted \(dir) at \(mountpoint)")
@@ -46,6 +48,7 @@ struct MountCommand: ParsableCommand {
     private func detach() throws {
         var args = ["mount", dir, mountpoint, "--foreground", "--threads", "\(threads)"]
         if allowOther { args.append("--allow-other") }
+        if writebackCache { args.append("--writeback-cache") }
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
