@@ -44,7 +44,7 @@ let package = Package(
             dependencies: ["FurcateCore", "BlockStore", "CFuse", .product(name: "Logging", package: "swift-log")]
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
-        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore"]),
+        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS"]),
         // @main: argument parsing and wiring only.
         .executableTarget(
             name: "furcate",
@@ -54,9 +54,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Helpers shared by the test targets (temp dirs, the built binary).
+        .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
-        .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore"]),
-        .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse"]),
+        .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
+        .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,6 +1,7 @@
 import BlockStore
 import Foundation
 import FurcateCore
+import StoreFS
 
 #if canImport(Glibc)
 import Glibc
@@ -135,12 +136,8 @@ public struct FSBenchmark {
         try p.run()
         let deadline = Date().addingTimeInterval(20)
         var st = statvfs()
-        var a = stat()
-        var b = stat()
         while Date() < deadline {
-            if statvfs(mountpoint, &st) == 0, stat(mountpoint, &a) == 0, stat(mountpoint + "/..", &b) == 0, a.st_dev != b.st_dev {
-                return p
-            }
+            if StoreFS.isMountPoint(mountpoint) && statvfs(mountpoint, &st) == 0 { return p }
             if !p.isRunning { break }
             usleep(10_000)
         }

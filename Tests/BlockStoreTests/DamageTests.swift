@@ -1,4 +1,5 @@
 import Foundation
+import FurcateTestSupport
 import FurcateCore
 import GRDB
 import Testing

@@ -1,5 +1,6 @@
 import Foundation
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @testable import BlockStore
@@ -7,18 +8,6 @@ import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A fresh temporary directory, removed when the value is dropped.
-final class TempDir {
-    let path: String
-    init(_ label: String = "t") {
-        var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
-        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        path = String(cString: p!)
-    }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-    func sub(_ name: String) -> String { path + "/" + name }
-}
 
 /// Creates a store in a new temp dir; the dir lives as long as the returned value.
 func makeStore(
@@ -46,19 +35,6 @@ func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
     return out
 }
 
-/// The `furcate` executable built beside this test bundle.
-var furcateBinary: String {
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
-    // The test bundle may be a directory (macOS) or a file (Linux) inside the bin path.
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("furcate").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    return "furcate"
-}
-
 struct RunResult {
     var status: Int32
     var stdout: String
@@ -81,7 +57,3 @@ func runFurcate(_ args: [String]) throws -> RunResult {
     return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
 }
 
-/// Byte equality by memcmp: debug builds compare arrays element by element, far slower.
-func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-    a.count == b.count && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
-}

@@ -1,6 +1,7 @@
 import BlockStore
 import Foundation
 import FurcateCore
+import FurcateTestSupport
 import StoreFS
 import Testing
 
@@ -19,30 +20,6 @@ let fuseAvailable: Bool = {
     if let why = fuseUnavailable { print("skipping FUSE tests: \(why)") }
     return fuseUnavailable == nil
 }()
-
-/// A fresh temporary directory, removed when the value is dropped.
-final class TempDir {
-    let path: String
-    init(_ label: String = "t") {
-        var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
-        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        path = String(cString: p!)
-    }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-    func sub(_ name: String) -> String { path + "/" + name }
-}
-
-/// The `furcate` executable built beside this test bundle.
-var furcateBinary: String {
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
-    for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("furcate").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    return "furcate"
-}
 
 /// A store mounted by a real `furcate mount --foreground` child process.
 final class Mounted {
@@ -128,6 +105,3 @@ func sh(_ args: [String]) throws -> (Int32, String) {
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
-func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-    a.count == b.count && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
-}

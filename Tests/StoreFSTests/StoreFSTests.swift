@@ -1,6 +1,7 @@
 import BlockStore
 import CFuse
 import Foundation
+import FurcateTestSupport
 import FurcateCore
 import StoreFS
 import Testing

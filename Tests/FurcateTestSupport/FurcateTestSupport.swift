@@ -1,0 +1,39 @@
+// Helpers shared by the test targets: temporary directories, the built `furcate` binary,
+// fast byte comparison.
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A fresh temporary directory, removed when the value is dropped.
+public final class TempDir {
+    public let path: String
+    public init(_ label: String = "t") {
+        var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
+        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        path = String(cString: p!)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    public func sub(_ name: String) -> String { path + "/" + name }
+}
+
+/// The `furcate` executable built beside the test bundle.
+public var furcateBinary: String {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+    // The test bundle may be a directory (macOS) or a file (Linux) inside the bin path.
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("furcate").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    return "furcate"
+}
+
+/// Byte equality by memcmp: debug builds compare arrays element by element, far slower, and a
+/// failed `#expect(a == b)` would print both arrays whole.
+public func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    a.count == b.count
+        && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
+}
