@@ -313,3 +313,64 @@ struct QEMUSmokeTests {
         #expect(try s.fsck().clean)
     }
 }
+
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+struct StoreFSErrorTests {
+    /// A damaged block reads as EIO through the mount (never wrong data); the rest still reads.
+    @Test func damagedBlockIsEIOThroughTheMount() throws {
+        let good = [UInt8](repeating: 0x41, count: 65536)
+        let bad = [UInt8](repeating: 0x42, count: 65536)
+        let m = try Mounted { s in
+            let f = try s.createFile("disk")
+            try f.write(good + bad, at: 0)
+            try f.sync()
+        }
+        m.unmount()
+        // Corrupt the record of the second block while nothing has the store open.
+        do {
+            let s = try BlockStore.open(at: m.storeDir)
+            let st = try s.stats()
+            #expect(st.blocks == 2)
+            s.close()
+        }
+        let packs = try FileManager.default.contentsOfDirectory(atPath: m.storeDir + "/packs").sorted()
+        let packPath = m.storeDir + "/packs/" + packs[0]
+        let data = try #require(FileManager.default.contents(atPath: packPath))
+        // Blocks are flushed in index order, so the pack's last record holds the 0x42 block:
+        // flip a byte of its payload.
+        var bytes = [UInt8](data)
+        let last = bytes.count - 3
+        bytes[last] ^= 0xff
+        try Data(bytes).write(to: URL(fileURLWithPath: packPath))
+        try m.mount()
+        let fd = open(m.files + "/disk", O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        #expect(pread(fd, &buf, 4096, 0) == 4096 && buf[0] == 0x41)
+        let n = pread(fd, &buf, 4096, 65536)
+        #expect(n == -1 && errno == EIO, "read of the damaged block gave \(n)")
+    }
+
+    /// MAP_PRIVATE of a snapshot: writes stay private, the snapshot is unchanged.
+    @Test func privateMappingOfASnapshot() throws {
+        let content = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 >> 9) }
+        let m = try Mounted { s in
+            try s.createFile("mem").write(content, at: 0)
+            try s.snapshot("mem", as: "mem-snap")
+        }
+        let path = m.snapshots + "/mem-snap"
+        let fd = open(path, O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let p = mmap(nil, content.count, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0)
+        try #require(p != MAP_FAILED)
+        defer { munmap(p, content.count) }
+        let bytes = p!.assumingMemoryBound(to: UInt8.self)
+        #expect(bytes[5000] == content[5000])
+        bytes[5000] = 0xFF
+        #expect(bytes[5000] == 0xFF)
+        var b: UInt8 = 0
+        #expect(pread(fd, &b, 1, 5000) == 1 && b == content[5000])
+    }
+}
