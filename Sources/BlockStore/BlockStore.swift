@@ -73,7 +73,7 @@ public final class BlockStore: Sendable {
     let gcMutex = Mutex(())
     let dirtyBytes = Atomic<Int>(0)
     let lockFD: Int32
-    private let files = Mutex<[String: StoreFile]>([:])
+    private let files = Mutex(OpenFiles())
     /// Serializes namespace changes (create, clone, rename, delete) with the in-memory table.
     let namespace = Mutex(())
     let closed = Atomic<Bool>(false)
@@ -193,7 +193,7 @@ public final class BlockStore: Sendable {
     /// when a sync fails (the failure is logged and unsynced writes are lost as in a crash).
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        for f in files.withLock({ Array($0.values) }) {
+        for f in files.withLock({ Array($0.byName.values) }) {
             do { try f.sync(in: self) } catch {
                 logger.error("close: sync failed", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
             }
@@ -226,7 +226,7 @@ public final class BlockStore: Sendable {
                 id: id, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec,
                 createdAt: Date().timeIntervalSince1970, modifiedAt: Date().timeIntervalSince1970, generation: 0)
             let f = StoreFile(store: self, row: row)
-            files.withLock { $0[name] = f }
+            files.withLock { $0.add(f, as: name) }
             return f
         }
     }
@@ -235,15 +235,15 @@ public final class BlockStore: Sendable {
     /// - Throws: `.notFound`.
     public func file(_ name: String) throws -> StoreFile {
         try checkOpen()
-        if let f = files.withLock({ $0[name] }) { return f }
+        if let f = files.withLock({ $0.byName[name] }) { return f }
         try EntityName.validate(name)
         return try namespace.withLock { _ in
-            if let f = files.withLock({ $0[name] }) { return f }
+            if let f = files.withLock({ $0.byName[name] }) { return f }
             guard let row = try index.read("look up \(name)", { db in try index.file(db, named: name) }) else {
                 throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory)
             }
             let f = StoreFile(store: self, row: row)
-            files.withLock { $0[name] = f }
+            files.withLock { $0.add(f, as: name) }
             return f
         }
     }
@@ -252,7 +252,7 @@ public final class BlockStore: Sendable {
     /// - Throws: `.notFound`.
     public func file(id: Int64) throws -> StoreFile {
         try checkOpen()
-        if let f = files.withLock({ $0.values.first { $0.id == id } }) { return f }
+        if let f = files.withLock({ $0.byID[id] }) { return f }  // every FUSE request: O(1)
         guard let name = try index.read("look up file \(id)", { db in
             try String.fetchOne(db, sql: "SELECT name FROM files WHERE id = ?", arguments: [id])
         }) else {
@@ -277,7 +277,7 @@ public final class BlockStore: Sendable {
 
     /// True when a file or snapshot called `name` exists.
     public func exists(_ name: String) throws -> Bool {
-        if files.withLock({ $0[name] }) != nil { return true }
+        if files.withLock({ $0.byName[name] }) != nil { return true }
         return try index.read("look up \(name)") { db in try index.file(db, named: name) } != nil
     }
 
@@ -285,7 +285,7 @@ public final class BlockStore: Sendable {
     public func list() throws -> [FileInfo] {
         try checkOpen()
         let rows = try index.read("list") { db in try index.files(db) }
-        let open = files.withLock { $0 }
+        let open = files.withLock { $0.byName }
         return rows.map { r in
             let size = open[r.name]?.size ?? r.size
             return FileInfo(
@@ -325,7 +325,7 @@ public final class BlockStore: Sendable {
                 id: id, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec,
                 createdAt: now, modifiedAt: now, generation: 0)
             let f = StoreFile(store: self, row: row)
-            files.withLock { $0[dst] = f }
+            files.withLock { $0.add(f, as: dst) }
             return f
         }
     }
@@ -335,13 +335,13 @@ public final class BlockStore: Sendable {
     public func delete(_ name: String) throws {
         try checkOpen()
         try namespace.withLock { _ in
-            let open = files.withLock { $0[name] }
+            let open = files.withLock { $0.byName[name] }
             let n = try index.write("delete \(name)") { db in
                 try db.execute(sql: "DELETE FROM files WHERE name = ?", arguments: [name])
                 return db.changesCount
             }
             guard n > 0 else { throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory) }
-            files.withLock { $0[name] = nil }
+            _ = files.withLock { $0.remove(name) }
             open?.discard()
         }
     }
@@ -358,9 +358,9 @@ public final class BlockStore: Sendable {
                 if db.changesCount == 0 { throw FurcateError(.notFound, "no file or snapshot named '\(from)'") }
             }
             files.withLock { t in
-                if let f = t.removeValue(forKey: from) {
+                if let f = t.remove(from) {
                     f.renamed(to)
-                    t[to] = f
+                    t.add(f, as: to)
                 }
             }
         }
@@ -368,7 +368,7 @@ public final class BlockStore: Sendable {
 
     /// Syncs every file with unsynced writes.
     public func syncAll() throws {
-        for f in files.withLock({ Array($0.values) }) { try f.sync() }
+        for f in files.withLock({ Array($0.byName.values) }) { try f.sync() }
     }
 
     // MARK: blocks
@@ -473,6 +473,24 @@ public final class BlockStore: Sendable {
             registry.retain(id, location: loc)
             blockCache.put(id, Array(data), cost: data.count)
         }
+    }
+}
+
+/// The loaded files and snapshots, by name and by row id (the FUSE inode), kept in step.
+struct OpenFiles {
+    private(set) var byName: [String: StoreFile] = [:]
+    private(set) var byID: [Int64: StoreFile] = [:]
+
+    mutating func add(_ f: StoreFile, as name: String) {
+        byName[name] = f
+        byID[f.id] = f
+    }
+
+    @discardableResult
+    mutating func remove(_ name: String) -> StoreFile? {
+        guard let f = byName.removeValue(forKey: name) else { return nil }
+        byID[f.id] = nil
+        return f
     }
 }
 

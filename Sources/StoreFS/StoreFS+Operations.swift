@@ -24,12 +24,17 @@ private func fail(_ req: fuse_req_t?, _ error: any Error) {
     fuse_reply_err(req, code)
 }
 
-private func replyEntry(_ req: fuse_req_t?, _ fs: StoreFS, _ ino: fuse_ino_t) throws {
+private func entryParam(_ fs: StoreFS, _ ino: fuse_ino_t) throws -> fuse_entry_param {
     var e = fuse_entry_param()
     e.ino = ino
     e.attr = try fs.attr(ino)
     e.attr_timeout = fs.options.cacheTimeout
     e.entry_timeout = fs.options.cacheTimeout
+    return e
+}
+
+private func replyEntry(_ req: fuse_req_t?, _ fs: StoreFS, _ ino: fuse_ino_t) throws {
+    var e = try entryParam(fs, ino)
     fuse_reply_entry(req, &e)
 }
 
@@ -153,11 +158,7 @@ extension StoreFS {
                     return
                 }
                 let f = try fs.store.createFile(name(cname))
-                var e = fuse_entry_param()
-                e.ino = fs.fileIno(f)
-                e.attr = try fs.attr(e.ino)
-                e.attr_timeout = fs.options.cacheTimeout
-                e.entry_timeout = fs.options.cacheTimeout
+                var e = try entryParam(fs, fs.fileIno(f))
                 if let fi { cfuse_fi_set_keep_cache(fi, 1) }
                 fuse_reply_create(req, &e, fi)
             } catch { fail(req, error) }
