@@ -77,6 +77,7 @@ public final class BlockStore: Sendable {
     /// Serializes namespace changes (create, clone, rename, delete) with the in-memory table.
     let namespace = Mutex(())
     let closed = Atomic<Bool>(false)
+    private let observers = Mutex<[@Sendable (StoreChange) -> Void]>([])
 
     var logger: Logger { options.logger }
 
@@ -208,6 +209,19 @@ public final class BlockStore: Sendable {
         if closed.load(ordering: .acquiring) { throw FurcateError(.invalidArgument, "store is closed", path: directory) }
     }
 
+    // MARK: change notification
+
+    /// Calls `observer` after every namespace change and every O(1) content replacement (a FUSE
+    /// server drops the kernel's cached copy). Writes through `StoreFile` are not reported.
+    /// The observer runs on the changing thread with no store lock held.
+    public func observeChanges(_ observer: @escaping @Sendable (StoreChange) -> Void) {
+        observers.withLock { $0.append(observer) }
+    }
+
+    private func notify(_ change: StoreChange) {
+        for o in observers.withLock({ $0 }) { o(change) }
+    }
+
     // MARK: namespace
 
     /// Creates an empty file.
@@ -218,7 +232,7 @@ public final class BlockStore: Sendable {
         try EntityName.validate(name, what: "file name")
         let bs = blockSize ?? defaultBlockSize
         try Self.validateBlockSize(bs)
-        return try namespace.withLock { _ in
+        let f = try namespace.withLock { _ in
             let id = try index.write("create \(name)") { db in
                 try index.insertFile(db, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec)
             }
@@ -229,6 +243,8 @@ public final class BlockStore: Sendable {
             files.withLock { $0.add(f, as: name) }
             return f
         }
+        notify(.named(name, kind: .file))
+        return f
     }
 
     /// The file or snapshot called `name`.
@@ -273,6 +289,7 @@ public final class BlockStore: Sendable {
             let (root, size) = try src.committedState()
             try dst.replace(root: root, size: size)
         }
+        notify(.contents(fileID: dst.id))
     }
 
     /// True when a file or snapshot called `name` exists.
@@ -312,7 +329,7 @@ public final class BlockStore: Sendable {
         try checkOpen()
         try EntityName.validate(dst, what: "\(kind.name) name")
         let source = try file(src)
-        return try namespace.withLock { _ in
+        let f = try namespace.withLock { _ in
             // Under the namespace lock the source cannot be deleted (and its root swept by GC)
             // before the new row names the root; the sync and capture hold the source's write
             // lock so no write slips between.
@@ -328,22 +345,27 @@ public final class BlockStore: Sendable {
             files.withLock { $0.add(f, as: dst) }
             return f
         }
+        notify(.named(dst, kind: kind))
+        return f
     }
 
     /// Deletes a file or snapshot. Its blocks are freed by the next GC unless shared.
     /// - Throws: `.notFound`.
     public func delete(_ name: String) throws {
         try checkOpen()
-        try namespace.withLock { _ in
+        let kind = try namespace.withLock { _ -> FileKind in
             let open = files.withLock { $0.byName[name] }
-            let n = try index.write("delete \(name)") { db in
+            let kind = try index.write("delete \(name)") { db -> FileKind? in
+                let k = try index.file(db, named: name)?.kind
                 try db.execute(sql: "DELETE FROM files WHERE name = ?", arguments: [name])
-                return db.changesCount
+                return k
             }
-            guard n > 0 else { throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory) }
+            guard let kind else { throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory) }
             _ = files.withLock { $0.remove(name) }
             open?.discard()
+            return kind
         }
+        notify(.removed(name, kind: kind))
     }
 
     /// Renames a file or snapshot.
@@ -351,11 +373,14 @@ public final class BlockStore: Sendable {
     public func rename(_ from: String, to: String) throws {
         try checkOpen()
         try EntityName.validate(to)
-        try namespace.withLock { _ in
-            try index.write("rename \(from) -> \(to)") { db in
+        let kind = try namespace.withLock { _ -> FileKind in
+            let kind = try index.write("rename \(from) -> \(to)") { db -> FileKind in
                 if try index.file(db, named: to) != nil { throw FurcateError(.exists, "'\(to)' exists already") }
+                guard let k = try index.file(db, named: from)?.kind else {
+                    throw FurcateError(.notFound, "no file or snapshot named '\(from)'")
+                }
                 try db.execute(sql: "UPDATE files SET name = ? WHERE name = ?", arguments: [to, from])
-                if db.changesCount == 0 { throw FurcateError(.notFound, "no file or snapshot named '\(from)'") }
+                return k
             }
             files.withLock { t in
                 if let f = t.remove(from) {
@@ -363,7 +388,10 @@ public final class BlockStore: Sendable {
                     t.add(f, as: to)
                 }
             }
+            return kind
         }
+        notify(.removed(from, kind: kind))
+        notify(.named(to, kind: kind))
     }
 
     /// Syncs every file with unsynced writes.
@@ -474,6 +502,16 @@ public final class BlockStore: Sendable {
             blockCache.put(id, Array(data), cost: data.count)
         }
     }
+}
+
+/// A change `BlockStore.observeChanges` reports.
+public enum StoreChange: Sendable, Equatable {
+    /// A name now refers to a file or snapshot (created, cloned, snapshotted, renamed to).
+    case named(String, kind: FileKind)
+    /// A name no longer exists (deleted, renamed from).
+    case removed(String, kind: FileKind)
+    /// A file's contents were replaced in O(1) (`replaceContents`); cached pages are stale.
+    case contents(fileID: Int64)
 }
 
 /// The loaded files and snapshots, by name and by row id (the FUSE inode), kept in step.

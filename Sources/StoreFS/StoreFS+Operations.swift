@@ -15,7 +15,8 @@ import Glibc
 private func server(_ req: fuse_req_t?) -> StoreFS {
     // SAFETY: userdata is the StoreFS passed unretained to fuse_session_new; it outlives the
     // session loop, which is the only caller.
-    Unmanaged<StoreFS>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    StoreFS.markWorkerThread()
+    return Unmanaged<StoreFS>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
 }
 
 /// Replies with the errno a local filesystem would give for `error`.
@@ -69,7 +70,7 @@ extension StoreFS {
                     default: fuse_reply_err(req, ENOENT)
                     }
                 case StoreFS.filesIno, StoreFS.snapshotsIno:
-                    guard (try? EntityName.validate(n)) != nil, let f = try? fs.store.file(n),
+                    guard (try? EntityName.validate(n)) != nil, !StoreFS.isReservedName(n), let f = try? fs.store.file(n),
                         StoreFS.directory(of: f) == parent
                     else {
                         fuse_reply_err(req, ENOENT)
@@ -113,7 +114,7 @@ extension StoreFS {
                     entries += [("files", StoreFS.filesIno, S_IFDIR), ("snapshots", StoreFS.snapshotsIno, S_IFDIR)]
                 case StoreFS.filesIno, StoreFS.snapshotsIno:
                     let want: FileKind = ino == StoreFS.filesIno ? .file : .snapshot
-                    for info in try fs.store.list() where info.kind == want {
+                    for info in try fs.store.list() where info.kind == want && !StoreFS.isReservedName(info.name) {
                         if let f = try? fs.store.file(info.name) { entries.append((info.name, fs.fileIno(f), S_IFREG)) }
                     }
                 default:
@@ -146,7 +147,8 @@ extension StoreFS {
                     try checkOpenFlags(f, fi.pointee.flags)
                     cfuse_fi_set_keep_cache(fi, 1)
                 }
-                fuse_reply_open(req, fi)
+                fs.opened(ino)
+                if fuse_reply_open(req, fi) != 0 { fs.released(ino) }  // the opener was interrupted
             } catch { fail(req, error) }
         }
 
@@ -157,10 +159,16 @@ extension StoreFS {
                     fuse_reply_err(req, parent == StoreFS.snapshotsIno ? EROFS : EACCES)
                     return
                 }
-                let f = try fs.store.createFile(name(cname))
+                let n = name(cname)
+                guard !StoreFS.isReservedName(n) else {
+                    fuse_reply_err(req, EPERM)
+                    return
+                }
+                let f = try fs.store.createFile(n)
                 var e = try entryParam(fs, fs.fileIno(f))
                 if let fi { cfuse_fi_set_keep_cache(fi, 1) }
-                fuse_reply_create(req, &e, fi)
+                fs.opened(e.ino)
+                if fuse_reply_create(req, &e, fi) != 0 { fs.released(e.ino) }
             } catch { fail(req, error) }
         }
 
@@ -185,7 +193,10 @@ extension StoreFS {
         }
 
         ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
-        ops.release = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.release = { req, ino, _ in
+            server(req).released(ino)
+            fuse_reply_err(req, 0)
+        }
 
         ops.fsync = { req, ino, _, _ in
             let fs = server(req)
@@ -199,13 +210,13 @@ extension StoreFS {
             let fs = server(req)
             do {
                 let n = name(cname)
-                guard parent == StoreFS.filesIno || parent == StoreFS.snapshotsIno,
+                guard parent == StoreFS.filesIno || parent == StoreFS.snapshotsIno, !StoreFS.isReservedName(n),
                     let f = try? fs.store.file(n), StoreFS.directory(of: f) == parent
                 else {
                     fuse_reply_err(req, ENOENT)
                     return
                 }
-                try fs.store.delete(n)
+                try fs.unlink(f)
                 fuse_reply_err(req, 0)
             } catch { fail(req, error) }
         }
@@ -219,16 +230,20 @@ extension StoreFS {
                     fuse_reply_err(req, EXDEV)
                     return
                 }
-                guard let f = try? fs.store.file(from), StoreFS.directory(of: f) == parent else {
+                guard !StoreFS.isReservedName(from), let f = try? fs.store.file(from), StoreFS.directory(of: f) == parent else {
                     fuse_reply_err(req, ENOENT)
                     return
                 }
-                if try fs.store.exists(to) {
+                guard !StoreFS.isReservedName(to) else {
+                    fuse_reply_err(req, EPERM)
+                    return
+                }
+                if let target = try? fs.store.file(to) {
                     if flags & 1 != 0 {  // RENAME_NOREPLACE
                         fuse_reply_err(req, EEXIST)
                         return
                     }
-                    try fs.store.delete(to)  // rename(2) replaces its target
+                    try fs.unlink(target)  // rename(2) replaces its target; open handles keep it
                 }
                 try fs.store.rename(from, to: to)
                 fuse_reply_err(req, 0)

@@ -9,6 +9,7 @@ import CFuse
 import Foundation
 import FurcateCore
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -28,6 +29,13 @@ public struct MountOptions: Sendable {
     /// Let the kernel buffer writes in its page cache and send them in large batches
     /// (FUSE_CAP_WRITEBACK_CACHE). Off by default until measured (docs/BENCHMARKS.md).
     public var writebackCache = false
+    /// The mount's readahead in KiB (its bdi's `read_ahead_kb`). The kernel caps FUSE at
+    /// 128 KiB unless told otherwise; nil leaves the kernel's value.
+    public var readaheadKB: Int? = 1024
+    /// The share of the system's dirty-page budget this mount may use, in percent (its bdi's
+    /// `max_ratio`; the kernel gives a FUSE mount 1). Dirty pages here are mostly guest RAM
+    /// written through MAP_SHARED. nil leaves the kernel's value.
+    public var maxDirtyRatio: Int? = 20
     public var logger = Logger(label: "furcate.fs")
 
     public init() {}
@@ -59,6 +67,8 @@ public final class StoreFS: @unchecked Sendable {
     let gid = getgid()
     /// Directories show the time the server started.
     let started = timespec(tv_sec: time(nil), tv_nsec: 0)
+    /// Open handles per file inode, and which of those files were unlinked while open.
+    let handles = Mutex(OpenHandles())
 
     public init(store: BlockStore, mountpoint: String, options: MountOptions = MountOptions()) {
         self.store = store
@@ -76,6 +86,8 @@ public final class StoreFS: @unchecked Sendable {
     /// - Throws: `.busy` when something live is mounted there, `.io` when mounting fails.
     public func run(ready: () -> Void = {}) throws {
         try Self.clearStaleMount(mountpoint)
+        try removeOrphans()
+        observeStore()
         var ops = makeOperations()
         var opts = "fsname=furcate,subtype=furcate,max_read=\(options.maxIO),default_permissions"
         if options.allowOther { opts += ",allow_other" }
@@ -94,12 +106,42 @@ public final class StoreFS: @unchecked Sendable {
         }
         defer { fuse_session_unmount(se) }
         logger.info("mounted", metadata: ["fs.mountpoint": "\(mountpoint)", "store.dir": "\(store.directory)"])
+        // On its own thread: finding the bdi stats the mountpoint, which this process answers
+        // only once the loop below runs.
+        Thread.detachNewThread { [self] in tuneBDI() }
         startSignalThread()
         ready()
         let r = withExtendedLifetime(ops) { cfuse_session_loop_mt(se, options.threads) }
         logger.info("unmounting", metadata: ["fs.mountpoint": "\(mountpoint)", "fs.loop_result": "\(r)"])
         do { try store.syncAll() } catch {
             logger.error("sync at unmount failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// The sysfs directory of the mount's backing device info (`/sys/class/bdi/MAJ:MIN`).
+    public static func bdiPath(_ mountpoint: String) -> String? {
+        var st = stat()
+        guard stat(mountpoint, &st) == 0 else { return nil }
+        // glibc's major()/minor() are macros Swift cannot see; this is their encoding.
+        let dev = UInt64(st.st_dev)
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)
+        let minor = (dev & 0xff) | ((dev >> 12) & ~0xff)
+        return "/sys/class/bdi/\(major):\(minor)"
+    }
+
+    /// Applies `readaheadKB` and `maxDirtyRatio`. Best effort: writing sysfs needs root, and a
+    /// mount without it still works, only slower; a failure is logged, not thrown.
+    private func tuneBDI() {
+        guard let bdi = Self.bdiPath(mountpoint) else { return }
+        for (key, value) in [("read_ahead_kb", options.readaheadKB), ("max_ratio", options.maxDirtyRatio)] {
+            guard let value else { continue }
+            do {
+                try "\(value)\n".write(toFile: "\(bdi)/\(key)", atomically: false, encoding: .utf8)
+            } catch {
+                logger.warning(
+                    "cannot tune the mount (needs root); it works with the kernel's defaults",
+                    metadata: ["fs.bdi": "\(bdi)/\(key)", "fs.value": "\(value)", "error": "\(error)"])
+            }
         }
     }
 
@@ -162,11 +204,94 @@ public final class StoreFS: @unchecked Sendable {
         return a.st_dev != b.st_dev || a.st_ino == b.st_ino
     }
 
-    /// Asks the kernel to drop its cached pages and attributes of `file` (after the store changed
-    /// it outside FUSE: a clone onto it, a restore). Not an error when the kernel has none.
-    public func invalidate(_ file: StoreFile) {
+    /// Keeps the kernel's caches true to changes made through the store API while mounted (a
+    /// restore or clone by the VM engine in this process): contents replaced → cached pages and
+    /// attributes dropped; a name created, renamed or deleted → its cached entry dropped.
+    /// Changes made by FUSE requests themselves are skipped: they came through the kernel, which
+    /// updated its caches, and invalidating from inside a request can deadlock.
+    ///
+    /// A file whose contents are replaced must not have dirty pages in the kernel (e.g. a guest's
+    /// RAM mapped by a running QEMU): the kernel would write them back over the new contents.
+    /// The VM engine replaces only files no process has open.
+    private func observeStore() {
+        store.observeChanges { [weak self] change in
+            guard let self, !Self.isWorkerThread else { return }
+            self.invalidate(change)
+        }
+    }
+
+    /// A thread-local flag set on libfuse's worker threads (at each request: one
+    /// pthread_setspecific). Store changes made there came through the kernel.
+    private static let workerKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key, nil)
+        return key
+    }()
+
+    static func markWorkerThread() {
+        // SAFETY: the value is only compared with nil; it points at nothing.
+        if pthread_getspecific(workerKey) == nil { pthread_setspecific(workerKey, UnsafeRawPointer(bitPattern: 1)) }
+    }
+
+    static var isWorkerThread: Bool { pthread_getspecific(workerKey) != nil }
+
+    /// Tells the kernel about `change`. Not an error when it had nothing cached.
+    public func invalidate(_ change: StoreChange) {
         guard let se = session else { return }
-        _ = fuse_lowlevel_notify_inval_inode(se, Self.fileInoBase + fuse_ino_t(file.id), 0, 0)
+        switch change {
+        case .contents(let id):
+            _ = fuse_lowlevel_notify_inval_inode(se, Self.fileInoBase + fuse_ino_t(id), 0, 0)
+        case .named(let name, let kind), .removed(let name, let kind):
+            let parent = kind == .snapshot ? Self.snapshotsIno : Self.filesIno
+            _ = fuse_lowlevel_notify_inval_entry(se, parent, name, name.utf8.count)
+        }
+    }
+
+    // MARK: unlink while open
+
+    /// Names of files unlinked while open start with this; they are invisible through the
+    /// mount, cannot be created through it, and are deleted on last close or at the next mount.
+    static let orphanPrefix = ".furcate-unlinked-"
+
+    static func isReservedName(_ n: String) -> Bool { n.hasPrefix(orphanPrefix) }
+
+    /// Deletes files a previous server left unlinked-but-open when it stopped.
+    func removeOrphans() throws {
+        for info in try store.list() where Self.isReservedName(info.name) {
+            try store.delete(info.name)
+            logger.info("removed a file unlinked while open", metadata: ["store.file": "\(info.name)"])
+        }
+    }
+
+    /// Unlinks `f`: deleted now when no handle is open; otherwise renamed out of sight and
+    /// deleted when its last handle closes, as a local filesystem keeps an open unlinked file.
+    func unlink(_ f: StoreFile) throws {
+        let ino = fileIno(f)
+        let keep = handles.withLock { h -> Bool in
+            guard h.count[ino, default: 0] > 0 else { return false }
+            h.orphans.insert(ino)
+            return true
+        }
+        if keep {
+            try store.rename(f.name, to: Self.orphanPrefix + "\(f.id)")
+        } else {
+            try store.delete(f.name)
+        }
+    }
+
+    func opened(_ ino: fuse_ino_t) { handles.withLock { $0.count[ino, default: 0] += 1 } }
+
+    /// A handle was closed; the last one of an unlinked file deletes it.
+    func released(_ ino: fuse_ino_t) {
+        let orphan = handles.withLock { h -> Bool in
+            let n = h.count[ino, default: 1] - 1
+            h.count[ino] = n > 0 ? n : nil
+            return n <= 0 && h.orphans.remove(ino) != nil
+        }
+        guard orphan, let f = try? file(ino) else { return }
+        do { try store.delete(f.name) } catch {
+            logger.error("cannot delete a closed unlinked file", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
+        }
     }
 
     // MARK: helpers used by the operations
@@ -194,7 +319,7 @@ public final class StoreFS: @unchecked Sendable {
         default:
             let f = try file(ino)
             st.st_mode = S_IFREG | (f.isSnapshot ? 0o444 : 0o644)
-            st.st_nlink = 1
+            st.st_nlink = Self.isReservedName(f.name) ? 0 : 1
             st.st_size = off_t(f.size)
             st.st_blksize = Int(f.blockSize)
             st.st_blocks = (off_t(f.size) + 511) / 512
@@ -209,4 +334,10 @@ public final class StoreFS: @unchecked Sendable {
 
     /// Which directory a file of `kind` lives in.
     static func directory(of f: StoreFile) -> fuse_ino_t { f.isSnapshot ? snapshotsIno : filesIno }
+}
+
+/// Open handles per file inode, and the inodes unlinked while open.
+struct OpenHandles {
+    var count: [fuse_ino_t: Int] = [:]
+    var orphans: Set<fuse_ino_t> = []
 }

@@ -374,3 +374,98 @@ struct StoreFSErrorTests {
         #expect(pread(fd, &b, 1, 5000) == 1 && b == content[5000])
     }
 }
+
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+struct StoreFSCoherenceTests {
+    /// POSIX: an unlinked file stays readable and writable through handles opened before, is
+    /// gone from the directory at once, and is deleted from the store when the last handle closes.
+    @Test func unlinkedOpenFileLivesUntilClosed() throws {
+        let m = try Mounted()
+        let path = m.files + "/tmp"
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        var data = [UInt8](repeating: 0x5a, count: 100_000)
+        #expect(pwrite(fd, &data, data.count, 0) == data.count)
+        #expect(unlink(path) == 0)
+        #expect(access(path, F_OK) == -1 && errno == ENOENT)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: m.files).isEmpty)
+        // A new file may take the name while the old one is still open.
+        try Data("new".utf8).write(to: URL(fileURLWithPath: path))
+        var more = [UInt8](repeating: 0x33, count: 10)
+        #expect(pwrite(fd, &more, more.count, 100_000) == more.count)
+        var back = [UInt8](repeating: 0, count: 100_010)
+        #expect(pread(fd, &back, back.count, 0) == back.count)
+        #expect(sameBytes(back, data + more))
+        var st = stat()
+        #expect(fstat(fd, &st) == 0 && st.st_size == 100_010 && st.st_nlink == 0)
+        #expect(FileManager.default.contents(atPath: path) == Data("new".utf8))
+        // Reserved names are not reachable through the mount.
+        #expect(open(m.files + "/.furcate-unlinked-1", O_RDWR | O_CREAT, 0o644) == -1 && errno == EPERM)
+        close(fd)
+        m.unmount()
+        let s = try BlockStore.open(at: m.storeDir)
+        #expect(try s.list().map(\.name) == ["tmp"])
+        #expect(try s.file("tmp").size == 3)
+    }
+
+    /// Changes the store makes behind the kernel (a restore, a clone onto a name, a delete by
+    /// the VM engine in the same process) are visible through the mount at once, although the
+    /// kernel caches pages and attributes for an hour.
+    @Test func storeChangesInvalidateTheKernelsCache() throws {
+        let tmp = TempDir("inval")
+        let mp = tmp.sub("mnt")
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        let store = try BlockStore.create(at: tmp.sub("store"))
+        try store.createFile("a").write([UInt8](repeating: 0x41, count: 65536), at: 0)
+        try store.createFile("b").write([UInt8](repeating: 0x42, count: 131072), at: 0)
+        let fs = StoreFS(store: store, mountpoint: mp)
+        let ready = DispatchSemaphore(value: 0)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            do { try fs.run { ready.signal() } } catch {
+                Issue.record("mount failed: \(error)")
+                ready.signal()
+            }
+            done.signal()
+        }
+        ready.wait()
+        defer {
+            umount2(mp, 0)
+            done.wait()
+            store.close()
+        }
+        let a = mp + "/files/a"
+        func firstByte(_ path: String) -> UInt8? { FileManager.default.contents(atPath: path)?.first }
+        // An open descriptor with the file's pages cached (keep_cache, 1 h attributes).
+        let fd = open(a, O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var byte: UInt8 = 0
+        #expect(pread(fd, &byte, 1, 100) == 1 && byte == 0x41)
+        try store.replaceContents(of: store.file("a"), with: store.file("b"))
+        #expect(pread(fd, &byte, 1, 100) == 1 && byte == 0x42)
+        #expect(pread(fd, &byte, 1, 70000) == 1 && byte == 0x42)  // past the old size
+        #expect(FileManager.default.contents(atPath: a)?.count == 131072)
+
+        var st = stat()
+        #expect(stat(mp + "/files/b", &st) == 0)
+        try store.delete("b")
+        #expect(stat(mp + "/files/b", &st) == -1 && errno == ENOENT)
+        try store.clone("a", to: "b")
+        try store.rename("a", to: "c")
+        #expect(stat(mp + "/files/a", &st) == -1 && errno == ENOENT)
+        #expect(stat(mp + "/files/c", &st) == 0 && st.st_size == 131072)
+        try store.snapshot("c", as: "s")
+        #expect(firstByte(mp + "/snapshots/s") == 0x42)
+    }
+
+    /// The mount's readahead and dirty-page share are raised (root writes the bdi's sysfs).
+    @Test func mountTunesItsBackingDeviceInfo() throws {
+        let m = try Mounted()
+        let bdi = try #require(StoreFS.bdiPath(m.mountpoint))
+        let ra = try String(contentsOfFile: bdi + "/read_ahead_kb", encoding: .utf8)
+        let ratio = try String(contentsOfFile: bdi + "/max_ratio", encoding: .utf8)
+        #expect(ra.trimmingCharacters(in: .whitespacesAndNewlines) == "\(MountOptions().readaheadKB ?? -1)")
+        #expect(ratio.trimmingCharacters(in: .whitespacesAndNewlines) == "\(MountOptions().maxDirtyRatio ?? -1)")
+    }
+}
