@@ -43,6 +43,17 @@ let package = Package(
             name: "StoreFS",
             dependencies: ["FurcateCore", "BlockStore", "CFuse", .product(name: "Logging", package: "swift-log")]
         ),
+        // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
+        .target(name: "Hypervisor", dependencies: ["FurcateCore", .product(name: "Logging", package: "swift-log")]),
+        // The VM lifecycle: boot, snapshot, fork, suspend/resume, stop/kill, persistence.
+        .target(
+            name: "VMService",
+            dependencies: [
+                "FurcateCore", "BlockStore", "Hypervisor",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS"]),
         // @main: argument parsing and wiring only.
@@ -58,6 +69,10 @@ let package = Package(
         .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
+        .testTarget(
+            name: "VMServiceTests",
+            dependencies: ["VMService", "Hypervisor", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+        ),
         .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

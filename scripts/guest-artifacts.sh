@@ -1,28 +1,100 @@
 #!/usr/bin/env bash
 # Fetches and builds what guests boot, into DEST (default: the data directory's guest/):
 #   vmlinuz            Debian's cloud kernel (apt-get download; versioned dependency resolved)
+#   initrd.img         Furcate's boot initramfs: busybox + the kernel's virtio modules; its init
+#                      loads them, mounts the rootfs (ext4 on virtio-blk) and switches root
 #   smoke-initrd.img   a busybox initramfs whose init prints "furcate-smoke-ok" and powers off
-# Idempotent: existing artifacts are kept. Artifacts never go into git.
+#   test-rootfs.ext4   a tiny busybox rootfs for tests: its init serves a shell on the
+#                      virtio-serial port named furcate.0 (until the guest agent exists)
+# Idempotent: existing artifacts are kept (delete one to rebuild it). Never goes into git.
 set -euo pipefail
 dest="${1:-${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}}"
 mkdir -p "$dest"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+busybox=/bin/busybox
+# Bump when what this script builds changes: older initramfs and rootfs images are rebuilt.
+version=2
+if [ "$(cat "$dest/.version" 2>/dev/null)" != "$version" ]; then
+  rm -f "$dest/initrd.img" "$dest/smoke-initrd.img" "$dest/test-rootfs.ext4"
+fi
+[ -x "$busybox" ] || { echo "guest: $busybox is missing (apt-get install busybox-static)" >&2; exit 1; }
 
-if [ ! -s "$dest/vmlinuz" ]; then
+# Modules the initramfs loads, in dependency order (Debian ships no modules.dep for a bare
+# insmod). ext4 is built into the cloud kernel.
+modules=(
+  virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
+  virtio_blk virtio_console failover net_failover virtio_net virtio-rng
+  vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+)
+
+pack_cpio() {  # DIR OUT
+  (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) > "$2.tmp"
+  mv "$2.tmp" "$2"
+}
+
+if [ ! -s "$dest/vmlinuz" ] || [ ! -d "$dest/modules" ]; then
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { echo "guest: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 1; }
   echo "guest: downloading $pkg"
   (cd "$work" && apt-get download "$pkg" >/dev/null 2>&1 || apt-get download "$pkg")
   dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
+  rm -rf "$dest/modules.tmp" && mkdir -p "$dest/modules.tmp"
+  for m in "${modules[@]}"; do
+    f=$(find "$work/k/lib/modules" -name "$m.ko" | head -1)
+    [ -n "$f" ] || { echo "guest: module $m not found in $pkg" >&2; exit 1; }
+    cp "$f" "$dest/modules.tmp/"
+  done
+  rm -rf "$dest/modules" && mv "$dest/modules.tmp" "$dest/modules"
   cp "$work"/k/boot/vmlinuz-* "$dest/vmlinuz.tmp" && mv "$dest/vmlinuz.tmp" "$dest/vmlinuz"
+  rm -f "$dest/initrd.img"  # built against these modules
+fi
+
+if [ ! -s "$dest/initrd.img" ]; then
+  echo "guest: building initrd.img (busybox-static + ${#modules[@]} modules)"
+  r="$work/initrd"
+  mkdir -p "$r/bin" "$r/proc" "$r/sys" "$r/dev" "$r/newroot" "$r/lib/modules"
+  cp "$busybox" "$r/bin/busybox"
+  cp "$dest"/modules/*.ko "$r/lib/modules/"
+  printf '%s\n' "${modules[@]}" > "$r/lib/modules/order"
+  cat > "$r/init" <<'INIT'
+#!/bin/busybox sh
+# Furcate's boot initramfs: load the virtio modules, mount the rootfs, switch to it.
+# Kernel parameters: furcate.root=DEV (default /dev/vda), furcate.init=PATH (default /sbin/init).
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+root=/dev/vda
+init=/sbin/init
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    furcate.root=*) root="${a#furcate.root=}" ;;
+    furcate.init=*) init="${a#furcate.init=}" ;;
+  esac
+done
+i=0
+while [ ! -b "$root" ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+if ! mount -t ext4 "$root" /newroot; then
+  echo "furcate-initrd: cannot mount $root; powering off"
+  poweroff -f
+fi
+mkdir -p /newroot/dev /newroot/proc /newroot/sys
+mount --move /dev /newroot/dev
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+exec switch_root /newroot "$init"
+INIT
+  chmod +x "$r/init"
+  pack_cpio "$r" "$dest/initrd.img"
 fi
 
 if [ ! -s "$dest/smoke-initrd.img" ]; then
   echo "guest: building smoke-initrd.img (busybox-static)"
   r="$work/smoke"
   mkdir -p "$r/bin" "$r/proc" "$r/sys" "$r/dev"
-  cp /bin/busybox "$r/bin/busybox"
+  cp "$busybox" "$r/bin/busybox"
   cat > "$r/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -30,7 +102,52 @@ echo furcate-smoke-ok
 /bin/busybox poweroff -f
 INIT
   chmod +x "$r/init"
-  (cd "$r" && find . | cpio -o -H newc --quiet | gzip -1) > "$dest/smoke-initrd.img.tmp"
-  mv "$dest/smoke-initrd.img.tmp" "$dest/smoke-initrd.img"
+  pack_cpio "$r" "$dest/smoke-initrd.img"
 fi
+
+if [ ! -s "$dest/test-rootfs.ext4" ]; then
+  echo "guest: building test-rootfs.ext4 (busybox-static, mkfs.ext4 -d)"
+  r="$work/rootfs"
+  mkdir -p "$r/bin" "$r/sbin" "$r/proc" "$r/sys" "$r/dev" "$r/tmp" "$r/root" "$r/etc"
+  cp "$busybox" "$r/bin/busybox"
+  for a in sh ls cat echo mount sleep sync hostname poweroff find grep mkdir rm head od tr wc; do
+    ln -s busybox "$r/bin/$a"
+  done
+  cat > "$r/sbin/init" <<'INIT'
+#!/bin/busybox sh
+# Test rootfs init: a shell on the virtio-serial port named furcate.0, restarted whenever the
+# host side closes (after a restore the host reconnects). Every command line it reads runs in
+# one long-lived shell, so background jobs and variables persist.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+hostname furcate-test
+echo "furcate-test-rootfs: init up"
+port=""
+i=0
+while [ -z "$port" ] && [ $i -lt 500 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = furcate.0 ] && port="/dev/${p##*/}"
+  done
+  [ -z "$port" ] && sleep 0.01
+  i=$((i+1))
+done
+[ -n "$port" ] || { echo "furcate-test-rootfs: no furcate.0 port"; sleep 3600; }
+echo "furcate-test-rootfs: serving a shell on $port"
+# A port opens only once at a time (EBUSY), and background jobs inherit it: open it once here
+# and hand the same descriptor to every shell.
+exec 3<>"$port"
+while true; do
+  sh <&3 >&3 2>&3
+  sleep 0.05
+done
+INIT
+  chmod +x "$r/sbin/init"
+  echo "root:x:0:0:root:/root:/bin/sh" > "$r/etc/passwd"
+  rm -f "$dest/test-rootfs.ext4.tmp"
+  mkfs.ext4 -q -F -L furcate-test -d "$r" "$dest/test-rootfs.ext4.tmp" 64M
+  mv "$dest/test-rootfs.ext4.tmp" "$dest/test-rootfs.ext4"
+fi
+echo "$version" > "$dest/.version"
 echo "guest: artifacts in $dest"

@@ -38,6 +38,12 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         public static let notAStore = Code("not_a_store")
         /// An invariant of Furcate's own was broken; always a bug.
         public static let internalError = Code("internal")
+        /// The operation does not apply in the object's current state ("VM is suspended").
+        public static let invalidState = Code("invalid_state")
+        /// A deadline passed before the operation finished.
+        public static let timedOut = Code("timed_out")
+        /// The hypervisor (QEMU) failed or refused a command.
+        public static let hypervisor = Code("hypervisor")
     }
 
     public var code: Code

@@ -1,0 +1,107 @@
+// Hypervisor — runs QEMU microVMs and drives them over QMP. It knows files by path only:
+// nothing here knows of the store, the mount or HTTP. VMService (above) decides which store
+// files become a machine's RAM and disks, and when to snapshot and restore.
+import Foundation
+import FurcateCore
+
+/// How guest code runs: hardware virtualization or QEMU's binary translator.
+public enum Accelerator: String, Sendable, Codable {
+    case kvm, tcg
+
+    /// KVM when the CPU advertises vmx/svm and /dev/kvm opens; TCG otherwise.
+    /// `FURCATE_ACCEL=kvm|tcg` overrides (this matters on nested hosts whose /dev/kvm exists
+    /// but cannot run a stock guest kernel).
+    public static func detect(environment: [String: String] = ProcessInfo.processInfo.environment) -> Accelerator {
+        if let forced = environment["FURCATE_ACCEL"].flatMap(Accelerator.init(rawValue:)) { return forced }
+        let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let flags = cpuinfo.split(separator: "\n").first { $0.hasPrefix("flags") } ?? ""
+        let words = Set(flags.split(separator: " "))
+        guard words.contains("vmx") || words.contains("svm") else { return .tcg }
+        return access("/dev/kvm", R_OK | W_OK) == 0 ? .kvm : .tcg
+    }
+}
+
+/// Everything QEMU needs to start one microVM. Two machines restored from the same device
+/// state must be started from configs that differ only in paths.
+public struct MachineConfig: Sendable, Codable, Equatable {
+    public var vcpus: Int = 1
+    public var memoryMiB: Int = 256
+    /// The file backing guest RAM (`memory-backend-file`).
+    public var memoryPath: String
+    /// true: MAP_SHARED — guest writes reach the file (mode a). false: MAP_PRIVATE — the file
+    /// is a read-only base and guest writes stay in anonymous memory (mode b).
+    public var memoryShared: Bool = true
+    public var kernel: String
+    public var initrd: String
+    /// Extra kernel parameters after Furcate's own.
+    public var kernelArgs: String = ""
+    /// The root disk (raw image), virtio-blk `/dev/vda`.
+    public var rootDisk: String
+    /// The unix socket QEMU listens on for the guest channel (virtio-serial port `furcate.0`).
+    public var channelSocket: String
+    /// QMP's unix socket.
+    public var qmpSocket: String
+    /// The guest's serial console is appended here.
+    public var consoleLog: String
+    public var accelerator: Accelerator = .tcg
+    /// TCG's translation cache in MiB: QEMU's default (1 GiB) would let a hundred idle forks
+    /// reserve far more than they use.
+    public var tcgCacheMiB: Int = 64
+
+    /// The guest channel's virtio-serial port name; the guest finds its device by this name.
+    public static let channelName = "furcate.0"
+
+    public init(
+        memoryPath: String, kernel: String, initrd: String, rootDisk: String,
+        channelSocket: String, qmpSocket: String, consoleLog: String
+    ) {
+        self.memoryPath = memoryPath
+        self.kernel = kernel
+        self.initrd = initrd
+        self.rootDisk = rootDisk
+        self.channelSocket = channelSocket
+        self.qmpSocket = qmpSocket
+        self.consoleLog = consoleLog
+    }
+
+    /// The kernel command line. `tsc_early_khz`: measured, a microvm under TCG otherwise hangs
+    /// in early TSC calibration about half the time.
+    public var commandLine: String {
+        var s = "console=ttyS0 panic=-1 quiet reboot=t"
+        if accelerator == .tcg { s += " tsc_early_khz=2000000" }
+        if !kernelArgs.isEmpty { s += " " + kernelArgs }
+        return s
+    }
+
+    /// QEMU's arguments. `incoming`: start waiting for a migration stream (`-incoming defer`)
+    /// instead of booting. The machine always starts paused (`-S`): the caller resumes it.
+    public func arguments(incoming: Bool) -> [String] {
+        var a: [String] = [
+            "-machine", "microvm,memory-backend=ram,isa-serial=on,rtc=on",
+            "-cpu", accelerator == .kvm ? "host" : "max",
+            "-smp", "\(vcpus)",
+            "-m", "\(memoryMiB)M",
+            "-object",
+            "memory-backend-file,id=ram,size=\(memoryMiB)M,mem-path=\(Self.escape(memoryPath)),share=\(memoryShared ? "on" : "off")",
+            "-kernel", kernel, "-initrd", initrd, "-append", commandLine,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+            "-chardev", "file,id=console,path=\(Self.escape(consoleLog))",
+            "-serial", "chardev:console",
+            "-drive", "id=root,file=\(Self.escape(rootDisk)),format=raw,if=none,cache=writeback,discard=unmap",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", "socket,id=channel,path=\(Self.escape(channelSocket)),server=on,wait=off",
+            "-device", "virtserialport,chardev=channel,name=\(Self.channelName)",
+            "-device", "virtio-rng-device",
+            "-qmp", "unix:\(Self.escape(qmpSocket)),server=on,wait=off",
+            "-S",
+        ]
+        a += ["-accel", accelerator == .tcg ? "tcg,tb-size=\(tcgCacheMiB)" : "kvm"]
+        if incoming { a += ["-incoming", "defer"] }
+        return a
+    }
+
+    /// QEMU option values separate on commas; a literal comma is written twice.
+    static func escape(_ s: String) -> String { s.replacingOccurrences(of: ",", with: ",,") }
+}

@@ -1,0 +1,643 @@
+// VMService — the VM lifecycle: boot from an image file, snapshot, fork, suspend/resume,
+// stop/kill, persisted in SQLite so a restarted server finds its VMs again.
+//
+// Neighbours: BlockStore (below) holds every VM's RAM, disk and device state as store files;
+// the store is mounted by StoreFS in the same process, so QEMU (through Hypervisor) opens them
+// as ordinary files in the mount. A snapshot is three O(1) store snapshots; a fork is O(1)
+// store clones plus a QEMU restore. The API layer above maps these calls to HTTP.
+import BlockStore
+import Foundation
+import FurcateCore
+import Hypervisor
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of the VM service.
+public struct VMServiceOptions: Sendable {
+    /// Holds `vms.sqlite` and `run/ID/` (QMP and channel sockets, console and QEMU logs).
+    public var dataDirectory: String
+    /// Where the store is mounted (StoreFS): QEMU opens `files/…` and `snapshots/…` there.
+    public var mountpoint: String
+    /// `vmlinuz` and `initrd.img` (scripts/guest-artifacts.sh).
+    public var guestDirectory: String
+    public var accelerator: Accelerator = .detect()
+    /// Memory mode of forks (a boot is always mode a: a fresh VM has no base to share).
+    public var forkMemoryMode: MemoryMode = .shared
+    public var defaultMemoryMiB = 256
+    public var defaultVCPUs = 1
+    /// Block size of memory files. Guests dirty RAM in 4 KiB pages; see docs/BENCHMARKS.md.
+    public var memoryBlockSize = 64 << 10
+    /// How long a graceful stop waits for the guest to power off before QEMU is ended.
+    public var gracefulStopTimeout: Duration = .seconds(5)
+    /// How long QEMU may take to answer QMP after spawn.
+    public var startTimeout: Duration = .seconds(20)
+    public var logger = Logger(label: "furcate.vm")
+
+    public init(dataDirectory: String, mountpoint: String, guestDirectory: String) {
+        self.dataDirectory = dataDirectory
+        self.mountpoint = mountpoint
+        self.guestDirectory = guestDirectory
+    }
+}
+
+/// What to boot or restore.
+public struct CreateVMRequest: Sendable {
+    /// A store file or snapshot holding an ext4 root filesystem (cloned, never changed).
+    public var image: String?
+    /// Restore this snapshot instead of booting an image.
+    public var snapshot: String?
+    public var memoryMiB: Int?
+    public var vcpus: Int?
+    /// Memory mode of a restore (nil: the service's fork default).
+    public var memoryMode: MemoryMode?
+
+    public init(image: String? = nil, snapshot: String? = nil, memoryMiB: Int? = nil, vcpus: Int? = nil, memoryMode: MemoryMode? = nil) {
+        self.image = image
+        self.snapshot = snapshot
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.memoryMode = memoryMode
+    }
+}
+
+/// How long each step of one restore took (fork and resume report them; the benchmark
+/// aggregates them).
+public struct RestoreTiming: Sendable, Codable {
+    public var storeClone: Duration = .zero
+    public var spawn: Duration = .zero
+    public var migrateIncoming: Duration = .zero
+    public var resume: Duration = .zero
+    public var total: Duration { storeClone + spawn + migrateIncoming + resume }
+}
+
+/// The result of a fork: the new VMs, the snapshot they came from, and their timings.
+public struct ForkResult: Sendable {
+    public var snapshot: SnapshotInfo
+    public var snapshotDuration: Duration
+    public var vms: [VMInfo]
+    public var timings: [RestoreTiming]
+}
+
+/// The VM lifecycle service. Operations on one VM are serialized (an `AsyncLock` per VM);
+/// operations on different VMs run concurrently.
+public actor VMService {
+    public nonisolated let store: BlockStore
+    public nonisolated let options: VMServiceOptions
+    let db: VMDatabase
+    var vms: [String: VMInfo] = [:]
+    var snapshots: [String: SnapshotInfo] = [:]
+    var processes: [String: QEMUProcess] = [:]
+    var locks: [String: AsyncLock] = [:]
+    /// Serializes creation of a snapshot's mode-b base file.
+    let baseLock = AsyncLock()
+    nonisolated var logger: Logger { options.logger }
+
+    /// Opens (or creates) the VM database in `options.dataDirectory`.
+    /// - Throws: `.io` when the data directory or database cannot be used.
+    public init(store: BlockStore, options: VMServiceOptions) throws {
+        self.store = store
+        self.options = options
+        do {
+            try FileManager.default.createDirectory(atPath: options.dataDirectory + "/run", withIntermediateDirectories: true)
+        } catch {
+            throw FurcateError(.io, "cannot create the data directory", path: options.dataDirectory, underlying: UnderlyingMessage(error))
+        }
+        db = try VMDatabase(path: options.dataDirectory + "/vms.sqlite")
+        for vm in try db.vms() { vms[vm.id] = vm }
+        for s in try db.snapshots() { snapshots[s.id] = s }
+    }
+
+    // MARK: queries
+
+    /// - Throws: `.notFound`.
+    public func info(_ id: String) throws -> VMInfo {
+        guard let vm = vms[id] else { throw FurcateError(.notFound, "no VM \(id)") }
+        return vm
+    }
+
+    public func list() -> [VMInfo] { vms.values.sorted { $0.createdAt < $1.createdAt } }
+
+    /// - Throws: `.notFound`.
+    public func snapshotInfo(_ id: String) throws -> SnapshotInfo {
+        guard let s = snapshots[id] else { throw FurcateError(.notFound, "no snapshot \(id)") }
+        return s
+    }
+
+    public func listSnapshots() -> [SnapshotInfo] { snapshots.values.sorted { $0.createdAt < $1.createdAt } }
+
+    /// The QEMU process of a running VM (tests and benchmarks look at it).
+    public func process(_ id: String) -> QEMUProcess? { processes[id] }
+
+    /// The run directory of a VM: its sockets and logs.
+    public nonisolated func runDirectory(_ id: String) -> String { options.dataDirectory + "/run/" + id }
+
+    /// A shell on a running VM's guest channel (see `GuestShell`).
+    /// - Throws: `.invalidState` unless running, `.timedOut`.
+    public func guestShell(_ id: String, timeout: Duration = .seconds(30)) async throws -> GuestShell {
+        let vm = try info(id)
+        guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
+        return try await GuestShell(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
+    }
+
+    // MARK: create
+
+    /// Boots a VM from an image, or restores one from a snapshot. Returns once it runs.
+    /// - Throws: `.invalidArgument` (neither or both of image and snapshot, bad sizes),
+    ///   `.notFound` (image or snapshot), `.io`/`.hypervisor`/`.timedOut` when QEMU fails —
+    ///   then nothing of the VM is left behind.
+    public func create(_ request: CreateVMRequest) async throws -> VMInfo {
+        switch (request.image, request.snapshot) {
+        case (let image?, nil):
+            return try await boot(image: image, memoryMiB: request.memoryMiB ?? options.defaultMemoryMiB, vcpus: request.vcpus ?? options.defaultVCPUs)
+        case (nil, let snap?):
+            let s = try snapshotInfo(snap)
+            if let m = request.memoryMiB, m != s.memoryMiB {
+                throw FurcateError(.invalidArgument, "snapshot \(snap) has \(s.memoryMiB) MiB of memory; a restore cannot change it")
+            }
+            return try await restoreNew(s, mode: request.memoryMode ?? options.forkMemoryMode).0
+        default:
+            throw FurcateError(.invalidArgument, "give either an image or a snapshot to create a VM from")
+        }
+    }
+
+    private func boot(image: String, memoryMiB: Int, vcpus: Int) async throws -> VMInfo {
+        guard (16...(1 << 20)).contains(memoryMiB) else {
+            throw FurcateError(.invalidArgument, "memory must be 16 MiB to 1 TiB, not \(memoryMiB) MiB")
+        }
+        guard (1...64).contains(vcpus) else { throw FurcateError(.invalidArgument, "vCPUs must be 1 to 64, not \(vcpus)") }
+        _ = try store.file(image)  // .notFound before anything is made
+        var vm = VMInfo(
+            id: VMID.newVM(), state: .starting, memoryMiB: memoryMiB, vcpus: vcpus, memoryMode: .shared,
+            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+        do {
+            try store.clone(image, to: vm.diskFile)
+            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
+            try mem.truncate(to: UInt64(memoryMiB) << 20)
+            let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
+            try await p.qmp.execute("cont")
+            vm.state = .running
+            vm.pid = p.pid
+            try record(vm)
+            logger.info("booted", metadata: ["vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)"])
+            return vm
+        } catch {
+            await discardFailed(vm)
+            throw error
+        }
+    }
+
+    // MARK: snapshot
+
+    /// Snapshots a running VM (it keeps running): pause, device state out, RAM and disk
+    /// synced, three O(1) store snapshots, resume.
+    /// - Throws: `.invalidState` unless running; `.hypervisor` when QEMU fails (the VM is
+    ///   resumed and nothing of the snapshot is left).
+    public func snapshot(_ id: String) async throws -> SnapshotInfo {
+        try await withVM(id) {
+            let vm = try info(id)
+            guard vm.state == .running, let p = processes[id] else {
+                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
+            }
+            return try await takeSnapshot(vm, p, resume: true)
+        }
+    }
+
+    private func takeSnapshot(_ vm: VMInfo, _ p: QEMUProcess, resume: Bool) async throws -> SnapshotInfo {
+        guard vm.memoryMode == .shared else {
+            throw FurcateError(
+                .invalidState,
+                "VM \(vm.id) maps its memory privately (mode b); snapshotting it is not supported yet — fork it from a mode-a VM instead")
+        }
+        let snap = SnapshotInfo(
+            id: VMID.newSnapshot(), vmID: vm.id, memoryMiB: vm.memoryMiB, vcpus: vm.vcpus, deviceStateBytes: 0,
+            createdAt: Date().timeIntervalSince1970)
+        let tmpState = "vm-\(vm.id).state-tmp"
+        var made: [String] = []
+        do {
+            try await p.qmp.execute("stop")
+            defer { if resume { Task { [p] in try? await p.qmp.execute("cont") } } }
+            if try store.exists(tmpState) { try store.delete(tmpState) }
+            try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+            try await p.qmp.execute("migrate", ["uri": .string("exec:cat > \(try Self.shellQuote(path(file: tmpState)))")])
+            try await waitForMigration(p, vm.id)
+            // RAM pages the guest dirtied live in the kernel's page cache of the mount: fsync
+            // writes them back through FUSE into the store file and syncs it.
+            try fsyncThroughMount(path(file: vm.memoryFile))
+            try fsyncThroughMount(path(file: vm.diskFile))
+            var s = snap
+            s.deviceStateBytes = Int(try store.file(tmpState).size)
+            try store.snapshot(vm.memoryFile, as: s.memoryFile)
+            made.append(s.memoryFile)
+            try store.snapshot(vm.diskFile, as: s.diskFile)
+            made.append(s.diskFile)
+            try store.snapshot(tmpState, as: s.stateFile)
+            made.append(s.stateFile)
+            try store.delete(tmpState)
+            try db.save(s)
+            snapshots[s.id] = s
+            logger.info("snapshot", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(s.id)", "snapshot.device_state_bytes": "\(s.deviceStateBytes)"])
+            return s
+        } catch {
+            for f in made + [tmpState] { try? store.delete(f) }
+            throw error
+        }
+    }
+
+    private func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while true {
+            let r = try await p.qmp.execute("query-migrate")
+            switch r["status"]?.string {
+            case "completed": return
+            case "failed", "cancelled":
+                throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(r["error-desc"]?.string ?? "\(r)")")
+            default:
+                if ContinuousClock.now >= deadline { throw FurcateError(.timedOut, "saving the device state of VM \(id) took over 60 s") }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+        }
+    }
+
+    // MARK: fork and restore
+
+    /// Forks a running VM `count` ways: one snapshot, then `count` O(1) clones restored in
+    /// parallel. The parent keeps running; every fork continues from the snapshot point with
+    /// its own disk and memory.
+    /// - Throws: `.invalidArgument` for a count outside 1…1000, `.invalidState` unless
+    ///   running; when any fork fails, the forks already made are removed and the error thrown.
+    public func fork(_ id: String, count: Int, memoryMode: MemoryMode? = nil) async throws -> ForkResult {
+        guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "fork count must be 1 to 1000, not \(count)") }
+        let t0 = ContinuousClock.now
+        let snap = try await snapshot(id)
+        let snapDuration = ContinuousClock.now - t0
+        let mode = memoryMode ?? options.forkMemoryMode
+        let results = await withTaskGroup(of: Result<(VMInfo, RestoreTiming), any Error>.self) { group in
+            for _ in 0..<count {
+                group.addTask {
+                    do { return .success(try await self.restoreNew(snap, mode: mode)) } catch { return .failure(error) }
+                }
+            }
+            var out: [Result<(VMInfo, RestoreTiming), any Error>] = []
+            for await r in group { out.append(r) }
+            return out
+        }
+        var made: [(VMInfo, RestoreTiming)] = []
+        var firstError: (any Error)?
+        for r in results {
+            switch r {
+            case .success(let m): made.append(m)
+            case .failure(let e): firstError = firstError ?? e
+            }
+        }
+        if let firstError {
+            for (vm, _) in made { try? await delete(vm.id) }
+            throw firstError
+        }
+        return ForkResult(snapshot: snap, snapshotDuration: snapDuration, vms: made.map { $0.0 }, timings: made.map { $0.1 })
+    }
+
+    /// A new VM restored from `snap`.
+    private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode) async throws -> (VMInfo, RestoreTiming) {
+        var vm = VMInfo(
+            id: VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
+            parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+        do {
+            let timing = try await restore(&vm, from: snap)
+            return (vm, timing)
+        } catch {
+            await discardFailed(vm)
+            throw error
+        }
+    }
+
+    /// Restores `snap` into `vm` (its files must not exist): clones, spawn, device state in,
+    /// resume. On return the VM runs and is recorded. On error the caller cleans up.
+    private func restore(_ vm: inout VMInfo, from snap: SnapshotInfo) async throws -> RestoreTiming {
+        var t = RestoreTiming()
+        var mark = ContinuousClock.now
+        func lap() -> Duration {
+            let now = ContinuousClock.now
+            defer { mark = now }
+            return now - mark
+        }
+        try store.clone(snap.diskFile, to: vm.diskFile)
+        let memoryPath: String
+        switch vm.memoryMode {
+        case .shared:
+            try store.clone(snap.memoryFile, to: vm.memoryFile)
+            memoryPath = path(file: vm.memoryFile)
+        case .privateBase:
+            try await baseLock.withLock {
+                if try !store.exists(snap.privateBaseFile) { try store.clone(snap.memoryFile, to: snap.privateBaseFile) }
+            }
+            memoryPath = path(file: snap.privateBaseFile)
+        }
+        t.storeClone = lap()
+        let p = try await launch(vm, memoryPath: memoryPath, shared: vm.memoryMode == .shared, incoming: true)
+        t.spawn = lap()
+        try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+        try await p.qmp.execute("migrate-incoming", ["uri": .string("exec:cat \(try Self.shellQuote(path(snapshot: snap.stateFile)))")])
+        try await waitForIncoming(p, vm.id)
+        t.migrateIncoming = lap()
+        try await p.qmp.execute("cont")
+        t.resume = lap()
+        vm.state = .running
+        vm.pid = p.pid
+        try record(vm)
+        logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
+        return t
+    }
+
+    /// Waits until an incoming migration has loaded (the machine is then paused: it starts
+    /// with -S). A stream QEMU cannot load makes it exit; that is reported with its log.
+    private func waitForIncoming(_ p: QEMUProcess, _ id: String) async throws {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while true {
+            let r: JSONValue
+            do { r = try await p.qmp.execute("query-status") } catch {
+                throw FurcateError(
+                    .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
+                    path: p.logPath, underlying: error as? FurcateError)
+            }
+            let status = r["status"]?.string ?? ""
+            if status == "paused" || status == "running" { return }
+            if status != "inmigrate" && status != "prelaunch" {
+                throw FurcateError(.hypervisor, "restoring VM \(id) failed: QEMU is \(status)", path: p.logPath)
+            }
+            if ContinuousClock.now >= deadline { throw FurcateError(.timedOut, "restoring VM \(id) took over 60 s") }
+            try await Task.sleep(for: .microseconds(500))
+        }
+    }
+
+    // MARK: suspend / resume
+
+    /// Snapshots a running VM and ends its process; `resume` brings it back.
+    /// - Throws: `.invalidState` unless running; on failure the VM keeps running.
+    public func suspend(_ id: String) async throws -> VMInfo {
+        try await withVM(id) {
+            var vm = try info(id)
+            try vm.state.checkTransition(to: .suspending, vm: id, operation: "suspend")
+            guard let p = processes[id] else { throw FurcateError(.invalidState, "VM \(id) has no process") }
+            try setState(&vm, .suspending)
+            let snap: SnapshotInfo
+            do { snap = try await takeSnapshot(vm, p, resume: false) } catch {
+                _ = try? await p.qmp.execute("cont")
+                try setState(&vm, .running)
+                throw error
+            }
+            await end(id, p, graceful: false)
+            try? store.delete(vm.memoryFile)
+            try? store.delete(vm.diskFile)
+            vm.suspendedSnapshot = snap.id
+            vm.pid = nil
+            try setState(&vm, .suspended)
+            return vm
+        }
+    }
+
+    /// Resumes a suspended VM from its snapshot; the same id, the state it was suspended in.
+    /// - Throws: `.invalidState` unless suspended; on failure it stays suspended.
+    public func resume(_ id: String) async throws -> (VMInfo, RestoreTiming) {
+        try await withVM(id) {
+            var vm = try info(id)
+            try vm.state.checkTransition(to: .starting, vm: id, operation: "resume")
+            guard vm.state == .suspended, let sid = vm.suspendedSnapshot, let snap = snapshots[sid] else {
+                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not suspended")
+            }
+            try setState(&vm, .starting)
+            do {
+                vm.memoryMode = .shared
+                let t = try await restore(&vm, from: snap)
+                vm.suspendedSnapshot = nil
+                vm.resumeOnStart = false
+                try record(vm)
+                try? deleteSnapshotFiles(snap)
+                return (vm, t)
+            } catch {
+                if let p = processes[id] { await end(id, p, graceful: false) }
+                try? store.delete(vm.memoryFile)
+                try? store.delete(vm.diskFile)
+                vm.pid = nil
+                vm.state = .suspended
+                try? db.save(vm)
+                vms[id] = vm
+                throw error
+            }
+        }
+    }
+
+    // MARK: stop / kill / delete
+
+    /// Stops a VM: asks the guest to power off, ends QEMU after `gracefulStopTimeout`.
+    /// A stopped VM keeps its disk; its RAM is dropped. Stopping a stopped VM is not an error.
+    public func stop(_ id: String) async throws -> VMInfo {
+        try await halt(id, graceful: true)
+    }
+
+    /// Kills a VM's QEMU at once (SIGKILL). Not an error when it is not running.
+    public func kill(_ id: String) async throws -> VMInfo {
+        try await halt(id, graceful: false)
+    }
+
+    private func halt(_ id: String, graceful: Bool) async throws -> VMInfo {
+        try await withVM(id) {
+            var vm = try info(id)
+            if vm.state == .stopped { return vm }
+            if let p = processes[id] { await end(id, p, graceful: graceful) }
+            if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] {
+                // A suspended VM's disk lives in its snapshot: keep it as the stopped disk.
+                if try !store.exists(vm.diskFile) { try store.clone(snap.diskFile, to: vm.diskFile) }
+                try? deleteSnapshotFiles(snap)
+                vm.suspendedSnapshot = nil
+            }
+            try? store.delete(vm.memoryFile)
+            vm.pid = nil
+            vm.resumeOnStart = false
+            vm.state = .stopped
+            try record(vm)
+            return vm
+        }
+    }
+
+    /// Deletes a VM: kills it if needed and removes its files, run directory and record.
+    /// Snapshots taken of it remain. - Throws: `.notFound`.
+    public func delete(_ id: String) async throws {
+        try await withVM(id) {
+            let vm = try info(id)
+            if let p = processes[id] { await end(id, p, graceful: false) }
+            if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] { try? deleteSnapshotFiles(snap) }
+            for f in [vm.memoryFile, vm.diskFile] where (try? store.exists(f)) == true { try store.delete(f) }
+            try? FileManager.default.removeItem(atPath: runDirectory(id))
+            try db.deleteVM(id)
+            vms[id] = nil
+        }
+        locks[id] = nil
+    }
+
+    /// Deletes a snapshot's store files and record. VMs forked from it are independent.
+    public func deleteSnapshot(_ id: String) throws {
+        let s = try snapshotInfo(id)
+        try deleteSnapshotFiles(s)
+    }
+
+    private func deleteSnapshotFiles(_ s: SnapshotInfo) throws {
+        for f in [s.memoryFile, s.diskFile, s.stateFile, s.privateBaseFile] where (try? store.exists(f)) == true {
+            try store.delete(f)
+        }
+        try db.deleteSnapshot(s.id)
+        snapshots[s.id] = nil
+    }
+
+    // MARK: server lifecycle
+
+    /// At start: VMs whose QEMU belonged to a previous server are lost (their RAM lived on
+    /// that server's mount; a leftover process is killed), and VMs suspended at its shutdown
+    /// are resumed. Returns the ids resumed.
+    @discardableResult
+    public func recover() async -> [String] {
+        var resumed: [String] = []
+        for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) {
+            switch vm.state {
+            case .running, .starting, .suspending, .building:
+                if let pid = vm.pid, processes[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
+                vm.pid = nil
+                vm.state = .lost
+                try? record(vm)
+                logger.warning("VM lost across a restart", metadata: ["vm.id": "\(vm.id)"])
+            case .suspended where vm.resumeOnStart:
+                do {
+                    _ = try await resume(vm.id)
+                    resumed.append(vm.id)
+                } catch {
+                    logger.error("cannot resume VM after restart", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                }
+            default: break
+            }
+        }
+        return resumed
+    }
+
+    /// Graceful server shutdown: every running VM is suspended (so its RAM, disk and device
+    /// state are in the store) and marked to be resumed by the next `recover()`.
+    public func shutdown() async {
+        for vm in vms.values where vm.state == .running {
+            do {
+                var v = try await suspend(vm.id)
+                v.resumeOnStart = true
+                try record(v)
+            } catch {
+                logger.error("cannot suspend VM at shutdown; killing it", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                _ = try? await kill(vm.id)
+            }
+        }
+    }
+
+    // MARK: helpers
+
+    func withVM<T: Sendable>(_ id: String, _ body: () async throws -> T) async throws -> T {
+        guard vms[id] != nil else { throw FurcateError(.notFound, "no VM \(id)") }
+        let lock = locks[id] ?? AsyncLock()
+        locks[id] = lock
+        return try await lock.withLock { try await body() }
+    }
+
+    private func record(_ vm: VMInfo) throws {
+        try db.save(vm)
+        vms[vm.id] = vm
+    }
+
+    private func setState(_ vm: inout VMInfo, _ to: VMState) throws {
+        try vm.state.checkTransition(to: to, vm: vm.id, operation: "become \(to.rawValue)")
+        vm.state = to
+        try record(vm)
+    }
+
+    nonisolated func path(file name: String) -> String { options.mountpoint + "/files/" + name }
+    nonisolated func path(snapshot name: String) -> String { options.mountpoint + "/snapshots/" + name }
+
+    /// Spawns QEMU for `vm` and watches for its exit.
+    private func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
+        let run = runDirectory(vm.id)
+        try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        var config = MachineConfig(
+            memoryPath: memoryPath, kernel: options.guestDirectory + "/vmlinuz", initrd: options.guestDirectory + "/initrd.img",
+            rootDisk: path(file: vm.diskFile), channelSocket: run + "/channel.sock", qmpSocket: run + "/qmp.sock",
+            consoleLog: run + "/console.log")
+        config.memoryMiB = vm.memoryMiB
+        config.vcpus = vm.vcpus
+        config.memoryShared = shared
+        config.accelerator = options.accelerator
+        for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
+            throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
+        }
+        let p = try await QEMUProcess.launch(config, incoming: incoming, logPath: run + "/qemu.log", readyTimeout: options.startTimeout)
+        processes[vm.id] = p
+        Task { [weak self] in
+            let status = await p.waitForExit()
+            await self?.processExited(vm.id, p, status: status)
+        }
+        return p
+    }
+
+    /// A QEMU exited. When nobody ended it on purpose, its VM is stopped (the guest powered
+    /// off: QEMU exits 0) or lost (anything else).
+    private func processExited(_ id: String, _ p: QEMUProcess, status: Int32) {
+        guard processes[id] === p else { return }  // ended on purpose, already accounted for
+        processes[id] = nil
+        guard var vm = vms[id], vm.state == .running else { return }
+        let clean = status & 0x7f == 0 && (status >> 8) & 0xff == 0
+        vm.state = clean ? .stopped : .lost
+        vm.pid = nil
+        try? record(vm)
+        cleanRunDirectory(id)
+        if clean { try? store.delete(vm.memoryFile) }
+        logger.warning("QEMU exited by itself", metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
+    }
+
+    /// Ends a VM's QEMU (asking the guest first when `graceful`) and removes its sockets.
+    private func end(_ id: String, _ p: QEMUProcess, graceful: Bool) async {
+        processes[id] = nil
+        if graceful {
+            _ = try? await p.qmp.execute("system_powerdown", timeout: .seconds(1))
+            if !(await p.waitForExit(timeout: options.gracefulStopTimeout)) { await p.terminate(grace: .seconds(5)) }
+        } else {
+            await p.kill()
+        }
+        cleanRunDirectory(id)
+    }
+
+    /// Removes a VM's sockets (its logs stay until the VM is deleted).
+    private nonisolated func cleanRunDirectory(_ id: String) {
+        for s in ["qmp.sock", "channel.sock"] { unlink(runDirectory(id) + "/" + s) }
+    }
+
+    /// Removes everything a failed create or restore made.
+    private func discardFailed(_ vm: VMInfo) async {
+        if let p = processes[vm.id] { await end(vm.id, p, graceful: false) }
+        for f in [vm.memoryFile, vm.diskFile] { try? store.delete(f) }
+        try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
+        try? db.deleteVM(vm.id)
+        vms[vm.id] = nil
+    }
+
+    private nonisolated func fsyncThroughMount(_ path: String) throws {
+        let fd = try syscall("open", path: path) { open(path, O_RDWR | O_CLOEXEC) }
+        defer { close(fd) }
+        try syscall("fsync", path: path) { fsync(fd) }
+    }
+
+    /// True when `pid` runs a QEMU (so a stale pid from the database is not someone else's).
+    static func isQEMU(_ pid: Int32) -> Bool {
+        let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+        return comm.hasPrefix("qemu")
+    }
+
+    /// Single-quotes `s` for /bin/sh (QEMU runs `exec:` migration URIs through it).
+    static func shellQuote(_ s: String) throws -> String {
+        guard !s.contains("'") else { throw FurcateError(.invalidArgument, "path contains a single quote", path: s) }
+        return "'" + s + "'"
+    }
+}

@@ -1,0 +1,110 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import Hypervisor
+import StoreFS
+import Testing
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where scripts/guest-artifacts.sh put the kernel, initramfs and test rootfs.
+let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
+    ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
+
+/// Why VM tests cannot run here, or nil when they can.
+let vmUnavailable: String? = {
+    if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
+    if geteuid() != 0 { return "mounting needs root" }
+    if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
+    for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
+        return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
+    }
+    return nil
+}()
+
+let vmAvailable: Bool = {
+    if let why = vmUnavailable { print("skipping VM tests: \(why)") }
+    return vmUnavailable == nil
+}()
+
+/// A store mounted in this process (as `furcate serve` does), the test rootfs imported as the
+/// file `rootfs`, and a VM service over it. `restart()` replaces the service as a restarted
+/// server would, keeping store and mount.
+final class VMHarness: @unchecked Sendable {
+    let tmp = TempDir("vm")
+    let store: BlockStore
+    let fs: StoreFS
+    private(set) var service: VMService
+    private let served = DispatchSemaphore(value: 0)
+    var mountpoint: String { tmp.sub("mnt") }
+
+    init() throws {
+        try FileManager.default.createDirectory(atPath: tmp.sub("mnt"), withIntermediateDirectories: true)
+        store = try BlockStore.create(at: tmp.sub("store"))
+        let rootfs = try store.createFile("rootfs")
+        let fd = open(guestDir + "/test-rootfs.ext4", O_RDONLY)
+        defer { close(fd) }
+        try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
+        try rootfs.sync()
+        fs = StoreFS(store: store, mountpoint: tmp.sub("mnt"))
+        let ready = DispatchSemaphore(value: 0)
+        let fs = fs
+        let served = served
+        Thread.detachNewThread {
+            do { try fs.run { ready.signal() } } catch {
+                print("mount failed: \(error)")
+                ready.signal()
+            }
+            served.signal()
+        }
+        ready.wait()
+        service = try VMService(store: store, options: Self.options(tmp))
+    }
+
+    static func options(_ tmp: TempDir) -> VMServiceOptions {
+        var o = VMServiceOptions(dataDirectory: tmp.sub("data"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
+        o.gracefulStopTimeout = .milliseconds(300)
+        o.defaultMemoryMiB = 128
+        return o
+    }
+
+    /// A new service over the same data directory, as after a server restart.
+    func restart() throws {
+        service = try VMService(store: store, options: Self.options(tmp))
+    }
+
+    /// Kills every VM still known, unmounts, closes the store.
+    func tearDown() async {
+        for vm in await service.list() { try? await service.delete(vm.id) }
+        umount2(mountpoint, 0)
+        served.wait()
+        store.close()
+    }
+}
+
+/// Runs `cmd` in the guest and returns its trimmed output; records a failure on non-zero exit.
+@discardableResult
+func guest(_ shell: GuestShell, _ cmd: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> String {
+    let (out, status) = try await shell.run(cmd)
+    #expect(status == 0, "guest command failed (\(status)): \(cmd): \(out)", sourceLocation: sourceLocation)
+    return out.trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// True when a process with this pid exists.
+func processExists(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno == EPERM }
+
+/// What a VM's logs and QEMU say, for a failure message.
+func diagnose(_ svc: VMService, _ id: String) async -> String {
+    let run = svc.runDirectory(id)
+    var s = "VM \(id): "
+    if let p = await svc.process(id), let st = try? await p.qmp.execute("query-status", timeout: .seconds(2)) {
+        s += "status \(st); "
+    }
+    s += "console: " + QEMUProcess.logTail(run + "/console.log", lines: 8)
+    s += " | qemu: " + QEMUProcess.logTail(run + "/qemu.log", lines: 5)
+    return s
+}

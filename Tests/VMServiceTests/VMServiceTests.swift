@@ -1,0 +1,208 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import Hypervisor
+import Testing
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Real QEMU (TCG here), real FUSE mount, the test rootfs's shell on the guest channel.
+@Suite(.enabled(if: vmAvailable, "needs root, /dev/fuse, QEMU and the guest artifacts"), .serialized)
+struct VMServiceTests {
+    /// Boot, snapshot, fork 3: every fork continues the parent's memory (a running counter
+    /// loop) and disk (a file written before the snapshot); what each writes afterwards to
+    /// disk and memory no other VM sees.
+    @Test(.timeLimit(.minutes(5))) func forksContinueTheParentAndAreIsolated() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            #expect(parent.state == .running)
+            let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
+            try await guest(sh, "echo parent > /root/disk-marker && sync")
+            try await guest(sh, "echo parent > /tmp/mem-marker")
+            try await guest(sh, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) > /dev/null 2>&1 &")
+            try await Task.sleep(for: .milliseconds(500))
+            let before = Int(try await guest(sh, "cat /tmp/counter")) ?? -1
+            #expect(before > 0)
+
+            let fork = try await svc.fork(parent.id, count: 3)
+            #expect(fork.vms.count == 3)
+            #expect(fork.snapshot.deviceStateBytes > 1000)
+            #expect(Set(fork.vms.map(\.id)).count == 3 && !fork.vms.contains { $0.id == parent.id })
+            var shells: [GuestShell] = []
+            for (i, vm) in fork.vms.enumerated() {
+                #expect(vm.state == .running && vm.parentSnapshot == fork.snapshot.id)
+                let s: GuestShell
+                do { s = try await svc.guestShell(vm.id) } catch {
+                    Issue.record("fork \(i): \(error); \(await diagnose(svc, vm.id))")
+                    throw error
+                }
+                shells.append(s)
+                #expect(try await guest(s, "cat /root/disk-marker") == "parent")
+                #expect(try await guest(s, "cat /tmp/mem-marker") == "parent")
+                let c1 = Int(try await guest(s, "cat /tmp/counter")) ?? -1
+                #expect(c1 >= before, "fork \(i) counter \(c1) < parent's \(before) before the snapshot")
+                try await Task.sleep(for: .milliseconds(400))
+                let c2 = Int(try await guest(s, "cat /tmp/counter")) ?? -1
+                #expect(c2 > c1, "fork \(i)'s counter loop is not running (\(c1) then \(c2))")
+                try await guest(s, "echo fork\(i) > /root/disk-marker && sync && echo fork\(i) > /tmp/mem-marker")
+            }
+            try await guest(sh, "echo parent2 > /tmp/mem-marker")
+            #expect(try await guest(sh, "cat /root/disk-marker") == "parent")
+            #expect(try await guest(sh, "cat /tmp/mem-marker") == "parent2")
+            for (i, s) in shells.enumerated() {
+                #expect(try await guest(s, "cat /root/disk-marker") == "fork\(i)")
+                #expect(try await guest(s, "cat /tmp/mem-marker") == "fork\(i)")
+            }
+            // Each fork has its own QEMU, memory file and disk file.
+            let pids = await withTaskGroup(of: Int32?.self) { g in
+                for vm in fork.vms + [parent] { g.addTask { await svc.process(vm.id)?.pid } }
+                return await g.reduce(into: [Int32?]()) { $0.append($1) }
+            }
+            #expect(Set(pids.compactMap { $0 }).count == 4)
+            for vm in fork.vms { #expect(try h.store.exists(vm.memoryFile) && h.store.exists(vm.diskFile)) }
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
+    /// Suspend ends the process and keeps everything in the store; resume brings back the
+    /// same guest, its background process still alive.
+    @Test(.timeLimit(.minutes(5))) func suspendAndResumeKeepAProcessAlive() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let pid = try await guest(sh, "sleep 10000 & echo $!")
+            let qemu = try #require(await svc.process(vm.id)?.pid)
+            let suspended = try await svc.suspend(vm.id)
+            #expect(suspended.state == .suspended && suspended.pid == nil)
+            #expect(!processExists(qemu))
+            #expect(access(svc.runDirectory(vm.id) + "/qmp.sock", F_OK) != 0)
+            #expect(try !h.store.exists(vm.memoryFile))
+            await #expect(throws: FurcateError.self) { try await svc.snapshot(vm.id) }
+            let (resumed, timing) = try await svc.resume(vm.id)
+            #expect(resumed.state == .running && resumed.id == vm.id)
+            #expect(timing.total > .zero)
+            let sh2 = try await svc.guestShell(vm.id)
+            #expect(try await guest(sh2, "kill -0 \(pid) && echo alive") == "alive")
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
+    /// Stop and kill leave no QEMU, no socket and no memory file; a stopped VM keeps its disk.
+    @Test(.timeLimit(.minutes(5))) func stopAndKillLeaveNothingBehind() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            for graceful in [true, false] {
+                let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+                let qemu = try #require(await svc.process(vm.id)?.pid)
+                let after = graceful ? try await svc.stop(vm.id) : try await svc.kill(vm.id)
+                #expect(after.state == .stopped)
+                #expect(!processExists(qemu))
+                #expect(await svc.process(vm.id) == nil)
+                for s in ["qmp.sock", "channel.sock"] { #expect(access(svc.runDirectory(vm.id) + "/" + s, F_OK) != 0) }
+                #expect(try !h.store.exists(vm.memoryFile))
+                #expect(try h.store.exists(vm.diskFile))
+                // Stopping again is not an error; a snapshot of a stopped VM is.
+                #expect(try await svc.kill(vm.id).state == .stopped)
+                await #expect(throws: FurcateError.self) { try await svc.snapshot(vm.id) }
+                try await svc.delete(vm.id)
+                #expect(try !h.store.exists(vm.diskFile))
+            }
+            #expect(try h.store.list().map(\.name) == ["rootfs"])
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
+    /// A corrupt device-state file fails the restore with a clear error; nothing of the new
+    /// VM is left (no record, no process, no store file) and the snapshot stays usable.
+    @Test(.timeLimit(.minutes(5))) func corruptDeviceStateFailsTheRestoreCleanly() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            _ = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let snap = try await svc.snapshot(vm.id)
+            // Replace the snapshot's device state with damaged bytes (same length).
+            let good = try h.store.file(snap.stateFile).read(at: 0, count: snap.deviceStateBytes)
+            var bad = good
+            for i in stride(from: 64, to: bad.count, by: 97) { bad[i] ^= 0x5a }
+            try h.store.delete(snap.stateFile)
+            try h.store.createFile("bad").write(bad, at: 0)
+            try h.store.snapshot("bad", as: snap.stateFile)
+            try h.store.delete("bad")
+            let before = try h.store.list().map(\.name).sorted()
+            let vmsBefore = await svc.list().map(\.id)
+            do {
+                _ = try await svc.create(CreateVMRequest(snapshot: snap.id))
+                Issue.record("restoring damaged device state succeeded")
+            } catch let e as FurcateError {
+                #expect(e.code == .hypervisor || e.code == .timedOut, "\(e)")
+                #expect(e.message.contains("restoring VM"), "\(e)")
+            }
+            #expect(await svc.list().map(\.id) == vmsBefore)
+            #expect(try h.store.list().map(\.name).sorted() == before)
+            // The good stream restores.
+            try h.store.delete(snap.stateFile)
+            try h.store.createFile("good").write(good, at: 0)
+            try h.store.snapshot("good", as: snap.stateFile)
+            let restored = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            let sh = try await svc.guestShell(restored.id)
+            #expect(try await guest(sh, "hostname") == "furcate-test")
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
+    /// A restarted server finds its VMs: those running at a graceful shutdown run again (the
+    /// same guest), suspended ones stay suspended, and one whose server died under it is lost
+    /// with its stale QEMU killed.
+    @Test(.timeLimit(.minutes(5))) func restartRefindsRunningAndSuspendedVMs() async throws {
+        let h = try VMHarness()
+        do {
+            let a = try await h.service.create(CreateVMRequest(image: "rootfs"))
+            let b = try await h.service.create(CreateVMRequest(image: "rootfs"))
+            let sha = try await h.service.guestShell(a.id, timeout: .seconds(60))
+            try await guest(sha, "echo remembered > /tmp/note")
+            _ = try await h.service.suspend(b.id)
+            await h.service.shutdown()
+            #expect(await h.service.list().allSatisfy { $0.state == .suspended })
+
+            try h.restart()
+            let resumed = await h.service.recover()
+            #expect(resumed == [a.id])
+            #expect(try await h.service.info(a.id).state == .running)
+            #expect(try await h.service.info(b.id).state == .suspended)
+            let sh2 = try await h.service.guestShell(a.id)
+            #expect(try await guest(sh2, "cat /tmp/note") == "remembered")
+
+            // A server that died without shutting down: its VMs are lost, their QEMUs killed
+            // (their RAM was served by the dead server's mount).
+            let stale = try #require(await h.service.process(a.id)?.pid)
+            try h.restart()
+            #expect(await h.service.recover().isEmpty)
+            #expect(try await h.service.info(a.id).state == .lost)
+            #expect(try await h.service.info(b.id).state == .suspended)
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(!processExists(stale))
+            #expect(try await h.service.kill(a.id).state == .stopped)
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+}
