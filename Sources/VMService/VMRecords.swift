@@ -34,8 +34,11 @@ public struct SnapshotInfo: Sendable, Codable, Equatable {
     public var vmID: String
     public var memoryMiB: Int
     public var vcpus: Int
-    /// Bytes of device state (the migration stream without RAM).
+    /// Bytes of device state (the migration stream; without RAM unless `ramInStream`).
     public var deviceStateBytes: Int
+    /// The migration stream carries the RAM itself and there is no memory file: a snapshot of
+    /// a VM whose RAM was private (mode b), where QEMU cannot leave RAM out of the stream.
+    public var ramInStream: Bool = false
     public var createdAt: Double
     public var memoryFile: String { "\(id).mem" }
     public var diskFile: String { "\(id).disk" }

@@ -205,45 +205,56 @@ public actor VMService {
         }
     }
 
+    /// Pause, device state out, RAM and disk synced, O(1) store snapshots, resume if asked.
+    ///
+    /// Mode a: RAM is a shared store file, left out of the stream (x-ignore-shared) and
+    /// snapshotted in O(1). Mode b: RAM is private to QEMU, which cannot leave it out: the
+    /// stream carries every non-zero page and the snapshot has no memory file.
     private func takeSnapshot(_ vm: VMInfo, _ p: QEMUProcess, resume: Bool) async throws -> SnapshotInfo {
-        guard vm.memoryMode == .shared else {
-            throw FurcateError(
-                .invalidState,
-                "VM \(vm.id) maps its memory privately (mode b); snapshotting it is not supported yet — fork it from a mode-a VM instead")
-        }
-        let snap = SnapshotInfo(
+        var snap = SnapshotInfo(
             id: VMID.newSnapshot(), vmID: vm.id, memoryMiB: vm.memoryMiB, vcpus: vm.vcpus, deviceStateBytes: 0,
             createdAt: Date().timeIntervalSince1970)
+        snap.ramInStream = vm.memoryMode == .privateBase
         let tmpState = "vm-\(vm.id).state-tmp"
         var made: [String] = []
         do {
             try await p.qmp.execute("stop")
             defer { if resume { Task { [p] in try? await p.qmp.execute("cont") } } }
             if try store.exists(tmpState) { try store.delete(tmpState) }
-            try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+            try await setIgnoreShared(p, !snap.ramInStream)
             try await p.qmp.execute("migrate", ["uri": .string("exec:cat > \(try Self.shellQuote(path(file: tmpState)))")])
             try await waitForMigration(p, vm.id)
-            // RAM pages the guest dirtied live in the kernel's page cache of the mount: fsync
-            // writes them back through FUSE into the store file and syncs it.
-            try fsyncThroughMount(path(file: vm.memoryFile))
+            if !snap.ramInStream {
+                // RAM pages the guest dirtied live in the kernel's page cache of the mount:
+                // fsync writes them back through FUSE into the store file and syncs it.
+                try fsyncThroughMount(path(file: vm.memoryFile))
+                try store.snapshot(vm.memoryFile, as: snap.memoryFile)
+                made.append(snap.memoryFile)
+            }
             try fsyncThroughMount(path(file: vm.diskFile))
-            var s = snap
-            s.deviceStateBytes = Int(try store.file(tmpState).size)
-            try store.snapshot(vm.memoryFile, as: s.memoryFile)
-            made.append(s.memoryFile)
-            try store.snapshot(vm.diskFile, as: s.diskFile)
-            made.append(s.diskFile)
-            try store.snapshot(tmpState, as: s.stateFile)
-            made.append(s.stateFile)
+            snap.deviceStateBytes = Int(try store.file(tmpState).size)
+            try store.snapshot(vm.diskFile, as: snap.diskFile)
+            made.append(snap.diskFile)
+            try store.snapshot(tmpState, as: snap.stateFile)
+            made.append(snap.stateFile)
             try store.delete(tmpState)
-            try db.save(s)
-            snapshots[s.id] = s
-            logger.info("snapshot", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(s.id)", "snapshot.device_state_bytes": "\(s.deviceStateBytes)"])
-            return s
+            try db.save(snap)
+            snapshots[snap.id] = snap
+            logger.info(
+                "snapshot",
+                metadata: [
+                    "vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "snapshot.device_state_bytes": "\(snap.deviceStateBytes)",
+                    "snapshot.ram_in_stream": "\(snap.ramInStream)",
+                ])
+            return snap
         } catch {
             for f in made + [tmpState] { try? store.delete(f) }
             throw error
         }
+    }
+
+    private func setIgnoreShared(_ p: QEMUProcess, _ on: Bool) async throws {
+        try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": .bool(on)]]])
     }
 
     private func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
@@ -325,20 +336,19 @@ public actor VMService {
         }
         try store.clone(snap.diskFile, to: vm.diskFile)
         let memoryPath: String
-        switch vm.memoryMode {
-        case .shared:
-            try store.clone(snap.memoryFile, to: vm.memoryFile)
+        if snap.ramInStream {
+            // The stream fills a fresh (sparse) memory file; no base to map privately.
+            vm.memoryMode = .shared
+            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
+            try mem.truncate(to: UInt64(vm.memoryMiB) << 20)
             memoryPath = path(file: vm.memoryFile)
-        case .privateBase:
-            try await baseLock.withLock {
-                if try !store.exists(snap.privateBaseFile) { try store.clone(snap.memoryFile, to: snap.privateBaseFile) }
-            }
-            memoryPath = path(file: snap.privateBaseFile)
+        } else {
+            memoryPath = try await memoryForRestore(vm, snap)
         }
         t.storeClone = lap()
         let p = try await launch(vm, memoryPath: memoryPath, shared: vm.memoryMode == .shared, incoming: true)
         t.spawn = lap()
-        try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+        try await setIgnoreShared(p, !snap.ramInStream)
         try await p.qmp.execute("migrate-incoming", ["uri": .string("exec:cat \(try Self.shellQuote(path(snapshot: snap.stateFile)))")])
         try await waitForIncoming(p, vm.id)
         t.migrateIncoming = lap()
@@ -349,6 +359,21 @@ public actor VMService {
         try record(vm)
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
+    }
+
+    /// The memory file a restore of `snap` maps: a clone of its memory (mode a), or its
+    /// shared private base (mode b, made once per snapshot).
+    private func memoryForRestore(_ vm: VMInfo, _ snap: SnapshotInfo) async throws -> String {
+        switch vm.memoryMode {
+        case .shared:
+            try store.clone(snap.memoryFile, to: vm.memoryFile)
+            return path(file: vm.memoryFile)
+        case .privateBase:
+            try await baseLock.withLock {
+                if try !store.exists(snap.privateBaseFile) { try store.clone(snap.memoryFile, to: snap.privateBaseFile) }
+            }
+            return path(file: snap.privateBaseFile)
+        }
     }
 
     /// Waits until an incoming migration has loaded (the machine is then paused: it starts

@@ -72,6 +72,46 @@ struct VMServiceTests {
         await h.tearDown()
     }
 
+    /// Memory mode b: forks map the snapshot's memory privately (one base file, one page
+    /// cache); they continue the parent and stay isolated; a snapshot of such a fork carries
+    /// its RAM in the stream and restores.
+    @Test(.timeLimit(.minutes(5))) func privateMemoryForksShareOneBaseAndSnapshot() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
+            try await guest(sh, "echo parent > /tmp/mem-marker")
+            let fork = try await svc.fork(parent.id, count: 2, memoryMode: .privateBase)
+            let base = "/files/" + fork.snapshot.privateBaseFile
+            for (i, vm) in fork.vms.enumerated() {
+                #expect(vm.memoryMode == .privateBase)
+                let s = try await svc.guestShell(vm.id)
+                #expect(try await guest(s, "cat /tmp/mem-marker") == "parent")
+                try await guest(s, "echo fork\(i) > /tmp/mem-marker")
+                let pid = try #require(await svc.process(vm.id)?.pid)
+                let maps = try String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)
+                #expect(maps.contains(base), "fork \(i) does not map \(base)")
+                #expect(try !h.store.exists(vm.memoryFile))
+            }
+            for (i, vm) in fork.vms.enumerated() {
+                #expect(try await guest(try await svc.guestShell(vm.id), "cat /tmp/mem-marker") == "fork\(i)")
+            }
+            #expect(try await guest(sh, "cat /tmp/mem-marker") == "parent")
+            // The base file is untouched by the forks' writes: a private mapping.
+            #expect(try h.store.file(fork.snapshot.privateBaseFile).hasSameContents(as: h.store.file(fork.snapshot.memoryFile)))
+
+            let snap = try await svc.snapshot(fork.vms[0].id)
+            #expect(snap.ramInStream && snap.deviceStateBytes > 1 << 20)
+            let restored = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            #expect(restored.memoryMode == .shared)
+            #expect(try await guest(try await svc.guestShell(restored.id), "cat /tmp/mem-marker") == "fork0")
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
     /// Suspend ends the process and keeps everything in the store; resume brings back the
     /// same guest, its background process still alive.
     @Test(.timeLimit(.minutes(5))) func suspendAndResumeKeepAProcessAlive() async throws {
