@@ -55,12 +55,12 @@ let package = Package(
             ]
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
-        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS"]),
+        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService"]),
         // @main: argument parsing and wiring only.
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

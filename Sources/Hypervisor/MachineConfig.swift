@@ -13,7 +13,7 @@ public enum Accelerator: String, Sendable, Codable {
     /// but cannot run a stock guest kernel).
     public static func detect(environment: [String: String] = ProcessInfo.processInfo.environment) -> Accelerator {
         if let forced = environment["FURCATE_ACCEL"].flatMap(Accelerator.init(rawValue:)) { return forced }
-        let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let cpuinfo = readWholeFile("/proc/cpuinfo") ?? ""
         let flags = cpuinfo.split(separator: "\n").first { $0.hasPrefix("flags") } ?? ""
         let words = Set(flags.split(separator: " "))
         guard words.contains("vmx") || words.contains("svm") else { return .tcg }

@@ -341,3 +341,48 @@ struct OpenHandles {
     var count: [fuse_ino_t: Int] = [:]
     var orphans: Set<fuse_ino_t> = []
 }
+
+extension StoreFS {
+    /// Mounts on a dedicated thread and returns once the mount is live (what `furcate serve`,
+    /// the VM tests and `furcate bench fork` do: the VM engine and the mount share one store).
+    /// - Throws: what `run` throws when mounting fails.
+    public func startInBackground() throws -> BackgroundMount {
+        let m = BackgroundMount(self)
+        try m.start()
+        return m
+    }
+}
+
+/// A StoreFS served on its own thread; `stop()` unmounts and waits for the server to finish.
+public final class BackgroundMount: Sendable {
+    public let fs: StoreFS
+    private let ready = DispatchSemaphore(value: 0)
+    private let finished = DispatchSemaphore(value: 0)
+    private let failure = Mutex<(any Error)?>(nil)
+    private let stopped = Mutex(false)
+
+    init(_ fs: StoreFS) { self.fs = fs }
+
+    func start() throws {
+        Thread.detachNewThread { [self] in
+            do { try fs.run { ready.signal() } } catch {
+                failure.withLock { $0 = error }
+                ready.signal()
+            }
+            finished.signal()
+        }
+        ready.wait()
+        if let e = failure.withLock({ $0 }) {
+            finished.wait()
+            throw e
+        }
+    }
+
+    /// Unmounts (lazily if files are still open) and waits until the server has synced and
+    /// returned. Idempotent.
+    public func stop() {
+        guard !stopped.withLock({ s in defer { s = true }; return s }) else { return }
+        if umount2(fs.mountpoint, 0) != 0 { umount2(fs.mountpoint, Int32(MNT_DETACH)) }
+        finished.wait()
+    }
+}

@@ -32,6 +32,8 @@ public struct VMServiceOptions: Sendable {
     public var memoryBlockSize = 64 << 10
     /// How long a graceful stop waits for the guest to power off before QEMU is ended.
     public var gracefulStopTimeout: Duration = .seconds(5)
+    /// QEMUs kept waiting per machine shape so a mode-a restore skips process start (0: none).
+    public var warmPoolSize = 0
     /// How long QEMU may take to answer QMP after spawn.
     public var startTimeout: Duration = .seconds(20)
     public var logger = Logger(label: "furcate.vm")
@@ -93,6 +95,10 @@ public actor VMService {
     var locks: [String: AsyncLock] = [:]
     /// Serializes creation of a snapshot's mode-b base file.
     let baseLock = AsyncLock()
+    /// Warm pool (VMService+WarmPool.swift).
+    var pool: [PoolShape: [PoolEntry]] = [:]
+    var refilling: Set<PoolShape> = []
+    var shuttingDown = false
     nonisolated var logger: Logger { options.logger }
 
     /// Opens (or creates) the VM database in `options.dataDirectory`.
@@ -312,11 +318,15 @@ public actor VMService {
 
     /// A new VM restored from `snap`.
     private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode) async throws -> (VMInfo, RestoreTiming) {
+        var pooled: PoolEntry?
+        if mode == .shared && !snap.ramInStream, let disk = try? store.file(snap.diskFile).size {
+            pooled = takeFromPool(PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk))
+        }
         var vm = VMInfo(
-            id: VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
+            id: pooled?.id ?? VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
             parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
         do {
-            let timing = try await restore(&vm, from: snap)
+            let timing = try await restore(&vm, from: snap, pooled: pooled)
             return (vm, timing)
         } catch {
             await discardFailed(vm)
@@ -326,13 +336,20 @@ public actor VMService {
 
     /// Restores `snap` into `vm` (its files must not exist): clones, spawn, device state in,
     /// resume. On return the VM runs and is recorded. On error the caller cleans up.
-    private func restore(_ vm: inout VMInfo, from snap: SnapshotInfo) async throws -> RestoreTiming {
+    private func restore(_ vm: inout VMInfo, from snap: SnapshotInfo, pooled: PoolEntry? = nil) async throws -> RestoreTiming {
         var t = RestoreTiming()
         var mark = ContinuousClock.now
         func lap() -> Duration {
             let now = ContinuousClock.now
             defer { mark = now }
             return now - mark
+        }
+        if let pooled {
+            // A waiting QEMU has these two files open, empty: give them the snapshot's contents.
+            try store.replaceContents(of: store.file(vm.diskFile), with: store.file(snap.diskFile))
+            try store.replaceContents(of: store.file(vm.memoryFile), with: store.file(snap.memoryFile))
+            t.storeClone = lap()
+            return try await finishRestore(&vm, snap, pooled.process, t, lap)
         }
         try store.clone(snap.diskFile, to: vm.diskFile)
         let memoryPath: String
@@ -348,6 +365,14 @@ public actor VMService {
         t.storeClone = lap()
         let p = try await launch(vm, memoryPath: memoryPath, shared: vm.memoryMode == .shared, incoming: true)
         t.spawn = lap()
+        return try await finishRestore(&vm, snap, p, t, lap)
+    }
+
+    /// Loads the device state into a waiting QEMU and resumes it.
+    private func finishRestore(
+        _ vm: inout VMInfo, _ snap: SnapshotInfo, _ p: QEMUProcess, _ timing: RestoreTiming, _ lap: () -> Duration
+    ) async throws -> RestoreTiming {
+        var t = timing
         try await setIgnoreShared(p, !snap.ramInStream)
         try await p.qmp.execute("migrate-incoming", ["uri": .string("exec:cat \(try Self.shellQuote(path(snapshot: snap.stateFile)))")])
         try await waitForIncoming(p, vm.id)
@@ -523,6 +548,7 @@ public actor VMService {
     /// are resumed. Returns the ids resumed.
     @discardableResult
     public func recover() async -> [String] {
+        removeOrphanFiles()
         var resumed: [String] = []
         for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) {
             switch vm.state {
@@ -548,6 +574,8 @@ public actor VMService {
     /// Graceful server shutdown: every running VM is suspended (so its RAM, disk and device
     /// state are in the store) and marked to be resumed by the next `recover()`.
     public func shutdown() async {
+        shuttingDown = true
+        await drainWarmPool()
         for vm in vms.values where vm.state == .running {
             do {
                 var v = try await suspend(vm.id)
@@ -584,7 +612,7 @@ public actor VMService {
     nonisolated func path(snapshot name: String) -> String { options.mountpoint + "/snapshots/" + name }
 
     /// Spawns QEMU for `vm` and watches for its exit.
-    private func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
+    func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
         let run = runDirectory(vm.id)
         try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var config = MachineConfig(
@@ -640,7 +668,7 @@ public actor VMService {
     }
 
     /// Removes everything a failed create or restore made.
-    private func discardFailed(_ vm: VMInfo) async {
+    func discardFailed(_ vm: VMInfo) async {
         if let p = processes[vm.id] { await end(vm.id, p, graceful: false) }
         for f in [vm.memoryFile, vm.diskFile] { try? store.delete(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
@@ -656,7 +684,7 @@ public actor VMService {
 
     /// True when `pid` runs a QEMU (so a stale pid from the database is not someone else's).
     static func isQEMU(_ pid: Int32) -> Bool {
-        let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+        let comm = readWholeFile("/proc/\(pid)/comm") ?? ""
         return comm.hasPrefix("qemu")
     }
 

@@ -2,11 +2,57 @@ import ArgumentParser
 import Foundation
 import FurcateBench
 import FurcateCore
+import VMService
 
-struct BenchCommand: ParsableCommand {
+struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self, FS.self])
+        subcommands: [Store.self, FS.self, Fork.self])
+
+    struct Fork: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "fork",
+            abstract: "Fork a running VM N ways per memory mode vs a cold boot of it; needs root, QEMU and the guest artifacts.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Option(help: "Forks per memory mode.") var count = 8
+        @Option(help: "Memory mode: a, b or both.") var memoryMode = "both"
+        @Option(help: "Guest memory in MiB.") var memory = 512
+        @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
+        @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
+
+        func run() async throws {
+            try await reportingErrors {
+                bootstrapOnce
+                let modes: [MemoryMode]
+                switch memoryMode {
+                case "both": modes = [.shared, .privateBase]
+                case let m:
+                    guard let mode = MemoryMode(rawValue: m) else {
+                        throw FurcateError(.invalidArgument, "--memory-mode must be a, b or both, not '\(m)'")
+                    }
+                    modes = [mode]
+                }
+                guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "--count must be 1 to 1000") }
+                let b = ForkBenchmark(workDir: dir, guestDir: guest, count: count, modes: modes, memoryMiB: memory) {
+                    FileHandleStderr.write("bench: \($0)\n")
+                }
+                let r = try await b.run()
+                if json { return try printJSON(r) }
+                print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB")
+                print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
+                for m in r.modes {
+                    print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)):")
+                    print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
+                    print("  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot")
+                    for p in m.phases { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
+                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB, of which guest RAM \(f2(m.ramPssPerForkMiB)) MiB")
+                    print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
+                    print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
+                }
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
 
     struct FS: ParsableCommand {
         static let configuration = CommandConfiguration(

@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 @main
-struct Furcate: ParsableCommand {
+struct Furcate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "furcate",
         abstract: "A self-hosted microVM engine whose forks cost one O(1) store clone.",
@@ -19,8 +19,17 @@ struct Furcate: ParsableCommand {
 /// Runs a command body; a `FurcateError` (or any other error) becomes one line on stderr and
 /// exit status 1, so scripts see what failed and where.
 func reportingErrors(_ body: () throws -> Void) throws {
+    try reportingErrors(of: Result { try body() })
+}
+
+/// `reportingErrors` for async bodies.
+func reportingErrors(_ body: () async throws -> Void) async throws {
+    do { try await body() } catch { try reportingErrors(of: .failure(error)) }
+}
+
+private func reportingErrors(of result: Result<Void, any Error>) throws {
     do {
-        try body()
+        try result.get()
     } catch let e as ExitCode {
         throw e
     } catch let e as FurcateError {

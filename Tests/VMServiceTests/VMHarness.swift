@@ -37,12 +37,13 @@ let vmAvailable: Bool = {
 final class VMHarness: @unchecked Sendable {
     let tmp = TempDir("vm")
     let store: BlockStore
-    let fs: StoreFS
+    let mount: BackgroundMount
+    let warmPool: Int
     private(set) var service: VMService
-    private let served = DispatchSemaphore(value: 0)
     var mountpoint: String { tmp.sub("mnt") }
 
-    init() throws {
+    init(warmPool: Int = 0) throws {
+        self.warmPool = warmPool
         try FileManager.default.createDirectory(atPath: tmp.sub("mnt"), withIntermediateDirectories: true)
         store = try BlockStore.create(at: tmp.sub("store"))
         let rootfs = try store.createFile("rootfs")
@@ -50,39 +51,33 @@ final class VMHarness: @unchecked Sendable {
         defer { close(fd) }
         try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
         try rootfs.sync()
-        fs = StoreFS(store: store, mountpoint: tmp.sub("mnt"))
-        let ready = DispatchSemaphore(value: 0)
-        let fs = fs
-        let served = served
-        Thread.detachNewThread {
-            do { try fs.run { ready.signal() } } catch {
-                print("mount failed: \(error)")
-                ready.signal()
-            }
-            served.signal()
-        }
-        ready.wait()
-        service = try VMService(store: store, options: Self.options(tmp))
+        mount = try StoreFS(store: store, mountpoint: tmp.sub("mnt")).startInBackground()
+        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool))
     }
 
-    static func options(_ tmp: TempDir) -> VMServiceOptions {
+    static func options(_ tmp: TempDir, warmPool: Int = 0) -> VMServiceOptions {
         var o = VMServiceOptions(dataDirectory: tmp.sub("data"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
         o.gracefulStopTimeout = .milliseconds(300)
         o.defaultMemoryMiB = 128
+        o.warmPoolSize = warmPool
         return o
     }
 
     /// A new service over the same data directory, as after a server restart.
     func restart() throws {
-        service = try VMService(store: store, options: Self.options(tmp))
+        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool))
     }
 
-    /// Kills every VM still known, unmounts, closes the store.
-    func tearDown() async {
+    /// Kills every VM still known, unmounts, closes the store. Returns the names of the store
+    /// files left once the VMs were deleted.
+    @discardableResult
+    func tearDown() async -> [String] {
+        await service.drainWarmPool()
         for vm in await service.list() { try? await service.delete(vm.id) }
-        umount2(mountpoint, 0)
-        served.wait()
-        store.close()
+        let left = (try? store.list().map(\.name)) ?? []
+        defer { store.close() }
+        mount.stop()
+        return left
     }
 }
 

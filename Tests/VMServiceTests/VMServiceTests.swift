@@ -90,7 +90,7 @@ struct VMServiceTests {
                 #expect(try await guest(s, "cat /tmp/mem-marker") == "parent")
                 try await guest(s, "echo fork\(i) > /tmp/mem-marker")
                 let pid = try #require(await svc.process(vm.id)?.pid)
-                let maps = try String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)
+                let maps = readWholeFile("/proc/\(pid)/maps") ?? ""
                 #expect(maps.contains(base), "fork \(i) does not map \(base)")
                 #expect(try !h.store.exists(vm.memoryFile))
             }
@@ -110,6 +110,38 @@ struct VMServiceTests {
             Issue.record(error)
         }
         await h.tearDown()
+    }
+
+    /// With a warm pool, a fork takes a QEMU already waiting on its (empty) memory and disk
+    /// files: no spawn on the fork path, and the fork still continues the parent and is isolated.
+    @Test(.timeLimit(.minutes(5))) func warmPoolForksSkipProcessStart() async throws {
+        let h = try VMHarness(warmPool: 1)
+        let svc = h.service
+        do {
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
+            try await guest(sh, "echo one > /root/disk-marker && sync && echo one > /tmp/mem-marker")
+            let first = try await svc.fork(parent.id, count: 1)
+            #expect(first.timings[0].spawn > .zero)
+            // The pool refills in the background after the first fork of this shape.
+            let deadline = ContinuousClock.now + .seconds(30)
+            while await svc.poolCount() < 1 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            #expect(await svc.poolCount() == 1)
+            try await guest(sh, "echo two > /root/disk-marker && sync && echo two > /tmp/mem-marker")
+            let second = try await svc.fork(parent.id, count: 1)
+            #expect(second.timings[0].spawn == .zero, "the fork did not come from the pool")
+            let s = try await svc.guestShell(second.vms[0].id)
+            #expect(try await guest(s, "cat /root/disk-marker") == "two")
+            #expect(try await guest(s, "cat /tmp/mem-marker") == "two")
+            try await guest(s, "echo pooled > /tmp/mem-marker && echo pooled > /root/disk-marker && sync")
+            #expect(try await guest(sh, "cat /tmp/mem-marker; cat /root/disk-marker") == "two\ntwo")
+            let s1 = try await svc.guestShell(first.vms[0].id)
+            #expect(try await guest(s1, "cat /tmp/mem-marker; cat /root/disk-marker") == "one\none")
+        } catch {
+            Issue.record(error)
+        }
+        let left = await h.tearDown()
+        #expect(!left.contains { $0.hasPrefix("vm-") }, "pooled VM files left: \(left)")
     }
 
     /// Suspend ends the process and keeps everything in the store; resume brings back the

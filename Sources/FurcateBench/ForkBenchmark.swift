@@ -1,0 +1,229 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import Hypervisor
+import StoreFS
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Results of `furcate bench fork`: a base VM forked N ways per memory mode, against a cold
+/// boot of the same VM measured in the same run.
+public struct ForkBenchReport: Codable, Sendable {
+    public struct Phase: Codable, Sendable {
+        public var name: String
+        public var p50Millis: Double
+        public var p99Millis: Double
+    }
+    public struct Mode: Codable, Sendable {
+        /// "a" (each fork's RAM its own store file, shared mapping) or "b" (forks map the
+        /// snapshot's memory privately).
+        public var memoryMode: String
+        public var count: Int
+        public var warmPool: Int
+        /// The one snapshot of the running parent a fork takes.
+        public var snapshotMillis: Double
+        /// From the fork call to all N running.
+        public var wallMillis: Double
+        /// Store clone, process spawn (or pool take), migrate-incoming, resume, and first
+        /// guest response (the fork's shell answering), per fork.
+        public var phases: [Phase]
+        /// Fork call to running, per fork (what "fork of a running VM" costs).
+        public var forkP50Millis: Double
+        /// Host memory per idle fork: PSS of the whole QEMU process, and of the guest RAM
+        /// mapping alone (page cache shares divided among mappers + private copies).
+        public var pssPerForkMiB: Double
+        public var ramPssPerForkMiB: Double
+        /// The guest writes `guestWriteMiB` to its tmpfs in one fork.
+        public var guestWriteMBps: Double
+        /// Snapshot of one of the forks.
+        public var snapshotOfForkMillis: Double
+        /// Forks that answered and proved isolated (own marker seen, no other VM sees it).
+        public var forksVerified: Int
+    }
+    public var accelerator: String
+    public var memoryMiB: Int
+    public var guestWriteMiB: Int
+    /// Baseline: cold boot of the same image to its first guest response.
+    public var coldBootMillis: Double
+    /// The same guest write in the cold-booted VM.
+    public var coldBootGuestWriteMBps: Double
+    public var modes: [Mode] = []
+    public var seconds = 0.0
+}
+
+/// `furcate bench fork`: needs root (it mounts the store), QEMU and the guest artifacts.
+public struct ForkBenchmark: Sendable {
+    public var workDir: String
+    public var guestDir: String
+    public var count: Int
+    public var modes: [MemoryMode]
+    public var memoryMiB: Int
+    public var warmPool: Int
+    public var progress: @Sendable (String) -> Void
+
+    public init(
+        workDir: String, guestDir: String, count: Int, modes: [MemoryMode], memoryMiB: Int = 512, warmPool: Int = 0,
+        progress: @escaping @Sendable (String) -> Void
+    ) {
+        self.workDir = workDir
+        self.guestDir = guestDir
+        self.count = count
+        self.modes = modes
+        self.memoryMiB = memoryMiB
+        self.warmPool = warmPool
+        self.progress = progress
+    }
+
+    /// Where scripts/guest-artifacts.sh puts guests by default.
+    public static var defaultGuestDir: String {
+        ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
+            ?? ((ProcessInfo.processInfo.environment["XDG_DATA_HOME"] ?? NSHomeDirectory() + "/.local/share") + "/furcate/guest")
+    }
+
+    public func run() async throws -> ForkBenchReport {
+        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "bench fork needs root (it mounts the store)") }
+        for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
+            throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: guestDir + "/" + a)
+        }
+        let t0 = ContinuousClock.now
+        let root = workDir + "/furcate-bench-fork-\(getpid())"
+        try? FileManager.default.removeItem(atPath: root)
+        try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let store = try BlockStore.create(at: root + "/store")
+        let rootfs = try store.createFile("rootfs")
+        let fd = try syscall("open", path: guestDir + "/test-rootfs.ext4") { open(guestDir + "/test-rootfs.ext4", O_RDONLY) }
+        try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
+        close(fd)
+        try rootfs.sync()
+        let mount = try StoreFS(store: store, mountpoint: root + "/mnt").startInBackground()
+        defer {
+            mount.stop()
+            store.close()
+        }
+        var opts = VMServiceOptions(dataDirectory: root + "/data", mountpoint: root + "/mnt", guestDirectory: guestDir)
+        opts.defaultMemoryMiB = memoryMiB
+        opts.gracefulStopTimeout = .milliseconds(100)
+        opts.logger.logLevel = .warning
+        let svc = try VMService(store: store, options: opts)
+        let writeMiB = min(256, memoryMiB / 2)
+        var report = ForkBenchReport(
+            accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, guestWriteMiB: writeMiB, coldBootMillis: 0,
+            coldBootGuestWriteMBps: 0)
+        do {
+            progress("cold boot (baseline)")
+            let b0 = ContinuousClock.now
+            let cold = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let coldShell = try await svc.guestShell(cold.id, timeout: .seconds(120))
+            report.coldBootMillis = Self.ms(ContinuousClock.now - b0)
+            report.coldBootGuestWriteMBps = try await Self.guestWrite(coldShell, mib: writeMiB)
+            _ = try await svc.kill(cold.id)
+            try await svc.delete(cold.id)
+
+            progress("base VM")
+            let base = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let baseShell = try await svc.guestShell(base.id, timeout: .seconds(120))
+            _ = try await baseShell.run("echo base > /tmp/who")
+            for mode in modes {
+                progress("fork \(count) (memory mode \(mode.rawValue))")
+                report.modes.append(try await forkRun(svc, base: base.id, baseShell: baseShell, mode: mode, writeMiB: writeMiB))
+            }
+        } catch {
+            for vm in await svc.list() { try? await svc.delete(vm.id) }
+            throw error
+        }
+        for vm in await svc.list() { try? await svc.delete(vm.id) }
+        report.seconds = Double((ContinuousClock.now - t0).components.seconds)
+        return report
+    }
+
+    private func forkRun(_ svc: VMService, base: String, baseShell: GuestShell, mode: MemoryMode, writeMiB: Int) async throws -> ForkBenchReport.Mode {
+        let start = ContinuousClock.now
+        let fork = try await svc.fork(base, count: count, memoryMode: mode)
+        let wall = ContinuousClock.now - start
+        // First guest response of every fork, and isolation: each writes its own marker.
+        var firstResponse: [Double] = []
+        var shells: [(String, GuestShell)] = []
+        for vm in fork.vms {
+            let s0 = ContinuousClock.now
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            firstResponse.append(Self.ms(ContinuousClock.now - s0))
+            _ = try await sh.run("echo \(vm.id) > /tmp/who")
+            shells.append((vm.id, sh))
+        }
+        var verified = 0
+        for (id, sh) in shells where (try? await sh.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) == id {
+            verified += 1
+        }
+        if (try? await baseShell.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) != "base" { verified = 0 }
+        try await Task.sleep(for: .seconds(1))  // idle
+        var pss: [Double] = []
+        var ramPss: [Double] = []
+        for vm in fork.vms {
+            guard let p = await svc.process(vm.id) else { continue }
+            let (total, ram) = Self.pss(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)")
+            pss.append(total)
+            ramPss.append(ram)
+        }
+        let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
+        let s0 = ContinuousClock.now
+        let snapOfFork = try await svc.snapshot(fork.vms[0].id)
+        let snapMillis = Self.ms(ContinuousClock.now - s0)
+        try? await svc.deleteSnapshot(snapOfFork.id)
+        let t = fork.timings
+        let phases: [(String, [Double])] = [
+            ("store clone", t.map { Self.ms($0.storeClone) }), ("spawn", t.map { Self.ms($0.spawn) }),
+            ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }), ("resume", t.map { Self.ms($0.resume) }),
+            ("first guest response", firstResponse),
+        ]
+        for vm in fork.vms { try? await svc.delete(vm.id) }
+        return ForkBenchReport.Mode(
+            memoryMode: mode.rawValue, count: count, warmPool: warmPool, snapshotMillis: Self.ms(fork.snapshotDuration),
+            wallMillis: Self.ms(wall),
+            phases: phases.map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) },
+            forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
+            pssPerForkMiB: Self.mean(pss), ramPssPerForkMiB: Self.mean(ramPss), guestWriteMBps: write,
+            snapshotOfForkMillis: snapMillis, forksVerified: verified)
+    }
+
+    /// The guest writes `mib` MiB of non-zero bytes (zero pages could be special-cased on
+    /// the way) into its tmpfs, i.e. into guest RAM; MB/s including the shell's round trip.
+    static func guestWrite(_ sh: GuestShell, mib: Int) async throws -> Double {
+        _ = try await sh.run("rm -f /tmp/w; dd if=/dev/zero bs=1M count=1 2>/dev/null | tr '\\0' 'x' > /tmp/pattern")
+        let t0 = ContinuousClock.now
+        let (out, status) = try await sh.run("i=0; while [ $i -lt \(mib) ]; do cat /tmp/pattern; i=$((i+1)); done > /tmp/w; sync", timeout: .seconds(300))
+        let elapsed = ContinuousClock.now - t0
+        guard status == 0 else { throw FurcateError(.io, "guest write failed: \(out)") }
+        _ = try await sh.run("rm -f /tmp/w")
+        return Double(mib) * 1.048576 / (Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds))
+    }
+
+    /// PSS (MiB) of a process, and of its mappings whose path contains `mapping`.
+    static func pss(pid: Int32, mapping: String) -> (Double, Double) {
+        guard let text = readWholeFile("/proc/\(pid)/smaps") else { return (0, 0) }
+        var total = 0.0
+        var ram = 0.0
+        var inRAM = false
+        for line in text.split(separator: "\n") {
+            if let first = line.first, first.isHexDigit, line.contains("-") && line.split(separator: " ").count >= 5 {
+                inRAM = line.contains(mapping)
+            } else if line.hasPrefix("Pss:") {
+                let kb = Double(line.split(separator: " ")[1]) ?? 0
+                total += kb
+                if inRAM { ram += kb }
+            }
+        }
+        return (total / 1024, ram / 1024)
+    }
+
+    static func ms(_ d: Duration) -> Double {
+        Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
+    }
+
+    static func mean(_ xs: [Double]) -> Double { xs.isEmpty ? 0 : xs.reduce(0, +) / Double(xs.count) }
+
+    static func percentile(_ xs: [Double], _ p: Double) -> Double { StoreBenchmark.percentile(xs, p) }
+}

@@ -1,0 +1,105 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import Hypervisor
+
+/// The machine shape a pooled QEMU was started for: a restore must match it exactly.
+struct PoolShape: Hashable, Sendable {
+    var memoryMiB: Int
+    var vcpus: Int
+    var diskBytes: UInt64
+}
+
+/// A QEMU already spawned and waiting in `-incoming defer` on its own (empty) memory and disk
+/// files, named for the VM it will become.
+struct PoolEntry: Sendable {
+    var id: String
+    var process: QEMUProcess
+}
+
+// The warm pool: restores in memory mode a skip process start by taking a waiting QEMU. Its
+// memory and disk files exist from spawn (QEMU opens them then); taking one replaces their
+// contents with the snapshot's in O(1) (`replaceContents`; the mount drops the kernel's cached
+// pages of them). The waiting QEMU has touched neither: it loads nothing before the stream.
+// Mode b has no pool: its forks must all map the one base file of their snapshot, which is
+// not known before the fork.
+extension VMService {
+    /// Takes a pooled QEMU for `shape`, if one waits, and starts refilling in the background.
+    func takeFromPool(_ shape: PoolShape) -> PoolEntry? {
+        guard options.warmPoolSize > 0 else { return nil }
+        defer { refillSoon(shape) }
+        guard var entries = pool[shape], !entries.isEmpty else { return nil }
+        let e = entries.removeFirst()
+        pool[shape] = entries
+        guard e.process.exitStatus == nil else { return nil }
+        return e
+    }
+
+    /// Spawns pooled QEMUs for `shape` until `warmPoolSize` wait (one refill at a time).
+    public func prewarm(memoryMiB: Int, vcpus: Int, diskBytes: UInt64) async {
+        await refill(PoolShape(memoryMiB: memoryMiB, vcpus: vcpus, diskBytes: diskBytes))
+    }
+
+    /// How many pooled QEMUs wait for each shape (tests and benchmarks look).
+    public func poolCount() -> Int { pool.values.reduce(0) { $0 + $1.count } }
+
+    private func refillSoon(_ shape: PoolShape) {
+        Task { await self.refill(shape) }
+    }
+
+    func refill(_ shape: PoolShape) async {
+        guard options.warmPoolSize > 0, !refilling.contains(shape), !shuttingDown else { return }
+        refilling.insert(shape)
+        defer { refilling.remove(shape) }
+        while (pool[shape]?.count ?? 0) < options.warmPoolSize && !shuttingDown {
+            do {
+                let e = try await spawnPooled(shape)
+                pool[shape, default: []].append(e)
+            } catch {
+                logger.warning("warm pool: cannot spawn", metadata: ["error": "\(error)"])
+                return
+            }
+        }
+    }
+
+    private func spawnPooled(_ shape: PoolShape) async throws -> PoolEntry {
+        let vm = VMInfo(
+            id: VMID.newVM(), state: .starting, memoryMiB: shape.memoryMiB, vcpus: shape.vcpus, memoryMode: .shared,
+            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+        do {
+            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
+            try mem.truncate(to: UInt64(shape.memoryMiB) << 20)
+            try store.createFile(vm.diskFile).truncate(to: shape.diskBytes)
+            let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: true)
+            return PoolEntry(id: vm.id, process: p)
+        } catch {
+            await discardFailed(vm)
+            throw error
+        }
+    }
+
+    /// Ends every pooled QEMU and removes its files (at shutdown; not an error when empty).
+    public func drainWarmPool() async {
+        let all = pool.values.flatMap { $0 }
+        pool.removeAll()
+        for e in all {
+            await e.process.kill()
+            processes[e.id] = nil
+            for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.delete(f) }
+            try? FileManager.default.removeItem(atPath: runDirectory(e.id))
+        }
+    }
+
+    /// Store files named for VMs the database does not know: pool entries or half-made VMs of
+    /// a server that died. Removed at start.
+    func removeOrphanFiles() {
+        guard let names = try? store.list().map(\.name) else { return }
+        for n in names where n.hasPrefix("vm-") {
+            let id = String(n.dropFirst(3).prefix(20))
+            if vms[id] == nil {
+                try? store.delete(n)
+                try? FileManager.default.removeItem(atPath: runDirectory(id))
+            }
+        }
+    }
+}
