@@ -36,6 +36,9 @@ public struct ForkBenchReport: Codable, Sendable {
         /// mapping alone (page cache shares divided among mappers + private copies).
         public var pssPerForkMiB: Double
         public var ramPssPerForkMiB: Double
+        /// Guest RAM pages private to each fork (copied on write in mode b; in mode a every
+        /// page of a fork's own memory file counts as its own).
+        public var ramPrivatePerForkMiB: Double
         /// The guest writes `guestWriteMiB` to its tmpfs in one fork.
         public var guestWriteMBps: Double
         /// Snapshot of one of the forks.
@@ -45,6 +48,7 @@ public struct ForkBenchReport: Codable, Sendable {
     }
     public var accelerator: String
     public var memoryMiB: Int
+    public var memoryBlockSize: Int
     public var guestWriteMiB: Int
     /// Baseline: cold boot of the same image to its first guest response.
     public var coldBootMillis: Double
@@ -62,6 +66,8 @@ public struct ForkBenchmark: Sendable {
     public var modes: [MemoryMode]
     public var memoryMiB: Int
     public var warmPool: Int
+    /// Block size of memory files (nil: the service's default).
+    public var memoryBlockSize: Int?
     public var progress: @Sendable (String) -> Void
 
     public init(
@@ -99,6 +105,7 @@ public struct ForkBenchmark: Sendable {
         try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
         close(fd)
         try rootfs.sync()
+        let diskBytes = rootfs.size
         let mount = try StoreFS(store: store, mountpoint: root + "/mnt").startInBackground()
         defer {
             mount.stop()
@@ -107,11 +114,13 @@ public struct ForkBenchmark: Sendable {
         var opts = VMServiceOptions(dataDirectory: root + "/data", mountpoint: root + "/mnt", guestDirectory: guestDir)
         opts.defaultMemoryMiB = memoryMiB
         opts.gracefulStopTimeout = .milliseconds(100)
+        opts.warmPoolSize = warmPool
+        if let memoryBlockSize { opts.memoryBlockSize = memoryBlockSize }
         opts.logger.logLevel = .warning
         let svc = try VMService(store: store, options: opts)
         let writeMiB = min(256, memoryMiB / 2)
         var report = ForkBenchReport(
-            accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, guestWriteMiB: writeMiB, coldBootMillis: 0,
+            accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, memoryBlockSize: opts.memoryBlockSize, guestWriteMiB: writeMiB, coldBootMillis: 0,
             coldBootGuestWriteMBps: 0)
         do {
             progress("cold boot (baseline)")
@@ -128,13 +137,19 @@ public struct ForkBenchmark: Sendable {
             let baseShell = try await svc.guestShell(base.id, timeout: .seconds(120))
             _ = try await baseShell.run("echo base > /tmp/who")
             for mode in modes {
+                if warmPool > 0 && mode == .shared {
+                    progress("warm pool: \(warmPool) QEMUs waiting")
+                    await svc.prewarm(memoryMiB: memoryMiB, vcpus: 1, diskBytes: diskBytes)
+                }
                 progress("fork \(count) (memory mode \(mode.rawValue))")
                 report.modes.append(try await forkRun(svc, base: base.id, baseShell: baseShell, mode: mode, writeMiB: writeMiB))
             }
         } catch {
+            await svc.drainWarmPool()
             for vm in await svc.list() { try? await svc.delete(vm.id) }
             throw error
         }
+        await svc.drainWarmPool()
         for vm in await svc.list() { try? await svc.delete(vm.id) }
         report.seconds = Double((ContinuousClock.now - t0).components.seconds)
         return report
@@ -160,13 +175,10 @@ public struct ForkBenchmark: Sendable {
         }
         if (try? await baseShell.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) != "base" { verified = 0 }
         try await Task.sleep(for: .seconds(1))  // idle
-        var pss: [Double] = []
-        var ramPss: [Double] = []
+        var usage: [Self.Usage] = []
         for vm in fork.vms {
             guard let p = await svc.process(vm.id) else { continue }
-            let (total, ram) = Self.pss(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)")
-            pss.append(total)
-            ramPss.append(ram)
+            usage.append(Self.memoryUsage(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"))
         }
         let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
         let s0 = ContinuousClock.now
@@ -181,11 +193,12 @@ public struct ForkBenchmark: Sendable {
         ]
         for vm in fork.vms { try? await svc.delete(vm.id) }
         return ForkBenchReport.Mode(
-            memoryMode: mode.rawValue, count: count, warmPool: warmPool, snapshotMillis: Self.ms(fork.snapshotDuration),
+            memoryMode: mode.rawValue, count: count, warmPool: mode == .shared ? warmPool : 0, snapshotMillis: Self.ms(fork.snapshotDuration),
             wallMillis: Self.ms(wall),
             phases: phases.map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) },
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
-            pssPerForkMiB: Self.mean(pss), ramPssPerForkMiB: Self.mean(ramPss), guestWriteMBps: write,
+            pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
+            ramPrivatePerForkMiB: Self.mean(usage.map(\.ramPrivate)), guestWriteMBps: write,
             snapshotOfForkMillis: snapMillis, forksVerified: verified)
     }
 
@@ -201,22 +214,36 @@ public struct ForkBenchmark: Sendable {
         return Double(mib) * 1.048576 / (Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds))
     }
 
-    /// PSS (MiB) of a process, and of its mappings whose path contains `mapping`.
-    static func pss(pid: Int32, mapping: String) -> (Double, Double) {
-        guard let text = readWholeFile("/proc/\(pid)/smaps") else { return (0, 0) }
-        var total = 0.0
-        var ram = 0.0
+    struct Usage {
+        var pss = 0.0
+        var ramPss = 0.0
+        var ramPrivate = 0.0
+    }
+
+    /// PSS of a process, and PSS and private pages of its mappings whose path contains
+    /// `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
+    static func memoryUsage(pid: Int32, mapping: String) -> Usage {
+        var u = Usage()
+        guard let text = readWholeFile("/proc/\(pid)/smaps") else { return u }
         var inRAM = false
         for line in text.split(separator: "\n") {
-            if let first = line.first, first.isHexDigit, line.contains("-") && line.split(separator: " ").count >= 5 {
+            let fields = line.split(separator: " ")
+            guard let key = fields.first else { continue }
+            if !key.hasSuffix(":") {  // a mapping's header: "start-end perms offset dev inode path"
                 inRAM = line.contains(mapping)
-            } else if line.hasPrefix("Pss:") {
-                let kb = Double(line.split(separator: " ")[1]) ?? 0
-                total += kb
-                if inRAM { ram += kb }
+                continue
+            }
+            let mib = (Double(fields.count > 1 ? fields[1] : "") ?? 0) / 1024
+            switch key {
+            case "Pss:":
+                u.pss += mib
+                if inRAM { u.ramPss += mib }
+            case "Private_Clean:", "Private_Dirty:":
+                if inRAM { u.ramPrivate += mib }
+            default: break
             }
         }
-        return (total / 1024, ram / 1024)
+        return u
     }
 
     static func ms(_ d: Duration) -> Double {

@@ -85,7 +85,7 @@ public struct MachineConfig: Sendable, Codable, Equatable {
             "memory-backend-file,id=ram,size=\(memoryMiB)M,mem-path=\(Self.escape(memoryPath)),share=\(memoryShared ? "on" : "off")",
             "-kernel", kernel, "-initrd", initrd, "-append", commandLine,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-chardev", "file,id=console,path=\(Self.escape(consoleLog))",
             "-serial", "chardev:console",
             "-drive", "id=root,file=\(Self.escape(rootDisk)),format=raw,if=none,cache=writeback,discard=unmap",

@@ -228,8 +228,7 @@ public actor VMService {
             defer { if resume { Task { [p] in try? await p.qmp.execute("cont") } } }
             if try store.exists(tmpState) { try store.delete(tmpState) }
             try await setIgnoreShared(p, !snap.ramInStream)
-            try await p.qmp.execute("migrate", ["uri": .string("exec:cat > \(try Self.shellQuote(path(file: tmpState)))")])
-            try await waitForMigration(p, vm.id)
+            snap.deviceStateBytes = try await saveStream(p, vm, into: store.createFile(tmpState))
             if !snap.ramInStream {
                 // RAM pages the guest dirtied live in the kernel's page cache of the mount:
                 // fsync writes them back through FUSE into the store file and syncs it.
@@ -238,7 +237,6 @@ public actor VMService {
                 made.append(snap.memoryFile)
             }
             try fsyncThroughMount(path(file: vm.diskFile))
-            snap.deviceStateBytes = Int(try store.file(tmpState).size)
             try store.snapshot(vm.diskFile, as: snap.diskFile)
             made.append(snap.diskFile)
             try store.snapshot(tmpState, as: snap.stateFile)
@@ -263,7 +261,7 @@ public actor VMService {
         try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": .bool(on)]]])
     }
 
-    private func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
+    func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
         let deadline = ContinuousClock.now + .seconds(60)
         while true {
             let r = try await p.qmp.execute("query-migrate")
@@ -374,8 +372,7 @@ public actor VMService {
     ) async throws -> RestoreTiming {
         var t = timing
         try await setIgnoreShared(p, !snap.ramInStream)
-        try await p.qmp.execute("migrate-incoming", ["uri": .string("exec:cat \(try Self.shellQuote(path(snapshot: snap.stateFile)))")])
-        try await waitForIncoming(p, vm.id)
+        try await loadStream(p, vm, from: store.file(snap.stateFile))
         t.migrateIncoming = lap()
         try await p.qmp.execute("cont")
         t.resume = lap()
@@ -403,7 +400,7 @@ public actor VMService {
 
     /// Waits until an incoming migration has loaded (the machine is then paused: it starts
     /// with -S). A stream QEMU cannot load makes it exit; that is reported with its log.
-    private func waitForIncoming(_ p: QEMUProcess, _ id: String) async throws {
+    func waitForIncoming(_ p: QEMUProcess, _ id: String) async throws {
         let deadline = ContinuousClock.now + .seconds(60)
         while true {
             let r: JSONValue
@@ -686,11 +683,5 @@ public actor VMService {
     static func isQEMU(_ pid: Int32) -> Bool {
         let comm = readWholeFile("/proc/\(pid)/comm") ?? ""
         return comm.hasPrefix("qemu")
-    }
-
-    /// Single-quotes `s` for /bin/sh (QEMU runs `exec:` migration URIs through it).
-    static func shellQuote(_ s: String) throws -> String {
-        guard !s.contains("'") else { throw FurcateError(.invalidArgument, "path contains a single quote", path: s) }
-        return "'" + s + "'"
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockStore
 import Foundation
 import FurcateBench
 import FurcateCore
@@ -17,6 +18,8 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Forks per memory mode.") var count = 8
         @Option(help: "Memory mode: a, b or both.") var memoryMode = "both"
         @Option(help: "Guest memory in MiB.") var memory = 512
+        @Option(help: "Block size of guest memory files (e.g. 4K, 64K; default 64K).") var memoryBlockSize: String?
+        @Option(help: "QEMUs kept waiting for mode-a forks (0: every fork spawns one).") var warmPool = 0
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
@@ -33,19 +36,28 @@ struct BenchCommand: AsyncParsableCommand {
                     modes = [mode]
                 }
                 guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "--count must be 1 to 1000") }
-                let b = ForkBenchmark(workDir: dir, guestDir: guest, count: count, modes: modes, memoryMiB: memory) {
+                guard (0...1000).contains(warmPool) else { throw FurcateError(.invalidArgument, "--warm-pool must be 0 to 1000") }
+                guard (64...65536).contains(memory) else { throw FurcateError(.invalidArgument, "--memory must be 64 to 65536 MiB") }
+                var bs: Int?
+                if let s = memoryBlockSize {
+                    let v = Int(try ByteSize.parse(s))
+                    try BlockStore.validateBlockSize(v)
+                    bs = v
+                }
+                var b = ForkBenchmark(workDir: dir, guestDir: guest, count: count, modes: modes, memoryMiB: memory, warmPool: warmPool) {
                     FileHandleStderr.write("bench: \($0)\n")
                 }
+                b.memoryBlockSize = bs
                 let r = try await b.run()
                 if json { return try printJSON(r) }
-                print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB")
+                print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
                 print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
                 for m in r.modes {
-                    print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)):")
+                    print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)), warm pool \(m.warmPool):")
                     print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
                     print("  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot")
                     for p in m.phases { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
-                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB, of which guest RAM \(f2(m.ramPssPerForkMiB)) MiB")
+                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, private \(f2(m.ramPrivatePerForkMiB)) MiB")
                     print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
                     print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
                 }

@@ -1,0 +1,86 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import Hypervisor
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Device state moves between QEMU and the store over a unix socket in the VM's run
+// directory: QEMU writes its migration stream to us (snapshot) or reads it from us (restore),
+// and we move the bytes straight between the socket and a store file through the store API.
+// No helper process (QEMU's `exec:` would fork a shell and `cat` per snapshot and restore,
+// and need the sandbox to allow spawning), and no round trip through the FUSE mount.
+extension VMService {
+    /// Runs a blocking body on its own thread (socket I/O must not occupy the cooperative pool).
+    nonisolated func onThread<T: Sendable>(_ name: String, _ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { c in
+            let t = Thread { c.resume(with: Result { try body() }) }
+            t.name = name
+            t.start()
+        }
+    }
+
+    /// Has QEMU migrate to a socket we listen on and writes the stream into `file`.
+    /// Returns the stream's length. The caller has stopped the VM and set capabilities.
+    func saveStream(_ p: QEMUProcess, _ vm: VMInfo, into file: StoreFile) async throws -> Int {
+        let sock = runDirectory(vm.id) + "/migrate.sock"
+        let listener = try UnixSocket.listen(sock)
+        defer {
+            close(listener)
+            unlink(sock)
+        }
+        let reader = Task {
+            try await onThread("migrate-in-\(vm.id)") {
+                let c = try UnixSocket.accept(listener, deadline: .now + .seconds(30))
+                defer { close(c) }
+                var offset: UInt64 = 0
+                return try UnixSocket.readToEnd(c) { chunk in
+                    try file.write(chunk, at: offset)
+                    offset += UInt64(chunk.count)
+                }
+            }
+        }
+        do {
+            try await p.qmp.execute("migrate", ["uri": .string("unix:\(sock)")])
+            try await waitForMigration(p, vm.id)
+        } catch {
+            reader.cancel()
+            _ = Glibc.shutdown(listener, Int32(SHUT_RDWR))
+            _ = try? await reader.value
+            throw error
+        }
+        let n = try await reader.value
+        try file.sync()
+        return n
+    }
+
+    /// Has a QEMU waiting in `-incoming defer` listen on a socket and sends it `file`.
+    func loadStream(_ p: QEMUProcess, _ vm: VMInfo, from file: StoreFile) async throws {
+        let sock = runDirectory(vm.id) + "/migrate.sock"
+        unlink(sock)
+        defer { unlink(sock) }
+        try await p.qmp.execute("migrate-incoming", ["uri": .string("unix:\(sock)")])
+        let alive: @Sendable () -> Bool = { p.exitStatus == nil }
+        try await onThread("migrate-out-\(vm.id)") {
+            let fd = try UnixSocket.connect(sock, deadline: .now + .seconds(10), alive: alive)
+            defer { close(fd) }
+            let size = file.size
+            let chunk = 1 << 20
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
+            defer { buf.deallocate() }
+            var offset: UInt64 = 0
+            while offset < size {
+                let n = try file.read(into: buf, at: offset)
+                if n == 0 { break }
+                do { try UnixSocket.writeAll(fd, UnsafeRawBufferPointer(rebasing: buf[0..<n])) } catch {
+                    // QEMU closes its end when it rejects the stream; waitForIncoming reports why.
+                    return
+                }
+                offset += UInt64(n)
+            }
+        }
+        try await waitForIncoming(p, vm.id)
+    }
+}
