@@ -36,9 +36,9 @@ public struct ForkBenchReport: Codable, Sendable {
         /// mapping alone (page cache shares divided among mappers + private copies).
         public var pssPerForkMiB: Double
         public var ramPssPerForkMiB: Double
-        /// Guest RAM pages private to each fork (copied on write in mode b; in mode a every
-        /// page of a fork's own memory file counts as its own).
-        public var ramPrivatePerForkMiB: Double
+        /// Anonymous guest RAM pages of each fork: the pages it copied on write (mode b). In
+        /// mode a a fork's RAM is its own file, so all of its RAM PSS is its own.
+        public var ramAnonPerForkMiB: Double
         /// The guest writes `guestWriteMiB` to its tmpfs in one fork.
         public var guestWriteMBps: Double
         /// Snapshot of one of the forks.
@@ -54,6 +54,9 @@ public struct ForkBenchReport: Codable, Sendable {
     public var coldBootMillis: Double
     /// The same guest write in the cold-booted VM.
     public var coldBootGuestWriteMBps: Double
+    /// The base VM's first snapshot after boot (mode a writes back every page the boot
+    /// dirtied); the forks below start from a VM snapshotted once already.
+    public var firstSnapshotMillis: Double = 0
     public var modes: [Mode] = []
     public var seconds = 0.0
 }
@@ -136,6 +139,10 @@ public struct ForkBenchmark: Sendable {
             let base = try await svc.create(CreateVMRequest(image: "rootfs"))
             let baseShell = try await svc.guestShell(base.id, timeout: .seconds(120))
             _ = try await baseShell.run("echo base > /tmp/who")
+            let f0 = ContinuousClock.now
+            let first = try await svc.snapshot(base.id)
+            report.firstSnapshotMillis = Self.ms(ContinuousClock.now - f0)
+            try await svc.deleteSnapshot(first.id)
             for mode in modes {
                 if warmPool > 0 && mode == .shared {
                     progress("warm pool: \(warmPool) QEMUs waiting")
@@ -198,7 +205,7 @@ public struct ForkBenchmark: Sendable {
             phases: phases.map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) },
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
             pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
-            ramPrivatePerForkMiB: Self.mean(usage.map(\.ramPrivate)), guestWriteMBps: write,
+            ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), guestWriteMBps: write,
             snapshotOfForkMillis: snapMillis, forksVerified: verified)
     }
 
@@ -217,11 +224,11 @@ public struct ForkBenchmark: Sendable {
     struct Usage {
         var pss = 0.0
         var ramPss = 0.0
-        var ramPrivate = 0.0
+        var ramAnon = 0.0
     }
 
-    /// PSS of a process, and PSS and private pages of its mappings whose path contains
-    /// `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
+    /// PSS of a process, and PSS and anonymous (copied-on-write) pages of its mappings whose
+    /// path contains `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
     static func memoryUsage(pid: Int32, mapping: String) -> Usage {
         var u = Usage()
         guard let text = readWholeFile("/proc/\(pid)/smaps") else { return u }
@@ -238,8 +245,8 @@ public struct ForkBenchmark: Sendable {
             case "Pss:":
                 u.pss += mib
                 if inRAM { u.ramPss += mib }
-            case "Private_Clean:", "Private_Dirty:":
-                if inRAM { u.ramPrivate += mib }
+            case "Anonymous:":
+                if inRAM { u.ramAnon += mib }
             default: break
             }
         }

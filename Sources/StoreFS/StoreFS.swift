@@ -106,9 +106,7 @@ public final class StoreFS: @unchecked Sendable {
         }
         defer { fuse_session_unmount(se) }
         logger.info("mounted", metadata: ["fs.mountpoint": "\(mountpoint)", "store.dir": "\(store.directory)"])
-        // On its own thread: finding the bdi stats the mountpoint, which this process answers
-        // only once the loop below runs.
-        Thread.detachNewThread { [self] in tuneBDI() }
+        tuneBDI()
         startSignalThread()
         ready()
         let r = withExtendedLifetime(ops) { cfuse_session_loop_mt(se, options.threads) }
@@ -118,15 +116,21 @@ public final class StoreFS: @unchecked Sendable {
         }
     }
 
-    /// The sysfs directory of the mount's backing device info (`/sys/class/bdi/MAJ:MIN`).
+    /// The sysfs directory of the mount's backing device info (`/sys/class/bdi/MAJ:MIN`), found
+    /// in /proc/self/mountinfo (the topmost mount at `mountpoint`). Stat-ing the mountpoint
+    /// would do too, but from the serving process before its loop runs it would deadlock.
     public static func bdiPath(_ mountpoint: String) -> String? {
-        var st = stat()
-        guard stat(mountpoint, &st) == 0 else { return nil }
-        // glibc's major()/minor() are macros Swift cannot see; this is their encoding.
-        let dev = UInt64(st.st_dev)
-        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)
-        let minor = (dev & 0xff) | ((dev >> 12) & ~0xff)
-        return "/sys/class/bdi/\(major):\(minor)"
+        guard let real = realpath(mountpoint, nil) else { return nil }
+        let target = String(cString: real)
+        free(real)
+        guard let info = readWholeFile("/proc/self/mountinfo") else { return nil }
+        var dev: Substring?
+        for line in info.split(separator: "\n") {
+            // id parent MAJ:MIN root mountpoint options … (spaces in paths are written \040)
+            let f = line.split(separator: " ")
+            if f.count > 4, f[4].replacingOccurrences(of: "\\040", with: " ") == target { dev = f[2] }
+        }
+        return dev.map { "/sys/class/bdi/\($0)" }
     }
 
     /// Applies `readaheadKB` and `maxDirtyRatio`. Best effort: writing sysfs needs root, and a

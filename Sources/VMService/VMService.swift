@@ -225,7 +225,6 @@ public actor VMService {
         var made: [String] = []
         do {
             try await p.qmp.execute("stop")
-            defer { if resume { Task { [p] in try? await p.qmp.execute("cont") } } }
             if try store.exists(tmpState) { try store.delete(tmpState) }
             try await setIgnoreShared(p, !snap.ramInStream)
             snap.deviceStateBytes = try await saveStream(p, vm, into: store.createFile(tmpState))
@@ -244,6 +243,7 @@ public actor VMService {
             try store.delete(tmpState)
             try db.save(snap)
             snapshots[snap.id] = snap
+            if resume { _ = try? await p.qmp.execute("cont") }  // a dead QEMU is seen by its exit watcher
             logger.info(
                 "snapshot",
                 metadata: [
@@ -253,6 +253,7 @@ public actor VMService {
             return snap
         } catch {
             for f in made + [tmpState] { try? store.delete(f) }
+            if resume { _ = try? await p.qmp.execute("cont") }  // a failed snapshot leaves the VM running
             throw error
         }
     }

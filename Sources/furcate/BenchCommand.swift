@@ -5,12 +5,12 @@ import FurcateBench
 import FurcateCore
 import VMService
 
-struct BenchCommand: AsyncParsableCommand {
+struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
         subcommands: [Store.self, FS.self, Fork.self])
 
-    struct Fork: AsyncParsableCommand {
+    struct Fork: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "fork",
             abstract: "Fork a running VM N ways per memory mode vs a cold boot of it; needs root, QEMU and the guest artifacts.")
@@ -23,9 +23,11 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
-        func run() async throws {
-            try await reportingErrors {
-                bootstrapOnce
+        func run() throws {
+            bootstrapOnce
+            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize) =
+                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize)
+            try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
                 case "both": modes = [.shared, .privateBase]
@@ -52,12 +54,13 @@ struct BenchCommand: AsyncParsableCommand {
                 if json { return try printJSON(r) }
                 print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
                 print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
+                print("first snapshot of the base VM after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)")
                 for m in r.modes {
                     print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)), warm pool \(m.warmPool):")
                     print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
                     print("  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot")
                     for p in m.phases { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
-                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, private \(f2(m.ramPrivatePerForkMiB)) MiB")
+                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB")
                     print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
                     print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
                 }
@@ -74,12 +77,17 @@ struct BenchCommand: AsyncParsableCommand {
         @Flag(help: "256 MiB files and 2 s jobs instead of 1 GiB and 5 s.") var quick = false
         @Option(help: "Directory on the ext4 filesystem to measure (holds the store; default: the current directory).") var dir: String = "."
         @Flag(help: "Mount with the FUSE writeback cache.") var writebackCache = false
+        @Option(help: "Mount with this readahead in KiB (see furcate mount).") var readaheadKb: Int?
+        @Option(help: "Mount with this share of the dirty-page budget in percent (see furcate mount).") var maxDirtyRatio: Int?
 
         func run() throws {
             try reportingErrors {
                 bootstrapOnce
                 let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe, mountFlags: writebackCache ? ["--writeback-cache"] : []) { FileHandleStderr.write("bench: \($0)\n") }
+                var flags = writebackCache ? ["--writeback-cache"] : []
+                if let readaheadKb { flags += ["--readahead-kb", "\(readaheadKb)"] }
+                if let maxDirtyRatio { flags += ["--max-dirty-ratio", "\(maxDirtyRatio)"] }
+                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe, mountFlags: flags) { FileHandleStderr.write("bench: \($0)\n") }
                 let r = try b.run()
                 if json { return try printJSON(r) }
                 print("fio, \(ByteSize.format(r.fileBytes)) file, \(r.secondsPerJob) s per job (MB/s, p50 / p99 us):")

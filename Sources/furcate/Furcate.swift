@@ -1,14 +1,20 @@
 // furcate — the one executable: argument parsing and wiring only.
 import ArgumentParser
+import Dispatch
 import FurcateCore
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
 @main
-struct Furcate: AsyncParsableCommand {
+struct Furcate: ParsableCommand {
+    // Synchronous on purpose: `furcate mount` blocks SIGTERM/SIGINT/SIGHUP before any other
+    // thread starts, and an async root would start Swift's cooperative threads first (with the
+    // signals unblocked: a SIGTERM would then kill the server without unmounting or syncing).
+    // Async commands run through `runBlocking`.
     static let configuration = CommandConfiguration(
         commandName: "furcate",
         abstract: "A self-hosted microVM engine whose forks cost one O(1) store clone.",
@@ -22,9 +28,17 @@ func reportingErrors(_ body: () throws -> Void) throws {
     try reportingErrors(of: Result { try body() })
 }
 
-/// `reportingErrors` for async bodies.
-func reportingErrors(_ body: () async throws -> Void) async throws {
-    do { try await body() } catch { try reportingErrors(of: .failure(error)) }
+/// Runs an async body to completion from a synchronous command, reporting errors like
+/// `reportingErrors`.
+func runBlocking(_ body: @escaping @Sendable () async throws -> Void) throws {
+    let done = DispatchSemaphore(value: 0)
+    let result = Mutex<Result<Void, any Error>>(.success(()))
+    Task {
+        do { try await body() } catch { result.withLock { $0 = .failure(error) } }
+        done.signal()
+    }
+    done.wait()
+    try reportingErrors(of: result.withLock { $0 })
 }
 
 private func reportingErrors(of result: Result<Void, any Error>) throws {

@@ -19,6 +19,9 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Let other users access the mount (needs user_allow_other for non-root).") var allowOther = false
     @Option(help: "FUSE worker threads.") var threads: UInt32 = 8
     @Flag(help: "Let the kernel cache writes (FUSE writeback cache).") var writebackCache = false
+    @Option(help: "Readahead in KiB (0: leave the kernel's 128 KiB).") var readaheadKb = MountOptions().readaheadKB ?? 0
+    @Option(help: "Percent of the system's dirty-page budget the mount may use (0: leave the kernel's 1%).")
+    var maxDirtyRatio = MountOptions().maxDirtyRatio ?? 0
 
     func run() throws {
         try reportingErrors {
@@ -36,6 +39,11 @@ struct MountCommand: ParsableCommand {
         o.allowOther = allowOther
         o.threads = threads
         o.writebackCache = writebackCache
+        guard (0...(1 << 20)).contains(readaheadKb), (0...100).contains(maxDirtyRatio) else {
+            throw FurcateError(.invalidArgument, "--readahead-kb must be 0 to 1048576 and --max-dirty-ratio 0 to 100")
+        }
+        o.readaheadKB = readaheadKb == 0 ? nil : readaheadKb
+        o.maxDirtyRatio = maxDirtyRatio == 0 ? nil : maxDirtyRatio
         let fs = StoreFS(store: store, mountpoint: mountpoint, options: o)
         try fs.run {
             print("mounted \(dir) at \(mountpoint)")
@@ -48,6 +56,7 @@ struct MountCommand: ParsableCommand {
     private func detach() throws {
         var args = ["mount", dir, mountpoint, "--foreground", "--threads", "\(threads)"]
         if allowOther { args.append("--allow-other") }
+        args += ["--readahead-kb", "\(readaheadKb)", "--max-dirty-ratio", "\(maxDirtyRatio)"]
         if writebackCache { args.append("--writeback-cache") }
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var attr = posix_spawnattr_t()

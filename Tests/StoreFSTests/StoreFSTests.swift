@@ -418,20 +418,9 @@ struct StoreFSCoherenceTests {
         let store = try BlockStore.create(at: tmp.sub("store"))
         try store.createFile("a").write([UInt8](repeating: 0x41, count: 65536), at: 0)
         try store.createFile("b").write([UInt8](repeating: 0x42, count: 131072), at: 0)
-        let fs = StoreFS(store: store, mountpoint: mp)
-        let ready = DispatchSemaphore(value: 0)
-        let done = DispatchSemaphore(value: 0)
-        Thread.detachNewThread {
-            do { try fs.run { ready.signal() } } catch {
-                Issue.record("mount failed: \(error)")
-                ready.signal()
-            }
-            done.signal()
-        }
-        ready.wait()
+        let mount = try StoreFS(store: store, mountpoint: mp).startInBackground()
         defer {
-            umount2(mp, 0)
-            done.wait()
+            mount.stop()
             store.close()
         }
         let a = mp + "/files/a"
