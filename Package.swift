@@ -8,6 +8,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "furcate", targets: ["furcate"]),
+        .executable(name: "furcate-agent", targets: ["furcate-agent"]),
         .library(name: "BlockStore", targets: ["BlockStore"]),
     ],
     dependencies: [
@@ -44,7 +45,15 @@ let package = Package(
             dependencies: ["FurcateCore", "BlockStore", "CFuse", .product(name: "Logging", package: "swift-log")]
         ),
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
-        .target(name: "Hypervisor", dependencies: ["FurcateCore", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "Hypervisor",
+            dependencies: ["FurcateCore", "GuestAgentProtocol", .product(name: "Logging", package: "swift-log")]
+        ),
+        // The host-guest wire protocol, shared by the agent and the host (FoundationEssentials only).
+        .target(name: "GuestAgentProtocol"),
+        // The agent inside every guest: one static executable (see scripts/build-agent.sh).
+        .target(name: "CAgentInit"),
+        .executableTarget(name: "furcate-agent", dependencies: ["GuestAgentProtocol", "CAgentInit"]),
         // The VM lifecycle: boot, snapshot, fork, suspend/resume, stop/kill, persistence.
         .target(
             name: "VMService",
@@ -69,6 +78,10 @@ let package = Package(
         .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
+        .testTarget(
+            name: "GuestAgentTests",
+            dependencies: ["GuestAgentProtocol", "Hypervisor", "FurcateCore", "FurcateTestSupport", "furcate-agent"]
+        ),
         .testTarget(
             name: "VMServiceTests",
             dependencies: ["VMService", "Hypervisor", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]

@@ -1,0 +1,25 @@
+// Runs before the Swift runtime: a static Swift executable reads /proc/self/exe before main and
+// aborts when /proc is not mounted (an agent started as early as the init of a bare rootfs).
+// Also wraps the few GNU calls Swift's Glibc module does not export.
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "agent_init.h"
+
+__attribute__((constructor(101))) static void cagent_mount_proc(void) {
+    if (access("/proc/self/exe", F_OK) != 0) {
+        mkdir("/proc", 0555);
+        mount("proc", "/proc", "proc", 0, 0);
+    }
+}
+
+int cagent_init_linked(void) { return 1; }
+
+int cagent_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path) {
+    return posix_spawn_file_actions_addchdir_np(actions, path);
+}

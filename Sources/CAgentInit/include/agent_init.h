@@ -1,0 +1,10 @@
+#ifndef CAGENT_INIT_H
+#define CAGENT_INIT_H
+#include <spawn.h>
+/// Referenced from Swift so the object holding the /proc constructor is linked.
+int cagent_init_linked(void);
+/// pipe2(fds, O_CLOEXEC).
+int cagent_pipe_cloexec(int fds[2]);
+/// posix_spawn_file_actions_addchdir_np.
+int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
+#endif

@@ -1,0 +1,255 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// What the host asks the agent. Encoded as JSON with an `op` member naming the case.
+public enum AgentRequest: Sendable, Equatable {
+    /// Readiness and identity.
+    case ping
+    /// Runs a program and waits for it (see `ExecRequest`).
+    case exec(ExecRequest)
+    /// Reads up to `length` bytes at `offset` (default: the whole file, at most 4 MiB).
+    case readFile(path: String, offset: UInt64?, length: Int?)
+    /// Writes `data` at `offset` (default: replace the file), creating parents when asked.
+    case writeFile(path: String, data: Data, offset: UInt64?, mode: UInt32?, createParents: Bool)
+    case stat(path: String)
+    case list(path: String)
+    case mkdir(path: String, parents: Bool)
+    case delete(path: String, recursive: Bool)
+    /// Sets the guest's wall clock (after a restore it still shows the snapshot's time).
+    case setTime(epochNanos: Int64)
+    case setHostname(String)
+    /// Mixes host entropy into the kernel's pool, credits it, and forces the CRNG to reseed
+    /// (after a fork every fork's CRNG state is the same as its siblings').
+    case reseed(entropy: Data)
+    /// sync(2).
+    case sync
+}
+
+/// A program to run: `argv`, or a `command` for `/bin/sh -c`.
+public struct ExecRequest: Codable, Sendable, Equatable {
+    public var argv: [String]?
+    public var command: String?
+    /// Added to (and overriding) the agent's environment.
+    public var env: [String: String]?
+    public var cwd: String?
+    public var stdin: Data?
+    /// Killed (SIGKILL, whole process group) after this long; nil: no limit.
+    public var timeoutMs: Int?
+    /// Each of stdout and stderr is kept up to this many bytes (default 1 MiB, at most 8 MiB);
+    /// the rest is read and dropped, and `truncated` says so.
+    public var maxOutputBytes: Int?
+
+    public init(argv: [String]? = nil, command: String? = nil, env: [String: String]? = nil, cwd: String? = nil,
+                stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil) {
+        self.argv = argv
+        self.command = command
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.timeoutMs = timeoutMs
+        self.maxOutputBytes = maxOutputBytes
+    }
+}
+
+public struct ExecResult: Codable, Sendable, Equatable {
+    /// The exit code, or nil when a signal ended it.
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var stdout: Data
+    public var stderr: Data
+    public var truncated: Bool
+    public var timedOut: Bool
+    public var durationMs: Int
+
+    public init(exitCode: Int32?, signal: Int32?, stdout: Data, stderr: Data, truncated: Bool, timedOut: Bool, durationMs: Int) {
+        self.exitCode = exitCode
+        self.signal = signal
+        self.stdout = stdout
+        self.stderr = stderr
+        self.truncated = truncated
+        self.timedOut = timedOut
+        self.durationMs = durationMs
+    }
+}
+
+/// A file's kind, as the Freestyle document names them.
+public enum FileKind: String, Codable, Sendable {
+    case file, directory, symlink, other
+}
+
+public struct FileStat: Codable, Sendable, Equatable {
+    public var name: String
+    public var kind: FileKind
+    public var size: UInt64
+    public var mode: UInt32
+    public var modifiedEpochSeconds: Int64
+
+    public init(name: String, kind: FileKind, size: UInt64, mode: UInt32, modifiedEpochSeconds: Int64) {
+        self.name = name
+        self.kind = kind
+        self.size = size
+        self.mode = mode
+        self.modifiedEpochSeconds = modifiedEpochSeconds
+    }
+}
+
+/// What the agent answers.
+public enum AgentResponse: Sendable, Equatable {
+    case pong(agentVersion: String, hostname: String, uptimeSeconds: Double)
+    case exec(ExecResult)
+    case data(Data, fileSize: UInt64)
+    case stat(FileStat)
+    case entries([FileStat])
+    /// Success with nothing to say.
+    case ok
+    case error(AgentError)
+}
+
+/// A failed request: a stable code (`not_found`, `permission_denied`, `invalid_argument`,
+/// `exists`, `io`, `busy`, `unsupported`) and a message naming the path or operation.
+public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConvertible {
+    public var code: String
+    public var message: String
+
+    public init(code: String, message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "\(code): \(message)" }
+}
+
+// MARK: - JSON shape: {"op": "...", ...members}
+
+extension AgentRequest: Codable {
+    private enum K: String, CodingKey {
+        case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: K.self)
+        switch try c.decode(String.self, forKey: .op) {
+        case "ping": self = .ping
+        case "exec": self = .exec(try c.decode(ExecRequest.self, forKey: .exec))
+        case "readFile":
+            self = .readFile(
+                path: try c.decode(String.self, forKey: .path), offset: try c.decodeIfPresent(UInt64.self, forKey: .offset),
+                length: try c.decodeIfPresent(Int.self, forKey: .length))
+        case "writeFile":
+            self = .writeFile(
+                path: try c.decode(String.self, forKey: .path), data: try c.decode(Data.self, forKey: .data),
+                offset: try c.decodeIfPresent(UInt64.self, forKey: .offset), mode: try c.decodeIfPresent(UInt32.self, forKey: .mode),
+                createParents: try c.decodeIfPresent(Bool.self, forKey: .createParents) ?? false)
+        case "stat": self = .stat(path: try c.decode(String.self, forKey: .path))
+        case "list": self = .list(path: try c.decode(String.self, forKey: .path))
+        case "mkdir": self = .mkdir(path: try c.decode(String.self, forKey: .path), parents: try c.decodeIfPresent(Bool.self, forKey: .parents) ?? false)
+        case "delete":
+            self = .delete(path: try c.decode(String.self, forKey: .path), recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? false)
+        case "setTime": self = .setTime(epochNanos: try c.decode(Int64.self, forKey: .epochNanos))
+        case "setHostname": self = .setHostname(try c.decode(String.self, forKey: .name))
+        case "reseed": self = .reseed(entropy: try c.decode(Data.self, forKey: .entropy))
+        case "sync": self = .sync
+        case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: K.self)
+        switch self {
+        case .ping: try c.encode("ping", forKey: .op)
+        case .exec(let e):
+            try c.encode("exec", forKey: .op)
+            try c.encode(e, forKey: .exec)
+        case .readFile(let path, let offset, let length):
+            try c.encode("readFile", forKey: .op)
+            try c.encode(path, forKey: .path)
+            try c.encodeIfPresent(offset, forKey: .offset)
+            try c.encodeIfPresent(length, forKey: .length)
+        case .writeFile(let path, let data, let offset, let mode, let createParents):
+            try c.encode("writeFile", forKey: .op)
+            try c.encode(path, forKey: .path)
+            try c.encode(data, forKey: .data)
+            try c.encodeIfPresent(offset, forKey: .offset)
+            try c.encodeIfPresent(mode, forKey: .mode)
+            try c.encode(createParents, forKey: .createParents)
+        case .stat(let path):
+            try c.encode("stat", forKey: .op)
+            try c.encode(path, forKey: .path)
+        case .list(let path):
+            try c.encode("list", forKey: .op)
+            try c.encode(path, forKey: .path)
+        case .mkdir(let path, let parents):
+            try c.encode("mkdir", forKey: .op)
+            try c.encode(path, forKey: .path)
+            try c.encode(parents, forKey: .parents)
+        case .delete(let path, let recursive):
+            try c.encode("delete", forKey: .op)
+            try c.encode(path, forKey: .path)
+            try c.encode(recursive, forKey: .recursive)
+        case .setTime(let ns):
+            try c.encode("setTime", forKey: .op)
+            try c.encode(ns, forKey: .epochNanos)
+        case .setHostname(let name):
+            try c.encode("setHostname", forKey: .op)
+            try c.encode(name, forKey: .name)
+        case .reseed(let entropy):
+            try c.encode("reseed", forKey: .op)
+            try c.encode(entropy, forKey: .entropy)
+        case .sync: try c.encode("sync", forKey: .op)
+        }
+    }
+}
+
+extension AgentResponse: Codable {
+    private enum K: String, CodingKey {
+        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: K.self)
+        switch try c.decode(String.self, forKey: .kind) {
+        case "pong":
+            self = .pong(
+                agentVersion: try c.decode(String.self, forKey: .agentVersion), hostname: try c.decode(String.self, forKey: .hostname),
+                uptimeSeconds: try c.decode(Double.self, forKey: .uptimeSeconds))
+        case "exec": self = .exec(try c.decode(ExecResult.self, forKey: .exec))
+        case "data": self = .data(try c.decode(Data.self, forKey: .data), fileSize: try c.decode(UInt64.self, forKey: .fileSize))
+        case "stat": self = .stat(try c.decode(FileStat.self, forKey: .stat))
+        case "entries": self = .entries(try c.decode([FileStat].self, forKey: .entries))
+        case "ok": self = .ok
+        case "error": self = .error(try c.decode(AgentError.self, forKey: .error))
+        case let k: throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: K.self)
+        switch self {
+        case .pong(let v, let h, let u):
+            try c.encode("pong", forKey: .kind)
+            try c.encode(v, forKey: .agentVersion)
+            try c.encode(h, forKey: .hostname)
+            try c.encode(u, forKey: .uptimeSeconds)
+        case .exec(let r):
+            try c.encode("exec", forKey: .kind)
+            try c.encode(r, forKey: .exec)
+        case .data(let d, let size):
+            try c.encode("data", forKey: .kind)
+            try c.encode(d, forKey: .data)
+            try c.encode(size, forKey: .fileSize)
+        case .stat(let s):
+            try c.encode("stat", forKey: .kind)
+            try c.encode(s, forKey: .stat)
+        case .entries(let e):
+            try c.encode("entries", forKey: .kind)
+            try c.encode(e, forKey: .entries)
+        case .ok: try c.encode("ok", forKey: .kind)
+        case .error(let e):
+            try c.encode("error", forKey: .kind)
+            try c.encode(e, forKey: .error)
+        }
+    }
+}

@@ -1,0 +1,172 @@
+import Foundation
+import FurcateCore
+import GuestAgentProtocol
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host's side of the guest agent protocol (docs/AGENT.md) over the guest channel socket,
+/// or any connected stream socket (tests run the agent as a host process on a socketpair).
+///
+/// A reader thread matches responses to requests by id. The guest drops what arrives while its
+/// end of the port is closed, so `connect` repeats a ping until the agent answers. When the
+/// channel closes (the VM stopped, or was snapshotted and this connection belongs to the old
+/// process) every waiting call fails with `.io`.
+public final class AgentClient: Sendable {
+    private struct State {
+        var nextID: UInt32 = 1
+        var pending: [UInt32: CheckedContinuation<AgentResponse, any Error>] = [:]
+        var closed: (any Error & Sendable)?
+    }
+    private let readFD: Int32
+    private let writeFD: Int32
+    private let state = Mutex(State())
+    private let writeLock = Mutex(())
+
+    /// Uses `readFD`/`writeFD` (stream sockets, may be the same one); the client owns and
+    /// closes them.
+    public init(readFD: Int32, writeFD: Int32) {
+        self.readFD = readFD
+        self.writeFD = writeFD
+        let t = Thread { [self] in readLoop() }
+        t.name = "agent-reader"
+        t.start()
+    }
+
+    /// Connects to a VM's channel socket and waits until its agent answers a ping.
+    /// - Throws: `.timedOut` when it does not by `timeout`.
+    public static func connect(socket: String, timeout: Duration) async throws -> AgentClient {
+        let deadline = ContinuousClock.now + timeout
+        let fd = try UnixSocket.connect(socket, deadline: deadline)
+        let client = AgentClient(readFD: fd, writeFD: fd)
+        while true {
+            if case .pong = try? await client.call(.ping, timeout: .milliseconds(200)) { return client }
+            if ContinuousClock.now >= deadline {
+                client.close()
+                throw FurcateError(.timedOut, "the guest agent did not answer within \(timeout)", path: socket)
+            }
+        }
+    }
+
+    deinit {
+        Glibc.close(readFD)
+        if writeFD != readFD { Glibc.close(writeFD) }
+    }
+
+    /// Ends the connection; waiting calls fail. Idempotent.
+    public func close() {
+        shutdown(readFD, Int32(SHUT_RDWR))
+        if writeFD != readFD { shutdown(writeFD, Int32(SHUT_RDWR)) }
+        failAll(FurcateError(.io, "the guest agent connection was closed"))
+    }
+
+    /// Sends `request` and waits for its response. An `.error` response is returned as is.
+    /// - Throws: `.timedOut`, `.io` when the channel closes first.
+    public func call(_ request: AgentRequest, timeout: Duration = .seconds(30)) async throws -> AgentResponse {
+        let payload = try JSONEncoder().encode(request)
+        let id = state.withLock { s -> UInt32 in
+            defer { s.nextID = s.nextID == UInt32.max ? 1 : s.nextID + 1 }
+            return s.nextID
+        }
+        let bytes = Frame(kind: .request, id: id, payload: [UInt8](payload)).encoded()
+        let timer = Task { [weak self] in
+            try await Task.sleep(for: timeout)
+            self?.fail(id, FurcateError(.timedOut, "the guest agent did not answer within \(timeout)"))
+        }
+        defer { timer.cancel() }
+        return try await withCheckedThrowingContinuation { c in
+            let closed = state.withLock { s -> (any Error)? in
+                if let e = s.closed { return e }
+                s.pending[id] = c
+                return nil
+            }
+            if let closed { return c.resume(throwing: closed) }
+            do { try writeLock.withLock { _ in try UnixSocket.writeAll(writeFD, bytes) } } catch {
+                fail(id, FurcateError(.io, "cannot send to the guest agent", underlying: error as? FurcateError))
+            }
+        }
+    }
+
+    /// `call` that turns an `.error` response into a thrown `FurcateError` (its code mapped:
+    /// not_found, exists, invalid_argument, permission_denied → not_permitted, busy, else io).
+    public func request(_ request: AgentRequest, timeout: Duration = .seconds(30)) async throws -> AgentResponse {
+        let r = try await call(request, timeout: timeout)
+        if case .error(let e) = r {
+            let code: FurcateError.Code
+            switch e.code {
+            case "not_found": code = .notFound
+            case "exists": code = .exists
+            case "invalid_argument": code = .invalidArgument
+            case "permission_denied": code = .notPermitted
+            case "busy": code = .busy
+            default: code = .io
+            }
+            throw FurcateError(code, "guest: \(e.message)", operation: "agent")
+        }
+        return r
+    }
+
+    /// Runs a program in the guest (see `ExecRequest`); the call waits a little longer than
+    /// the program's own timeout.
+    public func exec(_ e: ExecRequest) async throws -> ExecResult {
+        let wait = Duration.milliseconds((e.timeoutMs ?? 600_000) + 10_000)
+        guard case .exec(let r) = try await request(.exec(e), timeout: wait) else {
+            throw FurcateError(.io, "the guest agent answered exec with something else")
+        }
+        return r
+    }
+
+    /// What a fork needs at once: fresh entropy, the host's clock, and (when given) a hostname.
+    public func afterRestore(hostname: String? = nil) async throws {
+        var entropy = [UInt8](repeating: 0, count: 64)
+        var rng = SystemRandomNumberGenerator()
+        for i in entropy.indices { entropy[i] = rng.next() }
+        _ = try await request(.reseed(entropy: Data(entropy)))
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        _ = try await request(.setTime(epochNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)))
+        if let hostname { _ = try await request(.setHostname(hostname)) }
+    }
+
+    // MARK: internals
+
+    private func fail(_ id: UInt32, _ error: any Error) {
+        state.withLock { $0.pending.removeValue(forKey: id) }?.resume(throwing: error)
+    }
+
+    private func failAll(_ error: any Error & Sendable) {
+        let waiting = state.withLock { s -> [CheckedContinuation<AgentResponse, any Error>] in
+            if s.closed == nil { s.closed = error }
+            defer { s.pending.removeAll() }
+            return Array(s.pending.values)
+        }
+        for c in waiting { c.resume(throwing: error) }
+    }
+
+    private func readLoop() {
+        var decoder = FrameDecoder()
+        var buf = [UInt8](repeating: 0, count: 256 << 10)
+        loop: while true {
+            let n = buf.withUnsafeMutableBytes { read(readFD, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            decoder.append(buf[0..<n])
+            do {
+                while let f = try decoder.next() {
+                    guard f.kind == .response, let r = try? JSONDecoder().decode(AgentResponse.self, from: Data(f.payload)) else {
+                        continue
+                    }
+                    // Responses to requests nobody waits for (timed out, or sent before a
+                    // reconnect) are dropped.
+                    state.withLock { $0.pending.removeValue(forKey: f.id) }?.resume(returning: r)
+                }
+            } catch {
+                failAll(FurcateError(.io, "malformed frame from the guest agent: \(error)"))
+                break loop
+            }
+        }
+        failAll(FurcateError(.io, "the guest agent channel closed"))
+    }
+}

@@ -1,0 +1,146 @@
+import GuestAgentProtocol
+import Glibc
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Reads request frames, runs each on its own thread, writes response frames.
+final class AgentServer: Sendable {
+    let input: Int32
+    let output: Int32
+    /// stdio: end at end of input. A virtio port reads end-of-file while the host is not
+    /// connected (between a snapshot and a fork's reconnect): wait and read again.
+    let stopAtEOF: Bool
+    private let writeLock = Mutex(())
+    private let inFlight = Atomic<Int>(0)
+    static let maxInFlight = 64
+
+    init(input: Int32, output: Int32, stopAtEOF: Bool) {
+        self.input = input
+        self.output = output
+        self.stopAtEOF = stopAtEOF
+    }
+
+    func serve() {
+        var decoder = FrameDecoder()
+        var buf = [UInt8](repeating: 0, count: 256 << 10)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 {
+                if stopAtEOF { return }
+                decoder = FrameDecoder()  // a new host connection starts a new stream
+                usleep(10_000)
+                continue
+            }
+            decoder.append(buf[0..<n])
+            do {
+                while let frame = try decoder.next() { dispatch(frame) }
+            } catch {
+                // A malformed stream cannot be resynchronized: say why, drop what was buffered.
+                send(.error(AgentError(code: "invalid_argument", message: "malformed frame: \(error)")), id: 0)
+                decoder = FrameDecoder()
+                if stopAtEOF { return }
+            }
+        }
+    }
+
+    private func dispatch(_ frame: Frame) {
+        guard frame.kind == .request else {
+            send(.error(AgentError(code: "invalid_argument", message: "expected a request frame")), id: frame.id)
+            return
+        }
+        let request: AgentRequest
+        do { request = try JSONDecoder().decode(AgentRequest.self, from: Data(frame.payload)) } catch {
+            send(.error(AgentError(code: "invalid_argument", message: "cannot decode the request: \(error)")), id: frame.id)
+            return
+        }
+        guard inFlight.add(1, ordering: .relaxed).newValue <= Self.maxInFlight else {
+            inFlight.subtract(1, ordering: .relaxed)
+            send(.error(AgentError(code: "busy", message: "more than \(Self.maxInFlight) requests in flight")), id: frame.id)
+            return
+        }
+        startThread { [self] in
+            let response = handle(request)
+            inFlight.subtract(1, ordering: .relaxed)
+            send(response, id: frame.id)
+        }
+    }
+
+    func send(_ response: AgentResponse, id: UInt32) {
+        let payload: [UInt8]
+        do { payload = [UInt8](try JSONEncoder().encode(response)) } catch {
+            payload = Array(#"{"kind":"error","error":{"code":"io","message":"cannot encode the response"}}"#.utf8)
+        }
+        var bytes = Frame(kind: .response, id: id, payload: payload).encoded()
+        if bytes.count > Frame.headerSize + Frame.maxPayload {
+            let msg = #"{"kind":"error","error":{"code":"invalid_argument","message":"response exceeds the frame limit"}}"#
+            bytes = Frame(kind: .response, id: id, payload: Array(msg.utf8)).encoded()
+        }
+        writeLock.withLock { _ in
+            var done = 0
+            while done < bytes.count {
+                let n = bytes.withUnsafeBytes { write(output, $0.baseAddress! + done, bytes.count - done) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return }  // host gone: the response is lost, as the host expects
+                done += n
+            }
+        }
+    }
+}
+
+/// The device of the virtio-serial port called `name` (/dev/vportNpM), waiting for it.
+func portDevice(_ name: String) -> String {
+    while true {
+        if let dir = opendir("/sys/class/virtio-ports") {
+            defer { closedir(dir) }
+            while let ent = readdir(dir) {
+                let entry = withUnsafeBytes(of: ent.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                if entry.hasPrefix(".") { continue }
+                let fd = open("/sys/class/virtio-ports/\(entry)/name", O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { continue }
+                var b = [UInt8](repeating: 0, count: 128)
+                let n = b.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                close(fd)
+                if n > 0, String(decoding: b[0..<n].filter { $0 != 0x0a && $0 != 0 }, as: UTF8.self) == name {
+                    return "/dev/\(entry)"
+                }
+            }
+        }
+        usleep(20_000)
+    }
+}
+
+/// Serves the named port forever, reopening it if it fails.
+func servePort(_ name: String) -> Never {
+    while true {
+        let dev = portDevice(name)
+        let fd = open(dev, O_RDWR | O_CLOEXEC)
+        if fd < 0 {
+            usleep(100_000)
+            continue
+        }
+        AgentServer(input: fd, output: fd, stopAtEOF: false).serve()
+        close(fd)
+    }
+}
+
+/// Forks a supervisor in its own session that keeps an agent serving `port`: an agent that
+/// dies is started again. Returns in the parent (which goes on to exec the image's init).
+func startSupervised(port: String) {
+    let pid = fork()
+    guard pid == 0 else { return }
+    setsid()
+    signal(SIGPIPE, SIG_IGN)
+    while true {
+        let child = fork()
+        if child == 0 { servePort(port) }
+        var status: Int32 = 0
+        while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+        usleep(200_000)
+    }
+}

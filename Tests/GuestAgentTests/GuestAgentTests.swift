@@ -1,0 +1,164 @@
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import GuestAgentProtocol
+import Hypervisor
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The agent built beside the tests.
+var agentBinary: String { (furcateBinary as NSString).deletingLastPathComponent + "/furcate-agent" }
+
+/// `furcate-agent --stdio` as a host process on one end of a socketpair.
+final class HostAgent {
+    let pid: pid_t
+    let client: AgentClient
+    let raw: Int32
+
+    init() throws {
+        var sv: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, sv[1], 0)
+        posix_spawn_file_actions_adddup2(&actions, sv[1], 1)
+        posix_spawn_file_actions_addclose(&actions, sv[0])
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(agentBinary), strdup("--stdio"), nil]
+        defer { for a in argv { free(a) } }
+        var p: pid_t = 0
+        let rc = posix_spawn(&p, agentBinary, &actions, nil, argv, environ)
+        guard rc == 0 else { throw FurcateError.system("posix_spawn", errno: rc, path: agentBinary) }
+        close(sv[1])
+        pid = p
+        raw = dup(sv[0])
+        client = AgentClient(readFD: sv[0], writeFD: sv[0])
+    }
+
+    deinit {
+        client.close()
+        close(raw)
+        kill(pid, SIGKILL)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+    }
+}
+
+@Suite(.serialized) struct GuestAgentTests {
+    @Test func framesRoundTripAndRejectGarbage() throws {
+        let f = Frame(kind: .request, id: 7, payload: Array("{\"op\":\"ping\"}".utf8))
+        var d = FrameDecoder()
+        let bytes = f.encoded()
+        d.append(bytes.prefix(5))
+        #expect(try d.next() == nil)
+        d.append(bytes.dropFirst(5))
+        #expect(try d.next() == f)
+        var bad = FrameDecoder()
+        bad.append([0x46, 0x41, 1, 1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+        #expect(throws: FrameError.self) { try bad.next() }
+        var wrong = FrameDecoder()
+        wrong.append(Array("GET / HTTP/1.1\r\n".utf8))
+        #expect(throws: FrameError.self) { try wrong.next() }
+        let req = AgentRequest.writeFile(path: "/a", data: Data([0, 1, 255]), offset: 3, mode: 0o600, createParents: true)
+        #expect(try JSONDecoder().decode(AgentRequest.self, from: JSONEncoder().encode(req)) == req)
+    }
+
+    @Test func pingAndExec() async throws {
+        let a = try HostAgent()
+        guard case .pong(let v, _, let up) = try await a.client.request(.ping) else { Issue.record("no pong"); return }
+        #expect(v == "1" && up > 0)
+        let r = try await a.client.exec(ExecRequest(command: "echo out; echo err >&2; exit 3"))
+        #expect(r.exitCode == 3 && String(decoding: r.stdout, as: UTF8.self) == "out\n" && String(decoding: r.stderr, as: UTF8.self) == "err\n")
+        let cat = try await a.client.exec(ExecRequest(argv: ["/bin/cat"], stdin: Data("piped".utf8)))
+        #expect(cat.exitCode == 0 && String(decoding: cat.stdout, as: UTF8.self) == "piped")
+        let env = try await a.client.exec(ExecRequest(command: "echo $FOO; pwd", env: ["FOO": "bar"], cwd: "/tmp"))
+        #expect(String(decoding: env.stdout, as: UTF8.self) == "bar\n/tmp\n")
+        let missing = try await a.client.call(.exec(ExecRequest(argv: ["/nonexistent/program"])))
+        guard case .error(let e) = missing else { Issue.record("exec of a missing program succeeded"); return }
+        #expect(e.code == "not_found")
+    }
+
+    @Test func execTimeoutKillsTheWholeGroupAndOutputIsBounded() async throws {
+        let a = try HostAgent()
+        let t0 = ContinuousClock.now
+        let r = try await a.client.exec(ExecRequest(command: "sleep 30 & sleep 30; echo never", timeoutMs: 300))
+        #expect(r.timedOut && r.signal == SIGKILL && r.exitCode == nil)
+        #expect(ContinuousClock.now - t0 < .seconds(5))
+        let big = try await a.client.exec(ExecRequest(command: "head -c 200000 /dev/zero | tr '\\0' x", maxOutputBytes: 1000))
+        #expect(big.truncated && big.stdout.count == 1000 && big.exitCode == 0)
+    }
+
+    @Test func filesAreBinarySafeAndLargeFilesStreamInChunks() async throws {
+        let a = try HostAgent()
+        let dir = TempDir("agent")
+        let all = Data((0..<256).map { UInt8($0) })
+        _ = try await a.client.request(.writeFile(path: dir.sub("x/y/bin"), data: all, offset: nil, mode: 0o600, createParents: true))
+        guard case .data(let back, let size) = try await a.client.request(.readFile(path: dir.sub("x/y/bin"), offset: nil, length: nil)) else {
+            Issue.record("no data")
+            return
+        }
+        #expect(back == all && size == 256)
+        guard case .stat(let st) = try await a.client.request(.stat(path: dir.sub("x/y/bin"))) else { return }
+        #expect(st.kind == .file && st.mode == 0o600 && st.size == 256)
+        _ = try await a.client.request(.mkdir(path: dir.sub("x/z"), parents: false))
+        guard case .entries(let es) = try await a.client.request(.list(path: dir.sub("x"))) else { return }
+        #expect(es.map(\.name) == ["y", "z"] && es.allSatisfy { $0.kind == .directory })
+
+        // 100 MiB in 4 MiB chunks, read back and compared.
+        let chunk = 4 << 20
+        var pattern = [UInt8](repeating: 0, count: chunk)
+        for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 2654435761 >> 13) }
+        let path = dir.sub("big")
+        for k in 0..<25 {
+            var c = pattern
+            c[0] = UInt8(k)
+            _ = try await a.client.request(.writeFile(path: path, data: Data(c), offset: UInt64(k * chunk), mode: nil, createParents: false), timeout: .seconds(60))
+        }
+        for k in 0..<25 {
+            guard case .data(let d, let size) = try await a.client.request(.readFile(path: path, offset: UInt64(k * chunk), length: chunk), timeout: .seconds(60)) else {
+                Issue.record("chunk \(k) missing")
+                return
+            }
+            var c = pattern
+            c[0] = UInt8(k)
+            #expect(size == 100 << 20 && sameBytes([UInt8](d), c), "chunk \(k)")
+        }
+        _ = try await a.client.request(.delete(path: dir.sub("x"), recursive: true))
+        let gone = try await a.client.call(.stat(path: dir.sub("x")))
+        #expect(gone == .error(AgentError(code: "not_found", message: "stat \(dir.sub("x")): No such file or directory")))
+        let relative = try await a.client.call(.readFile(path: "etc/passwd", offset: nil, length: nil))
+        guard case .error(let e) = relative else { Issue.record("a relative path was accepted"); return }
+        #expect(e.code == "invalid_argument")
+    }
+
+    @Test func malformedFrameGetsAnErrorAndEndsTheStream() async throws {
+        let a = try HostAgent()
+        try UnixSocket.writeAll(a.raw, Array("this is not a frame at all".utf8))
+        var decoder = FrameDecoder()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var frame: Frame?
+        while frame == nil {
+            let n = recv(a.raw, &buf, buf.count, 0)
+            if n <= 0 { break }
+            decoder.append(buf[0..<n])
+            frame = try decoder.next()
+        }
+        let f = try #require(frame)
+        #expect(f.id == 0)
+        let r = try JSONDecoder().decode(AgentResponse.self, from: Data(f.payload))
+        guard case .error(let e) = r else { Issue.record("expected an error"); return }
+        #expect(e.code == "invalid_argument")
+        // The agent (stdio mode) ends the stream: it exits.
+        var st: Int32 = 0
+        let deadline = ContinuousClock.now + .seconds(5)
+        var exited = false
+        while ContinuousClock.now < deadline {
+            if waitpid(a.pid, &st, WNOHANG) == a.pid { exited = true; break }
+            usleep(10_000)
+        }
+        #expect(exited)
+    }
+}
