@@ -84,7 +84,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMServiceTests",
-            dependencies: ["VMService", "Hypervisor", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+            dependencies: ["VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
         ),
         .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],

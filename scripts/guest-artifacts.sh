@@ -4,8 +4,9 @@
 #   initrd.img         Furcate's boot initramfs: busybox + the kernel's virtio modules; its init
 #                      loads them, mounts the rootfs (ext4 on virtio-blk) and switches root
 #   smoke-initrd.img   a busybox initramfs whose init prints "furcate-smoke-ok" and powers off
-#   test-rootfs.ext4   a tiny busybox rootfs for tests: its init serves a shell on the
-#                      virtio-serial port named furcate.0 (until the guest agent exists)
+#   test-rootfs.ext4   a tiny busybox rootfs for tests, with the guest agent (DEST/furcate-agent,
+#                      from scripts/build-agent.sh) at /.furcate/agent; its init also serves a
+#                      debug shell on the virtio-serial port named furcate.shell
 # Idempotent: existing artifacts are kept (delete one to rebuild it). Never goes into git.
 set -euo pipefail
 dest="${1:-${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}}"
@@ -14,9 +15,15 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 busybox=/bin/busybox
 # Bump when what this script builds changes: older initramfs and rootfs images are rebuilt.
-version=2
+version=3
 if [ "$(cat "$dest/.version" 2>/dev/null)" != "$version" ]; then
   rm -f "$dest/initrd.img" "$dest/smoke-initrd.img" "$dest/test-rootfs.ext4"
+fi
+# The test rootfs carries the agent: rebuild it when the agent changed.
+agent="$dest/furcate-agent"
+if [ -x "$agent" ]; then
+  sum=$(sha256sum "$agent" | cut -c1-64)
+  [ "$(cat "$dest/.agent-sha" 2>/dev/null)" = "$sum" ] || rm -f "$dest/test-rootfs.ext4"
 fi
 [ -x "$busybox" ] || { echo "guest: $busybox is missing (apt-get install busybox-static)" >&2; exit 1; }
 
@@ -84,6 +91,10 @@ mkdir -p /newroot/dev /newroot/proc /newroot/sys
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
+# The guest agent starts first (supervised, in its own session), then becomes the image's init.
+if [ -x /newroot/.furcate/agent ]; then
+  exec switch_root /newroot /.furcate/agent --then "$init"
+fi
 exec switch_root /newroot "$init"
 INIT
   chmod +x "$r/init"
@@ -108,16 +119,17 @@ fi
 if [ ! -s "$dest/test-rootfs.ext4" ]; then
   echo "guest: building test-rootfs.ext4 (busybox-static, mkfs.ext4 -d)"
   r="$work/rootfs"
-  mkdir -p "$r/bin" "$r/sbin" "$r/proc" "$r/sys" "$r/dev" "$r/tmp" "$r/root" "$r/etc"
+  mkdir -p "$r/bin" "$r/sbin" "$r/proc" "$r/sys" "$r/dev" "$r/tmp" "$r/root" "$r/etc" "$r/.furcate"
   cp "$busybox" "$r/bin/busybox"
+  if [ -x "$agent" ]; then cp "$agent" "$r/.furcate/agent"; else echo "guest: no furcate-agent (scripts/build-agent.sh); test rootfs without agent"; fi
   for a in sh ls cat echo mount sleep sync hostname poweroff find grep mkdir rm head od tr wc; do
     ln -s busybox "$r/bin/$a"
   done
   cat > "$r/sbin/init" <<'INIT'
 #!/bin/busybox sh
-# Test rootfs init: a shell on the virtio-serial port named furcate.0, restarted whenever the
-# host side closes (after a restore the host reconnects). Every command line it reads runs in
-# one long-lived shell, so background jobs and variables persist.
+# Test rootfs init: a debug shell on the virtio-serial port named furcate.shell (the agent has
+# furcate.0), restarted whenever the host side closes (after a restore the host reconnects).
+# Every command line it reads runs in one long-lived shell, so background jobs persist.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
@@ -128,12 +140,12 @@ port=""
 i=0
 while [ -z "$port" ] && [ $i -lt 500 ]; do
   for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = furcate.0 ] && port="/dev/${p##*/}"
+    [ "$(cat "$p/name" 2>/dev/null)" = furcate.shell ] && port="/dev/${p##*/}"
   done
   [ -z "$port" ] && sleep 0.01
   i=$((i+1))
 done
-[ -n "$port" ] || { echo "furcate-test-rootfs: no furcate.0 port"; sleep 3600; }
+[ -n "$port" ] || { echo "furcate-test-rootfs: no furcate.shell port"; sleep 3600; }
 echo "furcate-test-rootfs: serving a shell on $port"
 # A port opens only once at a time (EBUSY), and background jobs inherit it: open it once here
 # and hand the same descriptor to every shell.
@@ -148,6 +160,7 @@ INIT
   rm -f "$dest/test-rootfs.ext4.tmp"
   mkfs.ext4 -q -F -L furcate-test -d "$r" "$dest/test-rootfs.ext4.tmp" 64M
   mv "$dest/test-rootfs.ext4.tmp" "$dest/test-rootfs.ext4"
+  [ -x "$agent" ] && sha256sum "$agent" | cut -c1-64 > "$dest/.agent-sha"
 fi
 echo "$version" > "$dest/.version"
 echo "guest: artifacts in $dest"

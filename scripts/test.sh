@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need (Debian packages, the guest kernel and initramfs) and runs every
+# Installs what the tests need (Debian packages, the static guest agent, the guest kernel,
+# initramfs and test rootfs) and runs every
 # test: the store's property, SIGKILL crash (FURCATE_CRASH_ROUNDS, default 50) and full-disk
 # tests, real FUSE mounts, and a QEMU boot with guest RAM on a store file. Tests that need root,
 # /dev/fuse or QEMU say so and skip when those are absent.
@@ -9,6 +10,7 @@ source scripts/packages.sh
 install_packages
 # Guest kernel and initramfs for the QEMU tests, kept outside the checkout.
 export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}"
+scripts/build-agent.sh "$FURCATE_GUEST_DIR"
 scripts/guest-artifacts.sh "$FURCATE_GUEST_DIR"
 echo "test: swift build --build-tests"
 swift build --build-tests

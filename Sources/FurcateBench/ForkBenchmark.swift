@@ -118,6 +118,7 @@ public struct ForkBenchmark: Sendable {
         opts.defaultMemoryMiB = memoryMiB
         opts.gracefulStopTimeout = .milliseconds(100)
         opts.warmPoolSize = warmPool
+        opts.debugShell = true
         if let memoryBlockSize { opts.memoryBlockSize = memoryBlockSize }
         opts.logger.logLevel = .warning
         let svc = try VMService(store: store, options: opts)
@@ -196,6 +197,7 @@ public struct ForkBenchmark: Sendable {
         let phases: [(String, [Double])] = [
             ("store clone", t.map { Self.ms($0.storeClone) }), ("spawn", t.map { Self.ms($0.spawn) }),
             ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }), ("resume", t.map { Self.ms($0.resume) }),
+            ("agent reseed + clock", t.map { Self.ms($0.agent) }),
             ("first guest response", firstResponse),
         ]
         for vm in fork.vms { try? await svc.delete(vm.id) }

@@ -39,6 +39,9 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     public var rootDisk: String
     /// The unix socket QEMU listens on for the guest channel (virtio-serial port `furcate.0`).
     public var channelSocket: String
+    /// A second port, `furcate.shell`, for a debug shell in test images (nil: none). Part of
+    /// the machine: a restore must have it exactly when the snapshot's machine had it.
+    public var shellSocket: String?
     /// QMP's unix socket.
     public var qmpSocket: String
     /// The guest's serial console is appended here.
@@ -50,6 +53,8 @@ public struct MachineConfig: Sendable, Codable, Equatable {
 
     /// The guest channel's virtio-serial port name; the guest finds its device by this name.
     public static let channelName = "furcate.0"
+    /// The debug shell's port name.
+    public static let shellName = "furcate.shell"
 
     public init(
         memoryPath: String, kernel: String, initrd: String, rootDisk: String,
@@ -90,9 +95,17 @@ public struct MachineConfig: Sendable, Codable, Equatable {
             "-serial", "chardev:console",
             "-drive", "id=root,file=\(Self.escape(rootDisk)),format=raw,if=none,cache=writeback,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
-            "-device", "virtio-serial-device,max_ports=2",
+            "-device", "virtio-serial-device,max_ports=4",
             "-chardev", "socket,id=channel,path=\(Self.escape(channelSocket)),server=on,wait=off",
             "-device", "virtserialport,chardev=channel,name=\(Self.channelName)",
+        ]
+        if let shellSocket {
+            a += [
+                "-chardev", "socket,id=shell,path=\(Self.escape(shellSocket)),server=on,wait=off",
+                "-device", "virtserialport,chardev=shell,name=\(Self.shellName)",
+            ]
+        }
+        a += [
             "-device", "virtio-rng-device",
             "-qmp", "unix:\(Self.escape(qmpSocket)),server=on,wait=off",
             "-S",

@@ -39,6 +39,7 @@ public final class QEMUProcess: Sendable {
     ) async throws -> QEMUProcess {
         unlink(config.qmpSocket)
         unlink(config.channelSocket)
+        if let shell = config.shellSocket { unlink(shell) }
         let pid = try spawn(binary, config.arguments(incoming: incoming), logPath: logPath)
         let exit = ExitTracker(pid)
         let qmp: QMPClient

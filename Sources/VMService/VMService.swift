@@ -32,6 +32,13 @@ public struct VMServiceOptions: Sendable {
     public var memoryBlockSize = 64 << 10
     /// How long a graceful stop waits for the guest to power off before QEMU is ended.
     public var gracefulStopTimeout: Duration = .seconds(5)
+    /// Give every VM a debug-shell port (`furcate.shell`) besides the agent's (test images
+    /// serve a shell there; `guestShell` connects to it).
+    public var debugShell = false
+    /// How long a restore waits for the guest agent to reseed the fork's RNG and set its clock.
+    /// An image without an agent still runs; the restore then logs that its fork shares its
+    /// siblings' RNG state until the kernel reseeds by itself.
+    public var agentTimeout: Duration = .seconds(10)
     /// QEMUs kept waiting per machine shape so a mode-a restore skips process start (0: none).
     public var warmPoolSize = 0
     /// How long QEMU may take to answer QMP after spawn.
@@ -72,7 +79,11 @@ public struct RestoreTiming: Sendable, Codable {
     public var spawn: Duration = .zero
     public var migrateIncoming: Duration = .zero
     public var resume: Duration = .zero
-    public var total: Duration { storeClone + spawn + migrateIncoming + resume }
+    /// The guest agent reseeding the RNG and setting the clock (and identity when asked).
+    public var agent: Duration = .zero
+    /// The agent reseeded the guest's RNG and set its clock (false: no agent answered).
+    public var freshened = false
+    public var total: Duration { storeClone + spawn + migrateIncoming + resume + agent }
 }
 
 /// The result of a fork: the new VMs, the snapshot they came from, and their timings.
@@ -140,12 +151,21 @@ public actor VMService {
     /// The run directory of a VM: its sockets and logs.
     public nonisolated func runDirectory(_ id: String) -> String { options.dataDirectory + "/run/" + id }
 
-    /// A shell on a running VM's guest channel (see `GuestShell`).
-    /// - Throws: `.invalidState` unless running, `.timedOut`.
+    /// The debug shell of a running VM (`debugShell`; see `GuestShell`).
+    /// - Throws: `.invalidState` unless running or without a debug shell, `.timedOut`.
     public func guestShell(_ id: String, timeout: Duration = .seconds(30)) async throws -> GuestShell {
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
-        return try await GuestShell(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
+        guard options.debugShell else { throw FurcateError(.invalidState, "VMs of this service have no debug shell") }
+        return try await GuestShell(socket: runDirectory(id) + "/shell.sock", timeout: timeout)
+    }
+
+    /// A connection to a running VM's guest agent, once it answers.
+    /// - Throws: `.invalidState` unless running, `.timedOut`.
+    public func agent(_ id: String, timeout: Duration = .seconds(30)) async throws -> AgentClient {
+        let vm = try info(id)
+        guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
+        return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
     }
 
     // MARK: create
@@ -284,7 +304,8 @@ public actor VMService {
     /// its own disk and memory.
     /// - Throws: `.invalidArgument` for a count outside 1…1000, `.invalidState` unless
     ///   running; when any fork fails, the forks already made are removed and the error thrown.
-    public func fork(_ id: String, count: Int, memoryMode: MemoryMode? = nil) async throws -> ForkResult {
+    /// - Parameter newIdentity: give each fork its own hostname (its VM id) and machine-id.
+    public func fork(_ id: String, count: Int, memoryMode: MemoryMode? = nil, newIdentity: Bool = false) async throws -> ForkResult {
         guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "fork count must be 1 to 1000, not \(count)") }
         let t0 = ContinuousClock.now
         let snap = try await snapshot(id)
@@ -293,7 +314,9 @@ public actor VMService {
         let results = await withTaskGroup(of: Result<(VMInfo, RestoreTiming), any Error>.self) { group in
             for _ in 0..<count {
                 group.addTask {
-                    do { return .success(try await self.restoreNew(snap, mode: mode)) } catch { return .failure(error) }
+                    do { return .success(try await self.restoreNew(snap, mode: mode, newIdentity: newIdentity)) } catch {
+                        return .failure(error)
+                    }
                 }
             }
             var out: [Result<(VMInfo, RestoreTiming), any Error>] = []
@@ -316,7 +339,7 @@ public actor VMService {
     }
 
     /// A new VM restored from `snap`.
-    private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode) async throws -> (VMInfo, RestoreTiming) {
+    private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode, newIdentity: Bool = false) async throws -> (VMInfo, RestoreTiming) {
         var pooled: PoolEntry?
         if mode == .shared && !snap.ramInStream, let disk = try? store.file(snap.diskFile).size {
             pooled = takeFromPool(PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk))
@@ -325,7 +348,7 @@ public actor VMService {
             id: pooled?.id ?? VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
             parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
         do {
-            let timing = try await restore(&vm, from: snap, pooled: pooled)
+            let timing = try await restore(&vm, from: snap, pooled: pooled, newIdentity: newIdentity)
             return (vm, timing)
         } catch {
             await discardFailed(vm)
@@ -335,7 +358,9 @@ public actor VMService {
 
     /// Restores `snap` into `vm` (its files must not exist): clones, spawn, device state in,
     /// resume. On return the VM runs and is recorded. On error the caller cleans up.
-    private func restore(_ vm: inout VMInfo, from snap: SnapshotInfo, pooled: PoolEntry? = nil) async throws -> RestoreTiming {
+    private func restore(
+        _ vm: inout VMInfo, from snap: SnapshotInfo, pooled: PoolEntry? = nil, newIdentity: Bool = false
+    ) async throws -> RestoreTiming {
         var t = RestoreTiming()
         var mark = ContinuousClock.now
         func lap() -> Duration {
@@ -348,7 +373,7 @@ public actor VMService {
             try store.replaceContents(of: store.file(vm.diskFile), with: store.file(snap.diskFile))
             try store.replaceContents(of: store.file(vm.memoryFile), with: store.file(snap.memoryFile))
             t.storeClone = lap()
-            return try await finishRestore(&vm, snap, pooled.process, t, lap)
+            return try await finishRestore(&vm, snap, pooled.process, t, lap, newIdentity: newIdentity)
         }
         try store.clone(snap.diskFile, to: vm.diskFile)
         let memoryPath: String
@@ -364,12 +389,13 @@ public actor VMService {
         t.storeClone = lap()
         let p = try await launch(vm, memoryPath: memoryPath, shared: vm.memoryMode == .shared, incoming: true)
         t.spawn = lap()
-        return try await finishRestore(&vm, snap, p, t, lap)
+        return try await finishRestore(&vm, snap, p, t, lap, newIdentity: newIdentity)
     }
 
     /// Loads the device state into a waiting QEMU and resumes it.
     private func finishRestore(
-        _ vm: inout VMInfo, _ snap: SnapshotInfo, _ p: QEMUProcess, _ timing: RestoreTiming, _ lap: () -> Duration
+        _ vm: inout VMInfo, _ snap: SnapshotInfo, _ p: QEMUProcess, _ timing: RestoreTiming, _ lap: () -> Duration,
+        newIdentity: Bool
     ) async throws -> RestoreTiming {
         var t = timing
         try await setIgnoreShared(p, !snap.ramInStream)
@@ -380,8 +406,34 @@ public actor VMService {
         vm.state = .running
         vm.pid = p.pid
         try record(vm)
+        t.freshened = await freshenGuest(vm, newIdentity: newIdentity)
+        t.agent = lap()
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
+    }
+
+    /// Right after a restore: the guest agent mixes fresh host entropy into the kernel and
+    /// forces a CRNG reseed (every fork of a snapshot starts with the same RNG state), sets the
+    /// wall clock (it still shows the snapshot's time), and with `newIdentity` sets the
+    /// hostname to the VM id and writes a new /etc/machine-id. Without an agent the VM runs on,
+    /// with a warning.
+    private func freshenGuest(_ vm: VMInfo, newIdentity: Bool) async -> Bool {
+        do {
+            let agent = try await AgentClient.connect(socket: runDirectory(vm.id) + "/channel.sock", timeout: options.agentTimeout)
+            defer { agent.close() }
+            try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
+            if newIdentity {
+                let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
+                _ = try await agent.request(
+                    .writeFile(path: "/etc/machine-id", data: Data(machineID.utf8), offset: nil, mode: 0o444, createParents: true))
+            }
+            return true
+        } catch {
+            logger.warning(
+                "guest agent did not freshen the restored VM (RNG state shared with its siblings, clock as at the snapshot)",
+                metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            return false
+        }
     }
 
     /// The memory file a restore of `snap` maps: a clone of its memory (mode a), or its
@@ -621,6 +673,7 @@ public actor VMService {
         config.vcpus = vm.vcpus
         config.memoryShared = shared
         config.accelerator = options.accelerator
+        if options.debugShell { config.shellSocket = run + "/shell.sock" }
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }
@@ -662,7 +715,7 @@ public actor VMService {
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).
     private nonisolated func cleanRunDirectory(_ id: String) {
-        for s in ["qmp.sock", "channel.sock"] { unlink(runDirectory(id) + "/" + s) }
+        for s in ["qmp.sock", "channel.sock", "shell.sock", "migrate.sock"] { unlink(runDirectory(id) + "/" + s) }
     }
 
     /// Removes everything a failed create or restore made.

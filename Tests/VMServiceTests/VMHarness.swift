@@ -20,7 +20,7 @@ let vmUnavailable: String? = {
     if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
     if geteuid() != 0 { return "mounting needs root" }
     if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
-    for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
+    for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4", "furcate-agent"] where access(guestDir + "/" + a, R_OK) != 0 {
         return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
     }
     return nil
@@ -60,6 +60,7 @@ final class VMHarness: @unchecked Sendable {
         o.gracefulStopTimeout = .milliseconds(300)
         o.defaultMemoryMiB = 128
         o.warmPoolSize = warmPool
+        o.debugShell = true
         return o
     }
 

@@ -2,6 +2,7 @@ import BlockStore
 import Foundation
 import FurcateCore
 import FurcateTestSupport
+import GuestAgentProtocol
 import Hypervisor
 import Testing
 import VMService
@@ -66,6 +67,61 @@ struct VMServiceTests {
             }
             #expect(Set(pids.compactMap { $0 }).count == 4)
             for vm in fork.vms { #expect(try h.store.exists(vm.memoryFile) && h.store.exists(vm.diskFile)) }
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
+    /// Through the guest agent: exec and files in a real VM; forks asked for a new identity get
+    /// different RNG output, their own hostname and machine-id, and a restore long after its
+    /// snapshot shows the host's time, not the snapshot's.
+    @Test(.timeLimit(.minutes(5))) func forksGetFreshEntropyClockAndIdentity() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let agent = try await svc.agent(parent.id, timeout: .seconds(60))
+            let r = try await agent.exec(ExecRequest(command: "echo hi from pid $$; cat /proc/uptime"))
+            #expect(r.exitCode == 0 && String(decoding: r.stdout, as: UTF8.self).hasPrefix("hi from pid "))
+            let blob = Data((0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+            _ = try await agent.request(.writeFile(path: "/root/blob", data: blob, offset: nil, mode: 0o600, createParents: false))
+            guard case .data(let back, _) = try await agent.request(.readFile(path: "/root/blob", offset: nil, length: nil)) else {
+                Issue.record("no data")
+                return
+            }
+            #expect(back == blob)
+
+            let fork = try await svc.fork(parent.id, count: 3, newIdentity: true)
+            var randoms: Set<String> = []
+            var machineIDs: Set<String> = []
+            for vm in fork.vms {
+                // Each fork's agent reseeded its CRNG (RNDADDENTROPY + RNDRESEEDCRNG) and set its
+                // clock. (Distinct random bytes alone would not prove it in a guest this young:
+                // its kernel still reseeds every few seconds by itself.)
+                #expect(fork.timings.allSatisfy { $0.freshened })
+                let a = try await svc.agent(vm.id)
+                let out = try await a.exec(ExecRequest(command: "head -c 16 /dev/urandom | od -An -tx1; hostname; cat /etc/machine-id; date +%s"))
+                let lines = String(decoding: out.stdout, as: UTF8.self).split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+                #expect(lines.count == 4, "\(lines)")
+                guard lines.count == 4 else { continue }
+                randoms.insert(lines[0])
+                #expect(lines[1] == vm.id)
+                machineIDs.insert(lines[2])
+                let guestNow = Int(lines[3]) ?? 0
+                #expect(abs(guestNow - Int(Date().timeIntervalSince1970)) <= 2)
+            }
+            #expect(randoms.count == 3, "forks read the same random bytes: \(randoms)")
+            #expect(machineIDs.count == 3)
+
+            // A restore 4 s after its snapshot: the guest clock is set to the host's.
+            let snap = try await svc.snapshot(parent.id)
+            try await Task.sleep(for: .seconds(4))
+            let late = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            let a = try await svc.agent(late.id)
+            let now = try await a.exec(ExecRequest(argv: ["date", "+%s"]))
+            let guestNow = Int(String(decoding: now.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            #expect(abs(guestNow - Int(Date().timeIntervalSince1970)) <= 2, "guest clock \(guestNow)")
         } catch {
             Issue.record(error)
         }
