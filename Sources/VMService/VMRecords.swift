@@ -19,6 +19,8 @@ public struct VMInfo: Sendable, Codable, Equatable {
     public var pid: Int32?
     /// It was running when the server shut down, and is resumed when it starts again.
     public var resumeOnStart: Bool
+    /// Running, with its vCPUs paused (`pause`); a snapshot leaves it paused.
+    public var paused: Bool = false
     public var createdAt: Double
     /// The store file its root disk is (`vm-ID.disk`).
     public var diskFile: String { "vm-\(id).disk" }

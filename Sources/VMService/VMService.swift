@@ -227,8 +227,45 @@ public actor VMService {
             guard vm.state == .running, let p = processes[id] else {
                 throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
             }
-            return try await takeSnapshot(vm, p, resume: true)
+            return try await takeSnapshot(vm, p, resume: !vm.paused)
         }
+    }
+
+    /// Pauses a running VM's vCPUs; it stays `running` (Freestyle has no paused state) with
+    /// `paused` set. Pausing a paused VM is not an error.
+    /// - Throws: `.invalidState` unless running.
+    public func pause(_ id: String) async throws -> VMInfo {
+        try await setPaused(id, true)
+    }
+
+    /// Lets a paused VM run again. Not an error when it is not paused.
+    /// - Throws: `.invalidState` unless running.
+    public func unpause(_ id: String) async throws -> VMInfo {
+        try await setPaused(id, false)
+    }
+
+    private func setPaused(_ id: String, _ paused: Bool) async throws -> VMInfo {
+        try await withVM(id) {
+            var vm = try info(id)
+            guard vm.state == .running, let p = processes[id] else {
+                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be \(paused ? "paused" : "unpaused")")
+            }
+            try await p.qmp.execute(paused ? "stop" : "cont")
+            vm.paused = paused
+            try record(vm)
+            return vm
+        }
+    }
+
+    /// Waits until a VM's QEMU exits by itself (the guest powered off: the VM is then
+    /// `stopped`; it crashed: `lost`) or `timeout` passes, and returns the VM as it is then.
+    /// Not an error when it is not running.
+    public func awaitExit(_ id: String, timeout: Duration) async throws -> VMInfo {
+        guard let p = processes[id] else { return try info(id) }
+        if await p.waitForExit(timeout: timeout), let status = p.exitStatus {
+            processExited(id, p, status: status)  // no-op when its watcher got there first
+        }
+        return try info(id)
     }
 
     /// Pause, device state out, RAM and disk synced, O(1) store snapshots, resume if asked.
@@ -512,6 +549,7 @@ public actor VMService {
                 vm.memoryMode = .shared
                 let t = try await restore(&vm, from: snap)
                 vm.suspendedSnapshot = nil
+                vm.paused = false
                 vm.resumeOnStart = false
                 try record(vm)
                 try? deleteSnapshotFiles(snap)
@@ -555,6 +593,7 @@ public actor VMService {
             }
             try? store.delete(vm.memoryFile)
             vm.pid = nil
+            vm.paused = false
             vm.resumeOnStart = false
             vm.state = .stopped
             try record(vm)

@@ -51,7 +51,7 @@ struct BenchCommand: ParsableCommand {
                 }
                 b.memoryBlockSize = bs
                 let r = try await b.run()
-                if json { return try printJSON(r) }
+                if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
                 print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
                 print("first snapshot of the base VM after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)")

@@ -55,9 +55,10 @@ func openStore(_ dir: String) throws -> BlockStore {
 
 let bootstrapOnce: Void = bootstrapLogging()
 
-func printJSON<T: Encodable>(_ value: T) throws {
+func printJSON<T: Encodable>(_ value: T, snakeCase: Bool = false) throws {
     let enc = JSONEncoder()
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    if snakeCase { enc.keyEncodingStrategy = .convertToSnakeCase }
     print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
 

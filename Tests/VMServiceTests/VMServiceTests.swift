@@ -227,6 +227,37 @@ struct VMServiceTests {
         await h.tearDown()
     }
 
+    /// Pause and unpause keep the VM running (a paused VM's snapshot leaves it paused); a guest
+    /// that powers off is seen by awaitExit as stopped, with nothing left behind.
+    @Test(.timeLimit(.minutes(5))) func pauseUnpauseAndAwaitExit() async throws {
+        let h = try VMHarness()
+        let svc = h.service
+        do {
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let paused = try await svc.pause(vm.id)
+            #expect(paused.state == .running && paused.paused)
+            let p = try #require(await svc.process(vm.id))
+            #expect(try await p.qmp.execute("query-status")["status"]?.string == "paused")
+            _ = try await svc.snapshot(vm.id)
+            // Still not running (QEMU calls it "postmigrate" after the device state went out).
+            #expect(try await p.qmp.execute("query-status")["running"]?.bool == false)
+            #expect(try await svc.unpause(vm.id).paused == false)
+            #expect(try await guest(sh, "echo awake") == "awake")
+            // Still running after 1 s: awaitExit times out and says so.
+            #expect(try await svc.awaitExit(vm.id, timeout: .seconds(1)).state == .running)
+            _ = try? await sh.run("poweroff -f", timeout: .seconds(2))
+            let after = try await svc.awaitExit(vm.id, timeout: .seconds(30))
+            #expect(after.state == .stopped)
+            #expect(!processExists(p.pid))
+            #expect(access(svc.runDirectory(vm.id) + "/qmp.sock", F_OK) != 0)
+            await #expect(throws: FurcateError.self) { try await svc.pause(vm.id) }
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
+
     /// Stop and kill leave no QEMU, no socket and no memory file; a stopped VM keeps its disk.
     @Test(.timeLimit(.minutes(5))) func stopAndKillLeaveNothingBehind() async throws {
         let h = try VMHarness()
