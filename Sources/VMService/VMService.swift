@@ -204,9 +204,8 @@ public actor VMService {
             try mem.truncate(to: UInt64(memoryMiB) << 20)
             let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
             try await p.qmp.execute("cont")
-            vm.state = .running
             vm.pid = p.pid
-            try record(vm)
+            try setState(&vm, .running)
             logger.info("booted", metadata: ["vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)"])
             return vm
         } catch {
@@ -440,9 +439,8 @@ public actor VMService {
         t.migrateIncoming = lap()
         try await p.qmp.execute("cont")
         t.resume = lap()
-        vm.state = .running
         vm.pid = p.pid
-        try record(vm)
+        try setState(&vm, .running)
         t.freshened = await freshenGuest(vm, newIdentity: newIdentity)
         t.agent = lap()
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
@@ -559,9 +557,7 @@ public actor VMService {
                 try? store.delete(vm.memoryFile)
                 try? store.delete(vm.diskFile)
                 vm.pid = nil
-                vm.state = .suspended
-                try? db.save(vm)
-                vms[id] = vm
+                try? setState(&vm, .suspended)
                 throw error
             }
         }
@@ -595,8 +591,7 @@ public actor VMService {
             vm.pid = nil
             vm.paused = false
             vm.resumeOnStart = false
-            vm.state = .stopped
-            try record(vm)
+            try setState(&vm, .stopped)
             return vm
         }
     }
@@ -644,8 +639,7 @@ public actor VMService {
             case .running, .starting, .suspending, .building:
                 if let pid = vm.pid, processes[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
                 vm.pid = nil
-                vm.state = .lost
-                try? record(vm)
+                try? setState(&vm, .lost)
                 logger.warning("VM lost across a restart", metadata: ["vm.id": "\(vm.id)"])
             case .suspended where vm.resumeOnStart:
                 do {
@@ -691,6 +685,8 @@ public actor VMService {
         vms[vm.id] = vm
     }
 
+    /// Every state change goes through here: checked against `VMState.transitions`, then
+    /// recorded (database and memory).
     private func setState(_ vm: inout VMInfo, _ to: VMState) throws {
         try vm.state.checkTransition(to: to, vm: vm.id, operation: "become \(to.rawValue)")
         vm.state = to
@@ -732,9 +728,8 @@ public actor VMService {
         processes[id] = nil
         guard var vm = vms[id], vm.state == .running else { return }
         let clean = status & 0x7f == 0 && (status >> 8) & 0xff == 0
-        vm.state = clean ? .stopped : .lost
         vm.pid = nil
-        try? record(vm)
+        try? setState(&vm, clean ? .stopped : .lost)
         cleanRunDirectory(id)
         if clean { try? store.delete(vm.memoryFile) }
         logger.warning("QEMU exited by itself", metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])

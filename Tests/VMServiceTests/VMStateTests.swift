@@ -1,0 +1,50 @@
+import FurcateCore
+import Hypervisor
+import Testing
+@testable import VMService
+
+/// The lifecycle table and id shapes, without QEMU.
+struct VMStateTests {
+    @Test func transitionTableIsExplicitAndClosed() throws {
+        #expect(VMState.running.canTransition(to: .suspending))
+        #expect(VMState.suspended.canTransition(to: .starting))
+        #expect(!VMState.stopped.canTransition(to: .running))
+        #expect(!VMState.suspended.canTransition(to: .running))  // a resume goes through starting
+        #expect(!VMState.lost.canTransition(to: .running))
+        // Every state but stopped can be stopped; nothing is reachable from nowhere.
+        for s in VMState.allCases where s != .stopped { #expect(s.canTransition(to: .stopped), "\(s)") }
+        for s in VMState.allCases { #expect(VMState.transitions[s] != nil, "\(s) has no row") }
+        do {
+            try VMState.stopped.checkTransition(to: .suspending, vm: "x", operation: "suspend")
+            Issue.record("stopped -> suspending was allowed")
+        } catch let e as FurcateError {
+            #expect(e.code == .invalidState && e.message.contains("is stopped; cannot suspend"))
+        }
+    }
+
+    @Test func idsHaveOneShape() throws {
+        let id = VMID.newVM()
+        #expect(id.count == 20 && id.allSatisfy { $0.isLowercase || $0.isNumber })
+        try VMID.validateVM(id)
+        try VMID.validateSnapshot(VMID.newSnapshot())
+        for bad in ["", "../etc/passwd", String(repeating: "A", count: 20), "abc", id + "x"] {
+            #expect(throws: FurcateError.self) { try VMID.validateVM(bad) }
+        }
+        #expect(throws: FurcateError.self) { try VMID.validateSnapshot(id) }
+    }
+
+    @Test func machineArgumentsMatchAcrossRestoresAndEscapeCommas() {
+        var c = MachineConfig(
+            memoryPath: "/m,x/files/vm.mem", kernel: "/k", initrd: "/i", rootDisk: "/d", channelSocket: "/c", qmpSocket: "/q",
+            consoleLog: "/l")
+        let boot = c.arguments(incoming: false)
+        let restore = c.arguments(incoming: true)
+        #expect(Array(restore.dropLast(2)) == boot && restore.suffix(2) == ["-incoming", "defer"])
+        #expect(boot.contains { $0.contains("mem-path=/m,,x/files/vm.mem") })
+        #expect(boot.contains("-S"))
+        #expect(c.commandLine.contains("tsc_early_khz"))
+        c.accelerator = .kvm
+        #expect(!c.commandLine.contains("tsc_early_khz") && c.arguments(incoming: false).contains("kvm"))
+        #expect(Accelerator.detect(environment: ["FURCATE_ACCEL": "tcg"]) == .tcg)
+    }
+}
