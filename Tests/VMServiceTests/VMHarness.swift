@@ -104,3 +104,19 @@ func diagnose(_ svc: VMService, _ id: String) async -> String {
     s += " | qemu: " + QEMUProcess.logTail(run + "/qemu.log", lines: 5)
     return s
 }
+
+/// Runs `body` with a fresh harness and its service; an error it throws is recorded as the
+/// test's failure; the harness is torn down either way. Returns the store files left after
+/// the VMs were deleted.
+@discardableResult
+func withHarness(
+    warmPool: Int = 0, sourceLocation: SourceLocation = #_sourceLocation, _ body: (VMHarness, VMService) async throws -> Void
+) async -> [String] {
+    let h: VMHarness
+    do { h = try VMHarness(warmPool: warmPool) } catch {
+        Issue.record(error, sourceLocation: sourceLocation)
+        return []
+    }
+    do { try await body(h, h.service) } catch { Issue.record(error, sourceLocation: sourceLocation) }
+    return await h.tearDown()
+}

@@ -18,9 +18,7 @@ struct VMServiceTests {
     /// loop) and disk (a file written before the snapshot); what each writes afterwards to
     /// disk and memory no other VM sees.
     @Test(.timeLimit(.minutes(5))) func forksContinueTheParentAndAreIsolated() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
             #expect(parent.state == .running)
             let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
@@ -67,19 +65,14 @@ struct VMServiceTests {
             }
             #expect(Set(pids.compactMap { $0 }).count == 4)
             for vm in fork.vms { #expect(try h.store.exists(vm.memoryFile) && h.store.exists(vm.diskFile)) }
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// Through the guest agent: exec and files in a real VM; forks asked for a new identity get
     /// different RNG output, their own hostname and machine-id, and a restore long after its
     /// snapshot shows the host's time, not the snapshot's.
     @Test(.timeLimit(.minutes(5))) func forksGetFreshEntropyClockAndIdentity() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
             let agent = try await svc.agent(parent.id, timeout: .seconds(60))
             let r = try await agent.exec(ExecRequest(command: "echo hi from pid $$; cat /proc/uptime"))
@@ -122,19 +115,14 @@ struct VMServiceTests {
             let now = try await a.exec(ExecRequest(argv: ["date", "+%s"]))
             let guestNow = Int(String(decoding: now.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
             #expect(abs(guestNow - Int(Date().timeIntervalSince1970)) <= 2, "guest clock \(guestNow)")
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// Memory mode b: forks map the snapshot's memory privately (one base file, one page
     /// cache); they continue the parent and stay isolated; a snapshot of such a fork carries
     /// its RAM in the stream and restores.
     @Test(.timeLimit(.minutes(5))) func privateMemoryForksShareOneBaseAndSnapshot() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
             let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
             try await guest(sh, "echo parent > /tmp/mem-marker")
@@ -162,18 +150,13 @@ struct VMServiceTests {
             let restored = try await svc.create(CreateVMRequest(snapshot: snap.id))
             #expect(restored.memoryMode == .shared)
             #expect(try await guest(try await svc.guestShell(restored.id), "cat /tmp/mem-marker") == "fork0")
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// With a warm pool, a fork takes a QEMU already waiting on its (empty) memory and disk
     /// files: no spawn on the fork path, and the fork still continues the parent and is isolated.
     @Test(.timeLimit(.minutes(5))) func warmPoolForksSkipProcessStart() async throws {
-        let h = try VMHarness(warmPool: 1)
-        let svc = h.service
-        do {
+        let left = await withHarness(warmPool: 1) { h, svc in
             let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
             let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
             try await guest(sh, "echo one > /root/disk-marker && sync && echo one > /tmp/mem-marker")
@@ -193,19 +176,14 @@ struct VMServiceTests {
             #expect(try await guest(sh, "cat /tmp/mem-marker; cat /root/disk-marker") == "two\ntwo")
             let s1 = try await svc.guestShell(first.vms[0].id)
             #expect(try await guest(s1, "cat /tmp/mem-marker; cat /root/disk-marker") == "one\none")
-        } catch {
-            Issue.record(error)
         }
-        let left = await h.tearDown()
         #expect(!left.contains { $0.hasPrefix("vm-") }, "pooled VM files left: \(left)")
     }
 
     /// Suspend ends the process and keeps everything in the store; resume brings back the
     /// same guest, its background process still alive.
     @Test(.timeLimit(.minutes(5))) func suspendAndResumeKeepAProcessAlive() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
             let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
             let pid = try await guest(sh, "sleep 10000 & echo $!")
@@ -221,18 +199,13 @@ struct VMServiceTests {
             #expect(timing.total > .zero)
             let sh2 = try await svc.guestShell(vm.id)
             #expect(try await guest(sh2, "kill -0 \(pid) && echo alive") == "alive")
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// Pause and unpause keep the VM running (a paused VM's snapshot leaves it paused); a guest
     /// that powers off is seen by awaitExit as stopped, with nothing left behind.
     @Test(.timeLimit(.minutes(5))) func pauseUnpauseAndAwaitExit() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
             let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
             let paused = try await svc.pause(vm.id)
@@ -252,17 +225,12 @@ struct VMServiceTests {
             #expect(!processExists(p.pid))
             #expect(access(svc.runDirectory(vm.id) + "/qmp.sock", F_OK) != 0)
             await #expect(throws: FurcateError.self) { try await svc.pause(vm.id) }
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// Stop and kill leave no QEMU, no socket and no memory file; a stopped VM keeps its disk.
     @Test(.timeLimit(.minutes(5))) func stopAndKillLeaveNothingBehind() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             for graceful in [true, false] {
                 let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
                 let qemu = try #require(await svc.process(vm.id)?.pid)
@@ -280,18 +248,13 @@ struct VMServiceTests {
                 #expect(try !h.store.exists(vm.diskFile))
             }
             #expect(try h.store.list().map(\.name) == ["rootfs"])
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// A corrupt device-state file fails the restore with a clear error; nothing of the new
     /// VM is left (no record, no process, no store file) and the snapshot stays usable.
     @Test(.timeLimit(.minutes(5))) func corruptDeviceStateFailsTheRestoreCleanly() async throws {
-        let h = try VMHarness()
-        let svc = h.service
-        do {
+        await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
             _ = try await svc.guestShell(vm.id, timeout: .seconds(60))
             let snap = try await svc.snapshot(vm.id)
@@ -321,18 +284,14 @@ struct VMServiceTests {
             let restored = try await svc.create(CreateVMRequest(snapshot: snap.id))
             let sh = try await svc.guestShell(restored.id)
             #expect(try await guest(sh, "hostname") == "furcate-test")
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 
     /// A restarted server finds its VMs: those running at a graceful shutdown run again (the
     /// same guest), suspended ones stay suspended, and one whose server died under it is lost
     /// with its stale QEMU killed.
     @Test(.timeLimit(.minutes(5))) func restartRefindsRunningAndSuspendedVMs() async throws {
-        let h = try VMHarness()
-        do {
+        await withHarness { h, _ in
             let a = try await h.service.create(CreateVMRequest(image: "rootfs"))
             let b = try await h.service.create(CreateVMRequest(image: "rootfs"))
             let sha = try await h.service.guestShell(a.id, timeout: .seconds(60))
@@ -359,9 +318,6 @@ struct VMServiceTests {
             try await Task.sleep(for: .milliseconds(200))
             #expect(!processExists(stale))
             #expect(try await h.service.kill(a.id).state == .stopped)
-        } catch {
-            Issue.record(error)
         }
-        await h.tearDown()
     }
 }
