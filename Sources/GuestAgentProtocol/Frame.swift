@@ -11,13 +11,17 @@ import Foundation
 ///
 /// ```
 /// "FA" | version u8 | kind u8 | id u32 LE | length u32 LE | payload (length bytes)
+/// kind: 1 request, 2 response, 3 event (a stream item; the response for the same id ends it)
 /// ```
 /// `id` pairs a response with its request; the host picks it, unique among its requests in
 /// flight. A reader never allocates more than `maxPayload` for one frame.
 public struct Frame: Sendable, Equatable {
     public enum Kind: UInt8, Sendable {
         case request = 1
+        /// The one final answer to a request (it ends a stream).
         case response = 2
+        /// One item of a stream (exec output, a file event, a stats sample) before the response.
+        case event = 3
     }
 
     public static let magic: (UInt8, UInt8) = (0x46, 0x41)  // "FA"

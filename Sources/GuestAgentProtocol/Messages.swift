@@ -26,6 +26,52 @@ public enum AgentRequest: Sendable, Equatable {
     case reseed(entropy: Data)
     /// sync(2).
     case sync
+    /// `exec` whose output arrives as `output` events while it runs; the final `exec` result
+    /// then has empty stdout and stderr.
+    case execStream(ExecRequest)
+    /// File events under `path` (recursive: new directories are watched too) until cancelled.
+    case watch(path: String, recursive: Bool)
+    /// A `stats` event every `intervalMs` (100 ms to 10 s) until cancelled.
+    case stats(intervalMs: Int)
+    /// Ends the stream started by request `id` (its final response is `ok`).
+    case cancel(id: UInt32)
+
+    /// True for requests answered by events before their response.
+    public var isStream: Bool {
+        switch self {
+        case .execStream, .watch, .stats: return true
+        default: return false
+        }
+    }
+}
+
+/// One item of a stream.
+public enum AgentEvent: Codable, Sendable, Equatable {
+    /// A chunk of a running program's stdout (`fd` 1) or stderr (2).
+    case output(fd: Int, data: Data)
+    /// Something happened to `path`: create, modify, delete, move_from, move_to.
+    case file(path: String, change: String, isDirectory: Bool)
+    case stats(StatsSample)
+}
+
+/// Memory and CPU of the guest, from /proc.
+public struct StatsSample: Codable, Sendable, Equatable {
+    public var memoryTotalBytes: UInt64
+    public var memoryAvailableBytes: UInt64
+    /// Busy share of all CPUs since the previous sample, 0...1 (0 in the first).
+    public var cpuBusy: Double
+    public var cpus: Int
+    public var load1: Double
+    public var uptimeSeconds: Double
+
+    public init(memoryTotalBytes: UInt64, memoryAvailableBytes: UInt64, cpuBusy: Double, cpus: Int, load1: Double, uptimeSeconds: Double) {
+        self.memoryTotalBytes = memoryTotalBytes
+        self.memoryAvailableBytes = memoryAvailableBytes
+        self.cpuBusy = cpuBusy
+        self.cpus = cpus
+        self.load1 = load1
+        self.uptimeSeconds = uptimeSeconds
+    }
 }
 
 /// A program to run: `argv`, or a `command` for `/bin/sh -c`.
@@ -127,6 +173,7 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
+        case intervalMs, id
     }
 
     public init(from decoder: any Decoder) throws {
@@ -152,6 +199,11 @@ extension AgentRequest: Codable {
         case "setHostname": self = .setHostname(try c.decode(String.self, forKey: .name))
         case "reseed": self = .reseed(entropy: try c.decode(Data.self, forKey: .entropy))
         case "sync": self = .sync
+        case "execStream": self = .execStream(try c.decode(ExecRequest.self, forKey: .exec))
+        case "watch":
+            self = .watch(path: try c.decode(String.self, forKey: .path), recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? true)
+        case "stats": self = .stats(intervalMs: try c.decode(Int.self, forKey: .intervalMs))
+        case "cancel": self = .cancel(id: try c.decode(UInt32.self, forKey: .id))
         case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
         }
     }
@@ -199,6 +251,19 @@ extension AgentRequest: Codable {
             try c.encode("reseed", forKey: .op)
             try c.encode(entropy, forKey: .entropy)
         case .sync: try c.encode("sync", forKey: .op)
+        case .execStream(let e):
+            try c.encode("execStream", forKey: .op)
+            try c.encode(e, forKey: .exec)
+        case .watch(let path, let recursive):
+            try c.encode("watch", forKey: .op)
+            try c.encode(path, forKey: .path)
+            try c.encode(recursive, forKey: .recursive)
+        case .stats(let ms):
+            try c.encode("stats", forKey: .op)
+            try c.encode(ms, forKey: .intervalMs)
+        case .cancel(let id):
+            try c.encode("cancel", forKey: .op)
+            try c.encode(id, forKey: .id)
         }
     }
 }

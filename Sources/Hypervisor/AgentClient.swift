@@ -18,7 +18,19 @@ public final class AgentClient: Sendable {
     private struct State {
         var nextID: UInt32 = 1
         var pending: [UInt32: CheckedContinuation<AgentResponse, any Error>] = [:]
+        var streams: [UInt32: AsyncThrowingStream<StreamItem, any Error>.Continuation] = [:]
         var closed: (any Error & Sendable)?
+
+        mutating func takeID() -> UInt32 {
+            defer { nextID = nextID == UInt32.max ? 1 : nextID + 1 }
+            return nextID
+        }
+    }
+
+    /// What a stream yields: events, then the request's final response, then it finishes.
+    public enum StreamItem: Sendable, Equatable {
+        case event(AgentEvent)
+        case end(AgentResponse)
     }
     private let readFD: Int32
     private let writeFD: Int32
@@ -66,10 +78,7 @@ public final class AgentClient: Sendable {
     /// - Throws: `.timedOut`, `.io` when the channel closes first.
     public func call(_ request: AgentRequest, timeout: Duration = .seconds(30)) async throws -> AgentResponse {
         let payload = try JSONEncoder().encode(request)
-        let id = state.withLock { s -> UInt32 in
-            defer { s.nextID = s.nextID == UInt32.max ? 1 : s.nextID + 1 }
-            return s.nextID
-        }
+        let id = state.withLock { $0.takeID() }
         let bytes = Frame(kind: .request, id: id, payload: [UInt8](payload)).encoded()
         let timer = Task { [weak self] in
             try await Task.sleep(for: timeout)
@@ -87,6 +96,34 @@ public final class AgentClient: Sendable {
                 fail(id, FurcateError(.io, "cannot send to the guest agent", underlying: error as? FurcateError))
             }
         }
+    }
+
+    /// Starts a streaming request (`execStream`, `watch`, `stats`): its events, then its final
+    /// response. `cancel(_:)` with the returned id ends it. The stream finishes with an error
+    /// when the channel closes.
+    public func stream(_ request: AgentRequest) throws -> (id: UInt32, items: AsyncThrowingStream<StreamItem, any Error>) {
+        let payload = try JSONEncoder().encode(request)
+        let (items, continuation) = AsyncThrowingStream<StreamItem, any Error>.makeStream()
+        let id = try state.withLock { s -> UInt32 in
+            if let e = s.closed { throw e }
+            let id = s.takeID()
+            s.streams[id] = continuation
+            return id
+        }
+        do {
+            try writeLock.withLock { _ in
+                try UnixSocket.writeAll(writeFD, Frame(kind: .request, id: id, payload: [UInt8](payload)).encoded())
+            }
+        } catch {
+            state.withLock { $0.streams[id] = nil }
+            continuation.finish(throwing: error)
+        }
+        return (id, items)
+    }
+
+    /// Ends the stream started as `id`; its final response follows on the stream.
+    public func cancel(_ id: UInt32) async throws {
+        _ = try await request(.cancel(id: id))
     }
 
     /// `call` that turns an `.error` response into a thrown `FurcateError` (its code mapped:
@@ -137,12 +174,36 @@ public final class AgentClient: Sendable {
     }
 
     private func failAll(_ error: any Error & Sendable) {
-        let waiting = state.withLock { s -> [CheckedContinuation<AgentResponse, any Error>] in
+        let (waiting, streams) = state.withLock { s in
             if s.closed == nil { s.closed = error }
-            defer { s.pending.removeAll() }
-            return Array(s.pending.values)
+            defer {
+                s.pending.removeAll()
+                s.streams.removeAll()
+            }
+            return (Array(s.pending.values), Array(s.streams.values))
         }
         for c in waiting { c.resume(throwing: error) }
+        for c in streams { c.finish(throwing: error) }
+    }
+
+    private func dispatch(_ f: Frame) {
+        switch f.kind {
+        case .event:
+            guard let e = try? JSONDecoder().decode(AgentEvent.self, from: Data(f.payload)) else { return }
+            _ = state.withLock { $0.streams[f.id] }?.yield(.event(e))
+        case .response:
+            guard let r = try? JSONDecoder().decode(AgentResponse.self, from: Data(f.payload)) else { return }
+            let (call, stream) = state.withLock { ($0.pending.removeValue(forKey: f.id), $0.streams.removeValue(forKey: f.id)) }
+            // Responses to requests nobody waits for (timed out, or sent before a reconnect)
+            // are dropped.
+            call?.resume(returning: r)
+            if let stream {
+                stream.yield(.end(r))
+                stream.finish()
+            }
+        case .request:
+            return
+        }
     }
 
     private func readLoop() {
@@ -154,14 +215,7 @@ public final class AgentClient: Sendable {
             if n <= 0 { break }
             decoder.append(buf[0..<n])
             do {
-                while let f = try decoder.next() {
-                    guard f.kind == .response, let r = try? JSONDecoder().decode(AgentResponse.self, from: Data(f.payload)) else {
-                        continue
-                    }
-                    // Responses to requests nobody waits for (timed out, or sent before a
-                    // reconnect) are dropped.
-                    state.withLock { $0.pending.removeValue(forKey: f.id) }?.resume(returning: r)
-                }
+                while let f = try decoder.next() { dispatch(f) }
             } catch {
                 failAll(FurcateError(.io, "malformed frame from the guest agent: \(error)"))
                 break loop

@@ -17,6 +17,8 @@ final class AgentServer: Sendable {
     let stopAtEOF: Bool
     private let writeLock = Mutex(())
     private let inFlight = Atomic<Int>(0)
+    /// Streams running, by request id, with their cancel flags.
+    private let streams = Mutex<[UInt32: StreamControl]>([:])
     static let maxInFlight = 64
 
     init(input: Int32, output: Int32, stopAtEOF: Bool) {
@@ -64,11 +66,31 @@ final class AgentServer: Sendable {
             send(.error(AgentError(code: "busy", message: "more than \(Self.maxInFlight) requests in flight")), id: frame.id)
             return
         }
-        startThread { [self] in
-            let response = handle(request)
+        if case .cancel(let target) = request {
+            let found = streams.withLock { $0[target] }
+            found?.cancel()
             inFlight.subtract(1, ordering: .relaxed)
-            send(response, id: frame.id)
+            send(found == nil ? .error(AgentError(code: "not_found", message: "no stream \(target)")) : .ok, id: frame.id)
+            return
         }
+        let id = frame.id
+        var stream: StreamContext?
+        if request.isStream {
+            let control = StreamControl()
+            streams.withLock { $0[id] = control }
+            stream = StreamContext(control: control) { [self] event in sendEvent(event, id: id) }
+        }
+        startThread { [self] in
+            let response = handle(request, stream: stream)
+            if stream != nil { streams.withLock { $0[id] = nil } }
+            inFlight.subtract(1, ordering: .relaxed)
+            send(response, id: id)
+        }
+    }
+
+    func sendEvent(_ event: AgentEvent, id: UInt32) {
+        guard let payload = try? JSONEncoder().encode(event) else { return }
+        write(Frame(kind: .event, id: id, payload: [UInt8](payload)).encoded())
     }
 
     func send(_ response: AgentResponse, id: UInt32) {
@@ -81,10 +103,14 @@ final class AgentServer: Sendable {
             let msg = #"{"kind":"error","error":{"code":"invalid_argument","message":"response exceeds the frame limit"}}"#
             bytes = Frame(kind: .response, id: id, payload: Array(msg.utf8)).encoded()
         }
+        write(bytes)
+    }
+
+    private func write(_ bytes: [UInt8]) {
         writeLock.withLock { _ in
             var done = 0
             while done < bytes.count {
-                let n = bytes.withUnsafeBytes { write(output, $0.baseAddress! + done, bytes.count - done) }
+                let n = bytes.withUnsafeBytes { Glibc.write(output, $0.baseAddress! + done, bytes.count - done) }
                 if n < 0 && errno == EINTR { continue }
                 if n <= 0 { return }  // host gone: the response is lost, as the host expects
                 done += n
@@ -143,4 +169,18 @@ func startSupervised(port: String) {
         while waitpid(child, &status, 0) < 0 && errno == EINTR {}
         usleep(200_000)
     }
+}
+
+/// The cancel flag of one stream.
+final class StreamControl: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func cancel() { flag.store(true, ordering: .relaxed) }
+    var isCancelled: Bool { flag.load(ordering: .relaxed) }
+}
+
+/// What a streaming handler gets: a way to send events, and whether the host cancelled.
+struct StreamContext: Sendable {
+    let control: StreamControl
+    let emit: @Sendable (AgentEvent) -> Void
+    var isCancelled: Bool { control.isCancelled }
 }

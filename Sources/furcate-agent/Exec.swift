@@ -9,8 +9,9 @@ import Foundation
 #endif
 
 /// Runs a program in its own session (so a timeout kills it and all it started), with
-/// stdout and stderr read concurrently through poll and kept up to a bound.
-func runProgram(_ e: ExecRequest) throws -> ExecResult {
+/// stdout and stderr read concurrently through poll and kept up to a bound — or, with
+/// `stream`, sent as output events as they come (a cancelled stream kills the program).
+func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecResult {
     let argv: [String]
     switch (e.argv, e.command) {
     case (let a?, nil) where !a.isEmpty: argv = a
@@ -93,7 +94,12 @@ func runProgram(_ e: ExecRequest) throws -> ExecResult {
     let deadline = e.timeoutMs.map { start + Int64($0) }
     while !open.isEmpty {
         var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-        var wait: Int32 = 1000
+        var wait: Int32 = stream == nil ? 1000 : 100
+        if stream?.isCancelled == true {
+            kill(-pid, SIGKILL)
+            kill(pid, SIGKILL)
+            break
+        }
         if let deadline {
             let left = deadline - monotonicMillis()
             if left <= 0 {
@@ -114,7 +120,9 @@ func runProgram(_ e: ExecRequest) throws -> ExecResult {
                 open.removeAll { $0 == f.fd }
                 continue
             }
-            if f.fd == outPipe[0] {
+            if let stream {
+                stream.emit(.output(fd: f.fd == outPipe[0] ? 1 : 2, data: Data(chunk[0..<n])))
+            } else if f.fd == outPipe[0] {
                 let room = max(0, limit - out.count)
                 out.append(contentsOf: chunk[0..<min(n, room)])
                 if n > room { truncated = true }

@@ -7,10 +7,24 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// Carries out one request. Runs on its own thread; blocking is fine here.
-func handle(_ request: AgentRequest) -> AgentResponse {
+/// Carries out one request. Runs on its own thread; blocking is fine here. Streaming requests
+/// get `stream` and send events through it before this returns their final response.
+func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentResponse {
     do {
         switch request {
+        case .execStream(let e):
+            guard let stream else { throw AgentError(code: "invalid_argument", message: "not a stream") }
+            return .exec(try runProgram(e, stream: stream))
+        case .watch(let path, let recursive):
+            guard let stream else { throw AgentError(code: "invalid_argument", message: "not a stream") }
+            try watch(path, recursive: recursive, stream: stream)
+            return .ok
+        case .stats(let ms):
+            guard let stream else { throw AgentError(code: "invalid_argument", message: "not a stream") }
+            try streamStats(intervalMs: ms, stream: stream)
+            return .ok
+        case .cancel:
+            return .ok  // answered by the server before a handler runs
         case .ping:
             return .pong(agentVersion: agentVersion, hostname: hostname(), uptimeSeconds: uptime())
         case .exec(let e):

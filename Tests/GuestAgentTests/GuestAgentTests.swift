@@ -134,6 +134,84 @@ final class HostAgent {
         #expect(e.code == "invalid_argument")
     }
 
+    @Test func execStreamsOutputAndCancelKills() async throws {
+        let a = try HostAgent()
+        let (_, items) = try a.client.stream(.execStream(ExecRequest(command: "for i in 1 2 3; do echo $i; sleep 0.1; done; echo e >&2")))
+        var out = ""
+        var err = ""
+        var end: AgentResponse?
+        for try await item in items {
+            switch item {
+            case .event(.output(let fd, let data)): if fd == 1 { out += String(decoding: data, as: UTF8.self) } else { err += String(decoding: data, as: UTF8.self) }
+            case .event: Issue.record("unexpected event")
+            case .end(let r): end = r
+            }
+        }
+        #expect(out == "1\n2\n3\n" && err == "e\n")
+        guard case .exec(let r) = end else { Issue.record("no final exec result"); return }
+        #expect(r.exitCode == 0 && r.stdout.isEmpty)
+
+        let (id, sleeper) = try a.client.stream(.execStream(ExecRequest(argv: ["sleep", "30"])))
+        try await Task.sleep(for: .milliseconds(200))
+        let t0 = ContinuousClock.now
+        try await a.client.cancel(id)
+        var last: AgentResponse?
+        for try await item in sleeper { if case .end(let r) = item { last = r } }
+        guard case .exec(let k) = last else { Issue.record("no result after cancel"); return }
+        #expect(k.signal == SIGKILL && ContinuousClock.now - t0 < .seconds(3))
+    }
+
+    @Test func watchSeesCreateModifyDeleteRecursively() async throws {
+        let a = try HostAgent()
+        let dir = TempDir("watch")
+        let (id, items) = try a.client.stream(.watch(path: dir.path, recursive: true))
+        try await Task.sleep(for: .milliseconds(300))  // watches in place
+        let f = dir.sub("f")
+        try Data("1".utf8).write(to: URL(fileURLWithPath: f))
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: f))
+        try h.seekToEnd()
+        try h.write(contentsOf: Data("2".utf8))
+        try h.close()
+        try FileManager.default.createDirectory(atPath: dir.sub("sub"), withIntermediateDirectories: false)
+        try await Task.sleep(for: .milliseconds(300))  // the new directory gets its watch
+        try Data("x".utf8).write(to: URL(fileURLWithPath: dir.sub("sub/inner")))
+        try FileManager.default.removeItem(atPath: f)
+        try await Task.sleep(for: .milliseconds(500))
+        try await a.client.cancel(id)
+        var seen: Set<String> = []
+        var end: AgentResponse?
+        for try await item in items {
+            switch item {
+            case .event(.file(let path, let change, _)): seen.insert("\(change) \(path)")
+            case .event: break
+            case .end(let r): end = r
+            }
+        }
+        #expect(end == .ok)
+        for want in ["create \(f)", "modify \(f)", "delete \(f)", "create \(dir.sub("sub"))", "create \(dir.sub("sub/inner"))"] {
+            #expect(seen.contains(want), "missing '\(want)' in \(seen.sorted())")
+        }
+    }
+
+    @Test func statsStreamAtAnInterval() async throws {
+        let a = try HostAgent()
+        let (id, items) = try a.client.stream(.stats(intervalMs: 100))
+        var samples: [StatsSample] = []
+        for try await item in items {
+            if case .event(.stats(let s)) = item {
+                samples.append(s)
+                if samples.count == 3 { try await a.client.cancel(id) }
+            }
+        }
+        #expect(samples.count >= 3)
+        #expect(samples.allSatisfy { $0.memoryTotalBytes > 0 && $0.memoryAvailableBytes <= $0.memoryTotalBytes && $0.cpus > 0 })
+        let (_, bad) = try a.client.stream(.stats(intervalMs: 5))
+        var end: AgentResponse?
+        for try await item in bad { if case .end(let r) = item { end = r } }
+        guard case .error(let e) = end else { Issue.record("an interval of 5 ms was accepted"); return }
+        #expect(e.code == "invalid_argument")
+    }
+
     @Test func malformedFrameGetsAnErrorAndEndsTheStream() async throws {
         let a = try HostAgent()
         try UnixSocket.writeAll(a.raw, Array("this is not a frame at all".utf8))
