@@ -35,6 +35,15 @@ public enum AgentRequest: Sendable, Equatable {
     case stats(intervalMs: Int)
     /// Ends the stream started by request `id` (its final response is `ok`).
     case cancel(id: UInt32)
+    /// Defines a service (replacing one of the same name, which is stopped first) and, when
+    /// `start`, starts it. Answered with its status.
+    case serviceCreate(ServiceSpec, start: Bool)
+    /// `start`, `stop`, `restart` or `delete` a service. Answered with its status (`delete`: ok).
+    case serviceControl(name: String, action: String)
+    case serviceStatus(name: String)
+    case serviceList
+    /// The last `lines` lines (default 200) of a service's output, stdout and stderr merged.
+    case serviceLogs(name: String, lines: Int?)
 
     /// True for requests answered by events before their response.
     public var isStream: Bool {
@@ -42,6 +51,96 @@ public enum AgentRequest: Sendable, Equatable {
         case .execStream, .watch, .stats: return true
         default: return false
         }
+    }
+}
+
+/// A service, with the fields of Freestyle's `SystemdUnitSpec` that a supervisor can honour.
+/// `exec` lines run one after another through `/bin/sh -c`; in `service` mode the last one is
+/// the long-running main process.
+public struct ServiceSpec: Codable, Sendable, Equatable {
+    public var name: String
+    /// "oneshot" or "service".
+    public var mode: String
+    public var exec: [String]
+    public var env: [String: String]?
+    public var user: String?
+    public var group: String?
+    public var workdir: String?
+    /// Ordering only: when started together, these start first.
+    public var after: [String]?
+    /// Started first; if one fails to start, this one fails; if one stops, this one is stopped.
+    public var requires: [String]?
+    public var restartPolicy: RestartPolicy?
+    /// How long a oneshot may run, and how long a stop waits before SIGKILL.
+    public var timeoutSec: Int?
+    /// Oneshot: removed once it succeeded.
+    public var deleteAfterSuccess: Bool?
+    /// Oneshot: stays "active (exited)" after success (default true).
+    public var remainAfterExit: Bool?
+    /// Started whenever the agent starts (default true).
+    public var enable: Bool?
+
+    public init(name: String, mode: String, exec: [String], env: [String: String]? = nil, user: String? = nil,
+                group: String? = nil, workdir: String? = nil, after: [String]? = nil, requires: [String]? = nil,
+                restartPolicy: RestartPolicy? = nil, timeoutSec: Int? = nil, deleteAfterSuccess: Bool? = nil,
+                remainAfterExit: Bool? = nil, enable: Bool? = nil) {
+        self.name = name
+        self.mode = mode
+        self.exec = exec
+        self.env = env
+        self.user = user
+        self.group = group
+        self.workdir = workdir
+        self.after = after
+        self.requires = requires
+        self.restartPolicy = restartPolicy
+        self.timeoutSec = timeoutSec
+        self.deleteAfterSuccess = deleteAfterSuccess
+        self.remainAfterExit = remainAfterExit
+        self.enable = enable
+    }
+}
+
+/// Freestyle's `SystemdRestartPolicy`: "no", "on-failure", "always", "on-abnormal".
+public struct RestartPolicy: Codable, Sendable, Equatable {
+    public var policy: String
+    public var restartSec: Int?
+    public var startLimitBurst: Int?
+    public var startLimitIntervalSec: Int?
+
+    public init(policy: String, restartSec: Int? = nil, startLimitBurst: Int? = nil, startLimitIntervalSec: Int? = nil) {
+        self.policy = policy
+        self.restartSec = restartSec
+        self.startLimitBurst = startLimitBurst
+        self.startLimitIntervalSec = startLimitIntervalSec
+    }
+}
+
+/// Freestyle's `SystemdServiceStatus`, plus what the supervisor knows.
+public struct ServiceStatus: Codable, Sendable, Equatable {
+    public var name: String
+    /// active, activating, inactive, failed
+    public var activeState: String
+    /// running, exited, dead, failed, auto-restart, start
+    public var subState: String
+    public var loadState: String
+    public var description: String
+    public var mainPID: Int32?
+    public var restarts: Int
+    public var lastExitCode: Int32?
+    public var lastSignal: Int32?
+
+    public init(name: String, activeState: String, subState: String, loadState: String, description: String,
+                mainPID: Int32?, restarts: Int, lastExitCode: Int32?, lastSignal: Int32?) {
+        self.name = name
+        self.activeState = activeState
+        self.subState = subState
+        self.loadState = loadState
+        self.description = description
+        self.mainPID = mainPID
+        self.restarts = restarts
+        self.lastExitCode = lastExitCode
+        self.lastSignal = lastSignal
     }
 }
 
@@ -149,6 +248,9 @@ public enum AgentResponse: Sendable, Equatable {
     case data(Data, fileSize: UInt64)
     case stat(FileStat)
     case entries([FileStat])
+    case service(ServiceStatus)
+    case services([ServiceStatus])
+    case lines([String])
     /// Success with nothing to say.
     case ok
     case error(AgentError)
@@ -173,7 +275,7 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
-        case intervalMs, id
+        case intervalMs, id, spec, start, action, lines
     }
 
     public init(from decoder: any Decoder) throws {
@@ -204,6 +306,14 @@ extension AgentRequest: Codable {
             self = .watch(path: try c.decode(String.self, forKey: .path), recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? true)
         case "stats": self = .stats(intervalMs: try c.decode(Int.self, forKey: .intervalMs))
         case "cancel": self = .cancel(id: try c.decode(UInt32.self, forKey: .id))
+        case "serviceCreate":
+            self = .serviceCreate(try c.decode(ServiceSpec.self, forKey: .spec), start: try c.decodeIfPresent(Bool.self, forKey: .start) ?? true)
+        case "serviceControl":
+            self = .serviceControl(name: try c.decode(String.self, forKey: .name), action: try c.decode(String.self, forKey: .action))
+        case "serviceStatus": self = .serviceStatus(name: try c.decode(String.self, forKey: .name))
+        case "serviceList": self = .serviceList
+        case "serviceLogs":
+            self = .serviceLogs(name: try c.decode(String.self, forKey: .name), lines: try c.decodeIfPresent(Int.self, forKey: .lines))
         case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
         }
     }
@@ -264,13 +374,29 @@ extension AgentRequest: Codable {
         case .cancel(let id):
             try c.encode("cancel", forKey: .op)
             try c.encode(id, forKey: .id)
+        case .serviceCreate(let spec, let start):
+            try c.encode("serviceCreate", forKey: .op)
+            try c.encode(spec, forKey: .spec)
+            try c.encode(start, forKey: .start)
+        case .serviceControl(let name, let action):
+            try c.encode("serviceControl", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encode(action, forKey: .action)
+        case .serviceStatus(let name):
+            try c.encode("serviceStatus", forKey: .op)
+            try c.encode(name, forKey: .name)
+        case .serviceList: try c.encode("serviceList", forKey: .op)
+        case .serviceLogs(let name, let lines):
+            try c.encode("serviceLogs", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encodeIfPresent(lines, forKey: .lines)
         }
     }
 }
 
 extension AgentResponse: Codable {
     private enum K: String, CodingKey {
-        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error
+        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines
     }
 
     public init(from decoder: any Decoder) throws {
@@ -286,6 +412,9 @@ extension AgentResponse: Codable {
         case "entries": self = .entries(try c.decode([FileStat].self, forKey: .entries))
         case "ok": self = .ok
         case "error": self = .error(try c.decode(AgentError.self, forKey: .error))
+        case "service": self = .service(try c.decode(ServiceStatus.self, forKey: .service))
+        case "services": self = .services(try c.decode([ServiceStatus].self, forKey: .services))
+        case "lines": self = .lines(try c.decode([String].self, forKey: .lines))
         case let k: throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
         }
     }
@@ -312,6 +441,15 @@ extension AgentResponse: Codable {
             try c.encode("entries", forKey: .kind)
             try c.encode(e, forKey: .entries)
         case .ok: try c.encode("ok", forKey: .kind)
+        case .service(let st):
+            try c.encode("service", forKey: .kind)
+            try c.encode(st, forKey: .service)
+        case .services(let list):
+            try c.encode("services", forKey: .kind)
+            try c.encode(list, forKey: .services)
+        case .lines(let l):
+            try c.encode("lines", forKey: .kind)
+            try c.encode(l, forKey: .lines)
         case .error(let e):
             try c.encode("error", forKey: .kind)
             try c.encode(e, forKey: .error)

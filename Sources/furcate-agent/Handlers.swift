@@ -25,6 +25,16 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .ok
         case .cancel:
             return .ok  // answered by the server before a handler runs
+        case .serviceCreate(let spec, let start):
+            return .service(try Supervisor.shared.create(spec, start: start))
+        case .serviceControl(let name, let action):
+            return try Supervisor.shared.control(name, action)
+        case .serviceStatus(let name):
+            return .service(try Supervisor.shared.status(name))
+        case .serviceList:
+            return .services(Supervisor.shared.list())
+        case .serviceLogs(let name, let lines):
+            return .lines(try Supervisor.shared.logs(name, lines: lines ?? 200))
         case .ping:
             return .pong(agentVersion: agentVersion, hostname: hostname(), uptimeSeconds: uptime())
         case .exec(let e):

@@ -6,6 +6,7 @@
 //   furcate-agent [--port NAME]       serve on the named virtio-serial port (default furcate.0)
 //   furcate-agent --stdio             serve on stdin/stdout (tests)
 //   furcate-agent --then INIT [ARGS]  as PID 1: start a supervised agent, then exec INIT
+//   furcate-agent --run-as UID GID -- PROGRAM [ARGS]   (internal: services with user/group)
 import CAgentInit
 import Glibc
 import GuestAgentProtocol
@@ -26,7 +27,9 @@ func usage() -> Never {
     exit(2)
 }
 
-if args.first == "--then" {
+if args.first == "--run-as" {
+    runAs(Array(args.dropFirst()))
+} else if args.first == "--then" {
     guard args.count >= 2 else { usage() }
     startSupervised(port: "furcate.0")
     let initArgs = Array(args.dropFirst())
@@ -36,6 +39,7 @@ if args.first == "--then" {
     exit(1)
 } else if args.first == "--stdio" {
     signal(SIGPIPE, SIG_IGN)
+    if getenv("FURCATE_AGENT_STATE_DIR") != nil { Supervisor.shared.bootStart() }
     AgentServer(input: 0, output: 1, stopAtEOF: true).serve()
 } else {
     var port = "furcate.0"
@@ -46,5 +50,6 @@ if args.first == "--then" {
         usage()
     }
     signal(SIGPIPE, SIG_IGN)
+    Supervisor.shared.bootStart()
     servePort(port)
 }

@@ -18,7 +18,7 @@ final class HostAgent {
     let client: AgentClient
     let raw: Int32
 
-    init() throws {
+    init(stateDir: String? = nil) throws {
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
         var actions = posix_spawn_file_actions_t()
@@ -30,7 +30,11 @@ final class HostAgent {
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(agentBinary), strdup("--stdio"), nil]
         defer { for a in argv { free(a) } }
         var p: pid_t = 0
-        let rc = posix_spawn(&p, agentBinary, &actions, nil, argv, environ)
+        var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin")]
+        if let stateDir { env.append(strdup("FURCATE_AGENT_STATE_DIR=\(stateDir)")) }
+        env.append(nil)
+        defer { for e in env { free(e) } }
+        let rc = posix_spawn(&p, agentBinary, &actions, nil, argv, env)
         guard rc == 0 else { throw FurcateError.system("posix_spawn", errno: rc, path: agentBinary) }
         close(sv[1])
         pid = p
@@ -239,4 +243,105 @@ final class HostAgent {
         }
         #expect(exited)
     }
+}
+
+/// The built-in supervisor, on the host (no systemd in test images either).
+@Suite(.serialized) struct AgentServiceTests {
+    func status(_ a: HostAgent, _ name: String) async throws -> ServiceStatus {
+        guard case .service(let st) = try await a.client.request(.serviceStatus(name: name)) else { throw AgentError(code: "io", message: "no status") }
+        return st
+    }
+
+    func waitFor(_ a: HostAgent, _ name: String, seconds: Double = 10, _ ok: (ServiceStatus) -> Bool) async throws -> ServiceStatus {
+        let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+        var st = try await status(a, name)
+        while !ok(st) && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+            st = try await status(a, name)
+        }
+        return st
+    }
+
+    @Test func oneshotRunsItsLinesInOrderKeepsLogsAndCanDeleteItself() async throws {
+        let state = TempDir("svc")
+        let a = try HostAgent(stateDir: state.path)
+        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "setup", mode: "oneshot", exec: ["echo one", "echo two >&2"], env: ["X": "1"]), start: true))
+        let st = try await waitFor(a, "setup") { $0.subState == "exited" }
+        #expect(st.activeState == "active" && st.lastExitCode == 0)
+        #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil)) == .lines(["one", "two"]))
+        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "once", mode: "oneshot", exec: ["true"], deleteAfterSuccess: true), start: true))
+        try await Task.sleep(for: .milliseconds(500))
+        guard case .services(let list) = try await a.client.request(.serviceList) else { return }
+        #expect(list.map(\.name) == ["setup"])
+        let bad = try await a.client.call(.serviceCreate(ServiceSpec(name: "../x", mode: "oneshot", exec: ["true"]), start: true))
+        guard case .error(let e) = bad else { Issue.record("a bad name was accepted"); return }
+        #expect(e.code == "invalid_argument")
+        let failing = try await a.client.request(.serviceCreate(ServiceSpec(name: "fails", mode: "oneshot", exec: ["exit 3", "echo never"]), start: true))
+        _ = failing
+        let f = try await waitFor(a, "fails") { $0.activeState == "failed" }
+        #expect(f.activeState == "failed" && f.lastExitCode == 3)
+        #expect(try await a.client.request(.serviceLogs(name: "fails", lines: nil)) == .lines([]))
+    }
+
+    @Test func serviceIsRestartedAfterSIGKILLAndStopEndsIt() async throws {
+        let state = TempDir("svc")
+        let a = try HostAgent(stateDir: state.path)
+        _ = try await a.client.request(
+            .serviceCreate(ServiceSpec(name: "web", mode: "service", exec: ["exec sleep 300"], restartPolicy: RestartPolicy(policy: "always")), start: true))
+        let first = try await waitFor(a, "web") { $0.subState == "running" && $0.mainPID != nil }
+        let pid = try #require(first.mainPID)
+        kill(pid, SIGKILL)
+        let second = try await waitFor(a, "web") { $0.restarts == 1 && $0.subState == "running" && $0.mainPID != pid }
+        #expect(second.restarts == 1 && second.mainPID != nil && second.mainPID != pid)
+        let newPID = try #require(second.mainPID)
+        guard case .service(let stopped) = try await a.client.request(.serviceControl(name: "web", action: "stop")) else { return }
+        #expect(stopped.activeState == "inactive")
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(!isRunning(newPID))
+    }
+
+    @Test func restartLimitAndDependencies() async throws {
+        let state = TempDir("svc")
+        let a = try HostAgent(stateDir: state.path)
+        _ = try await a.client.request(
+            .serviceCreate(
+                ServiceSpec(name: "crashy", mode: "service", exec: ["exit 2"], restartPolicy: RestartPolicy(policy: "on-failure", startLimitBurst: 3)),
+                start: true))
+        let st = try await waitFor(a, "crashy") { $0.activeState == "failed" }
+        #expect(st.activeState == "failed" && st.restarts == 2 && st.lastExitCode == 2)
+
+        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "db", mode: "service", exec: ["exec sleep 300"]), start: false))
+        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "app", mode: "service", exec: ["exec sleep 300"], requires: ["db"]), start: true))
+        #expect(try await waitFor(a, "db") { $0.subState == "running" }.subState == "running")
+        #expect(try await waitFor(a, "app") { $0.subState == "running" }.subState == "running")
+        _ = try await a.client.request(.serviceControl(name: "db", action: "stop"))
+        #expect(try await status(a, "app").activeState == "inactive")
+        let missing = try await a.client.call(.serviceCreate(ServiceSpec(name: "orphan", mode: "service", exec: ["true"], requires: ["nope"]), start: true))
+        guard case .error(let e) = missing else { Issue.record("a missing requirement was accepted"); return }
+        #expect(e.code == "not_found")
+    }
+
+    @Test func aRestartedAgentStartsEnabledServicesAgainAndEndsTheOldOnes() async throws {
+        let state = TempDir("svc")
+        var oldPID: Int32 = 0
+        do {
+            let a = try HostAgent(stateDir: state.path)
+            _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "daemon", mode: "service", exec: ["exec sleep 300"]), start: true))
+            oldPID = try #require(try await waitFor(a, "daemon") { $0.mainPID != nil }.mainPID)
+        }  // the agent is SIGKILLed here; its service runs on in its own session
+        #expect(isRunning(oldPID))
+        let b = try HostAgent(stateDir: state.path)
+        let st = try await waitFor(b, "daemon") { $0.subState == "running" }
+        #expect(st.subState == "running" && st.mainPID != oldPID)
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(!isRunning(oldPID), "the old agent's service still runs")
+        _ = try await b.client.request(.serviceControl(name: "daemon", action: "delete"))
+        #expect(access(state.sub("daemon.json"), F_OK) != 0)
+    }
+}
+
+/// True when `pid` exists and is not a zombie (a killed orphan may wait a while to be reaped).
+func isRunning(_ pid: Int32) -> Bool {
+    guard let stat = readWholeFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return false }
+    return stat[stat.index(close, offsetBy: 2)] != "Z"
 }
