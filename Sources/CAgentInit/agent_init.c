@@ -23,3 +23,22 @@ int cagent_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path) {
     return posix_spawn_file_actions_addchdir_np(actions, path);
 }
+
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <termios.h>
+
+int cagent_openpt(char *slave, unsigned long size) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    if (grantpt(m) != 0 || unlockpt(m) != 0 || ptsname_r(m, slave, size) != 0) {
+        close(m);
+        return -1;
+    }
+    return m;
+}
+
+int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows) {
+    struct winsize ws = {.ws_row = rows, .ws_col = cols};
+    return ioctl(fd, TIOCSWINSZ, &ws);
+}

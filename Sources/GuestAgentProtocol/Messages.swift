@@ -44,6 +44,17 @@ public enum AgentRequest: Sendable, Equatable {
     case serviceList
     /// The last `lines` lines (default 200) of a service's output, stdout and stderr merged.
     case serviceLogs(name: String, lines: Int?)
+    /// A pty session running `command` (default: /bin/sh) with TERM=xterm-256color.
+    case terminalCreate(name: String, command: [String]?, cols: Int, rows: Int)
+    case terminalList
+    /// Bytes typed into a session.
+    case terminalInput(name: String, data: Data)
+    case terminalResize(name: String, cols: Int, rows: Int)
+    /// The session's output: `raw` the last bytes as the terminal received them (xterm escape
+    /// sequences included), otherwise the last `lines` lines as text.
+    case terminalOutput(name: String, raw: Bool, lines: Int?)
+    /// Ends a session (SIGHUP, then SIGKILL) and forgets it.
+    case terminalClose(name: String)
 
     /// True for requests answered by events before their response.
     public var isStream: Bool {
@@ -98,6 +109,23 @@ public struct ServiceSpec: Codable, Sendable, Equatable {
         self.deleteAfterSuccess = deleteAfterSuccess
         self.remainAfterExit = remainAfterExit
         self.enable = enable
+    }
+}
+
+/// Freestyle's `TerminalSession`, plus the pid.
+public struct TerminalInfo: Codable, Sendable, Equatable {
+    public var name: String
+    /// running or exited
+    public var status: String
+    /// Seconds since 1970.
+    public var created: Int64
+    public var pid: Int32?
+
+    public init(name: String, status: String, created: Int64, pid: Int32?) {
+        self.name = name
+        self.status = status
+        self.created = created
+        self.pid = pid
     }
 }
 
@@ -251,6 +279,8 @@ public enum AgentResponse: Sendable, Equatable {
     case service(ServiceStatus)
     case services([ServiceStatus])
     case lines([String])
+    case terminal(TerminalInfo)
+    case terminals([TerminalInfo])
     /// Success with nothing to say.
     case ok
     case error(AgentError)
@@ -275,7 +305,7 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
-        case intervalMs, id, spec, start, action, lines
+        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw
     }
 
     public init(from decoder: any Decoder) throws {
@@ -314,6 +344,20 @@ extension AgentRequest: Codable {
         case "serviceList": self = .serviceList
         case "serviceLogs":
             self = .serviceLogs(name: try c.decode(String.self, forKey: .name), lines: try c.decodeIfPresent(Int.self, forKey: .lines))
+        case "terminalCreate":
+            self = .terminalCreate(
+                name: try c.decode(String.self, forKey: .name), command: try c.decodeIfPresent([String].self, forKey: .command),
+                cols: try c.decodeIfPresent(Int.self, forKey: .cols) ?? 80, rows: try c.decodeIfPresent(Int.self, forKey: .rows) ?? 24)
+        case "terminalList": self = .terminalList
+        case "terminalInput": self = .terminalInput(name: try c.decode(String.self, forKey: .name), data: try c.decode(Data.self, forKey: .data))
+        case "terminalResize":
+            self = .terminalResize(
+                name: try c.decode(String.self, forKey: .name), cols: try c.decode(Int.self, forKey: .cols), rows: try c.decode(Int.self, forKey: .rows))
+        case "terminalOutput":
+            self = .terminalOutput(
+                name: try c.decode(String.self, forKey: .name), raw: try c.decodeIfPresent(Bool.self, forKey: .raw) ?? false,
+                lines: try c.decodeIfPresent(Int.self, forKey: .lines))
+        case "terminalClose": self = .terminalClose(name: try c.decode(String.self, forKey: .name))
         case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
         }
     }
@@ -390,13 +434,37 @@ extension AgentRequest: Codable {
             try c.encode("serviceLogs", forKey: .op)
             try c.encode(name, forKey: .name)
             try c.encodeIfPresent(lines, forKey: .lines)
+        case .terminalCreate(let name, let command, let cols, let rows):
+            try c.encode("terminalCreate", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encodeIfPresent(command, forKey: .command)
+            try c.encode(cols, forKey: .cols)
+            try c.encode(rows, forKey: .rows)
+        case .terminalList: try c.encode("terminalList", forKey: .op)
+        case .terminalInput(let name, let data):
+            try c.encode("terminalInput", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encode(data, forKey: .data)
+        case .terminalResize(let name, let cols, let rows):
+            try c.encode("terminalResize", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encode(cols, forKey: .cols)
+            try c.encode(rows, forKey: .rows)
+        case .terminalOutput(let name, let raw, let lines):
+            try c.encode("terminalOutput", forKey: .op)
+            try c.encode(name, forKey: .name)
+            try c.encode(raw, forKey: .raw)
+            try c.encodeIfPresent(lines, forKey: .lines)
+        case .terminalClose(let name):
+            try c.encode("terminalClose", forKey: .op)
+            try c.encode(name, forKey: .name)
         }
     }
 }
 
 extension AgentResponse: Codable {
     private enum K: String, CodingKey {
-        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines
+        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines, terminal, terminals
     }
 
     public init(from decoder: any Decoder) throws {
@@ -415,6 +483,8 @@ extension AgentResponse: Codable {
         case "service": self = .service(try c.decode(ServiceStatus.self, forKey: .service))
         case "services": self = .services(try c.decode([ServiceStatus].self, forKey: .services))
         case "lines": self = .lines(try c.decode([String].self, forKey: .lines))
+        case "terminal": self = .terminal(try c.decode(TerminalInfo.self, forKey: .terminal))
+        case "terminals": self = .terminals(try c.decode([TerminalInfo].self, forKey: .terminals))
         case let k: throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
         }
     }
@@ -450,6 +520,12 @@ extension AgentResponse: Codable {
         case .lines(let l):
             try c.encode("lines", forKey: .kind)
             try c.encode(l, forKey: .lines)
+        case .terminal(let t):
+            try c.encode("terminal", forKey: .kind)
+            try c.encode(t, forKey: .terminal)
+        case .terminals(let t):
+            try c.encode("terminals", forKey: .kind)
+            try c.encode(t, forKey: .terminals)
         case .error(let e):
             try c.encode("error", forKey: .kind)
             try c.encode(e, forKey: .error)

@@ -35,6 +35,21 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .services(Supervisor.shared.list())
         case .serviceLogs(let name, let lines):
             return .lines(try Supervisor.shared.logs(name, lines: lines ?? 200))
+        case .terminalCreate(let name, let command, let cols, let rows):
+            return .terminal(try Terminals.shared.create(name, command: command, cols: cols, rows: rows))
+        case .terminalList:
+            return .terminals(Terminals.shared.list())
+        case .terminalInput(let name, let data):
+            try Terminals.shared.input(name, data)
+            return .ok
+        case .terminalResize(let name, let cols, let rows):
+            try Terminals.shared.resize(name, cols: cols, rows: rows)
+            return .ok
+        case .terminalOutput(let name, let raw, let lines):
+            return try Terminals.shared.output(name, raw: raw, lines: lines)
+        case .terminalClose(let name):
+            try Terminals.shared.close(name)
+            return .ok
         case .ping:
             return .pong(agentVersion: agentVersion, hostname: hostname(), uptimeSeconds: uptime())
         case .exec(let e):

@@ -345,3 +345,48 @@ func isRunning(_ pid: Int32) -> Bool {
     guard let stat = readWholeFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return false }
     return stat[stat.index(close, offsetBy: 2)] != "Z"
 }
+
+@Suite(.serialized) struct AgentTerminalTests {
+    func text(_ a: HostAgent, _ name: String) async throws -> String {
+        guard case .lines(let l) = try await a.client.request(.terminalOutput(name: name, raw: false, lines: 1000)) else { return "" }
+        return l.joined(separator: "\n")
+    }
+
+    func waitForText(_ a: HostAgent, _ name: String, _ needle: String) async throws -> String {
+        let deadline = ContinuousClock.now + .seconds(10)
+        var t = try await text(a, name)
+        while !t.contains(needle) && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+            t = try await text(a, name)
+        }
+        return t
+    }
+
+    @Test func aTerminalEchoesInputResizesAndCloses() async throws {
+        let a = try HostAgent()
+        guard case .terminal(let t) = try await a.client.request(.terminalCreate(name: "t1", command: ["/bin/sh"], cols: 80, rows: 24)) else {
+            Issue.record("no terminal")
+            return
+        }
+        #expect(t.status == "running" && t.pid != nil)
+        _ = try await a.client.request(.terminalInput(name: "t1", data: Data("echo hello-$((40+2))\n".utf8)))
+        #expect(try await waitForText(a, "t1", "hello-42").contains("hello-42"))
+        _ = try await a.client.request(.terminalResize(name: "t1", cols: 100, rows: 40))
+        _ = try await a.client.request(.terminalInput(name: "t1", data: Data("stty size; tty\n".utf8)))
+        let out = try await waitForText(a, "t1", "40 100")
+        #expect(out.contains("40 100") && out.contains("/dev/pts/"), "\(out)")
+        guard case .data(let raw, _) = try await a.client.request(.terminalOutput(name: "t1", raw: true, lines: nil)) else { return }
+        #expect(String(decoding: raw, as: UTF8.self).contains("hello-42\r\n"))  // as a terminal received it
+        let dup = try await a.client.call(.terminalCreate(name: "t1", command: nil, cols: 80, rows: 24))
+        guard case .error(let e) = dup else { Issue.record("a duplicate terminal was made"); return }
+        #expect(e.code == "exists")
+        guard case .terminals(let list) = try await a.client.request(.terminalList) else { return }
+        #expect(list.map(\.name) == ["t1"])
+        let pid = try #require(t.pid)
+        _ = try await a.client.request(.terminalClose(name: "t1"))
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(!isRunning(pid))
+        guard case .terminals(let after) = try await a.client.request(.terminalList) else { return }
+        #expect(after.isEmpty)
+    }
+}

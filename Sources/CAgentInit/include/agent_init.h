@@ -7,4 +7,8 @@ int cagent_init_linked(void);
 int cagent_pipe_cloexec(int fds[2]);
 /// posix_spawn_file_actions_addchdir_np.
 int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
+/// A new pty master (close-on-exec); its slave's path into `slave`. -1 on error (errno set).
+int cagent_openpt(char *slave, unsigned long size);
+/// TIOCSWINSZ.
+int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows);
 #endif
