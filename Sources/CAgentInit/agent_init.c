@@ -42,3 +42,10 @@ int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows) {
     struct winsize ws = {.ws_row = rows, .ws_col = cols};
     return ioctl(fd, TIOCSWINSZ, &ws);
 }
+
+#include <signal.h>
+#include <sys/reboot.h>
+
+int cagent_sigrtmin(void) { return SIGRTMIN; }
+
+int cagent_poweroff(void) { return reboot(RB_POWER_OFF); }

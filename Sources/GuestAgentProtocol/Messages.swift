@@ -55,6 +55,17 @@ public enum AgentRequest: Sendable, Equatable {
     case terminalOutput(name: String, raw: Bool, lines: Int?)
     /// Ends a session (SIGHUP, then SIGKILL) and forgets it.
     case terminalClose(name: String)
+    /// Adds a group (Freestyle's `LinuxGroupSpec`) unless one of that name exists.
+    case addGroup(GroupSpec)
+    /// Adds a user (Freestyle's `LinuxUserSpec`) unless one of that name exists; its home is
+    /// created and its supplementary groups get it as a member.
+    case addUser(UserSpec)
+    /// FIFREEZE (true) or FITHAW (false) on each mount point (default: every ext4, xfs and
+    /// btrfs mount) — a disk-only snapshot is then consistent.
+    case freeze(mountPoints: [String]?, frozen: Bool)
+    /// sync, then asks init to power off (systemd: SIGRTMIN+4, busybox: SIGUSR2); after
+    /// `graceSeconds` powers off itself.
+    case shutdown(graceSeconds: Int)
 
     /// True for requests answered by events before their response.
     public var isStream: Bool {
@@ -109,6 +120,39 @@ public struct ServiceSpec: Codable, Sendable, Equatable {
         self.deleteAfterSuccess = deleteAfterSuccess
         self.remainAfterExit = remainAfterExit
         self.enable = enable
+    }
+}
+
+public struct GroupSpec: Codable, Sendable, Equatable {
+    public var name: String
+    public var gid: UInt32?
+    public var system: Bool?
+
+    public init(name: String, gid: UInt32? = nil, system: Bool? = nil) {
+        self.name = name
+        self.gid = gid
+        self.system = system
+    }
+}
+
+public struct UserSpec: Codable, Sendable, Equatable {
+    public var name: String
+    public var uid: UInt32?
+    public var gecos: String?
+    public var groups: [String]?
+    public var home: String?
+    public var shell: String?
+    public var system: Bool?
+
+    public init(name: String, uid: UInt32? = nil, gecos: String? = nil, groups: [String]? = nil, home: String? = nil,
+                shell: String? = nil, system: Bool? = nil) {
+        self.name = name
+        self.uid = uid
+        self.gecos = gecos
+        self.groups = groups
+        self.home = home
+        self.shell = shell
+        self.system = system
     }
 }
 
@@ -305,7 +349,7 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
-        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw
+        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw, group, user, mountPoints, frozen, graceSeconds
     }
 
     public init(from decoder: any Decoder) throws {
@@ -358,6 +402,11 @@ extension AgentRequest: Codable {
                 name: try c.decode(String.self, forKey: .name), raw: try c.decodeIfPresent(Bool.self, forKey: .raw) ?? false,
                 lines: try c.decodeIfPresent(Int.self, forKey: .lines))
         case "terminalClose": self = .terminalClose(name: try c.decode(String.self, forKey: .name))
+        case "addGroup": self = .addGroup(try c.decode(GroupSpec.self, forKey: .group))
+        case "addUser": self = .addUser(try c.decode(UserSpec.self, forKey: .user))
+        case "freeze":
+            self = .freeze(mountPoints: try c.decodeIfPresent([String].self, forKey: .mountPoints), frozen: try c.decode(Bool.self, forKey: .frozen))
+        case "shutdown": self = .shutdown(graceSeconds: try c.decodeIfPresent(Int.self, forKey: .graceSeconds) ?? 10)
         case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
         }
     }
@@ -458,6 +507,19 @@ extension AgentRequest: Codable {
         case .terminalClose(let name):
             try c.encode("terminalClose", forKey: .op)
             try c.encode(name, forKey: .name)
+        case .addGroup(let g):
+            try c.encode("addGroup", forKey: .op)
+            try c.encode(g, forKey: .group)
+        case .addUser(let u):
+            try c.encode("addUser", forKey: .op)
+            try c.encode(u, forKey: .user)
+        case .freeze(let mps, let frozen):
+            try c.encode("freeze", forKey: .op)
+            try c.encodeIfPresent(mps, forKey: .mountPoints)
+            try c.encode(frozen, forKey: .frozen)
+        case .shutdown(let grace):
+            try c.encode("shutdown", forKey: .op)
+            try c.encode(grace, forKey: .graceSeconds)
         }
     }
 }

@@ -50,6 +50,18 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
         case .terminalClose(let name):
             try Terminals.shared.close(name)
             return .ok
+        case .addGroup(let g):
+            _ = try addGroup(g)
+            return .ok
+        case .addUser(let u):
+            _ = try addUser(u)
+            return .ok
+        case .freeze(let mps, let frozen):
+            try freeze(mps, frozen: frozen)
+            return .ok
+        case .shutdown(let grace):
+            shutdown(graceSeconds: grace)
+            return .ok
         case .ping:
             return .pong(agentVersion: agentVersion, hostname: hostname(), uptimeSeconds: uptime())
         case .exec(let e):

@@ -18,7 +18,7 @@ final class HostAgent {
     let client: AgentClient
     let raw: Int32
 
-    init(stateDir: String? = nil) throws {
+    init(stateDir: String? = nil, etc: String? = nil) throws {
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
         var actions = posix_spawn_file_actions_t()
@@ -32,6 +32,7 @@ final class HostAgent {
         var p: pid_t = 0
         var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin")]
         if let stateDir { env.append(strdup("FURCATE_AGENT_STATE_DIR=\(stateDir)")) }
+        if let etc { env.append(strdup("FURCATE_AGENT_ETC=\(etc)")) }
         env.append(nil)
         defer { for e in env { free(e) } }
         let rc = posix_spawn(&p, agentBinary, &actions, nil, argv, env)
@@ -388,5 +389,37 @@ func isRunning(_ pid: Int32) -> Bool {
         #expect(!isRunning(pid))
         guard case .terminals(let after) = try await a.client.request(.terminalList) else { return }
         #expect(after.isEmpty)
+    }
+}
+
+@Suite struct AgentAccountTests {
+    @Test func usersAndGroupsAreAddedOnceWithFreeIDs() async throws {
+        let etc = TempDir("etc")
+        try "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh".write(toFile: etc.sub("passwd"), atomically: true, encoding: .utf8)
+        try "root:x:0:\nalice:x:1000:\ndocker:x:998:\n".write(toFile: etc.sub("group"), atomically: true, encoding: .utf8)
+        let a = try HostAgent(etc: etc.path)
+        _ = try await a.client.request(.addGroup(GroupSpec(name: "devs")))
+        _ = try await a.client.request(.addGroup(GroupSpec(name: "svc", system: true)))
+        _ = try await a.client.request(.addUser(UserSpec(name: "bob", gecos: "Bob: B", groups: ["devs", "docker"], home: etc.sub("home/bob"), shell: "/bin/sh")))
+        _ = try await a.client.request(.addUser(UserSpec(name: "bob")))  // exists: unchanged
+        _ = try await a.client.request(.addUser(UserSpec(name: "daemon1", system: true)))
+        let passwd = try String(contentsOfFile: etc.sub("passwd"), encoding: .utf8)
+        let group = try String(contentsOfFile: etc.sub("group"), encoding: .utf8)
+        let users = passwd.split(separator: "\n").map(String.init)
+        let groups = group.split(separator: "\n").map(String.init)
+        // devs took gid 1001, so bob's own group gets the next free one.
+        #expect(users.filter { $0.hasPrefix("bob:") } == ["bob:x:1001:1002:Bob  B:\(etc.sub("home/bob")):/bin/sh"], "\(passwd)")
+        #expect(users.contains("daemon1:x:100:101::/:/usr/sbin/nologin"), "\(passwd)")
+        for g in ["devs:x:1001:bob", "docker:x:998:bob", "svc:x:100:", "bob:x:1002:", "daemon1:x:101:"] {
+            #expect(groups.contains(g), "missing \(g) in \(group)")
+        }
+        var st = stat()
+        #expect(stat(etc.sub("home/bob"), &st) == 0 && st.st_uid == 1001)
+        let bad = try await a.client.call(.addUser(UserSpec(name: "Robert; rm")))
+        guard case .error(let e) = bad else { Issue.record("a bad user name was accepted"); return }
+        #expect(e.code == "invalid_argument")
+        let taken = try await a.client.call(.addUser(UserSpec(name: "carol", uid: 1000)))
+        guard case .error(let t) = taken else { Issue.record("a taken uid was accepted"); return }
+        #expect(t.code == "exists")
     }
 }

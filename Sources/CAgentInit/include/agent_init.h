@@ -11,4 +11,8 @@ int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path)
 int cagent_openpt(char *slave, unsigned long size);
 /// TIOCSWINSZ.
 int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows);
+/// SIGRTMIN (a glibc function-like macro).
+int cagent_sigrtmin(void);
+/// reboot(RB_POWER_OFF).
+int cagent_poweroff(void);
 #endif
