@@ -58,7 +58,7 @@ let package = Package(
         .target(
             name: "VMService",
             dependencies: [
-                "FurcateCore", "BlockStore", "Hypervisor",
+                "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]

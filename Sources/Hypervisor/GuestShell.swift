@@ -29,7 +29,7 @@ public final class GuestShell: Sendable {
         let probe = "__furcate_ready_\(nonce)_"
         while true {
             try UnixSocket.writeAll(fd, Array("echo \(probe)$((6*7))\n".utf8))
-            if (try? await readLine(startingWith: probe + "42", deadline: min(deadline, .now + .milliseconds(200)))) != nil { break }
+            if (try? await readLine(finding: probe + "42", atLineStart: true, deadline: min(deadline, .now + .milliseconds(200)))) != nil { break }
             if ContinuousClock.now >= deadline {
                 Glibc.close(fd)
                 throw FurcateError(.timedOut, "the guest's shell did not answer within \(timeout)", path: socket)
@@ -50,18 +50,18 @@ public final class GuestShell: Sendable {
         }
         let marker = "__furcate_rc_\(nonce)_\(n)"
         try UnixSocket.writeAll(fd, Array("{ \(command)\n} 2>&1; echo \"\(marker)_$((0)) $?\"\n".utf8))
-        let (before, line) = try await readLine(startingWith: marker + "_0 ", deadline: .now + timeout)
+        let (before, line) = try await readLine(finding: marker + "_0 ", atLineStart: false, deadline: .now + timeout)
         let status = Int32(line.split(separator: " ").last ?? "") ?? -1
         return (before, status)
     }
 
     /// Reads until a line containing `needle`; returns the text before that line and the line.
-    private func readLine(startingWith needle: String, deadline: ContinuousClock.Instant) async throws -> (String, String) {
+    private func readLine(finding needle: String, atLineStart: Bool, deadline: ContinuousClock.Instant) async throws -> (String, String) {
         let fd = fd
         let needleBytes = Array(needle.utf8)
         while true {
             if let found = state.withLock({ s -> (String, String)? in
-                guard let r = Self.findLine(s.buffer, needleBytes) else { return nil }
+                guard let r = Self.findLine(s.buffer, needleBytes, atLineStart: atLineStart) else { return nil }
                 let before = String(decoding: s.buffer[..<r.lowerBound], as: UTF8.self)
                 let line = String(decoding: s.buffer[r], as: UTF8.self)
                 s.buffer.removeSubrange(..<min(r.upperBound + 1, s.buffer.count))
@@ -85,13 +85,21 @@ public final class GuestShell: Sendable {
         }
     }
 
-    /// The range of the first complete line (without its newline) that starts with `needle`.
-    private static func findLine(_ buf: [UInt8], _ needle: [UInt8]) -> Range<Int>? {
-        var start = 0
-        while let nl = buf[start...].firstIndex(of: UInt8(ascii: "\n")) {
-            let line = buf[start..<nl]
-            if line.starts(with: needle) { return start..<nl }
-            start = nl + 1
+    /// The range from the first `needle` in a complete line to that line's end (without the
+    /// newline). A command's marker may follow output that did not end in a newline. The probe
+    /// must start its line: a probe the guest got only in part runs as a command whose error
+    /// message names it ("sh: __furcate_ready_…_42: not found").
+    private static func findLine(_ buf: [UInt8], _ needle: [UInt8], atLineStart: Bool) -> Range<Int>? {
+        guard let nlLast = buf.lastIndex(of: UInt8(ascii: "\n")), nlLast + 1 >= needle.count else { return nil }
+        var i = 0
+        while i + needle.count <= nlLast {
+            if buf[i] == needle[0] && (!atLineStart || i == 0 || buf[i - 1] == UInt8(ascii: "\n"))
+                && buf[i..<(i + needle.count)].elementsEqual(needle)
+            {
+                let end = buf[i...].firstIndex(of: UInt8(ascii: "\n")) ?? nlLast
+                return i..<end
+            }
+            i += 1
         }
         return nil
     }

@@ -8,6 +8,7 @@
 import BlockStore
 import Foundation
 import FurcateCore
+import GuestAgentProtocol
 import Hypervisor
 import Logging
 
@@ -739,7 +740,15 @@ public actor VMService {
     private func end(_ id: String, _ p: QEMUProcess, graceful: Bool) async {
         processes[id] = nil
         if graceful {
-            _ = try? await p.qmp.execute("system_powerdown", timeout: .seconds(1))
+            // The agent syncs and asks the image's init to power off (and powers off itself
+            // when init does not); without an agent, the ACPI power button.
+            let grace = max(1, Int(options.gracefulStopTimeout.components.seconds))
+            if let agent = try? await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: .seconds(1)) {
+                _ = try? await agent.request(.shutdown(graceSeconds: grace), timeout: .seconds(2))
+                agent.close()
+            } else {
+                _ = try? await p.qmp.execute("system_powerdown", timeout: .seconds(1))
+            }
             if !(await p.waitForExit(timeout: options.gracefulStopTimeout)) { await p.terminate(grace: .seconds(5)) }
         } else {
             await p.kill()

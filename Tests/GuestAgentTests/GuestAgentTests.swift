@@ -15,10 +15,16 @@ var agentBinary: String { (furcateBinary as NSString).deletingLastPathComponent 
 /// `furcate-agent --stdio` as a host process on one end of a socketpair.
 final class HostAgent {
     let pid: pid_t
-    let client: AgentClient
+    private let _client: AgentClient?
+    /// The host end of the socketpair; only for a HostAgent made `raw` (a client would read
+    /// from the same socket).
     let raw: Int32
+    var client: AgentClient {
+        guard let c = _client else { preconditionFailure("a raw HostAgent has no client") }
+        return c
+    }
 
-    init(stateDir: String? = nil, etc: String? = nil) throws {
+    init(stateDir: String? = nil, etc: String? = nil, raw rawOnly: Bool = false) throws {
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
         var actions = posix_spawn_file_actions_t()
@@ -39,13 +45,18 @@ final class HostAgent {
         guard rc == 0 else { throw FurcateError.system("posix_spawn", errno: rc, path: agentBinary) }
         close(sv[1])
         pid = p
-        raw = dup(sv[0])
-        client = AgentClient(readFD: sv[0], writeFD: sv[0])
+        if rawOnly {
+            raw = sv[0]
+            _client = nil
+        } else {
+            raw = -1
+            _client = AgentClient(readFD: sv[0], writeFD: sv[0])
+        }
     }
 
     deinit {
-        client.close()
-        close(raw)
+        _client?.close()
+        if raw >= 0 { close(raw) }
         kill(pid, SIGKILL)
         var st: Int32 = 0
         waitpid(pid, &st, 0)
@@ -218,7 +229,7 @@ final class HostAgent {
     }
 
     @Test func malformedFrameGetsAnErrorAndEndsTheStream() async throws {
-        let a = try HostAgent()
+        let a = try HostAgent(raw: true)
         try UnixSocket.writeAll(a.raw, Array("this is not a frame at all".utf8))
         var decoder = FrameDecoder()
         var buf = [UInt8](repeating: 0, count: 4096)
@@ -374,7 +385,7 @@ func isRunning(_ pid: Int32) -> Bool {
         #expect(try await waitForText(a, "t1", "hello-42").contains("hello-42"))
         _ = try await a.client.request(.terminalResize(name: "t1", cols: 100, rows: 40))
         _ = try await a.client.request(.terminalInput(name: "t1", data: Data("stty size; tty\n".utf8)))
-        let out = try await waitForText(a, "t1", "40 100")
+        let out = try await waitForText(a, "t1", "/dev/pts/")
         #expect(out.contains("40 100") && out.contains("/dev/pts/"), "\(out)")
         guard case .data(let raw, _) = try await a.client.request(.terminalOutput(name: "t1", raw: true, lines: nil)) else { return }
         #expect(String(decoding: raw, as: UTF8.self).contains("hello-42\r\n"))  // as a terminal received it

@@ -118,6 +118,51 @@ struct VMServiceTests {
         }
     }
 
+    /// The agent in a real VM: it comes back when killed (its supervisor restarts it), runs a
+    /// service that is restarted after SIGKILL, freezes and thaws the rootfs, and a graceful
+    /// shutdown through it powers the VM off (QEMU exits cleanly: the VM is stopped).
+    @Test(.timeLimit(.minutes(5))) func agentSurvivesServicesRunAndShutdownStopsTheVM() async throws {
+        await withHarness { h, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let agent = try await svc.agent(vm.id, timeout: .seconds(60))
+            guard case .pong = try await agent.request(.ping) else { Issue.record("no pong"); return }
+            // Two agent processes: the supervisor (older) and the one serving. Kill the server.
+            let before = try await guest(sh, "pidof agent | tr ' ' '\\n' | sort -n | tr '\\n' ' '").split(separator: " ")
+            #expect(before.count == 2, "agent processes: \(before)")
+            let serving = try #require(before.last)
+            try await guest(sh, "kill -9 \(serving)")
+            agent.close()
+            let again = try await svc.agent(vm.id, timeout: .seconds(30))
+            guard case .pong = try await again.request(.ping) else { Issue.record("no pong after the agent was killed"); return }
+            let after = try await guest(sh, "pidof agent | tr ' ' '\\n' | sort -n | tr '\\n' ' '").split(separator: " ")
+            #expect(after.count == 2 && after.first == before.first && !after.contains(serving), "before \(before), after \(after)")
+
+            _ = try await again.request(
+                .serviceCreate(ServiceSpec(name: "ticker", mode: "service", exec: ["while true; do date +%s; sleep 1; done"], restartPolicy: RestartPolicy(policy: "always")), start: true))
+            guard case .service(let st) = try await again.request(.serviceStatus(name: "ticker")), let pid = st.mainPID else {
+                Issue.record("service not running")
+                return
+            }
+            try await guest(sh, "kill -9 \(pid)")
+            var restarted = false
+            for _ in 0..<50 where !restarted {
+                try await Task.sleep(for: .milliseconds(100))
+                if case .service(let s2) = try await again.request(.serviceStatus(name: "ticker")), s2.restarts >= 1, s2.subState == "running" { restarted = true }
+            }
+            #expect(restarted)
+
+            _ = try await again.request(.freeze(mountPoints: ["/"], frozen: true))
+            _ = try await again.request(.freeze(mountPoints: ["/"], frozen: false))
+            #expect(try await guest(sh, "echo ok > /root/after-thaw && cat /root/after-thaw") == "ok")
+
+            _ = try await again.request(.shutdown(graceSeconds: 1))
+            let exited = try await svc.awaitExit(vm.id, timeout: .seconds(30))
+            #expect(exited.state == .stopped)
+            _ = h
+        }
+    }
+
     /// Memory mode b: forks map the snapshot's memory privately (one base file, one page
     /// cache); they continue the parent and stay isolated; a snapshot of such a fork carries
     /// its RAM in the stream and restores.
