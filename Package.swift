@@ -64,7 +64,9 @@ let package = Package(
             ]
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
-        .target(name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService"]),
+        .target(
+            name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol"]
+        ),
         // @main: argument parsing and wiring only.
         .executableTarget(
             name: "furcate",

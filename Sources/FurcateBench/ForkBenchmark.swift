@@ -93,35 +93,15 @@ public struct ForkBenchmark: Sendable {
     }
 
     public func run() async throws -> ForkBenchReport {
-        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "bench fork needs root (it mounts the store)") }
-        for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
-            throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: guestDir + "/" + a)
-        }
         let t0 = ContinuousClock.now
-        let root = workDir + "/furcate-bench-fork-\(getpid())"
-        try? FileManager.default.removeItem(atPath: root)
-        try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let store = try BlockStore.create(at: root + "/store")
-        let rootfs = try store.createFile("rootfs")
-        let fd = try syscall("open", path: guestDir + "/test-rootfs.ext4") { open(guestDir + "/test-rootfs.ext4", O_RDONLY) }
-        try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
-        close(fd)
-        try rootfs.sync()
-        let diskBytes = rootfs.size
-        let mount = try StoreFS(store: store, mountpoint: root + "/mnt").startInBackground()
-        defer {
-            mount.stop()
-            store.close()
+        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "fork") { opts in
+            opts.defaultMemoryMiB = memoryMiB
+            opts.warmPoolSize = warmPool
+            if let memoryBlockSize { opts.memoryBlockSize = memoryBlockSize }
         }
-        var opts = VMServiceOptions(dataDirectory: root + "/data", mountpoint: root + "/mnt", guestDirectory: guestDir)
-        opts.defaultMemoryMiB = memoryMiB
-        opts.gracefulStopTimeout = .milliseconds(100)
-        opts.warmPoolSize = warmPool
-        opts.debugShell = true
-        if let memoryBlockSize { opts.memoryBlockSize = memoryBlockSize }
-        opts.logger.logLevel = .warning
-        let svc = try VMService(store: store, options: opts)
+        let svc = env.service
+        let diskBytes = env.diskBytes
+        let opts = svc.options
         let writeMiB = min(256, memoryMiB / 2)
         var report = ForkBenchReport(
             accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, memoryBlockSize: opts.memoryBlockSize, guestWriteMiB: writeMiB, coldBootMillis: 0,
@@ -153,12 +133,10 @@ public struct ForkBenchmark: Sendable {
                 report.modes.append(try await forkRun(svc, base: base.id, baseShell: baseShell, mode: mode, writeMiB: writeMiB))
             }
         } catch {
-            await svc.drainWarmPool()
-            for vm in await svc.list() { try? await svc.delete(vm.id) }
+            await env.close()
             throw error
         }
-        await svc.drainWarmPool()
-        for vm in await svc.list() { try? await svc.delete(vm.id) }
+        await env.close()
         report.seconds = Double((ContinuousClock.now - t0).components.seconds)
         return report
     }
@@ -255,9 +233,7 @@ public struct ForkBenchmark: Sendable {
         return u
     }
 
-    static func ms(_ d: Duration) -> Double {
-        Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
-    }
+    static func ms(_ d: Duration) -> Double { millis(d) }
 
     static func mean(_ xs: [Double]) -> Double { xs.isEmpty ? 0 : xs.reduce(0, +) / Double(xs.count) }
 

@@ -53,8 +53,12 @@ public final class AgentClient: Sendable {
         let deadline = ContinuousClock.now + timeout
         let fd = try UnixSocket.connect(socket, deadline: deadline)
         let client = AgentClient(readFD: fd, writeFD: fd)
+        // Short first tries: right after a restore the first ping can be lost while the port
+        // reconnects, and a fork waits on this.
+        var wait = Duration.milliseconds(10)
         while true {
-            if case .pong = try? await client.call(.ping, timeout: .milliseconds(200)) { return client }
+            if case .pong = try? await client.call(.ping, timeout: wait) { return client }
+            wait = min(wait * 2, .milliseconds(200))
             if ContinuousClock.now >= deadline {
                 client.close()
                 throw FurcateError(.timedOut, "the guest agent did not answer within \(timeout)", path: socket)

@@ -8,7 +8,36 @@ import VMService
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self, FS.self, Fork.self])
+        subcommands: [Store.self, FS.self, Fork.self, Agent.self])
+
+    struct Agent: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "agent",
+            abstract: "Guest agent exec round trip and file throughput in a VM vs the serial shell and a local process; needs root, QEMU and the guest artifacts.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Option(help: "Exec round trips per path.") var count = 200
+        @Option(help: "MiB written and read through the agent.") var fileMib = 64
+        @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
+        @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
+
+        func run() throws {
+            bootstrapOnce
+            guard (1...100_000).contains(count), (4...4096).contains(fileMib) else {
+                throw ValidationError("--count must be 1 to 100000 and --file-mib 4 to 4096")
+            }
+            let b = AgentBenchmark(workDir: dir, guestDir: guest, execCount: count, fileMiB: fileMib) { FileHandleStderr.write("bench: \($0)\n") }
+            let json = json
+            try runBlocking {
+                let r = try await b.run()
+                if json { return try printJSON(r, snakeCase: true) }
+                print("accelerator \(r.accelerator); \(r.execCount) round trips each")
+                print("exec true: agent p50 \(f2(r.agentExecP50Millis)) ms, p99 \(f2(r.agentExecP99Millis)) ms; serial shell p50 \(f2(r.shellExecP50Millis)) ms, p99 \(f2(r.shellExecP99Millis)) ms; ratio \(f2(r.agentExecP50Millis / r.shellExecP50Millis))")
+                print("ping: agent p50 \(f2(r.agentPingP50Millis)) ms")
+                print("files (\(r.fileMiB) MiB, 4 MiB requests): agent write \(f1(r.agentWriteMBps)) MB/s, read \(f1(r.agentReadMBps)) MB/s; local write \(f1(r.localWriteMBps)), read \(f1(r.localReadMBps)); ratios \(f2(r.agentWriteMBps / r.localWriteMBps)) / \(f2(r.agentReadMBps / r.localReadMBps))")
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
 
     struct Fork: ParsableCommand {
         static let configuration = CommandConfiguration(
