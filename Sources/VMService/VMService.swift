@@ -36,7 +36,7 @@ public struct VMServiceOptions: Sendable {
     /// Give every VM a debug-shell port (`furcate.shell`) besides the agent's (test images
     /// serve a shell there; `guestShell` connects to it).
     public var debugShell = false
-    /// How long a restore waits for the guest agent to reseed the fork's RNG and set its clock.
+    /// How long the freshening of a restored VM (see `awaitFreshened`) waits for its agent.
     /// An image without an agent still runs; the restore then logs that its fork shares its
     /// siblings' RNG state until the kernel reseeds by itself.
     public var agentTimeout: Duration = .seconds(10)
@@ -80,11 +80,7 @@ public struct RestoreTiming: Sendable, Codable {
     public var spawn: Duration = .zero
     public var migrateIncoming: Duration = .zero
     public var resume: Duration = .zero
-    /// The guest agent reseeding the RNG and setting the clock (and identity when asked).
-    public var agent: Duration = .zero
-    /// The agent reseeded the guest's RNG and set its clock (false: no agent answered).
-    public var freshened = false
-    public var total: Duration { storeClone + spawn + migrateIncoming + resume + agent }
+    public var total: Duration { storeClone + spawn + migrateIncoming + resume }
 }
 
 /// The result of a fork: the new VMs, the snapshot they came from, and their timings.
@@ -107,6 +103,8 @@ public actor VMService {
     var locks: [String: AsyncLock] = [:]
     /// Serializes creation of a snapshot's mode-b base file.
     let baseLock = AsyncLock()
+    /// Freshening of restored VMs in progress or done (see `awaitFreshened`).
+    var freshening: [String: Task<Bool, Never>] = [:]
     /// Warm pool (VMService+WarmPool.swift).
     var pool: [PoolShape: [PoolEntry]] = [:]
     var refilling: Set<PoolShape> = []
@@ -161,9 +159,18 @@ public actor VMService {
         return try await GuestShell(socket: runDirectory(id) + "/shell.sock", timeout: timeout)
     }
 
-    /// A connection to a running VM's guest agent, once it answers.
+    /// Waits until a restored VM was freshened (RNG reseeded, clock set, identity if asked)
+    /// and says whether its agent did it. True at once for a VM that was not restored.
+    public func awaitFreshened(_ id: String) async -> Bool {
+        guard let t = freshening[id] else { return true }
+        return await t.value
+    }
+
+    /// A connection to a running VM's guest agent, once it answers (and, after a restore, once
+    /// the VM was freshened: nothing of the user's reaches a fork before its RNG is reseeded).
     /// - Throws: `.invalidState` unless running, `.timedOut`.
     public func agent(_ id: String, timeout: Duration = .seconds(30)) async throws -> AgentClient {
+        _ = await awaitFreshened(id)
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
         return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
@@ -442,8 +449,11 @@ public actor VMService {
         t.resume = lap()
         vm.pid = p.pid
         try setState(&vm, .running)
-        t.freshened = await freshenGuest(vm, newIdentity: newIdentity)
-        t.agent = lap()
+        // The guest runs from `cont` on, whether or not this call has returned, so waiting here
+        // would protect nothing more: the agent freshens it in the background, and every
+        // operation that reaches the guest through this service waits for that first.
+        let v = vm
+        freshening[vm.id] = Task { await self.freshenGuest(v, newIdentity: newIdentity) }
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
     }
@@ -610,6 +620,7 @@ public actor VMService {
             vms[id] = nil
         }
         locks[id] = nil
+        freshening[id] = nil
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.

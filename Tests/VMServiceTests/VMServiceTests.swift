@@ -92,7 +92,7 @@ struct VMServiceTests {
                 // Each fork's agent reseeded its CRNG (RNDADDENTROPY + RNDRESEEDCRNG) and set its
                 // clock. (Distinct random bytes alone would not prove it in a guest this young:
                 // its kernel still reseeds every few seconds by itself.)
-                #expect(fork.timings.allSatisfy { $0.freshened })
+                #expect(await svc.awaitFreshened(vm.id))
                 let a = try await svc.agent(vm.id)
                 let out = try await a.exec(ExecRequest(command: "head -c 16 /dev/urandom | od -An -tx1; hostname; cat /etc/machine-id; date +%s"))
                 let lines = String(decoding: out.stdout, as: UTF8.self).split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
