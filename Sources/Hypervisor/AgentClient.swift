@@ -81,9 +81,8 @@ public final class AgentClient: Sendable {
     /// Sends `request` and waits for its response. An `.error` response is returned as is.
     /// - Throws: `.timedOut`, `.io` when the channel closes first.
     public func call(_ request: AgentRequest, timeout: Duration = .seconds(30)) async throws -> AgentResponse {
-        let payload = try JSONEncoder().encode(request)
         let id = state.withLock { $0.takeID() }
-        let bytes = Frame(kind: .request, id: id, payload: [UInt8](payload)).encoded()
+        let bytes = try request.frame(id: id).encoded()
         let timer = Task { [weak self] in
             try await Task.sleep(for: timeout)
             self?.fail(id, FurcateError(.timedOut, "the guest agent did not answer within \(timeout)"))
@@ -106,7 +105,7 @@ public final class AgentClient: Sendable {
     /// response. `cancel(_:)` with the returned id ends it. The stream finishes with an error
     /// when the channel closes.
     public func stream(_ request: AgentRequest) throws -> (id: UInt32, items: AsyncThrowingStream<StreamItem, any Error>) {
-        let payload = try JSONEncoder().encode(request)
+        _ = try request.frame(id: 0)  // encodable, before anything is registered
         let (items, continuation) = AsyncThrowingStream<StreamItem, any Error>.makeStream()
         let id = try state.withLock { s -> UInt32 in
             if let e = s.closed { throw e }
@@ -116,7 +115,7 @@ public final class AgentClient: Sendable {
         }
         do {
             try writeLock.withLock { _ in
-                try UnixSocket.writeAll(writeFD, Frame(kind: .request, id: id, payload: [UInt8](payload)).encoded())
+                try UnixSocket.writeAll(writeFD, try request.frame(id: id).encoded())
             }
         } catch {
             state.withLock { $0.streams[id] = nil }
@@ -196,7 +195,7 @@ public final class AgentClient: Sendable {
             guard let e = try? JSONDecoder().decode(AgentEvent.self, from: Data(f.payload)) else { return }
             _ = state.withLock { $0.streams[f.id] }?.yield(.event(e))
         case .response:
-            guard let r = try? JSONDecoder().decode(AgentResponse.self, from: Data(f.payload)) else { return }
+            guard let r = try? AgentResponse.from(f) else { return }
             let (call, stream) = state.withLock { ($0.pending.removeValue(forKey: f.id), $0.streams.removeValue(forKey: f.id)) }
             // Responses to requests nobody waits for (timed out, or sent before a reconnect)
             // are dropped.

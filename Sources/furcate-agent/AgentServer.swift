@@ -57,7 +57,7 @@ final class AgentServer: Sendable {
             return
         }
         let request: AgentRequest
-        do { request = try JSONDecoder().decode(AgentRequest.self, from: Data(frame.payload)) } catch {
+        do { request = try AgentRequest.from(frame) } catch {
             send(.error(AgentError(code: "invalid_argument", message: "cannot decode the request: \(error)")), id: frame.id)
             return
         }
@@ -94,11 +94,11 @@ final class AgentServer: Sendable {
     }
 
     func send(_ response: AgentResponse, id: UInt32) {
-        let payload: [UInt8]
-        do { payload = [UInt8](try JSONEncoder().encode(response)) } catch {
-            payload = Array(#"{"kind":"error","error":{"code":"io","message":"cannot encode the response"}}"#.utf8)
+        let frame: Frame
+        do { frame = try response.frame(id: id) } catch {
+            frame = Frame(kind: .response, id: id, payload: Array(#"{"kind":"error","error":{"code":"io","message":"cannot encode the response"}}"#.utf8))
         }
-        var bytes = Frame(kind: .response, id: id, payload: payload).encoded()
+        var bytes = frame.encoded()
         if bytes.count > Frame.headerSize + Frame.maxPayload {
             let msg = #"{"kind":"error","error":{"code":"invalid_argument","message":"response exceeds the frame limit"}}"#
             bytes = Frame(kind: .response, id: id, payload: Array(msg.utf8)).encoded()

@@ -80,6 +80,20 @@ final class HostAgent {
         #expect(throws: FrameError.self) { try wrong.next() }
         let req = AgentRequest.writeFile(path: "/a", data: Data([0, 1, 255]), offset: 3, mode: 0o600, createParents: true)
         #expect(try JSONDecoder().decode(AgentRequest.self, from: JSONEncoder().encode(req)) == req)
+        // File bytes travel as a raw attachment beside the JSON, not as base64 inside it.
+        let framed = try req.frame(id: 9)
+        #expect(framed.attachment == [0, 1, 255] && !String(decoding: framed.payload, as: UTF8.self).contains("AAH/"))
+        var withAttachment = FrameDecoder()
+        withAttachment.append(framed.encoded())
+        let back = try #require(try withAttachment.next())
+        #expect(try AgentRequest.from(back) == req && back.id == 9)
+        let resp = AgentResponse.data(Data([7, 8]), fileSize: 2)
+        var rd = FrameDecoder()
+        rd.append(try resp.frame(id: 3).encoded())
+        #expect(try AgentResponse.from(try #require(try rd.next())) == resp)
+        var lying = FrameDecoder()
+        lying.append([0x46, 0x41, 1, 0x81, 1, 0, 0, 0, 6, 0, 0, 0, 0xff, 0, 0, 0, 0x7b, 0x7d])
+        #expect(throws: FrameError.self) { try lying.next() }
     }
 
     @Test func pingAndExec() async throws {
