@@ -28,21 +28,6 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
     try check(cagent_pipe_cloexec(&errPipe), "pipe")
     try check(cagent_pipe_cloexec(&inPipe), "pipe")
 
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
-    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
-    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
-    if let cwd = e.cwd { cagent_spawn_addchdir(&actions, cwd) }
-    var attr = posix_spawnattr_t()
-    posix_spawnattr_init(&attr)
-    defer { posix_spawnattr_destroy(&attr) }
-    var empty = sigset_t()
-    sigemptyset(&empty)
-    posix_spawnattr_setsigmask(&attr, &empty)
-    posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08))  // POSIX_SPAWN_SETSID | SETSIGMASK
-
     var env: [String: String] = [:]
     var p = environ
     while let entry = p.pointee {
@@ -50,26 +35,20 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
         if let eq = s.firstIndex(of: "=") { env[String(s[..<eq])] = String(s[s.index(after: eq)...]) }
         p += 1
     }
-    if env["PATH"] == nil { env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" }
+    if env["PATH"] == nil { env["PATH"] = String(defaultPATH.dropFirst(5)) }
     for (k, v) in e.env ?? [:] { env[k] = v }
-    let cargv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-    let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer {
-        for a in cargv { free(a) }
-        for a in cenv { free(a) }
-    }
     let start = monotonicMillis()
-    var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, argv[0], &actions, &attr, cargv, cenv)
+    let pid: pid_t
+    do {
+        pid = try spawnInSession(
+            argv, env: env.map { "\($0.key)=\($0.value)" }, stdio: .descriptors(inPipe[0], outPipe[1], errPipe[1]), cwd: e.cwd)
+    } catch {
+        for fd in inPipe + outPipe + errPipe { close(fd) }
+        throw error
+    }
     close(inPipe[0])
     close(outPipe[1])
     close(errPipe[1])
-    guard rc == 0 else {
-        close(inPipe[1])
-        close(outPipe[0])
-        close(errPipe[0])
-        throw errnoError(rc, "exec", path: argv[0])
-    }
 
     // stdin on its own thread: a child that does not read it must not block the output loop.
     let stdinBytes = e.stdin.map { [UInt8]($0) } ?? []
@@ -142,6 +121,62 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
         stdout: Data(out), stderr: Data(err), truncated: truncated, timedOut: timedOut,
         durationMs: Int(monotonicMillis() - start))
 }
+
+/// Where a spawned program's descriptors 0, 1 and 2 come from.
+enum StdioSetup {
+    /// dup2 these descriptors onto 0, 1, 2.
+    case descriptors(Int32, Int32, Int32)
+    /// /dev/null as stdin, `output` as stdout and stderr.
+    case nullInput(output: Int32)
+    /// Open this tty as 0 (after setsid it becomes the controlling terminal), dup it to 1, 2.
+    case terminal(String)
+}
+
+/// Starts a program in its own session (a timeout or a stop can kill its whole group), with
+/// an empty signal mask and the given stdio, working directory and environment ("K=V").
+/// `search`: look `argv[0]` up in PATH.
+func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: String? = nil, search: Bool = true) throws -> pid_t {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    switch stdio {
+    case .descriptors(let i, let o, let e):
+        posix_spawn_file_actions_adddup2(&actions, i, 0)
+        posix_spawn_file_actions_adddup2(&actions, o, 1)
+        posix_spawn_file_actions_adddup2(&actions, e, 2)
+    case .nullInput(let out):
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, out, 1)
+        posix_spawn_file_actions_adddup2(&actions, out, 2)
+    case .terminal(let tty):
+        posix_spawn_file_actions_addopen(&actions, 0, tty, O_RDWR, 0)
+        posix_spawn_file_actions_adddup2(&actions, 0, 1)
+        posix_spawn_file_actions_adddup2(&actions, 0, 2)
+    }
+    if let cwd { cagent_spawn_addchdir(&actions, cwd) }
+    var attr = posix_spawnattr_t()
+    posix_spawnattr_init(&attr)
+    defer { posix_spawnattr_destroy(&attr) }
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attr, &empty)
+    posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08))  // POSIX_SPAWN_SETSID | SETSIGMASK
+    let cargv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+    let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
+    defer {
+        for a in cargv { free(a) }
+        for a in cenv { free(a) }
+    }
+    var pid: pid_t = 0
+    let rc = search
+        ? posix_spawnp(&pid, argv[0], &actions, &attr, cargv, cenv)
+        : posix_spawn(&pid, argv[0], &actions, &attr, cargv, cenv)
+    guard rc == 0 else { throw errnoError(rc, "exec", path: argv[0]) }
+    return pid
+}
+
+/// The PATH programs get when the agent's own environment has none.
+let defaultPATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 func monotonicMillis() -> Int64 {
     var ts = timespec()

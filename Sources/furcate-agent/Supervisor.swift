@@ -250,34 +250,16 @@ final class Supervisor: Sendable {
         }
         var pipeFDs: [Int32] = [0, 0]
         guard cagent_pipe_cloexec(&pipeFDs) == 0 else { return (127, nil) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 2)
-        if let wd = spec.workdir { cagent_spawn_addchdir(&actions, wd) }
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08))  // SETSID | SETSIGMASK
-        var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
+        var env = [defaultPATH, "HOME=/root"]
         for (k, v) in spec.env ?? [:] { env.append("\(k)=\(v)") }
-        let cargv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
-        defer {
-            for a in cargv { free(a) }
-            for a in cenv { free(a) }
-        }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attr, cargv, cenv)
-        close(pipeFDs[1])
-        guard rc == 0 else {
+        let pid: pid_t
+        do {
+            pid = try spawnInSession(argv, env: env, stdio: .nullInput(output: pipeFDs[1]), cwd: spec.workdir, search: false)
+            close(pipeFDs[1])
+        } catch {
             close(pipeFDs[0])
-            appendLog(name, "furcate-agent: cannot start '\(line)': \(String(cString: strerror(rc)))")
+            close(pipeFDs[1])
+            appendLog(name, "furcate-agent: cannot start '\(line)': \(error)")
             return (127, nil)
         }
         let stillCurrent = table.withLock { t -> Bool in

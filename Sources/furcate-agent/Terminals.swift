@@ -41,32 +41,12 @@ final class Terminals: Sendable {
         _ = cagent_set_winsize(master, UInt16(cols), UInt16(rows))
         let argv = command ?? ["/bin/sh"]
         guard !argv.isEmpty else { throw AgentError(code: "invalid_argument", message: "empty terminal command") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        // After setsid, the first tty the session leader opens becomes its controlling terminal.
-        posix_spawn_file_actions_addopen(&actions, 0, slave, O_RDWR, 0)
-        posix_spawn_file_actions_adddup2(&actions, 0, 1)
-        posix_spawn_file_actions_adddup2(&actions, 0, 2)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08))
-        let env = ["TERM=xterm-256color", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
-        let cargv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
-        defer {
-            for a in cargv { free(a) }
-            for a in cenv { free(a) }
-        }
-        var pid: pid_t = 0
-        let rc = posix_spawnp(&pid, argv[0], &actions, &attr, cargv, cenv)
-        guard rc == 0 else {
+        let pid: pid_t
+        do {
+            pid = try spawnInSession(argv, env: ["TERM=xterm-256color", defaultPATH, "HOME=/root"], stdio: .terminal(String(decoding: slave.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+        } catch {
             Glibc.close(master)
-            throw errnoError(rc, "exec", path: argv[0])
+            throw error
         }
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
