@@ -91,18 +91,9 @@ func streamStats(intervalMs: Int, stream: StreamContext) throws {
     }
 }
 
+/// A /proc file's text ("" when unreadable).
 func procText(_ path: String) -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return "" }
-    defer { close(fd) }
-    var out: [UInt8] = []
-    var b = [UInt8](repeating: 0, count: 8192)
-    while true {
-        let n = b.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n <= 0 { break }
-        out.append(contentsOf: b[0..<n])
-    }
-    return String(decoding: out, as: UTF8.self)
+    (try? readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
 }
 
 /// Busy and total jiffies of all CPUs, from the first line of /proc/stat.
