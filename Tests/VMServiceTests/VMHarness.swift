@@ -117,6 +117,11 @@ func withHarness(
         Issue.record(error, sourceLocation: sourceLocation)
         return []
     }
-    do { try await body(h, h.service) } catch { Issue.record(error, sourceLocation: sourceLocation) }
+    do { try await body(h, h.service) } catch {
+        // What each VM's console, QEMU and QMP said, to tell a hung guest from a slow one.
+        var report = "\(error)"
+        for vm in await h.service.list() { report += "\n  \(vm.state.rawValue): \(await diagnose(h.service, vm.id))" }
+        Issue.record(Comment(rawValue: report), sourceLocation: sourceLocation)
+    }
     return await h.tearDown()
 }

@@ -350,7 +350,7 @@ struct VMServiceTests {
             #expect(resumed == [a.id])
             #expect(try await h.service.info(a.id).state == .running)
             #expect(try await h.service.info(b.id).state == .suspended)
-            let sh2 = try await h.service.guestShell(a.id)
+            let sh2 = try await h.service.guestShell(a.id, timeout: .seconds(60))
             #expect(try await guest(sh2, "cat /tmp/note") == "remembered")
 
             // A server that died without shutting down: its VMs are lost, their QEMUs killed
