@@ -347,8 +347,9 @@ public final class StoreFile: @unchecked Sendable {
     /// serialized by the pack set. Blocks that failed (a full disk) stay dirty for a retry.
     private func flushDirtyLocked(_ store: BlockStore) throws {
         guard !dirty.isEmpty else { return }
-        let keys = dirty.keys.sorted()
-        let blocks = keys.map { dirty[$0]! }
+        let entries = dirty.sorted { $0.key < $1.key }
+        let keys = entries.map(\.key)
+        let blocks = entries.map(\.value)
         let codec = codec
         let results = Self.parallelMap(blocks.count) { j -> Result<BlockID, any Error> in
             Result {

@@ -123,13 +123,15 @@ final class Supervisor: Sendable {
                 }
             }
         }
-        let gen = table.withLock { t -> Int in
-            t[name]!.generation += 1
-            t[name]!.active = "activating"
-            t[name]!.sub = "start"
-            t[name]!.startTimes.append(monotonicMillis())
-            return t[name]!.generation
-        }
+        guard let gen = table.withLock({ t -> Int? in
+            guard var entry = t[name] else { return nil }  // deleted meanwhile
+            entry.generation += 1
+            entry.active = "activating"
+            entry.sub = "start"
+            entry.startTimes.append(monotonicMillis())
+            t[name] = entry
+            return entry.generation
+        }) else { throw notFound(name) }
         startThread { [self] in run(name, generation: gen) }
         // Give a quick failure (a missing program) the chance to show in the answer.
         usleep(20_000)
@@ -145,13 +147,14 @@ final class Supervisor: Sendable {
     @discardableResult
     func stop(_ name: String) -> ServiceStatus? {
         guard let (pid, timeout) = table.withLock({ t -> (pid_t?, Int)? in
-            guard t[name] != nil else { return nil }
-            t[name]!.generation += 1
-            let p = t[name]!.pid
-            t[name]!.pid = nil
-            t[name]!.active = "inactive"
-            t[name]!.sub = "dead"
-            return (p, t[name]!.spec.timeoutSec ?? 10)
+            guard var entry = t[name] else { return nil }
+            entry.generation += 1
+            let p = entry.pid
+            entry.pid = nil
+            entry.active = "inactive"
+            entry.sub = "dead"
+            t[name] = entry
+            return (p, entry.spec.timeoutSec ?? 10)
         }) else { return nil }
         if let pid {
             kill(-pid, SIGTERM)
