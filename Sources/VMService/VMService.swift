@@ -173,7 +173,7 @@ public actor VMService {
         _ = await awaitFreshened(id)
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
-        return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
+        return try await connectAgent(id, timeout: timeout)
     }
 
     // MARK: create
@@ -385,7 +385,7 @@ public actor VMService {
     /// A new VM restored from `snap`.
     private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode, newIdentity: Bool = false) async throws -> (VMInfo, RestoreTiming) {
         var pooled: PoolEntry?
-        if mode == .shared && !snap.ramInStream, let disk = try? store.file(snap.diskFile).size {
+        if options.warmPoolSize > 0, mode == .shared, !snap.ramInStream, let disk = try? store.file(snap.diskFile).size {
             pooled = takeFromPool(PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk))
         }
         var vm = VMInfo(
@@ -465,7 +465,7 @@ public actor VMService {
     /// with a warning.
     private func freshenGuest(_ vm: VMInfo, newIdentity: Bool) async -> Bool {
         do {
-            let agent = try await AgentClient.connect(socket: runDirectory(vm.id) + "/channel.sock", timeout: options.agentTimeout)
+            let agent = try await connectAgent(vm.id, timeout: options.agentTimeout)
             defer { agent.close() }
             try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
             if newIdentity {
@@ -754,7 +754,7 @@ public actor VMService {
             // The agent syncs and asks the image's init to power off (and powers off itself
             // when init does not); without an agent, the ACPI power button.
             let grace = max(1, Int(options.gracefulStopTimeout.components.seconds))
-            if let agent = try? await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: .seconds(1)) {
+            if let agent = try? await connectAgent(id, timeout: .seconds(1)) {
                 _ = try? await agent.request(.shutdown(graceSeconds: grace), timeout: .seconds(2))
                 agent.close()
             } else {
@@ -765,6 +765,11 @@ public actor VMService {
             await p.kill()
         }
         cleanRunDirectory(id)
+    }
+
+    /// The guest agent of VM `id` over its channel socket, once it answers a ping.
+    private nonisolated func connectAgent(_ id: String, timeout: Duration) async throws -> AgentClient {
+        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
     }
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).
