@@ -16,6 +16,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         // C bridges: system libraries from Debian, nothing else.
@@ -53,12 +55,27 @@ let package = Package(
         .target(name: "GuestAgentProtocol"),
         // The agent inside every guest: one static executable (see scripts/build-agent.sh).
         .target(name: "CAgentInit"),
+        // <sys/xattr.h> for the layer applier (not in Swift's Glibc module).
+        .target(name: "CSysXattr"),
         .executableTarget(name: "furcate-agent", dependencies: ["GuestAgentProtocol", "CAgentInit"]),
         // The VM lifecycle: boot, snapshot, fork, suspend/resume, stop/kill, persistence.
         .target(
             name: "VMService",
             dependencies: [
                 "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // OCI images (registry, OCI layout, docker-archive) -> ext4 rootfs files in the store.
+        .target(
+            name: "Images",
+            dependencies: [
+                "FurcateCore", "BlockStore", "CZstd", "CZlib", "CSysXattr",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -71,7 +88,7 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -87,6 +104,10 @@ let package = Package(
         .testTarget(
             name: "VMServiceTests",
             dependencies: ["VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+        ),
+        .testTarget(
+            name: "ImagesTests",
+            dependencies: ["Images", "VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
         ),
         .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],

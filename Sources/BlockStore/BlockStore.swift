@@ -146,11 +146,22 @@ public final class BlockStore: Sendable {
         // kernel when the process dies however it dies, so a kill -9 never leaves it stuck.
         let lockPath = dir + "/lock"
         let fd = try syscall("open", path: lockPath) { Glibc.open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644) }
-        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+        // Our own pid in the lock file means a child forked by another thread of this process
+        // (before its exec closed the descriptor) still holds the lock of a store we closed a
+        // moment ago: that lasts microseconds to milliseconds, so wait for it.
+        var ownWaits = 0
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let e = errno
             var holder = ""
+            var holderPID: Int?
             if let text = try? String(contentsOfFile: lockPath, encoding: .utf8), let pid = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
                 holder = " by process \(pid)"
+                holderPID = pid
+            }
+            if e == EWOULDBLOCK && holderPID == Int(getpid()) && ownWaits < 500 {
+                ownWaits += 1
+                usleep(10_000)
+                continue
             }
             Glibc.close(fd)
             if e == EWOULDBLOCK {

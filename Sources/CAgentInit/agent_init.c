@@ -49,3 +49,19 @@ int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows) {
 int cagent_sigrtmin(void) { return SIGRTMIN; }
 
 int cagent_poweroff(void) { return reboot(RB_POWER_OFF); }
+
+// The mounts a process manager would make when the image has no init of its own: sysfs,
+// devpts (terminals) and /dev/shm. Each is skipped when something is mounted there already.
+static int is_mountpoint(const char *path, const char *parent) {
+    struct stat a, b;
+    if (stat(path, &a) != 0 || stat(parent, &b) != 0) return 0;
+    return a.st_dev != b.st_dev;
+}
+
+void cagent_mount_basics(void) {
+    if (!is_mountpoint("/sys", "/")) mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
+    mkdir("/dev/pts", 0755);
+    if (!is_mountpoint("/dev/pts", "/dev")) mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    mkdir("/dev/shm", 01777);
+    if (!is_mountpoint("/dev/shm", "/dev")) mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+}

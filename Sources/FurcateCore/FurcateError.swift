@@ -44,6 +44,10 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         public static let timedOut = Code("timed_out")
         /// The hypervisor (QEMU) failed or refused a command.
         public static let hypervisor = Code("hypervisor")
+        /// A remote service refused the credentials given (or wanted some and none were given).
+        public static let unauthenticated = Code("unauthenticated")
+        /// A remote service could not be reached or answered with a server error.
+        public static let unavailable = Code("unavailable")
     }
 
     public var code: Code

@@ -13,15 +13,6 @@ import Glibc
 // No helper process (QEMU's `exec:` would fork a shell and `cat` per snapshot and restore,
 // and need the sandbox to allow spawning), and no round trip through the FUSE mount.
 extension VMService {
-    /// Runs a blocking body on its own thread (socket I/O must not occupy the cooperative pool).
-    nonisolated func onThread<T: Sendable>(_ name: String, _ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { c in
-            let t = Thread { c.resume(with: Result { try body() }) }
-            t.name = name
-            t.start()
-        }
-    }
-
     /// Has QEMU migrate to a socket we listen on and writes the stream into `file`.
     /// Returns the stream's length. The caller has stopped the VM and set capabilities.
     func saveStream(_ p: QEMUProcess, _ vm: VMInfo, into file: StoreFile) async throws -> Int {

@@ -36,6 +36,7 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
         p += 1
     }
     if env["PATH"] == nil { env["PATH"] = String(defaultPATH.dropFirst(5)) }
+    for (k, v) in imageEnvironment { env[k] = v }
     for (k, v) in e.env ?? [:] { env[k] = v }
     let start = monotonicMillis()
     let pid: pid_t
@@ -177,6 +178,32 @@ func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: Str
 
 /// The PATH programs get when the agent's own environment has none.
 let defaultPATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/// The image's `Env` (KEY=VALUE lines in /.furcate/env, written when the image was imported;
+/// FURCATE_AGENT_ENV_FILE names another file, for tests): every process the agent starts gets
+/// it, over the agent's defaults and under what a request sets.
+let imageEnvironment: [(String, String)] = {
+    let path = getenv("FURCATE_AGENT_ENV_FILE").map { String(cString: $0) } ?? "/.furcate/env"
+    guard let bytes = try? readAll(path) else { return [] }
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line in
+        guard let eq = line.firstIndex(of: "="), eq != line.startIndex else { return nil }
+        return (String(line[..<eq]), String(line[line.index(after: eq)...]))
+    }
+}()
+
+/// Defaults, then the image's environment, then `extra` ("K=V" each).
+func processEnvironment(_ defaults: [String], _ extra: [String: String]?) -> [String] {
+    var order: [String] = []
+    var values: [String: String] = [:]
+    func set(_ k: String, _ v: String) {
+        if values[k] == nil { order.append(k) }
+        values[k] = v
+    }
+    for d in defaults { if let eq = d.firstIndex(of: "=") { set(String(d[..<eq]), String(d[d.index(after: eq)...])) } }
+    for (k, v) in imageEnvironment { set(k, v) }
+    for (k, v) in (extra ?? [:]).sorted(by: { $0.key < $1.key }) { set(k, v) }
+    return order.map { "\($0)=\(values[$0]!)" }
+}
 
 func monotonicMillis() -> Int64 {
     var ts = timespec()

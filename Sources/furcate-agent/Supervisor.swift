@@ -253,8 +253,7 @@ final class Supervisor: Sendable {
         }
         var pipeFDs: [Int32] = [0, 0]
         guard cagent_pipe_cloexec(&pipeFDs) == 0 else { return (127, nil) }
-        var env = [defaultPATH, "HOME=/root"]
-        for (k, v) in spec.env ?? [:] { env.append("\(k)=\(v)") }
+        let env = processEnvironment([defaultPATH, "HOME=/root"], spec.env)
         let pid: pid_t
         do {
             pid = try spawnInSession(argv, env: env, stdio: .nullInput(output: pipeFDs[1]), cwd: spec.workdir, search: false)

@@ -43,7 +43,7 @@ final class Terminals: Sendable {
         guard !argv.isEmpty else { throw AgentError(code: "invalid_argument", message: "empty terminal command") }
         let pid: pid_t
         do {
-            pid = try spawnInSession(argv, env: ["TERM=xterm-256color", defaultPATH, "HOME=/root"], stdio: .terminal(String(decoding: slave.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+            pid = try spawnInSession(argv, env: processEnvironment(["TERM=xterm-256color", defaultPATH, "HOME=/root"], nil), stdio: .terminal(String(decoding: slave.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
         } catch {
             Glibc.close(master)
             throw error

@@ -31,6 +31,16 @@ if args.first == "--run-as" {
     runAs(Array(args.dropFirst()))
 } else if args.first == "--then" {
     guard args.count >= 2 else { usage() }
+    if access(args[1], X_OK) != 0 {
+        // Most OCI images have no init: the agent's PID 1 then only mounts the basics and reaps.
+        cagent_mount_basics()
+        startSupervised(port: "furcate.0")
+        complain("furcate-agent: no \(args[1]) in this image; the agent is the init")
+        var status: Int32 = 0
+        while true {
+            if waitpid(-1, &status, 0) < 0 && errno == ECHILD { sleep(1) }
+        }
+    }
     startSupervised(port: "furcate.0")
     let initArgs = Array(args.dropFirst())
     let cargs: [UnsafeMutablePointer<CChar>?] = initArgs.map { strdup($0) } + [nil]

@@ -15,4 +15,6 @@ int cagent_set_winsize(int fd, unsigned short cols, unsigned short rows);
 int cagent_sigrtmin(void);
 /// reboot(RB_POWER_OFF).
 int cagent_poweroff(void);
+/// sysfs, devpts and /dev/shm where nothing is mounted yet (the agent as the only init).
+void cagent_mount_basics(void);
 #endif

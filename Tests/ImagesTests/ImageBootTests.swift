@@ -1,0 +1,80 @@
+import BlockStore
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import GuestAgentProtocol
+import Hypervisor
+import Images
+import StoreFS
+import Testing
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why an image cannot be booted here, or nil.
+let bootUnavailable: String? = {
+    if let why = TestRegistry.unavailable { return why }
+    if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
+    if geteuid() != 0 { return "mounting needs root" }
+    if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
+    for a in ["vmlinuz", "initrd.img", "furcate-agent"] where access(guestDir + "/" + a, R_OK) != 0 {
+        return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
+    }
+    return nil
+}()
+
+let bootAvailable: Bool = {
+    if let why = bootUnavailable { print("skipping image boot tests: \(why)") }
+    return bootUnavailable == nil
+}()
+
+/// An image pushed to a registry, pulled, booted: the agent (injected at import, the init of an
+/// image without one) proves the layers were applied and the image's Env is set.
+@Suite(.enabled(if: bootAvailable)) struct ImageBootTests {
+    @Test func aPulledImageBootsWithItsLayersAndEnvironment() async throws {
+        let reg = try TestRegistry()
+        let h = try ImageHarness()
+        let lay = h.tmp.sub("layout")
+        try TestImage.twoLayerLayout(lay)
+        try reg.push(layout: lay, tag: "1", as: "test/boot:1")
+        let image = try await h.service.pull("\(reg.host)/test/boot:1")
+
+        try FileManager.default.createDirectory(atPath: h.tmp.sub("mnt"), withIntermediateDirectories: true)
+        let mount = try StoreFS(store: h.store, mountpoint: h.tmp.sub("mnt")).startInBackground()
+        defer { mount.stop() }
+        var o = VMServiceOptions(dataDirectory: h.tmp.sub("vms"), mountpoint: h.tmp.sub("mnt"), guestDirectory: guestDir)
+        o.defaultMemoryMiB = 128
+        o.gracefulStopTimeout = .milliseconds(300)
+        let vms = try VMService(store: h.store, options: o)
+        let vm = try await vms.create(CreateVMRequest(image: image.storeFile))
+        do {
+            let agent = try await vms.agent(vm.id, timeout: .seconds(60))
+            func run(_ cmd: String) async throws -> (Int32?, String) {
+                let r = try await agent.exec(ExecRequest(command: cmd, timeoutMs: 20_000))
+                return (r.exitCode, String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+            }
+            let env = try await run("echo $FURCATE_IMAGE_ENV")
+            #expect(env.0 == 0 && env.1 == "from-the-image", "the image's Env reaches exec: \(env)")
+            let removed = try await run("cat /etc/removed.txt")
+            #expect(removed.0 != 0, "the whiteout hid the file: \(removed)")
+            let kept = try await run("cat /etc/kept.txt")
+            #expect(kept.0 == 0 && kept.1 == "kept")
+            let opaque = try await run("ls /opt/old")
+            #expect(opaque.1 == "b.txt", "the opaque directory holds only the upper layer's entry: \(opaque)")
+            let links = try await run("stat -c '%i %h' /data/hello /data/hello-link")
+            let lines = links.1.split(separator: "\n")
+            #expect(links.0 == 0 && lines.count == 2 && lines[0] == lines[1] && lines[0].hasSuffix(" 2"), "the hard link holds: \(links)")
+            let hello = try await run("cat /data/hello-link")
+            #expect(hello.1 == "hello from layer two")
+            // The guest can write its disk (a clone of the image, which stays unchanged).
+            let w = try await run("echo written > /data/new && cat /data/new")
+            #expect(w.1 == "written")
+            #expect(try h.debugfs(image, "stat /data/new").contains("File not found"), "the image's own rootfs is untouched")
+        } catch {
+            Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 60))")
+        }
+        try await vms.delete(vm.id)
+    }
+}

@@ -1,0 +1,133 @@
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import Images
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs a program to completion; throws with its output when it fails.
+@discardableResult
+func sh(_ args: [String], env: [String: String]? = nil) throws -> String {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    if let env { p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    let s = String(decoding: data, as: UTF8.self)
+    guard p.terminationStatus == 0 else {
+        throw FurcateError(.io, "\(args.joined(separator: " ")) failed (\(p.terminationStatus)): \(s.suffix(800))")
+    }
+    return s
+}
+
+func writeFile(_ path: String, _ s: String, mode: Int = 0o644) throws {
+    try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    try Data(s.utf8).write(to: URL(fileURLWithPath: path))
+    chmod(path, mode_t(mode))
+}
+
+func bytes(_ path: String) throws -> [UInt8] { [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) }
+
+/// Layers and OCI layouts made by hand (GNU tar, gzip), so tests control every byte: whiteouts
+/// are files named `.wh.NAME` in a layer directory; hard links are `ln`.
+enum TestImage {
+    struct Layer {
+        var blob: [UInt8]
+        var diffID: Digest
+    }
+
+    /// Tars `dir` (root-owned, sorted, fixed mtime) and gzips it unless `compress` is false.
+    static func layer(from dir: String, compress: Bool = true, tarArgs: [String] = ["."]) throws -> Layer {
+        let tmp = TempDir("layer")
+        let tar = tmp.sub("l.tar")
+        try sh(["tar", "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@1700000000", "-C", dir, "-cf", tar] + tarArgs)
+        let raw = try bytes(tar)
+        if !compress { return Layer(blob: raw, diffID: Digest(of: raw)) }
+        try sh(["gzip", "-n", "-k", tar])
+        return Layer(blob: try bytes(tar + ".gz"), diffID: Digest(of: raw))
+    }
+
+    /// A busybox base: /bin/busybox with a few applet links, /etc files.
+    static func busyboxBase(_ dir: String) throws {
+        let bb = ["/bin/busybox", "/usr/bin/busybox"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/bin/busybox"
+        try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: bb, toPath: dir + "/bin/busybox")
+        for a in ["sh", "ls", "cat", "echo", "stat", "test", "pwd", "id"] {
+            try FileManager.default.createSymbolicLink(atPath: dir + "/bin/" + a, withDestinationPath: "busybox")
+        }
+        try writeFile(dir + "/etc/removed.txt", "this file is deleted by the second layer\n")
+        try writeFile(dir + "/etc/kept.txt", "kept\n")
+        try writeFile(dir + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+        try writeFile(dir + "/opt/old/a.txt", "lower layer\n")
+    }
+
+    /// Writes an OCI layout at `dir` holding one image tagged `tag`. Returns its manifest digest.
+    @discardableResult
+    static func layout(_ dir: String, tag: String, layers: [Layer], env: [String], workingDir: String? = nil) throws -> Digest {
+        try FileManager.default.createDirectory(atPath: dir + "/blobs/sha256", withIntermediateDirectories: true)
+        try writeFile(dir + "/oci-layout", #"{"imageLayoutVersion":"1.0.0"}"#)
+        func put(_ b: [UInt8]) throws -> Digest {
+            let d = Digest(of: b)
+            try Data(b).write(to: URL(fileURLWithPath: dir + "/blobs/sha256/" + d.hex))
+            return d
+        }
+        var cfg: [String: Any] = [
+            "architecture": "amd64", "os": "linux",
+            "config": ["Env": env, "Cmd": ["/bin/sh"]] as [String: Any],
+            "rootfs": ["type": "layers", "diff_ids": layers.map { $0.diffID.description }],
+        ]
+        if let w = workingDir { cfg["config"] = ["Env": env, "Cmd": ["/bin/sh"], "WorkingDir": w] as [String: Any] }
+        let cfgBytes = [UInt8](try JSONSerialization.data(withJSONObject: cfg, options: [.sortedKeys]))
+        let cfgDigest = try put(cfgBytes)
+        var layerDescs: [[String: Any]] = []
+        for l in layers {
+            let d = try put(l.blob)
+            let gz = l.blob.count > 2 && l.blob[0] == 0x1f && l.blob[1] == 0x8b
+            layerDescs.append([
+                "mediaType": gz ? "application/vnd.oci.image.layer.v1.tar+gzip" : "application/vnd.oci.image.layer.v1.tar",
+                "digest": d.description, "size": l.blob.count,
+            ])
+        }
+        let manifest: [String: Any] = [
+            "schemaVersion": 2, "mediaType": MediaType.ociManifest,
+            "config": ["mediaType": MediaType.ociConfig, "digest": cfgDigest.description, "size": cfgBytes.count],
+            "layers": layerDescs,
+        ]
+        let mBytes = [UInt8](try JSONSerialization.data(withJSONObject: manifest, options: [.sortedKeys]))
+        let mDigest = try put(mBytes)
+        let index: [String: Any] = [
+            "schemaVersion": 2,
+            "manifests": [[
+                "mediaType": MediaType.ociManifest, "digest": mDigest.description, "size": mBytes.count,
+                "annotations": ["org.opencontainers.image.ref.name": tag],
+            ] as [String: Any]],
+        ]
+        try Data(try JSONSerialization.data(withJSONObject: index)).write(to: URL(fileURLWithPath: dir + "/index.json"))
+        return mDigest
+    }
+
+    /// The two-layer test image: busybox base; then /etc/removed.txt whited out, /opt/old made
+    /// opaque (its a.txt gone, b.txt new), /data/hello with a hard link /data/hello-link.
+    static func twoLayerLayout(_ dir: String, tag: String = "1") throws -> Digest {
+        let work = TempDir("img")
+        let base = work.sub("base")
+        try busyboxBase(base)
+        let top = work.sub("top")
+        try writeFile(top + "/etc/.wh.removed.txt", "")
+        try writeFile(top + "/opt/old/.wh..wh..opq", "")
+        try writeFile(top + "/opt/old/b.txt", "upper layer\n")
+        try writeFile(top + "/data/hello", "hello from layer two\n")
+        try sh(["ln", top + "/data/hello", top + "/data/hello-link"])
+        return try layout(
+            dir, tag: tag, layers: [try layer(from: base), try layer(from: top)],
+            env: ["PATH=/bin", "FURCATE_IMAGE_ENV=from-the-image"], workingDir: "/data")
+    }
+}
