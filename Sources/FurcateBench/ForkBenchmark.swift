@@ -88,8 +88,7 @@ public struct ForkBenchmark: Sendable {
 
     /// Where scripts/guest-artifacts.sh puts guests by default.
     public static var defaultGuestDir: String {
-        ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
-            ?? ((ProcessInfo.processInfo.environment["XDG_DATA_HOME"] ?? NSHomeDirectory() + "/.local/share") + "/furcate/guest")
+        DataLayout().guest
     }
 
     public func run() async throws -> ForkBenchReport {

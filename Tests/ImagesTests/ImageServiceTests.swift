@@ -216,3 +216,27 @@ final class EventLog: @unchecked Sendable {
         lock.withLock { Set(events.map { String(describing: $0).prefix { $0 != "(" } }.map(String.init)) }
     }
 }
+
+/// `furcate image pull|ls|rm --data DIR` as a user runs them.
+@Suite struct ImageCommandTests {
+    @Test(.enabled(if: FileManager.default.isReadableFile(atPath: guestDir + "/furcate-agent")))
+    func pullListRemove() throws {
+        let t = TempDir("cli")
+        let lay = t.sub("layout")
+        let digest = try TestImage.twoLayerLayout(lay)
+        let env = ["FURCATE_GUEST_DIR": guestDir]
+        let out = try sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "oci:\(lay):1"], env: env)
+        #expect(out.contains("unpacking layer 2/2"), "\(out)")
+        #expect(out.contains("image-\(digest.hex)"), "\(out)")
+        let ls = try sh([furcateBinary, "image", "ls", "--data", t.sub("data")])
+        #expect(ls.contains("oci:\(lay):1") && ls.contains(digest.short), "\(ls)")
+        let again = try sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "oci:\(lay):1"], env: env)
+        #expect(again.contains("already built"), "\(again)")
+        try sh([furcateBinary, "image", "rm", "--data", t.sub("data"), digest.short])
+        #expect(!(try sh([furcateBinary, "image", "ls", "--data", t.sub("data")])).contains(digest.short))
+        // Bad input: a clear message and a failing status.
+        #expect(throws: FurcateError.self) { try sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "Not/Valid:ref"], env: env) }
+        let bad = (try? sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "--disk-size-gb", "40", "oci:\(lay):1"], env: env))
+        #expect(bad == nil)
+    }
+}
