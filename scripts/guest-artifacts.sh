@@ -15,7 +15,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 busybox=/bin/busybox
 # Bump when what this script builds changes: older initramfs and rootfs images are rebuilt.
-version=3
+version=4
 if [ "$(cat "$dest/.version" 2>/dev/null)" != "$version" ]; then
   rm -f "$dest/initrd.img" "$dest/smoke-initrd.img" "$dest/test-rootfs.ext4"
 fi
@@ -67,7 +67,8 @@ if [ ! -s "$dest/initrd.img" ]; then
   cat > "$r/init" <<'INIT'
 #!/bin/busybox sh
 # Furcate's boot initramfs: load the virtio modules, mount the rootfs, switch to it.
-# Kernel parameters: furcate.root=DEV (default /dev/vda), furcate.init=PATH (default /sbin/init).
+# Kernel parameters: furcate.root=DEV (default /dev/vda), furcate.init=PATH (default /sbin/init),
+# furcate.net=ADDR/PREFIX,GATEWAY,DNS (configure eth0; absent: no network).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -75,19 +76,36 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 root=/dev/vda
 init=/sbin/init
+net=""
+dns=""
 for a in $(cat /proc/cmdline); do
   case "$a" in
     furcate.root=*) root="${a#furcate.root=}" ;;
     furcate.init=*) init="${a#furcate.init=}" ;;
+    furcate.net=*) net="${a#furcate.net=}" ;;
   esac
 done
 i=0
 while [ ! -b "$root" ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+# furcate.net=ADDR/PREFIX,GATEWAY,DNS: the user-mode NIC (eth0), configured before the image's
+# init runs; an image that manages its own network may reconfigure it.
+ip link set lo up 2>/dev/null
+j=0
+while [ -n "$net" ] && [ ! -d /sys/class/net/eth0 ] && [ $j -lt 200 ]; do sleep 0.01; j=$((j+1)); done
+if [ -n "$net" ] && [ -d /sys/class/net/eth0 ]; then
+  addr="${net%%,*}"; rest="${net#*,}"; gw="${rest%%,*}"; dns="${rest#*,}"
+  ip link set eth0 up && ip addr add "$addr" dev eth0 && ip route add default via "$gw" \
+    || echo "furcate-initrd: cannot configure eth0 ($net)"
+fi
 if ! mount -t ext4 "$root" /newroot; then
   echo "furcate-initrd: cannot mount $root; powering off"
   poweroff -f
 fi
 mkdir -p /newroot/dev /newroot/proc /newroot/sys
+# DNS through slirp's forwarder, unless the image points resolv.conf elsewhere (a symlink).
+if [ -n "$dns" ] && [ ! -L /newroot/etc/resolv.conf ] && [ -d /newroot/etc ]; then
+  echo "nameserver $dns" > /newroot/etc/resolv.conf
+fi
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys

@@ -47,6 +47,10 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     /// The guest's serial console is appended here.
     public var consoleLog: String
     public var accelerator: Accelerator = .tcg
+    /// A virtio-net NIC on QEMU's user-mode network (slirp: outbound TCP/UDP through the host's
+    /// own network, no privileges, no bridge). The initramfs configures it from `furcate.net=`.
+    /// Part of the machine: a restore must have it exactly when the snapshot's machine had it.
+    public var network = false
     /// TCG's translation cache in MiB: QEMU's default (1 GiB) would let a hundred idle forks
     /// reserve far more than they use.
     public var tcgCacheMiB: Int = 64
@@ -55,6 +59,10 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     public static let channelName = "furcate.0"
     /// The debug shell's port name.
     public static let shellName = "furcate.shell"
+    /// Slirp's fixed addresses: the guest, the host as seen from the guest, the DNS forwarder.
+    public static let guestAddress = "10.0.2.15/24"
+    public static let gateway = "10.0.2.2"
+    public static let nameserver = "10.0.2.3"
 
     public init(
         memoryPath: String, kernel: String, initrd: String, rootDisk: String,
@@ -74,6 +82,7 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     public var commandLine: String {
         var s = "console=ttyS0 panic=-1 quiet reboot=t"
         if accelerator == .tcg { s += " tsc_early_khz=2000000" }
+        if network { s += " furcate.net=\(Self.guestAddress),\(Self.gateway),\(Self.nameserver)" }
         if !kernelArgs.isEmpty { s += " " + kernelArgs }
         return s
     }
@@ -104,6 +113,9 @@ public struct MachineConfig: Sendable, Codable, Equatable {
                 "-chardev", "socket,id=shell,path=\(Self.escape(shellSocket)),server=on,wait=off",
                 "-device", "virtserialport,chardev=shell,name=\(Self.shellName)",
             ]
+        }
+        if network {
+            a += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         }
         a += [
             "-device", "virtio-rng-device",

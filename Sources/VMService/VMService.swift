@@ -36,6 +36,10 @@ public struct VMServiceOptions: Sendable {
     /// Give every VM a debug-shell port (`furcate.shell`) besides the agent's (test images
     /// serve a shell there; `guestShell` connects to it).
     public var debugShell = false
+    /// Every VM gets a NIC on QEMU's user-mode network (outbound access through the host, as
+    /// builds need for apt and pip). Service-wide, like `debugShell`: snapshots restore only
+    /// into machines with the same devices.
+    public var network = true
     /// How long the freshening of a restored VM (see `awaitFreshened`) waits for its agent.
     /// An image without an agent still runs; the restore then logs that its fork shares its
     /// siblings' RNG state until the kernel reseeds by itself.
@@ -721,6 +725,7 @@ public actor VMService {
         config.memoryShared = shared
         config.accelerator = options.accelerator
         if options.debugShell { config.shellSocket = run + "/shell.sock" }
+        config.network = options.network
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }

@@ -68,6 +68,9 @@ let bootAvailable: Bool = {
             #expect(links.0 == 0 && lines.count == 2 && lines[0] == lines[1] && lines[0].hasSuffix(" 2"), "the hard link holds: \(links)")
             let hello = try await run("cat /data/hello-link")
             #expect(hello.1 == "hello from layer two")
+            // The user-mode network reaches the host (10.0.2.2 is the host's loopback): the registry.
+            let net = try await run("wget -q -O - http://10.0.2.2:\(reg.port)/v2/")
+            #expect(net.0 == 0 && net.1 == "{}", "the guest reaches a host service through the user-mode NIC: \(net)")
             // The guest can write its disk (a clone of the image, which stays unchanged).
             let w = try await run("echo written > /data/new && cat /data/new")
             #expect(w.1 == "written")

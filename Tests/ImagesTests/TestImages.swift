@@ -60,7 +60,7 @@ enum TestImage {
         let bb = ["/bin/busybox", "/usr/bin/busybox"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/bin/busybox"
         try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
         try FileManager.default.copyItem(atPath: bb, toPath: dir + "/bin/busybox")
-        for a in ["sh", "ls", "cat", "echo", "stat", "test", "pwd", "id"] {
+        for a in ["sh", "ls", "cat", "echo", "stat", "test", "pwd", "id", "wget"] {
             try FileManager.default.createSymbolicLink(atPath: dir + "/bin/" + a, withDestinationPath: "busybox")
         }
         try writeFile(dir + "/etc/removed.txt", "this file is deleted by the second layer\n")
