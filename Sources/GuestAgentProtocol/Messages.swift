@@ -258,9 +258,13 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     /// Each of stdout and stderr is kept up to this many bytes (default 1 MiB, at most 8 MiB);
     /// the rest is read and dropped, and `truncated` says so.
     public var maxOutputBytes: Int?
+    /// Run as this user (name or uid from the guest's /etc/passwd, with its primary group);
+    /// nil: root. (Added in agent protocol 1 without a version bump: older agents ignore it.)
+    public var user: String?
 
     public init(argv: [String]? = nil, command: String? = nil, env: [String: String]? = nil, cwd: String? = nil,
-                stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil) {
+                stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil, user: String? = nil) {
+        self.user = user
         self.argv = argv
         self.command = command
         self.env = env

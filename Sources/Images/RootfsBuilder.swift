@@ -52,6 +52,10 @@ enum RootfsBuilder {
         // KEY=VALUE lines the agent adds to every process it starts.
         let env = (config.env ?? []).filter { $0.contains("=") && !$0.contains("\n") }.joined(separator: "\n")
         try Data((env.isEmpty ? "" : env + "\n").utf8).write(to: URL(fileURLWithPath: f + "/env"))
+        // The directory exec starts in when a request names none (Docker's WorkingDir).
+        if let w = config.workingDir, w.hasPrefix("/") {
+            try Data((w + "\n").utf8).write(to: URL(fileURLWithPath: f + "/workdir"))
+        }
     }
 
     /// Walks the tree without following symlinks.

@@ -12,14 +12,19 @@ import Foundation
 /// stdout and stderr read concurrently through poll and kept up to a bound — or, with
 /// `stream`, sent as output events as they come (a cancelled stream kills the program).
 func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecResult {
-    let argv: [String]
+    var argv: [String]
     switch (e.argv, e.command) {
     case (let a?, nil) where !a.isEmpty: argv = a
     case (nil, let c?): argv = ["/bin/sh", "-c", c]
     default: throw AgentError(code: "invalid_argument", message: "give either argv (non-empty) or command")
     }
+    if let user = e.user, user != "root", user != "0" {
+        let (uid, gid) = try resolveIDs(user: user, group: nil)
+        argv = [selfExecutable(), "--run-as", "\(uid)", "\(gid)", "--"] + argv
+    }
     let limit = min(max(e.maxOutputBytes ?? (1 << 20), 0), 8 << 20)
     if let cwd = e.cwd { try checkPath(cwd) }
+    let cwd = e.cwd ?? imageWorkdir()
 
     var outPipe: [Int32] = [0, 0]
     var errPipe: [Int32] = [0, 0]
@@ -42,7 +47,7 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
     let pid: pid_t
     do {
         pid = try spawnInSession(
-            argv, env: env.map { "\($0.key)=\($0.value)" }, stdio: .descriptors(inPipe[0], outPipe[1], errPipe[1]), cwd: e.cwd)
+            argv, env: env.map { "\($0.key)=\($0.value)" }, stdio: .descriptors(inPipe[0], outPipe[1], errPipe[1]), cwd: cwd)
     } catch {
         for fd in inPipe + outPipe + errPipe { close(fd) }
         throw error
@@ -182,14 +187,27 @@ let defaultPATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// The image's `Env` (KEY=VALUE lines in /.furcate/env, written when the image was imported;
 /// FURCATE_AGENT_ENV_FILE names another file, for tests): every process the agent starts gets
 /// it, over the agent's defaults and under what a request sets.
-let imageEnvironment: [(String, String)] = {
+/// Read at every start, so a build step that adds to it reaches later processes (and the VMs
+/// made from the build's snapshot, whose agent is this same process).
+var imageEnvironment: [(String, String)] {
     let path = getenv("FURCATE_AGENT_ENV_FILE").map { String(cString: $0) } ?? "/.furcate/env"
     guard let bytes = try? readAll(path) else { return [] }
     return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { line in
         guard let eq = line.firstIndex(of: "="), eq != line.startIndex else { return nil }
         return (String(line[..<eq]), String(line[line.index(after: eq)...]))
     }
-}()
+}
+
+/// The directory programs start in when a request names none: the image's WorkingDir (or a
+/// build's workdir) from /.furcate/workdir, when that is an existing directory; else nil ("/").
+func imageWorkdir() -> String? {
+    let path = getenv("FURCATE_AGENT_WORKDIR_FILE").map { String(cString: $0) } ?? "/.furcate/workdir"
+    guard let bytes = try? readAll(path) else { return nil }
+    let dir = String(decoding: bytes.prefix { $0 != 10 && $0 != 13 }, as: UTF8.self)
+    var st = stat()
+    guard dir.hasPrefix("/"), stat(dir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else { return nil }
+    return dir
+}
 
 /// Defaults, then the image's environment, then `extra` ("K=V" each).
 func processEnvironment(_ defaults: [String], _ extra: [String: String]?) -> [String] {

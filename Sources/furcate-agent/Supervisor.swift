@@ -377,7 +377,7 @@ func runAs(_ args: [String]) -> Never {
         exit(126)
     }
     let cargs: [UnsafeMutablePointer<CChar>?] = prog.map { strdup($0) } + [nil]
-    execv(prog[0], cargs)
+    execvp(prog[0], cargs)  // a bare name is looked up in the PATH the parent gave
     complain("furcate-agent: cannot exec \(prog[0]): \(String(cString: strerror(errno)))")
     exit(127)
 }

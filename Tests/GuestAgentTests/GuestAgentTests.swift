@@ -24,7 +24,7 @@ final class HostAgent {
         return c
     }
 
-    init(stateDir: String? = nil, etc: String? = nil, raw rawOnly: Bool = false) throws {
+    init(stateDir: String? = nil, etc: String? = nil, raw rawOnly: Bool = false, environment: [String: String] = [:]) throws {
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
         var actions = posix_spawn_file_actions_t()
@@ -39,6 +39,7 @@ final class HostAgent {
         var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin")]
         if let stateDir { env.append(strdup("FURCATE_AGENT_STATE_DIR=\(stateDir)")) }
         if let etc { env.append(strdup("FURCATE_AGENT_ETC=\(etc)")) }
+        for (k, v) in environment { env.append(strdup("\(k)=\(v)")) }
         env.append(nil)
         defer { for e in env { free(e) } }
         let rc = posix_spawn(&p, agentBinary, &actions, nil, argv, env)
@@ -109,6 +110,26 @@ final class HostAgent {
         let missing = try await a.client.call(.exec(ExecRequest(argv: ["/nonexistent/program"])))
         guard case .error(let e) = missing else { Issue.record("exec of a missing program succeeded"); return }
         #expect(e.code == "not_found")
+    }
+
+    @Test func execTakesTheImagesEnvironmentWorkdirAndUser() async throws {
+        let t = TempDir("imgenv")
+        try "FROM_IMAGE=yes\nOVERRIDDEN=image\n".write(toFile: t.sub("env"), atomically: true, encoding: .utf8)
+        try FileManager.default.createDirectory(atPath: t.sub("work"), withIntermediateDirectories: true)
+        try (t.sub("work") + "\n").write(toFile: t.sub("workdir"), atomically: true, encoding: .utf8)
+        let a = try HostAgent(environment: ["FURCATE_AGENT_ENV_FILE": t.sub("env"), "FURCATE_AGENT_WORKDIR_FILE": t.sub("workdir")])
+        let r = try await a.client.exec(ExecRequest(command: "echo $FROM_IMAGE $OVERRIDDEN; pwd", env: ["OVERRIDDEN": "request"]))
+        let lines = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n")
+        #expect(lines.first == "yes request" && lines.last?.hasSuffix("/work") == true, "\(lines)")
+        // The file is read at every start: a build step that appends to it reaches later execs.
+        try "FROM_IMAGE=changed\n".write(toFile: t.sub("env"), atomically: true, encoding: .utf8)
+        let r2 = try await a.client.exec(ExecRequest(command: "echo $FROM_IMAGE", cwd: "/"))
+        #expect(String(decoding: r2.stdout, as: UTF8.self) == "changed\n")
+        if geteuid() == 0 {
+            let r3 = try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "nobody"))
+            #expect(String(decoding: r3.stdout, as: UTF8.self) == "65534\n", "\(r3)")
+            await #expect(throws: (any Error).self) { try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "no-such-user")) }
+        }
     }
 
     @Test func execTimeoutKillsTheWholeGroupAndOutputIsBounded() async throws {
