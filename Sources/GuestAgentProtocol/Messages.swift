@@ -79,7 +79,7 @@ public enum AgentRequest: Sendable, Equatable {
 /// A service, with the fields of Freestyle's `SystemdUnitSpec` that a supervisor can honour.
 /// `exec` lines run one after another through `/bin/sh -c`; in `service` mode the last one is
 /// the long-running main process.
-public struct ServiceSpec: Codable, Sendable, Equatable {
+public struct ServiceSpec: Codable, Sendable, Hashable {
     public var name: String
     /// "oneshot" or "service".
     public var mode: String
@@ -123,7 +123,7 @@ public struct ServiceSpec: Codable, Sendable, Equatable {
     }
 }
 
-public struct GroupSpec: Codable, Sendable, Equatable {
+public struct GroupSpec: Codable, Sendable, Hashable {
     public var name: String
     public var gid: UInt32?
     public var system: Bool?
@@ -135,7 +135,7 @@ public struct GroupSpec: Codable, Sendable, Equatable {
     }
 }
 
-public struct UserSpec: Codable, Sendable, Equatable {
+public struct UserSpec: Codable, Sendable, Hashable {
     public var name: String
     public var uid: UInt32?
     public var gecos: String?
@@ -174,7 +174,7 @@ public struct TerminalInfo: Codable, Sendable, Equatable {
 }
 
 /// Freestyle's `SystemdRestartPolicy`: "no", "on-failure", "always", "on-abnormal".
-public struct RestartPolicy: Codable, Sendable, Equatable {
+public struct RestartPolicy: Codable, Sendable, Hashable {
     public var policy: String
     public var restartSec: Int?
     public var startLimitBurst: Int?

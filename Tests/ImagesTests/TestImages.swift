@@ -65,7 +65,8 @@ enum TestImage {
         }
         try writeFile(dir + "/etc/removed.txt", "this file is deleted by the second layer\n")
         try writeFile(dir + "/etc/kept.txt", "kept\n")
-        try writeFile(dir + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+        try writeFile(dir + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")
+        try writeFile(dir + "/etc/group", "root:x:0:\nnogroup:x:65534:\n")
         try writeFile(dir + "/opt/old/a.txt", "lower layer\n")
     }
 
