@@ -117,7 +117,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ImagesTests",
-            dependencies: ["Images", "Builds", "VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+            dependencies: ["Images", "Builds", "VMService", .product(name: "Crypto", package: "swift-crypto"), "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
         ),
         .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],

@@ -202,6 +202,26 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
     }
 }
 
+extension RegistryPullTests {
+    @Test func bearerTokenAuth() async throws {
+        let reg = try TestRegistry(user: ("tokenuser", "tok3n"), tokenAuth: true)
+        let h = try ImageHarness()
+        let lay = h.tmp.sub("layout")
+        try TestImage.twoLayerLayout(lay)
+        try reg.push(layout: lay, tag: "1", as: "private/tok:1")
+        let ref = "\(reg.host)/private/tok:1"
+        let none = await errorOf { _ = try await h.service.pull(ref) }
+        #expect(none?.code == .unauthenticated && none?.message.contains("token service") == true, "\(String(describing: none))")
+        let wrong = await errorOf { _ = try await h.service.pull(ref, credentials: RegistryCredentials(username: "tokenuser", password: "nope")) }
+        #expect(wrong?.code == .unauthenticated, "\(String(describing: wrong))")
+        let before = reg.tokens!.requests
+        let r = try await h.service.pull(ref, credentials: RegistryCredentials(username: "tokenuser", password: "tok3n"))
+        #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
+        #expect(reg.tokens!.requests > before, "the pull went through the token service")
+        #expect(try h.leftovers().isEmpty)
+    }
+}
+
 let registryAvailable: Bool = {
     if let why = TestRegistry.unavailable { print("skipping registry tests: \(why)") }
     return TestRegistry.unavailable == nil

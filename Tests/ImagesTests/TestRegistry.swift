@@ -23,11 +23,16 @@ final class TestRegistry: @unchecked Sendable {
     private let process = Process()
     var host: String { "127.0.0.1:\(port)" }
 
-    init(user: (String, String)? = nil) throws {
+    /// The token service when the registry uses token auth.
+    let tokens: TokenServer?
+
+    init(user: (String, String)? = nil, tokenAuth: Bool = false) throws {
         self.user = user
         port = try Self.freePort()
         var auth = ""
-        if let (u, p) = user {
+        tokens = tokenAuth ? try TokenServer(user: user ?? ("furcate", "token-pass")) : nil
+        if let tokens { auth = tokens.registryConfig }
+        if let (u, p) = user, !tokenAuth {
             let line = try sh(["htpasswd", "-Bbn", u, p]).trimmingCharacters(in: .whitespacesAndNewlines)
             try writeFile(tmp.sub("htpasswd"), line + "\n")
             auth = "auth:\n  htpasswd:\n    realm: furcate-test\n    path: \(tmp.sub("htpasswd"))\n"
@@ -61,6 +66,7 @@ final class TestRegistry: @unchecked Sendable {
     }
 
     deinit {
+        tokens?.stop()
         process.terminate()
         process.waitUntilExit()
     }
