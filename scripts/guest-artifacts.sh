@@ -4,6 +4,7 @@
 #   initrd.img         Furcate's boot initramfs: busybox + the kernel's virtio modules; its init
 #                      loads them, mounts the rootfs (ext4 on virtio-blk) and switches root
 #   smoke-initrd.img   a busybox initramfs whose init prints "furcate-smoke-ok" and powers off
+#   debian-12-systemd.tar  Debian 12 minbase with systemd (mmdebstrap), the default image
 #   test-rootfs.ext4   a tiny busybox rootfs for tests, with the guest agent (DEST/furcate-agent,
 #                      from scripts/build-agent.sh) at /.furcate/agent; its init also serves a
 #                      debug shell on the virtio-serial port named furcate.shell
@@ -179,6 +180,18 @@ INIT
   mkfs.ext4 -q -F -L furcate-test -d "$r" "$dest/test-rootfs.ext4.tmp" 64M
   mv "$dest/test-rootfs.ext4.tmp" "$dest/test-rootfs.ext4"
   [ -x "$agent" ] && sha256sum "$agent" | cut -c1-64 > "$dest/.agent-sha"
+fi
+# Debian 12 with systemd: the default image (`furcate serve`) and the systemd tests' image. Needs
+# Debian's mirror; without it the rest still works and those tests skip.
+if [ ! -s "$dest/debian-12-systemd.tar" ] && [ "${FURCATE_SKIP_DEBIAN_IMAGE:-}" != 1 ]; then
+  echo "guest: building debian-12-systemd.tar (mmdebstrap minbase + systemd, udev, dbus, iproute2)"
+  if mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,dbus,iproute2,ca-certificates \
+      bookworm "$dest/debian-12-systemd.tar.tmp" http://deb.debian.org/debian; then
+    mv "$dest/debian-12-systemd.tar.tmp" "$dest/debian-12-systemd.tar"
+  else
+    rm -f "$dest/debian-12-systemd.tar.tmp"
+    echo "guest: mmdebstrap failed (no Debian mirror?); the default image and systemd tests are unavailable" >&2
+  fi
 fi
 echo "$version" > "$dest/.version"
 echo "guest: artifacts in $dest"

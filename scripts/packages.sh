@@ -21,6 +21,7 @@ FURCATE_PACKAGES=(
   skopeo            # image tests: pushing test images to it, docker-archive files
   apache2-utils     # image tests: htpasswd for the registry's basic auth
   zstd              # image tests: zstd-compressed layers
+  mmdebstrap        # the default Debian 12 image (scripts/guest-artifacts.sh)
 )
 
 install_packages() {

@@ -4,12 +4,15 @@ import FurcateCore
 ///
 /// - `python:3.12-slim`, `docker.io/library/python:3.12`, `localhost:5000/team/app@sha256:…`,
 ///   optionally prefixed `docker://` — a registry (Docker Hub when no host is named);
+/// - `rootfs:FILE` — a root filesystem tarball, plain or compressed (mmdebstrap's output,
+///   `docker export`), taken as a one-layer image with no configuration;
 /// - `oci:DIR[:TAG]` — a local OCI image layout directory (as skopeo writes it);
 /// - `docker-archive:FILE` — a tarball from `docker save`.
 public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
     case registry(RegistryReference)
     case ociLayout(path: String, tag: String?)
     case dockerArchive(path: String)
+    case rootfsTar(path: String)
 
     public init(parsing s: String) throws {
         if s.hasPrefix("oci:") {
@@ -23,6 +26,10 @@ public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
             } else {
                 self = .ociLayout(path: rest, tag: nil)
             }
+        } else if s.hasPrefix("rootfs:") {
+            let path = String(s.dropFirst("rootfs:".count))
+            guard !path.isEmpty else { throw FurcateError(.invalidArgument, "'rootfs:' needs a tarball: rootfs:FILE") }
+            self = .rootfsTar(path: path)
         } else if s.hasPrefix("docker-archive:") {
             let path = String(s.dropFirst("docker-archive:".count))
             guard !path.isEmpty else { throw FurcateError(.invalidArgument, "'docker-archive:' needs a file: docker-archive:FILE") }
@@ -37,6 +44,7 @@ public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
         case .registry(let r): return r.description
         case .ociLayout(let p, let t): return "oci:" + p + (t.map { ":" + $0 } ?? "")
         case .dockerArchive(let p): return "docker-archive:" + p
+        case .rootfsTar(let p): return "rootfs:" + p
         }
     }
 }

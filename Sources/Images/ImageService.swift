@@ -164,6 +164,8 @@ public actor ImageService {
             return OCILayoutSource(path: p, tag: t, cache: cache)
         case .dockerArchive(let p):
             return DockerArchiveSource(path: p, cache: cache, scratch: scratchDirectory())
+        case .rootfsTar(let p):
+            return RootfsTarSource(path: p, cache: cache)
         }
     }
 

@@ -185,3 +185,30 @@ struct DockerArchiveSource: ImageSource {
         return out
     }
 }
+
+/// A root filesystem tarball as a one-layer image: its digest is the file's, its config says
+/// only PATH (like `docker import`).
+struct RootfsTarSource: ImageSource {
+    let path: String
+    let cache: BlobCache
+
+    func resolve() async throws -> ResolvedImage {
+        let what = "rootfs:\(path)"
+        guard FileManager.default.isReadableFile(atPath: path) else { throw FurcateError(.notFound, "cannot read \(path)") }
+        let (digest, size, diffID) = try await onThread("rootfs-digest") { [path] in
+            let (d, n) = try DockerArchiveSource.digestOfFile(path)
+            let r = try LayerReader(path: path)
+            try r.drain()
+            return (d, n, r.verifier.digest)
+        }
+        try cache.importFile(path, as: digest, size: size, what: what)
+        let config = ImageConfig(env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+        return ResolvedImage(
+            manifestDigest: digest, configDigest: digest, config: config, diffIDs: [diffID],
+            layers: [Descriptor(mediaType: "application/vnd.oci.image.layer.v1.tar", digest: digest, size: size)])
+    }
+
+    func fetchLayer(_ d: Descriptor, what: String, progress: @escaping @Sendable (UInt64) -> Void) async throws {
+        progress(UInt64(d.size))
+    }
+}

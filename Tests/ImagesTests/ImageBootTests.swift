@@ -81,3 +81,37 @@ let bootAvailable: Bool = {
         try await vms.delete(vm.id)
     }
 }
+
+/// Debian 12 with systemd (mmdebstrap, built by scripts/guest-artifacts.sh): systemd boots as
+/// PID 1 after the agent, which answers and manages services through systemd.
+@Suite(.enabled(if: bootAvailable && FileManager.default.isReadableFile(atPath: guestDir + "/debian-12-systemd.tar")))
+struct SystemdImageTests {
+    @Test func systemdBootsAndTheAgentAnswers() async throws {
+        let h = try ImageHarness()
+        let image = try await h.service.pull("rootfs:\(guestDir)/debian-12-systemd.tar")
+        try FileManager.default.createDirectory(atPath: h.tmp.sub("mnt"), withIntermediateDirectories: true)
+        let mount = try StoreFS(store: h.store, mountpoint: h.tmp.sub("mnt")).startInBackground()
+        defer { mount.stop() }
+        var o = VMServiceOptions(dataDirectory: h.tmp.sub("vms"), mountpoint: h.tmp.sub("mnt"), guestDirectory: guestDir)
+        o.defaultMemoryMiB = 256
+        let vms = try VMService(store: h.store, options: o)
+        let vm = try await vms.create(CreateVMRequest(image: image.storeFile))
+        do {
+            let agent = try await vms.agent(vm.id, timeout: .seconds(90))
+            func run(_ cmd: String) async throws -> (Int32?, String) {
+                let r = try await agent.exec(ExecRequest(command: cmd, timeoutMs: 60_000))
+                return (r.exitCode, String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+            }
+            let pid1 = try await run("readlink /proc/1/exe")
+            let diag = try await run("cat /proc/1/cmdline | tr '\\0' ' '; ls /run/systemd; journalctl -b --no-pager 2>&1 | tail -20")
+            #expect(pid1.1.hasSuffix("/systemd"), "\(pid1) \(diag) console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
+            // The agent answers before systemd has its bus up: wait for its private socket.
+            let state = try await run("for i in $(seq 1 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; timeout 20 systemctl is-system-running --wait")
+            let failed = try await run("systemctl --failed --no-legend; systemctl list-jobs --no-legend; systemctl is-system-running")
+            #expect(["running", "degraded"].contains(state.1), "\(state) failed units: \(failed)")
+        } catch {
+            Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
+        }
+        try await vms.delete(vm.id)
+    }
+}
