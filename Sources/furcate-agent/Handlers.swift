@@ -25,16 +25,17 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .ok
         case .cancel:
             return .ok  // answered by the server before a handler runs
+        // Services: through systemd when it is the init, else the built-in supervisor.
         case .serviceCreate(let spec, let start):
-            return .service(try Supervisor.shared.create(spec, start: start))
+            return .service(Systemd.isInit ? try Systemd.create(spec, start: start) : try Supervisor.shared.create(spec, start: start))
         case .serviceControl(let name, let action):
-            return try Supervisor.shared.control(name, action)
+            return Systemd.isInit ? try Systemd.control(name, action) : try Supervisor.shared.control(name, action)
         case .serviceStatus(let name):
-            return .service(try Supervisor.shared.status(name))
+            return .service(Systemd.isInit ? try Systemd.status(name) : try Supervisor.shared.status(name))
         case .serviceList:
-            return .services(Supervisor.shared.list())
+            return .services(Systemd.isInit ? Systemd.list() : Supervisor.shared.list())
         case .serviceLogs(let name, let lines):
-            return .lines(try Supervisor.shared.logs(name, lines: lines ?? 200))
+            return .lines(Systemd.isInit ? try Systemd.logs(name, lines: lines ?? 200) : try Supervisor.shared.logs(name, lines: lines ?? 200))
         case .terminalCreate(let name, let command, let cols, let rows):
             return .terminal(try Terminals.shared.create(name, command: command, cols: cols, rows: rows))
         case .terminalList:

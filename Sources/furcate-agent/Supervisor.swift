@@ -41,7 +41,7 @@ final class Supervisor: Sendable {
     // MARK: requests
 
     func create(_ spec: ServiceSpec, start: Bool) throws -> ServiceStatus {
-        try validate(spec)
+        try Self.validate(spec)
         if table.withLock({ $0[spec.name] }) != nil { _ = stop(spec.name) }
         table.withLock { $0[spec.name] = Entry(spec: spec) }
         try persist(spec)
@@ -313,7 +313,7 @@ final class Supervisor: Sendable {
 
     // MARK: helpers
 
-    private func validate(_ spec: ServiceSpec) throws {
+    static func validate(_ spec: ServiceSpec) throws {
         let ok = !spec.name.isEmpty && spec.name.count <= 64
             && spec.name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e }
             && !spec.name.hasPrefix(".")

@@ -36,7 +36,9 @@ final class HostAgent {
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(agentBinary), strdup("--stdio"), nil]
         defer { for a in argv { free(a) } }
         var p: pid_t = 0
-        var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin")]
+        // FURCATE_AGENT_NO_SYSTEMD: on a host whose init is systemd, services must still go to the
+        // built-in supervisor, never into the host's systemd.
+        var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin"), strdup("FURCATE_AGENT_NO_SYSTEMD=1")]
         if let stateDir { env.append(strdup("FURCATE_AGENT_STATE_DIR=\(stateDir)")) }
         if let etc { env.append(strdup("FURCATE_AGENT_ETC=\(etc)")) }
         for (k, v) in environment { env.append(strdup("\(k)=\(v)")) }

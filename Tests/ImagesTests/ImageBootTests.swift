@@ -86,7 +86,7 @@ let bootAvailable: Bool = {
 /// PID 1 after the agent, which answers and manages services through systemd.
 @Suite(.enabled(if: bootAvailable && FileManager.default.isReadableFile(atPath: guestDir + "/debian-12-systemd.tar")))
 struct SystemdImageTests {
-    @Test func systemdBootsAndTheAgentAnswers() async throws {
+    @Test func systemdBootsAndRunsTheAgentsServices() async throws {
         let h = try ImageHarness()
         let image = try await h.service.pull("rootfs:\(guestDir)/debian-12-systemd.tar")
         try FileManager.default.createDirectory(atPath: h.tmp.sub("mnt"), withIntermediateDirectories: true)
@@ -109,6 +109,36 @@ struct SystemdImageTests {
             let state = try await run("for i in $(seq 1 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; timeout 20 systemctl is-system-running --wait")
             let failed = try await run("systemctl --failed --no-legend; systemctl list-jobs --no-legend; systemctl is-system-running")
             #expect(["running", "degraded"].contains(state.1), "\(state) failed units: \(failed)")
+
+            // Services go through systemd: a unit file, the journal, systemd's restarts.
+            let spec = ServiceSpec(
+                name: "ticker", mode: "service", exec: ["echo starting", "while true; do echo \"tick $IMG_VAR\"; sleep 0.5; done"],
+                env: ["IMG_VAR": "from-spec"], restartPolicy: RestartPolicy(policy: "always", restartSec: 1))
+            guard case .service(let created) = try await agent.request(.serviceCreate(spec, start: true), timeout: .seconds(90)) else {
+                Issue.record("serviceCreate answered something else"); return
+            }
+            #expect(created.activeState == "active" && created.subState == "running", "\(created)")
+            let unit = try await run("systemctl is-active ticker.service; systemctl is-enabled ticker.service; head -1 /etc/systemd/system/ticker.service")
+            #expect(unit.1.hasPrefix("active\nenabled\n# Created by furcate-agent"), "\(unit)")
+            try await Task.sleep(for: .seconds(2))
+            guard case .lines(let logs) = try await agent.request(.serviceLogs(name: "ticker", lines: 20)) else { Issue.record("no logs"); return }
+            #expect(logs.contains("tick from-spec"), "\(logs)")
+            // Killed: systemd restarts it (policy always).
+            _ = try await run("kill -9 \(created.mainPID ?? 0)")
+            try await Task.sleep(for: .seconds(3))
+            guard case .service(let after) = try await agent.request(.serviceStatus(name: "ticker")) else { Issue.record("no status"); return }
+            #expect(after.restarts >= 1 && after.activeState == "active" && after.mainPID != created.mainPID, "\(after)")
+            guard case .services(let all) = try await agent.request(.serviceList) else { Issue.record("no list"); return }
+            #expect(all.map(\.name) == ["ticker"], "only the agent's own units are listed: \(all.map(\.name))")
+            // A oneshot that deletes itself after success.
+            let once = ServiceSpec(name: "once", mode: "oneshot", exec: ["touch /tmp/once-ran"], deleteAfterSuccess: true)
+            _ = try await agent.request(.serviceCreate(once, start: true), timeout: .seconds(90))
+            let ran = try await run("test -e /tmp/once-ran && echo ran; test -e /etc/systemd/system/once.service && echo kept || echo gone")
+            #expect(ran.1 == "ran\ngone", "\(ran)")
+            _ = try await agent.request(.serviceControl(name: "ticker", action: "delete"), timeout: .seconds(60))
+            let gone = try await run("systemctl is-active ticker.service; test -e /etc/systemd/system/ticker.service && echo kept || echo gone")
+            #expect(gone.1.hasSuffix("gone") && !gone.1.hasPrefix("active"), "\(gone)")
+            await #expect(throws: FurcateError.self) { try await agent.request(.serviceStatus(name: "systemd-journald")) }
         } catch {
             Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
         }
