@@ -4,12 +4,15 @@ import FurcateCore
 
 /// How a file's blocks are compressed in pack files.
 ///
-/// Spelled `none`, `lz4` or `zstd:LEVEL` (LEVEL 1–19; `zstd` alone means level 1). The store
+/// Spelled `none`, `lz4`, `lz4:LEVEL` (0 is `lz4`; 1–12 use LZ4's high-compression encoder,
+/// whose output the same decoder reads) or `zstd:LEVEL` (LEVEL 1–19; `zstd` alone means level 1). The store
 /// keeps a block raw whenever compression would save less than 1/16 of it, so a record's
 /// codec may be `none` whatever its file asks for.
 public enum Codec: Hashable, Sendable, CustomStringConvertible {
     case none
     case lz4
+    /// LZ4 HC at a level 1–12: slower to write, same speed to read, smaller.
+    case lz4hc(level: Int32)
     case zstd(level: Int32)
 
     /// The default for new stores, chosen by `furcate bench store` (see docs/BENCHMARKS.md):
@@ -28,9 +31,11 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
         default:
             if t.hasPrefix("zstd:"), let l = Int32(t.dropFirst(5)), (1...19).contains(l) {
                 self = .zstd(level: l)
+            } else if t.hasPrefix("lz4:"), let l = Int32(t.dropFirst(4)), (0...12).contains(l) {
+                self = l == 0 ? .lz4 : .lz4hc(level: l)
             } else {
                 throw FurcateError(
-                    .invalidArgument, "codec '\(text)' is not one of none, lz4, zstd:LEVEL (LEVEL 1-19)")
+                    .invalidArgument, "codec '\(text)' is not one of none, lz4, lz4:LEVEL (0-12), zstd:LEVEL (1-19)")
             }
         }
     }
@@ -39,6 +44,7 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .none: return "none"
         case .lz4: return "lz4"
+        case .lz4hc(let level): return "lz4:\(level)"
         case .zstd(let level): return "zstd:\(level)"
         }
     }
@@ -47,7 +53,7 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
     var tag: UInt8 {
         switch self {
         case .none: return 0
-        case .lz4: return 1
+        case .lz4, .lz4hc: return 1
         case .zstd: return 2
         }
     }
@@ -64,6 +70,12 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
                 src.baseAddress!.assumingMemoryBound(to: CChar.self),
                 dst.baseAddress!.assumingMemoryBound(to: CChar.self),
                 Int32(src.count), Int32(dst.count))
+            return n > 0 && Int(n) <= limit ? Int(n) : nil
+        case .lz4hc(let level):
+            let n = LZ4_compress_HC(
+                src.baseAddress!.assumingMemoryBound(to: CChar.self),
+                dst.baseAddress!.assumingMemoryBound(to: CChar.self),
+                Int32(src.count), Int32(dst.count), level)
             return n > 0 && Int(n) <= limit ? Int(n) : nil
         case .zstd(let level):
             let n = ZSTD_compress(dst.baseAddress, dst.count, src.baseAddress, src.count, level)
