@@ -1,3 +1,4 @@
+import BlockStore
 import Foundation
 import FurcateCore
 import GRDB
@@ -42,12 +43,58 @@ public struct SnapshotInfo: Sendable, Codable, Equatable {
     /// a VM whose RAM was private (mode b), where QEMU cannot leave RAM out of the stream.
     public var ramInStream: Bool = false
     public var createdAt: Double
+    /// Memory compression asked for (hypeman's model); nil: never asked.
+    public var compression: SnapshotCompression?
+    /// nil is `none`.
+    public var compressionState: CompressionState?
+    public var compressionError: String?
+    /// The memory payload's distinct blocks, raw and as stored, after the last compression.
+    public var uncompressedSizeBytes: UInt64?
+    public var compressedSizeBytes: UInt64?
+    /// The store file holding the guest RAM: the memory file, or the stream when it carries RAM.
+    public var memoryPayloadFile: String { ramInStream ? stateFile : memoryFile }
     public var memoryFile: String { "\(id).mem" }
     public var diskFile: String { "\(id).disk" }
     public var stateFile: String { "\(id).state" }
     /// A writable clone of the memory that mode-b forks map privately (QEMU opens its
     /// memory file read-write even when it maps it privately; store snapshots are read-only).
     public var privateBaseFile: String { "\(id).membase" }
+}
+
+/// Snapshot memory compression (hypeman's `SnapshotCompressionConfig`): zstd levels 1–19
+/// (default 1) or lz4 levels 0–9 (default 0; 1–9 use LZ4 HC).
+public struct SnapshotCompression: Codable, Sendable, Equatable {
+    public var enabled: Bool
+    public var algorithm: String?
+    public var level: Int?
+
+    public init(enabled: Bool, algorithm: String? = nil, level: Int? = nil) {
+        self.enabled = enabled
+        self.algorithm = algorithm
+        self.level = level
+    }
+
+    /// The store codec this asks for; `fallback` when disabled.
+    /// - Throws: `.invalidArgument` for an unknown algorithm or a level out of its range.
+    public func codec(fallback: Codec) throws -> Codec {
+        guard enabled else { return fallback }
+        switch algorithm ?? "zstd" {
+        case "zstd":
+            let l = level ?? 1
+            guard (1...19).contains(l) else { throw FurcateError(.invalidArgument, "zstd compression level must be 1 to 19, not \(l)") }
+            return .zstd(level: Int32(l))
+        case "lz4":
+            let l = level ?? 0
+            guard (0...9).contains(l) else { throw FurcateError(.invalidArgument, "lz4 compression level must be 0 to 9, not \(l)") }
+            return l == 0 ? .lz4 : .lz4hc(level: Int32(l))
+        case let a:
+            throw FurcateError(.invalidArgument, "compression algorithm must be zstd or lz4, not '\(a.prefix(40))'")
+        }
+    }
+}
+
+public enum CompressionState: String, Codable, Sendable {
+    case none, compressing, compressed, error
 }
 
 /// Ids with one documented shape each.

@@ -109,6 +109,8 @@ public actor VMService {
     let baseLock = AsyncLock()
     /// Freshening of restored VMs in progress or done (see `awaitFreshened`).
     var freshening: [String: Task<Bool, Never>] = [:]
+    /// Snapshot memory (re)compressions in progress (VMService+Compression.swift).
+    var compressionJobs: [String: (task: Task<Void, Never>, cancel: CancelFlag)] = [:]
     /// Warm pool (VMService+WarmPool.swift).
     var pool: [PoolShape: [PoolEntry]] = [:]
     var refilling: Set<PoolShape> = []
@@ -628,8 +630,9 @@ public actor VMService {
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.
-    public func deleteSnapshot(_ id: String) throws {
+    public func deleteSnapshot(_ id: String) async throws {
         let s = try snapshotInfo(id)
+        await stopCompression(id)
         try deleteSnapshotFiles(s)
     }
 

@@ -139,7 +139,8 @@ enum StdioSetup {
 }
 
 /// Starts a program in its own session (a timeout or a stop can kill its whole group), with
-/// an empty signal mask and the given stdio, working directory and environment ("K=V").
+/// an empty signal mask, default signal dispositions and the given stdio, working directory
+/// and environment ("K=V").
 /// `search`: look `argv[0]` up in PATH.
 func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: String? = nil, search: Bool = true) throws -> pid_t {
     var actions = posix_spawn_file_actions_t()
@@ -166,7 +167,12 @@ func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: Str
     var empty = sigset_t()
     sigemptyset(&empty)
     posix_spawnattr_setsigmask(&attr, &empty)
-    posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08))  // POSIX_SPAWN_SETSID | SETSIGMASK
+    // Every signal back to its default: the agent ignores SIGPIPE, and ignored signals survive
+    // exec (busybox's `yes | head` would spin forever).
+    var defaults = sigset_t()
+    sigfillset(&defaults)
+    posix_spawnattr_setsigdefault(&attr, &defaults)
+    posix_spawnattr_setflags(&attr, Int16(0x80 | 0x08 | 0x04))  // POSIX_SPAWN_SETSID | SETSIGMASK | SETSIGDEF
     let cargv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
     let cenv: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
     defer {

@@ -127,6 +127,12 @@ final class HostAgent {
         try "FROM_IMAGE=changed\n".write(toFile: t.sub("env"), atomically: true, encoding: .utf8)
         let r2 = try await a.client.exec(ExecRequest(command: "echo $FROM_IMAGE", cwd: "/"))
         #expect(String(decoding: r2.stdout, as: UTF8.self) == "changed\n")
+        // Children get default signal dispositions: the agent's ignored SIGPIPE would make
+        // `yes` spin forever once `head` exits.
+        let ign = try await a.client.exec(ExecRequest(argv: ["grep", "SigIgn", "/proc/self/status"]))
+        // Signals 1-31 (32 and 33 are glibc's own, which posix_spawn leaves alone).
+        let mask = UInt64(String(decoding: ign.stdout, as: UTF8.self).split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "", radix: 16)
+        #expect(mask.map { $0 & 0x7fff_ffff } == 0, "\(String(decoding: ign.stdout, as: UTF8.self))")
         if geteuid() == 0 {
             let r3 = try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "nobody"))
             #expect(String(decoding: r3.stdout, as: UTF8.self) == "65534\n", "\(r3)")

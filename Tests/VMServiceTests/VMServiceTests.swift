@@ -227,6 +227,39 @@ struct VMServiceTests {
 
     /// Suspend ends the process and keeps everything in the store; resume brings back the
     /// same guest, its background process still alive.
+    /// Snapshot memory compression (hypeman's model) runs in the background while a restore of
+    /// the same snapshot reads the memory; the fork runs, the sizes are reported.
+    @Test(.timeLimit(.minutes(5))) func snapshotMemoryCompressesWhileForksRestore() async throws {
+        await withHarness { h, svc in
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let agent = try await svc.agent(parent.id, timeout: .seconds(60))
+            // Compressible guest memory: text in the page cache (not /tmp: the test init mounts a
+            // tmpfs there, possibly after the agent already answers).
+            let w = try await agent.exec(ExecRequest(command: "yes 'furcate snapshot memory' | head -c 16000000 > /root/text && wc -c < /root/text", timeoutMs: 60_000))
+            #expect(w.exitCode == 0 && String(decoding: w.stdout, as: UTF8.self).contains("16000000"), "\(w) \(String(decoding: w.stderr, as: UTF8.self))")
+            let snap = try await svc.snapshot(parent.id)
+            let before = try await svc.snapshotMemoryStats(snap.id)
+            let started = try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "zstd", level: 3))
+            #expect(started.compressionState == .compressing)
+            let vm = try await svc.create(CreateVMRequest(snapshot: snap.id))  // restores while compressing
+            let done = try await svc.awaitCompression(snap.id)
+            #expect(done.compressionState == .compressed, "\(String(describing: done.compressionError))")
+            let (raw, stored) = (try #require(done.uncompressedSizeBytes), try #require(done.compressedSizeBytes))
+            #expect(raw == before.uncompressedBytes && stored < before.storedBytes, "zstd:3 beats the store's lz4: \(before) -> \(stored)")
+            let a = try await svc.agent(vm.id)
+            let r = try await a.exec(ExecRequest(command: "wc -c < /root/text"))
+            #expect(String(decoding: r.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) == "16000000", "\(String(decoding: r.stderr, as: UTF8.self))")
+            // A second fork from the compressed snapshot runs too.
+            let vm2 = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            _ = try await svc.agent(vm2.id)
+            await #expect(throws: FurcateError.self) { try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "lz4", level: 12)) }
+            await #expect(throws: FurcateError.self) { try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "brotli")) }
+            _ = try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: false))
+            #expect(try await svc.awaitCompression(snap.id).compressionState == CompressionState.none)
+            try await svc.deleteSnapshot(snap.id)
+        }
+    }
+
     @Test(.timeLimit(.minutes(5))) func suspendAndResumeKeepAProcessAlive() async throws {
         await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
