@@ -92,7 +92,7 @@ let package = Package(
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(
-            name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol"]
+            name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images"]
         ),
         // @main: argument parsing and wiring only.
         .executableTarget(

@@ -7,7 +7,7 @@ import Glibc
 
 /// Turns an unpacked image directory into an ext4 filesystem image (`mkfs.ext4 -d`), after
 /// putting the guest agent and the image's configuration under `/.furcate`.
-enum RootfsBuilder {
+public enum RootfsBuilder {
     static let gib: UInt64 = 1 << 30
 
     /// Sizing: InstaVM's rule — an automatic size is at least `minimum` and at most `maximum`;
@@ -119,7 +119,7 @@ enum RootfsBuilder {
     }
 
     /// Runs `mkfs.ext4 -d root` into a sparse file of `size` bytes.
-    static func mkfs(root: String, output: String, size: UInt64, label: String) throws {
+    public static func mkfs(root: String, output: String, size: UInt64, label: String) throws {
         let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FurcateError.system("open", errno: errno, path: output) }
         let r = ftruncate(fd, off_t(size))
@@ -133,7 +133,7 @@ enum RootfsBuilder {
     }
 
     /// Runs a tool from PATH; a failure carries its stderr.
-    static func runTool(_ tool: String, _ args: [String]) throws {
+    public static func runTool(_ tool: String, _ args: [String]) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = [tool] + args

@@ -8,7 +8,40 @@ import VMService
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self, FS.self, Fork.self, Agent.self])
+        subcommands: [Store.self, FS.self, Fork.self, Agent.self, Image.self])
+
+    struct Image: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "image",
+            abstract: "Image pull + rootfs build vs tar -x + mkfs, dedup of two images sharing a base, snapshot memory compression per codec; compression needs root, QEMU and the guest artifacts.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Flag(help: "Skip the snapshot memory compression part (no VM).") var noCompression = false
+        @Option(help: "Directory for the scratch stores (default: the current directory).") var dir: String = "."
+        @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
+
+        func run() throws {
+            bootstrapOnce
+            let b = ImageBenchmark(workDir: dir, guestDir: guest, skipCompression: noCompression) { FileHandleStderr.write("bench: \($0)\n") }
+            let json = json
+            try runBlocking {
+                let r = try await b.run()
+                if json { return try printJSON(r, snakeCase: true) }
+                for p in r.pulls {
+                    print("pull+build \(p.image): \(p.layers) layers, \(formatBytes(p.contentBytes)) of files, \(formatBytes(p.diskBytes)) disk: furcate \(f2(p.furcateSeconds)) s, tar -x + mkfs \(f2(p.baselineSeconds)) s, ratio \(f2(p.ratio))")
+                }
+                if let d = r.dedup {
+                    print("dedup: A alone \(formatBytes(d.aloneBytesA)), B alone \(formatBytes(d.aloneBytesB)), together \(formatBytes(d.togetherBytes)): ratio \(f2(d.ratio))")
+                }
+                if !r.compression.isEmpty {
+                    print("snapshot memory: \(formatBytes(r.memoryUncompressedBytes)) in stored blocks; store default \(r.defaultCodec)")
+                    for c in r.compression {
+                        print("  \(c.codec.padding(toLength: 8, withPad: " ", startingAt: 0)) \(formatBytes(c.storedBytes).padding(toLength: 9, withPad: " ", startingAt: 0)) ratio \(f2(c.ratio)) (\(f2(c.ratioVsDefault))x the default), \(f1(c.mbPerSecond)) MB/s")
+                    }
+                }
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
 
     struct Agent: ParsableCommand {
         static let configuration = CommandConfiguration(

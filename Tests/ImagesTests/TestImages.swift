@@ -73,46 +73,9 @@ enum TestImage {
     /// Writes an OCI layout at `dir` holding one image tagged `tag`. Returns its manifest digest.
     @discardableResult
     static func layout(_ dir: String, tag: String, layers: [Layer], env: [String], workingDir: String? = nil) throws -> Digest {
-        try FileManager.default.createDirectory(atPath: dir + "/blobs/sha256", withIntermediateDirectories: true)
-        try writeFile(dir + "/oci-layout", #"{"imageLayoutVersion":"1.0.0"}"#)
-        func put(_ b: [UInt8]) throws -> Digest {
-            let d = Digest(of: b)
-            try Data(b).write(to: URL(fileURLWithPath: dir + "/blobs/sha256/" + d.hex))
-            return d
-        }
-        var cfg: [String: Any] = [
-            "architecture": "amd64", "os": "linux",
-            "config": ["Env": env, "Cmd": ["/bin/sh"]] as [String: Any],
-            "rootfs": ["type": "layers", "diff_ids": layers.map { $0.diffID.description }],
-        ]
-        if let w = workingDir { cfg["config"] = ["Env": env, "Cmd": ["/bin/sh"], "WorkingDir": w] as [String: Any] }
-        let cfgBytes = [UInt8](try JSONSerialization.data(withJSONObject: cfg, options: [.sortedKeys]))
-        let cfgDigest = try put(cfgBytes)
-        var layerDescs: [[String: Any]] = []
-        for l in layers {
-            let d = try put(l.blob)
-            let gz = l.blob.count > 2 && l.blob[0] == 0x1f && l.blob[1] == 0x8b
-            layerDescs.append([
-                "mediaType": gz ? "application/vnd.oci.image.layer.v1.tar+gzip" : "application/vnd.oci.image.layer.v1.tar",
-                "digest": d.description, "size": l.blob.count,
-            ])
-        }
-        let manifest: [String: Any] = [
-            "schemaVersion": 2, "mediaType": MediaType.ociManifest,
-            "config": ["mediaType": MediaType.ociConfig, "digest": cfgDigest.description, "size": cfgBytes.count],
-            "layers": layerDescs,
-        ]
-        let mBytes = [UInt8](try JSONSerialization.data(withJSONObject: manifest, options: [.sortedKeys]))
-        let mDigest = try put(mBytes)
-        let index: [String: Any] = [
-            "schemaVersion": 2,
-            "manifests": [[
-                "mediaType": MediaType.ociManifest, "digest": mDigest.description, "size": mBytes.count,
-                "annotations": ["org.opencontainers.image.ref.name": tag],
-            ] as [String: Any]],
-        ]
-        try Data(try JSONSerialization.data(withJSONObject: index)).write(to: URL(fileURLWithPath: dir + "/index.json"))
-        return mDigest
+        var config = ImageConfig(env: env, workingDir: workingDir, cmd: ["/bin/sh"])
+        config.workingDir = workingDir
+        return try OCILayoutWriter.write(dir, tag: tag, layers: layers.map { OCILayoutWriter.Layer(blob: $0.blob, diffID: $0.diffID) }, config: config)
     }
 
     /// The two-layer test image: busybox base; then /etc/removed.txt whited out, /opt/old made
