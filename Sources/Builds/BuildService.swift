@@ -16,6 +16,11 @@ public enum BuildState: String, Codable, Sendable {
     case pending, running, succeeded, failed
 }
 
+/// Freestyle's `SnapshotStateTag` for the snapshot a build makes.
+public enum SnapshotStateTag: String, Codable, Sendable {
+    case building, ready, failed, cancelled, lost
+}
+
 /// One entry of a build's append-only timeline (Freestyle's BuildPhase). A phase ends when the
 /// next one starts, or when the build finishes.
 public struct BuildPhase: Codable, Sendable, Hashable {
@@ -54,6 +59,18 @@ public struct BuildRecord: Codable, Sendable {
     public var startedAt: Double
     public var updatedAt: Double
     public var finishedAt: Double?
+    /// Set when a restart interrupted the build (its snapshot state is `lost`).
+    public var interrupted: Bool?
+
+    /// The state of the snapshot this build produces (Freestyle's tags): building while it
+    /// runs, ready once it succeeded, lost when a restart interrupted it, failed otherwise.
+    public var snapshotState: SnapshotStateTag {
+        switch state {
+        case .pending, .running: return .building
+        case .succeeded: return .ready
+        case .failed: return interrupted == true ? .lost : .failed
+        }
+    }
 }
 
 public struct BuildServiceOptions: Sendable {
@@ -107,6 +124,7 @@ public actor BuildService {
             let last = r.phases.last?.name ?? "start"
             r.state = .failed
             r.failureReason = "interrupted: the server stopped during the build (in phase \(last))"
+            r.interrupted = true
             r.buildVM = nil
             r.finishedAt = Date().timeIntervalSince1970
             r.updatedAt = r.finishedAt!
@@ -142,7 +160,7 @@ public actor BuildService {
         let r = BuildRecord(
             buildId: id, account: account, state: .pending, templateHash: nil, failureReason: nil,
             plannedPhases: Self.plan(recipe), phases: [], layers: [], snapshotId: nil, buildVM: nil, recipe: recipe,
-            startedAt: now, updatedAt: now, finishedAt: nil)
+            startedAt: now, updatedAt: now, finishedAt: nil, interrupted: nil)
         save(r)
         inflight[recipe] = id
         tasks[id] = Task { await self.run(id, recipe, credentials: credentials) }
@@ -160,6 +178,29 @@ public actor BuildService {
     public func build(_ recipe: BuildRecipe, account: String = "default", credentials: RegistryCredentials? = nil) async throws -> BuildRecord {
         let r = try start(recipe, account: account, credentials: credentials)
         return try await wait(r.buildId)
+    }
+
+    /// The recipe of the default image's ready snapshot: the Debian 12 systemd rootfs booted
+    /// once, snapshotted when systemd reports it is up, so later VMs fork from it.
+    public static func defaultImageRecipe(rootfsTarball: String) -> BuildRecipe {
+        BuildRecipe(
+            base: .image("rootfs:" + rootfsTarball),
+            steps: [.run(command: "for i in $(seq 1 1200); do [ -S /run/systemd/private ] && break; sleep 0.1; done; systemctl is-system-running --wait >/dev/null || true")],
+            memoryMiB: 512)
+    }
+
+    /// The default image's ready snapshot, built on first use and cached after: its id.
+    /// - Throws: `.notFound` when the tarball is missing (scripts/guest-artifacts.sh builds
+    ///   it), `.buildFailed` with the build's reason.
+    public func defaultSnapshot(rootfsTarball: String) async throws -> String {
+        guard FileManager.default.isReadableFile(atPath: rootfsTarball) else {
+            throw FurcateError(.notFound, "the default image \(rootfsTarball) is missing (scripts/guest-artifacts.sh builds it with mmdebstrap)")
+        }
+        let r = try await build(Self.defaultImageRecipe(rootfsTarball: rootfsTarball))
+        guard r.state == .succeeded, let s = r.snapshotId else {
+            throw FurcateError(.buildFailed, "building the default image failed: \(r.failureReason ?? "unknown reason")")
+        }
+        return s
     }
 
     /// The phases a recipe will go through if nothing is cached.

@@ -146,7 +146,7 @@ final class BuildHarness: @unchecked Sendable {
         args.postBuildCmd = "echo built-by-post-build > /built && echo $BUILD_ENV > /built-env"
         let recipe = args.recipe(image: "oci:\(lay):1", vcpus: 1, memoryMiB: 128)
         let first = try await h.builds.build(recipe)
-        #expect(first.state == .succeeded, "\(first.failureReason ?? "")")
+        #expect(first.state == .succeeded && first.snapshotState == .ready, "\(first.failureReason ?? "")")
         let snap = try #require(first.snapshotId)
         #expect(first.phases.map(\.name) == ["pull-image", "boot", "set-env", "run", "snapshot"])
         #expect(first.phases.last?.snapshotId == snap)
@@ -231,6 +231,7 @@ final class BuildHarness: @unchecked Sendable {
         #expect(interrupted == [slow.buildId])
         let after = try await restarted.record(slow.buildId)
         #expect(after.state == .failed && after.failureReason?.contains("interrupted") == true)
+        #expect(after.snapshotState == .lost && r.snapshotState == .failed)
         #expect(await h.vms.list().isEmpty, "the interrupted build's VM was deleted")
         _ = try await h.builds.wait(slow.buildId)
         await h.tearDown()

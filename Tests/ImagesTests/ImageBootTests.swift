@@ -145,3 +145,22 @@ struct SystemdImageTests {
         try await vms.delete(vm.id)
     }
 }
+
+/// The default image: booted once on first use, its ready snapshot kept; VMs fork from it.
+@Suite(.enabled(if: bootAvailable && FileManager.default.isReadableFile(atPath: guestDir + "/debian-12-systemd.tar")))
+struct DefaultImageTests {
+    @Test func theDefaultImageIsBuiltOnceAndForkedFrom() async throws {
+        let h = try BuildHarness()
+        let tarball = guestDir + "/debian-12-systemd.tar"
+        let first = try await h.builds.defaultSnapshot(rootfsTarball: tarball)
+        let second = try await h.builds.defaultSnapshot(rootfsTarball: tarball)
+        #expect(first == second, "the second use reuses the ready snapshot")
+        let builds = await h.builds.list()
+        #expect(builds.count == 2 && builds[1].phases.map(\.name) == ["pull-image", "cached"], "\(builds.map { $0.phases.map(\.name) })")
+        let seen = try await h.runInVM(from: first, ["systemctl is-system-running", "cat /etc/debian_version"])
+        #expect(["running", "degraded"].contains(seen[0].1), "a fork of the ready snapshot has systemd up at once: \(seen)")
+        #expect(seen[1].1.hasPrefix("12."), "\(seen)")
+        await #expect(throws: FurcateError.self) { try await h.builds.defaultSnapshot(rootfsTarball: h.tmp.sub("missing.tar")) }
+        await h.tearDown()
+    }
+}
