@@ -98,7 +98,7 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,0 +1,196 @@
+import ArgumentParser
+import BlockStore
+import Builds
+import Dispatch
+import Foundation
+import FurcateCore
+import GuestAgentProtocol
+import Images
+import StoreFS
+import Synchronization
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The engine in this process, over a data directory: store, mount, images, VMs, builds.
+/// (`furcate serve` runs the same parts as services.)
+final class LocalEngine: @unchecked Sendable {
+    let layout: DataLayout
+    let store: BlockStore
+    let mount: BackgroundMount
+    let images: ImageService
+    let vms: VMService
+    let builds: BuildService
+
+    init(_ data: DataOption) throws {
+        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root") }
+        layout = data.layout
+        let l = layout
+        guard FileManager.default.isReadableFile(atPath: l.agent) else {
+            throw FurcateError(.notFound, "no guest agent at \(l.agent): run scripts/setup.sh first")
+        }
+        store = try data.openOrCreateStore()
+        do {
+            try FileManager.default.createDirectory(atPath: l.mountpoint, withIntermediateDirectories: true)
+            mount = try StoreFS(store: store, mountpoint: l.mountpoint).startInBackground()
+        } catch {
+            store.close()
+            throw error
+        }
+        do {
+            images = try ImageService(store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
+            vms = try VMService(store: store, options: VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest))
+            builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
+        } catch {
+            mount.stop()
+            store.close()
+            throw error
+        }
+    }
+
+    /// Ends VMs this process started, unmounts, closes the store.
+    func close(deleting vmIDs: [String]) async {
+        for id in vmIDs { try? await vms.delete(id) }
+        mount.stop()
+        store.close()
+    }
+
+    /// SIGINT/SIGTERM end the command cleanly (VMs deleted, store unmounted) with status 130.
+    func onInterrupt(_ cleanup: @escaping @Sendable () async -> Void) -> [DispatchSourceSignal] {
+        [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler {
+                Task {
+                    await cleanup()
+                    exit(130)
+                }
+            }
+            s.resume()
+            return s
+        }
+    }
+}
+
+/// `furcate build`: an image plus steps, run in a build VM and snapshotted (cached by hash).
+struct BuildCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "build",
+        abstract: "Build a snapshot from an image: boot it, run steps through the agent, snapshot (cached by template hash). Prints the snapshot id last.")
+    @OptionGroup var data: DataOption
+    @Argument(help: "Base image (registry ref, oci:DIR[:TAG], docker-archive:FILE, rootfs:FILE), or 'default' for Debian 12 with systemd.")
+    var image: String
+    @Option(name: .customLong("apt"), help: "apt packages (repeatable).") var apt: [String] = []
+    @Option(name: .customLong("pip"), help: "pip packages (repeatable).") var pip: [String] = []
+    @Option(name: .customLong("env"), help: "KEY=VALUE for the snapshot's processes (repeatable).") var env: [String] = []
+    @Option(name: .customLong("run"), help: "A shell command run in the build VM, in order after the packages (repeatable).") var runCommands: [String] = []
+    @Option(help: "Build VM memory in MiB.") var memory: Int?
+    @Flag(help: "Build even when a cached snapshot exists.") var skipCache = false
+    @Flag(help: "Print the build record as JSON.") var json = false
+
+    func validate() throws {
+        for e in env where !e.contains("=") || e.hasPrefix("=") { throw ValidationError("--env takes KEY=VALUE, not '\(e)'") }
+    }
+
+    func run() throws {
+        bootstrapOnce
+        let (data, image, apt, pip, env, run, memory, skipCache, json) = (data, image, apt, pip, env, runCommands, memory, skipCache, json)
+        try runBlocking {
+            let engine = try LocalEngine(data)
+            let signals = engine.onInterrupt { await engine.close(deleting: await engine.vms.list().map(\.id)) }
+            defer { _ = signals }
+            do {
+                var steps: [BuildStep] = []
+                if !apt.isEmpty { steps.append(.apt(apt.flatMap { $0.split(separator: " ").map(String.init) })) }
+                if !pip.isEmpty { steps.append(.pip(pip.flatMap { $0.split(separator: " ").map(String.init) })) }
+                if !env.isEmpty {
+                    steps.append(.env(Dictionary(env.map { e in let i = e.firstIndex(of: "=")!; return (String(e[..<i]), String(e[e.index(after: i)...])) }) { $1 }))
+                }
+                steps += run.map { .run(command: $0) }
+                var recipe: BuildRecipe
+                if image == "default" {
+                    recipe = BuildRecipe(base: .recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.layout.guest + "/debian-12-systemd.tar")), steps: steps)
+                } else {
+                    recipe = BuildRecipe(base: .image(image), steps: steps, memoryMiB: memory)
+                }
+                recipe.skipCache = skipCache
+                let started = try await engine.builds.start(recipe)
+                FileHandleStderr.write("build \(started.buildId): \(started.plannedPhases.joined(separator: " → "))\n")
+                var shown = 0
+                while true {
+                    let r = try await engine.builds.record(started.buildId)
+                    for p in r.phases.dropFirst(shown) { FileHandleStderr.write("  \(p.name)\(p.snapshotId.map { " (\($0))" } ?? "")\n") }
+                    shown = r.phases.count
+                    if r.state == .succeeded || r.state == .failed { break }
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                let r = try await engine.builds.wait(started.buildId)
+                await engine.close(deleting: [])
+                if json { try printJSON(r) }
+                guard r.state == .succeeded, let snap = r.snapshotId else {
+                    throw FurcateError(.buildFailed, "build \(r.buildId) failed: \(r.failureReason ?? "unknown reason")")
+                }
+                if !json { print(snap) }
+            } catch {
+                await engine.close(deleting: await engine.vms.list().map(\.id))
+                throw error
+            }
+        }
+    }
+}
+
+/// `furcate run`: boot a VM from an image or snapshot, run one command through the agent,
+/// print its output, delete the VM; the exit status is the command's.
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Boot a VM (image or snapshot), run a command in it through the agent, print its output, delete the VM.")
+    @OptionGroup var data: DataOption
+    @Option(help: "Image to boot (as for `furcate image pull`).") var image: String?
+    @Option(help: "Snapshot to restore (sc-…, from `furcate build`).") var snapshot: String?
+    @Option(help: "Memory in MiB (images only).") var memory: Int?
+    @Option(help: "Seconds the command may run.") var timeout = 600
+    @Argument(parsing: .captureForPassthrough, help: "The command (run by /bin/sh -c when one word, else as argv).") var command: [String]
+
+    func validate() throws {
+        guard (image == nil) != (snapshot == nil) else { throw ValidationError("give one of --image or --snapshot") }
+        guard !command.filter({ $0 != "--" }).isEmpty else { throw ValidationError("give a command to run") }
+    }
+
+    func run() throws {
+        bootstrapOnce
+        let (data, image, snapshot, memory, timeout) = (data, image, snapshot, memory, timeout)
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        let status = Mutex<Int32>(0)
+        try runBlocking {
+            let engine = try LocalEngine(data)
+            var created: [String] = []
+            let signals = engine.onInterrupt { await engine.close(deleting: await engine.vms.list().map(\.id)) }
+            defer { _ = signals }
+            do {
+                var req = CreateVMRequest(memoryMiB: memory)
+                if let image {
+                    req.image = try await engine.images.pull(image).storeFile
+                } else {
+                    req.snapshot = snapshot
+                }
+                let vm = try await engine.vms.create(req)
+                created.append(vm.id)
+                let agent = try await engine.vms.agent(vm.id, timeout: .seconds(120))
+                let e = argv.count == 1 ? ExecRequest(command: argv[0], timeoutMs: timeout * 1000) : ExecRequest(argv: argv, timeoutMs: timeout * 1000)
+                let r = try await agent.exec(e)
+                FileHandle.standardOutput.write(r.stdout)
+                FileHandle.standardError.write(r.stderr)
+                if r.timedOut { FileHandleStderr.write("furcate: the command timed out after \(timeout) s\n") }
+                status.withLock { $0 = r.timedOut ? 124 : (r.exitCode ?? (128 + (r.signal ?? 9))) }
+                await engine.close(deleting: created)
+            } catch {
+                await engine.close(deleting: created)
+                throw error
+            }
+        }
+        let s = status.withLock { $0 }
+        if s != 0 { throw ExitCode(s) }
+    }
+}
