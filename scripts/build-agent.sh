@@ -5,7 +5,7 @@
 # Its own scratch path: -static-executable must not touch the main build's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dest="${1:-${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}}"
+dest="${1:-${FURCATE_GUEST_DIR:-${FURCATE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate}/guest}}"
 mkdir -p "$dest"
 echo "agent: swift build -c release --product furcate-agent -static-executable"
 swift build -c release --product furcate-agent --scratch-path .build-agent -Xswiftc -static-executable -Xlinker -s 2>&1 \

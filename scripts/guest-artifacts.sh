@@ -10,7 +10,7 @@
 #                      debug shell on the virtio-serial port named furcate.shell
 # Idempotent: existing artifacts are kept (delete one to rebuild it). Never goes into git.
 set -euo pipefail
-dest="${1:-${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}}"
+dest="${1:-${FURCATE_GUEST_DIR:-${FURCATE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate}/guest}}"
 mkdir -p "$dest"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -8,7 +8,7 @@ install_packages
 echo "build: swift build -c release --product furcate"
 swift build -c release --product furcate
 # What guests boot: the static agent, Debian's cloud kernel, the initramfs (outside the checkout).
-export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}"
+export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${FURCATE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate}/guest}"
 scripts/build-agent.sh "$FURCATE_GUEST_DIR"
 scripts/guest-artifacts.sh "$FURCATE_GUEST_DIR"
 echo "setup: done; the binary is $(swift build -c release --show-bin-path)/furcate"

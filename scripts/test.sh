@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/packages.sh
 install_packages
 # Guest kernel and initramfs for the QEMU tests, kept outside the checkout.
-export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate/guest}"
+export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${FURCATE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate}/guest}"
 scripts/build-agent.sh "$FURCATE_GUEST_DIR"
 scripts/guest-artifacts.sh "$FURCATE_GUEST_DIR"
 echo "test: swift build --build-tests"
