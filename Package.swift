@@ -58,12 +58,16 @@ let package = Package(
         // <sys/xattr.h> for the layer applier (not in Swift's Glibc module).
         .target(name: "CSysXattr"),
         .executableTarget(name: "furcate-agent", dependencies: ["GuestAgentProtocol", "CAgentInit"]),
+        // Small SQLite databases of JSON records (VMs, snapshots, images, builds).
+        .target(
+            name: "RecordStore",
+            dependencies: ["FurcateCore", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
         // The VM lifecycle: boot, snapshot, fork, suspend/resume, stop/kill, persistence.
         .target(
             name: "VMService",
             dependencies: [
-                "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol",
-                .product(name: "GRDB", package: "GRDB.swift"),
+                "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol", "RecordStore",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -71,12 +75,11 @@ let package = Package(
         .target(
             name: "Images",
             dependencies: [
-                "FurcateCore", "BlockStore", "CZstd", "CZlib", "CSysXattr",
+                "FurcateCore", "BlockStore", "CZstd", "CZlib", "CSysXattr", "RecordStore",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -84,9 +87,8 @@ let package = Package(
         .target(
             name: "Builds",
             dependencies: [
-                "FurcateCore", "Images", "VMService", "Hypervisor", "GuestAgentProtocol",
+                "FurcateCore", "Images", "VMService", "Hypervisor", "GuestAgentProtocol", "RecordStore",
                 .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -117,7 +119,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ImagesTests",
-            dependencies: ["Images", "Builds", "VMService", .product(name: "Crypto", package: "swift-crypto"), "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+            dependencies: ["Images", "Builds", "VMService", "CSysXattr", .product(name: "Crypto", package: "swift-crypto"), "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
         ),
         .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],

@@ -1,6 +1,6 @@
 import Foundation
 import FurcateCore
-import GRDB
+import RecordStore
 import GuestAgentProtocol
 import Hypervisor
 import Images
@@ -409,41 +409,15 @@ struct StepRunner {
     private func quote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
 }
 
-/// The build table: SQLite through GRDB, one JSON record per build.
+/// The build table: one JSON record per build (RecordStore).
 final class BuildDatabase: Sendable {
-    let pool: DatabasePool
+    private let db: RecordDatabase
+    private static let table = RecordTable("builds")
 
     init(path: String) throws {
-        var config = Configuration()
-        config.busyMode = .timeout(5)
-        do {
-            pool = try DatabasePool(path: path, configuration: config)
-            var migrator = DatabaseMigrator()
-            migrator.registerMigration("v1") { db in
-                try db.execute(sql: "CREATE TABLE builds (id TEXT PRIMARY KEY, record BLOB NOT NULL)")
-            }
-            try migrator.migrate(pool)
-        } catch {
-            throw FurcateError(.io, "cannot open the build database", path: path, underlying: UnderlyingMessage(error))
-        }
+        db = try RecordDatabase(path: path, what: "build", migrations: ["CREATE TABLE builds (id TEXT PRIMARY KEY, record BLOB NOT NULL)"])
     }
 
-    func save(_ r: BuildRecord) throws {
-        let data = try JSONEncoder().encode(r)
-        do {
-            try pool.write { try $0.execute(sql: "INSERT OR REPLACE INTO builds (id, record) VALUES (?, ?)", arguments: [r.buildId, data]) }
-        } catch {
-            throw FurcateError(.io, "cannot write the build database", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
-
-    func all() throws -> [BuildRecord] {
-        do {
-            return try pool.read { db in
-                try Data.fetchAll(db, sql: "SELECT record FROM builds ORDER BY rowid").map { try JSONDecoder().decode(BuildRecord.self, from: $0) }
-            }
-        } catch {
-            throw FurcateError(.io, "cannot read the build database", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
+    func save(_ r: BuildRecord) throws { try db.save(Self.table, key: r.buildId, r) }
+    func all() throws -> [BuildRecord] { try db.all(Self.table) }
 }

@@ -1,7 +1,7 @@
 import BlockStore
 import Foundation
 import FurcateCore
-import GRDB
+import RecordStore
 import Logging
 
 #if canImport(Glibc)
@@ -243,45 +243,16 @@ public actor ImageService {
     }
 }
 
-/// The image table: SQLite through GRDB, one JSON record per image.
+/// The image table: one JSON record per image (RecordStore).
 final class ImageDatabase: Sendable {
-    let pool: DatabasePool
+    private let db: RecordDatabase
+    private static let table = RecordTable("images", key: "store_file")
 
     init(path: String) throws {
-        var config = Configuration()
-        config.busyMode = .timeout(5)
-        do {
-            pool = try DatabasePool(path: path, configuration: config)
-            var migrator = DatabaseMigrator()
-            migrator.registerMigration("v1") { db in
-                try db.execute(sql: "CREATE TABLE images (store_file TEXT PRIMARY KEY, record BLOB NOT NULL)")
-            }
-            try migrator.migrate(pool)
-        } catch {
-            throw FurcateError(.io, "cannot open the image database", path: path, underlying: UnderlyingMessage(error))
-        }
+        db = try RecordDatabase(path: path, what: "image", migrations: ["CREATE TABLE images (store_file TEXT PRIMARY KEY, record BLOB NOT NULL)"])
     }
 
-    func save(_ r: ImageRecord) throws {
-        let data = try JSONEncoder().encode(r)
-        try write { try $0.execute(sql: "INSERT OR REPLACE INTO images (store_file, record) VALUES (?, ?)", arguments: [r.storeFile, data]) }
-    }
-
-    func delete(_ name: String) throws { try write { try $0.execute(sql: "DELETE FROM images WHERE store_file = ?", arguments: [name]) } }
-
-    func all() throws -> [ImageRecord] {
-        do {
-            return try pool.read { db in
-                try Data.fetchAll(db, sql: "SELECT record FROM images ORDER BY rowid").map { try JSONDecoder().decode(ImageRecord.self, from: $0) }
-            }
-        } catch {
-            throw FurcateError(.io, "cannot read the image database", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
-
-    private func write(_ body: (Database) throws -> Void) throws {
-        do { try pool.write(body) } catch {
-            throw FurcateError(.io, "cannot write the image database", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
+    func save(_ r: ImageRecord) throws { try db.save(Self.table, key: r.storeFile, r) }
+    func delete(_ name: String) throws { try db.delete(Self.table, key: name) }
+    func all() throws -> [ImageRecord] { try db.all(Self.table) }
 }

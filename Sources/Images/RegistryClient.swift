@@ -58,10 +58,21 @@ final class RegistryClient: Sendable {
         return (body, digest, OCIDecode.mediaType(of: body, header: resp.response.headers.first(name: "Content-Type")))
     }
 
-    /// Downloads a blob into the cache, resuming a partial download with a range request.
+    /// Downloads a blob into the cache, resuming a partial download with a range request. A
+    /// resumed download that fails its digest check (a damaged partial file) starts over once.
     func blob(_ d: Descriptor, into cache: BlobCache, what: String, progress: @Sendable (UInt64) -> Void) async throws {
+        do {
+            try await download(d, into: cache, what: what, resume: true, progress: progress)
+        } catch let e as FurcateError where e.code == .damaged && e.message.contains("resumed") {
+            logger.warning("a resumed download failed its check; starting over", metadata: ["blob": "\(d.digest)"])
+            try await download(d, into: cache, what: what, resume: false, progress: progress)
+        }
+    }
+
+    private func download(_ d: Descriptor, into cache: BlobCache, what: String, resume: Bool, progress: @Sendable (UInt64) -> Void) async throws {
         if cache.contains(d.digest) { return }
-        let w = try PartialBlob(cache: cache, digest: d.digest, resume: true)
+        let w = try PartialBlob(cache: cache, digest: d.digest, resume: resume)
+        let resumedFrom = w.offset
         var range: String?
         if w.offset > 0 && Int64(w.offset) < d.size { range = "bytes=\(w.offset)-" } else if w.offset > 0 { try w.restart() }
         let resp = try await send(baseURL + "/blobs/" + d.digest.description, accept: nil, range: range, timeout: .hours(6))
@@ -71,7 +82,8 @@ final class RegistryClient: Sendable {
             try chunk.withUnsafeReadableBytes { try w.append($0) }
             progress(w.offset)
         }
-        try w.commit(size: d.size, what: what)
+        let resumed = resp.response.status.code == 206 && resumedFrom > 0
+        try w.commit(size: d.size, what: resumed ? what + " (resumed at byte \(resumedFrom))" : what)
     }
 
     /// The pieces of a response kept after `send`.

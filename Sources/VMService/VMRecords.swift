@@ -1,8 +1,8 @@
 import BlockStore
 import Foundation
 import FurcateCore
-import GRDB
 import Hypervisor
+import RecordStore
 
 /// A VM as persisted (`vms` table) and reported.
 public struct VMInfo: Sendable, Codable, Equatable {
@@ -122,64 +122,25 @@ public enum VMID {
     }
 }
 
-/// The VM database: SQLite (WAL) through GRDB, writes in immediate transactions.
+/// The VM database: VMs and snapshots as JSON records (RecordStore).
 final class VMDatabase: Sendable {
-    let pool: DatabasePool
+    private let db: RecordDatabase
+    private static let vmTable = RecordTable("vms", value: "info")
+    private static let snapshotTable = RecordTable("snapshots", value: "info", extra: ["vm_id"])
 
     init(path: String) throws {
-        var config = Configuration()
-        config.busyMode = .timeout(5)
-        do {
-            pool = try DatabasePool(path: path, configuration: config)
-            var migrator = DatabaseMigrator()
-            migrator.registerMigration("v1") { db in
-                try db.execute(
-                    sql: """
-                        CREATE TABLE vms (id TEXT PRIMARY KEY, info BLOB NOT NULL);
-                        CREATE TABLE snapshots (id TEXT PRIMARY KEY, vm_id TEXT NOT NULL, info BLOB NOT NULL);
-                        """)
-            }
-            try migrator.migrate(pool)
-        } catch {
-            throw FurcateError(.io, "cannot open the VM database", path: path, underlying: UnderlyingMessage(error))
-        }
+        db = try RecordDatabase(path: path, what: "VM", migrations: [
+            """
+            CREATE TABLE vms (id TEXT PRIMARY KEY, info BLOB NOT NULL);
+            CREATE TABLE snapshots (id TEXT PRIMARY KEY, vm_id TEXT NOT NULL, info BLOB NOT NULL);
+            """,
+        ])
     }
 
-    func save(_ vm: VMInfo) throws {
-        let data = try JSONEncoder().encode(vm)
-        try write { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO vms (id, info) VALUES (?, ?)", arguments: [vm.id, data])
-        }
-    }
-
-    func save(_ s: SnapshotInfo) throws {
-        let data = try JSONEncoder().encode(s)
-        try write { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO snapshots (id, vm_id, info) VALUES (?, ?, ?)", arguments: [s.id, s.vmID, data])
-        }
-    }
-
-    func deleteVM(_ id: String) throws { try write { try $0.execute(sql: "DELETE FROM vms WHERE id = ?", arguments: [id]) } }
-    func deleteSnapshot(_ id: String) throws {
-        try write { try $0.execute(sql: "DELETE FROM snapshots WHERE id = ?", arguments: [id]) }
-    }
-
-    func vms() throws -> [VMInfo] { try all("vms") }
-    func snapshots() throws -> [SnapshotInfo] { try all("snapshots") }
-
-    private func all<T: Decodable>(_ table: String) throws -> [T] {
-        do {
-            return try pool.read { db in
-                try Data.fetchAll(db, sql: "SELECT info FROM \(table) ORDER BY rowid").map { try JSONDecoder().decode(T.self, from: $0) }
-            }
-        } catch {
-            throw FurcateError(.io, "cannot read the VM database (\(table))", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
-
-    private func write(_ body: (Database) throws -> Void) throws {
-        do { try pool.write(body) } catch {
-            throw FurcateError(.io, "cannot write the VM database", path: pool.path, underlying: UnderlyingMessage(error))
-        }
-    }
+    func save(_ vm: VMInfo) throws { try db.save(Self.vmTable, key: vm.id, vm) }
+    func save(_ s: SnapshotInfo) throws { try db.save(Self.snapshotTable, key: s.id, s, extra: [s.vmID]) }
+    func deleteVM(_ id: String) throws { try db.delete(Self.vmTable, key: id) }
+    func deleteSnapshot(_ id: String) throws { try db.delete(Self.snapshotTable, key: id) }
+    func vms() throws -> [VMInfo] { try db.all(Self.vmTable) }
+    func snapshots() throws -> [SnapshotInfo] { try db.all(Self.snapshotTable) }
 }

@@ -237,3 +237,83 @@ final class BuildHarness: @unchecked Sendable {
         await h.tearDown()
     }
 }
+
+@Suite struct FreestyleSpecTests {
+    static let json = #"""
+        {
+          "snapshot": { "baseImage": { "dockerfileContent": "FROM python:3.12-slim\nRUN echo inner" }, "aptDeps": ["curl"] },
+          "aptDeps": ["git", "vim"],
+          "groups": [{ "name": "devs" }],
+          "users": [{ "name": "ada", "groups": ["devs"] }],
+          "additionalFiles": {
+            "/usr/local/bin/hello": { "content": "IyEvYmluL3NoCmVjaG8gaGVsbG8K", "encoding": "base64", "executable": true },
+            "/etc/app.conf": { "content": "mode=fast\n" }
+          },
+          "git": { "config": {}, "repos": [{ "repo": "https://example.com/r.git", "path": "/srv/r", "rev": "v1" }] },
+          "systemd": { "services": [{ "name": "web", "mode": "service", "exec": ["python3 -m http.server 3000"], "wantedBy": ["multi-user.target"] }] },
+          "workdir": "/srv/r",
+          "memSizeGb": 2,
+          "vcpuCount": 2,
+          "discriminator": "v2",
+          "skipCache": true,
+          "ports": [{ "port": 443, "targetPort": 3000 }]
+        }
+        """#
+
+    @Test func aLayeredSpecMapsOntoLayersAndSteps() throws {
+        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(Self.json.utf8))
+        let r = try spec.recipe(defaultBase: .image("debian:12"))
+        #expect(r.memoryMiB == 2048 && r.vcpus == 2 && r.discriminator == "v2" && r.skipCache)
+        #expect(r.steps.map(\.phaseName) == ["apt-install", "create-groups", "create-users", "write-files", "write-files", "git-clone", "create-services", "set-workdir"])
+        #expect(r.steps[3] == .file(path: "/etc/app.conf", content: Data("mode=fast\n".utf8), executable: false))
+        #expect(r.steps[4] == .file(path: "/usr/local/bin/hello", content: Data("#!/bin/sh\necho hello\n".utf8), executable: true))
+        guard case .recipe(let middle) = r.base, case .recipe(let dockerfile) = middle.base else { Issue.record("\(r.base)"); return }
+        #expect(middle.steps == [.apt(["curl"])])
+        #expect(dockerfile.base == .image("python:3.12-slim") && dockerfile.steps.count == 1)
+        #expect(BuildService.plan(r).count == 4 + 3 + 10, "\(BuildService.plan(r))")
+    }
+
+    @Test(arguments: [
+        (#"{"snapshotId": "sc-x", "baseImage": {"dockerfileContent": "FROM a"}}"#, "mutually exclusive"),
+        (#"{"additionalFiles": {"/x": {"content": "@@@", "encoding": "base64"}}}"#, "base64"),
+        (#"{"additionalFiles": {"relative": {"content": "x"}}}"#, "absolute path"),
+        (#"{"memSizeGb": 64}"#, "memSizeGb"),
+        (#"{"baseImage": {"dockerfileContent": "FROM a\nCOPY . /"}}"#, "build context"),
+        (#"{"rootfsSizeGb": 2, "snapshotId": "sc-abc"}"#, "disk size"),
+    ])
+    func badSpecsSayWhy(_ json: String, _ why: String) throws {
+        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8))
+        let e = #expect(throws: FurcateError.self) { try spec.recipe(defaultBase: .image("debian:12")) }
+        #expect(e?.message.contains(why) == true, "\(String(describing: e?.message))")
+    }
+}
+
+extension BuildTests {
+    /// Files, groups, users, a supervised service and a workdir, built into a snapshot through
+    /// a Freestyle spec and seen by a VM made from it.
+    @Test func accountsFilesAndServicesLandInTheSnapshot() async throws {
+        let h = try BuildHarness()
+        let lay = h.tmp.sub("layout")
+        try TestImage.twoLayerLayout(lay)
+        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(#"""
+            {
+              "groups": [{ "name": "devs", "gid": 2000 }],
+              "users": [{ "name": "ada", "uid": 2001, "groups": ["devs"], "shell": "/bin/sh" }],
+              "additionalFiles": {
+                "/usr/local/bin/hello": { "content": "IyEvYmluL3NoCmVjaG8gaGVsbG8K", "encoding": "base64", "executable": true }
+              },
+              "systemd": { "services": [{ "name": "ticker", "mode": "service", "exec": ["while true; do date > /tmp/tick; sleep 1; done"] }] },
+              "workdir": "/srv/app"
+            }
+            """#.utf8))
+        let r = try await h.builds.build(try spec.recipe(defaultBase: .image("oci:\(lay):1")))
+        #expect(r.state == .succeeded, "\(r.failureReason ?? "")")
+        let seen = try await h.runInVM(from: try #require(r.snapshotId), [
+            "/usr/local/bin/hello", "id ada", "pwd", "sleep 2; test -s /tmp/tick && echo ticking",
+        ])
+        #expect(seen[0].1 == "hello", "\(seen)")
+        #expect(seen[1].1.contains("uid=2001(ada)") && seen[1].1.contains("2000(devs)"), "\(seen)")
+        #expect(seen[2].1 == "/srv/app" && seen[3].1 == "ticking", "\(seen)")
+        await h.tearDown()
+    }
+}

@@ -260,3 +260,35 @@ final class EventLog: @unchecked Sendable {
         #expect(bad == nil)
     }
 }
+
+extension RegistryPullTests {
+    /// A download cut short leaves `<hex>.partial`; the next pull asks the registry for the rest
+    /// (HTTP range) and the digest still checks out. A damaged partial file costs one restart.
+    @Test func interruptedDownloadsResume() async throws {
+        let reg = try TestRegistry()
+        let h = try ImageHarness()
+        let lay = h.tmp.sub("layout")
+        try TestImage.twoLayerLayout(lay)
+        try reg.push(layout: lay, tag: "1", as: "test/resume:1")
+        // The biggest blob (the busybox layer), cut in half, as a killed pull would leave it.
+        let blobs = try FileManager.default.contentsOfDirectory(atPath: lay + "/blobs/sha256")
+        let sizes = try blobs.map { ($0, try bytes(lay + "/blobs/sha256/" + $0)) }
+        let (hex, full) = try #require(sizes.max { $0.1.count < $1.1.count })
+        let cache = h.tmp.sub("images/blobs/sha256")
+        try FileManager.default.createDirectory(atPath: cache, withIntermediateDirectories: true)
+        try Data(full.prefix(full.count / 2)).write(to: URL(fileURLWithPath: cache + "/" + hex + ".partial"))
+        let events = EventLog()
+        let r = try await h.service.pull("\(reg.host)/test/resume:1") { events.add($0) }
+        #expect(try bytes(cache + "/" + hex) == full)
+        #expect(!FileManager.default.fileExists(atPath: cache + "/" + hex + ".partial"))
+        #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
+
+        // Damaged partial: garbage where the first half should be.
+        let h2 = try ImageHarness()
+        let cache2 = h2.tmp.sub("images/blobs/sha256")
+        try FileManager.default.createDirectory(atPath: cache2, withIntermediateDirectories: true)
+        try Data(repeating: 0x5a, count: full.count / 2).write(to: URL(fileURLWithPath: cache2 + "/" + hex + ".partial"))
+        _ = try await h2.service.pull("\(reg.host)/test/resume:1")
+        #expect(try bytes(cache2 + "/" + hex) == full)
+    }
+}

@@ -1,3 +1,4 @@
+import CSysXattr
 import Foundation
 import FurcateCore
 import FurcateTestSupport
@@ -50,6 +51,26 @@ import Glibc
         var l = stat()
         #expect(lstat(r + "/bin/sh", &l) == 0 && l.st_mode & S_IFMT == S_IFLNK)
         #expect(a.st_mtim.tv_sec == 1_700_000_000)
+    }
+
+    @Test(.enabled(if: geteuid() == 0, "device nodes need root")) func devicesFifosAndXattrs() throws {
+        let src = TempDir("dev")
+        try FileManager.default.createDirectory(atPath: src.sub("dev"), withIntermediateDirectories: true)
+        try sh(["mknod", src.sub("dev/null2"), "c", "1", "3"])
+        try sh(["mknod", src.sub("dev/loop9"), "b", "7", "9"])
+        try sh(["mkfifo", src.sub("dev/fifo")])
+        try writeFile(src.sub("bin/ping"), "binary")
+        let v = Array("furcate".utf8)
+        #expect(v.withUnsafeBytes { setxattr(src.sub("bin/ping"), "user.furcate", $0.baseAddress, $0.count, 0) } == 0)
+        let layer = try TestImage.layer(from: src.path, tarArgs: ["--xattrs", "--xattrs-include=*", "."])
+        let t = try apply([layer])
+        var st = stat()
+        #expect(lstat(t.sub("root/dev/null2"), &st) == 0 && st.st_mode & S_IFMT == S_IFCHR && st.st_rdev == LayerApplier.makedev(1, 3))
+        #expect(lstat(t.sub("root/dev/loop9"), &st) == 0 && st.st_mode & S_IFMT == S_IFBLK && st.st_rdev == LayerApplier.makedev(7, 9))
+        #expect(lstat(t.sub("root/dev/fifo"), &st) == 0 && st.st_mode & S_IFMT == S_IFIFO)
+        var buf = [UInt8](repeating: 0, count: 64)
+        let n = buf.withUnsafeMutableBytes { getxattr(t.sub("root/bin/ping"), "user.furcate", $0.baseAddress, $0.count) }
+        #expect(n == v.count && Array(buf.prefix(max(n, 0))) == v, "the pax SCHILY.xattr record was applied")
     }
 
     @Test func ownershipIsKept() throws {

@@ -1,0 +1,95 @@
+import Foundation
+import FurcateCore
+import GuestAgentProtocol
+
+/// Freestyle's recursive `SnapshotSpec` (the `spec` of `POST /v1/snapshots`, the `snapshot` of a
+/// `VmSpec`), decoded from its JSON as documented, and mapped onto a `BuildRecipe`: each spec is
+/// one cacheable layer; `snapshot` nests the inner one. Fields that configure the VM rather than
+/// the snapshot's contents (ports, idle timeout, ready signal) are the API's, not the build's.
+public final class FreestyleSnapshotSpec: Codable, Sendable {
+    public struct BaseImage: Codable, Sendable { public var dockerfileContent: String }
+    public struct File: Codable, Sendable {
+        public var content: String
+        public var encoding: String?
+        public var executable: Bool?
+    }
+    public struct GitRepository: Codable, Sendable {
+        public var repo: String
+        public var path: String
+        public var rev: String?
+    }
+    public struct GitOptions: Codable, Sendable { public var repos: [GitRepository]? }
+    public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
+
+    public let snapshot: FreestyleSnapshotSpec?
+    public let snapshotId: String?
+    public let baseImage: BaseImage?
+    public let rootfsSizeGb: Int?
+    public let memSizeGb: Int?
+    public let vcpuCount: Int?
+    public let workdir: String?
+    public let systemd: Systemd?
+    public let users: [UserSpec]?
+    public let groups: [GroupSpec]?
+    public let additionalFiles: [String: File]?
+    public let git: GitOptions?
+    public let aptDeps: [String]?
+    public let discriminator: String?
+    public let skipCache: Bool?
+
+    /// The recipe for this layer (and its inner layers). `defaultBase` is used when the spec
+    /// names no base (Furcate's default image).
+    /// - Throws: `.invalidArgument` naming the field (two bases, a bad Dockerfile, bad base64,
+    ///   sizes out of range, relative paths).
+    public func recipe(defaultBase: BuildRecipe.Base) throws -> BuildRecipe {
+        let bases = [snapshot != nil, snapshotId != nil, baseImage != nil].filter { $0 }.count
+        guard bases <= 1 else {
+            throw FurcateError(.invalidArgument, "snapshot, snapshotId and baseImage are mutually exclusive; give at most one")
+        }
+        var base: BuildRecipe.Base
+        if let inner = snapshot {
+            base = .recipe(try inner.recipe(defaultBase: defaultBase))
+        } else if let id = snapshotId {
+            base = .snapshot(id)
+        } else if let b = baseImage {
+            base = .recipe(try Dockerfile(parsing: b.dockerfileContent).recipe)
+        } else {
+            base = defaultBase
+        }
+        var steps: [BuildStep] = []
+        if let apt = aptDeps, !apt.isEmpty { steps.append(.apt(apt)) }
+        for g in groups ?? [] { steps.append(.group(g)) }
+        for u in users ?? [] { steps.append(.user(u)) }
+        for (path, f) in (additionalFiles ?? [:]).sorted(by: { $0.key < $1.key }) {
+            let data: Data
+            switch (f.encoding ?? "utf8").lowercased() {
+            case "utf8", "utf-8": data = Data(f.content.utf8)
+            case "base64":
+                guard let d = Data(base64Encoded: f.content, options: .ignoreUnknownCharacters) else {
+                    throw FurcateError(.invalidArgument, "additionalFiles[\(path)]: content is not valid base64")
+                }
+                data = d
+            case let e: throw FurcateError(.invalidArgument, "additionalFiles[\(path)]: encoding must be utf8 or base64, not '\(e)'")
+            }
+            steps.append(.file(path: path, content: data, executable: f.executable ?? false))
+        }
+        for r in git?.repos ?? [] { steps.append(.git(url: r.repo, path: r.path, rev: r.rev)) }
+        for s in systemd?.services ?? [] { steps.append(.service(s)) }
+        if let w = workdir { steps.append(.workdir(w)) }
+
+        var diskBytes = rootfsSizeGb.map { UInt64($0) << 30 }
+        if let d = diskBytes, case .recipe(var inner) = base, case .image = inner.base {
+            // The size belongs to the image layer underneath (the default image, a Dockerfile).
+            inner.diskBytes = d
+            base = .recipe(inner)
+            diskBytes = nil
+        }
+        if let g = memSizeGb, !(1...8).contains(g) { throw FurcateError(.invalidArgument, "memSizeGb must be 1 to 8, not \(g)") }
+        var r = BuildRecipe(
+            base: base, steps: steps, vcpus: vcpuCount, memoryMiB: memSizeGb.map { $0 * 1024 }, diskBytes: diskBytes,
+            discriminator: discriminator)
+        r.skipCache = skipCache ?? false
+        try r.validate()
+        return r
+    }
+}
