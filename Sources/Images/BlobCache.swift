@@ -116,15 +116,7 @@ final class PartialBlob {
     }
 
     func append(_ bytes: UnsafeRawBufferPointer) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw FurcateError.system("write", errno: errno, path: cache.partialPath(digest))
-            }
-            done += n
-        }
+        try writeFully(fd, bytes, path: cache.partialPath(digest))
         verifier.update(bytes)
     }
 

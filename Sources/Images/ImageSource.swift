@@ -167,19 +167,7 @@ struct DockerArchiveSource: ImageSource {
             let fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw FurcateError.system("open", errno: errno, path: p) }
             defer { close(fd) }
-            while true {
-                let k = try tar.readData(into: buf)
-                if k == 0 { break }
-                var done = 0
-                while done < k {
-                    let w = write(fd, buf.baseAddress! + done, k - done)
-                    if w < 0 {
-                        if errno == EINTR { continue }
-                        throw FurcateError.system("write", errno: errno, path: p)
-                    }
-                    done += w
-                }
-            }
+            try tar.copyData(to: fd, path: p, buffer: buf)
             out[name] = p
         }
         return out

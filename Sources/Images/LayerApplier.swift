@@ -151,19 +151,7 @@ final class LayerApplier {
             let fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw FurcateError.system("open", errno: errno, path: p) }
             defer { close(fd) }
-            while true {
-                let n = try tar.readData(into: buf)
-                if n == 0 { break }
-                var done = 0
-                while done < n {
-                    let w = write(fd, buf.baseAddress! + done, n - done)
-                    if w < 0 {
-                        if errno == EINTR { continue }
-                        throw FurcateError.system("write", errno: errno, path: p)
-                    }
-                    done += w
-                }
-            }
+            try tar.copyData(to: fd, path: p, buffer: buf)
             try setMeta(e, rel: rel, isLink: false)
             try setTime(e, p)
         case .symlink:

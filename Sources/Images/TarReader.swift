@@ -71,6 +71,15 @@ final class TarReader {
         return k
     }
 
+    /// Copies the rest of the current entry's data into `fd` (the file at `path`).
+    func copyData(to fd: Int32, path: String, buffer: UnsafeMutableRawBufferPointer) throws {
+        while true {
+            let n = try readData(into: buffer)
+            if n == 0 { return }
+            try writeFully(fd, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), path: path)
+        }
+    }
+
     private func readAllData(limit: Int64) throws -> [UInt8] {
         guard remaining <= limit else { throw damaged("an extended header of \(remaining) bytes (limit \(limit))") }
         var out = [UInt8](repeating: 0, count: Int(remaining))

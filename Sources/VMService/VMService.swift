@@ -122,6 +122,15 @@ public actor VMService {
     public init(store: BlockStore, options: VMServiceOptions) throws {
         self.store = store
         self.options = options
+        // Unix socket paths (QMP, the guest channel, migration) live in run/<20-char id>/ and
+        // must fit sockaddr_un's 108 bytes: refuse a data directory too deep, saying so.
+        let longest = options.dataDirectory + "/run/" + String(repeating: "x", count: 20) + "/migrate.sock"
+        guard longest.utf8.count < 108 else {
+            throw FurcateError(
+                .invalidArgument,
+                "the VM data directory is too deep for unix sockets (\(longest.utf8.count) bytes of 107 for its socket paths); use a shorter path",
+                path: options.dataDirectory)
+        }
         do {
             try FileManager.default.createDirectory(atPath: options.dataDirectory + "/run", withIntermediateDirectories: true)
         } catch {

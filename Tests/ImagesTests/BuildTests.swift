@@ -18,12 +18,12 @@ final class BuildHarness: @unchecked Sendable {
     let builds: BuildService
     var tmp: TempDir { images.tmp }
 
-    init() throws {
+    init(memoryMiB: Int = 128) throws {
         images = try ImageHarness()
         try FileManager.default.createDirectory(atPath: images.tmp.sub("mnt"), withIntermediateDirectories: true)
         mount = try StoreFS(store: images.store, mountpoint: images.tmp.sub("mnt")).startInBackground()
         var o = VMServiceOptions(dataDirectory: images.tmp.sub("vms"), mountpoint: images.tmp.sub("mnt"), guestDirectory: guestDir)
-        o.defaultMemoryMiB = 128
+        o.defaultMemoryMiB = memoryMiB
         o.gracefulStopTimeout = .milliseconds(300)
         vms = try VMService(store: images.store, options: o)
         var b = BuildServiceOptions(directory: images.tmp.sub("builds"))

@@ -35,19 +35,13 @@ let bootAvailable: Bool = {
 @Suite(.enabled(if: bootAvailable)) struct ImageBootTests {
     @Test func aPulledImageBootsWithItsLayersAndEnvironment() async throws {
         let reg = try TestRegistry()
-        let h = try ImageHarness()
+        let b = try BuildHarness()
+        defer { Task { await b.tearDown() } }
+        let (h, vms) = (b.images, b.vms)
         let lay = h.tmp.sub("layout")
         try TestImage.twoLayerLayout(lay)
         try reg.push(layout: lay, tag: "1", as: "test/boot:1")
         let image = try await h.service.pull("\(reg.host)/test/boot:1")
-
-        try FileManager.default.createDirectory(atPath: h.tmp.sub("mnt"), withIntermediateDirectories: true)
-        let mount = try StoreFS(store: h.store, mountpoint: h.tmp.sub("mnt")).startInBackground()
-        defer { mount.stop() }
-        var o = VMServiceOptions(dataDirectory: h.tmp.sub("vms"), mountpoint: h.tmp.sub("mnt"), guestDirectory: guestDir)
-        o.defaultMemoryMiB = 128
-        o.gracefulStopTimeout = .milliseconds(300)
-        let vms = try VMService(store: h.store, options: o)
         let vm = try await vms.create(CreateVMRequest(image: image.storeFile))
         do {
             let agent = try await vms.agent(vm.id, timeout: .seconds(60))
@@ -79,6 +73,7 @@ let bootAvailable: Bool = {
             Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 60))")
         }
         try await vms.delete(vm.id)
+        await b.tearDown()
     }
 }
 
@@ -87,14 +82,10 @@ let bootAvailable: Bool = {
 @Suite(.enabled(if: bootAvailable && FileManager.default.isReadableFile(atPath: guestDir + "/debian-12-systemd.tar")))
 struct SystemdImageTests {
     @Test func systemdBootsAndRunsTheAgentsServices() async throws {
-        let h = try ImageHarness()
+        let b = try BuildHarness(memoryMiB: 256)
+        defer { Task { await b.tearDown() } }
+        let (h, vms) = (b.images, b.vms)
         let image = try await h.service.pull("rootfs:\(guestDir)/debian-12-systemd.tar")
-        try FileManager.default.createDirectory(atPath: h.tmp.sub("mnt"), withIntermediateDirectories: true)
-        let mount = try StoreFS(store: h.store, mountpoint: h.tmp.sub("mnt")).startInBackground()
-        defer { mount.stop() }
-        var o = VMServiceOptions(dataDirectory: h.tmp.sub("vms"), mountpoint: h.tmp.sub("mnt"), guestDirectory: guestDir)
-        o.defaultMemoryMiB = 256
-        let vms = try VMService(store: h.store, options: o)
         let vm = try await vms.create(CreateVMRequest(image: image.storeFile))
         do {
             let agent = try await vms.agent(vm.id, timeout: .seconds(90))
@@ -145,6 +136,7 @@ struct SystemdImageTests {
             Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
         }
         try await vms.delete(vm.id)
+        await b.tearDown()
     }
 }
 

@@ -24,11 +24,11 @@ struct StoreFSTests {
         #expect(fm.contents(atPath: m.snapshots + "/snap") == Data("base contents".utf8))
 
         // Snapshots are read-only.
-        #expect(open(m.snapshots + "/snap", O_WRONLY) == -1 && errno == EROFS)
-        #expect(open(m.snapshots + "/new", O_WRONLY | O_CREAT, 0o644) == -1 && errno == EROFS)
+        #expect(open(m.snapshots + "/snap", O_WRONLY | O_CLOEXEC) == -1 && errno == EROFS)
+        #expect(open(m.snapshots + "/new", O_WRONLY | O_CLOEXEC | O_CREAT, 0o644) == -1 && errno == EROFS)
         // Missing names and bad names.
-        #expect(open(m.files + "/nope", O_RDONLY) == -1 && errno == ENOENT)
-        #expect(open(m.files + "/base", O_WRONLY | O_CREAT | O_EXCL, 0o644) == -1 && errno == EEXIST)
+        #expect(open(m.files + "/nope", O_RDONLY | O_CLOEXEC) == -1 && errno == ENOENT)
+        #expect(open(m.files + "/base", O_WRONLY | O_CLOEXEC | O_CREAT | O_EXCL, 0o644) == -1 && errno == EEXIST)
 
         // create, write, rename (replacing), unlink.
         try Data("one".utf8).write(to: URL(fileURLWithPath: m.files + "/a"))
@@ -56,8 +56,11 @@ struct StoreFSTests {
         let refDir = TempDir("ref")
         let path = m.files + "/fsx"
         let ref = refDir.sub("fsx")
-        let fd = open(path, O_RDWR | O_CREAT, 0o644)
-        let rfd = open(ref, O_RDWR | O_CREAT, 0o644)
+        // O_CLOEXEC on every descriptor into the mount: other tests spawn long-lived children
+        // (QEMU, docker-registry) in this process, and one that inherited an open file would keep
+        // the lazily unmounted filesystem — and the server — alive after SIGTERM.
+        let fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
+        let rfd = open(ref, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
         try #require(fd >= 0 && rfd >= 0)
         var closed = false
         defer {
@@ -171,7 +174,7 @@ struct StoreFSTests {
         let path = m.files + "/ram"
         let len = 8 << 20
         defer { withExtendedLifetime(m) {} }  // unmount only after the mapping and fd are gone
-        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        let fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
         try #require(fd >= 0)
         defer { close(fd) }
         #expect(ftruncate(fd, off_t(len)) == 0)
@@ -219,8 +222,8 @@ struct StoreFSTests {
         #expect(best < 0.1, "cp took \(Int(best * 1000)) ms: not an O(1) clone")
         // Independent: writing the copy leaves the original unchanged, and the reverse.
         defer { withExtendedLifetime(m) {} }
-        let c = open(m.files + "/copy0", O_RDWR)
-        let o = open(m.files + "/big", O_RDWR)
+        let c = open(m.files + "/copy0", O_RDWR | O_CLOEXEC)
+        let o = open(m.files + "/big", O_RDWR | O_CLOEXEC)
         defer {
             close(c)
             close(o)
@@ -243,7 +246,7 @@ struct StoreFSTests {
     @Test func killedServerLeavesAStaleMountThatTheNextMountClears() throws {
         let m = try Mounted()
         let path = m.files + "/journal"
-        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        let fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
         try #require(fd >= 0)
         let synced = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
         _ = synced.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
@@ -291,7 +294,7 @@ struct QEMUSmokeTests {
     func guestBootsWithItsRAMOnAStoreFile() throws {
         let m = try Mounted()
         let ram = m.files + "/vm.mem"
-        let fd = open(ram, O_RDWR | O_CREAT, 0o644)
+        let fd = open(ram, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
         try #require(fd >= 0)
         #expect(ftruncate(fd, 256 << 20) == 0)
         close(fd)
@@ -343,7 +346,7 @@ struct StoreFSErrorTests {
         bytes[last] ^= 0xff
         try Data(bytes).write(to: URL(fileURLWithPath: packPath))
         try m.mount()
-        let fd = open(m.files + "/disk", O_RDONLY)
+        let fd = open(m.files + "/disk", O_RDONLY | O_CLOEXEC)
         try #require(fd >= 0)
         defer { close(fd) }
         var buf = [UInt8](repeating: 0, count: 4096)
@@ -360,7 +363,7 @@ struct StoreFSErrorTests {
             try s.snapshot("mem", as: "mem-snap")
         }
         let path = m.snapshots + "/mem-snap"
-        let fd = open(path, O_RDONLY)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
         try #require(fd >= 0)
         defer { close(fd) }
         let p = mmap(nil, content.count, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0)
@@ -382,7 +385,7 @@ struct StoreFSCoherenceTests {
     @Test func unlinkedOpenFileLivesUntilClosed() throws {
         let m = try Mounted()
         let path = m.files + "/tmp"
-        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        let fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
         try #require(fd >= 0)
         var data = [UInt8](repeating: 0x5a, count: 100_000)
         #expect(pwrite(fd, &data, data.count, 0) == data.count)
@@ -400,7 +403,7 @@ struct StoreFSCoherenceTests {
         #expect(fstat(fd, &st) == 0 && st.st_size == 100_010 && st.st_nlink == 0)
         #expect(FileManager.default.contents(atPath: path) == Data("new".utf8))
         // Reserved names are not reachable through the mount.
-        #expect(open(m.files + "/.furcate-unlinked-1", O_RDWR | O_CREAT, 0o644) == -1 && errno == EPERM)
+        #expect(open(m.files + "/.furcate-unlinked-1", O_RDWR | O_CLOEXEC | O_CREAT, 0o644) == -1 && errno == EPERM)
         close(fd)
         m.unmount()
         let s = try BlockStore.open(at: m.storeDir)
@@ -426,7 +429,7 @@ struct StoreFSCoherenceTests {
         let a = mp + "/files/a"
         func firstByte(_ path: String) -> UInt8? { FileManager.default.contents(atPath: path)?.first }
         // An open descriptor with the file's pages cached (keep_cache, 1 h attributes).
-        let fd = open(a, O_RDONLY)
+        let fd = open(a, O_RDONLY | O_CLOEXEC)
         try #require(fd >= 0)
         defer { close(fd) }
         var byte: UInt8 = 0

@@ -1,10 +1,23 @@
+import BlockStore
 import FurcateCore
+import FurcateTestSupport
 import Hypervisor
 import Testing
 @testable import VMService
 
 /// The lifecycle table and id shapes, without QEMU.
 struct VMStateTests {
+    @Test func aDataDirectoryTooDeepForSocketsIsRefusedUpFront() throws {
+        let tmp = TempDir("deep")
+        let store = try BlockStore.create(at: tmp.sub("store"))
+        defer { store.close() }
+        let deep = tmp.path + "/" + String(repeating: "d", count: 80)
+        let e = #expect(throws: FurcateError.self) {
+            try VMService(store: store, options: VMServiceOptions(dataDirectory: deep, mountpoint: tmp.sub("mnt"), guestDirectory: tmp.path))
+        }
+        #expect(e?.code == .invalidArgument && e?.message.contains("too deep") == true)
+    }
+
     @Test func transitionTableIsExplicitAndClosed() throws {
         #expect(VMState.running.canTransition(to: .suspending))
         #expect(VMState.suspended.canTransition(to: .starting))
