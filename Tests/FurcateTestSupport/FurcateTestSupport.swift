@@ -37,3 +37,19 @@ public func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     a.count == b.count
         && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
 }
+
+/// Runs a program (looked up in PATH) to completion: its status and its stdout and stderr
+/// together. `env` is added to this process's environment.
+public func runCommand(_ args: [String], env: [String: String]? = nil) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    if let env { p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}

@@ -11,21 +11,11 @@ import Glibc
 /// Runs a program to completion; throws with its output when it fails.
 @discardableResult
 func sh(_ args: [String], env: [String: String]? = nil) throws -> String {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = args
-    if let env { p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = out
-    try p.run()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    let s = String(decoding: data, as: UTF8.self)
-    guard p.terminationStatus == 0 else {
-        throw FurcateError(.io, "\(args.joined(separator: " ")) failed (\(p.terminationStatus)): \(s.suffix(800))")
+    let r = try runCommand(args, env: env)
+    guard r.status == 0 else {
+        throw FurcateError(.io, "\(args.joined(separator: " ")) failed (\(r.status)): \(r.output.suffix(800))")
     }
-    return s
+    return r.output
 }
 
 func writeFile(_ path: String, _ s: String, mode: Int = 0o644) throws {
