@@ -63,6 +63,11 @@ let package = Package(
             name: "RecordStore",
             dependencies: ["FurcateCore", .product(name: "GRDB", package: "GRDB.swift")]
         ),
+        // API keys per account, stored hashed.
+        .target(
+            name: "Accounts",
+            dependencies: ["FurcateCore", "RecordStore", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // The VM lifecycle: boot, snapshot, fork, suspend/resume, stop/kill, persistence.
         .target(
             name: "VMService",
@@ -100,7 +105,7 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -108,6 +113,7 @@ let package = Package(
         // Helpers shared by the test targets (temp dirs, the built binary).
         .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
+        .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "GuestAgentTests",

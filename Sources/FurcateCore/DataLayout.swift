@@ -7,6 +7,7 @@ import Foundation
 ///     DIR/vms      the VM database, run directories (sockets, logs)
 ///     DIR/mnt      the store's FUSE mount
 ///     DIR/guest    the guest kernel, initramfs and agent (scripts/guest-artifacts.sh)
+///     DIR/keys.sqlite  API keys (hashed)
 public struct DataLayout: Sendable {
     public let root: String
 
@@ -32,4 +33,5 @@ public struct DataLayout: Sendable {
         return root + "/guest"
     }
     public var agent: String { guest + "/furcate-agent" }
+    public var keys: String { root + "/keys.sqlite" }
 }

@@ -55,11 +55,30 @@ public final class RecordDatabase: Sendable {
         try write { try $0.execute(sql: "DELETE FROM \(t.name) WHERE \(t.key) = ?", arguments: [key]) }
     }
 
-    /// Every record, in insertion order.
-    public func all<T: Decodable>(_ t: RecordTable, as type: T.Type = T.self) throws -> [T] {
+    /// The record under `key`, if any.
+    public func get<T: Decodable>(_ t: RecordTable, key: String, as type: T.Type = T.self) throws -> T? {
         do {
             return try pool.read { db in
-                try Data.fetchAll(db, sql: "SELECT \(t.value) FROM \(t.name) ORDER BY rowid").map { try JSONDecoder().decode(T.self, from: $0) }
+                try Data.fetchOne(db, sql: "SELECT \(t.value) FROM \(t.name) WHERE \(t.key) = ?", arguments: [key])
+                    .map { try JSONDecoder().decode(T.self, from: $0) }
+            }
+        } catch {
+            throw FurcateError(.io, "cannot read the \(what) database (\(t.name))", path: pool.path, underlying: UnderlyingMessage(error))
+        }
+    }
+
+    /// Every record, in insertion order.
+    public func all<T: Decodable>(_ t: RecordTable, as type: T.Type = T.self) throws -> [T] {
+        try allKeyed(t, as: type).map(\.value)
+    }
+
+    /// Every record with its key, in insertion order.
+    public func allKeyed<T: Decodable>(_ t: RecordTable, as type: T.Type = T.self) throws -> [(key: String, value: T)] {
+        do {
+            return try pool.read { db in
+                try Row.fetchAll(db, sql: "SELECT \(t.key) AS k, \(t.value) AS v FROM \(t.name) ORDER BY rowid").map { row in
+                    (key: row["k"] as String, value: try JSONDecoder().decode(T.self, from: row["v"] as Data))
+                }
             }
         } catch {
             throw FurcateError(.io, "cannot read the \(what) database (\(t.name))", path: pool.path, underlying: UnderlyingMessage(error))
