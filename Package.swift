@@ -18,6 +18,8 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // C bridges: system libraries from Debian, nothing else.
@@ -97,6 +99,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The HTTP API (Hummingbird): the Freestyle dialect at /v1, API keys, accounts.
+        .target(
+            name: "APIServer",
+            dependencies: [
+                "FurcateCore", "BlockStore", "StoreFS", "Images", "VMService", "Builds", "Accounts", "RecordStore", "GuestAgentProtocol",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(
             name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images"]
@@ -105,7 +117,8 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "APIServer",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -114,6 +127,13 @@ let package = Package(
         .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
+        .testTarget(
+            name: "APIServerTests",
+            dependencies: [
+                "APIServer", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore", "Hypervisor", "FurcateCore", "FurcateTestSupport",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ]
+        ),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "GuestAgentTests",

@@ -71,6 +71,9 @@ public final class AgentClient: Sendable {
         if writeFD != readFD { Glibc.close(writeFD) }
     }
 
+    /// False once the connection was closed or failed.
+    public var isOpen: Bool { state.withLock { $0.closed == nil } }
+
     /// Ends the connection; waiting calls fail. Idempotent.
     public func close() {
         shutdown(readFD, Int32(SHUT_RDWR))

@@ -109,6 +109,9 @@ public actor VMService {
     let baseLock = AsyncLock()
     /// Freshening of restored VMs in progress or done (see `awaitFreshened`).
     var freshening: [String: Task<Bool, Never>] = [:]
+    /// One shared agent connection per running VM (the channel takes one client at a time;
+    /// requests multiplex over it). Dropped when the VM's process ends.
+    var agentClients: [String: AgentClient] = [:]
     /// Snapshot memory (re)compressions in progress (VMService+Compression.swift).
     var compressionJobs: [String: (task: Task<Void, Never>, cancel: CancelFlag)] = [:]
     /// Warm pool (VMService+WarmPool.swift).
@@ -188,7 +191,14 @@ public actor VMService {
         _ = await awaitFreshened(id)
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
-        return try await connectAgent(id, timeout: timeout)
+        if let c = agentClients[id], c.isOpen { return c }
+        let c = try await connectAgent(id, timeout: timeout)
+        if let raced = agentClients[id], raced.isOpen {  // another caller connected meanwhile
+            c.close()
+            return raced
+        }
+        agentClients[id] = c
+        return c
     }
 
     // MARK: create
@@ -755,6 +765,7 @@ public actor VMService {
     private func processExited(_ id: String, _ p: QEMUProcess, status: Int32) {
         guard processes[id] === p else { return }  // ended on purpose, already accounted for
         processes[id] = nil
+        agentClients.removeValue(forKey: id)?.close()
         guard var vm = vms[id], vm.state == .running else { return }
         let clean = status & 0x7f == 0 && (status >> 8) & 0xff == 0
         vm.pid = nil
@@ -767,6 +778,7 @@ public actor VMService {
     /// Ends a VM's QEMU (asking the guest first when `graceful`) and removes its sockets.
     private func end(_ id: String, _ p: QEMUProcess, graceful: Bool) async {
         processes[id] = nil
+        agentClients.removeValue(forKey: id)?.close()
         if graceful {
             // The agent syncs and asks the image's init to power off (and powers off itself
             // when init does not); without an agent, the ACPI power button.

@@ -1,0 +1,56 @@
+import Accounts
+import APIServer
+import ArgumentParser
+import Foundation
+import FurcateCore
+import Logging
+import ServiceLifecycle
+
+/// `furcate serve`: the engine over a data directory and the HTTP API, until SIGTERM/SIGINT.
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Run the engine (store, mount, VMs, images, builds) and the HTTP API until SIGTERM/SIGINT.")
+    @OptionGroup var data: DataOption
+    @Option(help: "Address to listen on.") var host = "127.0.0.1"
+    @Option(help: "Port to listen on.") var port = 8080
+
+    func validate() throws {
+        guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
+    }
+
+    func run() throws {
+        bootstrapOnce
+        let (data, host, port) = (data, host, port)
+        try runBlocking {
+            let logger = Logger(label: "furcate.serve")
+            let engine = try LocalEngine(data)
+            let l = engine.layout
+            do {
+                let recovered = await engine.vms.recover()
+                let interrupted = await engine.builds.recover()
+                let keys = try KeyStore(path: l.keys)
+                if let path = try keys.bootstrapAdmin(secretPath: l.root + "/admin-key") {
+                    FileHandleStderr.write("furcate: created the first API key (account admin); its secret is in \(path)\n")
+                }
+                let owners = try OwnerStore(path: l.root + "/owners.sqlite")
+                let api = APIEngine(
+                    vms: engine.vms, images: engine.images, builds: engine.builds, keys: keys, owners: owners,
+                    defaultImage: l.guest + "/debian-12-systemd.tar")
+                let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
+                logger.notice("serving", metadata: [
+                    "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)",
+                ])
+                FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")
+                let group = ServiceGroup(configuration: .init(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+                try await group.run()
+            } catch {
+                await engine.vms.shutdown()
+                await engine.close(deleting: [])
+                throw error
+            }
+            // Running VMs are suspended into the store and resumed by the next `furcate serve`.
+            await engine.vms.shutdown()
+            await engine.close(deleting: [])
+        }
+    }
+}

@@ -1,0 +1,155 @@
+import Accounts
+import APIServer
+import BlockStore
+import Builds
+import Foundation
+import FurcateCore
+import FurcateTestSupport
+import Hummingbird
+import HummingbirdTesting
+import Hypervisor
+import Images
+import StoreFS
+import Testing
+import VMService
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"] ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
+
+let apiVMUnavailable: String? = {
+    if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
+    if geteuid() != 0 { return "mounting needs root" }
+    if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
+    for a in ["vmlinuz", "initrd.img", "furcate-agent", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
+        return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
+    }
+    return nil
+}()
+let apiVMAvailable: Bool = {
+    if let why = apiVMUnavailable { print("skipping API VM tests: \(why)") }
+    return apiVMUnavailable == nil
+}()
+
+/// The engine over a temporary directory (store, mount, services), keys for two accounts, and a
+/// snapshot of the test rootfs owned by account a.
+final class APIHarness: @unchecked Sendable {
+    let tmp = TempDir("api")
+    let store: BlockStore
+    let mount: BackgroundMount
+    let engine: APIEngine
+    let keyA: String
+    let keyB: String
+    var snapshot = ""
+
+    init() throws {
+        store = try BlockStore.create(at: tmp.sub("store"))
+        let rootfs = try store.createFile("rootfs")
+        let fd = open(guestDir + "/test-rootfs.ext4", O_RDONLY | O_CLOEXEC)
+        defer { close(fd) }
+        try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
+        try FileManager.default.createDirectory(atPath: tmp.sub("mnt"), withIntermediateDirectories: true)
+        mount = try StoreFS(store: store, mountpoint: tmp.sub("mnt")).startInBackground()
+        var o = VMServiceOptions(dataDirectory: tmp.sub("vms"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
+        o.defaultMemoryMiB = 128
+        o.gracefulStopTimeout = .milliseconds(300)
+        let vms = try VMService(store: store, options: o)
+        let images = try ImageService(store: store, options: ImageServiceOptions(directory: tmp.sub("images"), agentPath: guestDir + "/furcate-agent"))
+        let builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: tmp.sub("builds")))
+        let keys = try KeyStore(path: tmp.sub("keys.sqlite"))
+        keyA = try keys.create(account: "a").secret
+        keyB = try keys.create(account: "b").secret
+        engine = APIEngine(
+            vms: vms, images: images, builds: builds, keys: keys, owners: try OwnerStore(path: tmp.sub("owners.sqlite")),
+            defaultImage: tmp.sub("no-default-image.tar"))
+    }
+
+    /// Boots the test rootfs, snapshots it for account a, deletes the VM.
+    func makeSnapshot() async throws {
+        let vm = try await engine.vms.create(CreateVMRequest(image: "rootfs"))
+        _ = try await engine.vms.agent(vm.id, timeout: .seconds(60))
+        snapshot = try await engine.vms.snapshot(vm.id).id
+        try engine.owners.set(snapshot, account: "a")
+        try await engine.vms.delete(vm.id)
+    }
+
+    func tearDown() async {
+        for vm in await engine.vms.list() { try? await engine.vms.delete(vm.id) }
+        mount.stop()
+        store.close()
+    }
+}
+
+func json(_ r: TestResponse) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(buffer: r.body))) as? [String: Any] ?? [:]
+}
+
+func auth(_ key: String) -> HTTPFields {
+    var h = HTTPFields()
+    h[.authorization] = "Bearer " + key
+    h[.contentType] = "application/json"
+    return h
+}
+
+@Suite(.enabled(if: apiVMAvailable)) struct FreestyleAPITests {
+    @Test func vmsOverRealHTTPWithKeysAndAccounts() async throws {
+        let h = try APIHarness()
+        try await h.makeSnapshot()
+        let app = APIServer.buildApplication(h.engine, host: "127.0.0.1", port: 0)
+        try await app.test(.ahc(.http)) { client in
+            // No key, a wrong key: 401 with the document's error body.
+            let anon = try await client.execute(uri: "/v1/vms", method: .get)
+            #expect(anon.status == .unauthorized && json(anon)["error"] as? String == "UNAUTHORIZED")
+            let wrong = try await client.execute(uri: "/v1/vms", method: .get, headers: auth("fk_nope"))
+            #expect(wrong.status == .unauthorized)
+
+            // Fields not honoured yet are refused, not ignored.
+            let ports = try await client.execute(
+                uri: "/v1/vms", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#))
+            #expect(ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: ports.body))")
+
+            let created = try await client.execute(uri: "/v1/vms", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"snapshotId":"\#(h.snapshot)"}"#))
+            #expect(created.status == .ok, "\(String(buffer: created.body))")
+            let id = try #require(json(created)["id"] as? String)
+            #expect(json(created)["snapshotId"] as? String == h.snapshot && (json(created)["domains"] as? [String]) == [])
+
+            let list = try await client.execute(uri: "/v1/vms", method: .get, headers: auth(h.keyA))
+            #expect(json(list)["totalCount"] as? Int == 1 && json(list)["runningCount"] as? Int == 1)
+            let got = try await client.execute(uri: "/v1/vms/\(id)", method: .get, headers: auth(h.keyA))
+            #expect(json(got)["state"] as? String == "running")
+
+            // Another account: the VM does not exist for it, on every route; its snapshot neither.
+            let other = try await client.execute(uri: "/v1/vms/\(id)", method: .get, headers: auth(h.keyB))
+            #expect(other.status == .notFound && json(other)["error"] as? String == "VM_NOT_FOUND")
+            let otherExec = try await client.execute(uri: "/v1/vms/\(id)/exec-await", method: .post, headers: auth(h.keyB), body: ByteBuffer(string: #"{"command":"true"}"#))
+            #expect(otherExec.status == .notFound)
+            let otherDelete = try await client.execute(uri: "/v1/vms/\(id)", method: .delete, headers: auth(h.keyB))
+            #expect(otherDelete.status == .notFound)
+            let otherList = try await client.execute(uri: "/v1/vms", method: .get, headers: auth(h.keyB))
+            #expect(json(otherList)["totalCount"] as? Int == 0)
+            let otherSnap = try await client.execute(uri: "/v1/vms", method: .post, headers: auth(h.keyB), body: ByteBuffer(string: #"{"snapshotId":"\#(h.snapshot)"}"#))
+            #expect(otherSnap.status == .notFound)
+
+            // exec-await: output and status; a timeout is 408 ExecTimedOut.
+            let exec = try await client.execute(
+                uri: "/v1/vms/\(id)/exec-await", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"command":"echo hi; echo err >&2; exit 3"}"#))
+            #expect(json(exec)["stdout"] as? String == "hi\n" && json(exec)["stderr"] as? String == "err\n" && json(exec)["statusCode"] as? Int == 3, "\(String(buffer: exec.body))")
+            let slow = try await client.execute(
+                uri: "/v1/vms/\(id)/exec-await", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"command":"sleep 5","timeoutMs":300}"#))
+            #expect(slow.status == .requestTimeout && json(slow)["error"] as? String == "EXEC_TIMED_OUT", "\(String(buffer: slow.body))")
+            let bad = try await client.execute(uri: "/v1/vms/\(id)/exec-await", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"cmd":"x"}"#))
+            #expect(bad.status == .badRequest, "\(String(buffer: bad.body))")
+
+            let deleted = try await client.execute(uri: "/v1/vms/\(id)", method: .delete, headers: auth(h.keyA))
+            #expect(deleted.status == .ok)
+            let gone = try await client.execute(uri: "/v1/vms/\(id)", method: .get, headers: auth(h.keyA))
+            #expect(gone.status == .notFound)
+            // No snapshot and no default image here: a clear 404 naming the missing image.
+            let noDefault = try await client.execute(uri: "/v1/vms", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: "{}"))
+            #expect(noDefault.status == .notFound && String(buffer: noDefault.body).contains("default image"), "\(String(buffer: noDefault.body))")
+        }
+        await h.tearDown()
+    }
+}
