@@ -70,6 +70,7 @@ enum TestImage {
 
     /// The two-layer test image: busybox base; then /etc/removed.txt whited out, /opt/old made
     /// opaque (its a.txt gone, b.txt new), /data/hello with a hard link /data/hello-link.
+    @discardableResult
     static func twoLayerLayout(_ dir: String, tag: String = "1") throws -> Digest {
         let work = TempDir("img")
         let base = work.sub("base")
