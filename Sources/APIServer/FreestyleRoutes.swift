@@ -44,6 +44,38 @@ struct FreestyleRoutes: Sendable {
         var statusCode: Int?
     }
 
+    struct ForkVmRequest: Decodable { var count: Int? }
+    struct ForkedVmResponse: ResponseCodable {
+        var id: String
+        var domains: [String]
+        var consoleUrl: String?
+    }
+    struct ForkVmResponse: ResponseCodable {
+        var vmId: String
+        var forks: [ForkedVmResponse]
+    }
+    struct SnapshotVmResponse: ResponseCodable {
+        var snapshotId: String
+        var sourceVmId: String
+    }
+    struct StopVmResponse: ResponseCodable {
+        var vmId: String
+        var vmInstanceId: String
+    }
+    struct SuspendVmResponse: ResponseCodable {
+        var id: String
+        var vmInstanceId: String
+        var snapshotLayerId: String
+    }
+    struct StartedVmResponse: ResponseCodable {
+        var id: String
+        var domains: [String]
+    }
+    struct WaitVmResponse: ResponseCodable {
+        var id: String
+        var exitStatus: String
+    }
+
     /// CreateVmRequest fields this server honours; any other field present is refused (400),
     /// never silently ignored.
     static let createFields: Set<String> = ["snapshotId", "name"]
@@ -54,6 +86,76 @@ struct FreestyleRoutes: Sendable {
         v1.get("vms/{vm_id}") { _, ctx in try await get(ctx) }
         v1.delete("vms/{vm_id}") { _, ctx in try await delete(ctx) }
         v1.post("vms/{vm_id}/exec-await") { req, ctx in try await exec(req, ctx) }
+        v1.post("vms/{vm_id}/fork") { req, ctx in try await fork(req, ctx) }
+        v1.post("vms/{vm_id}/snapshot") { req, ctx in try await snapshot(req, ctx) }
+        v1.post("vms/{vm_id}/stop") { _, ctx in
+            let vm = try await ownedVM(ctx)
+            guard vm.state == .running else { throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running") }
+            _ = try await engine.vms.stop(vm.id)
+            return StopVmResponse(vmId: vm.id, vmInstanceId: vm.id)
+        }
+        v1.post("vms/{vm_id}/kill") { _, ctx in
+            let vm = try await ownedVM(ctx)
+            _ = try await engine.vms.kill(vm.id)
+            return IdResponse(id: vm.id)
+        }
+        v1.post("vms/{vm_id}/suspend") { _, ctx in
+            let vm = try await ownedVM(ctx)
+            let s = try await engine.vms.suspend(vm.id)
+            return SuspendVmResponse(id: vm.id, vmInstanceId: vm.id, snapshotLayerId: "sl-" + (s.suspendedSnapshot ?? "").dropFirst(3))
+        }
+        v1.post("vms/{vm_id}/start") { req, ctx in try await start(req, ctx) }
+        v1.post("vms/{vm_id}/await") { _, ctx in
+            let vm = try await ownedVM(ctx)
+            let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
+            return WaitVmResponse(id: vm.id, exitStatus: done.state.rawValue)
+        }
+    }
+
+    /// Refuses a body's fields other than `allowed` (400 UNSUPPORTED_FIELD); returns the object.
+    static func object(_ body: ByteBuffer, allowed: Set<String>, what: String) throws -> [String: Any] {
+        guard body.readableBytes > 0 else { return [:] }
+        guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
+            throw APIError(.badRequest, "BAD_REQUEST", "the body must be a JSON object (\(what))")
+        }
+        let unsupported = obj.filter { !($0.value is NSNull) }.keys.filter { !allowed.contains($0) }.sorted()
+        guard unsupported.isEmpty else {
+            throw APIError(
+                .badRequest, "UNSUPPORTED_FIELD",
+                "this server does not honour \(unsupported.joined(separator: ", ")) yet (supported: \(allowed.sorted().joined(separator: ", ")))")
+        }
+        return obj
+    }
+
+    func fork(_ req: Request, _ ctx: APIContext) async throws -> ForkVmResponse {
+        let vm = try await ownedVM(ctx)
+        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["count"], what: "ForkVmRequest")
+        let raw = obj["count"]
+        let count: Int? = raw == nil || raw is NSNull ? 1 : raw as? Int
+        guard let count, (1...100).contains(count) else { throw APIError(.badRequest, "BAD_REQUEST", "count must be an integer from 1 to 100") }
+        let r = try await engine.vms.fork(vm.id, count: count, newIdentity: true)
+        for f in r.vms { try engine.owners.set(f.id, account: ctx.account) }
+        try engine.owners.set(r.snapshot.id, account: ctx.account)
+        return ForkVmResponse(vmId: vm.id, forks: r.vms.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
+    }
+
+    func snapshot(_ req: Request, _ ctx: APIContext) async throws -> SnapshotVmResponse {
+        let vm = try await ownedVM(ctx)
+        _ = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: [], what: "SnapshotVmRequest")
+        let s = try await engine.vms.snapshot(vm.id)
+        try engine.owners.set(s.id, account: ctx.account)
+        return SnapshotVmResponse(snapshotId: s.id, sourceVmId: vm.id)
+    }
+
+    func start(_ req: Request, _ ctx: APIContext) async throws -> StartedVmResponse {
+        let vm = try await ownedVM(ctx)
+        _ = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: [], what: "StartVmRequest")
+        switch vm.state {
+        case .running: break
+        case .suspended: _ = try await engine.vms.resume(vm.id)
+        default: throw APIError(.badRequest, "VM_NOT_STARTABLE", "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again")
+        }
+        return StartedVmResponse(id: vm.id, domains: [])
     }
 
     /// The VM named in the path, if the caller's account owns it; else 404 as for a missing one.
@@ -82,22 +184,11 @@ struct FreestyleRoutes: Sendable {
     }
 
     func create(_ req: Request, _ ctx: APIContext) async throws -> CreateVmResponse {
-        let body = try await req.body.collect(upTo: 1 << 20)
+        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.createFields, what: "CreateVmRequest")
         var snapshotId: String?
-        if body.readableBytes > 0 {
-            guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
-                throw APIError(.badRequest, "BAD_REQUEST", "the body must be a JSON object (CreateVmRequest)")
-            }
-            let unsupported = obj.filter { !($0.value is NSNull) }.keys.filter { !Self.createFields.contains($0) }.sorted()
-            guard unsupported.isEmpty else {
-                throw APIError(
-                    .badRequest, "UNSUPPORTED_FIELD",
-                    "this server does not honour \(unsupported.joined(separator: ", ")) yet (supported: \(Self.createFields.sorted().joined(separator: ", ")))")
-            }
-            if let s = obj["snapshotId"], !(s is NSNull) {
-                guard let id = s as? String else { throw APIError(.badRequest, "BAD_REQUEST", "snapshotId must be a string") }
-                snapshotId = id
-            }
+        if let s = obj["snapshotId"], !(s is NSNull) {
+            guard let id = s as? String else { throw APIError(.badRequest, "BAD_REQUEST", "snapshotId must be a string") }
+            snapshotId = id
         }
         let snap: String
         if let s = snapshotId {
