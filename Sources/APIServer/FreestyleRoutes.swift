@@ -76,6 +76,21 @@ struct FreestyleRoutes: Sendable {
         var exitStatus: String
     }
 
+    struct FileInfo: Codable {
+        var name: String
+        var kind: String
+    }
+    struct FileContent: ResponseCodable {
+        var content: String
+        var encoding: String
+    }
+    struct DirectoryListing: ResponseCodable { var files: [FileInfo] }
+    struct WriteFileRequest: Decodable {
+        var content: String
+        var encoding: String?
+    }
+    struct Empty: ResponseCodable {}
+
     /// CreateVmRequest fields this server honours; any other field present is refused (400),
     /// never silently ignored.
     static let createFields: Set<String> = ["snapshotId", "name"]
@@ -105,6 +120,8 @@ struct FreestyleRoutes: Sendable {
             return SuspendVmResponse(id: vm.id, vmInstanceId: vm.id, snapshotLayerId: "sl-" + (s.suspendedSnapshot ?? "").dropFirst(3))
         }
         v1.post("vms/{vm_id}/start") { req, ctx in try await start(req, ctx) }
+        v1.get("vms/{vm_id}/files/**") { req, ctx in try await getFile(req, ctx) }
+        v1.put("vms/{vm_id}/files/**") { req, ctx in try await putFile(req, ctx) }
         v1.post("vms/{vm_id}/await") { _, ctx in
             let vm = try await ownedVM(ctx)
             let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
@@ -145,6 +162,57 @@ struct FreestyleRoutes: Sendable {
         let s = try await engine.vms.snapshot(vm.id)
         try engine.owners.set(s.id, account: ctx.account)
         return SnapshotVmResponse(snapshotId: s.id, sourceVmId: vm.id)
+    }
+
+    /// The guest path after `/files/`: absolute, without `..` or NUL (the agent checks again).
+    static func filePath(_ ctx: APIContext) throws -> String {
+        let parts = ctx.parameters.getCatchAll().map(String.init)
+        let path = "/" + parts.joined(separator: "/")
+        guard !parts.isEmpty, !parts.contains(".."), !path.contains("\0"), path.utf8.count <= 4096 else {
+            throw APIError(.badRequest, "FILES_BAD_REQUEST", "'\(path.prefix(200))' is not a usable path (absolute, no '..')")
+        }
+        return path
+    }
+
+    /// A file's content (utf8 when it is valid UTF-8, else base64), or a directory's entries.
+    func getFile(_ req: Request, _ ctx: APIContext) async throws -> Response {
+        let vm = try await ownedVM(ctx)
+        let path = try Self.filePath(ctx)
+        let agent = try await engine.vms.agent(vm.id)
+        do {
+            guard case .stat(let st) = try await agent.request(.stat(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "stat answered something else") }
+            if st.kind == .directory {
+                guard case .entries(let es) = try await agent.request(.list(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "list answered something else") }
+                return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
+            }
+            guard st.size <= 64 << 20 else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "\(path) is larger than 64 MiB") }
+            var data = Data()
+            while UInt64(data.count) < st.size {
+                guard case .data(let chunk, _) = try await agent.request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
+                data += chunk
+            }
+            let text = String(data: data, encoding: .utf8)
+            return try FileContent(content: text ?? data.base64EncodedString(), encoding: text == nil ? "base64" : "utf8").response(from: req, context: ctx)
+        } catch let e as FurcateError where e.code == .notFound {
+            throw APIError(.notFound, "FILE_NOT_FOUND", "no file \(path) in VM \(vm.id)")
+        }
+    }
+
+    func putFile(_ req: Request, _ ctx: APIContext) async throws -> Empty {
+        let vm = try await ownedVM(ctx)
+        let path = try Self.filePath(ctx)
+        let body = try await req.decode(as: WriteFileRequest.self, context: ctx)
+        let data: Data
+        switch body.encoding ?? "utf8" {
+        case "utf8", "utf-8": data = Data(body.content.utf8)
+        case "base64":
+            guard let d = Data(base64Encoded: body.content) else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "content is not valid base64") }
+            data = d
+        case let e: throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
+        }
+        let agent = try await engine.vms.agent(vm.id)
+        _ = try await agent.request(.writeFile(path: path, data: data, offset: nil, mode: nil, createParents: true), timeout: .seconds(120))
+        return Empty()
     }
 
     func start(_ req: Request, _ ctx: APIContext) async throws -> StartedVmResponse {

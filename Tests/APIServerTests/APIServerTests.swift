@@ -142,6 +142,29 @@ func auth(_ key: String) -> HTTPFields {
             let bad = try await client.execute(uri: "/v1/vms/\(id)/exec-await", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: #"{"cmd":"x"}"#))
             #expect(bad.status == .badRequest, "\(String(buffer: bad.body))")
 
+            // Files: write (utf8 and base64, parents made), read back, list a directory, errors.
+            let put = try await client.execute(
+                uri: "/v1/vms/\(id)/files/root/api/hello.txt", method: .put, headers: auth(h.keyA), body: ByteBuffer(string: #"{"content":"hello über\n"}"#))
+            #expect(put.status == .ok, "\(String(buffer: put.body))")
+            let bin = Data([0, 1, 2, 255, 254])
+            let putBin = try await client.execute(
+                uri: "/v1/vms/\(id)/files/root/api/blob", method: .put, headers: auth(h.keyA),
+                body: ByteBuffer(string: #"{"content":"\#(bin.base64EncodedString())","encoding":"base64"}"#))
+            #expect(putBin.status == .ok)
+            let text = try await client.execute(uri: "/v1/vms/\(id)/files/root/api/hello.txt", method: .get, headers: auth(h.keyA))
+            #expect(json(text)["content"] as? String == "hello über\n" && json(text)["encoding"] as? String == "utf8", "\(String(buffer: text.body))")
+            let blob = try await client.execute(uri: "/v1/vms/\(id)/files/root/api/blob", method: .get, headers: auth(h.keyA))
+            #expect(json(blob)["encoding"] as? String == "base64" && Data(base64Encoded: json(blob)["content"] as? String ?? "") == bin)
+            let dir = try await client.execute(uri: "/v1/vms/\(id)/files/root/api", method: .get, headers: auth(h.keyA))
+            let names = (json(dir)["files"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(names == ["blob", "hello.txt"], "\(String(buffer: dir.body))")
+            let missing = try await client.execute(uri: "/v1/vms/\(id)/files/root/api/nope", method: .get, headers: auth(h.keyA))
+            #expect(missing.status == .notFound && json(missing)["error"] as? String == "FILE_NOT_FOUND")
+            let traversal = try await client.execute(uri: "/v1/vms/\(id)/files/root/../etc/passwd", method: .get, headers: auth(h.keyA))
+            #expect(traversal.status == .badRequest || traversal.status == .notFound, "\(traversal.status)")
+            let otherFile = try await client.execute(uri: "/v1/vms/\(id)/files/root/api/hello.txt", method: .get, headers: auth(h.keyB))
+            #expect(otherFile.status == .notFound && json(otherFile)["error"] as? String == "VM_NOT_FOUND")
+
             // Snapshot, fork, suspend/start, stop, await, kill.
             let snap = try await client.execute(uri: "/v1/vms/\(id)/snapshot", method: .post, headers: auth(h.keyA), body: ByteBuffer(string: "{}"))
             #expect(snap.status == .ok && (json(snap)["snapshotId"] as? String)?.hasPrefix("sc-") == true && json(snap)["sourceVmId"] as? String == id)
