@@ -406,7 +406,7 @@ struct StepRunner {
         }
     }
 
-    private func quote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+    private func quote(_ s: String) -> String { Dockerfile.shellQuote(s) }
 }
 
 /// The build table: one JSON record per build (RecordStore).

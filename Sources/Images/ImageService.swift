@@ -127,13 +127,13 @@ public actor ImageService {
         progress: @escaping @Sendable (PullEvent) -> Void = { _ in }
     ) async throws -> ImageRecord {
         let ref = try ImageReference(parsing: reference)
+        if let e = diskBytes, e > options.maximumDiskBytes {
+            throw FurcateError(.invalidArgument, "disk size \(RootfsBuilder.format(e)) is more than the \(options.maximumDiskBytes >> 30) GB maximum")
+        }
         let source = try makeSource(ref, credentials: credentials)
         defer { source.cleanup() }
         let resolved = try await source.resolve()
         progress(.resolved(digest: resolved.manifestDigest, layerSizes: resolved.layers.map(\.size)))
-        if let e = diskBytes, e > options.maximumDiskBytes {
-            throw FurcateError(.invalidArgument, "disk size \(RootfsBuilder.format(e)) is more than the \(options.maximumDiskBytes >> 30) GB maximum")
-        }
         let name = "image-" + resolved.manifestDigest.hex + (diskBytes.map { "-\($0 >> 20)m" } ?? "")
         if var r = records[name], (try? store.exists(name)) == true {
             progress(.reused)

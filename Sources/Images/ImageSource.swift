@@ -184,9 +184,11 @@ struct RootfsTarSource: ImageSource {
         let what = "rootfs:\(path)"
         guard FileManager.default.isReadableFile(atPath: path) else { throw FurcateError(.notFound, "cannot read \(path)") }
         let (digest, size, diffID) = try await onThread("rootfs-digest") { [path] in
-            let (d, n) = try DockerArchiveSource.digestOfFile(path)
+            // One pass for a plain tar (its digest is its diff_id); a compressed one needs both.
             let r = try LayerReader(path: path)
             try r.drain()
+            if r.compression == .none { return (r.verifier.digest, Int64(r.verifier.count), r.verifier.digest) }
+            let (d, n) = try DockerArchiveSource.digestOfFile(path)
             return (d, n, r.verifier.digest)
         }
         try cache.importFile(path, as: digest, size: size, what: what)

@@ -50,12 +50,12 @@ final class RegistryClient: Sendable {
     /// - Throws: `.notFound` for an unknown image, `.damaged` when a pinned digest does not match.
     func manifest(_ reference: String) async throws -> (bytes: [UInt8], digest: Digest, mediaType: String?) {
         let resp = try await send(baseURL + "/manifests/" + reference, accept: MediaType.manifestAccept, timeout: .seconds(60))
-        let body = try await collect(resp.response, limit: 4 << 20, what: "the manifest of \(ref)")
+        let body = try await collect(resp, limit: 4 << 20, what: "the manifest of \(ref)")
         let digest = Digest(of: body)
         if let pinned = try? Digest(parsing: reference), pinned != digest {
             throw FurcateError(.damaged, "registry \(ref.domain) sent a manifest with digest \(digest) for \(pinned) (digest mismatch)")
         }
-        return (body, digest, OCIDecode.mediaType(of: body, header: resp.response.headers.first(name: "Content-Type")))
+        return (body, digest, OCIDecode.mediaType(of: body, header: resp.headers.first(name: "Content-Type")))
     }
 
     /// Downloads a blob into the cache, resuming a partial download with a range request. A
@@ -76,24 +76,19 @@ final class RegistryClient: Sendable {
         var range: String?
         if w.offset > 0 && Int64(w.offset) < d.size { range = "bytes=\(w.offset)-" } else if w.offset > 0 { try w.restart() }
         let resp = try await send(baseURL + "/blobs/" + d.digest.description, accept: nil, range: range, timeout: .hours(6))
-        if resp.response.status == .ok && w.offset > 0 { try w.restart() }  // the range was ignored
+        if resp.status == .ok && w.offset > 0 { try w.restart() }  // the range was ignored
         progress(w.offset)
-        for try await chunk in resp.response.body {
+        for try await chunk in resp.body {
             try chunk.withUnsafeReadableBytes { try w.append($0) }
             progress(w.offset)
         }
-        let resumed = resp.response.status.code == 206 && resumedFrom > 0
+        let resumed = resp.status.code == 206 && resumedFrom > 0
         try w.commit(size: d.size, what: resumed ? what + " (resumed at byte \(resumedFrom))" : what)
-    }
-
-    /// The pieces of a response kept after `send`.
-    struct Response {
-        var response: HTTPClientResponse
     }
 
     /// Sends a GET, answering one auth challenge and following up to five redirects (dropping
     /// Authorization when the host changes). Non-2xx answers become FurcateErrors.
-    private func send(_ url: String, accept: String?, range: String? = nil, timeout: TimeAmount) async throws -> Response {
+    private func send(_ url: String, accept: String?, range: String? = nil, timeout: TimeAmount) async throws -> HTTPClientResponse {
         var url = url
         var triedAuth = false
         var redirects = 0
@@ -112,7 +107,7 @@ final class RegistryClient: Sendable {
             }
             switch resp.status.code {
             case 200, 206:
-                return Response(response: resp)
+                return resp
             case 301, 302, 303, 307, 308:
                 _ = try? await resp.body.collect(upTo: 1 << 16)
                 guard redirects < 5, let loc = resp.headers.first(name: "Location") else {

@@ -65,7 +65,6 @@ struct ImageCommand: ParsableCommand {
                 let svc = try ImageService(store: store, options: o)
                 let bar = ProgressPrinter()
                 let r = try await svc.pull(reference, credentials: credentials, diskBytes: disk.map { UInt64($0) << 30 }) { bar.show($0) }
-                bar.finish()
                 if json { return try printJSON(r) }
                 print("\(r.storeFile)  \(r.digest)  \(formatBytes(r.diskBytes)) disk  \(r.layers) layers")
             }
@@ -163,8 +162,6 @@ final class ProgressPrinter: Sendable {
             }
         }
     }
-
-    func finish() {}
 
     private func draw(_ s: State) {
         let total = max(UInt64(s.sizes.reduce(0, +)), 1)
