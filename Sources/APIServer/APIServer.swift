@@ -5,6 +5,7 @@ import Accounts
 import Builds
 import Foundation
 import FurcateCore
+import HTTPTypes
 import Hummingbird
 import Images
 import Logging
@@ -21,6 +22,8 @@ public struct APIEngine: Sendable {
     public let owners: OwnerStore
     /// The default image's rootfs tarball (Debian 12 with systemd).
     public let defaultImage: String
+    /// VMs that end after a lifetime (InstaVM's `vm_lifetime_seconds`).
+    public let lifetimes = VMLifetimes()
 
     public init(vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore, defaultImage: String) {
         self.vms = vms
@@ -30,22 +33,6 @@ public struct APIEngine: Sendable {
         self.owners = owners
         self.defaultImage = defaultImage
     }
-}
-
-/// Which account owns a VM, snapshot or build (`owners.sqlite`). Another account's resource is
-/// answered exactly as a missing one.
-public final class OwnerStore: Sendable {
-    private let db: RecordDatabase
-    private static let table = RecordTable("owners")
-    struct Owner: Codable { var account: String }
-
-    public init(path: String) throws {
-        db = try RecordDatabase(path: path, what: "owner", migrations: ["CREATE TABLE owners (id TEXT PRIMARY KEY, record BLOB NOT NULL)"])
-    }
-
-    public func set(_ id: String, account: String) throws { try db.save(Self.table, key: id, Owner(account: account)) }
-    public func owner(_ id: String) throws -> String? { try db.get(Self.table, key: id, as: Owner.self)?.account }
-    public func remove(_ id: String) throws { try db.delete(Self.table, key: id) }
 }
 
 /// A request's context: Hummingbird's core, plus the API key that authenticated it.
@@ -97,27 +84,72 @@ public struct APIError: HTTPResponseError {
     }
 }
 
-/// Bearer API keys on every route; engine errors become `{error, message}` bodies.
+/// API keys on every route — `Authorization: Bearer` on both dialects, `X-API-Key` on the
+/// InstaVM one — and errors in the dialect's shape: Freestyle `{error, message}`, InstaVM
+/// (FastAPI) `{detail}`.
 struct AuthAndErrors: RouterMiddleware {
     typealias Context = APIContext
     let keys: KeyStore
+    static let instavmPrefix = "/instavm/"
+    /// The one route that authenticates itself: the InstaVM SDK sends its key in the body.
+    static let sessionRoute = "/instavm/v1/sessions/session"
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
-        guard let header = request.headers[.authorization], header.hasPrefix("Bearer "),
-            let key = try keys.authenticate(String(header.dropFirst(7)))
-        else {
-            throw APIError(.unauthorized, "UNAUTHORIZED", "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)")
-        }
-        var context = context
-        context.key = key
+        let instavm = request.uri.path.hasPrefix(Self.instavmPrefix)
         do {
+            var context = context
+            let secret: String?
+            if let header = request.headers[.authorization], header.hasPrefix("Bearer ") {
+                secret = String(header.dropFirst(7))
+            } else if instavm, let k = request.headers[HTTPField.Name("X-API-Key")!] {
+                secret = k
+            } else {
+                secret = nil
+            }
+            context.key = try secret.flatMap { try keys.authenticate($0) }
+            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) else {
+                throw APIError(
+                    .unauthorized, "UNAUTHORIZED",
+                    instavm ? "give an API key as 'X-API-Key: fk_…' (furcate keys create)" : "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)")
+            }
             return try await next(request, context)
         } catch let e as FurcateError {
-            throw APIError.from(e)
+            throw instavm ? InstaVMError.from(APIError.from(e)) : APIError.from(e)
         } catch let e as DecodingError {
-            throw APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)")
+            let api = APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)")
+            throw instavm ? InstaVMError.from(api) : api
+        } catch let e as APIError where instavm {
+            throw InstaVMError.from(e)
         }
     }
+}
+
+/// Ends VMs when their lifetime is over (in this process; a restart keeps the VM).
+public actor VMLifetimes {
+    private var timers: [String: (expiry: Double, task: Task<Void, Never>)] = [:]
+
+    public init() {}
+
+    func expire(_ id: String, after seconds: Int, engine: APIEngine) {
+        timers[id]?.task.cancel()
+        let task = Task {
+            try? await Task.sleep(for: .seconds(seconds))
+            guard !Task.isCancelled else { return }
+            try? await engine.vms.delete(id)
+            try? engine.owners.remove(id)
+            self.clear(id)
+        }
+        timers[id] = (Date().timeIntervalSince1970 + Double(seconds), task)
+    }
+
+    func expiry(_ id: String) -> Double? { timers[id]?.expiry }
+
+    func cancel(_ id: String) {
+        timers[id]?.task.cancel()
+        timers[id] = nil
+    }
+
+    private func clear(_ id: String) { timers[id] = nil }
 }
 
 public enum APIServer {
@@ -126,6 +158,7 @@ public enum APIServer {
         let router = Router(context: APIContext.self)
         router.add(middleware: AuthAndErrors(keys: engine.keys))
         FreestyleRoutes(engine: engine).register(on: router.group("v1"))
+        InstaVMRoutes(engine: engine).register(on: router.group("instavm"))
         return router
     }
 

@@ -122,6 +122,8 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/start") { req, ctx in try await start(req, ctx) }
         v1.get("vms/{vm_id}/files/**") { req, ctx in try await getFile(req, ctx) }
         v1.put("vms/{vm_id}/files/**") { req, ctx in try await putFile(req, ctx) }
+        registerSnapshots(on: v1)
+        registerGuest(on: v1)
         v1.post("vms/{vm_id}/await") { _, ctx in
             let vm = try await ownedVM(ctx)
             let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
@@ -148,19 +150,25 @@ struct FreestyleRoutes: Sendable {
         let vm = try await ownedVM(ctx)
         let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["count"], what: "ForkVmRequest")
         let raw = obj["count"]
-        let count: Int? = raw == nil || raw is NSNull ? 1 : raw as? Int
+        let count: Int? = raw == nil || raw is NSNull ? 1 : jsonInteger(raw)
         guard let count, (1...100).contains(count) else { throw APIError(.badRequest, "BAD_REQUEST", "count must be an integer from 1 to 100") }
         let r = try await engine.vms.fork(vm.id, count: count, newIdentity: true)
         for f in r.vms { try engine.owners.set(f.id, account: ctx.account) }
-        try engine.owners.set(r.snapshot.id, account: ctx.account)
+        try engine.recordVMSnapshot(r.snapshot, account: ctx.account)
         return ForkVmResponse(vmId: vm.id, forks: r.vms.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
     }
 
     func snapshot(_ req: Request, _ ctx: APIContext) async throws -> SnapshotVmResponse {
         let vm = try await ownedVM(ctx)
-        _ = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: [], what: "SnapshotVmRequest")
+        let body = try await req.body.collect(upTo: 1 << 20)
+        let obj = try Self.object(body, allowed: ["name", "persistence"], what: "SnapshotVmRequest")
+        struct Body: Decodable { var persistence: SnapshotPersistence? }
+        let persistence = try Self.persistence(body.readableBytes > 0 ? try JSONDecoder().decode(Body.self, from: Data(buffer: body)).persistence : nil)
+        let name = try Self.optionalName(obj["name"])
         let s = try await engine.vms.snapshot(vm.id)
-        try engine.owners.set(s.id, account: ctx.account)
+        var record = try engine.recordVMSnapshot(s, account: ctx.account, name: name)
+        record.persistence = persistence
+        try engine.owners.saveSnapshot(record)
         return SnapshotVmResponse(snapshotId: s.id, sourceVmId: vm.id)
     }
 
@@ -260,17 +268,16 @@ struct FreestyleRoutes: Sendable {
         }
         let snap: String
         if let s = snapshotId {
-            guard (try? VMID.validateSnapshot(s)) != nil, try engine.owners.owner(s) == ctx.account || engine.owners.owner(s) == "*" else {
-                throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", "no snapshot \(s.prefix(40))")
+            do { snap = try await engine.usableSnapshot(s, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+                throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", e.message)
             }
-            snap = s
         } else {
             snap = try await engine.builds.defaultSnapshot(rootfsTarball: engine.defaultImage)
             try engine.owners.set(snap, account: "*")  // the default image's snapshot is everyone's
         }
         let vm = try await engine.vms.create(CreateVMRequest(snapshot: snap))
         try engine.owners.set(vm.id, account: ctx.account)
-        return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: snap)
+        return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: snapshotId ?? snap)
     }
 
     func get(_ ctx: APIContext) async throws -> GetVmResponse {

@@ -70,8 +70,7 @@ final class APIHarness: @unchecked Sendable {
     func makeSnapshot() async throws {
         let vm = try await engine.vms.create(CreateVMRequest(image: "rootfs"))
         _ = try await engine.vms.agent(vm.id, timeout: .seconds(60))
-        snapshot = try await engine.vms.snapshot(vm.id).id
-        try engine.owners.set(snapshot, account: "a")
+        snapshot = try engine.recordVMSnapshot(try await engine.vms.snapshot(vm.id), account: "a").id
         try await engine.vms.delete(vm.id)
     }
 

@@ -1,0 +1,277 @@
+import Foundation
+import FurcateCore
+import GuestAgentProtocol
+import Hummingbird
+import Hypervisor
+import NIOCore
+import VMService
+
+/// Freestyle's operations inside a VM through its agent: systemd services and logs, terminals,
+/// the stats and file-watch NDJSON streams; and resize and optimize.
+extension FreestyleRoutes {
+    struct ServiceListItem: Codable { var name: String }
+    struct ServiceList: ResponseCodable { var services: [ServiceListItem] }
+    struct CreateServiceResponse: ResponseCodable {
+        var success: Bool
+        var message: String
+        var serviceName: String
+    }
+    struct DeleteServiceResponse: ResponseCodable {
+        var success: Bool
+        var message: String
+    }
+    struct ServiceStatusResponse: ResponseCodable {
+        var name, activeState, subState, loadState, description: String
+        var mainPid: Int32?
+        var restarts: Int
+    }
+    struct LogItem: Codable {
+        var message: String
+        var timestamp: String
+        var priority: String?
+        var unit: String?
+    }
+    struct LogsResponse: ResponseCodable { var logs: [LogItem] }
+    struct BatchRequest: Decodable {
+        struct Item: Decodable { var id: String }
+        var services: [Item]
+    }
+    struct BatchResult: Codable {
+        var serviceId: String
+        var success: Bool
+        var message: String
+    }
+    struct BatchResponse: ResponseCodable { var results: [BatchResult] }
+    struct TerminalSession: Codable {
+        var name: String
+        var status: String
+        var created: String?
+    }
+    struct TerminalList: ResponseCodable { var terminals: [TerminalSession] }
+    struct TerminalLine: Codable {
+        var line: String
+        var timestamp: String?
+    }
+    struct TerminalLogs: ResponseCodable { var logs: [TerminalLine] }
+    struct TerminalOutput: ResponseCodable { var output: String }
+    struct ResizeResponse: ResponseCodable {
+        var id: String
+        var rootfsSizeGb: Int
+        var message: String
+    }
+    struct OptimizeResponse: ResponseCodable {
+        var id: String
+        var message: String
+    }
+
+    /// Service and terminal names as the guest takes them.
+    static func guestName(_ ctx: APIContext, _ param: String, what: String) throws -> String {
+        let n = try ctx.parameters.require(param)
+        guard !n.isEmpty, n.utf8.count <= 128, n.allSatisfy({ $0.isLetter || $0.isNumber || "-_.@".contains($0) }), n.first != "." else {
+            throw APIError(.badRequest, "BAD_REQUEST", "'\(n.prefix(60))' is not a \(what) name (letters, digits, - _ . @)")
+        }
+        return n
+    }
+
+    func registerGuest(on v1: RouterGroup<APIContext>) {
+        v1.get("vms/{vm_id}/systemd/services") { _, ctx in
+            guard case .services(let list) = try await agent(ctx).request(.serviceList) else { throw Self.unexpected("serviceList") }
+            return ServiceList(services: list.map { ServiceListItem(name: $0.name) })
+        }
+        v1.post("vms/{vm_id}/systemd/services") { req, ctx in
+            let a = try await agent(ctx)
+            let spec = try await req.decode(as: ServiceSpec.self, context: ctx)
+            guard spec.mode == "service" || spec.mode == "oneshot" else {
+                throw APIError(.badRequest, "BAD_REQUEST", "mode must be service or oneshot")
+            }
+            guard !spec.exec.isEmpty else { throw APIError(.badRequest, "BAD_REQUEST", "exec needs at least one command") }
+            if case .services(let list) = try await a.request(.serviceList), list.contains(where: { $0.name == spec.name }) {
+                throw APIError(.conflict, "SERVICE_ALREADY_EXISTS", "a service \(spec.name) exists; delete it first")
+            }
+            _ = try await a.request(.serviceCreate(spec, start: true), timeout: .seconds(120))
+            return CreateServiceResponse(success: true, message: "created and started \(spec.name)", serviceName: spec.name)
+        }
+        v1.delete("vms/{vm_id}/systemd/services/{service_id}") { _, ctx in
+            let name = try Self.guestName(ctx, "service_id", what: "service")
+            _ = try await serviceCall(ctx, name) { try await $0.request(.serviceControl(name: name, action: "delete"), timeout: .seconds(120)) }
+            return DeleteServiceResponse(success: true, message: "deleted \(name)")
+        }
+        v1.get("vms/{vm_id}/systemd/services/{service_id}/status") { _, ctx in
+            let name = try Self.guestName(ctx, "service_id", what: "service")
+            guard case .service(let s) = try await serviceCall(ctx, name, { try await $0.request(.serviceStatus(name: name)) }) else {
+                throw Self.unexpected("serviceStatus")
+            }
+            return ServiceStatusResponse(
+                name: s.name, activeState: s.activeState, subState: s.subState, loadState: s.loadState, description: s.description,
+                mainPid: s.mainPID, restarts: s.restarts)
+        }
+        v1.get("vms/{vm_id}/systemd/services/{service_id}/logs") { req, ctx in
+            let name = try Self.guestName(ctx, "service_id", what: "service")
+            let lines = try Self.intQuery(req, "lines", range: 0...100_000) ?? 200
+            guard req.uri.queryParameters["since"] == nil else {
+                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "since is not supported yet; use lines")
+            }
+            guard case .lines(let out) = try await serviceCall(ctx, name, { try await $0.request(.serviceLogs(name: name, lines: lines)) }) else {
+                throw Self.unexpected("serviceLogs")
+            }
+            return LogsResponse(logs: out.map(Self.logItem(unit: name)))
+        }
+        for action in ["start", "stop", "restart"] {
+            v1.post("vms/{vm_id}/systemd/\(action)") { req, ctx in
+                let a = try await agent(ctx)
+                let body = try await req.decode(as: BatchRequest.self, context: ctx)
+                guard body.services.count <= 100 else { throw APIError(.badRequest, "BAD_REQUEST", "at most 100 services per call") }
+                var results: [BatchResult] = []
+                for s in body.services {
+                    do {
+                        _ = try await a.request(.serviceControl(name: s.id, action: action), timeout: .seconds(660))
+                        results.append(BatchResult(serviceId: s.id, success: true, message: "\(action) done"))
+                    } catch let e as FurcateError {
+                        results.append(BatchResult(serviceId: s.id, success: false, message: e.message))
+                    }
+                }
+                return BatchResponse(results: results)
+            }
+        }
+        v1.get("vms/{vm_id}/terminals") { _, ctx in
+            guard case .terminals(let ts) = try await agent(ctx).request(.terminalList) else { throw Self.unexpected("terminalList") }
+            return TerminalList(terminals: ts.map { TerminalSession(name: $0.name, status: $0.status, created: Self.iso(Double($0.created))) })
+        }
+        v1.get("vms/{vm_id}/terminals/{terminal_id}/logs") { _, ctx in
+            let name = try Self.guestName(ctx, "terminal_id", what: "terminal")
+            guard case .lines(let out) = try await terminalCall(ctx, name, raw: false) else { throw Self.unexpected("terminalOutput") }
+            return TerminalLogs(logs: out.map { TerminalLine(line: $0, timestamp: nil) })
+        }
+        v1.get("vms/{vm_id}/terminals/{terminal_id}/xterm-256color") { _, ctx in
+            let name = try Self.guestName(ctx, "terminal_id", what: "terminal")
+            guard case .data(let raw, _) = try await terminalCall(ctx, name, raw: true) else { throw Self.unexpected("terminalOutput") }
+            return TerminalOutput(output: String(decoding: raw, as: UTF8.self))
+        }
+        v1.get("vms/{vm_id}/stats/stream") { req, ctx in
+            let interval = min(max(try Self.intQuery(req, "interval_ms", range: 0...Int(Int32.max)) ?? 1000, 100), 10_000)
+            return try await ndjson(ctx, .stats(intervalMs: interval)) { event in
+                guard case .stats(let s) = event else { return nil }
+                return [
+                    "timestamp": Date().ISO8601Format(), "memoryTotalBytes": s.memoryTotalBytes, "memoryAvailableBytes": s.memoryAvailableBytes,
+                    "memoryUsedBytes": s.memoryTotalBytes - min(s.memoryAvailableBytes, s.memoryTotalBytes), "cpuPercent": s.cpuBusy * 100,
+                    "cpus": s.cpus, "load1": s.load1, "uptimeSeconds": s.uptimeSeconds,
+                ]
+            }
+        }
+        v1.post("vms/{vm_id}/watch-files") { req, ctx in
+            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["path", "recursive"], what: "WatchFilesRequest")
+            var path = "/root"
+            if let p = obj["path"] {
+                guard let s = p as? String, s.hasPrefix("/"), !s.split(separator: "/").contains(".."), s.utf8.count <= 4096 else {
+                    throw APIError(.badRequest, "FILES_BAD_REQUEST", "path must be absolute, without '..'")
+                }
+                path = s
+            }
+            if obj["recursive"] != nil, jsonBool(obj["recursive"]) == nil { throw APIError(.badRequest, "BAD_REQUEST", "recursive must be true or false") }
+            let recursive = jsonBool(obj["recursive"]) ?? true
+            return try await ndjson(ctx, .watch(path: path, recursive: recursive)) { event in
+                guard case .file(let p, let change, let dir) = event else { return nil }
+                return ["path": p, "event": change, "isDirectory": dir, "timestamp": Date().ISO8601Format()]
+            }
+        }
+        v1.post("vms/{vm_id}/resize") { req, ctx in
+            let vm = try await ownedVM(ctx)
+            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["rootfsSizeGb", "memSizeGb", "vcpuCount"], what: "ResizeVmRequest")
+            if obj["memSizeGb"] != nil || obj["vcpuCount"] != nil {
+                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "memory and vCPUs cannot change while a VM runs here; snapshot it and create a VM with the new size")
+            }
+            guard let gb = jsonInteger(obj["rootfsSizeGb"]), (1...16).contains(gb) else {
+                throw APIError(.badRequest, "BAD_REQUEST", "rootfsSizeGb must be an integer from 1 to 16")
+            }
+            let r = try await engine.vms.resizeDisk(vm.id, to: UInt64(gb) << 30)
+            return ResizeResponse(id: vm.id, rootfsSizeGb: gb, message: "disk \(r.oldBytes >> 20) MiB → \(gb << 10) MiB; \(r.filesystem)")
+        }
+        v1.post("vms/{vm_id}/optimize") { _, ctx in
+            let vm = try await ownedVM(ctx)
+            let r = try await engine.vms.optimize(vm.id)
+            return OptimizeResponse(id: vm.id, message: r)
+        }
+    }
+
+    static func unexpected(_ op: String) -> APIError {
+        APIError(.internalServerError, "INTERNAL_ERROR", "the guest agent answered \(op) with something else")
+    }
+
+    static func intQuery(_ req: Request, _ name: String, range: ClosedRange<Int>) throws -> Int? {
+        guard let v = req.uri.queryParameters[Substring(name)] else { return nil }
+        guard let n = Int(v), range.contains(n) else {
+            throw APIError(.badRequest, "BAD_REQUEST", "\(name) must be an integer from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return n
+    }
+
+    /// A journal line as the agent returns it ("2026-11-24T15:00:00+0000 host unit[pid]: text"
+    /// from journalctl -o short-iso, or plain text from the built-in supervisor).
+    static func logItem(unit: String) -> (String) -> LogItem {
+        { line in
+            let parts = line.split(separator: " ", maxSplits: 1)
+            if parts.count == 2, parts[0].count >= 19, parts[0].dropFirst(4).first == "-", parts[0].contains("T") {
+                return LogItem(message: String(parts[1]), timestamp: String(parts[0]), priority: nil, unit: unit)
+            }
+            return LogItem(message: line, timestamp: "", priority: nil, unit: unit)
+        }
+    }
+
+    func agent(_ ctx: APIContext) async throws -> AgentClient {
+        let vm = try await ownedVM(ctx)
+        guard vm.state == .running else { throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running") }
+        return try await engine.vms.agent(vm.id)
+    }
+
+    /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.
+    func serviceCall(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> AgentResponse) async throws -> AgentResponse {
+        let a = try await agent(ctx)
+        do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
+            throw APIError(.notFound, "SERVICE_NOT_FOUND", "no service \(name) (only services created through the API are managed)")
+        }
+    }
+
+    func terminalCall(_ ctx: APIContext, _ name: String, raw: Bool) async throws -> AgentResponse {
+        let a = try await agent(ctx)
+        do { return try await a.request(.terminalOutput(name: name, raw: raw, lines: raw ? nil : 1000)) } catch let e as FurcateError where e.code == .notFound {
+            throw APIError(.notFound, "TERMINAL_NOT_FOUND", "no terminal \(name)")
+        }
+    }
+
+    /// A streaming agent request as an NDJSON response: one JSON object per event, until the
+    /// client goes away (the agent's stream is then cancelled) or the stream ends.
+    func ndjson(_ ctx: APIContext, _ request: AgentRequest, _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?) async throws -> Response {
+        let a = try await agent(ctx)
+        let (id, items) = try a.stream(request)
+        var headers = HTTPFields()
+        headers[.contentType] = "application/x-ndjson"
+        headers[.cacheControl] = "no-store"
+        return Response(
+            status: .ok, headers: headers,
+            body: ResponseBody { writer in
+                do {
+                    for try await item in items {
+                        switch item {
+                        case .event(let e):
+                            guard let obj = line(e) else { continue }
+                            var data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+                            data.append(0x0A)
+                            try await writer.write(ByteBuffer(bytes: data))
+                        case .end(let r):
+                            if case .error(let err) = r {
+                                let data = try JSONSerialization.data(withJSONObject: ["error": err.code.uppercased(), "message": err.message])
+                                try await writer.write(ByteBuffer(bytes: data + [0x0A]))
+                            }
+                            try await writer.finish(nil)
+                            return
+                        }
+                    }
+                    try await writer.finish(nil)
+                } catch {
+                    // The client went away (or the channel closed): end the guest's stream too.
+                    try? await a.cancel(id)
+                    throw error
+                }
+            })
+    }
+}

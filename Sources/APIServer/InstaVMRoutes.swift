@@ -1,0 +1,509 @@
+import Builds
+import Foundation
+import FurcateCore
+import GuestAgentProtocol
+import Hummingbird
+import MultipartKit
+import NIOCore
+import VMService
+
+/// A FastAPI-style error: `{"detail": "…"}`, or for 422 `{"detail": [{"loc", "msg", "type"}]}`.
+struct InstaVMError: HTTPResponseError {
+    struct Item: Codable {
+        var loc: [String]
+        var msg: String
+        var type: String
+    }
+    let status: HTTPResponse.Status
+    let message: String
+    let items: [Item]?
+
+    /// A validation error of one body field (422).
+    static func invalid(_ loc: [String], _ msg: String, type: String = "value_error") -> InstaVMError {
+        InstaVMError(status: .unprocessableContent, message: msg, items: [Item(loc: loc, msg: msg, type: type)])
+    }
+
+    func response(from request: Request, context: some RequestContext) throws -> Response {
+        let body: Data
+        if let items { body = try JSONEncoder().encode(["detail": items]) } else { body = try JSONEncoder().encode(["detail": message]) }
+        var headers = HTTPFields()
+        headers[.contentType] = "application/json"
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
+    }
+
+    /// The dialect's rendering of a Freestyle-shaped error (same status, `detail` text); the
+    /// Freestyle dialect's 400 validation errors become 422s.
+    static func from(_ e: APIError) -> InstaVMError {
+        if e.status == .badRequest { return .invalid(["body"], e.message, type: e.code.lowercased()) }
+        return InstaVMError(status: e.status, message: e.message, items: nil)
+    }
+}
+
+/// The InstaVM dialect under `/instavm` (seeds 000–002 and what the official `instavm` Python
+/// SDK calls): sessions and execute/upload/download, snapshots built from OCI images, VMs.
+/// A session is a VM: `session_id` and `vm_id` are the same id.
+struct InstaVMRoutes: Sendable {
+    let engine: APIEngine
+
+    struct SnapshotInfo: ResponseCodable {
+        var id: String
+        var snapshot_id: String
+        var name: String?
+        var status: String
+        var source_vm_id: String?
+        var snapshot_type: String
+        var type: String
+        var oci_image: String?
+        var vcpu_count: Int?
+        var memory_mb: Int?
+        var size_bytes: Int
+        var is_public: Bool
+        var last_error: String?
+        var created_at: String
+        var updated_at: String
+        // hypeman's fields (seed 003).
+        var compression_state: String?
+        var compressed_size_bytes: UInt64?
+        var uncompressed_size_bytes: UInt64?
+    }
+    struct VMCreateResponse: ResponseCodable {
+        var vm_id: String?
+        var session_id: String
+        var status: String
+        var share: [String: String]?
+        var custom_domain: [String: String]?
+        var env_status: String
+        var env_error: String?
+    }
+    struct VMRecord: ResponseCodable {
+        var vm_id: String
+        var session_id: String
+        var status: String
+        var created_at: String
+        var snapshot_id: String?
+        var memory_mb: Int
+        var vcpu_count: Int
+        var expires_at: String?
+    }
+    struct StatusResponse: ResponseCodable {
+        var status: String
+        var vm_id: String
+    }
+    struct UploadResponse: ResponseCodable {
+        var status: String
+        var remote_path: String
+        var size: Int
+    }
+    struct DownloadResponse: ResponseCodable {
+        var status: String
+        var filename: String
+        var content: String
+        var size: Int
+    }
+    struct ExecuteResponse: ResponseCodable {
+        var stdout: String
+        var stderr: String
+        var exit_code: Int
+        var execution_time: Double
+        var session_id: String
+        var status: String
+    }
+
+    func register(on g: RouterGroup<APIContext>) {
+        g.post("v1/sessions/session") { req, ctx in try await startSession(req, ctx) }
+        g.post("execute") { req, ctx in try await execute(req, ctx) }
+        g.post("upload") { req, ctx in try await upload(req, ctx) }
+        g.post("download") { req, ctx in try await download(req, ctx) }
+        g.post("kill") { req, ctx in
+            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16))
+            let vm = try await ownedVM(try Self.string(obj, "session_id", required: true)!, ctx)
+            try await deleteVM(vm.id)
+            return StatusResponse(status: "deleted", vm_id: vm.id)
+        }
+        g.post("v1/snapshots") { req, ctx in try await createSnapshot(req, ctx) }
+        g.get("v1/snapshots") { req, ctx in
+            let type = req.uri.queryParameters["type"].map(String.init)
+            if let type, type != "user", type != "system" { throw InstaVMError.invalid(["query", "type"], "type must be user or system") }
+            var out: [SnapshotInfo] = []
+            for s in try engine.owners.snapshots() where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? "user") == type) {
+                out.append(await info(await engine.resolve(s)))
+            }
+            return out
+        }
+        g.get("v1/snapshots/{id}") { _, ctx in await info(try await ownedSnapshot(ctx)) }
+        g.delete("v1/snapshots/{id}") { _, ctx in
+            let s = try await ownedSnapshot(ctx)
+            try await engine.deleteSnapshot(s.record)
+            return StatusResponse(status: "deleted", vm_id: s.record.id)
+        }
+        g.post("v1/vms") { req, ctx in try await createVM(req, ctx) }
+        // `GET /v1/vms/` (the SDK's list_all_records) reaches this route too: the router ignores a trailing slash.
+        g.get("v1/vms") { _, ctx in try await listVMs(ctx) }
+        g.get("v1/vms/{id}") { _, ctx in await record(try await ownedVM(try ctx.parameters.require("id"), ctx)) }
+        g.delete("v1/vms/{id}") { _, ctx in
+            let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
+            try await deleteVM(vm.id)
+            return StatusResponse(status: "deleted", vm_id: vm.id)
+        }
+        g.post("v1/vms/{id}/snapshot") { req, ctx in
+            let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
+            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["name"])
+            let snap = try await engine.vms.snapshot(vm.id)
+            var s = try engine.recordVMSnapshot(snap, account: ctx.account, name: try Self.string(obj, "name"))
+            s.kind = "user"
+            try engine.owners.saveSnapshot(s)
+            return await info(await engine.resolve(s))
+        }
+        g.post("v1/vms/{id}/clone") { req, ctx in
+            let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
+            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["snapshot_name"])
+            let r = try await engine.vms.fork(vm.id, count: 1, newIdentity: true)
+            var s = try engine.recordVMSnapshot(r.snapshot, account: ctx.account, name: try Self.string(obj, "snapshot_name"))
+            s.kind = "user"
+            try engine.owners.saveSnapshot(s)
+            let clone = r.vms[0]
+            try engine.owners.set(clone.id, account: ctx.account)
+            return VMCreateResponse(vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
+        }
+        g.post("v1/vms/{id}/suspend") { _, ctx in
+            let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
+            let s = try await engine.vms.suspend(vm.id)
+            return StatusResponse(status: Self.status(s.state), vm_id: vm.id)
+        }
+        g.post("v1/vms/{id}/resume") { _, ctx in
+            let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
+            guard vm.state == .suspended else { throw InstaVMError(status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not suspended", items: nil) }
+            let (r, _) = try await engine.vms.resume(vm.id)
+            return StatusResponse(status: Self.status(r.state), vm_id: vm.id)
+        }
+    }
+
+    // MARK: request helpers
+
+    /// The body as a JSON object; with `allowed`, other non-null fields are refused (422).
+    static func object(_ body: ByteBuffer, allowed: Set<String>? = nil) throws -> [String: Any] {
+        guard body.readableBytes > 0 else { return [:] }
+        guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
+            throw InstaVMError.invalid(["body"], "the body must be a JSON object", type: "json_invalid")
+        }
+        if let allowed {
+            for k in obj.keys.sorted() where !allowed.contains(k) && !(obj[k] is NSNull) {
+                throw InstaVMError.invalid(["body", k], "\(k) is not supported by this server", type: "unsupported")
+            }
+        }
+        return obj
+    }
+
+    static func string(_ obj: [String: Any], _ key: String, required: Bool = false, max: Int = 4096) throws -> String? {
+        guard let v = obj[key], !(v is NSNull) else {
+            if required { throw InstaVMError.invalid(["body", key], "Field required", type: "missing") }
+            return nil
+        }
+        guard let s = v as? String, s.utf8.count <= max else { throw InstaVMError.invalid(["body", key], "Input should be a valid string", type: "string_type") }
+        return s
+    }
+
+    static func int(_ obj: [String: Any], _ key: String, _ range: ClosedRange<Int>) throws -> Int? {
+        guard let v = obj[key], !(v is NSNull) else { return nil }
+        guard let n = jsonInteger(v) else { throw InstaVMError.invalid(["body", key], "Input should be a valid integer", type: "int_type") }
+        guard range.contains(n) else {
+            throw InstaVMError.invalid(
+                ["body", key], "Input should be \(n < range.lowerBound ? "greater than or equal to \(range.lowerBound)" : "less than or equal to \(range.upperBound)")",
+                type: n < range.lowerBound ? "greater_than_equal" : "less_than_equal")
+        }
+        return n
+    }
+
+    static func env(_ obj: [String: Any], _ key: String) throws -> [String: String]? {
+        guard let v = obj[key], !(v is NSNull) else { return nil }
+        guard let d = v as? [String: String] else { throw InstaVMError.invalid(["body", key], "Input should be a valid dictionary of strings", type: "dict_type") }
+        for (k, value) in d {
+            guard !k.isEmpty, k.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "_" }), !k.first!.isNumber, !value.contains("\n"), !value.contains("\0") else {
+                throw InstaVMError.invalid(["body", key, k], "environment names are letters, digits and _; values have no newlines")
+            }
+        }
+        return d
+    }
+
+    static func wait(_ req: Request) throws -> Bool {
+        switch req.uri.queryParameters["wait"].map({ $0.lowercased() }) {
+        case nil, "true", "1": return true
+        case "false", "0": return false
+        default: throw InstaVMError.invalid(["query", "wait"], "Input should be a valid boolean", type: "bool_parsing")
+        }
+    }
+
+    static func status(_ s: VMState) -> String {
+        switch s {
+        case .building, .starting: return "creating"
+        case .running: return "running"
+        case .suspending, .suspended: return "suspended"
+        case .stopped: return "stopped"
+        case .lost: return "failed"
+        }
+    }
+
+    func ownedVM(_ id: String, _ ctx: APIContext) async throws -> VMInfo {
+        guard (try? VMID.validateVM(id)) != nil, try engine.owners.owner(id) == ctx.account, let vm = try? await engine.vms.info(id) else {
+            throw InstaVMError(status: .notFound, message: "VM not found: \(id.prefix(40))", items: nil)
+        }
+        return vm
+    }
+
+    func ownedSnapshot(_ ctx: APIContext) async throws -> ResolvedSnapshot {
+        let id = try ctx.parameters.require("id")
+        guard let s = try await engine.ownedSnapshot(id, account: ctx.account) else {
+            throw InstaVMError(status: .notFound, message: "Snapshot not found: \(id.prefix(64))", items: nil)
+        }
+        return s
+    }
+
+    func deleteVM(_ id: String) async throws {
+        await engine.lifetimes.cancel(id)
+        try await engine.vms.delete(id)
+        try engine.owners.remove(id)
+    }
+
+    func record(_ vm: VMInfo) async -> VMRecord {
+        VMRecord(
+            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), created_at: FreestyleRoutes.iso(vm.createdAt),
+            snapshot_id: vm.parentSnapshot, memory_mb: vm.memoryMiB, vcpu_count: vm.vcpus,
+            expires_at: await engine.lifetimes.expiry(vm.id).map(FreestyleRoutes.iso))
+    }
+
+    func listVMs(_ ctx: APIContext) async throws -> [VMRecord] {
+        var out: [VMRecord] = []
+        for vm in await engine.vms.list() where try engine.owners.owner(vm.id) == ctx.account { out.append(await record(vm)) }
+        return out
+    }
+
+    func info(_ r: ResolvedSnapshot) async -> SnapshotInfo {
+        let s = r.record
+        let status: String
+        switch r.state {
+        case .building: status = "building"
+        case .ready: status = "ready"
+        case .failed, .cancelled, .lost: status = "failed"
+        }
+        let size = r.target != nil && r.state == .ready ? (try? await engine.vms.snapshotStoredBytes(r.target!)) ?? 0 : 0
+        return SnapshotInfo(
+            id: s.id, snapshot_id: s.id, name: s.name, status: status, source_vm_id: s.sourceVmId, snapshot_type: s.ociImage != nil ? "oci" : "vm",
+            type: s.kind ?? "user", oci_image: s.ociImage, vcpu_count: r.info?.vcpus ?? s.vcpus, memory_mb: r.info?.memoryMiB ?? s.memoryMiB,
+            size_bytes: Int(size), is_public: false, last_error: r.state == .ready ? nil : r.failureReason,
+            created_at: FreestyleRoutes.iso(s.createdAt), updated_at: FreestyleRoutes.iso(r.build?.updatedAt ?? s.updatedAt),
+            compression_state: r.info?.compressionState?.rawValue, compressed_size_bytes: r.info?.compressedSizeBytes,
+            uncompressed_size_bytes: r.info?.uncompressedSizeBytes)
+    }
+
+    // MARK: snapshots
+
+    static let snapshotFields: Set<String> = ["oci_image", "name", "vcpu_count", "memory_mb", "build_args", "type"]
+    static let buildArgFields: Set<String> = [
+        "extra_apt_packages", "extra_pip_packages", "extra_npm_packages", "git_clone_url", "git_clone_branch", "disk_size_gb", "envs", "post_build_cmd",
+    ]
+
+    func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> EditedResponse<SnapshotInfo> {
+        let body = try await req.body.collect(upTo: 1 << 20)
+        let obj = try Self.object(body, allowed: Self.snapshotFields)
+        let image = try Self.string(obj, "oci_image", required: true, max: 512)!
+        guard !image.isEmpty else { throw InstaVMError.invalid(["body", "oci_image"], "oci_image must not be empty") }
+        let name = try Self.string(obj, "name", max: 256)
+        let vcpus = try Self.int(obj, "vcpu_count", 1...8) ?? 2
+        let memory = try Self.int(obj, "memory_mb", 128...8192) ?? 512
+        let type = try Self.string(obj, "type") ?? "user"
+        guard type == "user" || type == "system" else { throw InstaVMError.invalid(["body", "type"], "String should match pattern '^(user|system)$'", type: "string_pattern_mismatch") }
+        var args = InstaVMBuildArgs()
+        if let b = obj["build_args"], !(b is NSNull) {
+            guard let ba = b as? [String: Any] else { throw InstaVMError.invalid(["body", "build_args"], "Input should be a valid dictionary", type: "dict_type") }
+            for k in ba.keys.sorted() where !Self.buildArgFields.contains(k) && !(ba[k] is NSNull) {
+                throw InstaVMError.invalid(["body", "build_args", k], "\(k) is not a build argument", type: "extra_forbidden")
+            }
+            args.extraAptPackages = try Self.string(ba, "extra_apt_packages")
+            args.extraPipPackages = try Self.string(ba, "extra_pip_packages")
+            args.extraNpmPackages = try Self.string(ba, "extra_npm_packages")
+            args.gitCloneUrl = try Self.string(ba, "git_clone_url")
+            args.gitCloneBranch = try Self.string(ba, "git_clone_branch")
+            args.diskSizeGb = try Self.int(ba, "disk_size_gb", 1...16)
+            args.envs = try Self.env(ba, "envs")
+            args.postBuildCmd = try Self.string(ba, "post_build_cmd", max: 65536)
+        }
+        let recipe = args.recipe(image: image, vcpus: vcpus, memoryMiB: memory)
+        do {
+            let s = try await engine.startSnapshotBuild(recipe, account: ctx.account) {
+                $0.name = name
+                $0.ociImage = image
+                $0.kind = type
+            }
+            return EditedResponse(status: .created, response: await info(await engine.resolve(s)))
+        } catch let e as FurcateError where e.code == .invalidArgument {
+            throw InstaVMError.invalid(["body"], e.message)
+        }
+    }
+
+    // MARK: VMs and sessions
+
+    static let vmFields: Set<String> = [
+        "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id", "snapshot_on_terminate", "auto_suspend", "auto_resume",
+    ]
+
+    /// Creates a VM for the caller from `snapshot_id` or the default image; `env` is added to
+    /// the guest's environment; the VM is deleted when its lifetime ends.
+    func newVM(_ obj: [String: Any], _ ctx: APIContext, wait: Bool) async throws -> VMCreateResponse {
+        let lifetime = try Self.int(obj, "vm_lifetime_seconds", 20...86_400)
+        let memory = try Self.int(obj, "memory_mb", 128...8192)
+        let vcpus = try Self.int(obj, "vcpu_count", 1...8)
+        let env = try Self.env(obj, "env")
+        if let m = obj["metadata"], !(m is NSNull), !(m is [String: Any]) { throw InstaVMError.invalid(["body", "metadata"], "Input should be a valid dictionary", type: "dict_type") }
+        for k in ["snapshot_on_terminate", "auto_suspend", "auto_resume"] where obj[k] != nil && !(obj[k] is NSNull) && jsonBool(obj[k]) == nil {
+            throw InstaVMError.invalid(["body", k], "Input should be a valid boolean", type: "bool_type")
+        }
+        if jsonBool(obj["snapshot_on_terminate"]) == true || jsonBool(obj["auto_suspend"]) == true || jsonBool(obj["auto_resume"]) == true {
+            throw InstaVMError.invalid(["body"], "snapshot_on_terminate, auto_suspend and auto_resume are not supported yet", type: "unsupported")
+        }
+        let target: String
+        if let sid = try Self.string(obj, "snapshot_id", max: 64) {
+            do { target = try await engine.usableSnapshot(sid, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+                throw InstaVMError(status: .notFound, message: "Snapshot not found: \(sid.prefix(64))", items: nil)
+            } catch let e as FurcateError where e.code == .invalidState {
+                throw InstaVMError(status: .conflict, message: e.message, items: nil)
+            }
+        } else {
+            target = try await engine.builds.defaultSnapshot(rootfsTarball: engine.defaultImage)
+            try engine.owners.set(target, account: "*")
+        }
+        let snap = try await engine.vms.snapshotInfo(target)
+        if let memory, memory != snap.memoryMiB {
+            throw InstaVMError.invalid(["body", "memory_mb"], "a VM restored from this snapshot has its \(snap.memoryMiB) MB; create a snapshot with memory_mb=\(memory) first")
+        }
+        if let vcpus, vcpus != snap.vcpus {
+            throw InstaVMError.invalid(["body", "vcpu_count"], "a VM restored from this snapshot has its \(snap.vcpus) vCPUs; create a snapshot with vcpu_count=\(vcpus) first")
+        }
+        let engine = self.engine
+        let account = ctx.account
+        let make: @Sendable () async throws -> VMInfo = {
+            let vm = try await engine.vms.create(CreateVMRequest(snapshot: target))
+            try engine.owners.set(vm.id, account: account)
+            if let env, !env.isEmpty { try await Self.addEnv(env, engine: engine, vm: vm.id) }
+            if let lifetime { await engine.lifetimes.expire(vm.id, after: lifetime, engine: engine) }
+            return vm
+        }
+        // A restore takes about a second, so `wait=false` answers after it too (with the id).
+        _ = wait
+        let vm = try await make()
+        return VMCreateResponse(vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
+    }
+
+    /// Appends `env` to the guest's `/.furcate/env`, read at every process start.
+    static func addEnv(_ env: [String: String], engine: APIEngine, vm: String) async throws {
+        let agent = try await engine.vms.agent(vm)
+        var current = Data()
+        if case .data(let d, _) = try? await agent.request(.readFile(path: "/.furcate/env", offset: nil, length: nil)) { current = d }
+        if let last = current.last, last != 0x0A { current.append(0x0A) }
+        for (k, v) in env.sorted(by: { $0.key < $1.key }) { current += Data("\(k)=\(v)\n".utf8) }
+        _ = try await agent.request(.writeFile(path: "/.furcate/env", data: current, offset: nil, mode: 0o644, createParents: true))
+    }
+
+    func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
+        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.vmFields)
+        if obj["session_id"] != nil, !(obj["session_id"] is NSNull) {
+            throw InstaVMError.invalid(["body", "session_id"], "attaching a VM to an existing session is not supported; omit session_id", type: "unsupported")
+        }
+        return try await newVM(obj, ctx, wait: try Self.wait(req))
+    }
+
+    func startSession(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
+        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env"])
+        // The SDK sends its key in the body here, not in a header.
+        var ctx = ctx
+        if ctx.key == nil {
+            guard let secret = try Self.string(obj, "api_key", max: 256), let key = try engine.keys.authenticate(secret) else {
+                throw InstaVMError(status: .unauthorized, message: "Invalid API key", items: nil)
+            }
+            ctx.key = key
+        }
+        var rest = obj
+        rest["api_key"] = nil
+        return try await newVM(rest, ctx, wait: true)
+    }
+
+    func execute(_ req: Request, _ ctx: APIContext) async throws -> ExecuteResponse {
+        let obj = try Self.object(try await req.body.collect(upTo: 8 << 20), allowed: ["command", "session_id", "language", "timeout"])
+        let command = try Self.string(obj, "command", required: true, max: 1 << 20)!
+        let vm = try await ownedVM(try Self.string(obj, "session_id", required: true)!, ctx)
+        let timeout = try Self.int(obj, "timeout", 1...86_400) ?? 300
+        let argv: [String]
+        switch try Self.string(obj, "language")?.lowercased() {
+        case nil, "bash", "shell", "sh": argv = ["/bin/sh", "-c", command]
+        case "python", "python3": argv = ["python3", "-c", command]
+        case let l?: throw InstaVMError.invalid(["body", "language"], "language must be bash or python, not '\(l.prefix(40))'")
+        }
+        guard vm.state == .running else { throw InstaVMError(status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not running", items: nil) }
+        let r = try await engine.vms.agent(vm.id).exec(ExecRequest(argv: argv, timeoutMs: timeout * 1000))
+        return ExecuteResponse(
+            stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),
+            exit_code: r.timedOut ? 124 : Int(r.exitCode ?? (128 + (r.signal ?? 9))), execution_time: Double(r.durationMs) / 1000, session_id: vm.id,
+            status: r.timedOut ? "timeout" : "success")
+    }
+
+    /// A guest path from a form: absolute, without `..` or NUL.
+    static func guestPath(_ s: String, field: String) throws -> String {
+        guard s.hasPrefix("/"), !s.split(separator: "/").contains(".."), !s.contains("\0"), s.utf8.count <= 4096 else {
+            throw InstaVMError.invalid(["body", field], "the path must be absolute, without '..'")
+        }
+        return s
+    }
+
+    func upload(_ req: Request, _ ctx: APIContext) async throws -> UploadResponse {
+        struct Form: Decodable {
+            var file: Data
+            var remote_path: String
+            var session_id: String
+            var recursive: String?
+        }
+        guard let type = req.headers[.contentType], type.lowercased().hasPrefix("multipart/form-data"),
+            let boundary = type.split(separator: ";").map({ $0.trimmingCharacters(in: .whitespaces) }).first(where: { $0.hasPrefix("boundary=") })?.dropFirst(9)
+        else { throw InstaVMError.invalid(["body"], "send the file as multipart/form-data (file, remote_path, session_id)") }
+        let body = try await req.body.collect(upTo: 256 << 20)
+        let form: Form
+        do { form = try FormDataDecoder().decode(Form.self, from: body, boundary: String(boundary.trimmingCharacters(in: CharacterSet(charactersIn: "\"")))) } catch {
+            throw InstaVMError.invalid(["body"], "the form needs file, remote_path and session_id: \(error)")
+        }
+        guard form.recursive == nil || form.recursive == "false" else {
+            throw InstaVMError.invalid(["body", "recursive"], "recursive uploads are not supported; upload files one at a time", type: "unsupported")
+        }
+        let path = try Self.guestPath(form.remote_path, field: "remote_path")
+        let vm = try await ownedVM(form.session_id, ctx)
+        let data = form.file
+        _ = try await engine.vms.agent(vm.id).request(.writeFile(path: path, data: data, offset: nil, mode: nil, createParents: true), timeout: .seconds(300))
+        return UploadResponse(status: "success", remote_path: path, size: data.count)
+    }
+
+    func download(_ req: Request, _ ctx: APIContext) async throws -> DownloadResponse {
+        struct Form: Decodable {
+            var filename: String
+            var session_id: String
+        }
+        let body = try await req.body.collect(upTo: 1 << 16)
+        let form: Form
+        do { form = try URLEncodedFormDecoder().decode(Form.self, from: String(buffer: body)) } catch {
+            throw InstaVMError.invalid(["body"], "send filename and session_id as a form")
+        }
+        let path = try Self.guestPath(form.filename, field: "filename")
+        let vm = try await ownedVM(form.session_id, ctx)
+        let agent = try await engine.vms.agent(vm.id)
+        do {
+            guard case .stat(let st) = try await agent.request(.stat(path: path)), st.kind == .file else {
+                throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil)
+            }
+            guard st.size <= 64 << 20 else { throw InstaVMError(status: .contentTooLarge, message: "\(path) is larger than 64 MiB", items: nil) }
+            var data = Data()
+            while UInt64(data.count) < st.size {
+                guard case .data(let chunk, _) = try await agent.request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
+                data += chunk
+            }
+            return DownloadResponse(status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
+        } catch let e as FurcateError where e.code == .notFound {
+            throw InstaVMError(status: .notFound, message: "File not found: \(path)", items: nil)
+        }
+    }
+}

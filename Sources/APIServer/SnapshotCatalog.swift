@@ -1,0 +1,115 @@
+import Builds
+import Foundation
+import FurcateCore
+import Images
+import VMService
+
+/// A snapshot record with its live state: building, ready, failed, lost — from its build, or
+/// from whether its bytes still exist.
+struct ResolvedSnapshot: Sendable {
+    var record: APISnapshot
+    var state: SnapshotStateTag
+    /// The VMService snapshot holding the bytes, once ready.
+    var target: String?
+    var failureReason: String?
+    var build: BuildRecord?
+    var info: SnapshotInfo?
+}
+
+/// The snapshot catalogue both dialects share: records made from VM snapshots and from builds,
+/// resolution of an API id to usable bytes, soft deletion.
+extension APIEngine {
+    func resolve(_ s: APISnapshot) async -> ResolvedSnapshot {
+        var r = ResolvedSnapshot(record: s, state: .ready, target: s.target)
+        if let b = s.buildId, let build = try? await builds.record(b) {
+            r.build = build
+            r.state = build.snapshotState
+            r.failureReason = build.failureReason
+            r.target = build.state == .succeeded ? build.snapshotId : nil
+        }
+        if r.state == .ready {
+            if let t = r.target, let info = try? await vms.snapshotInfo(t) { r.info = info } else {
+                r.state = .lost
+                r.failureReason = r.failureReason ?? "the snapshot's data is gone"
+            }
+        }
+        return r
+    }
+
+    /// The caller's snapshot record (not deleted unless `deleted`), or nil as for a missing one.
+    func ownedSnapshot(_ id: String, account: String, deleted: Bool = false) async throws -> ResolvedSnapshot? {
+        guard id.utf8.count <= 64, let s = try owners.snapshot(id), s.account == account, deleted || !s.deleted else { return nil }
+        return await resolve(s)
+    }
+
+    /// The VMService snapshot to boot for an API snapshot id the caller may use: its own, or
+    /// one recorded as everyone's (`*`, the default image). Marks the snapshot used (LRU).
+    /// - Throws: `.notFound` for a missing or foreign id, `.invalidState` while it builds or
+    ///   when it failed.
+    func usableSnapshot(_ id: String, account: String) async throws -> String {
+        if (try? VMID.validateSnapshot(id)) != nil, try owners.owner(id) == "*", try owners.snapshot(id) == nil { return id }
+        guard let r = try await ownedSnapshot(id, account: account) else {
+            throw FurcateError(.notFound, "no snapshot \(id.prefix(64))")
+        }
+        guard r.state == .ready, let t = r.target else {
+            throw FurcateError(.invalidState, "snapshot \(id) is \(r.state.rawValue)\(r.failureReason.map { ": " + $0 } ?? "")")
+        }
+        var s = r.record
+        s.lastUsedAt = Date().timeIntervalSince1970
+        try owners.saveSnapshot(s)
+        return t
+    }
+
+    /// Records a snapshot taken of a VM for `account`.
+    @discardableResult
+    public func recordVMSnapshot(_ info: SnapshotInfo, account: String, name: String? = nil) throws -> APISnapshot {
+        var s = APISnapshot(id: info.id, account: account, target: info.id, sourceVmId: info.vmID)
+        s.name = name
+        s.vcpus = info.vcpus
+        s.memoryMiB = info.memoryMiB
+        try owners.saveSnapshot(s)
+        return s
+    }
+
+    /// Starts a build for `account` and records the snapshot it will produce (state building).
+    func startSnapshotBuild(
+        _ recipe: BuildRecipe, account: String, credentials: RegistryCredentials? = nil, configure: (inout APISnapshot) -> Void
+    ) async throws -> APISnapshot {
+        let build = try await builds.start(recipe, account: account, credentials: credentials)
+        try owners.set(build.buildId, account: account)
+        var s = APISnapshot(id: VMID.newSnapshot(), account: account, buildId: build.buildId)
+        s.vcpus = recipe.vcpus
+        s.memoryMiB = recipe.memoryMiB
+        configure(&s)
+        try owners.saveSnapshot(s)
+        return s
+    }
+
+    /// Replaces every `.snapshot` base in a recipe by the bytes the caller's API id names.
+    func resolveBases(_ recipe: BuildRecipe, account: String) async throws -> BuildRecipe {
+        var r = recipe
+        switch recipe.base {
+        case .snapshot(let id): r.base = .snapshot(try await usableSnapshot(id, account: account))
+        case .recipe(let inner): r.base = .recipe(try await resolveBases(inner, account: account))
+        case .image: break
+        }
+        return r
+    }
+
+    /// Soft-deletes a snapshot: the record stays (deleted), the bytes are freed unless another
+    /// live record or a VM still uses them.
+    /// - Throws: `.invalidState` when it is already deleted.
+    func deleteSnapshot(_ s: APISnapshot) async throws {
+        guard !s.deleted else { throw FurcateError(.invalidState, "snapshot \(s.id) is already deleted") }
+        var d = s
+        d.deleted = true
+        d.updatedAt = Date().timeIntervalSince1970
+        try owners.saveSnapshot(d)
+        guard let target = await resolve(s).target else { return }
+        for o in try owners.snapshots() where o.id != s.id && !o.deleted {
+            if await resolve(o).target == target { return }
+        }
+        if await vms.list().contains(where: { $0.parentSnapshot == target && $0.state != .stopped && $0.state != .lost }) { return }
+        try? await vms.deleteSnapshot(target)
+    }
+}
