@@ -138,6 +138,7 @@ let package = Package(
             dependencies: [
                 "APIServer", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore", "Hypervisor", "FurcateCore", "FurcateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
         ),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),

@@ -16,7 +16,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 busybox=/bin/busybox
 # Bump when what this script builds changes: older initramfs and rootfs images are rebuilt.
-version=4
+version=5
 if [ "$(cat "$dest/.version" 2>/dev/null)" != "$version" ]; then
   rm -f "$dest/initrd.img" "$dest/smoke-initrd.img" "$dest/test-rootfs.ext4"
 fi
@@ -153,6 +153,7 @@ if [ ! -s "$dest/test-rootfs.ext4" ]; then
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=666 devpts /dev/pts
 hostname furcate-test
 echo "furcate-test-rootfs: init up"
 port=""

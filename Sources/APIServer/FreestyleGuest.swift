@@ -149,7 +149,7 @@ extension FreestyleRoutes {
         }
         v1.get("vms/{vm_id}/stats/stream") { req, ctx in
             let interval = min(max(try Self.intQuery(req, "interval_ms", range: 0...Int(Int32.max)) ?? 1000, 100), 10_000)
-            return try await ndjson(ctx, .stats(intervalMs: interval)) { event in
+            return try await ndjson(req, ctx, .stats(intervalMs: interval)) { event in
                 guard case .stats(let s) = event else { return nil }
                 return [
                     "timestamp": Date().ISO8601Format(), "memoryTotalBytes": s.memoryTotalBytes, "memoryAvailableBytes": s.memoryAvailableBytes,
@@ -159,7 +159,10 @@ extension FreestyleRoutes {
             }
         }
         v1.post("vms/{vm_id}/watch-files") { req, ctx in
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["path", "recursive"], what: "WatchFilesRequest")
+            // collectBody (not body.collect): the stream below watches the rest of the request
+            // for the client's close, which needs the body consumed this way.
+            var req = req
+            let obj = try Self.object(try await req.collectBody(upTo: 1 << 16), allowed: ["path", "recursive"], what: "WatchFilesRequest")
             var path = "/root"
             if let p = obj["path"] {
                 guard let s = p as? String, s.hasPrefix("/"), !s.split(separator: "/").contains(".."), s.utf8.count <= 4096 else {
@@ -169,7 +172,7 @@ extension FreestyleRoutes {
             }
             if obj["recursive"] != nil, jsonBool(obj["recursive"]) == nil { throw APIError(.badRequest, "BAD_REQUEST", "recursive must be true or false") }
             let recursive = jsonBool(obj["recursive"]) ?? true
-            return try await ndjson(ctx, .watch(path: path, recursive: recursive)) { event in
+            return try await ndjson(req, ctx, .watch(path: path, recursive: recursive)) { event in
                 guard case .file(let p, let change, let dir) = event else { return nil }
                 return ["path": p, "event": change, "isDirectory": dir, "timestamp": Date().ISO8601Format()]
             }
@@ -239,8 +242,11 @@ extension FreestyleRoutes {
     }
 
     /// A streaming agent request as an NDJSON response: one JSON object per event, until the
-    /// client goes away (the agent's stream is then cancelled) or the stream ends.
-    func ndjson(_ ctx: APIContext, _ request: AgentRequest, _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?) async throws -> Response {
+    /// client goes away — noticed when its connection closes, not only at the next write, so a
+    /// quiet watch ends too — or the guest's stream ends. The guest's stream is cancelled then.
+    func ndjson(
+        _ req: Request, _ ctx: APIContext, _ request: AgentRequest, _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?
+    ) async throws -> Response {
         let a = try await agent(ctx)
         let (id, items) = try a.stream(request)
         var headers = HTTPFields()
@@ -249,29 +255,34 @@ extension FreestyleRoutes {
         return Response(
             status: .ok, headers: headers,
             body: ResponseBody { writer in
+                var ended = false
                 do {
-                    for try await item in items {
-                        switch item {
-                        case .event(let e):
-                            guard let obj = line(e) else { continue }
-                            var data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
-                            data.append(0x0A)
-                            try await writer.write(ByteBuffer(bytes: data))
-                        case .end(let r):
-                            if case .error(let err) = r {
-                                let data = try JSONSerialization.data(withJSONObject: ["error": err.code.uppercased(), "message": err.message])
-                                try await writer.write(ByteBuffer(bytes: data + [0x0A]))
+                    try await req.body.consumeWithCancellationOnInboundClose { _ in
+                        for try await item in items {
+                            switch item {
+                            case .event(let e):
+                                guard let obj = line(e) else { continue }
+                                var data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+                                data.append(0x0A)
+                                try await writer.write(ByteBuffer(bytes: data))
+                            case .end(let r):
+                                ended = true
+                                if case .error(let err) = r {
+                                    let data = try JSONSerialization.data(withJSONObject: ["error": err.code.uppercased(), "message": err.message])
+                                    try await writer.write(ByteBuffer(bytes: data + [0x0A]))
+                                }
+                                return
                             }
-                            try await writer.finish(nil)
-                            return
                         }
                     }
-                    try await writer.finish(nil)
                 } catch {
                     // The client went away (or the channel closed): end the guest's stream too.
-                    try? await a.cancel(id)
+                    if !ended { try? await a.cancel(id) }
                     throw error
                 }
+                // Cancelled by the client's close (the stream just stops yielding) or ended.
+                if !ended { try? await a.cancel(id) }
+                try await writer.finish(nil)
             })
     }
 }

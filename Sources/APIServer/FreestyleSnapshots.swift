@@ -153,8 +153,9 @@ extension FreestyleRoutes {
         for s in try engine.owners.snapshots() where s.account == ctx.account { all.append(await engine.resolve(s)) }
         func count(_ t: SnapshotStateTag) -> Int { all.filter { !$0.record.deleted && $0.state == t }.count }
         let shown = all.filter {
-            (deleted || !$0.record.deleted) && (failed || ($0.state != .failed && $0.state != .lost && $0.state != .cancelled))
-                && (building || $0.state != .building)
+            $0.record.deleted
+                ? deleted
+                : (failed || ($0.state != .failed && $0.state != .lost && $0.state != .cancelled)) && (building || $0.state != .building)
         }
         return ListSnapshotsResponse(
             snapshots: shown.map(snapshotResponse), totalCount: shown.count, buildingCount: count(.building), readyCount: count(.ready),

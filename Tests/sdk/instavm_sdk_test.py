@@ -58,7 +58,7 @@ def busybox_layout(layout, busybox="/bin/busybox"):
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             t.addfile(info)
         t.add(busybox, arcname="bin/busybox")
-        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync"]:
+        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat"]:
             info = tarfile.TarInfo("bin/" + applet)
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             t.addfile(info)

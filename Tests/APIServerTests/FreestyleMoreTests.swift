@@ -1,0 +1,216 @@
+import APIServer
+import AsyncHTTPClient
+import Foundation
+import FurcateCore
+import Hummingbird
+import HummingbirdTesting
+import NIOCore
+import NIOHTTP1
+import GuestAgentProtocol
+import Testing
+import VMService
+
+/// POSTs/GETs a JSON body as account `key`.
+func call(_ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil) async throws -> TestResponse {
+    try await client.execute(uri: uri, method: method, headers: auth(key), body: body.map { ByteBuffer(string: $0) })
+}
+
+/// Reads NDJSON lines from a live server until `enough` says stop, then goes away: its own
+/// client is shut down, which closes the connection (the server must then end the stream).
+func ndjsonLines(
+    port: Int, _ method: HTTPMethod, _ path: String, key: String, body: String? = nil, timeout: Duration = .seconds(60),
+    enough: @escaping @Sendable ([[String: Any]]) -> Bool
+) async throws -> [[String: Any]] {
+    let http = HTTPClient(eventLoopGroupProvider: .singleton)
+    var req = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
+    req.method = method
+    req.headers.add(name: "Authorization", value: "Bearer " + key)
+    if let body { req.body = .bytes(ByteBuffer(string: body)) }
+    func parse(_ raw: [String]) -> [[String: Any]] {
+        raw.compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+    }
+    let reader = Task { () throws -> [String] in
+        let response = try await http.execute(req, timeout: .seconds(Int64(timeout.components.seconds)))
+        #expect(response.status == .ok && response.headers["content-type"].first == "application/x-ndjson")
+        var lines: [String] = []
+        var pending = ""
+        for try await chunk in response.body {
+            pending += String(buffer: chunk)
+            while let nl = pending.firstIndex(of: "\n") {
+                let line = String(pending[..<nl])
+                pending = String(pending[pending.index(after: nl)...])
+                lines.append(line)
+            }
+            if enough(parse(lines)) { return lines }
+        }
+        return lines
+    }
+    let deadline = Task {
+        try await Task.sleep(for: timeout)
+        reader.cancel()
+    }
+    defer { deadline.cancel() }
+    let result = await reader.result
+    try await http.shutdown()
+    return parse(try result.get())
+}
+
+/// Progress of a long test on stderr, so a hang shows where it is.
+func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO8601Format())] test step: \(what)\n".utf8)) }
+
+@Suite(.enabled(if: apiVMAvailable)) struct FreestyleGuestAndSnapshotTests {
+    @Test func snapshotsBuildsServicesStreamsResize() async throws {
+        step("harness")
+        let h = try APIHarness()
+        try await h.makeSnapshot()
+        step("snapshot made")
+        let app = APIServer.buildApplication(h.engine, host: "127.0.0.1", port: 0)
+        try await app.test(.live) { client in
+            step("server up")
+            let (a, b) = (h.keyA, h.keyB)
+            let created = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)"}"#)
+            let id = try #require(json(created)["id"] as? String)
+
+            step("Snapshots: list with counts; name; anoth")
+            // Snapshots: list with counts; name; another account sees none of it.
+            let named = try await call(client, .post, "/v1/vms/\(id)/snapshot", a, #"{"name":"first","persistence":{"type":"sticky","priority":7}}"#)
+            let sid = try #require(json(named)["snapshotId"] as? String, "\(String(buffer: named.body))")
+            let got = try await call(client, .get, "/v1/vms/snapshots/\(sid)", a)
+            #expect(json(got)["state"] as? String == "ready" && json(got)["name"] as? String == "first" && json(got)["sourceVmId"] as? String == id)
+            #expect((json(got)["snapshotPersistence"] as? [String: Any])?["priority"] as? Int == 7, "\(String(buffer: got.body))")
+            let badPriority = try await call(client, .post, "/v1/vms/\(id)/snapshot", a, #"{"persistence":{"type":"sticky","priority":11}}"#)
+            #expect(badPriority.status == .badRequest)
+            let renamed = try await call(client, .patch, "/v1/vms/snapshots/\(sid)", a, #"{"name":"renamed"}"#)
+            #expect(json(renamed)["name"] as? String == "renamed" && json(renamed)["snapshot_id"] as? String == sid)
+            let list = try await call(client, .get, "/v1/vms/snapshots", a)
+            #expect(json(list)["totalCount"] as? Int == 2 && json(list)["readyCount"] as? Int == 2, "\(String(buffer: list.body))")
+            #expect(try await call(client, .get, "/v1/vms/snapshots/\(sid)", b).status == .notFound)
+            #expect(try await call(client, .delete, "/v1/vms/snapshots/\(sid)", b).status == .notFound)
+            #expect(try await call(client, .patch, "/v1/vms/snapshots/\(sid)", b, #"{"name":"x"}"#).status == .notFound)
+            #expect(json(try await call(client, .get, "/v1/vms/snapshots", b))["totalCount"] as? Int == 0)
+
+            step("A build from a spec on that snapshot: bu")
+            // A build from a spec on that snapshot: building → ready, its build and phases, a
+            // VM from it has the spec's file.
+            let spec = #"{"name":"built","spec":{"snapshotId":"\#(sid)","additionalFiles":{"/root/spec.txt":{"content":"from the spec\n"}}}}"#
+            let build = try await call(client, .post, "/v1/vms/snapshots", a, spec)
+            let bsid = try #require(json(build)["snapshotId"] as? String, "\(String(buffer: build.body))")
+            var state = ""
+            var info: [String: Any] = [:]
+            for _ in 0..<600 {
+                info = json(try await call(client, .get, "/v1/vms/snapshots/\(bsid)", a))
+                state = info["state"] as? String ?? ""
+                if state != "building" { break }
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            #expect(state == "ready", "\(info)")
+            let buildId = try #require(info["buildId"] as? String)
+            let rec = try await call(client, .get, "/v1/vms/builds/\(buildId)", a)
+            #expect(json(rec)["state"] as? String == "succeeded" && (json(rec)["plannedPhases"] as? [String])?.isEmpty == false, "\(String(buffer: rec.body))")
+            let phases = (json(try await call(client, .get, "/v1/vms/builds/\(buildId)/phases", a))["phases"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(phases.contains("snapshot"), "\(phases)")
+            #expect(try await call(client, .get, "/v1/vms/builds/\(buildId)", b).status == .notFound)
+            let fromBuild = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)"}"#)
+            let bvm = try #require(json(fromBuild)["id"] as? String, "\(String(buffer: fromBuild.body))")
+            let specFile = try await call(client, .get, "/v1/vms/\(bvm)/files/root/spec.txt", a)
+            #expect(json(specFile)["content"] as? String == "from the spec\n")
+            let vmBuild = try await call(client, .get, "/v1/vms/\(bvm)/build", a)
+            #expect(json(vmBuild)["buildId"] as? String == buildId, "\(String(buffer: vmBuild.body))")
+            _ = try await call(client, .delete, "/v1/vms/\(bvm)", a)
+
+            step("Delete: soft, then 409 the second time; ")
+            // Delete: soft, then 409 the second time; listed only with includeDeleted.
+            #expect(try await call(client, .delete, "/v1/vms/snapshots/\(sid)", a).status == .ok)
+            let again = try await call(client, .delete, "/v1/vms/snapshots/\(sid)", a)
+            #expect(again.status == .conflict && json(again)["error"] as? String == "SNAPSHOT_ALREADY_DELETED", "\(String(buffer: again.body))")
+            #expect(json(try await call(client, .get, "/v1/vms/snapshots", a))["totalCount"] as? Int == 2)
+            let withDeleted = try await call(client, .get, "/v1/vms/snapshots?includeDeleted=true", a)
+            #expect(json(withDeleted)["totalCount"] as? Int == 3 && json(withDeleted)["deletedCount"] as? Int == 1)
+            let useDeleted = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(sid)"}"#)
+            #expect(useDeleted.status == .notFound && json(useDeleted)["error"] as? String == "SNAPSHOT_NOT_FOUND")
+
+            step("Services through the agent's supervisor.")
+            // Services through the agent's supervisor.
+            let svc = #"{"name":"ticker","mode":"service","exec":["/bin/sh -c 'while true; do echo tick; sleep 0.2; done'"]}"#
+            let made = try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc)
+            #expect(made.status == .ok && json(made)["serviceName"] as? String == "ticker", "\(String(buffer: made.body))")
+            #expect(try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc).status == .conflict)
+            let names = (json(try await call(client, .get, "/v1/vms/\(id)/systemd/services", a))["services"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(names == ["ticker"])
+            try await Task.sleep(for: .seconds(1))
+            let status = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
+            let statusLogs = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs", a)
+            #expect(json(status)["activeState"] as? String == "active", "\(String(buffer: status.body)) \(String(buffer: statusLogs.body))")
+            let logs = json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))["logs"] as? [[String: Any]] ?? []
+            #expect(logs.count == 3 && logs.allSatisfy { ($0["message"] as? String)?.hasSuffix("tick") == true }, "\(logs)")
+            let stop = try await call(client, .post, "/v1/vms/\(id)/systemd/stop", a, #"{"services":[{"id":"ticker"},{"id":"nope"}]}"#)
+            let results = json(stop)["results"] as? [[String: Any]] ?? []
+            #expect(results.count == 2 && results[0]["success"] as? Bool == true && results[1]["success"] as? Bool == false, "\(results)")
+            #expect(json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"] as? String != "active")
+            _ = try await call(client, .post, "/v1/vms/\(id)/systemd/start", a, #"{"services":[{"id":"ticker"}]}"#)
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"] as? String == "active")
+            #expect(try await call(client, .delete, "/v1/vms/\(id)/systemd/services/ticker", a).status == .ok)
+            let goneSvc = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
+            #expect(goneSvc.status == .notFound && json(goneSvc)["error"] as? String == "SERVICE_NOT_FOUND")
+            #expect(try await call(client, .get, "/v1/vms/\(id)/systemd/services", b).status == .notFound)
+
+            step("Terminals (made through the agent: the A")
+            // Terminals (made through the agent: the API lists and reads them).
+            _ = try await h.engine.vms.agent(id).request(.terminalCreate(name: "t1", command: ["/bin/sh", "-c", "echo term-out; sleep 30"], cols: 80, rows: 24))
+            try await Task.sleep(for: .milliseconds(500))
+            let terms = (json(try await call(client, .get, "/v1/vms/\(id)/terminals", a))["terminals"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(terms == ["t1"])
+            let tlogs = json(try await call(client, .get, "/v1/vms/\(id)/terminals/t1/logs", a))["logs"] as? [[String: Any]] ?? []
+            #expect(tlogs.contains { ($0["line"] as? String)?.contains("term-out") == true }, "\(tlogs)")
+            let xterm = try await call(client, .get, "/v1/vms/\(id)/terminals/t1/xterm-256color", a)
+            #expect((json(xterm)["output"] as? String)?.contains("term-out") == true)
+            #expect(try await call(client, .get, "/v1/vms/\(id)/terminals/nope/logs", a).status == .notFound)
+
+            step("Streams: stats every 100 ms; file events")
+            // Streams: stats every 100 ms; file events; both end when the client leaves, and the
+            // VM's agent keeps answering.
+            let stats = try await ndjsonLines(port: client.port!, .GET, "/v1/vms/\(id)/stats/stream?interval_ms=100", key: a) { $0.count >= 3 }
+            #expect(stats.count >= 3 && stats.allSatisfy { ($0["memoryTotalBytes"] as? Int ?? 0) > 0 }, "\(stats)")
+            _ = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"mkdir -p /root/w"}"#)
+            let port = client.port!
+            let toucher = Task {
+                try await Task.sleep(for: .milliseconds(700))
+                _ = try await h.engine.vms.agent(id).exec(ExecRequest(argv: ["/bin/touch", "/root/w/new-file"]))
+            }
+            let events = try await ndjsonLines(port: port, .POST, "/v1/vms/\(id)/watch-files", key: a, body: #"{"path":"/root/w"}"#) { lines in
+                lines.contains { ($0["path"] as? String)?.hasSuffix("new-file") == true }
+            }
+            try await toucher.value
+            #expect(events.contains { ($0["path"] as? String)?.hasSuffix("new-file") == true }, "\(events)")
+            let after = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo still-here"}"#)
+            #expect(json(after)["stdout"] as? String == "still-here\n")
+
+            step("Optimize trims what the guest freed: the")
+            // Optimize trims what the guest freed: the disk's stored data shrinks.
+            _ = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"dd if=/dev/urandom of=/root/big bs=1M count=16 2>/dev/null; sync; rm /root/big; sync"}"#)
+            step("optimize")
+            let opt = try await call(client, .post, "/v1/vms/\(id)/optimize", a)
+            let message = json(opt)["message"] as? String ?? ""
+            let sizes = message.split(separator: " ").compactMap { Int($0) }
+            #expect(opt.status == .ok && message.contains("trimmed") && sizes.count >= 2 && sizes[sizes.count - 1] + 8 <= sizes[sizes.count - 2], "\(message)")
+            #expect(try await call(client, .post, "/v1/vms/\(id)/optimize", b).status == .notFound)
+            step("Resize grows the disk the guest sees; me")
+            // Resize grows the disk the guest sees; memory cannot change live.
+            let sectors = { () async throws -> Int in
+                Int((json(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"cat /sys/block/vda/size"}"#))["stdout"] as? String ?? "")
+                    .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            }
+            #expect(try await sectors() < 2 << 21)
+            let resized = try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"rootfsSizeGb":2}"#)
+            #expect(resized.status == .ok, "\(String(buffer: resized.body))")
+            #expect(try await sectors() == 2 << 21)
+            #expect(try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"memSizeGb":2}"#).status == .badRequest)
+            #expect(try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"rootfsSizeGb":1}"#).status == .badRequest)
+
+        }
+        step("teardown")
+        await h.tearDown()
+        step("done")
+    }
+}
