@@ -125,6 +125,8 @@ let package = Package(
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "APIServer",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

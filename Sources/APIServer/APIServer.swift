@@ -93,6 +93,8 @@ struct AuthAndErrors: RouterMiddleware {
     static let instavmPrefix = "/instavm/"
     /// The one route that authenticates itself: the InstaVM SDK sends its key in the body.
     static let sessionRoute = "/instavm/v1/sessions/session"
+    /// The OpenAPI document is public.
+    static let documentRoute = "/openapi.json"
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
         let instavm = request.uri.path.hasPrefix(Self.instavmPrefix)
@@ -107,7 +109,7 @@ struct AuthAndErrors: RouterMiddleware {
                 secret = nil
             }
             context.key = try secret.flatMap { try keys.authenticate($0) }
-            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) else {
+            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) || request.uri.path == Self.documentRoute else {
                 throw APIError(
                     .unauthorized, "UNAUTHORIZED",
                     instavm ? "give an API key as 'X-API-Key: fk_…' (furcate keys create)" : "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)")
@@ -157,6 +159,11 @@ public enum APIServer {
     public static func router(_ engine: APIEngine) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
         router.add(middleware: AuthAndErrors(keys: engine.keys))
+        router.get("openapi.json") { _, _ in
+            var headers = HTTPFields()
+            headers[.contentType] = "application/json"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: OpenAPIDocument.json)))
+        }
         FreestyleRoutes(engine: engine).register(on: router.group("v1"))
         InstaVMRoutes(engine: engine).register(on: router.group("instavm"))
         return router

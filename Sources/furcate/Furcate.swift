@@ -18,7 +18,7 @@ struct Furcate: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "furcate",
         abstract: "A self-hosted microVM engine whose forks cost one O(1) store clone.",
-        subcommands: [ServeCommand.self, StoreCommand.self, MountCommand.self, ImageCommand.self, BuildCommand.self, RunCommand.self, KeysCommand.self, BenchCommand.self]
+        subcommands: [ServeCommand.self, StoreCommand.self, MountCommand.self, ImageCommand.self, BuildCommand.self, RunCommand.self, KeysCommand.self, VMCommand.self, BenchCommand.self]
     )
 }
 
