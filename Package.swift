@@ -53,8 +53,9 @@ let package = Package(
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
         .target(
             name: "Hypervisor",
-            dependencies: ["FurcateCore", "GuestAgentProtocol", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["FurcateCore", "GuestAgentProtocol", "CSpawn", .product(name: "Logging", package: "swift-log")]
         ),
+        .target(name: "CSpawn"),
         // The host-guest wire protocol, shared by the agent and the host (FoundationEssentials only).
         .target(name: "GuestAgentProtocol"),
         // The agent inside every guest: one static executable (see scripts/build-agent.sh).

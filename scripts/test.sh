@@ -16,3 +16,7 @@ echo "test: swift build --build-tests"
 swift build --build-tests
 echo "test: swift test"
 swift test --skip-build
+# The API against real clients: the official instavm Python SDK, and schemathesis on
+# /openapi.json (both from PyPI, in virtualenvs outside the checkout).
+scripts/test-sdk.sh .build/debug/furcate
+scripts/test-openapi.sh .build/debug/furcate

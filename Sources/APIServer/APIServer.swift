@@ -99,17 +99,24 @@ struct AuthAndErrors: RouterMiddleware {
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
         let instavm = request.uri.path.hasPrefix(Self.instavmPrefix)
         do {
+            if request.uri.path == Self.documentRoute { return try await next(request, context) }
             var context = context
-            let secret: String?
-            if let header = request.headers[.authorization], header.hasPrefix("Bearer ") {
-                secret = String(header.dropFirst(7))
-            } else if instavm, let k = request.headers[HTTPField.Name("X-API-Key")!] {
-                secret = k
-            } else {
-                secret = nil
+            // Every credential presented must be valid, and all must name the same key.
+            var secrets: [String] = []
+            if let header = request.headers[.authorization] {
+                guard header.hasPrefix("Bearer ") else {
+                    throw APIError(.unauthorized, "UNAUTHORIZED", "the Authorization header must be 'Bearer fk_…'")
+                }
+                secrets.append(String(header.dropFirst(7)))
             }
-            context.key = try secret.flatMap { try keys.authenticate($0) }
-            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) || request.uri.path == Self.documentRoute else {
+            if instavm, let k = request.headers[HTTPField.Name("X-API-Key")!] { secrets.append(k) }
+            for secret in secrets {
+                guard let key = try keys.authenticate(secret), context.key == nil || context.key == key else {
+                    throw APIError(.unauthorized, "UNAUTHORIZED", "the API key is not valid (furcate keys create makes one)")
+                }
+                context.key = key
+            }
+            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) else {
                 throw APIError(
                     .unauthorized, "UNAUTHORIZED",
                     instavm ? "give an API key as 'X-API-Key: fk_…' (furcate keys create)" : "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)")
@@ -122,6 +129,11 @@ struct AuthAndErrors: RouterMiddleware {
             throw instavm ? InstaVMError.from(api) : api
         } catch let e as APIError where instavm {
             throw InstaVMError.from(e)
+        } catch let e as HTTPError {
+            // Hummingbird's own errors (a body that is not JSON, no such route) in the dialect's shape.
+            let code = e.status == .notFound ? "NOT_FOUND" : e.status.code == 400 ? "BAD_REQUEST" : e.status.reasonPhrase.uppercased().replacingOccurrences(of: " ", with: "_")
+            let api = APIError(e.status, code, e.body ?? e.status.reasonPhrase)
+            throw instavm ? InstaVMError.from(api) : api
         }
     }
 }

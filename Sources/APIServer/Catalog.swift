@@ -54,7 +54,11 @@ public final class OwnerStore: Sendable {
     private let db: RecordDatabase
     private static let table = RecordTable("owners")
     private static let snapshotTable = RecordTable("api_snapshots")
-    struct Owner: Codable { var account: String }
+    struct Owner: Codable {
+        var account: String
+        /// A VM's name (Freestyle `name`).
+        var name: String?
+    }
 
     public init(path: String) throws {
         db = try RecordDatabase(
@@ -65,8 +69,10 @@ public final class OwnerStore: Sendable {
             ])
     }
 
-    public func set(_ id: String, account: String) throws { try db.save(Self.table, key: id, Owner(account: account)) }
+    public func set(_ id: String, account: String, name: String? = nil) throws { try db.save(Self.table, key: id, Owner(account: account, name: name)) }
     public func owner(_ id: String) throws -> String? { try db.get(Self.table, key: id, as: Owner.self)?.account }
+    /// A resource's name, if it was given one.
+    public func name(_ id: String) throws -> String? { try db.get(Self.table, key: id, as: Owner.self)?.name }
     public func remove(_ id: String) throws { try db.delete(Self.table, key: id) }
 
     /// Records a snapshot (and its owner).

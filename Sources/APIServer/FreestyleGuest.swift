@@ -148,7 +148,7 @@ extension FreestyleRoutes {
             return TerminalOutput(output: String(decoding: raw, as: UTF8.self))
         }
         v1.get("vms/{vm_id}/stats/stream") { req, ctx in
-            let interval = min(max(try Self.intQuery(req, "interval_ms", range: 0...Int(Int32.max)) ?? 1000, 100), 10_000)
+            let interval = min(max(try Self.intQuery(req, "interval_ms", range: 0...Int.max) ?? 1000, 100), 10_000)
             return try await ndjson(req, ctx, .stats(intervalMs: interval)) { event in
                 guard case .stats(let s) = event else { return nil }
                 return [
@@ -180,7 +180,7 @@ extension FreestyleRoutes {
         v1.post("vms/{vm_id}/resize") { req, ctx in
             let vm = try await ownedVM(ctx)
             let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["rootfsSizeGb", "memSizeGb", "vcpuCount"], what: "ResizeVmRequest")
-            if obj["memSizeGb"] != nil || obj["vcpuCount"] != nil {
+            if [obj["memSizeGb"], obj["vcpuCount"]].contains(where: { $0 != nil && !($0 is NSNull) }) {
                 throw APIError(.badRequest, "UNSUPPORTED_FIELD", "memory and vCPUs cannot change while a VM runs here; snapshot it and create a VM with the new size")
             }
             guard let gb = jsonInteger(obj["rootfsSizeGb"]), (1...16).contains(gb) else {

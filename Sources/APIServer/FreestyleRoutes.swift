@@ -12,6 +12,7 @@ struct FreestyleRoutes: Sendable {
 
     struct VmInfo: ResponseCodable {
         var id: String
+        var name: String?
         var state: String
         var createdAt: String?
         var snapshotId: String?
@@ -30,7 +31,10 @@ struct FreestyleRoutes: Sendable {
     }
     struct GetVmResponse: ResponseCodable {
         var id: String
+        var name: String?
         var state: String
+        var createdAt: String?
+        var snapshotId: String?
     }
     struct IdResponse: ResponseCodable { var id: String }
     struct ExecAwaitRequest: Decodable {
@@ -96,7 +100,7 @@ struct FreestyleRoutes: Sendable {
     static let createFields: Set<String> = ["snapshotId", "name"]
 
     func register(on v1: RouterGroup<APIContext>) {
-        v1.get("vms") { _, ctx in try await list(ctx) }
+        v1.get("vms") { req, ctx in try await list(req, ctx) }
         v1.post("vms") { req, ctx in try await create(req, ctx) }
         v1.get("vms/{vm_id}") { _, ctx in try await get(ctx) }
         v1.delete("vms/{vm_id}") { _, ctx in try await delete(ctx) }
@@ -126,22 +130,40 @@ struct FreestyleRoutes: Sendable {
         registerGuest(on: v1)
         v1.post("vms/{vm_id}/await") { _, ctx in
             let vm = try await ownedVM(ctx)
+            // Only a running VM has an exit to wait for; any other answers its state at once.
+            guard vm.state == .running || vm.state == .starting else { return WaitVmResponse(id: vm.id, exitStatus: vm.state.rawValue) }
             let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
             return WaitVmResponse(id: vm.id, exitStatus: done.state.rawValue)
         }
     }
 
-    /// Refuses a body's fields other than `allowed` (400 UNSUPPORTED_FIELD); returns the object.
+    /// Every field the Freestyle document gives a request body, by schema name: a field of the
+    /// document this server does not honour may be sent as null (unset); any other field is refused.
+    static let documentFields: [String: Set<String>] = [
+        "CreateVmRequest": [
+            "spec", "name", "idleTimeoutSeconds", "ports", "waitForReadySignal", "readySignalTimeoutSeconds", "workdir", "persistence", "systemd",
+            "users", "groups", "additionalFiles", "snapshotId", "template", "gitRepos", "git", "recreate", "aptDeps", "domains",
+            "activityThresholdBytes", "dockerCredentials",
+        ],
+        "CreateSnapshotRequest": ["name", "spec", "template", "persistence", "dockerCredentials"],
+        "StartVmRequest": ["idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal", "activityThresholdBytes"],
+        "ResizeVmRequest": ["rootfsSizeGb", "memSizeGb", "vcpuCount"],
+    ]
+
+    /// The body as a JSON object. Fields other than `allowed` are refused (400
+    /// UNSUPPORTED_FIELD), never silently ignored — except the document's own fields sent as
+    /// null, which mean "unset".
     static func object(_ body: ByteBuffer, allowed: Set<String>, what: String) throws -> [String: Any] {
         guard body.readableBytes > 0 else { return [:] }
         guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
             throw APIError(.badRequest, "BAD_REQUEST", "the body must be a JSON object (\(what))")
         }
-        let unsupported = obj.filter { !($0.value is NSNull) }.keys.filter { !allowed.contains($0) }.sorted()
+        let known = documentFields[what] ?? allowed
+        let unsupported = obj.filter { !allowed.contains($0.key) && !($0.value is NSNull && known.contains($0.key)) }.keys.sorted()
         guard unsupported.isEmpty else {
             throw APIError(
                 .badRequest, "UNSUPPORTED_FIELD",
-                "this server does not honour \(unsupported.joined(separator: ", ")) yet (supported: \(allowed.sorted().joined(separator: ", ")))")
+                "this server does not honour \(unsupported.map { "'\($0.prefix(60))'" }.joined(separator: ", ")) (supported: \(allowed.sorted().joined(separator: ", ")))")
         }
         return obj
     }
@@ -243,18 +265,40 @@ struct FreestyleRoutes: Sendable {
         return vm
     }
 
-    static func info(_ vm: VMInfo) -> VmInfo {
+    func info(_ vm: VMInfo) throws -> VmInfo {
         VmInfo(
-            id: vm.id, state: vm.state.rawValue, createdAt: Date(timeIntervalSince1970: vm.createdAt).ISO8601Format(),
+            id: vm.id, name: try engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
             snapshotId: vm.parentSnapshot, deleted: false, createdDeclaratively: false)
     }
 
-    func list(_ ctx: APIContext) async throws -> ListVmsResponse {
-        var mine: [VMInfo] = []
-        for vm in await engine.vms.list() where try engine.owners.owner(vm.id) == ctx.account { mine.append(vm) }
-        func count(_ s: VMState) -> Int { mine.filter { $0.state == s }.count }
+    /// `limit`/`offset` (paging, after filters), `vmState`, `search` (in ids and names),
+    /// `includeDeleted` (deleted VMs are gone here, so it changes nothing). Counts are of all
+    /// the caller's VMs.
+    func list(_ req: Request, _ ctx: APIContext) async throws -> ListVmsResponse {
+        let q = req.uri.queryParameters
+        let limit = try Self.intQuery(req, "limit", range: 0...Int(Int32.max))
+        let offset = try Self.intQuery(req, "offset", range: 0...Int(Int32.max)) ?? 0
+        let state: VMState?
+        if let s = q["vmState"] {
+            guard let v = VMState(rawValue: String(s)) else { throw APIError(.badRequest, "BAD_REQUEST", "vmState must be one of the VMState values") }
+            state = v
+        } else {
+            state = nil
+        }
+        if let d = q["includeDeleted"], !["true", "false"].contains(d.lowercased()) {
+            throw APIError(.badRequest, "BAD_REQUEST", "includeDeleted must be true or false")
+        }
+        let search = q["search"].map { String($0).lowercased() }
+        var mine: [VmInfo] = []
+        for vm in await engine.vms.list() where try engine.owners.owner(vm.id) == ctx.account { mine.append(try info(vm)) }
+        func count(_ s: VMState) -> Int { mine.filter { $0.state == s.rawValue }.count }
+        let shown = mine.filter {
+            (state == nil || $0.state == state!.rawValue)
+                && (search == nil || search!.isEmpty || $0.id.contains(search!) || ($0.name?.lowercased().contains(search!) ?? false))
+        }
+        let page = Array(shown.dropFirst(offset).prefix(limit ?? Int.max))
         return ListVmsResponse(
-            vms: mine.map(Self.info), totalCount: mine.count, buildingCount: count(.building), runningCount: count(.running),
+            vms: page, totalCount: mine.count, buildingCount: count(.building), runningCount: count(.running),
             startingCount: count(.starting), suspendingCount: count(.suspending), suspendedCount: count(.suspended),
             stoppedCount: count(.stopped), lostCount: count(.lost))
     }
@@ -275,14 +319,16 @@ struct FreestyleRoutes: Sendable {
             snap = try await engine.builds.defaultSnapshot(rootfsTarball: engine.defaultImage)
             try engine.owners.set(snap, account: "*")  // the default image's snapshot is everyone's
         }
+        let name = try Self.optionalName(obj["name"])
         let vm = try await engine.vms.create(CreateVMRequest(snapshot: snap))
-        try engine.owners.set(vm.id, account: ctx.account)
+        try engine.owners.set(vm.id, account: ctx.account, name: name)
         return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: snapshotId ?? snap)
     }
 
     func get(_ ctx: APIContext) async throws -> GetVmResponse {
         let vm = try await ownedVM(ctx)
-        return GetVmResponse(id: vm.id, state: vm.state.rawValue)
+        return GetVmResponse(
+            id: vm.id, name: try engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot)
     }
 
     func delete(_ ctx: APIContext) async throws -> IdResponse {
@@ -295,14 +341,14 @@ struct FreestyleRoutes: Sendable {
     func exec(_ req: Request, _ ctx: APIContext) async throws -> ExecAwaitVmResponse {
         let vm = try await ownedVM(ctx)
         let body = try await req.decode(as: ExecAwaitRequest.self, context: ctx)
-        if let t = body.timeoutMs, !(1...3_600_000).contains(t) {
-            throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must be 1 to 3600000, not \(t)")
-        }
+        // 0 or absent: the default (5 minutes); longer than an hour: an hour.
+        let timeout = min(body.timeoutMs.flatMap { $0 > 0 ? $0 : nil } ?? 300_000, 3_600_000)
+        if let t = body.timeoutMs, t < 0 { throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must not be negative") }
         guard body.terminal == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "exec in a terminal is not supported yet") }
         let agent = try await engine.vms.agent(vm.id)
-        let r = try await agent.exec(ExecRequest(command: body.command, timeoutMs: body.timeoutMs ?? 300_000))
+        let r = try await agent.exec(ExecRequest(command: body.command, timeoutMs: timeout))
         if r.timedOut {
-            throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(body.timeoutMs ?? 300_000) ms (it was killed)")
+            throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")
         }
         return ExecAwaitVmResponse(
             stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),

@@ -3,6 +3,7 @@ import Foundation
 import FurcateCore
 import GuestAgentProtocol
 import Hummingbird
+import Images
 import MultipartKit
 import NIOCore
 import VMService
@@ -180,14 +181,15 @@ struct InstaVMRoutes: Sendable {
 
     // MARK: request helpers
 
-    /// The body as a JSON object; with `allowed`, other non-null fields are refused (422).
-    static func object(_ body: ByteBuffer, allowed: Set<String>? = nil) throws -> [String: Any] {
+    /// The body as a JSON object; with `allowed`, other fields are refused (422) — except those
+    /// in `known` (the vendor's document) sent as null, which mean "unset".
+    static func object(_ body: ByteBuffer, allowed: Set<String>? = nil, known: Set<String> = []) throws -> [String: Any] {
         guard body.readableBytes > 0 else { return [:] }
         guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
             throw InstaVMError.invalid(["body"], "the body must be a JSON object", type: "json_invalid")
         }
         if let allowed {
-            for k in obj.keys.sorted() where !allowed.contains(k) && !(obj[k] is NSNull) {
+            for k in obj.keys.sorted() where !allowed.contains(k) && !(obj[k] is NSNull && known.contains(k)) {
                 throw InstaVMError.invalid(["body", k], "\(k) is not supported by this server", type: "unsupported")
             }
         }
@@ -304,9 +306,11 @@ struct InstaVMRoutes: Sendable {
 
     func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> EditedResponse<SnapshotInfo> {
         let body = try await req.body.collect(upTo: 1 << 20)
-        let obj = try Self.object(body, allowed: Self.snapshotFields)
+        let obj = try Self.object(body, allowed: Self.snapshotFields, known: Self.snapshotFields)
         let image = try Self.string(obj, "oci_image", required: true, max: 512)!
-        guard !image.isEmpty else { throw InstaVMError.invalid(["body", "oci_image"], "oci_image must not be empty") }
+        do { _ = try ImageReference(parsing: image) } catch let e as FurcateError {
+            throw InstaVMError.invalid(["body", "oci_image"], e.message)
+        }
         let name = try Self.string(obj, "name", max: 256)
         let vcpus = try Self.int(obj, "vcpu_count", 1...8) ?? 2
         let memory = try Self.int(obj, "memory_mb", 128...8192) ?? 512
@@ -342,6 +346,10 @@ struct InstaVMRoutes: Sendable {
 
     // MARK: VMs and sessions
 
+    /// VMCreateRequest's fields in the vendor's document (seed 001) and the SDK's.
+    static let vmDocumentFields: Set<String> = vmFields.union([
+        "egress_policy", "snapshot_name", "share", "custom_domain", "image_variant", "volumes", "vault_ids",
+    ])
     static let vmFields: Set<String> = [
         "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id", "snapshot_on_terminate", "auto_suspend", "auto_resume",
     ]
@@ -404,7 +412,7 @@ struct InstaVMRoutes: Sendable {
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
-        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.vmFields)
+        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.vmFields, known: Self.vmDocumentFields)
         if obj["session_id"] != nil, !(obj["session_id"] is NSNull) {
             throw InstaVMError.invalid(["body", "session_id"], "attaching a VM to an existing session is not supported; omit session_id", type: "unsupported")
         }

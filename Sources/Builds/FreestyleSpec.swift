@@ -77,6 +77,8 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }
 
+        if let g = rootfsSizeGb, !(1...16).contains(g) { throw FurcateError(.invalidArgument, "rootfsSizeGb must be 1 to 16, not \(g)") }
+        if let c = vcpuCount, !(1...8).contains(c) { throw FurcateError(.invalidArgument, "vcpuCount must be 1 to 8, not \(c)") }
         var diskBytes = rootfsSizeGb.map { UInt64($0) << 30 }
         if let d = diskBytes, case .recipe(var inner) = base, case .image = inner.base {
             // The size belongs to the image layer underneath (the default image, a Dockerfile).

@@ -1,3 +1,4 @@
+import CSpawn
 import Foundation
 import FurcateCore
 import Logging
@@ -122,6 +123,10 @@ public final class QEMUProcess: Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // Nothing else of ours: descriptors opened without O_CLOEXEC (the HTTP server's accepted
+        // connections among them) would otherwise live as long as the VM, holding connections
+        // open after the server closed them.
+        cspawn_addclosefrom(&actions, 3)
 
         var pid: pid_t = 0
         let rc = posix_spawn(&pid, exe, &actions, &attr, argv, envp)

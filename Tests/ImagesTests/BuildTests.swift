@@ -280,6 +280,9 @@ final class BuildHarness: @unchecked Sendable {
         (#"{"memSizeGb": 64}"#, "memSizeGb"),
         (#"{"baseImage": {"dockerfileContent": "FROM a\nCOPY . /"}}"#, "build context"),
         (#"{"rootfsSizeGb": 2, "snapshotId": "sc-abc"}"#, "disk size"),
+        // Found by schemathesis: a negative size crashed the server converting it to bytes.
+        (#"{"rootfsSizeGb": -1}"#, "rootfsSizeGb must be 1 to 16"),
+        (#"{"vcpuCount": 0}"#, "vcpuCount must be 1 to 8"),
     ])
     func badSpecsSayWhy(_ json: String, _ why: String) throws {
         let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8))

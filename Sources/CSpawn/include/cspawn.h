@@ -1,0 +1,7 @@
+// posix_spawn's closefrom action (glibc ≥ 2.34) is declared only under _GNU_SOURCE, which
+// Swift's Glibc module does not set.
+#pragma once
+#include <spawn.h>
+
+/// In the child, close every descriptor >= lowfd (after the other file actions).
+int cspawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
