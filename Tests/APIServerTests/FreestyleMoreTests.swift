@@ -245,3 +245,22 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
         await h.tearDown()
     }
 }
+
+@Suite(.enabled(if: apiVMAvailable)) struct DescriptorTests {
+    /// QEMU gets none of the server's descriptors: one opened without O_CLOEXEC (as the HTTP
+    /// server's accepted connections were) stays out of the VM process.
+    @Test func qemuInheritsNoDescriptors() async throws {
+        let h = try APIHarness()
+        let marker = h.tmp.sub("inherited-marker")
+        let fd = open(marker, O_CREAT | O_RDWR, 0o600)  // deliberately without O_CLOEXEC
+        #expect(fd >= 0)
+        defer { close(fd) }
+        let vm = try await h.engine.vms.create(CreateVMRequest(image: "rootfs"))
+        let pid = try #require(try await h.engine.vms.info(vm.id).pid)
+        let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")
+        let targets = fds.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") }
+        // (The kernel's link has no doubled slashes; compare the file name.)
+        #expect(!targets.isEmpty && !targets.contains { $0.hasSuffix("/inherited-marker") }, "\(targets)")
+        await h.tearDown()
+    }
+}
