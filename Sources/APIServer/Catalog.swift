@@ -81,6 +81,12 @@ public final class OwnerStore: Sendable {
         try set(s.id, account: s.account)
     }
 
+    /// Forgets a snapshot record entirely (one that duplicated another).
+    public func removeSnapshot(_ id: String) throws {
+        try db.delete(Self.snapshotTable, key: id)
+        try remove(id)
+    }
+
     public func snapshot(_ id: String) throws -> APISnapshot? { try db.get(Self.snapshotTable, key: id, as: APISnapshot.self) }
 
     /// Every snapshot record, oldest first.

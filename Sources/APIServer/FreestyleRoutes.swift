@@ -4,6 +4,8 @@ import Foundation
 import FurcateCore
 import GuestAgentProtocol
 import Hummingbird
+import Hypervisor
+import Images
 import VMService
 
 /// The Freestyle VMs dialect (`/v1`, seed 004): shapes as the document has them (camelCase).
@@ -97,7 +99,10 @@ struct FreestyleRoutes: Sendable {
 
     /// CreateVmRequest fields this server honours; any other field present is refused (400),
     /// never silently ignored.
-    static let createFields: Set<String> = ["snapshotId", "name"]
+    static let createFields = Set(["snapshotId", "name", "dockerCredentials", "spec"]).union(layerFields)
+    /// CreateVmRequest fields that describe the VM's contents: with them, the VM is made from a
+    /// build (cached by template hash) whose outer layer they are, on `spec` or `snapshotId`.
+    static let layerFields: Set<String> = ["workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps"]
 
     func register(on v1: RouterGroup<APIContext>) {
         v1.get("vms") { req, ctx in try await list(req, ctx) }
@@ -215,12 +220,8 @@ struct FreestyleRoutes: Sendable {
                 guard case .entries(let es) = try await agent.request(.list(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "list answered something else") }
                 return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
             }
-            guard st.size <= 64 << 20 else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "\(path) is larger than 64 MiB") }
-            var data = Data()
-            while UInt64(data.count) < st.size {
-                guard case .data(let chunk, _) = try await agent.request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
-                data += chunk
-            }
+            guard st.size <= AgentClient.apiFileLimit else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "\(path) is larger than 64 MiB") }
+            let data = try await agent.readWholeFile(path, size: st.size)
             let text = String(data: data, encoding: .utf8)
             return try FileContent(content: text ?? data.base64EncodedString(), encoding: text == nil ? "base64" : "utf8").response(from: req, context: ctx)
         } catch let e as FurcateError where e.code == .notFound {
@@ -311,7 +312,12 @@ struct FreestyleRoutes: Sendable {
             snapshotId = id
         }
         let snap: String
-        if let s = snapshotId {
+        var shownSnapshot = snapshotId
+        func present(_ k: String) -> Bool { obj[k] != nil && !(obj[k] is NSNull) }
+        if present("spec") || Self.layerFields.contains(where: present) {
+            let built = try await buildForCreate(obj, ctx)
+            (snap, shownSnapshot) = (built.target, built.id)
+        } else if let s = snapshotId {
             do { snap = try await engine.usableSnapshot(s, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
                 throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", e.message)
             }
@@ -322,7 +328,49 @@ struct FreestyleRoutes: Sendable {
         let name = try Self.optionalName(obj["name"])
         let vm = try await engine.vms.create(CreateVMRequest(snapshot: snap))
         try engine.owners.set(vm.id, account: ctx.account, name: name)
-        return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: snapshotId ?? snap)
+        return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
+    }
+
+    /// The snapshot a create request's contents describe: its own layer fields over `spec`
+    /// (or `snapshotId`, or the default image), built — or found cached — before the VM starts.
+    /// - Throws: 400 `BUILD_FAILED` with the build's reason.
+    func buildForCreate(_ obj: [String: Any], _ ctx: APIContext) async throws -> (id: String, target: String) {
+        var outer: [String: Any] = [:]
+        for k in Self.layerFields.union(["snapshotId"]) where obj[k] != nil && !(obj[k] is NSNull) { outer[k] = obj[k] }
+        let specObject: [String: Any]
+        switch (obj["spec"], outer.keys.contains { Self.layerFields.contains($0) }) {
+        case (let inner as [String: Any], false) where outer["snapshotId"] == nil: specObject = inner
+        case (let inner as [String: Any], _):
+            outer["snapshot"] = inner
+            specObject = outer
+        case (nil, _), (is NSNull, _): specObject = outer
+        default: throw APIError(.badRequest, "BAD_REQUEST", "spec must be an object")
+        }
+        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: JSONSerialization.data(withJSONObject: specObject))
+        let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
+        let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
+        struct Credentials: Decodable {
+            var username: String
+            var password: String
+        }
+        var creds: RegistryCredentials?
+        if let c = obj["dockerCredentials"], !(c is NSNull) {
+            let d = try JSONDecoder().decode(Credentials.self, from: JSONSerialization.data(withJSONObject: c))
+            creds = RegistryCredentials(username: d.username, password: d.password)
+        }
+        let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: creds) { _ in }
+        let build = try await engine.builds.wait(s.buildId!)
+        guard build.state == .succeeded, let target = build.snapshotId else {
+            throw APIError(.badRequest, "BUILD_FAILED", "building the VM's contents failed: \(build.failureReason ?? "unknown reason") (build \(build.buildId))")
+        }
+        // A cache hit yields bytes the caller already has a snapshot of: answer with that one.
+        for other in try engine.owners.snapshots() where other.account == ctx.account && other.id != s.id && !other.deleted {
+            if await engine.resolve(other).target == target {
+                try engine.owners.removeSnapshot(s.id)
+                return (other.id, target)
+            }
+        }
+        return (s.id, target)
     }
 
     func get(_ ctx: APIContext) async throws -> GetVmResponse {

@@ -3,6 +3,7 @@ import Foundation
 import FurcateCore
 import GuestAgentProtocol
 import Hummingbird
+import Hypervisor
 import Images
 import MultipartKit
 import NIOCore
@@ -503,12 +504,8 @@ struct InstaVMRoutes: Sendable {
             guard case .stat(let st) = try await agent.request(.stat(path: path)), st.kind == .file else {
                 throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil)
             }
-            guard st.size <= 64 << 20 else { throw InstaVMError(status: .contentTooLarge, message: "\(path) is larger than 64 MiB", items: nil) }
-            var data = Data()
-            while UInt64(data.count) < st.size {
-                guard case .data(let chunk, _) = try await agent.request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
-                data += chunk
-            }
+            guard st.size <= AgentClient.apiFileLimit else { throw InstaVMError(status: .contentTooLarge, message: "\(path) is larger than 64 MiB", items: nil) }
+            let data = try await agent.readWholeFile(path, size: st.size)
             return DownloadResponse(status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
         } catch let e as FurcateError where e.code == .notFound {
             throw InstaVMError(status: .notFound, message: "File not found: \(path)", items: nil)

@@ -1,6 +1,8 @@
 import Builds
 import Foundation
 import FurcateCore
+import GuestAgentProtocol
+import Hypervisor
 import Images
 import VMService
 
@@ -111,5 +113,23 @@ extension APIEngine {
         }
         if await vms.list().contains(where: { $0.parentSnapshot == target && $0.state != .stopped && $0.state != .lost }) { return }
         try? await vms.deleteSnapshot(target)
+    }
+}
+
+/// Reading guest files for both dialects.
+extension AgentClient {
+    /// The largest file the API returns in one response.
+    static let apiFileLimit: UInt64 = 64 << 20
+
+    /// A regular file's bytes, read in 4 MiB requests.
+    /// - Throws: `.notFound`; `.invalidArgument` when it is larger than `apiFileLimit`.
+    func readWholeFile(_ path: String, size: UInt64) async throws -> Data {
+        guard size <= Self.apiFileLimit else { throw FurcateError(.invalidArgument, "\(path) is larger than 64 MiB") }
+        var data = Data()
+        while UInt64(data.count) < size {
+            guard case .data(let chunk, _) = try await request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
+            data += chunk
+        }
+        return data
     }
 }

@@ -119,6 +119,7 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             #expect(json(vmBuild)["buildId"] as? String == buildId, "\(String(buffer: vmBuild.body))")
             _ = try await call(client, .delete, "/v1/vms/\(bvm)", a)
 
+
             step("Delete: soft, then 409 the second time; ")
             // Delete: soft, then 409 the second time; listed only with includeDeleted.
             #expect(try await call(client, .delete, "/v1/vms/snapshots/\(sid)", a).status == .ok)
@@ -129,6 +130,22 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             #expect(json(withDeleted)["totalCount"] as? Int == 3 && json(withDeleted)["deletedCount"] as? Int == 1)
             let useDeleted = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(sid)"}"#)
             #expect(useDeleted.status == .notFound && json(useDeleted)["error"] as? String == "SNAPSHOT_NOT_FOUND")
+
+            // Content fields on create: an outer layer built over snapshotId (then cached).
+            let withFiles = #"{"snapshotId":"\#(bsid)","name":"with-files","additionalFiles":{"/root/at-create.txt":{"content":"made at create\n"}}}"#
+            let made1 = try await call(client, .post, "/v1/vms", a, withFiles)
+            let cvm = try #require(json(made1)["id"] as? String, "\(String(buffer: made1.body))")
+            let atCreate = try await call(client, .get, "/v1/vms/\(cvm)/files/root/at-create.txt", a)
+            #expect(json(atCreate)["content"] as? String == "made at create\n")
+            #expect(json(try await call(client, .get, "/v1/vms/\(cvm)", a))["name"] as? String == "with-files")
+            let found = (json(try await call(client, .get, "/v1/vms?search=with-files", a))["vms"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
+            #expect(found == [cvm])
+            let made2 = try await call(client, .post, "/v1/vms", a, withFiles)
+            let phases2 = try await call(client, .get, "/v1/vms/\(try #require(json(made2)["id"] as? String))/build", a)
+            #expect(json(phases2)["state"] as? String == "succeeded", "\(String(buffer: phases2.body))")
+            let failing = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)","aptDeps":["no-such-package-here"]}"#)
+            #expect(failing.status == .badRequest && json(failing)["error"] as? String == "BUILD_FAILED", "\(String(buffer: failing.body))")
+            for v in [cvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
 
             step("Services through the agent's supervisor.")
             // Services through the agent's supervisor.
