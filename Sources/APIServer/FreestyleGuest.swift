@@ -64,6 +64,13 @@ extension FreestyleRoutes {
         var message: String
     }
 
+    /// SystemdUnitSpec fields the agent honours (`wantedBy` only as its default); `onFailure`,
+    /// `readySignal` and `watchdogSec` are refused unless null.
+    static let unitFields: Set<String> = [
+        "name", "mode", "exec", "env", "user", "group", "workdir", "after", "requires", "enable", "timeoutSec", "deleteAfterSuccess",
+        "remainAfterExit", "restartPolicy", "wantedBy",
+    ]
+
     /// Service and terminal names as the guest takes them.
     static func guestName(_ ctx: APIContext, _ param: String, what: String) throws -> String {
         let n = try ctx.parameters.require(param)
@@ -80,7 +87,12 @@ extension FreestyleRoutes {
         }
         v1.post("vms/{vm_id}/systemd/services") { req, ctx in
             let a = try await agent(ctx)
-            let spec = try await req.decode(as: ServiceSpec.self, context: ctx)
+            let body = try await req.body.collect(upTo: 1 << 20)
+            let obj = try Self.object(body, allowed: Self.unitFields, what: "SystemdUnitSpec")
+            if let w = obj["wantedBy"], !(w is NSNull), (w as? [String]) != ["multi-user.target"] {
+                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "wantedBy can only be [\"multi-user.target\"] here")
+            }
+            let spec = try JSONDecoder().decode(ServiceSpec.self, from: Data(buffer: body))
             guard spec.mode == "service" || spec.mode == "oneshot" else {
                 throw APIError(.badRequest, "BAD_REQUEST", "mode must be service or oneshot")
             }

@@ -153,6 +153,10 @@ struct FreestyleRoutes: Sendable {
         "CreateSnapshotRequest": ["name", "spec", "template", "persistence", "dockerCredentials"],
         "StartVmRequest": ["idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal", "activityThresholdBytes"],
         "ResizeVmRequest": ["rootfsSizeGb", "memSizeGb", "vcpuCount"],
+        "SystemdUnitSpec": [
+            "name", "mode", "exec", "env", "user", "group", "workdir", "after", "requires", "onFailure", "wantedBy", "enable", "timeoutSec",
+            "deleteAfterSuccess", "remainAfterExit", "readySignal", "watchdogSec", "restartPolicy",
+        ],
     ]
 
     /// The body as a JSON object. Fields other than `allowed` are refused (400

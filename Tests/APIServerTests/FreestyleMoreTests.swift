@@ -153,6 +153,8 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             let made = try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc)
             #expect(made.status == .ok && json(made)["serviceName"] as? String == "ticker", "\(String(buffer: made.body))")
             #expect(try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc).status == .conflict)
+            let watchdog = try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, #"{"name":"w","mode":"service","exec":["sleep 9"],"watchdogSec":5}"#)
+            #expect(watchdog.status == .badRequest && json(watchdog)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: watchdog.body))")
             let names = (json(try await call(client, .get, "/v1/vms/\(id)/systemd/services", a))["services"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
             #expect(names == ["ticker"])
             try await Task.sleep(for: .seconds(1))
