@@ -353,14 +353,9 @@ struct FreestyleRoutes: Sendable {
         let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: JSONSerialization.data(withJSONObject: specObject))
         let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
         let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
-        struct Credentials: Decodable {
-            var username: String
-            var password: String
-        }
         var creds: RegistryCredentials?
         if let c = obj["dockerCredentials"], !(c is NSNull) {
-            let d = try JSONDecoder().decode(Credentials.self, from: JSONSerialization.data(withJSONObject: c))
-            creds = RegistryCredentials(username: d.username, password: d.password)
+            creds = try JSONDecoder().decode(DockerCredentials.self, from: JSONSerialization.data(withJSONObject: c)).registryCredentials
         }
         let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: creds) { _ in }
         let build = try await engine.builds.wait(s.buildId!)

@@ -170,12 +170,7 @@ extension FreestyleRoutes {
         struct Body: Decodable {
             var spec: FreestyleSnapshotSpec?
             var persistence: SnapshotPersistence?
-            var dockerCredentials: Credentials?
-        }
-        struct Credentials: Decodable {
-            var registry: String
-            var username: String
-            var password: String
+            var dockerCredentials: DockerCredentials?
         }
         let b = try JSONDecoder().decode(Body.self, from: Data(buffer: body))
         let name = try Self.optionalName(obj["name"])
@@ -183,12 +178,19 @@ extension FreestyleRoutes {
         let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
         guard let spec = b.spec else { throw APIError(.badRequest, "BAD_REQUEST", "give a spec (the deprecated template is not supported)") }
         let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
-        let creds = b.dockerCredentials.map { RegistryCredentials(username: $0.username, password: $0.password) }
-        let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: creds) {
+        let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: b.dockerCredentials?.registryCredentials) {
             $0.name = name
             $0.persistence = persistence
         }
         return CreateSnapshotResponse(snapshotId: s.id)
+    }
+
+    /// Freestyle's DockerCredentials: all three fields, strings.
+    struct DockerCredentials: Decodable {
+        var registry: String
+        var username: String
+        var password: String
+        var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
     }
 
     static func persistence(_ p: SnapshotPersistence?) throws -> SnapshotPersistence {
