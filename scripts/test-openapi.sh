@@ -41,6 +41,8 @@ status=0
     --exclude-checks positive_data_acceptance,unsupported_method --exclude-operation-id wait_vm --exclude-operation-id stats_stream --exclude-operation-id watch_files \
     --output-truncate false || status=$?
 if [ "$status" != 0 ] || ! kill -0 "$serve" 2>/dev/null; then
-    echo "--- furcate serve log (last 80 lines) ---"; tail -80 "$work/serve.log"
+    echo "--- furcate serve log: fatal errors, then the last 80 lines ---"
+    grep -m5 -A3 "Fatal error" "$work/serve.log" || true
+    tail -80 "$work/serve.log"
     exit 1
 fi

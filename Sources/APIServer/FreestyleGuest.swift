@@ -165,8 +165,8 @@ extension FreestyleRoutes {
                 guard case .stats(let s) = event else { return nil }
                 return [
                     "timestamp": Date().ISO8601Format(), "memoryTotalBytes": s.memoryTotalBytes, "memoryAvailableBytes": s.memoryAvailableBytes,
-                    "memoryUsedBytes": s.memoryTotalBytes - min(s.memoryAvailableBytes, s.memoryTotalBytes), "cpuPercent": s.cpuBusy * 100,
-                    "cpus": s.cpus, "load1": s.load1, "uptimeSeconds": s.uptimeSeconds,
+                    "memoryUsedBytes": s.memoryTotalBytes - min(s.memoryAvailableBytes, s.memoryTotalBytes), "cpuPercent": Self.finite(s.cpuBusy * 100),
+                    "cpus": s.cpus, "load1": Self.finite(s.load1), "uptimeSeconds": Self.finite(s.uptimeSeconds),
                 ]
             }
         }
@@ -207,6 +207,9 @@ extension FreestyleRoutes {
             return OptimizeResponse(id: vm.id, message: r)
         }
     }
+
+    /// JSONSerialization traps on NaN and infinities; the guest's figures are untrusted.
+    static func finite(_ x: Double) -> Double { x.isFinite ? x : 0 }
 
     static func unexpected(_ op: String) -> APIError {
         APIError(.internalServerError, "INTERNAL_ERROR", "the guest agent answered \(op) with something else")

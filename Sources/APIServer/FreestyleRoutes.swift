@@ -355,7 +355,9 @@ struct FreestyleRoutes: Sendable {
         let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
         var creds: RegistryCredentials?
         if let c = obj["dockerCredentials"], !(c is NSNull) {
-            creds = try JSONDecoder().decode(DockerCredentials.self, from: JSONSerialization.data(withJSONObject: c)).registryCredentials
+            // (JSONSerialization traps on a top-level string: check the shape first.)
+            guard let d = c as? [String: Any] else { throw APIError(.badRequest, "BAD_REQUEST", "dockerCredentials must be an object") }
+            creds = try JSONDecoder().decode(DockerCredentials.self, from: JSONSerialization.data(withJSONObject: d)).registryCredentials
         }
         let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: creds) { _ in }
         let build = try await engine.builds.wait(s.buildId!)

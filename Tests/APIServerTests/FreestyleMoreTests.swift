@@ -146,6 +146,9 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             // Found by schemathesis: credentials of the wrong shape were accepted.
             let badCreds = try await call(client, .post, "/v1/vms", a, #"{"workdir":"/root","dockerCredentials":{"registry":1,"username":"u","password":"p"}}"#)
             #expect(badCreds.status == .badRequest && json(badCreds)["error"] as? String == "BAD_REQUEST", "\(String(buffer: badCreds.body))")
+            // …and a string there trapped JSONSerialization (the server died).
+            let stringCreds = try await call(client, .post, "/v1/vms", a, #"{"workdir":"/root","dockerCredentials":"AAA"}"#)
+            #expect(stringCreds.status == .badRequest && json(stringCreds)["error"] as? String == "BAD_REQUEST", "\(String(buffer: stringCreds.body))")
             let failing = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)","aptDeps":["no-such-package-here"]}"#)
             #expect(failing.status == .badRequest && json(failing)["error"] as? String == "BUILD_FAILED", "\(String(buffer: failing.body))")
             for v in [cvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
