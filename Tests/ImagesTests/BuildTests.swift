@@ -312,7 +312,7 @@ extension BuildTests {
         let r = try await h.builds.build(try spec.recipe(defaultBase: .image("oci:\(lay):1")))
         #expect(r.state == .succeeded, "\(r.failureReason ?? "")")
         let seen = try await h.runInVM(from: try #require(r.snapshotId), [
-            "/usr/local/bin/hello", "id ada", "pwd", "sleep 2; test -s /tmp/tick && echo ticking",
+            "/usr/local/bin/hello", "id ada", "pwd", "for i in $(seq 1 40); do test -s /tmp/tick && echo ticking && exit 0; sleep 0.5; done; exit 1",
         ])
         #expect(seen[0].1 == "hello", "\(seen)")
         #expect(seen[1].1.contains("uid=2001(ada)") && seen[1].1.contains("2000(devs)"), "\(seen)")
