@@ -18,7 +18,16 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         public var path: String
         public var rev: String?
     }
-    public struct GitOptions: Codable, Sendable { public var repos: [GitRepository]? }
+    public struct GitOptions: Codable, Sendable {
+        public var repos: [GitRepository]?
+        /// Git configuration: not supported yet (refused, never ignored).
+        public var config: Present?
+    }
+    /// A field whose value is not read, only noticed (so it can be refused rather than dropped).
+    public struct Present: Codable, Sendable {
+        public init(from decoder: any Decoder) throws {}
+        public func encode(to encoder: any Encoder) throws {}
+    }
     public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
 
     public let snapshot: FreestyleSnapshotSpec?
@@ -73,6 +82,7 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             }
             steps.append(.file(path: path, content: data, executable: f.executable ?? false))
         }
+        if git?.config != nil { throw FurcateError(.invalidArgument, "git.config is not supported yet; set git configuration in a run step") }
         for r in git?.repos ?? [] { steps.append(.git(url: r.repo, path: r.path, rev: r.rev)) }
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }

@@ -283,6 +283,8 @@ final class BuildHarness: @unchecked Sendable {
         // Found by schemathesis: a negative size crashed the server converting it to bytes.
         (#"{"rootfsSizeGb": -1}"#, "rootfsSizeGb must be 1 to 16"),
         (#"{"vcpuCount": 0}"#, "vcpuCount must be 1 to 8"),
+        // Found by schemathesis: git.config was dropped silently.
+        (#"{"git": {"config": {"user": {"name": "a"}}, "repos": []}}"#, "git.config is not supported"),
     ])
     func badSpecsSayWhy(_ json: String, _ why: String) throws {
         let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8))
