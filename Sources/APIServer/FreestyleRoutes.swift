@@ -264,7 +264,7 @@ struct FreestyleRoutes: Sendable {
     /// The VM named in the path, if the caller's account owns it; else 404 as for a missing one.
     func ownedVM(_ ctx: APIContext) async throws -> VMInfo {
         let id = try ctx.parameters.require("vm_id")
-        guard (try? VMID.validateVM(id)) != nil, try engine.owners.owner(id) == ctx.account, let vm = try? await engine.vms.info(id) else {
+        guard let vm = try await engine.ownedVM(id, account: ctx.account) else {
             throw APIError(.notFound, "VM_NOT_FOUND", "no VM \(id.prefix(40))")
         }
         return vm

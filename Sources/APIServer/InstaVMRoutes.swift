@@ -247,7 +247,7 @@ struct InstaVMRoutes: Sendable {
     }
 
     func ownedVM(_ id: String, _ ctx: APIContext) async throws -> VMInfo {
-        guard (try? VMID.validateVM(id)) != nil, try engine.owners.owner(id) == ctx.account, let vm = try? await engine.vms.info(id) else {
+        guard let vm = try await engine.ownedVM(id, account: ctx.account) else {
             throw InstaVMError(status: .notFound, message: "VM not found: \(id.prefix(40))", items: nil)
         }
         return vm
@@ -357,7 +357,9 @@ struct InstaVMRoutes: Sendable {
 
     /// Creates a VM for the caller from `snapshot_id` or the default image; `env` is added to
     /// the guest's environment; the VM is deleted when its lifetime ends.
-    func newVM(_ obj: [String: Any], _ ctx: APIContext, wait: Bool) async throws -> VMCreateResponse {
+    /// A restore takes about a second, so `wait=false` is answered after it too (with the id):
+    /// callers validate `wait` and call this either way.
+    func newVM(_ obj: [String: Any], _ ctx: APIContext) async throws -> VMCreateResponse {
         let lifetime = try Self.int(obj, "vm_lifetime_seconds", 20...86_400)
         let memory = try Self.int(obj, "memory_mb", 128...8192)
         let vcpus = try Self.int(obj, "vcpu_count", 1...8)
@@ -396,8 +398,6 @@ struct InstaVMRoutes: Sendable {
             if let lifetime { await engine.lifetimes.expire(vm.id, after: lifetime, engine: engine) }
             return vm
         }
-        // A restore takes about a second, so `wait=false` answers after it too (with the id).
-        _ = wait
         let vm = try await make()
         return VMCreateResponse(vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
     }
@@ -417,7 +417,8 @@ struct InstaVMRoutes: Sendable {
         if obj["session_id"] != nil, !(obj["session_id"] is NSNull) {
             throw InstaVMError.invalid(["body", "session_id"], "attaching a VM to an existing session is not supported; omit session_id", type: "unsupported")
         }
-        return try await newVM(obj, ctx, wait: try Self.wait(req))
+        _ = try Self.wait(req)  // validated; see newVM
+        return try await newVM(obj, ctx)
     }
 
     func startSession(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
@@ -432,7 +433,7 @@ struct InstaVMRoutes: Sendable {
         }
         var rest = obj
         rest["api_key"] = nil
-        return try await newVM(rest, ctx, wait: true)
+        return try await newVM(rest, ctx)
     }
 
     func execute(_ req: Request, _ ctx: APIContext) async throws -> ExecuteResponse {

@@ -38,6 +38,12 @@ extension APIEngine {
         return r
     }
 
+    /// The caller's VM, or nil as for a missing one (a foreign or malformed id included).
+    func ownedVM(_ id: String, account: String) async throws -> VMInfo? {
+        guard (try? VMID.validateVM(id)) != nil, try owners.owner(id) == account else { return nil }
+        return try? await vms.info(id)
+    }
+
     /// The caller's snapshot record (not deleted unless `deleted`), or nil as for a missing one.
     func ownedSnapshot(_ id: String, account: String, deleted: Bool = false) async throws -> ResolvedSnapshot? {
         guard id.utf8.count <= 64, let s = try owners.snapshot(id), s.account == account, deleted || !s.deleted else { return nil }
