@@ -18,15 +18,16 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         public var path: String
         public var rev: String?
     }
+    public struct GitUser: Codable, Sendable {
+        public var name: String?
+        public var email: String?
+        public var signingkey: String?
+    }
+    public struct GitConfig: Codable, Sendable { public var user: GitUser? }
     public struct GitOptions: Codable, Sendable {
         public var repos: [GitRepository]?
-        /// Git configuration: not supported yet (refused, never ignored).
-        public var config: Present?
-    }
-    /// A field whose value is not read, only noticed (so it can be refused rather than dropped).
-    public struct Present: Codable, Sendable {
-        public init(from decoder: any Decoder) throws {}
-        public func encode(to encoder: any Encoder) throws {}
+        /// System-wide git configuration, written to `/etc/gitconfig`.
+        public var config: GitConfig?
     }
     public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
 
@@ -82,7 +83,7 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             }
             steps.append(.file(path: path, content: data, executable: f.executable ?? false))
         }
-        if git?.config != nil { throw FurcateError(.invalidArgument, "git.config is not supported yet; set git configuration in a run step") }
+        if let config = try git?.config.flatMap(Self.gitconfig) { steps.append(.file(path: "/etc/gitconfig", content: Data(config.utf8), executable: false)) }
         for r in git?.repos ?? [] { steps.append(.git(url: r.repo, path: r.path, rev: r.rev)) }
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }
@@ -103,5 +104,23 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         r.skipCache = skipCache ?? false
         try r.validate()
         return r
+    }
+
+    /// `git.config` as the text of a git config file, or nil when it sets nothing. Values are
+    /// quoted (backslash and double quote escaped); a line break in a value is refused, since
+    /// git config has no way to hold one.
+    static func gitconfig(_ c: GitConfig) throws -> String? {
+        let user = [("name", c.user?.name), ("email", c.user?.email), ("signingkey", c.user?.signingkey)]
+            .compactMap { k, v in v.map { (k, $0) } }
+        guard !user.isEmpty else { return nil }
+        var text = "[user]\n"
+        for (key, value) in user {
+            guard !value.contains(where: { $0.isNewline || $0 == "\0" }) else {
+                throw FurcateError(.invalidArgument, "git.config.user.\(key) must be one line")
+            }
+            let quoted = value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            text += "\t\(key) = \"\(quoted)\"\n"
+        }
+        return text
     }
 }
