@@ -3,6 +3,7 @@ import AsyncHTTPClient
 import Foundation
 import FurcateTestSupport
 import FurcateCore
+import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import NIOCore
@@ -11,9 +12,33 @@ import GuestAgentProtocol
 import Testing
 import VMService
 
-/// POSTs/GETs a JSON body as account `key`.
-func call(_ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil) async throws -> TestResponse {
-    try await client.execute(uri: uri, method: method, headers: auth(key), body: body.map { ByteBuffer(string: $0) })
+/// A response read by `call`.
+struct Reply: Sendable {
+    let status: HTTPResponse.Status
+    let headers: HTTPFields
+    let body: ByteBuffer
+}
+
+func json(_ r: Reply) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(buffer: r.body))) as? [String: Any] ?? [:]
+}
+
+/// Sends a JSON body as account `key` to the test server. Through AsyncHTTPClient with a
+/// 5-minute limit: HummingbirdTesting's live client gives up after 20 s without a byte, which a
+/// snapshot under CI load (other suites' VMs and I/O on 2 cores) once exceeded.
+func call(_ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil) async throws -> Reply {
+    let port = try #require(client.port, "a live test server has a port")
+    var req = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(uri)")
+    req.method = HTTPMethod(rawValue: method.rawValue)
+    req.headers.add(name: "Authorization", value: "Bearer " + key)
+    req.headers.add(name: "Content-Type", value: "application/json")
+    if let body { req.body = .bytes(ByteBuffer(string: body)) }
+    let response = try await HTTPClient.shared.execute(req, timeout: .seconds(300))
+    var headers = HTTPFields()
+    for (name, value) in response.headers { if let n = HTTPField.Name(name) { headers.append(HTTPField(name: n, value: value)) } }
+    return Reply(
+        status: HTTPResponse.Status(code: Int(response.status.code), reasonPhrase: response.status.reasonPhrase), headers: headers,
+        body: try await response.body.collect(upTo: 256 << 20))
 }
 
 /// Reads NDJSON lines from a live server until `enough` says stop, then goes away: its own
