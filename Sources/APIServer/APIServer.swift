@@ -22,16 +22,23 @@ public struct APIEngine: Sendable {
     public let owners: OwnerStore
     /// The default image's rootfs tarball (Debian 12 with systemd).
     public let defaultImage: String
-    /// VMs that end after a lifetime (InstaVM's `vm_lifetime_seconds`).
-    public let lifetimes = VMLifetimes()
+    /// Lifetimes, idle suspension, storage quotas (`PolicyService` applies them).
+    public let policies: VMPolicies
+    /// A Freestyle VM's idle timeout when its request names none (the document's 300 s); 0:
+    /// none.
+    public var defaultIdleTimeoutSeconds = 300
 
-    public init(vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore, defaultImage: String) {
+    public init(
+        vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore, defaultImage: String,
+        quotaBytes: UInt64? = nil
+    ) {
         self.vms = vms
         self.images = images
         self.builds = builds
         self.keys = keys
         self.owners = owners
         self.defaultImage = defaultImage
+        policies = VMPolicies(owners: owners, quotaBytes: quotaBytes)
     }
 }
 
@@ -138,32 +145,29 @@ struct AuthAndErrors: RouterMiddleware {
     }
 }
 
-/// Ends VMs when their lifetime is over (in this process; a restart keeps the VM).
-public actor VMLifetimes {
-    private var timers: [String: (expiry: Double, task: Task<Void, Never>)] = [:]
+/// Counts a request on a VM (`/v1/vms/{id}/…` in either dialect, by its owner) as the VM's
+/// activity while it runs: an idle timeout waits for every request on the VM to end.
+struct VMActivity: RouterMiddleware {
+    typealias Context = APIContext
+    let engine: APIEngine
 
-    public init() {}
-
-    func expire(_ id: String, after seconds: Int, engine: APIEngine) {
-        timers[id]?.task.cancel()
-        let task = Task {
-            try? await Task.sleep(for: .seconds(seconds))
-            guard !Task.isCancelled else { return }
-            try? await engine.vms.delete(id)
-            try? engine.owners.remove(id)
-            self.clear(id)
+    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
+        let parts = request.uri.path.split(separator: "/")
+        let at = parts.first == "instavm" ? 1 : 0
+        guard parts.count > at + 2, parts[at] == "v1", parts[at + 1] == "vms", (try? VMID.validateVM(String(parts[at + 2]))) != nil,
+            let owner = engine.owners.owner(String(parts[at + 2])), owner == context.account
+        else { return try await next(request, context) }
+        let id = String(parts[at + 2])
+        await engine.policies.begin(id)
+        do {
+            let r = try await next(request, context)
+            await engine.policies.end(id)
+            return r
+        } catch {
+            await engine.policies.end(id)
+            throw error
         }
-        timers[id] = (Date().timeIntervalSince1970 + Double(seconds), task)
     }
-
-    func expiry(_ id: String) -> Double? { timers[id]?.expiry }
-
-    func cancel(_ id: String) {
-        timers[id]?.task.cancel()
-        timers[id] = nil
-    }
-
-    private func clear(_ id: String) { timers[id] = nil }
 }
 
 public enum APIServer {
@@ -171,6 +175,7 @@ public enum APIServer {
     public static func router(_ engine: APIEngine) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
         router.add(middleware: AuthAndErrors(keys: engine.keys))
+        router.add(middleware: VMActivity(engine: engine))
         router.get("openapi.json") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "application/json"

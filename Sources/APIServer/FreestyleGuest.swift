@@ -236,9 +236,7 @@ extension FreestyleRoutes {
     }
 
     func agent(_ ctx: APIContext) async throws -> AgentClient {
-        let vm = try await ownedVM(ctx)
-        guard vm.state == .running else { throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running") }
-        return try await engine.vms.agent(vm.id)
+        try await engine.wakeAgent(try await ownedVM(ctx))
     }
 
     /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.

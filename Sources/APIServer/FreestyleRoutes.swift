@@ -18,6 +18,7 @@ struct FreestyleRoutes: Sendable {
         var state: String
         var createdAt: String?
         var snapshotId: String?
+        var persistence: VMPersistence?
         var deleted: Bool
         var createdDeclaratively: Bool
     }
@@ -99,7 +100,7 @@ struct FreestyleRoutes: Sendable {
 
     /// CreateVmRequest fields this server honours; any other field present is refused (400),
     /// never silently ignored.
-    static let createFields = Set(["snapshotId", "name", "dockerCredentials", "spec"]).union(layerFields)
+    static let createFields = Set(["snapshotId", "name", "dockerCredentials", "spec", "persistence"]).union(layerFields).union(VMSettings.fields)
     /// CreateVmRequest fields that describe the VM's contents: with them, the VM is made from a
     /// build (cached by template hash) whose outer layer they are, on `spec` or `snapshotId`.
     static let layerFields: Set<String> = ["workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps"]
@@ -177,6 +178,76 @@ struct FreestyleRoutes: Sendable {
         return obj
     }
 
+    /// The VM-instance settings of a create or start request, or of a spec layer.
+    struct VMSettings {
+        static let fields: Set<String> = ["idleTimeoutSeconds", "waitForReadySignal", "readySignalTimeoutSeconds"]
+        var idleTimeoutSeconds: Int?
+        var waitForReadySignal: Bool?
+        var readySignalTimeoutSeconds: Int?
+
+        init(_ obj: [String: Any]) throws {
+            func int(_ k: String, _ range: ClosedRange<Int>) throws -> Int? {
+                guard let v = obj[k], !(v is NSNull) else { return nil }
+                guard let n = jsonInteger(v), range.contains(n) else { throw APIError(.badRequest, "BAD_REQUEST", "\(k) must be an integer from \(range.lowerBound) to \(range.upperBound)") }
+                return n
+            }
+            idleTimeoutSeconds = try int("idleTimeoutSeconds", 0...Int(Int32.max))
+            readySignalTimeoutSeconds = try int("readySignalTimeoutSeconds", 0...3600)
+            if let v = obj["waitForReadySignal"], !(v is NSNull) {
+                guard let b = jsonBool(v) else { throw APIError(.badRequest, "BAD_REQUEST", "waitForReadySignal must be true or false") }
+                waitForReadySignal = b
+            }
+        }
+
+        /// Settings of `self`, with what it leaves unset taken from `other`.
+        func over(_ other: VMSettings) -> VMSettings {
+            var r = self
+            r.idleTimeoutSeconds = idleTimeoutSeconds ?? other.idleTimeoutSeconds
+            r.waitForReadySignal = waitForReadySignal ?? other.waitForReadySignal
+            r.readySignalTimeoutSeconds = readySignalTimeoutSeconds ?? other.readySignalTimeoutSeconds
+            return r
+        }
+    }
+
+    /// A VmPersistence (default: sticky, priority 5).
+    static func vmPersistence(_ v: Any?) throws -> VMPersistence {
+        guard let v, !(v is NSNull) else { return .sticky }
+        guard let o = v as? [String: Any], let type = o["type"] as? String else {
+            throw APIError(.badRequest, "BAD_REQUEST", "persistence must be an object with a type: sticky, ephemeral or persistent")
+        }
+        let allowed: Set<String> = type == "sticky" ? ["type", "priority"] : type == "ephemeral" ? ["type", "deleteEvent"] : ["type"]
+        if let extra = o.keys.first(where: { !allowed.contains($0) }) {
+            throw APIError(.badRequest, "BAD_REQUEST", "persistence of type \(type.prefix(20)) has no field '\(extra.prefix(40))'")
+        }
+        switch type {
+        case "persistent": return .persistent
+        case "sticky":
+            let raw = o["priority"]
+            guard let priority = raw == nil || raw is NSNull ? 5 : jsonInteger(raw), (0...10).contains(priority) else {
+                throw APIError(.badRequest, "BAD_REQUEST", "persistence.priority must be an integer from 0 to 10")
+            }
+            return VMPersistence(type: "sticky", priority: priority)
+        case "ephemeral":
+            let raw = o["deleteEvent"]
+            guard raw == nil || raw is NSNull || ["OnStop", "OnSuspend"].contains(raw as? String ?? "") else {
+                throw APIError(.badRequest, "BAD_REQUEST", "persistence.deleteEvent must be OnStop or OnSuspend")
+            }
+            return VMPersistence(type: "ephemeral", priority: nil, deleteEvent: raw as? String)
+        default: throw APIError(.badRequest, "BAD_REQUEST", "persistence.type must be sticky, ephemeral or persistent, not '\(type.prefix(40))'")
+        }
+    }
+
+    /// With `waitForReadySignal` (the default), waits until the VM's guest agent answers — up
+    /// to `readySignalTimeoutSeconds` (0 or unset: 120 s).
+    /// - Throws: 504 `READY_SIGNAL_TIMED_OUT`; the VM is left as it is.
+    func awaitReady(_ id: String, _ settings: VMSettings) async throws {
+        guard settings.waitForReadySignal ?? true else { return }
+        let seconds = settings.readySignalTimeoutSeconds.flatMap { $0 > 0 ? $0 : nil } ?? 120
+        do { _ = try await engine.vms.agent(id, timeout: .seconds(seconds)) } catch let e as FurcateError where e.code == .timedOut {
+            throw APIError(.gatewayTimeout, "READY_SIGNAL_TIMED_OUT", "VM \(id) did not signal ready within \(seconds) s; it is still there (GET /v1/vms/\(id))")
+        }
+    }
+
     func fork(_ req: Request, _ ctx: APIContext) async throws -> ForkVmResponse {
         let vm = try await ownedVM(ctx)
         let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["count"], what: "ForkVmRequest")
@@ -184,7 +255,11 @@ struct FreestyleRoutes: Sendable {
         let count: Int? = raw == nil || raw is NSNull ? 1 : jsonInteger(raw)
         guard let count, (1...100).contains(count) else { throw APIError(.badRequest, "BAD_REQUEST", "count must be an integer from 1 to 100") }
         let r = try await engine.vms.fork(vm.id, count: count, newIdentity: true)
-        for f in r.vms { try engine.owners.set(f.id, account: ctx.account) }
+        let policy = try await engine.policies.policy(vm.id) ?? VMPolicy(idleTimeoutSeconds: engine.defaultIdleTimeoutSeconds)
+        for f in r.vms {
+            try engine.owners.set(f.id, account: ctx.account)
+            try await engine.policies.set(f.id, policy)
+        }
         try engine.recordVMSnapshot(r.snapshot, account: ctx.account)
         return ForkVmResponse(vmId: vm.id, forks: r.vms.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
     }
@@ -194,7 +269,8 @@ struct FreestyleRoutes: Sendable {
         let body = try await req.body.collect(upTo: 1 << 20)
         let obj = try Self.object(body, allowed: ["name", "persistence"], what: "SnapshotVmRequest")
         struct Body: Decodable { var persistence: SnapshotPersistence? }
-        let persistence = try Self.persistence(body.readableBytes > 0 ? try JSONDecoder().decode(Body.self, from: Data(buffer: body)).persistence : nil)
+        let persistence = try Self.persistence(
+            body.readableBytes > 0 ? try JSONDecoder().decode(Body.self, from: Data(buffer: body)).persistence : nil, default: .sticky)
         let name = try Self.optionalName(obj["name"])
         let s = try await engine.vms.snapshot(vm.id)
         var record = try engine.recordVMSnapshot(s, account: ctx.account, name: name)
@@ -217,7 +293,7 @@ struct FreestyleRoutes: Sendable {
     func getFile(_ req: Request, _ ctx: APIContext) async throws -> Response {
         let vm = try await ownedVM(ctx)
         let path = try Self.filePath(ctx)
-        let agent = try await engine.vms.agent(vm.id)
+        let agent = try await engine.wakeAgent(vm)
         do {
             guard case .stat(let st) = try await agent.request(.stat(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "stat answered something else") }
             if st.kind == .directory {
@@ -245,19 +321,24 @@ struct FreestyleRoutes: Sendable {
             data = d
         case let e: throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
         }
-        let agent = try await engine.vms.agent(vm.id)
+        let agent = try await engine.wakeAgent(vm)
         _ = try await agent.request(.writeFile(path: path, data: data, offset: nil, mode: nil, createParents: true), timeout: .seconds(120))
         return Empty()
     }
 
     func start(_ req: Request, _ ctx: APIContext) async throws -> StartedVmResponse {
         let vm = try await ownedVM(ctx)
-        _ = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: [], what: "StartVmRequest")
+        let settings = try VMSettings(try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: VMSettings.fields, what: "StartVmRequest"))
         switch vm.state {
         case .running: break
         case .suspended: _ = try await engine.vms.resume(vm.id)
         default: throw APIError(.badRequest, "VM_NOT_STARTABLE", "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again")
         }
+        if let idle = settings.idleTimeoutSeconds, var p = try await engine.policies.policy(vm.id) {
+            p.idleTimeoutSeconds = idle
+            try await engine.policies.set(vm.id, p)
+        }
+        try await awaitReady(vm.id, settings)
         return StartedVmResponse(id: vm.id, domains: [])
     }
 
@@ -270,10 +351,10 @@ struct FreestyleRoutes: Sendable {
         return vm
     }
 
-    func info(_ vm: VMInfo) throws -> VmInfo {
+    func info(_ vm: VMInfo, name: String?, policy: VMPolicy?) -> VmInfo {
         VmInfo(
-            id: vm.id, name: try engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
-            snapshotId: vm.parentSnapshot, deleted: false, createdDeclaratively: false)
+            id: vm.id, name: name, state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot,
+            persistence: policy?.persistence, deleted: false, createdDeclaratively: false)
     }
 
     /// `limit`/`offset` (paging, after filters), `vmState`, `search` (in ids and names),
@@ -295,7 +376,9 @@ struct FreestyleRoutes: Sendable {
         }
         let search = q["search"].map { String($0).lowercased() }
         var mine: [VmInfo] = []
-        for vm in await engine.vms.list() where try engine.owners.owner(vm.id) == ctx.account { mine.append(try info(vm)) }
+        let owned = engine.owners.owned(by: ctx.account)
+        let policies = try await engine.policies.all()
+        for vm in await engine.vms.list() { if let name = owned[vm.id] { mine.append(info(vm, name: name, policy: policies[vm.id])) } }
         func count(_ s: VMState) -> Int { mine.filter { $0.state == s.rawValue }.count }
         let shown = mine.filter {
             (state == nil || $0.state == state!.rawValue)
@@ -315,6 +398,10 @@ struct FreestyleRoutes: Sendable {
             guard let id = s as? String else { throw APIError(.badRequest, "BAD_REQUEST", "snapshotId must be a string") }
             snapshotId = id
         }
+        let persistence = try Self.vmPersistence(obj["persistence"])
+        // The request's own settings, else its spec's outer layer's, else its snapshot's.
+        var settings = try VMSettings(obj)
+        if let outer = (obj["spec"] as? [String: Any])?["snapshot"] as? [String: Any] { settings = settings.over(try VMSettings(outer)) }
         let snap: String
         var shownSnapshot = snapshotId
         func present(_ k: String) -> Bool { obj[k] != nil && !(obj[k] is NSNull) }
@@ -322,6 +409,9 @@ struct FreestyleRoutes: Sendable {
             let built = try await buildForCreate(obj, ctx)
             (snap, shownSnapshot) = (built.target, built.id)
         } else if let s = snapshotId {
+            if let idle = try engine.owners.snapshot(s)?.idleTimeoutSeconds, settings.idleTimeoutSeconds == nil, engine.owners.owner(s) == ctx.account {
+                settings.idleTimeoutSeconds = idle
+            }
             do { snap = try await engine.usableSnapshot(s, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
                 throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", e.message)
             }
@@ -332,6 +422,8 @@ struct FreestyleRoutes: Sendable {
         let name = try Self.optionalName(obj["name"])
         let vm = try await engine.vms.create(CreateVMRequest(snapshot: snap))
         try engine.owners.set(vm.id, account: ctx.account, name: name)
+        try await engine.policies.set(vm.id, VMPolicy(persistence: persistence, idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds))
+        try await awaitReady(vm.id, settings)
         return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
     }
 
@@ -377,13 +469,12 @@ struct FreestyleRoutes: Sendable {
     func get(_ ctx: APIContext) async throws -> GetVmResponse {
         let vm = try await ownedVM(ctx)
         return GetVmResponse(
-            id: vm.id, name: try engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot)
+            id: vm.id, name: engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot)
     }
 
     func delete(_ ctx: APIContext) async throws -> IdResponse {
         let vm = try await ownedVM(ctx)
-        try await engine.vms.delete(vm.id)
-        try engine.owners.remove(vm.id)
+        try await engine.forgetVM(vm.id)
         return IdResponse(id: vm.id)
     }
 
@@ -394,7 +485,7 @@ struct FreestyleRoutes: Sendable {
         let timeout = min(body.timeoutMs.flatMap { $0 > 0 ? $0 : nil } ?? 300_000, 3_600_000)
         if let t = body.timeoutMs, t < 0 { throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must not be negative") }
         guard body.terminal == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "exec in a terminal is not supported yet") }
-        let agent = try await engine.vms.agent(vm.id)
+        let agent = try await engine.wakeAgent(vm)
         let r = try await agent.exec(ExecRequest(command: body.command, timeoutMs: timeout))
         if r.timedOut {
             throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")

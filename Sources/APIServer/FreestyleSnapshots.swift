@@ -174,13 +174,14 @@ extension FreestyleRoutes {
         }
         let b = try JSONDecoder().decode(Body.self, from: Data(buffer: body))
         let name = try Self.optionalName(obj["name"])
-        let persistence = try Self.persistence(b.persistence)
+        let persistence = try Self.persistence(b.persistence, default: .persistent)
         let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
         guard let spec = b.spec else { throw APIError(.badRequest, "BAD_REQUEST", "give a spec (the deprecated template is not supported)") }
         let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
         let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: b.dockerCredentials?.registryCredentials) {
             $0.name = name
             $0.persistence = persistence
+            $0.idleTimeoutSeconds = spec.idleTimeoutSeconds
         }
         return CreateSnapshotResponse(snapshotId: s.id)
     }
@@ -193,8 +194,10 @@ extension FreestyleRoutes {
         var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
     }
 
-    static func persistence(_ p: SnapshotPersistence?) throws -> SnapshotPersistence {
-        guard let p else { return .persistent }
+    /// A snapshot's persistence; `nil` is the request's documented default (persistent for
+    /// `POST /v1/snapshots`, sticky priority 5 for a VM's snapshot).
+    static func persistence(_ p: SnapshotPersistence?, default d: SnapshotPersistence) throws -> SnapshotPersistence {
+        guard let p else { return d }
         switch p.type {
         case "persistent": return .persistent
         case "sticky":

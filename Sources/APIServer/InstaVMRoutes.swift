@@ -165,6 +165,7 @@ struct InstaVMRoutes: Sendable {
             try engine.owners.saveSnapshot(s)
             let clone = r.vms[0]
             try engine.owners.set(clone.id, account: ctx.account)
+            try await engine.policies.set(clone.id, try await engine.policies.policy(vm.id) ?? VMPolicy(persistence: .persistent))
             return VMCreateResponse(vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
         }
         g.post("v1/vms/{id}/suspend") { _, ctx in
@@ -262,21 +263,20 @@ struct InstaVMRoutes: Sendable {
     }
 
     func deleteVM(_ id: String) async throws {
-        await engine.lifetimes.cancel(id)
-        try await engine.vms.delete(id)
-        try engine.owners.remove(id)
+        try await engine.forgetVM(id)
     }
 
     func record(_ vm: VMInfo) async -> VMRecord {
         VMRecord(
             vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), created_at: FreestyleRoutes.iso(vm.createdAt),
             snapshot_id: vm.parentSnapshot, memory_mb: vm.memoryMiB, vcpu_count: vm.vcpus,
-            expires_at: await engine.lifetimes.expiry(vm.id).map(FreestyleRoutes.iso))
+            expires_at: (try? await engine.policies.policy(vm.id))??.expiresAt.map(FreestyleRoutes.iso))
     }
 
     func listVMs(_ ctx: APIContext) async throws -> [VMRecord] {
         var out: [VMRecord] = []
-        for vm in await engine.vms.list() where try engine.owners.owner(vm.id) == ctx.account { out.append(await record(vm)) }
+        let owned = engine.owners.owned(by: ctx.account)
+        for vm in await engine.vms.list() where owned[vm.id] != nil { out.append(await record(vm)) }
         return out
     }
 
@@ -395,7 +395,8 @@ struct InstaVMRoutes: Sendable {
             let vm = try await engine.vms.create(CreateVMRequest(snapshot: target))
             try engine.owners.set(vm.id, account: account)
             if let env, !env.isEmpty { try await Self.addEnv(env, engine: engine, vm: vm.id) }
-            if let lifetime { await engine.lifetimes.expire(vm.id, after: lifetime, engine: engine) }
+            try await engine.policies.set(
+                vm.id, VMPolicy(persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) }))
             return vm
         }
         let vm = try await make()

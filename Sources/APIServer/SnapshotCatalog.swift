@@ -40,7 +40,8 @@ extension APIEngine {
 
     /// The caller's VM, or nil as for a missing one (a foreign or malformed id included).
     func ownedVM(_ id: String, account: String) async throws -> VMInfo? {
-        guard (try? VMID.validateVM(id)) != nil, try owners.owner(id) == account else { return nil }
+        guard (try? VMID.validateVM(id)) != nil, owners.owner(id) == account else { return nil }
+        await policies.touch(id)
         return try? await vms.info(id)
     }
 
@@ -55,7 +56,7 @@ extension APIEngine {
     /// - Throws: `.notFound` for a missing or foreign id, `.invalidState` while it builds or
     ///   when it failed.
     func usableSnapshot(_ id: String, account: String) async throws -> String {
-        if (try? VMID.validateSnapshot(id)) != nil, try owners.owner(id) == "*", try owners.snapshot(id) == nil { return id }
+        if (try? VMID.validateSnapshot(id)) != nil, owners.owner(id) == "*", try owners.snapshot(id) == nil { return id }
         guard let r = try await ownedSnapshot(id, account: account) else {
             throw FurcateError(.notFound, "no snapshot \(id.prefix(64))")
         }

@@ -5,7 +5,8 @@ import GuestAgentProtocol
 /// Freestyle's recursive `SnapshotSpec` (the `spec` of `POST /v1/snapshots`, the `snapshot` of a
 /// `VmSpec`), decoded from its JSON as documented, and mapped onto a `BuildRecipe`: each spec is
 /// one cacheable layer; `snapshot` nests the inner one. Fields that configure the VM rather than
-/// the snapshot's contents (ports, idle timeout, ready signal) are the API's, not the build's.
+/// the snapshot's contents (idle timeout, ready signal) are decoded for the API to apply to VMs
+/// made from it; they are not part of the build. Exposed `ports` are refused (not supported).
 public final class FreestyleSnapshotSpec: Codable, Sendable {
     public struct BaseImage: Codable, Sendable { public var dockerfileContent: String }
     public struct File: Codable, Sendable {
@@ -30,6 +31,10 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         public var config: GitConfig?
     }
     public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
+    public struct PortMapping: Codable, Sendable {
+        public var port: Int
+        public var targetPort: Int
+    }
 
     public let snapshot: FreestyleSnapshotSpec?
     public let snapshotId: String?
@@ -46,6 +51,10 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     public let aptDeps: [String]?
     public let discriminator: String?
     public let skipCache: Bool?
+    public let idleTimeoutSeconds: Int?
+    public let waitForReadySignal: Bool?
+    public let readySignalTimeoutSeconds: Int?
+    public let ports: [PortMapping]?
 
     /// The recipe for this layer (and its inner layers). `defaultBase` is used when the spec
     /// names no base (Furcate's default image).
@@ -88,6 +97,11 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }
 
+        if let p = ports, !p.isEmpty {
+            throw FurcateError(.invalidArgument, "ports: exposing guest ports is not supported yet; leave ports out or give []")
+        }
+        if let t = idleTimeoutSeconds, t < 0 { throw FurcateError(.invalidArgument, "idleTimeoutSeconds must not be negative") }
+        if let t = readySignalTimeoutSeconds, !(0...3600).contains(t) { throw FurcateError(.invalidArgument, "readySignalTimeoutSeconds must be 0 to 3600") }
         if let g = rootfsSizeGb, !(1...16).contains(g) { throw FurcateError(.invalidArgument, "rootfsSizeGb must be 1 to 16, not \(g)") }
         if let c = vcpuCount, !(1...8).contains(c) { throw FurcateError(.invalidArgument, "vcpuCount must be 1 to 8, not \(c)") }
         var diskBytes = rootfsSizeGb.map { UInt64($0) << 30 }

@@ -76,4 +76,14 @@ extension VMService {
         for f in [s.memoryFile, s.diskFile, s.stateFile] where (try? store.exists(f)) == true { total += try allocatedBytes(f) }
         return total
     }
+
+    /// The bytes a VM holds in the store: its disk and memory files while it has them, its
+    /// suspension snapshot while suspended.
+    public func vmStoredBytes(_ id: String) throws -> UInt64 {
+        let vm = try info(id)
+        var total: UInt64 = 0
+        for f in [vm.diskFile, vm.memoryFile] where (try? store.exists(f)) == true { total += try allocatedBytes(f) }
+        if let s = vm.suspendedSnapshot { total += (try? snapshotStoredBytes(s)) ?? 0 }
+        return total
+    }
 }

@@ -13,14 +13,22 @@ struct ServeCommand: ParsableCommand {
     @OptionGroup var data: DataOption
     @Option(help: "Address to listen on.") var host = "127.0.0.1"
     @Option(help: "Port to listen on.") var port = 8080
+    @Option(name: .customLong("idle-timeout"), help: "Seconds without API activity before a Freestyle VM that names no idle timeout is suspended (0: never).")
+    var idleTimeout = 300
+    @Option(
+        name: .customLong("storage-quota-gb"),
+        help: "GiB each account may keep in VMs and snapshots before its sticky ones are evicted, least recently used first (default: no quota).")
+    var storageQuotaGb: Int?
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
+        guard idleTimeout >= 0 else { throw ValidationError("--idle-timeout must be 0 (never) or more seconds, not \(idleTimeout)") }
+        if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) { throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)") }
     }
 
     func run() throws {
         bootstrapOnce
-        let (data, host, port) = (data, host, port)
+        let (data, host, port, idleTimeout, quota) = (data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 })
         try runBlocking {
             let logger = Logger(label: "furcate.serve")
             let engine = try LocalEngine(data)
@@ -33,10 +41,11 @@ struct ServeCommand: ParsableCommand {
                     FileHandleStderr.write("furcate: created the first API key (account admin); its secret is in \(path)\n")
                 }
                 let owners = try OwnerStore(path: l.root + "/owners.sqlite")
-                let api = APIEngine(
+                var api = APIEngine(
                     vms: engine.vms, images: engine.images, builds: engine.builds, keys: keys, owners: owners,
-                    defaultImage: l.guest + "/debian-12-systemd.tar")
-                let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
+                    defaultImage: l.guest + "/debian-12-systemd.tar", quotaBytes: quota)
+                api.defaultIdleTimeoutSeconds = idleTimeout
+                let app = APIServer.buildApplication(api, host: host, port: port, services: [PolicyService(engine: api)], logger: logger)
                 logger.notice("serving", metadata: [
                     "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)",
                 ])

@@ -256,7 +256,8 @@ final class BuildHarness: @unchecked Sendable {
           "vcpuCount": 2,
           "discriminator": "v2",
           "skipCache": true,
-          "ports": [{ "port": 443, "targetPort": 3000 }]
+          "idleTimeoutSeconds": 60,
+          "ports": []
         }
         """#
 
@@ -264,6 +265,7 @@ final class BuildHarness: @unchecked Sendable {
         let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(Self.json.utf8))
         let r = try spec.recipe(defaultBase: .image("debian:12"))
         #expect(r.memoryMiB == 2048 && r.vcpus == 2 && r.discriminator == "v2" && r.skipCache)
+        #expect(spec.idleTimeoutSeconds == 60, "a VM setting is kept for the API, not built")
         #expect(r.steps.map(\.phaseName) == ["apt-install", "create-groups", "create-users", "write-files", "write-files", "git-clone", "create-services", "set-workdir"])
         #expect(r.steps[3] == .file(path: "/etc/app.conf", content: Data("mode=fast\n".utf8), executable: false))
         #expect(r.steps[4] == .file(path: "/usr/local/bin/hello", content: Data("#!/bin/sh\necho hello\n".utf8), executable: true))
@@ -292,6 +294,7 @@ final class BuildHarness: @unchecked Sendable {
         // Found by schemathesis: a negative size crashed the server converting it to bytes.
         (#"{"rootfsSizeGb": -1}"#, "rootfsSizeGb must be 1 to 16"),
         (#"{"vcpuCount": 0}"#, "vcpuCount must be 1 to 8"),
+        (#"{"ports": [{"port": 443, "targetPort": 3000}]}"#, "ports"),
         // git config cannot hold a line break in a value.
         (#"{"git": {"config": {"user": {"name": "a\nb"}}, "repos": []}}"#, "git.config.user.name must be one line"),
     ])

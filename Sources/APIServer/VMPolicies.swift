@@ -1,0 +1,254 @@
+import Foundation
+import FurcateCore
+import Hypervisor
+import Logging
+import ServiceLifecycle
+import VMService
+
+/// How long a VM is kept (Freestyle's VmPersistence): `persistent` until deleted; `sticky`
+/// (priority 0–10, default 5) may be deleted — lowest priority, least recently used first —
+/// when its account passes its storage quota, but only while it is not running; `ephemeral`
+/// is deleted when its idle timeout passes or once stopped (see `deleteEvent`).
+public struct VMPersistence: Codable, Sendable, Equatable {
+    public var type: String
+    public var priority: Int?
+    /// An ephemeral VM's end: `OnSuspend` (the default: deleted where it would be suspended)
+    /// or `OnStop` (suspended when idle as others are, deleted once stopped).
+    public var deleteEvent: String?
+
+    public init(type: String, priority: Int? = nil, deleteEvent: String? = nil) {
+        self.type = type
+        self.priority = priority
+        self.deleteEvent = deleteEvent
+    }
+
+    public static let sticky = VMPersistence(type: "sticky", priority: 5)
+    public static let persistent = VMPersistence(type: "persistent")
+    var deletedOnStop: Bool { type == "ephemeral" && deleteEvent == "OnStop" }
+    var deletedOnSuspend: Bool { type == "ephemeral" && deleteEvent != "OnStop" }
+}
+
+/// What the API keeps about a VM beyond the engine's record, persisted with it.
+public struct VMPolicy: Codable, Sendable, Equatable {
+    public var persistence: VMPersistence
+    /// Seconds without API activity after which a running VM is suspended (ephemeral ones are
+    /// deleted). Nil or 0: never.
+    public var idleTimeoutSeconds: Int?
+    /// When the VM is deleted whatever it does (InstaVM's `vm_lifetime_seconds`), Unix seconds.
+    public var expiresAt: Double?
+
+    public init(persistence: VMPersistence = .sticky, idleTimeoutSeconds: Int? = nil, expiresAt: Double? = nil) {
+        self.persistence = persistence
+        self.idleTimeoutSeconds = idleTimeoutSeconds
+        self.expiresAt = expiresAt
+    }
+}
+
+/// What one pass of the policies did to a VM or snapshot.
+public enum PolicyAction: Sendable, Equatable {
+    case expired(vm: String)
+    case suspendedIdle(vm: String)
+    case deletedIdle(vm: String)
+    case deletedEphemeral(vm: String)
+    case evictedVM(String, account: String)
+    case evictedSnapshot(String, account: String)
+}
+
+/// The API's VM policies: lifetimes, idle suspension and storage quotas. The rules are
+/// persisted (`vm_policies` in the owners' database); activity — the last API request that touched
+/// a VM, and requests still in flight — lives in this process (a restart counts as activity).
+/// `tick` applies the rules once; `PolicyService` calls it every few seconds under
+/// `furcate serve`.
+public actor VMPolicies {
+    private let owners: OwnerStore
+    /// The persisted policies, read once (this actor is their only writer).
+    private var cache: [String: VMPolicy]?
+    private var lastActivity: [String: Double] = [:]
+    private var inFlight: [String: Int] = [:]
+    /// Bytes each account may keep in VMs and snapshots before sticky ones are evicted; nil:
+    /// no quota.
+    public var quotaBytes: UInt64?
+    let logger = Logger(label: "furcate.api.policies")
+
+    public init(owners: OwnerStore, quotaBytes: UInt64? = nil) {
+        self.owners = owners
+        self.quotaBytes = quotaBytes
+    }
+
+    public func setQuota(_ bytes: UInt64?) { quotaBytes = bytes }
+
+    public func set(_ id: String, _ policy: VMPolicy) throws {
+        try owners.savePolicy(id, policy)
+        _ = try loaded()
+        cache?[id] = policy
+        touch(id)
+    }
+
+    public func policy(_ id: String) throws -> VMPolicy? { try loaded()[id] }
+
+    /// Every VM's policy, by id.
+    public func all() throws -> [String: VMPolicy] { try loaded() }
+
+    private func loaded() throws -> [String: VMPolicy] {
+        if let cache { return cache }
+        let all = try owners.allPolicies()
+        cache = all
+        return all
+    }
+
+    public func remove(_ id: String) throws {
+        try owners.removePolicy(id)
+        cache?[id] = nil
+        lastActivity[id] = nil
+        inFlight[id] = nil
+    }
+
+    /// Marks a VM used now.
+    public func touch(_ id: String, now: Double = Date().timeIntervalSince1970) { lastActivity[id] = now }
+
+    /// A request on the VM starts (it is not idle until every one has ended).
+    public func begin(_ id: String) {
+        inFlight[id, default: 0] += 1
+        touch(id)
+    }
+
+    public func end(_ id: String) {
+        inFlight[id] = max(0, (inFlight[id] ?? 1) - 1)
+        touch(id)
+    }
+
+    public func lastUsed(_ id: String) -> Double? { lastActivity[id] }
+
+    /// Whether a request on the VM is in flight.
+    public func busy(_ id: String) -> Bool { (inFlight[id] ?? 0) > 0 }
+
+    /// Applies every rule once, at `now` (Unix seconds): lifetimes, idle timeouts, quotas.
+    @discardableResult
+    public func tick(engine: APIEngine, now: Double = Date().timeIntervalSince1970) async -> [PolicyAction] {
+        var done: [PolicyAction] = []
+        let vms = await engine.vms.list()
+        for vm in vms {
+            guard let p = try? policy(vm.id) else { continue }
+            let last = lastActivity[vm.id] ?? { lastActivity[vm.id] = now; return now }()
+            do {
+                if let exp = p.expiresAt, now >= exp {
+                    try await engine.forgetVM(vm.id)
+                    done.append(.expired(vm: vm.id))
+                } else if (vm.state == .stopped && p.persistence.deletedOnStop) || (vm.state == .suspended && p.persistence.deletedOnSuspend) {
+                    try await engine.forgetVM(vm.id)
+                    done.append(.deletedEphemeral(vm: vm.id))
+                } else if vm.state == .running, let idle = p.idleTimeoutSeconds, idle > 0, (inFlight[vm.id] ?? 0) == 0, now - last >= Double(idle) {
+                    if p.persistence.deletedOnSuspend {
+                        try await engine.forgetVM(vm.id)
+                        done.append(.deletedIdle(vm: vm.id))
+                    } else {
+                        _ = try await engine.vms.suspend(vm.id)
+                        done.append(.suspendedIdle(vm: vm.id))
+                    }
+                }
+            } catch {
+                logger.warning("policy not applied", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            }
+        }
+        if let quota = quotaBytes { done += await enforce(quota: quota, engine: engine) }
+        for a in done { logger.info("policy applied", metadata: ["action": "\(a)"]) }
+        return done
+    }
+
+    /// Something an account keeps in the store, as the quota sees it.
+    private struct Held {
+        var vm: String?
+        var snapshot: APISnapshot?
+        var bytes: UInt64
+        var evictable: Bool
+        var priority: Int
+        var lastUsed: Double
+    }
+
+    /// Evicts sticky VMs (not running) and sticky snapshots — lowest priority first, then least
+    /// recently used — while an account holds more than `quota` bytes. Bytes are counted per
+    /// VM and snapshot as their files hold them (a fork counts its whole disk), each snapshot's
+    /// bytes once however many records name them.
+    private func enforce(quota: UInt64, engine: APIEngine) async -> [PolicyAction] {
+        var held: [String: [Held]] = [:]
+        for vm in await engine.vms.list() {
+            guard let p = try? policy(vm.id), let account = engine.owners.owner(vm.id) else { continue }
+            let bytes = (try? await engine.vms.vmStoredBytes(vm.id)) ?? 0
+            let idle = vm.state == .suspended || vm.state == .stopped || vm.state == .lost
+            held[account, default: []].append(
+                Held(vm: vm.id, bytes: bytes, evictable: p.persistence.type == "sticky" && idle, priority: p.persistence.priority ?? 5,
+                    lastUsed: lastActivity[vm.id] ?? vm.createdAt))
+        }
+        var counted: Set<String> = []
+        for s in (try? engine.owners.snapshots()) ?? [] where !s.deleted {
+            let r = await engine.resolve(s)
+            guard r.state == .ready, let target = r.target, counted.insert(target).inserted else { continue }
+            let bytes = (try? await engine.vms.snapshotStoredBytes(target)) ?? 0
+            held[s.account, default: []].append(
+                Held(snapshot: s, bytes: bytes, evictable: s.persistence.type == "sticky", priority: s.persistence.priority ?? 5,
+                    lastUsed: s.lastUsedAt ?? s.createdAt))
+        }
+        var done: [PolicyAction] = []
+        for (account, items) in held.sorted(by: { $0.key < $1.key }) {
+            var usage = items.reduce(0) { $0 + $1.bytes }
+            guard usage > quota else { continue }
+            for item in items.filter(\.evictable).sorted(by: { ($0.priority, $0.lastUsed) < ($1.priority, $1.lastUsed) }) where usage > quota {
+                do {
+                    if let id = item.vm {
+                        try await engine.forgetVM(id)
+                        done.append(.evictedVM(id, account: account))
+                    } else if let s = item.snapshot {
+                        try await engine.deleteSnapshot(s)
+                        done.append(.evictedSnapshot(s.id, account: account))
+                    }
+                    usage -= min(usage, item.bytes)
+                } catch {
+                    logger.warning("eviction failed", metadata: ["account": "\(account)", "error": "\(error)"])
+                }
+            }
+            if usage > quota {
+                logger.warning(
+                    "account over its storage quota with nothing sticky left to evict",
+                    metadata: ["account": "\(account)", "bytes": "\(usage)", "quota": "\(quota)"])
+            }
+        }
+        return done
+    }
+}
+
+/// Runs `VMPolicies.tick` every `interval` until the service group shuts down.
+public struct PolicyService: Service {
+    let engine: APIEngine
+    let interval: Duration
+
+    public init(engine: APIEngine, interval: Duration = .seconds(5)) {
+        self.engine = engine
+        self.interval = interval
+    }
+
+    public func run() async throws {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            await engine.policies.tick(engine: engine)
+            try? await Task.sleep(for: interval)
+        }
+    }
+}
+
+extension APIEngine {
+    /// Deletes a VM with everything the API kept about it.
+    func forgetVM(_ id: String) async throws {
+        try await vms.delete(id)
+        try owners.remove(id)
+        try await policies.remove(id)
+    }
+
+    /// The guest agent of a VM a request needs running: a suspended VM is resumed first (as
+    /// after an idle suspension); any other state that is not running is `VM_NOT_RUNNING`.
+    func wakeAgent(_ vm: VMInfo) async throws -> AgentClient {
+        if vm.state == .suspended { _ = try await vms.resume(vm.id) } else if vm.state != .running && vm.state != .starting {
+            throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running")
+        }
+        await policies.touch(vm.id)
+        return try await vms.agent(vm.id)
+    }
+}
