@@ -118,7 +118,13 @@ let package = Package(
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(
-            name: "FurcateBench", dependencies: ["FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images"]
+            name: "FurcateBench",
+            dependencies: [
+                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images", "Builds", "Accounts", "APIServer",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
         ),
         // @main: argument parsing and wiring only.
         .executableTarget(

@@ -17,6 +17,7 @@ FURCATE_PACKAGES=(
   busybox-static    # guest initramfs
   cpio              # packing the initramfs
   fio               # `furcate bench fs`
+  wrk               # `furcate bench api`
   docker-registry   # image tests: a real OCI registry on loopback
   skopeo            # image tests: pushing test images to it, docker-archive files
   apache2-utils     # image tests: htpasswd for the registry's basic auth

@@ -101,7 +101,12 @@ public actor VMService {
     public nonisolated let store: BlockStore
     public nonisolated let options: VMServiceOptions
     let db: VMDatabase
-    var vms: [String: VMInfo] = [:]
+    var vms: [String: VMInfo] = [:] {
+        didSet { listed = nil }
+    }
+    /// `vms` oldest first, kept until `vms` changes (listing 1,000 VMs sorted them on every
+    /// request, on this actor: `furcate bench api`).
+    private var listed: [VMInfo]?
     var snapshots: [String: SnapshotInfo] = [:]
     var processes: [String: QEMUProcess] = [:]
     var locks: [String: AsyncLock] = [:]
@@ -152,7 +157,12 @@ public actor VMService {
         return vm
     }
 
-    public func list() -> [VMInfo] { vms.values.sorted { $0.createdAt < $1.createdAt } }
+    public func list() -> [VMInfo] {
+        if let listed { return listed }
+        let sorted = vms.values.sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
+        listed = sorted
+        return sorted
+    }
 
     /// - Throws: `.notFound`.
     public func snapshotInfo(_ id: String) throws -> SnapshotInfo {
@@ -716,6 +726,22 @@ public actor VMService {
         let lock = locks[id] ?? AsyncLock()
         locks[id] = lock
         return try await lock.withLock { try await body() }
+    }
+
+    /// A stopped VM whose disk is an O(1) clone of `snapshot`'s: what restoring it and stopping
+    /// at once would leave, without running it (bulk setup: `furcate bench api` lists 1,000 VMs).
+    /// - Throws: `.notFound` for an unknown snapshot.
+    public func createStopped(fromSnapshot snapshot: String) throws -> VMInfo {
+        let s = try snapshotInfo(snapshot)
+        let vm = VMInfo(
+            id: VMID.newVM(), state: .stopped, memoryMiB: s.memoryMiB, vcpus: s.vcpus, memoryMode: .shared, parentSnapshot: s.id,
+            suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+        try store.clone(s.diskFile, to: vm.diskFile)
+        do { try record(vm) } catch {
+            try? store.delete(vm.diskFile)
+            throw error
+        }
+        return vm
     }
 
     private func record(_ vm: VMInfo) throws {

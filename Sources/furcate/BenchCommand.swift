@@ -8,7 +8,40 @@ import VMService
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self, FS.self, Fork.self, Agent.self, Image.self])
+        subcommands: [Store.self, FS.self, Fork.self, Agent.self, Image.self, API.self])
+
+    struct API: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "api",
+            abstract: "Fork over HTTP vs through the library, and wrk on GET /v1/vms with many VM records vs none; needs root, QEMU, the guest artifacts and wrk.")
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Option(help: "Forks per path (HTTP and library).") var count = 20
+        @Option(help: "VM records listed by GET /v1/vms.") var records = 1000
+        @Option(help: "Seconds of each wrk run.") var wrkSeconds = 5
+        @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
+        @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
+
+        func validate() throws {
+            guard (1...1000).contains(count) else { throw ValidationError("--count must be 1 to 1000, not \(count)") }
+            guard (1...100_000).contains(records) else { throw ValidationError("--records must be 1 to 100000, not \(records)") }
+            guard (1...600).contains(wrkSeconds) else { throw ValidationError("--wrk-seconds must be 1 to 600, not \(wrkSeconds)") }
+        }
+
+        func run() throws {
+            bootstrapOnce
+            let b = APIBenchmark(workDir: dir, guestDir: guest, forkCount: count, records: records, wrkSeconds: wrkSeconds) { FileHandleStderr.write("bench: \($0)\n") }
+            let json = json
+            try runBlocking {
+                let r = try await b.run()
+                if json { return try printJSON(r, snakeCase: true) }
+                print("accelerator \(r.accelerator); \(r.forkCount) forks per path (verified \(r.forksVerified) of \(2 * r.forkCount))")
+                print("fork over HTTP p50 \(f1(r.httpForkP50Millis)) ms, p99 \(f1(r.httpForkP99Millis)) ms; library p50 \(f1(r.libraryForkP50Millis)) ms, p99 \(f1(r.libraryForkP99Millis)) ms; overhead ratio \(f2(r.forkOverheadRatio))")
+                print("GET /v1/vms, \(r.records) VMs (wrk \(r.wrkSeconds) s, \(r.wrkConnections) connections): \(f1(r.listRequestsPerSecond)) req/s, p99 \(f2(r.listP99Millis)) ms, \(r.listErrors) errors")
+                print("  baseline, no VMs: \(f1(r.emptyListRequestsPerSecond)) req/s, p99 \(f2(r.emptyListP99Millis)) ms; throughput ratio \(f2(r.listThroughputRatio))")
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
 
     struct Image: ParsableCommand {
         static let configuration = CommandConfiguration(
