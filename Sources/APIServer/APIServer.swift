@@ -11,6 +11,7 @@ import Images
 import Logging
 import RecordStore
 import ServiceLifecycle
+import Synchronization
 import VMService
 
 /// What the API serves: the engine's services, the key store and who owns what.
@@ -61,6 +62,8 @@ public struct APIError: HTTPResponseError {
     public let status: HTTPResponse.Status
     public let code: String
     public let message: String
+    /// Headers the answer carries besides its content type (`Allow` on a 405).
+    public var headers = HTTPFields()
 
     public init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
         self.status = status
@@ -70,7 +73,7 @@ public struct APIError: HTTPResponseError {
 
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         let body = try JSONEncoder().encode(["error": code, "message": message])
-        var headers = HTTPFields()
+        var headers = headers
         headers[.contentType] = "application/json"
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
@@ -97,6 +100,7 @@ public struct APIError: HTTPResponseError {
 struct AuthAndErrors: RouterMiddleware {
     typealias Context = APIContext
     let keys: KeyStore
+    let routes: RouteMethods
     static let instavmPrefix = "/instavm/"
     /// The one route that authenticates itself: the InstaVM SDK sends its key in the body.
     static let sessionRoute = "/instavm/v1/sessions/session"
@@ -136,6 +140,14 @@ struct AuthAndErrors: RouterMiddleware {
             throw instavm ? InstaVMError.from(api) : api
         } catch let e as APIError where instavm {
             throw InstaVMError.from(e)
+        } catch let e as HTTPError where e.status == .notFound && !routes.allowed(request.uri.path).isEmpty {
+            // The path exists with other methods: 405 with Allow, as HTTP says.
+            let allowed = routes.allowed(request.uri.path)
+            var api = APIError(
+                .methodNotAllowed, "METHOD_NOT_ALLOWED",
+                "\(request.method) is not allowed on \(request.uri.path.prefix(200)); allowed: \(allowed.joined(separator: ", "))")
+            api.headers[.allow] = allowed.joined(separator: ", ")
+            throw instavm ? InstaVMError.from(api) : api
         } catch let e as HTTPError {
             // Hummingbird's own errors (a body that is not JSON, no such route) in the dialect's shape.
             let code = e.status == .notFound ? "NOT_FOUND" : e.status.code == 400 ? "BAD_REQUEST" : e.status.reasonPhrase.uppercased().replacingOccurrences(of: " ", with: "_")
@@ -170,11 +182,38 @@ struct VMActivity: RouterMiddleware {
     }
 }
 
+/// The methods each registered route path answers, for 405s: filled once the router has every
+/// route (the middleware that answers is added before them).
+final class RouteMethods: Sendable {
+    private let table = Mutex<[(path: [RouterPath.Element], method: HTTPRequest.Method)]>([])
+
+    func set(_ routes: [(path: [RouterPath.Element], method: HTTPRequest.Method)]) { table.withLock { $0 = routes } }
+
+    /// The methods of the routes matching `path`, sorted; empty when none matches.
+    func allowed(_ path: String) -> [String] {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
+        return table.withLock { routes in
+            Set(routes.filter { Self.matches($0.path, parts) }.map(\.method.rawValue)).sorted()
+        }
+    }
+
+    static func matches(_ route: [RouterPath.Element], _ parts: [Substring]) -> Bool {
+        var i = 0
+        for element in route {
+            if element == .recursiveWildcard { return i < parts.count }
+            guard i < parts.count, element ~= parts[i] else { return false }
+            i += 1
+        }
+        return i == parts.count
+    }
+}
+
 public enum APIServer {
     /// The router with every route the API serves.
     public static func router(_ engine: APIEngine) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
-        router.add(middleware: AuthAndErrors(keys: engine.keys))
+        let methods = RouteMethods()
+        router.add(middleware: AuthAndErrors(keys: engine.keys, routes: methods))
         router.add(middleware: VMActivity(engine: engine))
         router.get("openapi.json") { _, _ in
             var headers = HTTPFields()
@@ -183,6 +222,7 @@ public enum APIServer {
         }
         FreestyleRoutes(engine: engine).register(on: router.group("v1"))
         InstaVMRoutes(engine: engine).register(on: router.group("instavm"))
+        methods.set(router.routes.map { (path: $0.path.components, method: $0.method) })
         return router
     }
 

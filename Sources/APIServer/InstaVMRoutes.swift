@@ -19,6 +19,7 @@ struct InstaVMError: HTTPResponseError {
     let status: HTTPResponse.Status
     let message: String
     let items: [Item]?
+    var headers = HTTPFields()
 
     /// A validation error of one body field (422).
     static func invalid(_ loc: [String], _ msg: String, type: String = "value_error") -> InstaVMError {
@@ -28,7 +29,7 @@ struct InstaVMError: HTTPResponseError {
     func response(from request: Request, context: some RequestContext) throws -> Response {
         let body: Data
         if let items { body = try JSONEncoder().encode(["detail": items]) } else { body = try JSONEncoder().encode(["detail": message]) }
-        var headers = HTTPFields()
+        var headers = headers
         headers[.contentType] = "application/json"
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
@@ -37,7 +38,9 @@ struct InstaVMError: HTTPResponseError {
     /// Freestyle dialect's 400 validation errors become 422s.
     static func from(_ e: APIError) -> InstaVMError {
         if e.status == .badRequest { return .invalid(["body"], e.message, type: e.code.lowercased()) }
-        return InstaVMError(status: e.status, message: e.message, items: nil)
+        var r = InstaVMError(status: e.status, message: e.message, items: nil)
+        r.headers = e.headers
+        return r
     }
 }
 

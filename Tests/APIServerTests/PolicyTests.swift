@@ -19,6 +19,16 @@ import VMService
         let policies = h.engine.policies
         try await app.test(.live) { client in
             let a = h.keyA
+            step("405 with Allow for a method a path does not have, in each dialect's shape; 404 for no path")
+            let wrongMethod = try await call(client, .delete, "/v1/vms", a)
+            #expect(wrongMethod.status == .methodNotAllowed && wrongMethod.headers[.allow] == "GET, POST", "\(wrongMethod.headers)")
+            #expect(json(wrongMethod)["error"] as? String == "METHOD_NOT_ALLOWED")
+            let wrongFile = try await call(client, .post, "/v1/vms/abc/files/etc/hostname", a)
+            #expect(wrongFile.status == .methodNotAllowed && wrongFile.headers[.allow] == "GET, PUT")
+            let instaWrong = try await call(client, .put, "/instavm/v1/snapshots", a)
+            #expect(instaWrong.status == .methodNotAllowed && json(instaWrong)["detail"] is String && instaWrong.headers[.allow] != nil)
+            #expect(try await call(client, .delete, "/v1/nothing-here", a).status == .notFound)
+
             step("policies: bad settings are refused")
             for (body, why) in [
                 (#"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"forever"}}"#, "persistence.type"),
