@@ -73,8 +73,11 @@ extension FreestyleRoutes {
 
     /// Service and terminal names as the guest takes them.
     static func guestName(_ ctx: APIContext, _ param: String, what: String) throws -> String {
-        let n = try ctx.parameters.require(param)
-        guard !n.isEmpty, n.utf8.count <= 128, n.allSatisfy({ $0.isLetter || $0.isNumber || "-_.@".contains($0) }), n.first != "." else {
+        try guestName(try ctx.parameters.require(param), what: what)
+    }
+
+    static func guestName(_ n: String, what: String) throws -> String {
+        guard !n.isEmpty, n.utf8.count <= 128, n.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.@".contains($0)) }), n.first != "." else {
             throw APIError(.badRequest, "BAD_REQUEST", "'\(n.prefix(60))' is not a \(what) name (letters, digits, - _ . @)")
         }
         return n

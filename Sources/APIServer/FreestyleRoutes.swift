@@ -478,14 +478,55 @@ struct FreestyleRoutes: Sendable {
         return IdResponse(id: vm.id)
     }
 
+    /// Runs `command` in the named terminal (made with `/bin/sh` when it does not exist), as
+    /// if typed there: one line that prints a start marker, evals the command (base64, so any
+    /// text is one line) and prints an end marker with its status. The answer is what the
+    /// terminal showed between the markers (stdout and stderr together, as a terminal has them);
+    /// the command's effects on the shell (cd, variables) stay for the next one.
+    /// - Throws: 408 `EXEC_TIMED_OUT` after sending Ctrl-C to the terminal.
+    func execInTerminal(_ agent: AgentClient, _ name: String, _ command: String, timeoutMs: Int) async throws -> ExecAwaitVmResponse {
+        guard case .terminals(let ts) = try await agent.request(.terminalList) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "terminalList answered something else") }
+        if !ts.contains(where: { $0.name == name && $0.status == "running" }) {
+            if ts.contains(where: { $0.name == name }) { _ = try await agent.request(.terminalClose(name: name)) }
+            _ = try await agent.request(.terminalCreate(name: name, command: ["/bin/sh"], cols: 200, rows: 50))
+        }
+        let nonce = String(UInt64.random(in: 1...UInt64.max), radix: 36)
+        let line = "printf '\\036S%s\\n' \(nonce); eval \"$(printf %s '\(Data(command.utf8).base64EncodedString())' | base64 -d)\"; printf '\\036E%s:%d\\n' \(nonce) \"$?\"\n"
+        _ = try await agent.request(.terminalInput(name: name, data: Data(line.utf8)))
+        let start = Array("\u{1E}S\(nonce)".utf8)
+        let end = Array("\u{1E}E\(nonce):".utf8)
+        let deadline = ContinuousClock.now + .milliseconds(timeoutMs)
+        while ContinuousClock.now < deadline {
+            guard case .data(let raw, _) = try await agent.request(.terminalOutput(name: name, raw: true, lines: nil)) else {
+                throw APIError(.internalServerError, "INTERNAL_ERROR", "terminalOutput answered something else")
+            }
+            let bytes = [UInt8](raw)
+            if let e = bytes.lastRange(of: end) {
+                let statusDigits = bytes[e.upperBound...].prefix { (0x30...0x39).contains($0) }
+                if statusDigits.count < bytes.count - e.upperBound {  // the status line is complete
+                    var from = bytes.startIndex
+                    if let s = bytes[..<e.lowerBound].lastRange(of: start) {
+                        from = s.upperBound
+                        if bytes[from...].starts(with: [0x0D, 0x0A]) { from += 2 }
+                    }
+                    let out = String(decoding: bytes[from..<e.lowerBound], as: UTF8.self).replacingOccurrences(of: "\r\n", with: "\n")
+                    return ExecAwaitVmResponse(stdout: out, stderr: "", statusCode: Int(String(decoding: statusDigits, as: UTF8.self)) ?? 0)
+                }
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        _ = try? await agent.request(.terminalInput(name: name, data: Data([0x03])))
+        throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeoutMs) ms in terminal \(name) (Ctrl-C was sent)")
+    }
+
     func exec(_ req: Request, _ ctx: APIContext) async throws -> ExecAwaitVmResponse {
         let vm = try await ownedVM(ctx)
         let body = try await req.decode(as: ExecAwaitRequest.self, context: ctx)
         // 0 or absent: the default (5 minutes); longer than an hour: an hour.
         let timeout = min(body.timeoutMs.flatMap { $0 > 0 ? $0 : nil } ?? 300_000, 3_600_000)
         if let t = body.timeoutMs, t < 0 { throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must not be negative") }
-        guard body.terminal == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "exec in a terminal is not supported yet") }
         let agent = try await engine.wakeAgent(vm)
+        if let t = body.terminal { return try await execInTerminal(agent, try Self.guestName(t, what: "terminal"), body.command, timeoutMs: timeout) }
         let r = try await agent.exec(ExecRequest(command: body.command, timeoutMs: timeout))
         if r.timedOut {
             throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")

@@ -217,6 +217,17 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             let xterm = try await call(client, .get, "/v1/vms/\(id)/terminals/t1/xterm-256color", a)
             #expect((json(xterm)["output"] as? String)?.contains("term-out") == true)
             #expect(try await call(client, .get, "/v1/vms/\(id)/terminals/nope/logs", a).status == .notFound)
+            // exec-await in a terminal: made on first use; the shell's state (cwd, variables) stays;
+            // output and status are the command's; a timeout interrupts it.
+            let t1 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"cd /tmp && X=\"it's\" && echo \"$X\" here; echo err >&2","terminal":"work"}"#)
+            #expect(json(t1)["stdout"] as? String == "it's here\nerr\n" && json(t1)["statusCode"] as? Int == 0, "\(String(buffer: t1.body))")
+            let t2 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"pwd; echo $X\nexit_with() { return $1; }\nexit_with 3","terminal":"work"}"#)
+            #expect(json(t2)["stdout"] as? String == "/tmp\nit's\n" && json(t2)["statusCode"] as? Int == 3, "\(String(buffer: t2.body))")
+            let t3 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"sleep 30","terminal":"work","timeoutMs":500}"#)
+            #expect(t3.status == .requestTimeout && json(t3)["error"] as? String == "EXEC_TIMED_OUT")
+            let t4 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo after","terminal":"work"}"#)
+            #expect(json(t4)["stdout"] as? String == "after\n", "the interrupted terminal takes the next command: \(String(buffer: t4.body))")
+            #expect(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","terminal":"../x"}"#).status == .badRequest)
 
             step("Streams: stats every 100 ms; file events")
             // Streams: stats every 100 ms; file events; both end when the client leaves, and the
