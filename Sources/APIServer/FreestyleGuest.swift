@@ -123,13 +123,15 @@ extension FreestyleRoutes {
         v1.get("vms/{vm_id}/systemd/services/{service_id}/logs") { req, ctx in
             let name = try Self.guestName(ctx, "service_id", what: "service")
             let lines = try Self.intQuery(req, "lines", range: 0...100_000) ?? 200
-            guard req.uri.queryParameters["since"] == nil else {
-                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "since is not supported yet; use lines")
+            let since = try req.uri.queryParameters["since"].map { try Self.time(String($0), what: "since") }
+            switch try await serviceCall(ctx, name, { try await $0.request(.serviceLogs(name: name, lines: lines, since: since)) }) {
+            case .logs(let entries):
+                return LogsResponse(logs: entries.map { LogItem(message: $0.text, timestamp: Self.iso($0.time), priority: nil, unit: name) })
+            case .lines(let out):  // an agent from before timed logs (a VM restored from an old snapshot)
+                guard since == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "this VM's guest agent predates 'since'; use lines") }
+                return LogsResponse(logs: out.map(Self.logItem(unit: name)))
+            default: throw Self.unexpected("serviceLogs")
             }
-            guard case .lines(let out) = try await serviceCall(ctx, name, { try await $0.request(.serviceLogs(name: name, lines: lines)) }) else {
-                throw Self.unexpected("serviceLogs")
-            }
-            return LogsResponse(logs: out.map(Self.logItem(unit: name)))
         }
         for action in ["start", "stop", "restart"] {
             v1.post("vms/{vm_id}/systemd/\(action)") { req, ctx in
@@ -224,6 +226,17 @@ extension FreestyleRoutes {
             throw APIError(.badRequest, "BAD_REQUEST", "\(name) must be an integer from \(range.lowerBound) to \(range.upperBound)")
         }
         return n
+    }
+
+    /// A point in time given as ISO 8601 (`2026-11-24T15:00:00Z`, fractions and offsets
+    /// allowed) or Unix seconds.
+    /// - Throws: 400 naming `what`.
+    static func time(_ s: String, what: String) throws -> Double {
+        if let n = Double(s), n.isFinite, n >= 0 { return n }
+        for style in [Date.ISO8601FormatStyle(includingFractionalSeconds: true), Date.ISO8601FormatStyle()] {
+            if let d = try? style.parse(s) { return d.timeIntervalSince1970 }
+        }
+        throw APIError(.badRequest, "BAD_REQUEST", "\(what) must be ISO 8601 (2026-11-24T15:00:00Z) or Unix seconds, not '\(s.prefix(60))'")
     }
 
     /// A journal line as the agent returns it ("2026-11-24T15:00:00+0000 host unit[pid]: text"

@@ -27,8 +27,9 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     public struct GitConfig: Codable, Sendable { public var user: GitUser? }
     public struct GitOptions: Codable, Sendable {
         public var repos: [GitRepository]?
-        /// System-wide git configuration, written to `/etc/gitconfig`.
-        public var config: GitConfig?
+        /// System-wide git configuration, written to `/etc/gitconfig`; required (`{}` sets
+        /// nothing), as the document says.
+        public var config: GitConfig
     }
     public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
     public struct PortMapping: Codable, Sendable {
@@ -92,7 +93,7 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             }
             steps.append(.file(path: path, content: data, executable: f.executable ?? false))
         }
-        if let config = try git?.config.flatMap(Self.gitconfig) { steps.append(.file(path: "/etc/gitconfig", content: Data(config.utf8), executable: false)) }
+        if let g = git, let config = try Self.gitconfig(g.config) { steps.append(.file(path: "/etc/gitconfig", content: Data(config.utf8), executable: false)) }
         for r in git?.repos ?? [] { steps.append(.git(url: r.repo, path: r.path, rev: r.rev)) }
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }

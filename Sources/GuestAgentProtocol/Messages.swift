@@ -43,7 +43,8 @@ public enum AgentRequest: Sendable, Equatable {
     case serviceStatus(name: String)
     case serviceList
     /// The last `lines` lines (default 200) of a service's output, stdout and stderr merged.
-    case serviceLogs(name: String, lines: Int?)
+    /// The last `lines` log lines of a service, those at or after `since` (Unix seconds) only.
+    case serviceLogs(name: String, lines: Int?, since: Double? = nil)
     /// A pty session running `command` (default: /bin/sh) with TERM=xterm-256color.
     case terminalCreate(name: String, command: [String]?, cols: Int, rows: Int)
     case terminalList
@@ -317,6 +318,17 @@ public struct FileStat: Codable, Sendable, Equatable {
     }
 }
 
+/// A log line and when it was written (Unix seconds).
+public struct LogEntry: Codable, Sendable, Equatable {
+    public var time: Double
+    public var text: String
+
+    public init(time: Double, text: String) {
+        self.time = time
+        self.text = text
+    }
+}
+
 /// What the agent answers.
 public enum AgentResponse: Sendable, Equatable {
     case pong(agentVersion: String, hostname: String, uptimeSeconds: Double)
@@ -327,6 +339,8 @@ public enum AgentResponse: Sendable, Equatable {
     case service(ServiceStatus)
     case services([ServiceStatus])
     case lines([String])
+    /// Log lines with their times (service logs).
+    case logs([LogEntry])
     case terminal(TerminalInfo)
     case terminals([TerminalInfo])
     /// Success with nothing to say.
@@ -353,7 +367,7 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
-        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw, group, user, mountPoints, frozen, graceSeconds
+        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw, group, user, mountPoints, frozen, graceSeconds, since
     }
 
     public init(from decoder: any Decoder) throws {
@@ -391,7 +405,9 @@ extension AgentRequest: Codable {
         case "serviceStatus": self = .serviceStatus(name: try c.decode(String.self, forKey: .name))
         case "serviceList": self = .serviceList
         case "serviceLogs":
-            self = .serviceLogs(name: try c.decode(String.self, forKey: .name), lines: try c.decodeIfPresent(Int.self, forKey: .lines))
+            self = .serviceLogs(
+                name: try c.decode(String.self, forKey: .name), lines: try c.decodeIfPresent(Int.self, forKey: .lines),
+                since: try c.decodeIfPresent(Double.self, forKey: .since))
         case "terminalCreate":
             self = .terminalCreate(
                 name: try c.decode(String.self, forKey: .name), command: try c.decodeIfPresent([String].self, forKey: .command),
@@ -483,10 +499,11 @@ extension AgentRequest: Codable {
             try c.encode("serviceStatus", forKey: .op)
             try c.encode(name, forKey: .name)
         case .serviceList: try c.encode("serviceList", forKey: .op)
-        case .serviceLogs(let name, let lines):
+        case .serviceLogs(let name, let lines, let since):
             try c.encode("serviceLogs", forKey: .op)
             try c.encode(name, forKey: .name)
             try c.encodeIfPresent(lines, forKey: .lines)
+            try c.encodeIfPresent(since, forKey: .since)
         case .terminalCreate(let name, let command, let cols, let rows):
             try c.encode("terminalCreate", forKey: .op)
             try c.encode(name, forKey: .name)
@@ -530,7 +547,7 @@ extension AgentRequest: Codable {
 
 extension AgentResponse: Codable {
     private enum K: String, CodingKey {
-        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines, terminal, terminals
+        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines, logs, terminal, terminals
     }
 
     public init(from decoder: any Decoder) throws {
@@ -549,6 +566,7 @@ extension AgentResponse: Codable {
         case "service": self = .service(try c.decode(ServiceStatus.self, forKey: .service))
         case "services": self = .services(try c.decode([ServiceStatus].self, forKey: .services))
         case "lines": self = .lines(try c.decode([String].self, forKey: .lines))
+        case "logs": self = .logs(try c.decode([LogEntry].self, forKey: .logs))
         case "terminal": self = .terminal(try c.decode(TerminalInfo.self, forKey: .terminal))
         case "terminals": self = .terminals(try c.decode([TerminalInfo].self, forKey: .terminals))
         case let k: throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
@@ -586,6 +604,9 @@ extension AgentResponse: Codable {
         case .lines(let l):
             try c.encode("lines", forKey: .kind)
             try c.encode(l, forKey: .lines)
+        case .logs(let l):
+            try c.encode("logs", forKey: .kind)
+            try c.encode(l, forKey: .logs)
         case .terminal(let t):
             try c.encode("terminal", forKey: .kind)
             try c.encode(t, forKey: .terminal)

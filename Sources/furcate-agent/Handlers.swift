@@ -34,8 +34,9 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .service(Systemd.isInit ? try Systemd.status(name) : try Supervisor.shared.status(name))
         case .serviceList:
             return .services(Systemd.isInit ? Systemd.list() : Supervisor.shared.list())
-        case .serviceLogs(let name, let lines):
-            return .lines(Systemd.isInit ? try Systemd.logs(name, lines: lines ?? 200) : try Supervisor.shared.logs(name, lines: lines ?? 200))
+        case .serviceLogs(let name, let lines, let since):
+            return .logs(
+                Systemd.isInit ? try Systemd.logs(name, lines: lines ?? 200, since: since) : try Supervisor.shared.logs(name, lines: lines ?? 200, since: since))
         case .terminalCreate(let name, let command, let cols, let rows):
             return .terminal(try Terminals.shared.create(name, command: command, cols: cols, rows: rows))
         case .terminalList:

@@ -29,7 +29,7 @@ final class Supervisor: Sendable {
         /// Bumped by every start and stop: a runner whose generation is stale stops caring.
         var generation = 0
         var startTimes: [Int64] = []
-        var logs: [String] = []
+        var logs: [LogEntry] = []
     }
 
     let stateDir: String
@@ -75,9 +75,10 @@ final class Supervisor: Sendable {
 
     func list() -> [ServiceStatus] { table.withLock { $0.values.map(Self.status) }.sorted { $0.name < $1.name } }
 
-    func logs(_ name: String, lines: Int) throws -> [String] {
+    func logs(_ name: String, lines: Int, since: Double?) throws -> [LogEntry] {
         guard let e = table.withLock({ $0[name] }) else { throw notFound(name) }
-        return Array(e.logs.suffix(max(0, min(lines, Self.maxLogLines))))
+        let kept = since.map { s in e.logs.filter { $0.time >= s } } ?? e.logs
+        return Array(kept.suffix(max(0, min(lines, Self.maxLogLines))))
     }
 
     /// Loads kept specs, kills what a previous agent left running, starts the enabled ones.
@@ -306,7 +307,7 @@ final class Supervisor: Sendable {
 
     private func appendLog(_ name: String, _ line: String) {
         table.withLock { t in
-            t[name]?.logs.append(line)
+            t[name]?.logs.append(LogEntry(time: now(), text: line))
             if let c = t[name]?.logs.count, c > Self.maxLogLines { t[name]?.logs.removeFirst(c - Self.maxLogLines) }
         }
     }
@@ -404,4 +405,11 @@ func readAll(_ path: String) throws -> [UInt8] {
 
 func writeAll(_ path: String, _ bytes: [UInt8]) throws {
     try writeFile(path, Data(bytes), offset: nil, mode: 0o644, createParents: false)
+}
+
+/// The wall clock in Unix seconds.
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }

@@ -85,10 +85,30 @@ enum Systemd {
         return names.sorted().compactMap { try? status($0) }
     }
 
-    static func logs(_ name: String, lines: Int) throws -> [String] {
+    /// The unit's journal as `journalctl -o json` gives it: each entry's time
+    /// (`__REALTIME_TIMESTAMP`, microseconds) and `MESSAGE` (a string, or bytes when binary).
+    static func logs(_ name: String, lines: Int, since: Double?) throws -> [LogEntry] {
         guard owned(name) else { throw AgentError(code: "not_found", message: "no service \(name)") }
-        let r = try runProgram(ExecRequest(argv: ["journalctl", "-u", name + ".service", "-n", "\(max(0, min(lines, 10_000)))", "--no-pager", "-o", "cat"], timeoutMs: 30_000, maxOutputBytes: 8 << 20))
-        return String(decoding: r.stdout, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).map(String.init).filter { !$0.isEmpty }
+        var argv = ["journalctl", "-u", name + ".service", "-n", "\(max(0, min(lines, 10_000)))", "--no-pager", "-o", "json", "--output-fields=MESSAGE"]
+        if let since { argv += ["--since", "@\(Int64(since.rounded(.down)))"] }
+        let r = try runProgram(ExecRequest(argv: argv, timeoutMs: 30_000, maxOutputBytes: 16 << 20))
+        struct Entry: Decodable {
+            var time: String
+            var text: String?
+            var bytes: [UInt8]?
+            enum K: String, CodingKey { case time = "__REALTIME_TIMESTAMP", message = "MESSAGE" }
+            init(from d: any Decoder) throws {
+                let c = try d.container(keyedBy: K.self)
+                time = try c.decode(String.self, forKey: .time)
+                text = try? c.decode(String.self, forKey: .message)
+                bytes = text == nil ? try? c.decode([UInt8].self, forKey: .message) : nil
+            }
+        }
+        return r.stdout.split(separator: 0x0A).compactMap { line -> LogEntry? in
+            guard let e = try? JSONDecoder().decode(Entry.self, from: Data(line)), let micros = Double(e.time) else { return nil }
+            let entry = LogEntry(time: micros / 1e6, text: e.text ?? String(decoding: e.bytes ?? [], as: UTF8.self))
+            return since.map { entry.time >= $0 } ?? true ? entry : nil
+        }
     }
 
     private static func delete(_ name: String) throws {

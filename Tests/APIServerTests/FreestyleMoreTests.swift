@@ -194,6 +194,15 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             #expect(json(status)["activeState"] as? String == "active", "\(String(buffer: status.body)) \(String(buffer: statusLogs.body))")
             let logs = json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))["logs"] as? [[String: Any]] ?? []
             #expect(logs.count == 3 && logs.allSatisfy { ($0["message"] as? String)?.hasSuffix("tick") == true }, "\(logs)")
+            // since: ISO 8601 or Unix seconds; lines carry their times.
+            let lastTime = try #require(logs.last?["timestamp"] as? String)
+            let recent = json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(lastTime)", a))["logs"] as? [[String: Any]] ?? []
+            #expect(!recent.isEmpty && recent.allSatisfy { ($0["timestamp"] as? String ?? "") >= lastTime }, "\(recent)")
+            let future = Int(Date().timeIntervalSince1970) + 3600
+            #expect((json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(future)", a))["logs"] as? [Any])?.isEmpty == true)
+            #expect(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=yesterday", a).status == .badRequest)
+            let offset = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=2020-01-01T01:00:00.5%2B01:00&lines=2", a)
+            #expect(offset.status == .ok && (json(offset)["logs"] as? [Any])?.count == 2, "an offset and fractions parse: \(String(buffer: offset.body))")
             let stop = try await call(client, .post, "/v1/vms/\(id)/systemd/stop", a, #"{"services":[{"id":"ticker"},{"id":"nope"}]}"#)
             let results = json(stop)["results"] as? [[String: Any]] ?? []
             #expect(results.count == 2 && results[0]["success"] as? Bool == true && results[1]["success"] as? Bool == false, "\(results)")

@@ -323,7 +323,13 @@ final class HostAgent {
         _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "setup", mode: "oneshot", exec: ["echo one", "echo two >&2"], env: ["X": "1"]), start: true))
         let st = try await waitFor(a, "setup") { $0.subState == "exited" }
         #expect(st.activeState == "active" && st.lastExitCode == 0)
-        #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil)) == .lines(["one", "two"]))
+        guard case .logs(let logs) = try await a.client.request(.serviceLogs(name: "setup", lines: nil)) else { Issue.record("no logs"); return }
+        #expect(logs.map(\.text) == ["one", "two"])
+        // Each line has its time; `since` keeps those at or after it.
+        let t = Date().timeIntervalSince1970
+        #expect(logs.allSatisfy { $0.time > t - 60 && $0.time <= t }, "\(logs)")
+        #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil, since: logs[1].time)) == .logs([logs[1]]))
+        #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil, since: t + 1)) == .logs([]))
         _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "once", mode: "oneshot", exec: ["true"], deleteAfterSuccess: true), start: true))
         try await Task.sleep(for: .milliseconds(500))
         guard case .services(let list) = try await a.client.request(.serviceList) else { return }
@@ -335,7 +341,7 @@ final class HostAgent {
         _ = failing
         let f = try await waitFor(a, "fails") { $0.activeState == "failed" }
         #expect(f.activeState == "failed" && f.lastExitCode == 3)
-        #expect(try await a.client.request(.serviceLogs(name: "fails", lines: nil)) == .lines([]))
+        #expect(try await a.client.request(.serviceLogs(name: "fails", lines: nil)) == .logs([]))
     }
 
     @Test func serviceIsRestartedAfterSIGKILLAndStopEndsIt() async throws {

@@ -303,6 +303,13 @@ final class BuildHarness: @unchecked Sendable {
         let e = #expect(throws: FurcateError.self) { try spec.recipe(defaultBase: .image("debian:12")) }
         #expect(e?.message.contains(why) == true, "\(String(describing: e?.message))")
     }
+
+    /// Found by schemathesis: a null (or missing) git.config, which the document requires, was
+    /// taken as unset.
+    @Test(arguments: [#"{"git": {"config": null, "repos": []}}"#, #"{"git": {"repos": []}}"#])
+    func gitConfigIsRequired(_ json: String) {
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8)) }
+    }
 }
 
 extension BuildTests {

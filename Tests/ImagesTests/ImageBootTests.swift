@@ -114,8 +114,12 @@ struct SystemdImageTests {
             let unit = try await run("systemctl is-active ticker.service; systemctl is-enabled ticker.service; head -1 /etc/systemd/system/ticker.service")
             #expect(unit.1.hasPrefix("active\nenabled\n# Created by furcate-agent"), "\(unit)")
             try await Task.sleep(for: .seconds(2))
-            guard case .lines(let logs) = try await agent.request(.serviceLogs(name: "ticker", lines: 20)) else { Issue.record("no logs"); return }
-            #expect(logs.contains("tick from-spec"), "\(logs)")
+            guard case .logs(let logs) = try await agent.request(.serviceLogs(name: "ticker", lines: 20)) else { Issue.record("no logs"); return }
+            #expect(logs.contains { $0.text == "tick from-spec" }, "\(logs)")
+            // The journal's times: `since` keeps what was written at or after it.
+            let last = try #require(logs.last)
+            guard case .logs(let recent) = try await agent.request(.serviceLogs(name: "ticker", lines: 20, since: last.time)) else { Issue.record("no logs"); return }
+            #expect(!recent.isEmpty && recent.count < logs.count && recent.allSatisfy { $0.time >= last.time }, "\(recent) of \(logs)")
             // Killed: systemd restarts it (policy always).
             _ = try await run("kill -9 \(created.mainPID ?? 0)")
             try await Task.sleep(for: .seconds(3))
