@@ -189,11 +189,23 @@ final class RouteMethods: Sendable {
 
     func set(_ routes: [(path: [RouterPath.Element], method: HTTPRequest.Method)]) { table.withLock { $0 = routes } }
 
-    /// The methods of the routes matching `path`, sorted; empty when none matches.
+    /// The methods of the route path the router would pick for `path` — of those matching it,
+    /// the most specific (a literal segment before a capture, as the router's trie orders
+    /// them) — sorted; empty when none matches.
     func allowed(_ path: String) -> [String] {
         let parts = path.split(separator: "/", omittingEmptySubsequences: true)
         return table.withLock { routes in
-            Set(routes.filter { Self.matches($0.path, parts) }.map(\.method.rawValue)).sorted()
+            let matching = routes.filter { Self.matches($0.path, parts) }
+            guard let best = matching.map({ Self.specificity($0.path) }).max(by: { $0.lexicographicallyPrecedes($1) }) else { return [] }
+            return Set(matching.filter { Self.specificity($0.path) == best }.map(\.method.rawValue)).sorted()
+        }
+    }
+
+    /// Per segment: 2 for a literal, 1 for a capture, 0 for a wildcard.
+    static func specificity(_ route: [RouterPath.Element]) -> [Int] {
+        route.map { e in
+            let d = e.description
+            return d.hasPrefix("{") || d.hasSuffix("}") ? 1 : d.contains("*") ? 0 : 2
         }
     }
 
