@@ -100,7 +100,32 @@ struct FreestyleRoutes: Sendable {
 
     /// CreateVmRequest fields this server honours; any other field present is refused (400),
     /// never silently ignored.
-    static let createFields = Set(["snapshotId", "name", "dockerCredentials", "spec", "persistence"]).union(layerFields).union(VMSettings.fields)
+    static let createFields = Set(["snapshotId", "name", "dockerCredentials", "spec", "persistence", "template", "gitRepos"]).union(layerFields).union(
+        VMSettings.fields)
+
+    /// The deprecated forms in today's: `template` (one layer, plus the VM's `persistence`) is
+    /// `spec.snapshot`; `gitRepos` (top level or in the template) are `git.repos`.
+    static func legacyFields(_ body: [String: Any]) throws -> [String: Any] {
+        func present(_ v: Any?) -> Bool { v != nil && !(v is NSNull) }
+        func withRepos(_ o: [String: Any]) throws -> [String: Any] {
+            var o = o
+            guard let raw = o.removeValue(forKey: "gitRepos"), present(raw) else { return o }
+            guard let repos = raw as? [Any] else { throw APIError(.badRequest, "BAD_REQUEST", "gitRepos must be an array") }
+            if o["git"] != nil && !(o["git"] is NSNull) && !(o["git"] is [String: Any]) { throw APIError(.badRequest, "BAD_REQUEST", "git must be an object") }
+            var git = o["git"] as? [String: Any] ?? ["config": [String: Any]()]
+            git["repos"] = (git["repos"] as? [Any] ?? []) + repos
+            o["git"] = git
+            return o
+        }
+        var obj = try withRepos(body)
+        if let t = obj.removeValue(forKey: "template"), present(t) {
+            guard !present(obj["spec"]) else { throw APIError(.badRequest, "BAD_REQUEST", "template (deprecated) and spec are mutually exclusive; use spec") }
+            guard var layer = t as? [String: Any] else { throw APIError(.badRequest, "BAD_REQUEST", "template must be an object") }
+            if let p = layer.removeValue(forKey: "persistence"), !present(obj["persistence"]) { obj["persistence"] = p }
+            obj["spec"] = ["snapshot": try withRepos(layer)]
+        }
+        return obj
+    }
     /// CreateVmRequest fields that describe the VM's contents: with them, the VM is made from a
     /// build (cached by template hash) whose outer layer they are, on `spec` or `snapshotId`.
     static let layerFields: Set<String> = ["workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps"]
@@ -392,7 +417,7 @@ struct FreestyleRoutes: Sendable {
     }
 
     func create(_ req: Request, _ ctx: APIContext) async throws -> CreateVmResponse {
-        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.createFields, what: "CreateVmRequest")
+        let obj = try Self.legacyFields(try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.createFields, what: "CreateVmRequest"))
         var snapshotId: String?
         if let s = obj["snapshotId"], !(s is NSNull) {
             guard let id = s as? String else { throw APIError(.badRequest, "BAD_REQUEST", "snapshotId must be a string") }

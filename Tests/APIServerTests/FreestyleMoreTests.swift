@@ -176,7 +176,18 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             #expect(stringCreds.status == .badRequest && json(stringCreds)["error"] as? String == "BAD_REQUEST", "\(String(buffer: stringCreds.body))")
             let failing = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)","aptDeps":["no-such-package-here"]}"#)
             #expect(failing.status == .badRequest && json(failing)["error"] as? String == "BUILD_FAILED", "\(String(buffer: failing.body))")
-            for v in [cvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
+            // The deprecated template is spec.snapshot (its persistence the VM's); gitRepos join
+            // git.repos (an empty list here: no repository to clone).
+            let legacy = try await call(
+                client, .post, "/v1/vms", a,
+                #"{"template":{"snapshotId":"\#(bsid)","additionalFiles":{"/root/t.txt":{"content":"from the template\n"}},"gitRepos":[],"persistence":{"type":"persistent"}},"gitRepos":[]}"#)
+            let lvm = try #require(json(legacy)["id"] as? String, "\(String(buffer: legacy.body))")
+            #expect(json(try await call(client, .get, "/v1/vms/\(lvm)/files/root/t.txt", a))["content"] as? String == "from the template\n")
+            let listed = json(try await call(client, .get, "/v1/vms?search=\(lvm)", a))["vms"] as? [[String: Any]] ?? []
+            #expect((listed.first?["persistence"] as? [String: Any])?["type"] as? String == "persistent", "\(listed)")
+            let both = try await call(client, .post, "/v1/vms", a, #"{"template":{"snapshotId":"\#(bsid)"},"spec":{"snapshotId":"\#(bsid)"}}"#)
+            #expect(both.status == .badRequest && (json(both)["message"] as? String)?.contains("mutually exclusive") == true)
+            for v in [cvm, lvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
 
             step("Services through the agent's supervisor.")
             // Services through the agent's supervisor.
