@@ -68,21 +68,16 @@ public struct APIBenchmark: Sendable {
     }
 
     public func run() async throws -> APIBenchReport {
-        let t0 = ContinuousClock.now
         let wrk = try Self.wrkPath()
-        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "api") {
-            $0.defaultMemoryMiB = 128
-            $0.debugShell = false
-        }
-        do {
-            var r = try await measure(env, wrk: wrk)
-            await env.close()
-            r.seconds = millis(ContinuousClock.now - t0) / 1000
-            return r
-        } catch {
-            await env.close()
-            throw error
-        }
+        var (r, seconds) = try await VMBenchEnvironment.run(
+            workDir: workDir, guestDir: guestDir, name: "api",
+            configure: {
+                $0.defaultMemoryMiB = 128
+                $0.debugShell = false
+            }
+        ) { try await measure($0, wrk: wrk) }
+        r.seconds = seconds
+        return r
     }
 
     private func measure(_ env: VMBenchEnvironment, wrk: String) async throws -> APIBenchReport {

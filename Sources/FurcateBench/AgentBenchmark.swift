@@ -48,17 +48,11 @@ public struct AgentBenchmark: Sendable {
     }
 
     public func run() async throws -> AgentBenchReport {
-        let t0 = ContinuousClock.now
-        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "agent") { $0.defaultMemoryMiB = 512 }
-        do {
-            var r = try await measure(env)
-            await env.close()
-            r.seconds = millis(ContinuousClock.now - t0) / 1000
-            return r
-        } catch {
-            await env.close()
-            throw error
+        var (r, seconds) = try await VMBenchEnvironment.run(workDir: workDir, guestDir: guestDir, name: "agent", configure: { $0.defaultMemoryMiB = 512 }) {
+            try await measure($0)
         }
+        r.seconds = seconds
+        return r
     }
 
     private func measure(_ env: VMBenchEnvironment) async throws -> AgentBenchReport {

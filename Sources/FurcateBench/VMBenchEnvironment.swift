@@ -43,6 +43,23 @@ final class VMBenchEnvironment {
         service = try VMService(store: store, options: opts)
     }
 
+    /// Runs `body` in a new environment, closed afterwards whatever happens; returns its result
+    /// and the seconds the whole took.
+    static func run<R>(
+        workDir: String, guestDir: String, name: String, configure: (inout VMServiceOptions) -> Void, _ body: (VMBenchEnvironment) async throws -> R
+    ) async throws -> (R, seconds: Double) {
+        let t0 = ContinuousClock.now
+        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: name, configure: configure)
+        do {
+            let r = try await body(env)
+            await env.close()
+            return (r, millis(ContinuousClock.now - t0) / 1000)
+        } catch {
+            await env.close()
+            throw error
+        }
+    }
+
     /// Deletes every VM, unmounts, removes the work directory.
     func close() async {
         await service.drainWarmPool()
