@@ -24,7 +24,8 @@ final class LocalEngine: @unchecked Sendable {
     let vms: VMService
     let builds: BuildService
 
-    init(_ data: DataOption) throws {
+    /// - Parameter warmPool: QEMUs kept waiting per machine shape (0: none).
+    init(_ data: DataOption, warmPool: Int = 0) throws {
         guard geteuid() == 0 else { throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root") }
         layout = data.layout
         let l = layout
@@ -41,7 +42,9 @@ final class LocalEngine: @unchecked Sendable {
         }
         do {
             images = try ImageService(store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
-            vms = try VMService(store: store, options: VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest))
+            var vmOptions = VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest)
+            vmOptions.warmPoolSize = warmPool
+            vms = try VMService(store: store, options: vmOptions)
             builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {
             mount.stop()

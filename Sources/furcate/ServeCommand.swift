@@ -19,20 +19,24 @@ struct ServeCommand: ParsableCommand {
         name: .customLong("storage-quota-gb"),
         help: "GiB each account may keep in VMs and snapshots before its sticky ones are evicted, least recently used first (default: no quota).")
     var storageQuotaGb: Int?
+    @Option(help: "QEMUs kept waiting per machine shape so a restore or fork skips process start (0: none); filled after a shape's first restore.")
+    var warmPool = 2
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
         guard idleTimeout >= 0 else { throw ValidationError("--idle-timeout must be 0 (never) or more seconds, not \(idleTimeout)") }
+        guard (0...64).contains(warmPool) else { throw ValidationError("--warm-pool must be 0 to 64, not \(warmPool)") }
         if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) { throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)") }
     }
 
     func run() throws {
         bootstrapOnce
-        let (data, host, port, idleTimeout, quota) = (data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 })
+        let (data, host, port, idleTimeout, quota, warmPool) = (data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 }, warmPool)
         try runBlocking {
             let logger = Logger(label: "furcate.serve")
-            let engine = try LocalEngine(data)
+            let engine = try LocalEngine(data, warmPool: warmPool)
             let l = engine.layout
+            let group: ServiceGroup
             do {
                 let recovered = await engine.vms.recover()
                 let interrupted = await engine.builds.recover()
@@ -45,21 +49,40 @@ struct ServeCommand: ParsableCommand {
                     vms: engine.vms, images: engine.images, builds: engine.builds, keys: keys, owners: owners,
                     defaultImage: l.guest + "/debian-12-systemd.tar", quotaBytes: quota)
                 api.defaultIdleTimeoutSeconds = idleTimeout
-                let app = APIServer.buildApplication(api, host: host, port: port, services: [PolicyService(engine: api)], logger: logger)
+                let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
                 logger.notice("serving", metadata: [
                     "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)",
                 ])
                 FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")
-                let group = ServiceGroup(configuration: .init(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-                try await group.run()
+                // Stopped in reverse order at SIGTERM/SIGINT: the HTTP server, the policies, the
+                // warm pool, the VMs (running ones are suspended into the store and resumed by the
+                // next `furcate serve`), then the mount and the store.
+                let services: [any Service] = [
+                    EnginePart(name: "store") { await engine.close(deleting: []) },
+                    EnginePart(name: "vms") { await engine.vms.shutdown() },
+                    EnginePart(name: "warm-pool") { await engine.vms.drainWarmPool() },
+                    PolicyService(engine: api),
+                    app,
+                ]
+                group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             } catch {
                 await engine.vms.shutdown()
                 await engine.close(deleting: [])
                 throw error
             }
-            // Running VMs are suspended into the store and resumed by the next `furcate serve`.
-            await engine.vms.shutdown()
-            await engine.close(deleting: [])
+            try await group.run()
         }
+    }
+}
+
+/// A part of the engine in `furcate serve`'s service group: it holds still while the server
+/// runs, and `stop` ends it at graceful shutdown (or when the group is cancelled).
+struct EnginePart: Service {
+    let name: String
+    let stop: @Sendable () async -> Void
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await stop()
     }
 }
