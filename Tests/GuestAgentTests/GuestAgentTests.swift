@@ -307,7 +307,9 @@ final class HostAgent {
         return st
     }
 
-    func waitFor(_ a: HostAgent, _ name: String, seconds: Double = 10, _ ok: (ServiceStatus) -> Bool) async throws -> ServiceStatus {
+    /// Polls a service's status until `ok` (or `seconds` pass: 30, since under CI load — QEMU
+    /// guests on both cores — a restart once took longer than 10 s to show).
+    func waitFor(_ a: HostAgent, _ name: String, seconds: Double = 30, _ ok: (ServiceStatus) -> Bool) async throws -> ServiceStatus {
         let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
         var st = try await status(a, name)
         while !ok(st) && ContinuousClock.now < deadline {

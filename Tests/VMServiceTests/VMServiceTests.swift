@@ -140,13 +140,19 @@ struct VMServiceTests {
 
             _ = try await again.request(
                 .serviceCreate(ServiceSpec(name: "ticker", mode: "service", exec: ["while true; do date +%s; sleep 1; done"], restartPolicy: RestartPolicy(policy: "always")), start: true))
-            guard case .service(let st) = try await again.request(.serviceStatus(name: "ticker")), let pid = st.mainPID else {
-                Issue.record("service not running")
+            // The supervisor starts the main process on its own thread: poll for its pid.
+            var mainPID: Int32?
+            for _ in 0..<300 where mainPID == nil {
+                if case .service(let st) = try await again.request(.serviceStatus(name: "ticker")) { mainPID = st.mainPID }
+                if mainPID == nil { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            guard let pid = mainPID else {
+                Issue.record("service not running after 30 s")
                 return
             }
             try await guest(sh, "kill -9 \(pid)")
             var restarted = false
-            for _ in 0..<50 where !restarted {
+            for _ in 0..<300 where !restarted {
                 try await Task.sleep(for: .milliseconds(100))
                 if case .service(let s2) = try await again.request(.serviceStatus(name: "ticker")), s2.restarts >= 1, s2.subState == "running" { restarted = true }
             }
