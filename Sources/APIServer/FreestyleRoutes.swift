@@ -113,7 +113,10 @@ struct FreestyleRoutes: Sendable {
             guard let repos = raw as? [Any] else { throw APIError(.badRequest, "BAD_REQUEST", "gitRepos must be an array") }
             if o["git"] != nil && !(o["git"] is NSNull) && !(o["git"] is [String: Any]) { throw APIError(.badRequest, "BAD_REQUEST", "git must be an object") }
             var git = o["git"] as? [String: Any] ?? ["config": [String: Any]()]
-            git["repos"] = (git["repos"] as? [Any] ?? []) + repos
+            let existing = git["repos"]
+            // (Found by schemathesis: a git.repos of the wrong type was replaced, not refused.)
+            guard existing == nil || existing is NSNull || existing is [Any] else { throw APIError(.badRequest, "BAD_REQUEST", "git.repos must be an array") }
+            git["repos"] = (existing as? [Any] ?? []) + repos
             o["git"] = git
             return o
         }

@@ -185,6 +185,8 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             #expect(json(try await call(client, .get, "/v1/vms/\(lvm)/files/root/t.txt", a))["content"] as? String == "from the template\n")
             let listed = json(try await call(client, .get, "/v1/vms?search=\(lvm)", a))["vms"] as? [[String: Any]] ?? []
             #expect((listed.first?["persistence"] as? [String: Any])?["type"] as? String == "persistent", "\(listed)")
+            let badRepos = try await call(client, .post, "/v1/vms", a, #"{"git":{"config":{},"repos":{}},"gitRepos":[]}"#)
+            #expect(badRepos.status == .badRequest, "\(String(buffer: badRepos.body))")
             let both = try await call(client, .post, "/v1/vms", a, #"{"template":{"snapshotId":"\#(bsid)"},"spec":{"snapshotId":"\#(bsid)"}}"#)
             #expect(both.status == .badRequest && (json(both)["message"] as? String)?.contains("mutually exclusive") == true)
             for v in [cvm, lvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
