@@ -124,7 +124,10 @@ struct FreestyleRoutes: Sendable {
         if let t = obj.removeValue(forKey: "template"), present(t) {
             guard !present(obj["spec"]) else { throw APIError(.badRequest, "BAD_REQUEST", "template (deprecated) and spec are mutually exclusive; use spec") }
             guard var layer = t as? [String: Any] else { throw APIError(.badRequest, "BAD_REQUEST", "template must be an object") }
-            if let p = layer.removeValue(forKey: "persistence"), !present(obj["persistence"]) { obj["persistence"] = p }
+            if let p = layer.removeValue(forKey: "persistence"), present(p) {
+                guard !present(obj["persistence"]) else { throw APIError(.badRequest, "BAD_REQUEST", "give persistence once: at the top level or in the template") }
+                obj["persistence"] = p
+            }
             obj["spec"] = ["snapshot": try withRepos(layer)]
         }
         return obj
