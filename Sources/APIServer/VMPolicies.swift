@@ -117,8 +117,6 @@ public actor VMPolicies {
         touch(id)
     }
 
-    public func lastUsed(_ id: String) -> Double? { lastActivity[id] }
-
     /// Whether a request on the VM is in flight.
     public func busy(_ id: String) -> Bool { (inFlight[id] ?? 0) > 0 }
 
