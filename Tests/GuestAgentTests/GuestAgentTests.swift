@@ -219,7 +219,8 @@ final class HostAgent {
         var last: AgentResponse?
         for try await item in sleeper { if case .end(let r) = item { last = r } }
         guard case .exec(let k) = last else { Issue.record("no result after cancel"); return }
-        #expect(k.signal == SIGKILL && ContinuousClock.now - t0 < .seconds(3))
+        // Killed, well before the 30 s sleep would end (a bound loose enough for CI load).
+        #expect(k.signal == SIGKILL && ContinuousClock.now - t0 < .seconds(25))
     }
 
     @Test func watchSeesCreateModifyDeleteRecursively() async throws {
