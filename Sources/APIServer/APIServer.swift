@@ -140,7 +140,7 @@ struct AuthAndErrors: RouterMiddleware {
             throw instavm ? InstaVMError.from(api) : api
         } catch let e as APIError where instavm {
             throw InstaVMError.from(e)
-        } catch let e as HTTPError where e.status == .notFound && !routes.allowed(request.uri.path).isEmpty {
+        } catch let e as HTTPError where e.status == .notFound && routes.hasPath(request.uri.path) {
             // The path exists with other methods: 405 with Allow, as HTTP says.
             let allowed = routes.allowed(request.uri.path)
             var api = APIError(
@@ -199,6 +199,12 @@ final class RouteMethods: Sendable {
             guard let best = matching.map({ Self.specificity($0.path) }).max(by: { $0.lexicographicallyPrecedes($1) }) else { return [] }
             return Set(matching.filter { Self.specificity($0.path) == best }.map(\.method.rawValue)).sorted()
         }
+    }
+
+    /// Whether some route matches `path` (with any method).
+    func hasPath(_ path: String) -> Bool {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
+        return table.withLock { $0.contains { Self.matches($0.path, parts) } }
     }
 
     /// Per segment: 2 for a literal, 1 for a capture, 0 for a wildcard.
