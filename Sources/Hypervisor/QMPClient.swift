@@ -14,12 +14,18 @@ import Glibc
 /// are `async`. When the connection ends (QEMU exited or was killed) every waiting call fails
 /// with `.hypervisor` "QMP connection closed".
 public final class QMPClient: Sendable {
+    private struct Waiter {
+        var name: String
+        var matching: @Sendable (JSONValue) -> Bool
+        var cont: CheckedContinuation<JSONValue, any Error>
+    }
+
     private struct State {
         var nextID = 1
         var pending: [Int: CheckedContinuation<JSONValue, any Error>] = [:]
         /// Events not yet taken by a waiter, oldest first, bounded.
         var events: [JSONValue] = []
-        var waiters: [Int: (name: String, cont: CheckedContinuation<JSONValue, any Error>)] = [:]
+        var waiters: [Int: Waiter] = [:]
         var closed: (any Error & Sendable)?
     }
 
@@ -88,10 +94,13 @@ public final class QMPClient: Sendable {
         return reply["return"] ?? .null
     }
 
-    /// Waits for the next event called `name` (taking an already buffered one first).
+    /// Waits for the next event called `name` that `matching` accepts (taking an already
+    /// buffered one first).
     /// - Throws: `.timedOut`, or `.hypervisor` when the connection closes first.
     @discardableResult
-    public func waitForEvent(_ name: String, timeout: Duration) async throws -> JSONValue {
+    public func waitForEvent(
+        _ name: String, timeout: Duration, matching: @escaping @Sendable (JSONValue) -> Bool = { _ in true }
+    ) async throws -> JSONValue {
         let key = state.withLock { s -> Int in
             defer { s.nextID += 1 }
             return s.nextID
@@ -103,19 +112,24 @@ public final class QMPClient: Sendable {
         defer { timer.cancel() }
         return try await withCheckedThrowingContinuation { (c: CheckedContinuation<JSONValue, any Error>) in
             let now = state.withLock { s -> Result<JSONValue, any Error>? in
-                if let i = s.events.firstIndex(where: { $0["event"]?.string == name }) {
+                if let i = s.events.firstIndex(where: { $0["event"]?.string == name && matching($0) }) {
                     return .success(s.events.remove(at: i))
                 }
                 if let e = s.closed { return .failure(e) }
-                s.waiters[key] = (name, c)
+                s.waiters[key] = Waiter(name: name, matching: matching, cont: c)
                 return nil
             }
             if let now { c.resume(with: now) }
         }
     }
 
-    /// Drops buffered events (before an operation whose events should be waited for afresh).
-    public func discardEvents() { state.withLock { $0.events.removeAll() } }
+    /// Drops buffered events (before an operation whose events should be waited for afresh);
+    /// only those called `name` when given.
+    public func discardEvents(named name: String? = nil) {
+        state.withLock { s in
+            if let name { s.events.removeAll { $0["event"]?.string == name } } else { s.events.removeAll() }
+        }
+    }
 
     private func fail(id: Int, _ error: any Error) {
         state.withLock { $0.pending.removeValue(forKey: id) }?.resume(throwing: error)
@@ -159,7 +173,7 @@ public final class QMPClient: Sendable {
             state.withLock { $0.pending.removeValue(forKey: id) }?.resume(returning: msg)
         } else if let name = msg["event"]?.string {
             let waiter = state.withLock { s -> CheckedContinuation<JSONValue, any Error>? in
-                if let (k, w) = s.waiters.first(where: { $0.value.name == name }) {
+                if let (k, w) = s.waiters.first(where: { $0.value.name == name && $0.value.matching(msg) }) {
                     s.waiters[k] = nil
                     return w.cont
                 }

@@ -34,6 +34,7 @@ extension VMService {
             }
         }
         do {
+            p.qmp.discardEvents(named: "MIGRATION")
             try await p.qmp.execute("migrate", ["uri": .string("unix:\(sock)")])
             try await waitForMigration(p, vm.id)
         } catch {
@@ -52,6 +53,7 @@ extension VMService {
         let sock = runDirectory(vm.id) + "/migrate.sock"
         unlink(sock)
         defer { unlink(sock) }
+        p.qmp.discardEvents(named: "MIGRATION")
         try await p.qmp.execute("migrate-incoming", ["uri": .string("unix:\(sock)")])
         let alive: @Sendable () -> Bool = { p.exitStatus == nil }
         try await onThread("migrate-out-\(vm.id)") {

@@ -24,10 +24,18 @@ struct PoolEntry: Sendable {
 // Mode b has no pool: its forks must all map the one base file of their snapshot, which is
 // not known before the fork.
 extension VMService {
-    /// Takes a pooled QEMU for `shape`, if one waits, and starts refilling in the background.
+    /// The pool a restore of `snap` in `mode` takes from, if any: mode a, RAM not in the stream.
+    func poolShape(for snap: SnapshotInfo, mode: MemoryMode) -> PoolShape? {
+        guard options.warmPoolSize > 0, mode == .shared, !snap.ramInStream, let disk = try? store.file(snap.diskFile).size else {
+            return nil
+        }
+        return PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk)
+    }
+
+    /// Takes a pooled QEMU for `shape`, if one waits. The caller refills (`refillPoolSoon`)
+    /// once its restores are done.
     func takeFromPool(_ shape: PoolShape) -> PoolEntry? {
         guard options.warmPoolSize > 0 else { return nil }
-        defer { refillSoon(shape) }
         guard var entries = pool[shape], !entries.isEmpty else { return nil }
         let e = entries.removeFirst()
         pool[shape] = entries
@@ -43,7 +51,9 @@ extension VMService {
     /// How many pooled QEMUs wait for each shape (tests and benchmarks look).
     public func poolCount() -> Int { pool.values.reduce(0) { $0 + $1.count } }
 
-    private func refillSoon(_ shape: PoolShape) {
+    /// Refills, in the background, the pool restores of `snap` in `mode` take from.
+    func refillPoolSoon(for snap: SnapshotInfo, mode: MemoryMode) {
+        guard let shape = poolShape(for: snap, mode: mode) else { return }
         Task { await self.refill(shape) }
     }
 

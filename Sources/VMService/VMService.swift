@@ -226,7 +226,9 @@ public actor VMService {
             if let m = request.memoryMiB, m != s.memoryMiB {
                 throw FurcateError(.invalidArgument, "snapshot \(snap) has \(s.memoryMiB) MiB of memory; a restore cannot change it")
             }
-            return try await restoreNew(s, mode: request.memoryMode ?? options.forkMemoryMode).0
+            let mode = request.memoryMode ?? options.forkMemoryMode
+            defer { refillPoolSoon(for: s, mode: mode) }
+            return try await restoreNew(s, mode: mode).0
         default:
             throw FurcateError(.invalidArgument, "give either an image or a snapshot to create a VM from")
         }
@@ -325,7 +327,7 @@ public actor VMService {
         do {
             try await p.qmp.execute("stop")
             if try store.exists(tmpState) { try store.delete(tmpState) }
-            try await setIgnoreShared(p, !snap.ramInStream)
+            try await setMigrationCapabilities(p, ignoreShared: !snap.ramInStream)
             snap.deviceStateBytes = try await saveStream(p, vm, into: store.createFile(tmpState))
             if !snap.ramInStream {
                 // RAM pages the guest dirtied live in the kernel's page cache of the mount:
@@ -357,22 +359,33 @@ public actor VMService {
         }
     }
 
-    private func setIgnoreShared(_ p: QEMUProcess, _ on: Bool) async throws {
-        try await p.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": .bool(on)]]])
+    /// Sets the migration capabilities of every save and load: `x-ignore-shared` (RAM on a
+    /// shared file is not streamed) as asked, and `events` (MIGRATION events mark the end, so
+    /// nothing polls QEMU while it saves or loads; a poll's reply would wake this process
+    /// and cost QEMU the CPU in the middle of it).
+    private func setMigrationCapabilities(_ p: QEMUProcess, ignoreShared: Bool) async throws {
+        try await p.qmp.execute(
+            "migrate-set-capabilities",
+            ["capabilities": [["capability": "x-ignore-shared", "state": .bool(ignoreShared)], ["capability": "events", "state": true]]])
+    }
+
+    /// Waits for the MIGRATION event that ends a migration started after the last
+    /// `discardEvents(named: "MIGRATION")`; returns its status (completed, failed or cancelled).
+    func migrationEnd(_ p: QEMUProcess) async throws -> String {
+        let end = try await p.qmp.waitForEvent("MIGRATION", timeout: .seconds(60)) { e in
+            ["completed", "failed", "cancelled"].contains(e["data"]?["status"]?.string ?? "")
+        }
+        return end["data"]?["status"]?.string ?? ""
     }
 
     func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
-        let deadline = ContinuousClock.now + .seconds(60)
-        while true {
-            let r = try await p.qmp.execute("query-migrate")
-            switch r["status"]?.string {
-            case "completed": return
-            case "failed", "cancelled":
-                throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(r["error-desc"]?.string ?? "\(r)")")
-            default:
-                if ContinuousClock.now >= deadline { throw FurcateError(.timedOut, "saving the device state of VM \(id) took over 60 s") }
-                try await Task.sleep(for: .milliseconds(1))
-            }
+        let status: String
+        do { status = try await migrationEnd(p) } catch let e as FurcateError where e.code == .timedOut {
+            throw FurcateError(.timedOut, "saving the device state of VM \(id) took over 60 s")
+        }
+        guard status == "completed" else {
+            let r = try? await p.qmp.execute("query-migrate")
+            throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(r?["error-desc"]?.string ?? status)")
         }
     }
 
@@ -390,6 +403,9 @@ public actor VMService {
         let snap = try await snapshot(id)
         let snapDuration = ContinuousClock.now - t0
         let mode = memoryMode ?? options.forkMemoryMode
+        // Pooled QEMUs are replaced once every fork runs: a QEMU starting up meanwhile would
+        // take the CPU from the restores (on a small host it doubled the restore step).
+        defer { refillPoolSoon(for: snap, mode: mode) }
         let results = await withTaskGroup(of: Result<(VMInfo, RestoreTiming), any Error>.self) { group in
             for _ in 0..<count {
                 group.addTask {
@@ -419,10 +435,7 @@ public actor VMService {
 
     /// A new VM restored from `snap`.
     private func restoreNew(_ snap: SnapshotInfo, mode: MemoryMode, newIdentity: Bool = false) async throws -> (VMInfo, RestoreTiming) {
-        var pooled: PoolEntry?
-        if options.warmPoolSize > 0, mode == .shared, !snap.ramInStream, let disk = try? store.file(snap.diskFile).size {
-            pooled = takeFromPool(PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk))
-        }
+        let pooled = poolShape(for: snap, mode: mode).flatMap { takeFromPool($0) }
         var vm = VMInfo(
             id: pooled?.id ?? VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
             parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
@@ -477,7 +490,7 @@ public actor VMService {
         newIdentity: Bool
     ) async throws -> RestoreTiming {
         var t = timing
-        try await setIgnoreShared(p, !snap.ramInStream)
+        try await setMigrationCapabilities(p, ignoreShared: !snap.ramInStream)
         try await loadStream(p, vm, from: store.file(snap.stateFile))
         t.migrateIncoming = lap()
         try await p.qmp.execute("cont")
@@ -535,21 +548,17 @@ public actor VMService {
     /// Waits until an incoming migration has loaded (the machine is then paused: it starts
     /// with -S). A stream QEMU cannot load makes it exit; that is reported with its log.
     func waitForIncoming(_ p: QEMUProcess, _ id: String) async throws {
-        let deadline = ContinuousClock.now + .seconds(60)
-        while true {
-            let r: JSONValue
-            do { r = try await p.qmp.execute("query-status") } catch {
-                throw FurcateError(
-                    .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
-                    path: p.logPath, underlying: error as? FurcateError)
-            }
-            let status = r["status"]?.string ?? ""
-            if status == "paused" || status == "running" { return }
-            if status != "inmigrate" && status != "prelaunch" {
-                throw FurcateError(.hypervisor, "restoring VM \(id) failed: QEMU is \(status)", path: p.logPath)
-            }
-            if ContinuousClock.now >= deadline { throw FurcateError(.timedOut, "restoring VM \(id) took over 60 s") }
-            try await Task.sleep(for: .microseconds(500))
+        let status: String
+        do { status = try await migrationEnd(p) } catch let e as FurcateError where e.code == .timedOut {
+            throw FurcateError(.timedOut, "restoring VM \(id) took over 60 s")
+        } catch {
+            status = "failed"
+        }
+        guard status == "completed" else {
+            await p.waitForExit(timeout: .seconds(2))  // its log says why; QEMU exits after a failed load
+            throw FurcateError(
+                .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
+                path: p.logPath)
         }
     }
 
