@@ -514,13 +514,20 @@ public actor VMService {
     private func freshenGuest(_ vm: VMInfo, newIdentity: Bool) async -> Bool {
         do {
             let agent = try await connectAgent(vm.id, timeout: options.agentTimeout)
-            defer { agent.close() }
-            try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
-            if newIdentity {
-                let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
-                _ = try await agent.request(
-                    .writeFile(path: "/etc/machine-id", data: Data(machineID.utf8), offset: nil, mode: 0o444, createParents: true))
+            do {
+                try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
+                if newIdentity {
+                    let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
+                    _ = try await agent.request(
+                        .writeFile(path: "/etc/machine-id", data: Data(machineID.utf8), offset: nil, mode: 0o444, createParents: true))
+                }
+            } catch {
+                agent.close()
+                throw error
             }
+            // Kept as the VM's connection: the next caller needs no new one, and an agent whose
+            // host stays connected sleeps in its read instead of waiting for a connection.
+            if processes[vm.id] == nil || agentClients[vm.id]?.isOpen == true { agent.close() } else { agentClients[vm.id] = agent }
             return true
         } catch {
             logger.warning(

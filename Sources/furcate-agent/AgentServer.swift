@@ -36,7 +36,7 @@ final class AgentServer: Sendable {
             if n <= 0 {
                 if stopAtEOF { return }
                 decoder = FrameDecoder()  // a new host connection starts a new stream
-                usleep(10_000)
+                if n == 0 { waitForHost(input) } else { usleep(10_000) }
                 continue
             }
             decoder.append(buf[0..<n])
@@ -119,6 +119,31 @@ final class AgentServer: Sendable {
     }
 }
 
+/// Waits, up to a second, for the host to connect to the virtio port `fd` (which reads
+/// end-of-file while no host is connected). The virtio console driver sends SIGIO to the
+/// port's owner when the host end opens or closes, so this thread sleeps until then instead
+/// of reading again every few milliseconds — a forked VM often waits for its host without
+/// doing anything else, and each wakeup would cost it CPU and memory pages of its own.
+func waitForHost(_ fd: Int32) {
+    var sigio = sigset_t()
+    sigemptyset(&sigio)
+    sigaddset(&sigio, SIGIO)
+    // Blocked in every thread (`servePort` blocks it before any start): kept pending for
+    // sigtimedwait, never delivered.
+    pthread_sigmask(SIG_BLOCK, &sigio, nil)
+    let flags = fcntl(fd, F_GETFL)
+    guard fcntl(fd, F_SETOWN, getpid()) == 0, fcntl(fd, F_SETFL, flags | O_ASYNC) == 0 else {
+        usleep(10_000)
+        return
+    }
+    defer { _ = fcntl(fd, F_SETFL, flags) }
+    // The host may have connected between the read that saw end-of-file and O_ASYNC.
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    if poll(&p, 1, 0) == 1 && p.revents & Int16(POLLHUP) == 0 { return }
+    var limit = timespec(tv_sec: 1, tv_nsec: 0)
+    _ = sigtimedwait(&sigio, nil, &limit)
+}
+
 /// The device of the virtio-serial port called `name` (/dev/vportNpM), waiting for it.
 func portDevice(_ name: String) -> String {
     while true {
@@ -143,6 +168,10 @@ func portDevice(_ name: String) -> String {
 
 /// Serves the named port forever, reopening it if it fails.
 func servePort(_ name: String) -> Never {
+    var sigio = sigset_t()
+    sigemptyset(&sigio)
+    sigaddset(&sigio, SIGIO)
+    pthread_sigmask(SIG_BLOCK, &sigio, nil)  // before any thread starts: see waitForHost
     while true {
         let dev = portDevice(name)
         let fd = open(dev, O_RDWR | O_CLOEXEC)

@@ -121,6 +121,28 @@ struct VMServiceTests {
     /// The agent in a real VM: it comes back when killed (its supervisor restarts it), runs a
     /// service that is restarted after SIGKILL, freezes and thaws the rootfs, and a graceful
     /// shutdown through it powers the VM off (QEMU exits cleanly: the VM is stopped).
+    /// With no host connected, the agent sleeps until the driver signals a connection (it
+    /// used to read its port again every 10 ms, ~100 wakeups a second in every idle VM); a
+    /// host that connects is served at once.
+    @Test(.timeLimit(.minutes(5))) func agentSleepsUntilTheHostConnects() async throws {
+        await withHarness { h, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let agent = try await svc.agent(vm.id, timeout: .seconds(60))
+            guard case .pong = try await agent.request(.ping) else { Issue.record("no pong"); return }
+            agent.close()
+            let switches = "for p in $(pidof agent); do grep '^voluntary_ctxt_switches' /proc/$p/status; done | awk '{n += $2} END {print n}'"
+            try await Task.sleep(for: .milliseconds(500))
+            let before = try #require(Int(try await guest(sh, switches)))
+            try await Task.sleep(for: .seconds(3))
+            let after = try #require(Int(try await guest(sh, switches)))
+            // Polling every 10 ms would be ~300 in 3 s; waiting on SIGIO (1 s at most) is ≤ ~6.
+            #expect(after - before < 30, "the agent woke \(after - before) times in 3 s with no host connected")
+            let again = try await svc.agent(vm.id, timeout: .seconds(30))
+            guard case .pong = try await again.request(.ping) else { Issue.record("no pong after reconnecting"); return }
+        }
+    }
+
     @Test(.timeLimit(.minutes(5))) func agentSurvivesServicesRunAndShutdownStopsTheVM() async throws {
         await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
