@@ -1,6 +1,7 @@
 import BlockStore
 import Foundation
 import FurcateCore
+import GuestAgentProtocol
 import Hypervisor
 import StoreFS
 import VMService
@@ -45,6 +46,11 @@ public struct ForkBenchReport: Codable, Sendable {
         public var snapshotOfForkMillis: Double
         /// Forks that answered and proved isolated (own marker seen, no other VM sees it).
         public var forksVerified: Int
+        /// Single forks of the parent one after another (`rounds` of them, each removed before
+        /// the next; with a warm pool, each starts once a pooled QEMU waits again): fork end to
+        /// end, the restore step (migrate-incoming + resume) and its parts.
+        public var rounds: Int = 0
+        public var sequential: [Phase] = []
     }
     public var accelerator: String
     public var memoryMiB: Int
@@ -71,6 +77,8 @@ public struct ForkBenchmark: Sendable {
     public var warmPool: Int
     /// Block size of memory files (nil: the service's default).
     public var memoryBlockSize: Int?
+    /// Sequential single forks per memory mode after the N-way fork (see `Mode.sequential`).
+    public var rounds = 10
     public var progress: @Sendable (String) -> Void
 
     public init(
@@ -119,6 +127,12 @@ public struct ForkBenchmark: Sendable {
             let base = try await svc.create(CreateVMRequest(image: "rootfs"))
             let baseShell = try await svc.guestShell(base.id, timeout: .seconds(120))
             _ = try await baseShell.run("echo base > /tmp/who")
+            // One command through the guest agent, as anything using the VM would have run:
+            // forks of a VM whose agent never served a request page its code in from disk, and
+            // in mode b every page the guest reads in is a page copied on write in each fork
+            // (measured: 4.5 MiB vs 1.7 MiB per fork at freshening).
+            let warm = try await svc.agent(base.id).exec(ExecRequest(argv: ["/bin/sh", "-c", "true"]))
+            guard warm.exitCode == 0 else { throw FurcateError(.io, "the base VM's agent could not run a command: \(warm)") }
             let f0 = ContinuousClock.now
             let first = try await svc.snapshot(base.id)
             report.firstSnapshotMillis = Self.ms(ContinuousClock.now - f0)
@@ -152,6 +166,14 @@ public struct ForkBenchmark: Sendable {
             guard await svc.awaitFreshened(vm.id) else { throw FurcateError(.io, "fork \(vm.id) was not freshened by its agent") }
             freshen.append(Self.ms(ContinuousClock.now - start))
         }
+        // Host memory per idle fork: freshened, then left alone for a second (before the
+        // benchmark's own shell commands below touch more of each guest).
+        try await Task.sleep(for: .seconds(1))
+        var usage: [Self.Usage] = []
+        for vm in fork.vms {
+            guard let p = await svc.process(vm.id) else { continue }
+            usage.append(Self.memoryUsage(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"))
+        }
         // First guest response of every fork, and isolation: each writes its own marker.
         var firstResponse: [Double] = []
         var shells: [(String, GuestShell)] = []
@@ -167,12 +189,6 @@ public struct ForkBenchmark: Sendable {
             verified += 1
         }
         if (try? await baseShell.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) != "base" { verified = 0 }
-        try await Task.sleep(for: .seconds(1))  // idle
-        var usage: [Self.Usage] = []
-        for vm in fork.vms {
-            guard let p = await svc.process(vm.id) else { continue }
-            usage.append(Self.memoryUsage(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"))
-        }
         let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
         let s0 = ContinuousClock.now
         let snapOfFork = try await svc.snapshot(fork.vms[0].id)
@@ -186,6 +202,7 @@ public struct ForkBenchmark: Sendable {
             ("first guest response", firstResponse),
         ]
         for vm in fork.vms { try? await svc.delete(vm.id) }
+        let sequential = try await sequentialForks(svc, base: base, mode: mode)
         return ForkBenchReport.Mode(
             memoryMode: mode.rawValue, count: count, warmPool: mode == .shared ? warmPool : 0, snapshotMillis: Self.ms(fork.snapshotDuration),
             wallMillis: Self.ms(wall),
@@ -193,7 +210,40 @@ public struct ForkBenchmark: Sendable {
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
             pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
             ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), guestWriteMBps: write,
-            snapshotOfForkMillis: snapMillis, forksVerified: verified)
+            snapshotOfForkMillis: snapMillis, forksVerified: verified, rounds: rounds, sequential: sequential)
+    }
+
+    /// `rounds` single forks of `base`, one after another, each freshened and removed before
+    /// the next. With a warm pool a round starts once a pooled QEMU waits again: the pool's
+    /// steady state when forks come no faster than it refills.
+    private func sequentialForks(_ svc: VMService, base: String, mode: MemoryMode) async throws -> [ForkBenchReport.Phase] {
+        guard rounds > 0 else { return [] }
+        progress("\(rounds) single forks in turn (memory mode \(mode.rawValue))")
+        var fork: [Double] = [], restore: [Double] = [], clone: [Double] = [], spawn: [Double] = [], incoming: [Double] = [], resume: [Double] = []
+        for _ in 0..<rounds {
+            if mode == .shared && warmPool > 0 {
+                let deadline = ContinuousClock.now + .seconds(60)
+                while await svc.poolCount() == 0 {
+                    guard ContinuousClock.now < deadline else { throw FurcateError(.timedOut, "the warm pool did not refill within 60 s") }
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            let r = try await svc.fork(base, count: 1, memoryMode: mode)
+            let t = r.timings[0]
+            fork.append(Self.ms(r.snapshotDuration + t.total))
+            restore.append(Self.ms(t.migrateIncoming + t.resume))
+            clone.append(Self.ms(t.storeClone))
+            spawn.append(Self.ms(t.spawn))
+            incoming.append(Self.ms(t.migrateIncoming))
+            resume.append(Self.ms(t.resume))
+            guard await svc.awaitFreshened(r.vms[0].id) else { throw FurcateError(.io, "fork \(r.vms[0].id) was not freshened by its agent") }
+            try await svc.delete(r.vms[0].id)
+            try? await svc.deleteSnapshot(r.snapshot.id)
+        }
+        return [
+            ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
+            ("migrate-incoming", incoming), ("resume", resume),
+        ].map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) }
     }
 
     /// The guest writes `mib` MiB of non-zero bytes (zero pages could be special-cased on

@@ -115,13 +115,14 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Guest memory in MiB.") var memory = 512
         @Option(help: "Block size of guest memory files (e.g. 4K, 64K; default 64K).") var memoryBlockSize: String?
         @Option(help: "QEMUs kept waiting for mode-a forks (0: every fork spawns one).") var warmPool = 0
+        @Option(help: "Single forks made one after another per memory mode, after the N-way fork (0: none).") var rounds = 10
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
         func run() throws {
             bootstrapOnce
-            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize) =
-                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize)
+            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds) =
+                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds)
             try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
@@ -135,6 +136,7 @@ struct BenchCommand: ParsableCommand {
                 guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "--count must be 1 to 1000") }
                 guard (0...1000).contains(warmPool) else { throw FurcateError(.invalidArgument, "--warm-pool must be 0 to 1000") }
                 guard (64...65536).contains(memory) else { throw FurcateError(.invalidArgument, "--memory must be 64 to 65536 MiB") }
+                guard (0...1000).contains(rounds) else { throw FurcateError(.invalidArgument, "--rounds must be 0 to 1000") }
                 var bs: Int?
                 if let s = memoryBlockSize {
                     let v = Int(try ByteSize.parse(s))
@@ -145,6 +147,7 @@ struct BenchCommand: ParsableCommand {
                     FileHandleStderr.write("bench: \($0)\n")
                 }
                 b.memoryBlockSize = bs
+                b.rounds = rounds
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
@@ -158,6 +161,8 @@ struct BenchCommand: ParsableCommand {
                     print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB")
                     print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
                     print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
+                    if m.rounds > 0 { print("  \(m.rounds) single forks in turn\(m.warmPool > 0 ? " (each with a pooled QEMU waiting)" : ""):") }
+                    for p in m.sequential { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
                 }
                 print("total \(f1(r.seconds)) s")
             }
