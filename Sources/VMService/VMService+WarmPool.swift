@@ -45,6 +45,7 @@ extension VMService {
 
     /// Spawns pooled QEMUs for `shape` until `warmPoolSize` wait (one refill at a time).
     public func prewarm(memoryMiB: Int, vcpus: Int, diskBytes: UInt64) async {
+        poolDrained = false
         await refill(PoolShape(memoryMiB: memoryMiB, vcpus: vcpus, diskBytes: diskBytes))
     }
 
@@ -58,12 +59,14 @@ extension VMService {
     }
 
     func refill(_ shape: PoolShape) async {
-        guard options.warmPoolSize > 0, !refilling.contains(shape), !shuttingDown else { return }
+        guard options.warmPoolSize > 0, !refilling.contains(shape), !shuttingDown, !poolDrained else { return }
         refilling.insert(shape)
         defer { refilling.remove(shape) }
-        while (pool[shape]?.count ?? 0) < options.warmPoolSize && !shuttingDown {
+        while (pool[shape]?.count ?? 0) < options.warmPoolSize && !shuttingDown && !poolDrained {
             do {
                 let e = try await spawnPooled(shape)
+                // Drained while this one started (a shutdown): it must not outlive the pool.
+                guard !shuttingDown && !poolDrained else { return await discardPooled(e) }
                 pool[shape, default: []].append(e)
             } catch {
                 logger.warning("warm pool: cannot spawn", metadata: ["error": "\(error)"])
@@ -89,15 +92,19 @@ extension VMService {
     }
 
     /// Ends every pooled QEMU and removes its files (at shutdown; not an error when empty).
+    /// No refill starts a QEMU after this (one starting meanwhile is ended) until `prewarm`.
     public func drainWarmPool() async {
+        poolDrained = true
         let all = pool.values.flatMap { $0 }
         pool.removeAll()
-        for e in all {
-            await e.process.kill()
-            processes[e.id] = nil
-            for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.delete(f) }
-            try? FileManager.default.removeItem(atPath: runDirectory(e.id))
-        }
+        for e in all { await discardPooled(e) }
+    }
+
+    private func discardPooled(_ e: PoolEntry) async {
+        await e.process.kill()
+        processes[e.id] = nil
+        for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.delete(f) }
+        try? FileManager.default.removeItem(atPath: runDirectory(e.id))
     }
 
     /// Store files named for VMs the database does not know: pool entries or half-made VMs of

@@ -122,6 +122,8 @@ public actor VMService {
     /// Warm pool (VMService+WarmPool.swift).
     var pool: [PoolShape: [PoolEntry]] = [:]
     var refilling: Set<PoolShape> = []
+    /// Set by `drainWarmPool`: refills stop until `prewarm`.
+    var poolDrained = false
     var shuttingDown = false
     nonisolated var logger: Logger { options.logger }
 

@@ -253,6 +253,23 @@ struct VMServiceTests {
         #expect(!left.contains { $0.hasPrefix("vm-") }, "pooled VM files left: \(left)")
     }
 
+    /// A drain (shutdown) while the pool refills after a fork ends the pool for good: no QEMU
+    /// started by the refill outlives it (one did, and held a lazily unmounted store open).
+    @Test(.timeLimit(.minutes(5))) func drainingStopsARefillInProgress() async throws {
+        let left = await withHarness(warmPool: 2) { h, svc in
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            _ = try await svc.guestShell(parent.id, timeout: .seconds(60))
+            let fork = try await svc.fork(parent.id, count: 1)  // starts refilling 2 in the background
+            await svc.drainWarmPool()
+            try await Task.sleep(for: .seconds(3))  // a refill that went on would have spawned by now
+            #expect(await svc.poolCount() == 0)
+            let names = try h.store.list().map(\.name).filter { $0.hasPrefix("vm-") }
+            let known = [parent.id, fork.vms[0].id]
+            #expect(names.allSatisfy { n in known.contains { n.hasPrefix("vm-\($0)") } }, "files of pooled QEMUs after the drain: \(names)")
+        }
+        #expect(!left.contains { $0.hasPrefix("vm-") }, "VM files left: \(left)")
+    }
+
     /// Suspend ends the process and keeps everything in the store; resume brings back the
     /// same guest, its background process still alive.
     /// Snapshot memory compression (hypeman's model) runs in the background while a restore of
