@@ -114,6 +114,8 @@ public actor VMService {
     let baseLock = AsyncLock()
     /// Freshening of restored VMs in progress or done (see `awaitFreshened`).
     var freshening: [String: Task<Bool, Never>] = [:]
+    /// VMs whose freshening also gives them a new identity (a retry must too).
+    var freshenIdentity: Set<String> = []
     /// One shared agent connection per running VM (the channel takes one client at a time;
     /// requests multiplex over it). Dropped when the VM's process ends.
     var agentClients: [String: AgentClient] = [:]
@@ -196,11 +198,31 @@ public actor VMService {
         return await t.value
     }
 
+    /// Waits for a restored VM's freshening. One that gave up (its agent answered too late —
+    /// many forks restored at once on a small host take longer than `agentTimeout`) is tried
+    /// again first, within `timeout`: nothing of the user's reaches a fork that still shares
+    /// its RNG state with its siblings.
+    /// - Throws: `.timedOut` when the retry fails too.
+    func ensureFreshened(_ id: String, timeout: Duration) async throws {
+        while let t = freshening[id] {
+            if await t.value { return }
+            guard freshening[id] == t else { continue }  // another caller retries: wait for theirs
+            let v = try info(id)
+            let newIdentity = freshenIdentity.contains(id)
+            let retry = Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: timeout) }
+            freshening[id] = retry
+            if await retry.value { return }
+            throw FurcateError(
+                .timedOut,
+                "VM \(id) was restored, but its guest agent has not reseeded its RNG and set its clock yet (no answer within \(timeout)); try again")
+        }
+    }
+
     /// A connection to a running VM's guest agent, once it answers (and, after a restore, once
     /// the VM was freshened: nothing of the user's reaches a fork before its RNG is reseeded).
     /// - Throws: `.invalidState` unless running, `.timedOut`.
     public func agent(_ id: String, timeout: Duration = .seconds(30)) async throws -> AgentClient {
-        _ = await awaitFreshened(id)
+        try await ensureFreshened(id, timeout: timeout)
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
         if let c = agentClients[id], c.isOpen { return c }
@@ -503,7 +525,8 @@ public actor VMService {
         // would protect nothing more: the agent freshens it in the background, and every
         // operation that reaches the guest through this service waits for that first.
         let v = vm
-        freshening[vm.id] = Task { await self.freshenGuest(v, newIdentity: newIdentity) }
+        if newIdentity { freshenIdentity.insert(vm.id) }
+        freshening[vm.id] = Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: self.options.agentTimeout) }
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
     }
@@ -513,9 +536,9 @@ public actor VMService {
     /// wall clock (it still shows the snapshot's time), and with `newIdentity` sets the
     /// hostname to the VM id and writes a new /etc/machine-id. Without an agent the VM runs on,
     /// with a warning.
-    private func freshenGuest(_ vm: VMInfo, newIdentity: Bool) async -> Bool {
+    private func freshenGuest(_ vm: VMInfo, newIdentity: Bool, timeout: Duration) async -> Bool {
         do {
-            let agent = try await connectAgent(vm.id, timeout: options.agentTimeout)
+            let agent = try await connectAgent(vm.id, timeout: timeout)
             do {
                 try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
                 if newIdentity {
@@ -674,6 +697,7 @@ public actor VMService {
         }
         locks[id] = nil
         freshening[id] = nil
+        freshenIdentity.remove(id)
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.

@@ -39,11 +39,13 @@ final class VMHarness: @unchecked Sendable {
     let store: BlockStore
     let mount: BackgroundMount
     let warmPool: Int
+    let configure: @Sendable (inout VMServiceOptions) -> Void
     private(set) var service: VMService
     var mountpoint: String { tmp.sub("mnt") }
 
-    init(warmPool: Int = 0) throws {
+    init(warmPool: Int = 0, configure: @escaping @Sendable (inout VMServiceOptions) -> Void = { _ in }) throws {
         self.warmPool = warmPool
+        self.configure = configure
         try FileManager.default.createDirectory(atPath: tmp.sub("mnt"), withIntermediateDirectories: true)
         store = try BlockStore.create(at: tmp.sub("store"))
         let rootfs = try store.createFile("rootfs")
@@ -52,21 +54,22 @@ final class VMHarness: @unchecked Sendable {
         try FileTransfer.importFile(fd: fd, path: guestDir + "/test-rootfs.ext4", into: rootfs)
         try rootfs.sync()
         mount = try StoreFS(store: store, mountpoint: tmp.sub("mnt")).startInBackground()
-        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool))
+        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool, configure))
     }
 
-    static func options(_ tmp: TempDir, warmPool: Int = 0) -> VMServiceOptions {
+    static func options(_ tmp: TempDir, warmPool: Int = 0, _ configure: (inout VMServiceOptions) -> Void = { _ in }) -> VMServiceOptions {
         var o = VMServiceOptions(dataDirectory: tmp.sub("data"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
         o.gracefulStopTimeout = .milliseconds(300)
         o.defaultMemoryMiB = 128
         o.warmPoolSize = warmPool
         o.debugShell = true
+        configure(&o)
         return o
     }
 
     /// A new service over the same data directory, as after a server restart.
     func restart() throws {
-        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool))
+        service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool, configure))
     }
 
     /// Kills every VM still known, unmounts, closes the store. Returns the names of the store
@@ -110,10 +113,11 @@ func diagnose(_ svc: VMService, _ id: String) async -> String {
 /// the VMs were deleted.
 @discardableResult
 func withHarness(
-    warmPool: Int = 0, sourceLocation: SourceLocation = #_sourceLocation, _ body: (VMHarness, VMService) async throws -> Void
+    warmPool: Int = 0, configure: @escaping @Sendable (inout VMServiceOptions) -> Void = { _ in },
+    sourceLocation: SourceLocation = #_sourceLocation, _ body: (VMHarness, VMService) async throws -> Void
 ) async -> [String] {
     let h: VMHarness
-    do { h = try VMHarness(warmPool: warmPool) } catch {
+    do { h = try VMHarness(warmPool: warmPool, configure: configure) } catch {
         Issue.record(error, sourceLocation: sourceLocation)
         return []
     }
