@@ -209,7 +209,7 @@ public struct ForkBenchmark: Sendable {
         return ForkBenchReport.Mode(
             memoryMode: mode.rawValue, count: count, warmPool: mode == .shared ? warmPool : 0, snapshotMillis: Self.ms(fork.snapshotDuration),
             wallMillis: Self.ms(wall),
-            phases: phases.map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) },
+            phases: Self.summary(phases),
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
             pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
             ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), guestWriteMBps: write,
@@ -243,10 +243,10 @@ public struct ForkBenchmark: Sendable {
             try await svc.delete(r.vms[0].id)
             try? await svc.deleteSnapshot(r.snapshot.id)
         }
-        return [
+        return Self.summary([
             ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
             ("migrate-incoming", incoming), ("resume", resume),
-        ].map { .init(name: $0.0, p50Millis: Self.percentile($0.1, 0.5), p99Millis: Self.percentile($0.1, 0.99)) }
+        ])
     }
 
     /// The guest writes `mib` MiB of non-zero bytes (zero pages could be special-cased on
@@ -294,6 +294,11 @@ public struct ForkBenchmark: Sendable {
     }
 
     static func ms(_ d: Duration) -> Double { millis(d) }
+
+    /// p50 and p99 of each named series of milliseconds.
+    static func summary(_ series: [(String, [Double])]) -> [ForkBenchReport.Phase] {
+        series.map { .init(name: $0.0, p50Millis: percentile($0.1, 0.5), p99Millis: percentile($0.1, 0.99)) }
+    }
 
     static func mean(_ xs: [Double]) -> Double { xs.isEmpty ? 0 : xs.reduce(0, +) / Double(xs.count) }
 
