@@ -16,7 +16,11 @@ import Glibc
 /// process) every waiting call fails with `.io`.
 public final class AgentClient: Sendable {
     private struct State {
-        var nextID: UInt32 = 1
+        /// Starts at random: a guest restored from a snapshot still has the requests of the
+        /// snapshotted VM's connection in flight, and answers them on this one. Counting from
+        /// 1 on every connection, such a stale answer took the place of a new request's
+        /// (schemathesis: terminalList "answered" with another request's response).
+        var nextID = UInt32.random(in: 1...UInt32.max)
         var pending: [UInt32: CheckedContinuation<AgentResponse, any Error>] = [:]
         var streams: [UInt32: AsyncThrowingStream<StreamItem, any Error>.Continuation] = [:]
         var closed: (any Error & Sendable)?
