@@ -99,6 +99,46 @@ final class HostAgent {
         #expect(throws: FrameError.self) { try lying.next() }
     }
 
+    /// A guest restored from a snapshot answers the old connection's in-flight requests on the
+    /// new one; such a stale answer must not be taken for a new request's (ids counted from 1
+    /// on every connection collided: a terminalList "answered" with another request's `ok`).
+    @Test func aStaleAnswerFromAnEarlierConnectionIsNotTakenForANewRequest() async throws {
+        func readRequestID(_ fd: Int32) throws -> UInt32 {
+            var decoder = FrameDecoder()
+            var buf = [UInt8](repeating: 0, count: 4096)
+            while true {
+                if let f = try decoder.next() { return f.id }
+                let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                guard n > 0 else { throw FurcateError(.io, "the client closed") }
+                decoder.append(buf[0..<n])
+            }
+        }
+        func pair() throws -> (Int32, Int32) {
+            var sv: [Int32] = [0, 0]
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
+            return (sv[0], sv[1])
+        }
+        // The first connection's request is never answered (the VM was snapshotted meanwhile).
+        let (c1, g1) = try pair()
+        let old = AgentClient(readFD: c1, writeFD: c1)
+        let unanswered = Task { try? await old.request(.terminalList, timeout: .seconds(30)) }
+        let staleID = try readRequestID(g1)
+        old.close()
+        _ = await unanswered.value
+        close(g1)
+        // The restored guest answers it on the next connection, before the new request's answer.
+        let (c2, g2) = try pair()
+        defer { close(g2) }
+        let client = AgentClient(readFD: c2, writeFD: c2)
+        defer { client.close() }
+        let answer = Task { try await client.request(.terminalList, timeout: .seconds(30)) }
+        let id = try readRequestID(g2)
+        for frame in [try AgentResponse.ok.frame(id: staleID), try AgentResponse.terminals([]).frame(id: id)] {
+            try UnixSocket.writeAll(g2, frame.encoded())
+        }
+        #expect(try await answer.value == .terminals([]))
+    }
+
     @Test func pingAndExec() async throws {
         let a = try HostAgent()
         guard case .pong(let v, _, let up) = try await a.client.request(.ping) else { Issue.record("no pong"); return }
