@@ -88,7 +88,7 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     }
 
     /// QEMU's arguments. `incoming`: start waiting for a migration stream (`-incoming defer`)
-    /// instead of booting. The machine always starts paused (`-S`): the caller resumes it.
+    /// instead of booting.
     public func arguments(incoming: Bool) -> [String] {
         var a: [String] = [
             "-machine", "microvm,memory-backend=ram,isa-serial=on,rtc=on",
@@ -120,10 +120,15 @@ public struct MachineConfig: Sendable, Codable, Equatable {
         a += [
             "-device", "virtio-rng-device",
             "-qmp", "unix:\(Self.escape(qmpSocket)),server=on,wait=off",
-            "-S",
+            // Streams saved here carry no run state: a restore resumes as soon as it is loaded.
+            "-global", "migration.store-global-state=off",
         ]
         a += ["-accel", accelerator == .tcg ? "tcg,tb-size=\(tcgCacheMiB)" : "kvm"]
-        if incoming { a += ["-incoming", "defer"] }
+        // Booting: start paused (`-S`), the caller resumes. Restoring: QEMU starts the guest
+        // itself the moment the device state is in (its autostart), without waiting for a
+        // `cont` round trip; a stream that says the VM was paused (saved before QEMU was
+        // told not to store the run state) stays paused, and the caller resumes it.
+        a += incoming ? ["-incoming", "defer"] : ["-S"]
         return a
     }
 

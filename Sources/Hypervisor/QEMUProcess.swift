@@ -31,12 +31,13 @@ public final class QEMUProcess: Sendable {
         return "qemu-system-x86_64"
     }
 
-    /// Starts QEMU for `config` (paused; booting, or waiting for an incoming migration when
+    /// Starts QEMU for `config` (booting paused, or waiting for an incoming migration when
     /// `incoming`) and connects to QMP.
     /// - Throws: `.io` when QEMU cannot start or exits during start-up (with the end of its
     ///   log in the message), `.timedOut` when QMP does not answer within `readyTimeout`.
     public static func launch(
-        _ config: MachineConfig, incoming: Bool, logPath: String, readyTimeout: Duration = .seconds(20)
+        _ config: MachineConfig, incoming: Bool, binary: String = QEMUProcess.binary, logPath: String,
+        readyTimeout: Duration = .seconds(20)
     ) async throws -> QEMUProcess {
         unlink(config.qmpSocket)
         unlink(config.channelSocket)

@@ -123,6 +123,11 @@ public final class QMPClient: Sendable {
         }
     }
 
+    /// Takes the oldest buffered event called `name`, if one came; never waits.
+    public func takeEvent(named name: String) -> JSONValue? {
+        state.withLock { s in s.events.firstIndex { $0["event"]?.string == name }.map { s.events.remove(at: $0) } }
+    }
+
     /// Drops buffered events (before an operation whose events should be waited for afresh);
     /// only those called `name` when given.
     public func discardEvents(named name: String? = nil) {

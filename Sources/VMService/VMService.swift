@@ -48,6 +48,8 @@ public struct VMServiceOptions: Sendable {
     public var warmPoolSize = 0
     /// How long QEMU may take to answer QMP after spawn.
     public var startTimeout: Duration = .seconds(20)
+    /// The QEMU binary (default: `FURCATE_QEMU`, else qemu-system-x86_64 on the usual paths).
+    public var qemuBinary: String = QEMUProcess.binary
     public var logger = Logger(label: "furcate.vm")
 
     public init(dataDirectory: String, mountpoint: String, guestDirectory: String) {
@@ -515,9 +517,12 @@ public actor VMService {
     ) async throws -> RestoreTiming {
         var t = timing
         try await setMigrationCapabilities(p, ignoreShared: !snap.ramInStream)
+        p.qmp.discardEvents(named: "RESUME")
         try await loadStream(p, vm, from: store.file(snap.stateFile))
         t.migrateIncoming = lap()
-        try await p.qmp.execute("cont")
+        // QEMU resumed the guest as the load completed (RESUME comes before the MIGRATION
+        // `completed` event), unless the stream says the VM was paused when it was saved.
+        if p.qmp.takeEvent(named: "RESUME") == nil { try await p.qmp.execute("cont") }
         t.resume = lap()
         vm.pid = p.pid
         try setState(&vm, .running)
@@ -819,7 +824,8 @@ public actor VMService {
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }
-        let p = try await QEMUProcess.launch(config, incoming: incoming, logPath: run + "/qemu.log", readyTimeout: options.startTimeout)
+        let p = try await QEMUProcess.launch(
+            config, incoming: incoming, binary: options.qemuBinary, logPath: run + "/qemu.log", readyTimeout: options.startTimeout)
         processes[vm.id] = p
         Task { [weak self] in
             let status = await p.waitForExit()

@@ -428,6 +428,28 @@ struct VMServiceTests {
         }
     }
 
+    /// Restores start the guest as soon as the device state is in (QEMU's autostart; streams
+    /// saved here carry no run state). A stream saved by an earlier version says the VM was
+    /// paused, QEMU then leaves the restored guest paused, and the service resumes it.
+    @Test(.timeLimit(.minutes(5))) func aStreamSavedWithThePausedRunStateStillRestoresRunning() async throws {
+        // A QEMU told to store the run state in its streams, as earlier versions did (the
+        // later -global wins).
+        let dir = TempDir("qemu")
+        let wrapper = dir.sub("qemu")
+        try "#!/bin/sh\nexec \(QEMUProcess.binary) \"$@\" -global migration.store-global-state=on\n".write(
+            toFile: wrapper, atomically: true, encoding: .utf8)
+        chmod(wrapper, 0o755)
+        await withHarness(configure: { $0.qemuBinary = wrapper }) { _, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            try await guest(sh, "echo before > /tmp/mem-marker")
+            let fork = try await svc.fork(vm.id, count: 1)
+            let s = try await svc.guestShell(fork.vms[0].id, timeout: .seconds(30))
+            #expect(try await guest(s, "cat /tmp/mem-marker") == "before")
+            #expect(try await svc.info(fork.vms[0].id).state == .running)
+        }
+    }
+
     /// A restarted server finds its VMs: those running at a graceful shutdown run again (the
     /// same guest), suspended ones stay suspended, and one whose server died under it is lost
     /// with its stale QEMU killed.
