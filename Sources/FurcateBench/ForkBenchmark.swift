@@ -40,6 +40,9 @@ public struct ForkBenchReport: Codable, Sendable {
         /// Anonymous guest RAM pages of each fork: the pages it copied on write (mode b). In
         /// mode a a fork's RAM is its own file, so all of its RAM PSS is its own.
         public var ramAnonPerForkMiB: Double
+        /// The same, read as soon as the fork call returned (each fork running, before its
+        /// freshening): what the restore itself copied, before the guest's own activity.
+        public var ramAnonAtReturnPerForkMiB: Double
         /// The guest writes `guestWriteMiB` to its tmpfs in one fork.
         public var guestWriteMBps: Double
         /// Snapshot of one of the forks.
@@ -161,6 +164,11 @@ public struct ForkBenchmark: Sendable {
         let start = ContinuousClock.now
         let fork = try await svc.fork(base, count: count, memoryMode: mode)
         let wall = ContinuousClock.now - start
+        var atReturn: [Double] = []
+        for vm in fork.vms {
+            guard let p = await svc.process(vm.id) else { continue }
+            atReturn.append(Self.memoryUsage(pid: p.pid, mapping: Self.ramMapping(vm, fork, mode)).ramAnon)
+        }
         // Until each fork's agent has reseeded its RNG and set its clock (in the background from
         // resume on; whatever reaches a fork through the service waits for it).
         // (Awaited in turn: a later fork's figure is when it was seen done, at most that late.)
@@ -175,7 +183,7 @@ public struct ForkBenchmark: Sendable {
         var usage: [Self.Usage] = []
         for vm in fork.vms {
             guard let p = await svc.process(vm.id) else { continue }
-            usage.append(Self.memoryUsage(pid: p.pid, mapping: mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"))
+            usage.append(Self.memoryUsage(pid: p.pid, mapping: Self.ramMapping(vm, fork, mode)))
         }
         // First guest response of every fork, and isolation: each writes its own marker.
         var firstResponse: [Double] = []
@@ -200,7 +208,7 @@ public struct ForkBenchmark: Sendable {
         let t = fork.timings
         let phases: [(String, [Double])] = [
             ("store clone", t.map { Self.ms($0.storeClone) }), ("spawn", t.map { Self.ms($0.spawn) }),
-            ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }), ("resume", t.map { Self.ms($0.resume) }),
+            ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }), (Self.resumeLabel, t.map { Self.ms($0.resume) }),
             ("freshened (from the fork call)", freshen),
             ("first guest response", firstResponse),
         ]
@@ -212,7 +220,7 @@ public struct ForkBenchmark: Sendable {
             phases: Self.summary(phases),
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
             pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
-            ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), guestWriteMBps: write,
+            ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), ramAnonAtReturnPerForkMiB: Self.mean(atReturn), guestWriteMBps: write,
             snapshotOfForkMillis: snapMillis, forksVerified: verified, rounds: rounds, sequential: sequential)
     }
 
@@ -245,9 +253,13 @@ public struct ForkBenchmark: Sendable {
         }
         return Self.summary([
             ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
-            ("migrate-incoming", incoming), ("resume", resume),
+            ("migrate-incoming", incoming), (Self.resumeLabel, resume),
         ])
     }
+
+    /// QEMU starts a restored guest itself as the load completes; a `cont` is sent only for a
+    /// stream saved with the paused run state.
+    static let resumeLabel = "resume (cont; 0: QEMU started it)"
 
     /// The guest writes `mib` MiB of non-zero bytes (zero pages could be special-cased on
     /// the way) into its tmpfs, i.e. into guest RAM; MB/s including the shell's round trip.
@@ -269,6 +281,11 @@ public struct ForkBenchmark: Sendable {
 
     /// PSS of a process, and PSS and anonymous (copied-on-write) pages of its mappings whose
     /// path contains `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
+    /// The part of a fork's QEMU mappings' paths that names its guest RAM.
+    static func ramMapping(_ vm: VMInfo, _ fork: ForkResult, _ mode: MemoryMode) -> String {
+        mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"
+    }
+
     static func memoryUsage(pid: Int32, mapping: String) -> Usage {
         var u = Usage()
         guard let text = readWholeFile("/proc/\(pid)/smaps") else { return u }

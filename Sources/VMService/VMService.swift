@@ -84,7 +84,10 @@ public struct CreateVMRequest: Sendable {
 public struct RestoreTiming: Sendable, Codable {
     public var storeClone: Duration = .zero
     public var spawn: Duration = .zero
+    /// Device state in, up to QEMU's MIGRATION `completed` event; QEMU starts the guest just
+    /// before that event.
     public var migrateIncoming: Duration = .zero
+    /// A QMP `cont`: only for streams saved with the paused run state (earlier versions).
     public var resume: Duration = .zero
     public var total: Duration { storeClone + spawn + migrateIncoming + resume }
 }

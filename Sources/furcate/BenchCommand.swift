@@ -158,7 +158,7 @@ struct BenchCommand: ParsableCommand {
                     print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
                     print("  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot")
                     for p in m.phases { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
-                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB")
+                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB (\(f2(m.ramAnonAtReturnPerForkMiB)) MiB when the fork returned)")
                     print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
                     print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
                     if m.rounds > 0 { print("  \(m.rounds) single forks in turn\(m.warmPool > 0 ? " (each with a pooled QEMU waiting)" : ""):") }
