@@ -17,6 +17,15 @@ struct PoolEntry: Sendable {
     var process: QEMUProcess
 }
 
+/// Whether pool refills may start QEMUs.
+enum PoolGate: Sendable {
+    case open
+    /// `drainWarmPool`: until the next `prewarm`.
+    case drained
+    /// `shutdown`: for good.
+    case closed
+}
+
 // The warm pool: restores in memory mode a skip process start by taking a waiting QEMU. Its
 // memory and disk files exist from spawn (QEMU opens them then); taking one replaces their
 // contents with the snapshot's in O(1) (`replaceContents`; the mount drops the kernel's cached
@@ -45,7 +54,7 @@ extension VMService {
 
     /// Spawns pooled QEMUs for `shape` until `warmPoolSize` wait (one refill at a time).
     public func prewarm(memoryMiB: Int, vcpus: Int, diskBytes: UInt64) async {
-        poolDrained = false
+        if poolGate == .drained { poolGate = .open }
         await refill(PoolShape(memoryMiB: memoryMiB, vcpus: vcpus, diskBytes: diskBytes))
     }
 
@@ -59,14 +68,14 @@ extension VMService {
     }
 
     func refill(_ shape: PoolShape) async {
-        guard options.warmPoolSize > 0, !refilling.contains(shape), !shuttingDown, !poolDrained else { return }
+        guard options.warmPoolSize > 0, !refilling.contains(shape), poolGate == .open else { return }
         refilling.insert(shape)
         defer { refilling.remove(shape) }
-        while (pool[shape]?.count ?? 0) < options.warmPoolSize && !shuttingDown && !poolDrained {
+        while (pool[shape]?.count ?? 0) < options.warmPoolSize && poolGate == .open {
             do {
                 let e = try await spawnPooled(shape)
                 // Drained while this one started (a shutdown): it must not outlive the pool.
-                guard !shuttingDown && !poolDrained else { return await discardPooled(e) }
+                guard poolGate == .open else { return await discardPooled(e) }
                 pool[shape, default: []].append(e)
             } catch {
                 logger.warning("warm pool: cannot spawn", metadata: ["error": "\(error)"])
@@ -94,7 +103,7 @@ extension VMService {
     /// Ends every pooled QEMU and removes its files (at shutdown; not an error when empty).
     /// No refill starts a QEMU after this (one starting meanwhile is ended) until `prewarm`.
     public func drainWarmPool() async {
-        poolDrained = true
+        if poolGate == .open { poolGate = .drained }
         let all = pool.values.flatMap { $0 }
         pool.removeAll()
         for e in all { await discardPooled(e) }

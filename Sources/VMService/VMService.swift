@@ -117,10 +117,9 @@ public actor VMService {
     var locks: [String: AsyncLock] = [:]
     /// Serializes creation of a snapshot's mode-b base file.
     let baseLock = AsyncLock()
-    /// Freshening of restored VMs in progress or done (see `awaitFreshened`).
-    var freshening: [String: Task<Bool, Never>] = [:]
-    /// VMs whose freshening also gives them a new identity (a retry must too).
-    var freshenIdentity: Set<String> = []
+    /// Freshening of restored VMs in progress or done (see `awaitFreshened`), and whether it
+    /// also gives the VM a new identity (a retry must too).
+    var freshening: [String: (task: Task<Bool, Never>, newIdentity: Bool)] = [:]
     /// One shared agent connection per running VM (the channel takes one client at a time;
     /// requests multiplex over it). Dropped when the VM's process ends.
     var agentClients: [String: AgentClient] = [:]
@@ -129,9 +128,9 @@ public actor VMService {
     /// Warm pool (VMService+WarmPool.swift).
     var pool: [PoolShape: [PoolEntry]] = [:]
     var refilling: Set<PoolShape> = []
-    /// Set by `drainWarmPool`: refills stop until `prewarm`.
-    var poolDrained = false
-    var shuttingDown = false
+    /// Whether refills may start QEMUs: `drainWarmPool` stops them until `prewarm`,
+    /// `shutdown` for good.
+    var poolGate = PoolGate.open
     nonisolated var logger: Logger { options.logger }
 
     /// Opens (or creates) the VM database in `options.dataDirectory`.
@@ -199,8 +198,8 @@ public actor VMService {
     /// Waits until a restored VM was freshened (RNG reseeded, clock set, identity if asked)
     /// and says whether its agent did it. True at once for a VM that was not restored.
     public func awaitFreshened(_ id: String) async -> Bool {
-        guard let t = freshening[id] else { return true }
-        return await t.value
+        guard let f = freshening[id] else { return true }
+        return await f.task.value
     }
 
     /// Waits for a restored VM's freshening. One that gave up (its agent answered too late —
@@ -209,13 +208,12 @@ public actor VMService {
     /// its RNG state with its siblings.
     /// - Throws: `.timedOut` when the retry fails too.
     func ensureFreshened(_ id: String, timeout: Duration) async throws {
-        while let t = freshening[id] {
-            if await t.value { return }
-            guard freshening[id] == t else { continue }  // another caller retries: wait for theirs
+        while let f = freshening[id] {
+            if await f.task.value { return }
+            guard freshening[id]?.task == f.task else { continue }  // another caller retries: wait for theirs
             let v = try info(id)
-            let newIdentity = freshenIdentity.contains(id)
-            let retry = Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: timeout) }
-            freshening[id] = retry
+            let retry = Task { await self.freshenGuest(v, newIdentity: f.newIdentity, timeout: timeout) }
+            freshening[id] = (retry, f.newIdentity)
             if await retry.value { return }
             throw FurcateError(
                 .timedOut,
@@ -533,8 +531,7 @@ public actor VMService {
         // would protect nothing more: the agent freshens it in the background, and every
         // operation that reaches the guest through this service waits for that first.
         let v = vm
-        if newIdentity { freshenIdentity.insert(vm.id) }
-        freshening[vm.id] = Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: self.options.agentTimeout) }
+        freshening[vm.id] = (Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: self.options.agentTimeout) }, newIdentity)
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
     }
@@ -705,7 +702,6 @@ public actor VMService {
         }
         locks[id] = nil
         freshening[id] = nil
-        freshenIdentity.remove(id)
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.
@@ -755,7 +751,7 @@ public actor VMService {
     /// Graceful server shutdown: every running VM is suspended (so its RAM, disk and device
     /// state are in the store) and marked to be resumed by the next `recover()`.
     public func shutdown() async {
-        shuttingDown = true
+        poolGate = .closed
         await drainWarmPool()
         for vm in vms.values where vm.state == .running {
             do {
