@@ -138,10 +138,46 @@ func waitForHost(_ fd: Int32) {
     }
     defer { _ = fcntl(fd, F_SETFL, flags) }
     // The host may have connected between the read that saw end-of-file and O_ASYNC.
-    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-    if poll(&p, 1, 0) == 1 && p.revents & Int16(POLLHUP) == 0 { return }
+    if hostConnected(fd) { return }
     var limit = timespec(tv_sec: 1, tv_nsec: 0)
     _ = sigtimedwait(&sigio, nil, &limit)
+}
+
+/// Whether the host end of the virtio port `fd` is open: the driver reports POLLHUP until it is.
+func hostConnected(_ fd: Int32) -> Bool {
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    return poll(&p, 1, 0) >= 0 && p.revents & Int16(POLLHUP) == 0
+}
+
+/// `--shell-on FD`: serves a `/bin/sh` session on the virtio port open as `fd` each time the
+/// host connects, and sleeps in between (test images' debug shell). While no host is connected
+/// the port reads end-of-file at once, so a shell started in a loop would exit and start again
+/// many times a second in every idle VM (~30% of a host CPU under TCG, and pages copied in
+/// every fork); this waits for the driver's SIGIO instead.
+func serveShell(on fd: Int32) -> Never {
+    var sigio = sigset_t()
+    sigemptyset(&sigio)
+    sigaddset(&sigio, SIGIO)
+    var previous = sigset_t()
+    pthread_sigmask(SIG_BLOCK, &sigio, &previous)
+    while true {
+        while !hostConnected(fd) { waitForHost(fd) }
+        let pid = fork()
+        if pid == 0 {
+            // The port stays open as `fd` too: background jobs of the session inherit it.
+            for target in Int32(0)...2 { dup2(fd, target) }
+            pthread_sigmask(SIG_SETMASK, &previous, nil)
+            let argv: [UnsafeMutablePointer<CChar>?] = [strdup("sh"), nil]
+            execv("/bin/sh", argv)
+            _exit(127)
+        }
+        guard pid > 0 else {
+            sleep(1)
+            continue
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    }
 }
 
 /// The device of the virtio-serial port called `name` (/dev/vportNpM), waiting for it.

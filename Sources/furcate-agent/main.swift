@@ -7,6 +7,8 @@
 //   furcate-agent --stdio             serve on stdin/stdout (tests)
 //   furcate-agent --then INIT [ARGS]  as PID 1: start a supervised agent, then exec INIT
 //   furcate-agent --run-as UID GID -- PROGRAM [ARGS]   (internal: services with user/group)
+//   furcate-agent --shell-on FD       a /bin/sh session on the virtio port open as FD whenever
+//                                     the host connects (test images' debug shell)
 import CAgentInit
 import Glibc
 import GuestAgentProtocol
@@ -23,7 +25,7 @@ func complain(_ s: String) {
 }
 
 func usage() -> Never {
-    complain("usage: furcate-agent [--port NAME] | --stdio | --then INIT [ARGS...]")
+    complain("usage: furcate-agent [--port NAME] | --stdio | --then INIT [ARGS...] | --shell-on FD")
     exit(2)
 }
 
@@ -47,6 +49,9 @@ if args.first == "--run-as" {
     execv(initArgs[0], cargs)
     complain("furcate-agent: cannot exec \(initArgs[0]): \(String(cString: strerror(errno)))")
     exit(1)
+} else if args.first == "--shell-on" {
+    guard args.count == 2, let fd = Int32(args[1]), fcntl(fd, F_GETFD) >= 0 else { usage() }
+    serveShell(on: fd)
 } else if args.first == "--stdio" {
     signal(SIGPIPE, SIG_IGN)
     if getenv("FURCATE_AGENT_STATE_DIR") != nil { Supervisor.shared.bootStart() }

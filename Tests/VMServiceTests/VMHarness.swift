@@ -93,6 +93,10 @@ func guest(_ shell: GuestShell, _ cmd: String, sourceLocation: SourceLocation = 
     return out.trimmingCharacters(in: .whitespacesAndNewlines)
 }
 
+/// A guest command listing the test image's agent processes (supervisor and server), one pid a
+/// line — not the one serving the debug shell (`--shell-on`).
+let agentPIDs = "for p in $(pidof agent); do grep -q -- --shell-on /proc/$p/cmdline || echo $p; done"
+
 /// True when a process with this pid exists.
 func processExists(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno == EPERM }
 

@@ -149,7 +149,7 @@ struct VMServiceTests {
             let agent = try await svc.agent(vm.id, timeout: .seconds(60))
             guard case .pong = try await agent.request(.ping) else { Issue.record("no pong"); return }
             agent.close()
-            let switches = "for p in $(pidof agent); do grep '^voluntary_ctxt_switches' /proc/$p/status; done | awk '{n += $2} END {print n}'"
+            let switches = "for p in $(\(agentPIDs)); do grep '^voluntary_ctxt_switches' /proc/$p/status; done | awk '{n += $2} END {print n}'"
             try await Task.sleep(for: .milliseconds(500))
             let before = try #require(Int(try await guest(sh, switches)))
             try await Task.sleep(for: .seconds(3))
@@ -161,6 +161,24 @@ struct VMServiceTests {
         }
     }
 
+    /// The test image's debug shell (served by `furcate-agent --shell-on`) starts a shell only
+    /// when the host connects: with no host the port reads end-of-file at once, and a shell
+    /// restarted in a loop every 50 ms kept an idle VM's QEMU at ~30% of a host CPU.
+    @Test(.timeLimit(.minutes(5))) func debugShellSleepsUntilTheHostConnects() async throws {
+        await withHarness { _, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let lastPID = "cut -d' ' -f5 /proc/loadavg | cut -d/ -f2"
+            let before = try #require(Int(try await guest(svc.guestShell(vm.id, timeout: .seconds(60)), lastPID)))
+            try await Task.sleep(for: .seconds(2))  // the session above has ended: no host
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(30))
+            let after = try #require(Int(try await guest(sh, lastPID)))
+            // The new session and its commands start a few processes; the loop started ~80.
+            #expect(after - before < 20, "\(after - before) processes started in 2 s with no host on the shell port")
+            try await guest(sh, "echo still > /tmp/x")
+            #expect(try await guest(sh, "cat /tmp/x") == "still")
+        }
+    }
+
     @Test(.timeLimit(.minutes(5))) func agentSurvivesServicesRunAndShutdownStopsTheVM() async throws {
         await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
@@ -168,14 +186,14 @@ struct VMServiceTests {
             let agent = try await svc.agent(vm.id, timeout: .seconds(60))
             guard case .pong = try await agent.request(.ping) else { Issue.record("no pong"); return }
             // Two agent processes: the supervisor (older) and the one serving. Kill the server.
-            let before = try await guest(sh, "pidof agent | tr ' ' '\\n' | sort -n | tr '\\n' ' '").split(separator: " ")
+            let before = try await guest(sh, "\(agentPIDs) | sort -n | tr '\\n' ' '").split(separator: " ")
             #expect(before.count == 2, "agent processes: \(before)")
             let serving = try #require(before.last)
             try await guest(sh, "kill -9 \(serving)")
             agent.close()
             let again = try await svc.agent(vm.id, timeout: .seconds(30))
             guard case .pong = try await again.request(.ping) else { Issue.record("no pong after the agent was killed"); return }
-            let after = try await guest(sh, "pidof agent | tr ' ' '\\n' | sort -n | tr '\\n' ' '").split(separator: " ")
+            let after = try await guest(sh, "\(agentPIDs) | sort -n | tr '\\n' ' '").split(separator: " ")
             #expect(after.count == 2 && after.first == before.first && !after.contains(serving), "before \(before), after \(after)")
 
             _ = try await again.request(
