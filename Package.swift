@@ -139,7 +139,7 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (temp dirs, the built binary).
-        .target(name: "FurcateTestSupport", path: "Tests/FurcateTestSupport"),
+        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore"], path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(

@@ -133,7 +133,7 @@ public struct FSBenchmark {
         p.executableURL = URL(fileURLWithPath: furcate)
         p.arguments = ["mount", store, mountpoint, "--foreground"] + mountFlags
         p.standardOutput = FileHandle.nullDevice
-        try p.run()
+        try p.runWithSignalsUnblocked()
         let deadline = Date().addingTimeInterval(20)
         var st = statvfs()
         while Date() < deadline {
@@ -162,7 +162,7 @@ public struct FSBenchmark {
         let out = Pipe()
         p.standardOutput = out
         p.standardError = FileHandle.nullDevice
-        try p.run()
+        try p.runWithSignalsUnblocked()
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         guard p.terminationStatus == 0,

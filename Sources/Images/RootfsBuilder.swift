@@ -140,7 +140,7 @@ public enum RootfsBuilder {
         let errPipe = Pipe()
         p.standardError = errPipe
         p.standardOutput = FileHandle.nullDevice
-        do { try p.run() } catch {
+        do { try p.runWithSignalsUnblocked() } catch {
             throw FurcateError(.notFound, "cannot run \(tool) (install e2fsprogs)", underlying: UnderlyingMessage(error))
         }
         let err = errPipe.fileHandleForReading.readDataToEndOfFile()

@@ -46,7 +46,7 @@ import Glibc
             p.arguments = ["store", "crash-writer", store, "--seed", "\(seed)"]
             p.standardOutput = FileHandle(forWritingAtPath: outPath)
             p.standardError = FileHandle.nullDevice
-            try p.run()
+            try p.runWithSignalsUnblocked()
             let deadline = Date().addingTimeInterval(20)
             while Date() < deadline, !(((try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "").contains("ready")) {
                 usleep(2000)

@@ -50,7 +50,7 @@ func runFurcate(_ args: [String]) throws -> RunResult {
     let err = Pipe()
     p.standardOutput = out
     p.standardError = err
-    try p.run()
+    try p.runWithSignalsUnblocked()
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()

@@ -1,3 +1,4 @@
+import Foundation
 import FurcateCore
 import Testing
 
@@ -40,5 +41,24 @@ import Testing
         #expect(e.description.contains("/x"))
         #expect(e.description.contains("offset 7"))
         #expect(e.posixErrno == 28)
+    }
+}
+
+@Suite struct ProcessStartTests {
+    /// Started from a Swift concurrency thread (which blocks nearly every signal), a child still
+    /// starts with no signal blocked: `terminate()` and `timeout` reach it.
+    @Test func aChildStartsWithNoSignalBlocked() async throws {
+        let mask = try await Task.detached {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/bin/grep")
+            p.arguments = ["^SigBlk:", "/proc/self/status"]
+            let out = Pipe()
+            p.standardOutput = out
+            try p.runWithSignalsUnblocked()
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            return String(decoding: data, as: UTF8.self)
+        }.value
+        #expect(mask.hasPrefix("SigBlk:") && mask.split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines).allSatisfy { $0 == "0" } == true, "\(mask)")
     }
 }

@@ -1,6 +1,7 @@
 // Helpers shared by the test targets: temporary directories, the built `furcate` binary,
 // fast byte comparison.
 import Foundation
+import FurcateCore
 
 #if canImport(Glibc)
 import Glibc
@@ -48,7 +49,7 @@ public func runCommand(_ args: [String], env: [String: String]? = nil) throws ->
     let out = Pipe()
     p.standardOutput = out
     p.standardError = out
-    try p.run()
+    try p.runWithSignalsUnblocked()
     let data = out.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))

@@ -55,7 +55,7 @@ final class TestRegistry: @unchecked Sendable {
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         let log = FileManager.default.createFile(atPath: tmp.sub("log"), contents: nil) ? FileHandle(forWritingAtPath: tmp.sub("log")) : nil
         process.standardError = log
-        try process.run()
+        try process.runWithSignalsUnblocked()
         // Ready when it accepts connections.
         for _ in 0..<200 {
             if Self.canConnect(port) { return }

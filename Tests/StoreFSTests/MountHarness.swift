@@ -44,7 +44,7 @@ final class Mounted {
         p.executableURL = URL(fileURLWithPath: furcateBinary)
         p.arguments = ["mount", storeDir, mountpoint, "--foreground"]
         p.standardOutput = FileHandle.nullDevice
-        try p.run()
+        try p.runWithSignalsUnblocked()
         server = p
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
