@@ -81,6 +81,17 @@ final class APIHarness: @unchecked Sendable {
     }
 }
 
+/// Runs `body` with a fresh harness and tears it down even when `body` fails (a failed test
+/// otherwise left its QEMUs running and its store mounted).
+func withAPIHarness(_ body: (APIHarness) async throws -> Void) async throws {
+    let h = try APIHarness()
+    do { try await body(h) } catch {
+        await h.tearDown()
+        throw error
+    }
+    await h.tearDown()
+}
+
 func json(_ r: TestResponse) -> [String: Any] {
     (try? JSONSerialization.jsonObject(with: Data(buffer: r.body))) as? [String: Any] ?? [:]
 }
@@ -94,111 +105,111 @@ func auth(_ key: String) -> HTTPFields {
 
 @Suite(.enabled(if: apiVMAvailable)) struct FreestyleAPITests {
     @Test func vmsOverRealHTTPWithKeysAndAccounts() async throws {
-        let h = try APIHarness()
-        try await h.makeSnapshot()
-        let app = APIServer.buildApplication(h.engine, host: "127.0.0.1", port: 0)
-        try await app.test(.ahc(.http)) { client in
-            // No key, a wrong key: 401 with the document's error body.
-            let anon = try await client.execute(uri: "/v1/vms", method: .get)
-            #expect(anon.status == .unauthorized && json(anon)["error"] as? String == "UNAUTHORIZED")
-            let wrong = try await client.execute(uri: "/v1/vms", method: .get, headers: auth("fk_nope"))
-            #expect(wrong.status == .unauthorized)
+        try await withAPIHarness { h in
+            try await h.makeSnapshot()
+            let app = APIServer.buildApplication(h.engine, host: "127.0.0.1", port: 0)
+            try await app.test(.ahc(.http)) { client in
+                // No key, a wrong key: 401 with the document's error body.
+                let anon = try await client.execute(uri: "/v1/vms", method: .get)
+                #expect(anon.status == .unauthorized && json(anon)["error"] as? String == "UNAUTHORIZED")
+                let wrong = try await client.execute(uri: "/v1/vms", method: .get, headers: auth("fk_nope"))
+                #expect(wrong.status == .unauthorized)
 
-            // Fields not honoured yet are refused, not ignored.
-            let ports = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
-            #expect(ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: ports.body))")
+                // Fields not honoured yet are refused, not ignored.
+                let ports = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
+                #expect(ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: ports.body))")
 
-            let created = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)"}"#)
-            #expect(created.status == .ok, "\(String(buffer: created.body))")
-            let id = try #require(json(created)["id"] as? String)
-            #expect(json(created)["snapshotId"] as? String == h.snapshot && (json(created)["domains"] as? [String]) == [])
+                let created = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)"}"#)
+                #expect(created.status == .ok, "\(String(buffer: created.body))")
+                let id = try #require(json(created)["id"] as? String)
+                #expect(json(created)["snapshotId"] as? String == h.snapshot && (json(created)["domains"] as? [String]) == [])
 
-            let list = try await call(client, .get, "/v1/vms", h.keyA)
-            #expect(json(list)["totalCount"] as? Int == 1 && json(list)["runningCount"] as? Int == 1)
-            let got = try await call(client, .get, "/v1/vms/\(id)", h.keyA)
-            #expect(json(got)["state"] as? String == "running")
+                let list = try await call(client, .get, "/v1/vms", h.keyA)
+                #expect(json(list)["totalCount"] as? Int == 1 && json(list)["runningCount"] as? Int == 1)
+                let got = try await call(client, .get, "/v1/vms/\(id)", h.keyA)
+                #expect(json(got)["state"] as? String == "running")
 
-            // Another account: the VM does not exist for it, on every route; its snapshot neither.
-            let other = try await call(client, .get, "/v1/vms/\(id)", h.keyB)
-            #expect(other.status == .notFound && json(other)["error"] as? String == "VM_NOT_FOUND")
-            let otherExec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyB, #"{"command":"true"}"#)
-            #expect(otherExec.status == .notFound)
-            let otherDelete = try await call(client, .delete, "/v1/vms/\(id)", h.keyB)
-            #expect(otherDelete.status == .notFound)
-            let otherList = try await call(client, .get, "/v1/vms", h.keyB)
-            #expect(json(otherList)["totalCount"] as? Int == 0)
-            let otherSnap = try await call(client, .post, "/v1/vms", h.keyB, #"{"snapshotId":"\#(h.snapshot)"}"#)
-            #expect(otherSnap.status == .notFound)
+                // Another account: the VM does not exist for it, on every route; its snapshot neither.
+                let other = try await call(client, .get, "/v1/vms/\(id)", h.keyB)
+                #expect(other.status == .notFound && json(other)["error"] as? String == "VM_NOT_FOUND")
+                let otherExec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyB, #"{"command":"true"}"#)
+                #expect(otherExec.status == .notFound)
+                let otherDelete = try await call(client, .delete, "/v1/vms/\(id)", h.keyB)
+                #expect(otherDelete.status == .notFound)
+                let otherList = try await call(client, .get, "/v1/vms", h.keyB)
+                #expect(json(otherList)["totalCount"] as? Int == 0)
+                let otherSnap = try await call(client, .post, "/v1/vms", h.keyB, #"{"snapshotId":"\#(h.snapshot)"}"#)
+                #expect(otherSnap.status == .notFound)
 
-            // exec-await: output and status; a timeout is 408 ExecTimedOut.
-            let exec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"echo hi; echo err >&2; exit 3"}"#)
-            #expect(json(exec)["stdout"] as? String == "hi\n" && json(exec)["stderr"] as? String == "err\n" && json(exec)["statusCode"] as? Int == 3, "\(String(buffer: exec.body))")
-            let slow = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"sleep 5","timeoutMs":300}"#)
-            #expect(slow.status == .requestTimeout && json(slow)["error"] as? String == "EXEC_TIMED_OUT", "\(String(buffer: slow.body))")
-            let bad = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"cmd":"x"}"#)
-            #expect(bad.status == .badRequest, "\(String(buffer: bad.body))")
+                // exec-await: output and status; a timeout is 408 ExecTimedOut.
+                let exec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"echo hi; echo err >&2; exit 3"}"#)
+                #expect(json(exec)["stdout"] as? String == "hi\n" && json(exec)["stderr"] as? String == "err\n" && json(exec)["statusCode"] as? Int == 3, "\(String(buffer: exec.body))")
+                let slow = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"sleep 5","timeoutMs":300}"#)
+                #expect(slow.status == .requestTimeout && json(slow)["error"] as? String == "EXEC_TIMED_OUT", "\(String(buffer: slow.body))")
+                let bad = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"cmd":"x"}"#)
+                #expect(bad.status == .badRequest, "\(String(buffer: bad.body))")
 
-            // Files: write (utf8 and base64, parents made), read back, list a directory, errors.
-            let put = try await call(client, .put, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA, #"{"content":"hello über\n"}"#)
-            #expect(put.status == .ok, "\(String(buffer: put.body))")
-            let bin = Data([0, 1, 2, 255, 254])
-            let putBin = try await client.execute(
-                uri: "/v1/vms/\(id)/files/root/api/blob", method: .put, headers: auth(h.keyA),
-                body: ByteBuffer(string: #"{"content":"\#(bin.base64EncodedString())","encoding":"base64"}"#))
-            #expect(putBin.status == .ok)
-            let text = try await call(client, .get, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA)
-            #expect(json(text)["content"] as? String == "hello über\n" && json(text)["encoding"] as? String == "utf8", "\(String(buffer: text.body))")
-            let blob = try await call(client, .get, "/v1/vms/\(id)/files/root/api/blob", h.keyA)
-            #expect(json(blob)["encoding"] as? String == "base64" && Data(base64Encoded: json(blob)["content"] as? String ?? "") == bin)
-            let dir = try await call(client, .get, "/v1/vms/\(id)/files/root/api", h.keyA)
-            let names = (json(dir)["files"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
-            #expect(names == ["blob", "hello.txt"], "\(String(buffer: dir.body))")
-            let missing = try await call(client, .get, "/v1/vms/\(id)/files/root/api/nope", h.keyA)
-            #expect(missing.status == .notFound && json(missing)["error"] as? String == "FILE_NOT_FOUND")
-            let traversal = try await call(client, .get, "/v1/vms/\(id)/files/root/../etc/passwd", h.keyA)
-            #expect(traversal.status == .badRequest || traversal.status == .notFound, "\(traversal.status)")
-            let otherFile = try await call(client, .get, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyB)
-            #expect(otherFile.status == .notFound && json(otherFile)["error"] as? String == "VM_NOT_FOUND")
+                // Files: write (utf8 and base64, parents made), read back, list a directory, errors.
+                let put = try await call(client, .put, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA, #"{"content":"hello über\n"}"#)
+                #expect(put.status == .ok, "\(String(buffer: put.body))")
+                let bin = Data([0, 1, 2, 255, 254])
+                let putBin = try await client.execute(
+                    uri: "/v1/vms/\(id)/files/root/api/blob", method: .put, headers: auth(h.keyA),
+                    body: ByteBuffer(string: #"{"content":"\#(bin.base64EncodedString())","encoding":"base64"}"#))
+                #expect(putBin.status == .ok)
+                let text = try await call(client, .get, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA)
+                #expect(json(text)["content"] as? String == "hello über\n" && json(text)["encoding"] as? String == "utf8", "\(String(buffer: text.body))")
+                let blob = try await call(client, .get, "/v1/vms/\(id)/files/root/api/blob", h.keyA)
+                #expect(json(blob)["encoding"] as? String == "base64" && Data(base64Encoded: json(blob)["content"] as? String ?? "") == bin)
+                let dir = try await call(client, .get, "/v1/vms/\(id)/files/root/api", h.keyA)
+                let names = (json(dir)["files"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                #expect(names == ["blob", "hello.txt"], "\(String(buffer: dir.body))")
+                let missing = try await call(client, .get, "/v1/vms/\(id)/files/root/api/nope", h.keyA)
+                #expect(missing.status == .notFound && json(missing)["error"] as? String == "FILE_NOT_FOUND")
+                let traversal = try await call(client, .get, "/v1/vms/\(id)/files/root/../etc/passwd", h.keyA)
+                #expect(traversal.status == .badRequest || traversal.status == .notFound, "\(traversal.status)")
+                let otherFile = try await call(client, .get, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyB)
+                #expect(otherFile.status == .notFound && json(otherFile)["error"] as? String == "VM_NOT_FOUND")
 
-            // Snapshot, fork, suspend/start, stop, await, kill.
-            let snap = try await call(client, .post, "/v1/vms/\(id)/snapshot", h.keyA, "{}")
-            #expect(snap.status == .ok && (json(snap)["snapshotId"] as? String)?.hasPrefix("sc-") == true && json(snap)["sourceVmId"] as? String == id)
-            let fork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":2}"#)
-            let forks = (json(fork)["forks"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
-            #expect(fork.status == .ok && forks.count == 2 && json(fork)["vmId"] as? String == id, "\(String(buffer: fork.body))")
-            let badCount = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":0}"#)
-            #expect(badCount.status == .badRequest)
-            let otherFork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyB, "{}")
-            #expect(otherFork.status == .notFound)
-            let afterFork = try await call(client, .get, "/v1/vms", h.keyA)
-            #expect(json(afterFork)["totalCount"] as? Int == 3)
-            let f0 = forks[0]
-            let forkExec = try await call(client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"hostname"}"#)
-            #expect((json(forkExec)["stdout"] as? String)?.hasPrefix(f0) == true, "a fork gets its own identity: \(String(buffer: forkExec.body))")
-            let suspended = try await call(client, .post, "/v1/vms/\(f0)/suspend", h.keyA)
-            #expect(suspended.status == .ok && (json(suspended)["snapshotLayerId"] as? String)?.hasPrefix("sl-") == true, "\(String(buffer: suspended.body))")
-            #expect(json(try await call(client, .get, "/v1/vms/\(f0)", h.keyA))["state"] as? String == "suspended")
-            let started = try await call(client, .post, "/v1/vms/\(f0)/start", h.keyA, "{}")
-            #expect(started.status == .ok && json(started)["id"] as? String == f0)
-            #expect(json(try await call(client, .get, "/v1/vms/\(f0)", h.keyA))["state"] as? String == "running")
-            let stopped = try await call(client, .post, "/v1/vms/\(f0)/stop", h.keyA)
-            #expect(stopped.status == .ok && json(stopped)["vmId"] as? String == f0)
-            let again = try await call(client, .post, "/v1/vms/\(f0)/stop", h.keyA)
-            #expect(again.status == .badRequest && json(again)["error"] as? String == "VM_NOT_RUNNING")
-            let waited = try await call(client, .post, "/v1/vms/\(f0)/await", h.keyA)
-            #expect(json(waited)["exitStatus"] as? String == "stopped")
-            let killed = try await call(client, .post, "/v1/vms/\(forks[1])/kill", h.keyA)
-            #expect(killed.status == .ok)
-            #expect(json(try await call(client, .get, "/v1/vms/\(forks[1])", h.keyA))["state"] as? String == "stopped")
+                // Snapshot, fork, suspend/start, stop, await, kill.
+                let snap = try await call(client, .post, "/v1/vms/\(id)/snapshot", h.keyA, "{}")
+                #expect(snap.status == .ok && (json(snap)["snapshotId"] as? String)?.hasPrefix("sc-") == true && json(snap)["sourceVmId"] as? String == id)
+                let fork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":2}"#)
+                let forks = (json(fork)["forks"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
+                #expect(fork.status == .ok && forks.count == 2 && json(fork)["vmId"] as? String == id, "\(String(buffer: fork.body))")
+                let badCount = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":0}"#)
+                #expect(badCount.status == .badRequest)
+                let otherFork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyB, "{}")
+                #expect(otherFork.status == .notFound)
+                let afterFork = try await call(client, .get, "/v1/vms", h.keyA)
+                #expect(json(afterFork)["totalCount"] as? Int == 3)
+                let f0 = forks[0]
+                let forkExec = try await call(client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"hostname"}"#)
+                #expect((json(forkExec)["stdout"] as? String)?.hasPrefix(f0) == true, "a fork gets its own identity: \(String(buffer: forkExec.body))")
+                let suspended = try await call(client, .post, "/v1/vms/\(f0)/suspend", h.keyA)
+                #expect(suspended.status == .ok && (json(suspended)["snapshotLayerId"] as? String)?.hasPrefix("sl-") == true, "\(String(buffer: suspended.body))")
+                #expect(json(try await call(client, .get, "/v1/vms/\(f0)", h.keyA))["state"] as? String == "suspended")
+                let started = try await call(client, .post, "/v1/vms/\(f0)/start", h.keyA, "{}")
+                #expect(started.status == .ok && json(started)["id"] as? String == f0)
+                #expect(json(try await call(client, .get, "/v1/vms/\(f0)", h.keyA))["state"] as? String == "running")
+                let stopped = try await call(client, .post, "/v1/vms/\(f0)/stop", h.keyA)
+                #expect(stopped.status == .ok && json(stopped)["vmId"] as? String == f0)
+                let again = try await call(client, .post, "/v1/vms/\(f0)/stop", h.keyA)
+                #expect(again.status == .badRequest && json(again)["error"] as? String == "VM_NOT_RUNNING")
+                let waited = try await call(client, .post, "/v1/vms/\(f0)/await", h.keyA)
+                #expect(json(waited)["exitStatus"] as? String == "stopped")
+                let killed = try await call(client, .post, "/v1/vms/\(forks[1])/kill", h.keyA)
+                #expect(killed.status == .ok)
+                #expect(json(try await call(client, .get, "/v1/vms/\(forks[1])", h.keyA))["state"] as? String == "stopped")
 
-            let deleted = try await call(client, .delete, "/v1/vms/\(id)", h.keyA)
-            #expect(deleted.status == .ok)
-            let gone = try await call(client, .get, "/v1/vms/\(id)", h.keyA)
-            #expect(gone.status == .notFound)
-            // No snapshot and no default image here: a clear 404 naming the missing image.
-            let noDefault = try await call(client, .post, "/v1/vms", h.keyA, "{}")
-            #expect(noDefault.status == .notFound && String(buffer: noDefault.body).contains("default image"), "\(String(buffer: noDefault.body))")
+                let deleted = try await call(client, .delete, "/v1/vms/\(id)", h.keyA)
+                #expect(deleted.status == .ok)
+                let gone = try await call(client, .get, "/v1/vms/\(id)", h.keyA)
+                #expect(gone.status == .notFound)
+                // No snapshot and no default image here: a clear 404 naming the missing image.
+                let noDefault = try await call(client, .post, "/v1/vms", h.keyA, "{}")
+                #expect(noDefault.status == .notFound && String(buffer: noDefault.body).contains("default image"), "\(String(buffer: noDefault.body))")
+            }
         }
-        await h.tearDown()
     }
 }
