@@ -80,12 +80,24 @@ final class AgentServer: Sendable {
             streams.withLock { $0[id] = control }
             stream = StreamContext(control: control) { [self] event in sendEvent(event, id: id) }
         }
+        // A few system calls answered on this thread: no thread to start, whose stack and
+        // kernel task a just-restored fork would copy pages for (a fork's freshening is two
+        // of these right after its restore).
+        if case .ping = request { return finish(request, id: id) }
+        if case .reseed = request { return finish(request, id: id) }
+        if case .setTime = request { return finish(request, id: id) }
         startThread { [self] in
             let response = handle(request, stream: stream)
             if stream != nil { streams.withLock { $0[id] = nil } }
             inFlight.subtract(1, ordering: .relaxed)
             send(response, id: id)
         }
+    }
+
+    private func finish(_ request: AgentRequest, id: UInt32) {
+        let response = handle(request, stream: nil)
+        inFlight.subtract(1, ordering: .relaxed)
+        send(response, id: id)
     }
 
     func sendEvent(_ event: AgentEvent, id: UInt32) {
