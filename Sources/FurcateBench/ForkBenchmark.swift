@@ -133,8 +133,9 @@ public struct ForkBenchmark: Sendable {
             let base = try await svc.create(CreateVMRequest(image: "rootfs"))
             // Closed before the forks: the debug shell is a facility of the test image, and a
             // session open across the snapshot ends in every fork right after its restore — the
-            // shell's exit frees pages and writes their `struct page`s, copying ~0.75 MiB per
-            // mode-b fork that a fork of a production image (no such session) does not copy.
+            // shell's exit frees pages and writes their `struct page`s: measured, 0.2-0.35 MiB
+            // more copied per mode-b fork that a fork of a production image (no such session)
+            // does not copy.
             _ = try await svc.guestShell(base.id, timeout: .seconds(120)).run("echo base > /tmp/who")
             // One command through the guest agent, as anything using the VM would have run:
             // forks of a VM whose agent never served a request page its code in from disk, and
@@ -283,13 +284,13 @@ public struct ForkBenchmark: Sendable {
         var ramAnon = 0.0
     }
 
-    /// PSS of a process, and PSS and anonymous (copied-on-write) pages of its mappings whose
-    /// path contains `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
     /// The part of a fork's QEMU mappings' paths that names its guest RAM.
     static func ramMapping(_ vm: VMInfo, _ fork: ForkResult, _ mode: MemoryMode) -> String {
         mode == .shared ? "/files/\(vm.memoryFile)" : "/files/\(fork.snapshot.privateBaseFile)"
     }
 
+    /// PSS of a process, and PSS and anonymous (copied-on-write) pages of its mappings whose
+    /// path contains `mapping` (the guest RAM), in MiB, from /proc/PID/smaps.
     static func memoryUsage(pid: Int32, mapping: String) -> Usage {
         var u = Usage()
         guard let text = readWholeFile("/proc/\(pid)/smaps") else { return u }
