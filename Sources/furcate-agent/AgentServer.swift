@@ -189,6 +189,8 @@ func serveShell(on fd: Int32) -> Never {
         }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // No shell to run (exit 127 from the child): not again at once while the host stays.
+        if status & 0x7f == 0 && (status >> 8) & 0xff == 127 { sleep(1) }
     }
 }
 
