@@ -83,9 +83,10 @@ final class AgentServer: Sendable {
         // A few system calls answered on this thread: no thread to start, whose stack and
         // kernel task a just-restored fork would copy pages for (a fork's freshening is two
         // of these right after its restore).
-        if case .ping = request { return finish(request, id: id) }
-        if case .reseed = request { return finish(request, id: id) }
-        if case .setTime = request { return finish(request, id: id) }
+        switch request {
+        case .ping, .reseed, .setTime: return finish(request, id: id)
+        default: break
+        }
         startThread { [self] in
             let response = handle(request, stream: stream)
             if stream != nil { streams.withLock { $0[id] = nil } }
@@ -137,9 +138,7 @@ final class AgentServer: Sendable {
 /// of reading again every few milliseconds — a forked VM often waits for its host without
 /// doing anything else, and each wakeup would cost it CPU and memory pages of its own.
 func waitForHost(_ fd: Int32) {
-    var sigio = sigset_t()
-    sigemptyset(&sigio)
-    sigaddset(&sigio, SIGIO)
+    var sigio = sigioSet()
     // Blocked in every thread (`servePort` blocks it before any start): kept pending for
     // sigtimedwait, never delivered.
     pthread_sigmask(SIG_BLOCK, &sigio, nil)
@@ -155,6 +154,14 @@ func waitForHost(_ fd: Int32) {
     _ = sigtimedwait(&sigio, nil, &limit)
 }
 
+/// The set holding SIGIO alone (blocked, then waited for with sigtimedwait).
+func sigioSet() -> sigset_t {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGIO)
+    return set
+}
+
 /// Whether the host end of the virtio port `fd` is open: the driver reports POLLHUP until it is.
 func hostConnected(_ fd: Int32) -> Bool {
     var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -167,9 +174,7 @@ func hostConnected(_ fd: Int32) -> Bool {
 /// many times a second in every idle VM (~30% of a host CPU under TCG, and pages copied in
 /// every fork); this waits for the driver's SIGIO instead.
 func serveShell(on fd: Int32) -> Never {
-    var sigio = sigset_t()
-    sigemptyset(&sigio)
-    sigaddset(&sigio, SIGIO)
+    var sigio = sigioSet()
     var previous = sigset_t()
     pthread_sigmask(SIG_BLOCK, &sigio, &previous)
     while true {
@@ -218,9 +223,7 @@ func portDevice(_ name: String) -> String {
 
 /// Serves the named port forever, reopening it if it fails.
 func servePort(_ name: String) -> Never {
-    var sigio = sigset_t()
-    sigemptyset(&sigio)
-    sigaddset(&sigio, SIGIO)
+    var sigio = sigioSet()
     pthread_sigmask(SIG_BLOCK, &sigio, nil)  // before any thread starts: see waitForHost
     while true {
         let dev = portDevice(name)
