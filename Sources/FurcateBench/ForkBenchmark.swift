@@ -66,8 +66,6 @@ public struct ForkBenchReport: Codable, Sendable {
     /// The base VM's first snapshot after boot (mode a writes back every page the boot
     /// dirtied); the forks below start from a VM snapshotted once already.
     public var firstSnapshotMillis: Double = 0
-    /// How long the base VM ran on after it first answered, before that snapshot.
-    public var settleSeconds = 0
     public var modes: [Mode] = []
     public var seconds = 0.0
 }
@@ -84,11 +82,6 @@ public struct ForkBenchmark: Sendable {
     public var memoryBlockSize: Int?
     /// Sequential single forks per memory mode after the N-way fork (see `Mode.sequential`).
     public var rounds = 10
-    /// Seconds the base VM runs on after it first answers before it is snapshotted: a VM
-    /// forked while still finishing its boot (the kernel's first writeback, IPv6 address
-    /// configuration, ext4's bitmap prefetch) has every fork go on with that work, each into
-    /// pages of its own — a warmed VM has done it.
-    public var settleSeconds = 10
     public var progress: @Sendable (String) -> Void
 
     public init(
@@ -150,11 +143,6 @@ public struct ForkBenchmark: Sendable {
             // (measured: 4.5 MiB vs 1.7 MiB per fork at freshening).
             let warm = try await svc.agent(base.id).exec(ExecRequest(argv: ["/bin/sh", "-c", "true"]))
             guard warm.exitCode == 0 else { throw FurcateError(.io, "the base VM's agent could not run a command: \(warm)") }
-            if settleSeconds > 0 {
-                progress("base VM settling for \(settleSeconds) s")
-                try await Task.sleep(for: .seconds(settleSeconds))
-            }
-            report.settleSeconds = settleSeconds
             let f0 = ContinuousClock.now
             let first = try await svc.snapshot(base.id)
             report.firstSnapshotMillis = Self.ms(ContinuousClock.now - f0)
@@ -212,12 +200,11 @@ public struct ForkBenchmark: Sendable {
             shells.append((vm.id, sh))
         }
         var verified = 0
-        for (id, sh) in shells where await Self.shellOutput(sh, "cat /tmp/who") == id {
+        for (id, sh) in shells where (try? await sh.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) == id {
             verified += 1
         }
-        // The parent's debug session is closed again at once (its shell ends with it): one open
-        // across a later snapshot ends in every fork of that snapshot right after its restore.
-        if try await Self.shellOutput(svc.guestShell(base, timeout: .seconds(30)), "cat /tmp/who") != "base" { verified = 0 }
+        let baseShell = try await svc.guestShell(base, timeout: .seconds(30))
+        if (try? await baseShell.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) != "base" { verified = 0 }
         let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
         let s0 = ContinuousClock.now
         let snapOfFork = try await svc.snapshot(fork.vms[0].id)
@@ -273,11 +260,6 @@ public struct ForkBenchmark: Sendable {
             ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
             ("migrate-incoming", incoming), (Self.resumeLabel, resume),
         ])
-    }
-
-    /// What `command` prints in a guest shell, trimmed; nil when it fails.
-    static func shellOutput(_ sh: GuestShell, _ command: String) async -> String? {
-        try? await sh.run(command).output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// QEMU starts a restored guest itself as the load completes; a `cont` is sent only for a
