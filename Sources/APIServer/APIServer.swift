@@ -89,6 +89,7 @@ public struct APIError: HTTPResponseError {
         case .unauthenticated: return APIError(.unauthorized, "UNAUTHORIZED", e.message)
         case .unavailable: return APIError(.badGateway, "UPSTREAM_UNAVAILABLE", e.message)
         case .diskFull: return APIError(.init(code: 507, reasonPhrase: "Insufficient Storage"), "DISK_FULL", e.message)
+        case .overCapacity: return APIError(.tooManyRequests, "HOST_AT_CAPACITY", e.message)
         default: return APIError(.internalServerError, "INTERNAL_ERROR", e.message)
         }
     }

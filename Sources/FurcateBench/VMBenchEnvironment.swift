@@ -39,6 +39,8 @@ final class VMBenchEnvironment {
         opts.gracefulStopTimeout = .milliseconds(100)
         opts.debugShell = true
         opts.logger.logLevel = .warning
+        // A benchmark asks for its N VMs on purpose: no vCPU limit, the host's memory limit.
+        opts.capacity = VMCapacity(vcpus: nil, memoryMiB: VMCapacity.host(accelerator: opts.accelerator).memoryMiB)
         configure(&opts)
         service = try VMService(store: store, options: opts)
     }

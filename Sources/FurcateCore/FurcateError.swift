@@ -48,6 +48,9 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         public static let unauthenticated = Code("unauthenticated")
         /// A remote service could not be reached or answered with a server error.
         public static let unavailable = Code("unavailable")
+        /// The host has no room for it now (VM capacity): nothing was made; it may succeed
+        /// once other work ends.
+        public static let overCapacity = Code("over_capacity")
     }
 
     public var code: Code

@@ -25,7 +25,8 @@ final class LocalEngine: @unchecked Sendable {
     let builds: BuildService
 
     /// - Parameter warmPool: QEMUs kept waiting per machine shape (0: none).
-    init(_ data: DataOption, warmPool: Int = 0) throws {
+    /// - Parameter capacity: guest vCPUs and memory admitted at once (nil: the host's default).
+    init(_ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil) throws {
         guard geteuid() == 0 else { throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root") }
         layout = data.layout
         let l = layout
@@ -44,6 +45,7 @@ final class LocalEngine: @unchecked Sendable {
             images = try ImageService(store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
             var vmOptions = VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest)
             vmOptions.warmPoolSize = warmPool
+            vmOptions.capacity = capacity
             vms = try VMService(store: store, options: vmOptions)
             builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {

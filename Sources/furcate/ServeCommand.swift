@@ -5,6 +5,7 @@ import Foundation
 import FurcateCore
 import Logging
 import ServiceLifecycle
+import VMService
 
 /// `furcate serve`: the engine over a data directory and the HTTP API, until SIGTERM/SIGINT.
 struct ServeCommand: ParsableCommand {
@@ -21,20 +22,33 @@ struct ServeCommand: ParsableCommand {
     var storageQuotaGb: Int?
     @Option(help: "QEMUs kept waiting per machine shape so a restore or fork skips process start (0: none); filled after a shape's first restore.")
     var warmPool = 2
+    @Option(
+        name: .customLong("max-vcpus"),
+        help: "Guest vCPUs running at once; a create, fork or resume past it is refused with 429 (default: 16 per host core under KVM, 8 under TCG).")
+    var maxVCPUs: Int?
+    @Option(
+        name: .customLong("max-guest-memory-gib"),
+        help: "GiB of guest memory running at once; a create, fork or resume past it is refused with 429 (default: 1.5 × host memory).")
+    var maxGuestMemoryGib: Int?
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
         guard idleTimeout >= 0 else { throw ValidationError("--idle-timeout must be 0 (never) or more seconds, not \(idleTimeout)") }
         guard (0...64).contains(warmPool) else { throw ValidationError("--warm-pool must be 0 to 64, not \(warmPool)") }
+        if let v = maxVCPUs, !(1...(1 << 16)).contains(v) { throw ValidationError("--max-vcpus must be 1 to 65536, not \(v)") }
+        if let m = maxGuestMemoryGib, !(1...(1 << 20)).contains(m) { throw ValidationError("--max-guest-memory-gib must be 1 to 1048576, not \(m)") }
         if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) { throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)") }
     }
 
     func run() throws {
         bootstrapOnce
         let (data, host, port, idleTimeout, quota, warmPool) = (data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 }, warmPool)
-        try runBlocking {
+        var capacity = VMCapacity.host(accelerator: .detect())
+        if let v = maxVCPUs { capacity.vcpus = v }
+        if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
+        try runBlocking { [capacity] in
             let logger = Logger(label: "furcate.serve")
-            let engine = try LocalEngine(data, warmPool: warmPool)
+            let engine = try LocalEngine(data, warmPool: warmPool, capacity: capacity)
             let l = engine.layout
             let group: ServiceGroup
             do {
@@ -51,7 +65,8 @@ struct ServeCommand: ParsableCommand {
                 api.defaultIdleTimeoutSeconds = idleTimeout
                 let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
                 logger.notice("serving", metadata: [
-                    "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)",
+                    "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)", "capacity.vcpus": "\(capacity.vcpus ?? 0)",
+                    "capacity.memory_mib": "\(capacity.memoryMiB ?? 0)",
                 ])
                 FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")
                 // Stopped in reverse order at SIGTERM/SIGINT: the HTTP server, the policies, the

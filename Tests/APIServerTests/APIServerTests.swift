@@ -55,6 +55,8 @@ final class APIHarness: @unchecked Sendable {
         var o = VMServiceOptions(dataDirectory: tmp.sub("vms"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
         o.defaultMemoryMiB = 128
         o.gracefulStopTimeout = .milliseconds(300)
+        // The same limit on every host (the default grows with its cores and memory).
+        o.capacity = VMCapacity(vcpus: 16, memoryMiB: 16 << 10)
         let vms = try VMService(store: store, options: o)
         let images = try ImageService(store: store, options: ImageServiceOptions(directory: tmp.sub("images"), agentPath: guestDir + "/furcate-agent"))
         let builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: tmp.sub("builds")))
@@ -181,6 +183,11 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(badCount.status == .badRequest)
                 let otherFork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyB, "{}")
                 #expect(otherFork.status == .notFound)
+                let tooMany = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":100}"#)
+                #expect(
+                    tooMany.status == .tooManyRequests && json(tooMany)["error"] as? String == "HOST_AT_CAPACITY"
+                        && (json(tooMany)["message"] as? String)?.contains("of 16 this host admits") == true,
+                    "\(tooMany.status) \(String(buffer: tooMany.body))")
                 let afterFork = try await call(client, .get, "/v1/vms", h.keyA)
                 #expect(json(afterFork)["totalCount"] as? Int == 3)
                 let f0 = forks[0]

@@ -361,6 +361,35 @@ struct VMServiceTests {
         }
     }
 
+    /// A host admits so many guest vCPUs at once: a fork, restore or resume past it is
+    /// refused before anything is made (a fork all or none), and admitted again once a VM ends.
+    @Test(.timeLimit(.minutes(5))) func capacityRefusesWhatDoesNotFitAndMakesNothing() async throws {
+        await withHarness(configure: { $0.capacity = VMCapacity(vcpus: 2, memoryMiB: nil) }) { _, svc in
+            func refused(_ body: () async throws -> Void) async -> String {
+                do {
+                    try await body()
+                    return "admitted"
+                } catch let e as FurcateError where e.code == .overCapacity { return e.message } catch { return "\(error)" }
+            }
+            let a = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let tooMany = await refused { _ = try await svc.fork(a.id, count: 2) }
+            #expect(tooMany.contains("2 more VMs") && tooMany.contains("3 guest vCPUs of 2"), "\(tooMany)")
+            let (vmCount, snapCount) = (await svc.list().count, await svc.listSnapshots().count)
+            #expect(vmCount == 1 && snapCount == 0, "a refused fork makes nothing")
+            let fork = try await svc.fork(a.id, count: 1)
+            let f = fork.vms[0]
+            #expect(await refused { _ = try await svc.create(CreateVMRequest(snapshot: fork.snapshot.id)) }.contains("3 guest vCPUs of 2"))
+            #expect(await refused { _ = try await svc.create(CreateVMRequest(image: "rootfs")) }.contains("3 guest vCPUs of 2"))
+            _ = try await svc.suspend(f.id)
+            let g = try await svc.create(CreateVMRequest(snapshot: fork.snapshot.id))
+            #expect(await refused { _ = try await svc.resume(f.id) }.contains("3 guest vCPUs of 2"))
+            #expect(try await svc.info(f.id).state == .suspended, "a refused resume leaves the VM suspended")
+            _ = try await svc.kill(g.id)
+            #expect(try await svc.resume(f.id).0.state == .running)
+            #expect(await svc.list().filter { $0.state == .running }.count == 2)
+        }
+    }
+
     /// Pause and unpause keep the VM running (a paused VM's snapshot leaves it paused); a guest
     /// that powers off is seen by awaitExit as stopped, with nothing left behind.
     @Test(.timeLimit(.minutes(5))) func pauseUnpauseAndAwaitExit() async throws {
