@@ -511,9 +511,12 @@ struct FreestyleRoutes: Sendable {
 
     /// Runs `command` in the named terminal (made with `/bin/sh` when it does not exist), as
     /// if typed there: one line that prints a start marker, evals the command (base64, so any
-    /// text is one line) and prints an end marker with its status. The answer is what the
-    /// terminal showed between the markers (stdout and stderr together, as a terminal has them);
-    /// the command's effects on the shell (cd, variables) stay for the next one.
+    /// text is one line) and prints an end marker with its status. `command eval`: a syntax
+    /// error or a special built-in's error then ends the command with a status, not the whole
+    /// line (a plain `eval` dropped the end marker and the request waited out its timeout).
+    /// The answer is what the terminal showed between the markers (stdout and stderr together,
+    /// as a terminal has them); the command's effects on the shell (cd, variables) stay for the
+    /// next one.
     /// - Throws: 408 `EXEC_TIMED_OUT` after sending Ctrl-C to the terminal.
     func execInTerminal(_ agent: AgentClient, _ name: String, _ command: String, timeoutMs: Int) async throws -> ExecAwaitVmResponse {
         guard case .terminals(let ts) = try await agent.request(.terminalList) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "terminalList answered something else") }
@@ -522,7 +525,7 @@ struct FreestyleRoutes: Sendable {
             _ = try await agent.request(.terminalCreate(name: name, command: ["/bin/sh"], cols: 200, rows: 50))
         }
         let nonce = String(UInt64.random(in: 1...UInt64.max), radix: 36)
-        let line = "printf '\\036S%s\\n' \(nonce); eval \"$(printf %s '\(Data(command.utf8).base64EncodedString())' | base64 -d)\"; printf '\\036E%s:%d\\n' \(nonce) \"$?\"\n"
+        let line = "printf '\\036S%s\\n' \(nonce); command eval \"$(printf %s '\(Data(command.utf8).base64EncodedString())' | base64 -d)\"; printf '\\036E%s:%d\\n' \(nonce) \"$?\"\n"
         _ = try await agent.request(.terminalInput(name: name, data: Data(line.utf8)))
         let start = Array("\u{1E}S\(nonce)".utf8)
         let end = Array("\u{1E}E\(nonce):".utf8)

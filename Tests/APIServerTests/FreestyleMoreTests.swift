@@ -249,6 +249,12 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                 #expect(t3.status == .requestTimeout && json(t3)["error"] as? String == "EXEC_TIMED_OUT")
                 let t4 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo after","terminal":"work"}"#)
                 #expect(json(t4)["stdout"] as? String == "after\n", "the interrupted terminal takes the next command: \(String(buffer: t4.body))")
+                // A syntax error (or a special built-in's error) ends the command, not the line: the
+                // end marker still comes (once waited for the whole timeout: a fuzzer's "then").
+                let t5 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"then","terminal":"work","timeoutMs":20000}"#)
+                #expect(t5.status == .ok && json(t5)["statusCode"] as? Int == 2 && (json(t5)["stdout"] as? String)?.contains("then") == true, "\(String(buffer: t5.body))")
+                let t6 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"shift 5","terminal":"work","timeoutMs":20000}"#)
+                #expect(t6.status == .ok && (json(t6)["statusCode"] as? Int ?? 0) != 0, "\(String(buffer: t6.body))")
                 #expect(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","terminal":"../x"}"#).status == .badRequest)
 
                 step("Streams: stats every 100 ms; file events")
