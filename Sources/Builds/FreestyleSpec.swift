@@ -31,7 +31,29 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
         /// nothing), as the document says.
         public var config: GitConfig
     }
-    public struct Systemd: Codable, Sendable { public var services: [ServiceSpec]? }
+    public struct Systemd: Codable, Sendable {
+        public var services: [ServiceSpec]?
+
+        private enum CodingKeys: String, CodingKey { case services }
+        /// A unit's `wantedBy`, which the document limits to `["multi-user.target"]` (the
+        /// agent's default); anything else is refused, as on `POST …/systemd/services`.
+        private struct Target: Decodable {
+            var wantedBy: [String]?
+        }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            services = try c.decodeIfPresent([ServiceSpec].self, forKey: .services)
+            if var units = try? c.nestedUnkeyedContainer(forKey: .services) {
+                while !units.isAtEnd {
+                    if let w = try units.decode(Target.self).wantedBy, w != ["multi-user.target"] {
+                        throw DecodingError.dataCorruptedError(
+                            in: units, debugDescription: "systemd.services[\(units.currentIndex - 1)].wantedBy can only be [\"multi-user.target\"]")
+                    }
+                }
+            }
+        }
+    }
     public struct PortMapping: Codable, Sendable {
         public var port: Int
         public var targetPort: Int

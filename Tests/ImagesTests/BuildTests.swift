@@ -310,6 +310,21 @@ final class BuildHarness: @unchecked Sendable {
     func gitConfigIsRequired(_ json: String) {
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8)) }
     }
+
+    /// Found by schemathesis: a unit's wantedBy beyond the document's one `multi-user.target`
+    /// was accepted (and ignored) in a spec, though refused on `POST …/systemd/services`.
+    @Test(arguments: [#"["multi-user.target", "multi-user.target"]"#, #"["graphical.target"]"#, "[]"])
+    func aUnitIsWantedOnlyByMultiUserTarget(_ wantedBy: String) throws {
+        let unit = #"{"name": "w", "mode": "oneshot", "exec": ["true"], "wantedBy": WANTED}"#
+        let e = #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode(
+                FreestyleSnapshotSpec.self, from: Data(#"{"systemd": {"services": [UNIT]}}"#.replacingOccurrences(of: "UNIT", with: unit.replacingOccurrences(of: "WANTED", with: wantedBy)).utf8))
+        }
+        #expect("\(String(describing: e))".contains("services[0].wantedBy can only be"), "\(String(describing: e))")
+        let ok = unit.replacingOccurrences(of: "WANTED", with: #"["multi-user.target"]"#)
+        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(#"{"systemd": {"services": [\#(ok), \#(ok.replacingOccurrences(of: "\"w\"", with: "\"v\""))]}}"#.utf8))
+        #expect(spec.systemd?.services?.map(\.name) == ["w", "v"])
+    }
 }
 
 extension BuildTests {
