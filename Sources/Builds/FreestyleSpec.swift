@@ -34,22 +34,45 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     public struct Systemd: Codable, Sendable {
         public var services: [ServiceSpec]?
 
-        private enum CodingKeys: String, CodingKey { case services }
-        /// A unit's `wantedBy`, which the document limits to `["multi-user.target"]` (the
-        /// agent's default); anything else is refused, as on `POST …/systemd/services`.
-        private struct Target: Decodable {
-            var wantedBy: [String]?
+        private struct Key: CodingKey {
+            var stringValue: String
+            var intValue: Int? { nil }
+            init(stringValue: String) { self.stringValue = stringValue }
+            init?(intValue: Int) { nil }
+        }
+        /// Unit fields of the document the agent does not honour: refused unless null, as on
+        /// `POST …/systemd/services` (never silently ignored).
+        static let unsupportedUnitFields = ["onFailure", "readySignal", "watchdogSec"]
+
+        private enum CodingKeys: String, CodingKey { case services, patchedServices }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encodeIfPresent(services, forKey: .services)
         }
 
         public init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
+            if c.contains(.patchedServices), try !c.decodeNil(forKey: .patchedServices) {
+                throw DecodingError.dataCorruptedError(
+                    forKey: .patchedServices, in: c, debugDescription: "systemd.patchedServices is not supported: give whole units in systemd.services")
+            }
             services = try c.decodeIfPresent([ServiceSpec].self, forKey: .services)
-            if var units = try? c.nestedUnkeyedContainer(forKey: .services) {
-                while !units.isAtEnd {
-                    if let w = try units.decode(Target.self).wantedBy, w != ["multi-user.target"] {
+            guard var units = try? c.nestedUnkeyedContainer(forKey: .services) else { return }
+            while !units.isAtEnd {
+                let n = units.currentIndex
+                let unit = try units.nestedContainer(keyedBy: Key.self)
+                for f in Self.unsupportedUnitFields where unit.contains(Key(stringValue: f)) {
+                    guard try unit.decodeNil(forKey: Key(stringValue: f)) else {
                         throw DecodingError.dataCorruptedError(
-                            in: units, debugDescription: "systemd.services[\(units.currentIndex - 1)].wantedBy can only be [\"multi-user.target\"]")
+                            forKey: Key(stringValue: f), in: unit, debugDescription: "systemd.services[\(n)].\(f) is not supported; leave it out or null")
                     }
+                }
+                // The document limits wantedBy to the agent's default.
+                let wanted = Key(stringValue: "wantedBy")
+                if unit.contains(wanted), try !unit.decodeNil(forKey: wanted), try unit.decode([String].self, forKey: wanted) != ["multi-user.target"] {
+                    throw DecodingError.dataCorruptedError(
+                        forKey: wanted, in: unit, debugDescription: "systemd.services[\(n)].wantedBy can only be [\"multi-user.target\"]")
                 }
             }
         }

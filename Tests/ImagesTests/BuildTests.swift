@@ -311,8 +311,9 @@ final class BuildHarness: @unchecked Sendable {
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8)) }
     }
 
-    /// Found by schemathesis: a unit's wantedBy beyond the document's one `multi-user.target`
-    /// was accepted (and ignored) in a spec, though refused on `POST …/systemd/services`.
+    /// Found by schemathesis: a unit's wantedBy beyond the document's one `multi-user.target`,
+    /// and patchedServices, were accepted (and ignored) in a spec; units there are checked as on
+    /// `POST …/systemd/services`.
     @Test(arguments: [#"["multi-user.target", "multi-user.target"]"#, #"["graphical.target"]"#, "[]"])
     func aUnitIsWantedOnlyByMultiUserTarget(_ wantedBy: String) throws {
         let unit = #"{"name": "w", "mode": "oneshot", "exec": ["true"], "wantedBy": WANTED}"#
@@ -322,8 +323,20 @@ final class BuildHarness: @unchecked Sendable {
         }
         #expect("\(String(describing: e))".contains("services[0].wantedBy can only be"), "\(String(describing: e))")
         let ok = unit.replacingOccurrences(of: "WANTED", with: #"["multi-user.target"]"#)
-        let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(#"{"systemd": {"services": [\#(ok), \#(ok.replacingOccurrences(of: "\"w\"", with: "\"v\""))]}}"#.utf8))
-        #expect(spec.systemd?.services?.map(\.name) == ["w", "v"])
+        for (field, value) in [("readySignal", "true"), ("onFailure", #"["x"]"#), ("watchdogSec", "5")] {
+            let e = #expect(throws: DecodingError.self) {
+                try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(#"{"systemd": {"services": [{"name": "w", "mode": "oneshot", "exec": ["true"], "\#(field)": \#(value)}]}}"#.utf8))
+            }
+            #expect("\(String(describing: e))".contains("services[0].\(field) is not supported"), "\(String(describing: e))")
+        }
+        let patched = #expect(throws: DecodingError.self) {
+            try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(#"{"systemd": {"patchedServices": [{"name": "w", "readySignal": 3}]}}"#.utf8))
+        }
+        #expect("\(String(describing: patched))".contains("patchedServices is not supported"))
+        let spec = try JSONDecoder().decode(
+            FreestyleSnapshotSpec.self,
+            from: Data(#"{"systemd": {"patchedServices": null, "services": [\#(ok), \#(ok.replacingOccurrences(of: "\"w\"", with: "\"v\"")), {"name": "u", "mode": "oneshot", "exec": ["true"], "readySignal": null}]}}"#.utf8))
+        #expect(spec.systemd?.services?.map(\.name) == ["w", "v", "u"])
     }
 }
 
