@@ -555,7 +555,9 @@ struct FreestyleRoutes: Sendable {
 
     func exec(_ req: Request, _ ctx: APIContext) async throws -> ExecAwaitVmResponse {
         let vm = try await ownedVM(ctx)
-        let body = try await req.decode(as: ExecAwaitRequest.self, context: ctx)
+        let raw = try await req.body.collect(upTo: 8 << 20)
+        _ = try Self.object(raw, allowed: ["command", "terminal", "timeoutMs"], what: "ExecAwaitRequest")
+        let body = try JSONDecoder().decode(ExecAwaitRequest.self, from: Data(buffer: raw))
         // 0 or absent: the default (5 minutes); longer than an hour: an hour.
         let timeout = min(body.timeoutMs.flatMap { $0 > 0 ? $0 : nil } ?? 300_000, 3_600_000)
         if let t = body.timeoutMs, t < 0 { throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must not be negative") }

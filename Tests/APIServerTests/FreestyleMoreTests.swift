@@ -256,6 +256,9 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                 let t6 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"shift 5","terminal":"work","timeoutMs":20000}"#)
                 #expect(t6.status == .ok && (json(t6)["statusCode"] as? Int ?? 0) != 0, "\(String(buffer: t6.body))")
                 #expect(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","terminal":"../x"}"#).status == .badRequest)
+                // Found by schemathesis: fields the document does not have were ignored.
+                let extra = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","shell":"bash"}"#)
+                #expect(extra.status == .badRequest && json(extra)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: extra.body))")
 
                 step("Streams: stats every 100 ms; file events")
                 // Streams: stats every 100 ms; file events; both end when the client leaves, and the
