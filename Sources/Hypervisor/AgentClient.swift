@@ -166,15 +166,15 @@ public final class AgentClient: Sendable {
     }
 
     /// What a fork needs at once: fresh entropy, the host's clock, and (when given) a hostname.
-    public func afterRestore(hostname: String? = nil) async throws {
+    public func afterRestore(hostname: String? = nil, timeout: Duration = .seconds(30)) async throws {
         var entropy = [UInt8](repeating: 0, count: 64)
         var rng = SystemRandomNumberGenerator()
         for i in entropy.indices { entropy[i] = rng.next() }
-        _ = try await request(.reseed(entropy: Data(entropy)))
+        _ = try await request(.reseed(entropy: Data(entropy)), timeout: timeout)
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        _ = try await request(.setTime(epochNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)))
-        if let hostname { _ = try await request(.setHostname(hostname)) }
+        _ = try await request(.setTime(epochNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)), timeout: timeout)
+        if let hostname { _ = try await request(.setHostname(hostname), timeout: timeout) }
     }
 
     // MARK: internals

@@ -122,6 +122,9 @@ public actor VMService {
     /// Freshening of restored VMs in progress or done (see `awaitFreshened`), and whether it
     /// also gives the VM a new identity (a retry must too).
     var freshening: [String: (task: Task<Bool, Never>, newIdentity: Bool)] = [:]
+    /// The QEMU process of each booted VM whose agent ran the forks' freshening before a
+    /// snapshot (`primeForForks`); a new process (stop and start) needs it again.
+    var primed: [String: ObjectIdentifier] = [:]
     /// One shared agent connection per running VM (the channel takes one client at a time;
     /// requests multiplex over it). Dropped when the VM's process ends.
     var agentClients: [String: AgentClient] = [:]
@@ -308,7 +311,23 @@ public actor VMService {
             guard vm.state == .running, let p = processes[id] else {
                 throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
             }
+            if !vm.paused { await primeForForks(id, p) }
             return try await takeSnapshot(vm, p, resume: !vm.paused)
+        }
+    }
+
+    /// Before the first snapshot of a booted VM whose agent is connected, the agent does once
+    /// what it will do in every fork right after the restore: reseed the RNG and set the
+    /// clock (harmless to the VM itself). Its code for that is then in the snapshot's page
+    /// cache, so a fork runs it from memory it shares with its siblings instead of reading it
+    /// from disk into pages of its own (measured: about 65 pages fewer copied on write per
+    /// mode-b fork). A restored VM ran it already; an agent that does not answer within 2 s
+    /// does not hold the snapshot up.
+    private func primeForForks(_ id: String, _ p: QEMUProcess) async {
+        guard freshening[id] == nil, primed[id] != ObjectIdentifier(p), let agent = agentClients[id], agent.isOpen else { return }
+        primed[id] = ObjectIdentifier(p)
+        do { try await agent.afterRestore(timeout: .seconds(2)) } catch {
+            logger.debug("the guest agent did not run the forks' freshening before the snapshot", metadata: ["vm.id": "\(id)", "error": "\(error)"])
         }
     }
 
@@ -731,6 +750,7 @@ public actor VMService {
         }
         locks[id] = nil
         freshening[id] = nil
+        primed[id] = nil
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.

@@ -118,6 +118,38 @@ struct VMServiceTests {
         }
     }
 
+    /// What a fork does first it should not do into pages of its own (mode b) when its parent
+    /// could have done it once before the snapshot:
+    /// - the freshening: a booted VM's first snapshot has its agent run it first. The first
+    ///   one in a guest's life faults memory in (the agent's heap and stacks grow, code and
+    ///   data are set up on first use). Counted: the agent's page faults (minflt) in the fork
+    ///   after its freshening, against its parent's after the fork; both then run the same
+    ///   command to read them.
+    /// - announcing itself on the network after the restore (QEMU's default, 5 rounds).
+    @Test(.timeLimit(.minutes(5))) func aForkDoesNotRedoWhatItsParentDid() async throws {
+        await withHarness { h, svc in
+            let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
+            func agentFaults(_ agent: AgentClient) async throws -> Int {
+                let r = try await agent.exec(ExecRequest(command: "cat /proc/$PPID/stat"))
+                let stat = String(decoding: r.stdout, as: UTF8.self)
+                // pid (comm) state ppid ... : minflt is the 10th field, the 8th after "(comm)".
+                guard let close = stat.lastIndex(of: ")") else { return -1 }
+                let fields = stat[stat.index(after: close)...].split(separator: " ")
+                return fields.count > 7 ? Int(fields[7]) ?? -1 : -1
+            }
+            let agent = try await svc.agent(parent.id, timeout: .seconds(60))
+            #expect(try await agentFaults(agent) > 0)
+            let fork = try await svc.fork(parent.id, count: 1, memoryMode: .privateBase)
+            let params = try await #require(await svc.process(fork.vms[0].id)).qmp.execute("query-migrate-parameters")
+            #expect(params["announce-rounds"]?.int == 0)
+            let parentAfter = try await agentFaults(agent)
+            let forkAgent = try await svc.agent(fork.vms[0].id)
+            #expect(await svc.awaitFreshened(fork.vms[0].id))
+            let forkAfter = try await agentFaults(forkAgent)
+            #expect(parentAfter > 0 && forkAfter - parentAfter <= 2, "the fork's agent faulted \(forkAfter - parentAfter) pages more than its parent's")
+        }
+    }
+
     /// The agent in a real VM: it comes back when killed (its supervisor restarts it), runs a
     /// service that is restarted after SIGKILL, freezes and thaws the rootfs, and a graceful
     /// shutdown through it powers the VM off (QEMU exits cleanly: the VM is stopped).
