@@ -116,13 +116,14 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Block size of guest memory files (e.g. 4K, 64K; default 64K).") var memoryBlockSize: String?
         @Option(help: "QEMUs kept waiting for mode-a forks (0: every fork spawns one).") var warmPool = 0
         @Option(help: "Single forks made one after another per memory mode, after the N-way fork (0: none).") var rounds = 10
+        @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle = 10
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
         func run() throws {
             bootstrapOnce
-            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds) =
-                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds)
+            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle) =
+                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle)
             try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
@@ -137,6 +138,7 @@ struct BenchCommand: ParsableCommand {
                 guard (0...1000).contains(warmPool) else { throw FurcateError(.invalidArgument, "--warm-pool must be 0 to 1000") }
                 guard (64...65536).contains(memory) else { throw FurcateError(.invalidArgument, "--memory must be 64 to 65536 MiB") }
                 guard (0...1000).contains(rounds) else { throw FurcateError(.invalidArgument, "--rounds must be 0 to 1000") }
+                guard (0...3600).contains(settle) else { throw FurcateError(.invalidArgument, "--settle must be 0 to 3600 seconds") }
                 var bs: Int?
                 if let s = memoryBlockSize {
                     let v = Int(try ByteSize.parse(s))
@@ -148,11 +150,12 @@ struct BenchCommand: ParsableCommand {
                 }
                 b.memoryBlockSize = bs
                 b.rounds = rounds
+                b.settleSeconds = settle
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
                 print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
-                print("first snapshot of the base VM after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)")
+                print("first snapshot of the base VM, \(r.settleSeconds) s after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)")
                 for m in r.modes {
                     print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)), warm pool \(m.warmPool):")
                     print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
