@@ -212,11 +212,12 @@ public struct ForkBenchmark: Sendable {
             shells.append((vm.id, sh))
         }
         var verified = 0
-        for (id, sh) in shells where (try? await sh.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) == id {
+        for (id, sh) in shells where await Self.shellOutput(sh, "cat /tmp/who") == id {
             verified += 1
         }
-        let baseShell = try await svc.guestShell(base, timeout: .seconds(30))
-        if (try? await baseShell.run("cat /tmp/who").output.trimmingCharacters(in: .whitespacesAndNewlines)) != "base" { verified = 0 }
+        // The parent's debug session is closed again at once (its shell ends with it): one open
+        // across a later snapshot ends in every fork of that snapshot right after its restore.
+        if try await Self.shellOutput(svc.guestShell(base, timeout: .seconds(30)), "cat /tmp/who") != "base" { verified = 0 }
         let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
         let s0 = ContinuousClock.now
         let snapOfFork = try await svc.snapshot(fork.vms[0].id)
@@ -272,6 +273,11 @@ public struct ForkBenchmark: Sendable {
             ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
             ("migrate-incoming", incoming), (Self.resumeLabel, resume),
         ])
+    }
+
+    /// What `command` prints in a guest shell, trimmed; nil when it fails.
+    static func shellOutput(_ sh: GuestShell, _ command: String) async -> String? {
+        try? await sh.run(command).output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// QEMU starts a restored guest itself as the load completes; a `cont` is sent only for a
