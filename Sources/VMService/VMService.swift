@@ -639,7 +639,7 @@ public actor VMService {
             status = "failed"
         }
         guard status == "completed" else {
-            await p.waitForExit(timeout: .seconds(2))  // its log says why; QEMU exits after a failed load
+            _ = await p.waitForExit(timeout: .seconds(2))  // its log says why; QEMU exits after a failed load
             throw FurcateError(
                 .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
                 path: p.logPath)
