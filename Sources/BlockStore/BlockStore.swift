@@ -191,6 +191,17 @@ public final class BlockStore: Sendable {
             let maxIndexed = try idx.read("read packs") { db in
                 try Int64.fetchOne(db, sql: "SELECT MAX(pack) FROM blocks") ?? 0
             }
+            // A crash between creating a pack and writing its header leaves a file shorter than a
+            // header that no block refers to: it holds nothing, so it goes (fsck would call it
+            // damage). Its id is not reused (nextID below counts it).
+            for id in probe.packIDsOnDisk() where id > maxIndexed {
+                var st = stat()
+                let p = probe.path(of: id)
+                if stat(p, &st) == 0, st.st_size < PackFormat.headerSize {
+                    unlink(p)
+                    options.logger.warning("removed a pack torn at its creation", metadata: ["store.pack": "\(p)", "bytes": "\(st.st_size)"])
+                }
+            }
             // A new pack per session: never append after a torn tail a crash may have left.
             packs = PackSet(directory: packDir, nextID: max(maxOnDisk, maxIndexed) + 1, rolloverSize: options.packRolloverBytes)
             blockCache = LRUCache(capacity: options.blockCacheBytes)

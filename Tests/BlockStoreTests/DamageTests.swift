@@ -77,6 +77,34 @@ import Glibc
         #expect(r.problems.contains { $0.contains("magic") })
     }
 
+    /// Seen in CI's crash test: the writer killed between creating a pack and writing its
+    /// header left an empty pack file, which fsck reported. Opening the store removes such a
+    /// file (it holds nothing and nothing refers to it); a pack with a header stays.
+    @Test func aPackTornAtItsCreationIsRemovedAtOpen() throws {
+        let dir = TempDir()
+        let path = dir.sub("s")
+        do {
+            let s = try BlockStore.create(at: path, blockSize: 4096)
+            try s.createFile("f").write(pattern(5000, seed: 3), at: 0)
+            try s.syncAll()
+            s.close()
+        }
+        let packs = path + "/packs/"
+        let before = try FileManager.default.contentsOfDirectory(atPath: packs).sorted()
+        for (name, bytes) in [(PackFormat.fileName(90), 0), (PackFormat.fileName(91), PackFormat.headerSize - 1)] {
+            #expect(FileManager.default.createFile(atPath: packs + name, contents: Data(repeating: 0, count: bytes)))
+        }
+        let s = try BlockStore.open(at: path)
+        defer { s.close() }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: packs).sorted() == before)
+        let r = try s.fsck()
+        #expect(r.clean, "\(r.problems)")
+        #expect(try s.file("f").read(at: 0, count: 5000) == pattern(5000, seed: 3))
+        try s.createFile("g").write(pattern(5000, seed: 4), at: 0)
+        try s.syncAll()
+        #expect(s.packs.packIDsOnDisk().last! > 91, "a removed pack's id is not reused")
+    }
+
     static var canMountTmpfs: Bool { geteuid() == 0 }
 
     /// Fills a small tmpfs: the writer gets `.diskFull`, and the store still opens, passes fsck
