@@ -96,10 +96,7 @@ extension FreestyleRoutes {
                 throw APIError(.badRequest, "UNSUPPORTED_FIELD", "wantedBy can only be [\"multi-user.target\"] here")
             }
             let spec = try JSONDecoder().decode(ServiceSpec.self, from: Data(buffer: body))
-            guard spec.mode == "service" || spec.mode == "oneshot" else {
-                throw APIError(.badRequest, "BAD_REQUEST", "mode must be service or oneshot")
-            }
-            guard !spec.exec.isEmpty else { throw APIError(.badRequest, "BAD_REQUEST", "exec needs at least one command") }
+            if let p = spec.problem { throw APIError(.badRequest, "BAD_REQUEST", p) }
             if case .services(let list) = try await a.request(.serviceList), list.contains(where: { $0.name == spec.name }) {
                 throw APIError(.conflict, "SERVICE_ALREADY_EXISTS", "a service \(spec.name) exists; delete it first")
             }

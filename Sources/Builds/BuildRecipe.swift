@@ -153,7 +153,9 @@ public enum BuildStep: Codable, Hashable, Sendable {
                 throw FurcateError(.invalidArgument, "environment variable '\(k.prefix(80))' (names without '=', no newlines)")
             }
         case .workdir(let w): try absolute(w, "working directory")
-        case .group, .user, .service: break
+        case .service(let unit):
+            if let p = unit.problem { throw FurcateError(.invalidArgument, "systemd service: \(p)") }
+        case .group, .user: break
         }
     }
 }

@@ -174,6 +174,31 @@ public struct TerminalInfo: Codable, Sendable, Equatable {
     }
 }
 
+extension ServiceSpec {
+    public static let modes = ["oneshot", "service"]
+    public static let restartPolicies = ["no", "on-failure", "always", "on-abnormal"]
+
+    /// What makes this unit unacceptable wherever it is given — the API, a build recipe, the
+    /// agent — or nil. (The agent also checks what only the guest knows: users, paths.)
+    public var problem: String? {
+        let nameOK = !name.isEmpty && name.utf8.count <= 64 && !name.hasPrefix(".")
+            && name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e }
+        guard nameOK else { return "service name must be 1-64 of a-z 0-9 - _ . : '\(name.prefix(80))'" }
+        guard Self.modes.contains(mode) else { return "service mode must be oneshot or service, not '\(mode.prefix(40))'" }
+        guard !exec.isEmpty else { return "service \(name) has no exec lines" }
+        if let p = restartPolicy?.policy, !Self.restartPolicies.contains(p) {
+            return "restart policy must be no, on-failure, always or on-abnormal, not '\(p.prefix(40))'"
+        }
+        let counts: [(String, Int?)] = [
+            ("timeoutSec", timeoutSec), ("restartPolicy.restartSec", restartPolicy?.restartSec),
+            ("restartPolicy.startLimitBurst", restartPolicy?.startLimitBurst),
+            ("restartPolicy.startLimitIntervalSec", restartPolicy?.startLimitIntervalSec),
+        ]
+        for (field, v) in counts where (v ?? 0) < 0 { return "service \(name): \(field) must not be negative" }
+        return nil
+    }
+}
+
 /// Freestyle's `SystemdRestartPolicy`: "no", "on-failure", "always", "on-abnormal".
 public struct RestartPolicy: Codable, Sendable, Hashable {
     public var policy: String

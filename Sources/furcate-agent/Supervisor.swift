@@ -315,17 +315,7 @@ final class Supervisor: Sendable {
     // MARK: helpers
 
     static func validate(_ spec: ServiceSpec) throws {
-        let ok = !spec.name.isEmpty && spec.name.count <= 64
-            && spec.name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e }
-            && !spec.name.hasPrefix(".")
-        guard ok else { throw AgentError(code: "invalid_argument", message: "service name must be 1-64 of a-z 0-9 - _ . : '\(spec.name)'") }
-        guard spec.mode == "oneshot" || spec.mode == "service" else {
-            throw AgentError(code: "invalid_argument", message: "service mode must be oneshot or service, not '\(spec.mode)'")
-        }
-        guard !spec.exec.isEmpty else { throw AgentError(code: "invalid_argument", message: "service \(spec.name) has no exec lines") }
-        if let p = spec.restartPolicy?.policy, !["no", "on-failure", "always", "on-abnormal"].contains(p) {
-            throw AgentError(code: "invalid_argument", message: "restart policy must be no, on-failure, always or on-abnormal, not '\(p)'")
-        }
+        if let p = spec.problem { throw AgentError(code: "invalid_argument", message: p) }
         if let wd = spec.workdir { try checkPath(wd) }
         _ = try resolveIDs(user: spec.user, group: spec.group)
     }

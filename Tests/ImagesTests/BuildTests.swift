@@ -297,6 +297,12 @@ final class BuildHarness: @unchecked Sendable {
         (#"{"ports": [{"port": 443, "targetPort": 3000}]}"#, "ports"),
         // git config cannot hold a line break in a value.
         (#"{"git": {"config": {"user": {"name": "a\nb"}}, "repos": []}}"#, "git.config.user.name must be one line"),
+        // Found by schemathesis: a spec's units were not checked as POST …/systemd/services checks them.
+        (#"{"systemd": {"services": [{"name": "w", "mode": "daemon", "exec": ["true"]}]}}"#, "service mode must be oneshot or service, not 'daemon'"),
+        (#"{"systemd": {"services": [{"name": "w", "mode": "oneshot", "exec": []}]}}"#, "service w has no exec lines"),
+        (#"{"systemd": {"services": [{"name": "Web!", "mode": "oneshot", "exec": ["true"]}]}}"#, "service name must be 1-64"),
+        (#"{"systemd": {"services": [{"name": "w", "mode": "service", "exec": ["x"], "timeoutSec": -1}]}}"#, "timeoutSec must not be negative"),
+        (#"{"systemd": {"services": [{"name": "w", "mode": "service", "exec": ["x"], "restartPolicy": {"policy": "sometimes"}}]}}"#, "restart policy must be"),
     ])
     func badSpecsSayWhy(_ json: String, _ why: String) throws {
         let spec = try JSONDecoder().decode(FreestyleSnapshotSpec.self, from: Data(json.utf8))
