@@ -20,7 +20,8 @@ public struct VMCapacity: Sendable, Equatable {
 
     /// vCPUs per host core: 16 under KVM, where an idle vCPU costs next to nothing (OpenStack's
     /// long-standing CPU allocation ratio); 8 under TCG, where every guest's timer ticks are
-    /// emulated in software (a 2-core TCG host with 60-80 forks took minutes per request).
+    /// emulated in software: an idle guest costs ~3% of a core, and a 2-core TCG host with 60-80
+    /// forks took minutes per request.
     public static func vcpusPerCore(_ accelerator: Accelerator) -> Int { accelerator == .kvm ? 16 : 8 }
 
     /// Guest memory as a share of host memory: 1.5 (OpenStack's RAM allocation ratio). Forks
