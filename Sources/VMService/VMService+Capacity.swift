@@ -50,6 +50,7 @@ public struct VMCapacity: Sendable, Equatable {
         static let zero = Demand(vcpus: 0, memoryMiB: 0)
         static func + (a: Demand, b: Demand) -> Demand { Demand(vcpus: a.vcpus + b.vcpus, memoryMiB: a.memoryMiB + b.memoryMiB) }
         static func * (a: Demand, n: Int) -> Demand { Demand(vcpus: a.vcpus * n, memoryMiB: a.memoryMiB * n) }
+        static func - (a: Demand, b: Demand) -> Demand { Demand(vcpus: a.vcpus - b.vcpus, memoryMiB: a.memoryMiB - b.memoryMiB) }
     }
 
     /// Why `count` more VMs of `each` do not fit beside `inUse`, or nil when they do.
@@ -89,7 +90,6 @@ extension VMService {
 
     /// A VM admitted by `admit` now runs (its state counts it) or was never made.
     func settle(_ each: VMCapacity.Demand, count: Int = 1) {
-        admitting = VMCapacity.Demand(vcpus: admitting.vcpus - each.vcpus * count, memoryMiB: admitting.memoryMiB - each.memoryMiB * count)
+        admitting = admitting - each * count
     }
-
 }
