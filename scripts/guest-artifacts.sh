@@ -191,13 +191,17 @@ INIT
 fi
 # Debian 12 with systemd: the default image (`furcate serve`) and the systemd tests' image. Needs
 # Debian's mirror; without it the rest still works and those tests skip.
+# (--format: mmdebstrap otherwise picks the format from the name, and "….tar.tmp" made a
+# directory; one left by that is removed and rebuilt.)
+if [ -d "$dest/debian-12-systemd.tar" ]; then rm -rf "$dest/debian-12-systemd.tar"; fi
 if [ ! -s "$dest/debian-12-systemd.tar" ] && [ "${FURCATE_SKIP_DEBIAN_IMAGE:-}" != 1 ]; then
   echo "guest: building debian-12-systemd.tar (mmdebstrap minbase + systemd, udev, dbus, iproute2)"
-  if mmdebstrap --quiet --variant=minbase --include=systemd-sysv,udev,dbus,iproute2,ca-certificates \
+  rm -rf "$dest/debian-12-systemd.tar.tmp"
+  if mmdebstrap --quiet --format=tar --variant=minbase --include=systemd-sysv,udev,dbus,iproute2,ca-certificates \
       bookworm "$dest/debian-12-systemd.tar.tmp" http://deb.debian.org/debian; then
     mv "$dest/debian-12-systemd.tar.tmp" "$dest/debian-12-systemd.tar"
   else
-    rm -f "$dest/debian-12-systemd.tar.tmp"
+    rm -rf "$dest/debian-12-systemd.tar.tmp"
     echo "guest: mmdebstrap failed (no Debian mirror?); the default image and systemd tests are unavailable" >&2
   fi
 fi
