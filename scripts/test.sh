@@ -15,7 +15,9 @@ scripts/guest-artifacts.sh "$FURCATE_GUEST_DIR"
 echo "test: swift build --build-tests"
 swift build --build-tests
 echo "test: swift test"
-swift test --skip-build
+# A hang fails the run in minutes with the stacks of what hung (about 5 min here when all is well).
+source scripts/deadline.sh
+run_with_deadline "${FURCATE_TEST_DEADLINE:-1500}" swift test --skip-build
 # The API against real clients: the official instavm Python SDK, and schemathesis on
 # /openapi.json (both from PyPI, in virtualenvs outside the checkout).
 scripts/test-sdk.sh .build/debug/furcate
