@@ -131,6 +131,7 @@ let package = Package(
             name: "furcate",
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "APIServer",
+                "CSpawn",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -139,7 +140,7 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (temp dirs, the built binary).
-        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore"], path: "Tests/FurcateTestSupport"),
+        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS"], path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(

@@ -49,6 +49,9 @@ public final class StoreFS: @unchecked Sendable {
     public let mountpoint: String
     let options: MountOptions
     var session: OpaquePointer?
+    /// The mount's device ("MAJ:MIN"), read once it is live: after a lazy unmount it can no
+    /// longer be looked up, and `abortConnection` needs it.
+    var device: String?
     /// argv handed to libfuse, which keeps pointers into it for the session's life.
     private var argv: [UnsafeMutablePointer<CChar>?] = []
 
@@ -106,6 +109,7 @@ public final class StoreFS: @unchecked Sendable {
         }
         defer { fuse_session_unmount(se) }
         logger.info("mounted", metadata: ["fs.mountpoint": "\(mountpoint)", "store.dir": "\(store.directory)"])
+        device = Self.deviceNumber(mountpoint)
         tuneBDI()
         startSignalThread()
         ready()
@@ -120,6 +124,11 @@ public final class StoreFS: @unchecked Sendable {
     /// in /proc/self/mountinfo (the topmost mount at `mountpoint`). Stat-ing the mountpoint
     /// would do too, but from the serving process before its loop runs it would deadlock.
     public static func bdiPath(_ mountpoint: String) -> String? {
+        deviceNumber(mountpoint).map { "/sys/class/bdi/\($0)" }
+    }
+
+    /// The device ("MAJ:MIN") of the topmost mount at `mountpoint`, from /proc/self/mountinfo.
+    static func deviceNumber(_ mountpoint: String) -> String? {
         guard let real = realpath(mountpoint, nil) else { return nil }
         let target = String(cString: real)
         free(real)
@@ -130,7 +139,50 @@ public final class StoreFS: @unchecked Sendable {
             let f = line.split(separator: " ")
             if f.count > 4, f[4].replacingOccurrences(of: "\\040", with: " ") == target { dev = f[2] }
         }
-        return dev.map { "/sys/class/bdi/\($0)" }
+        return dev.map(String.init)
+    }
+
+    /// The processes that have something in the mount open, mapped, or as their working or
+    /// root directory, as "PID (COMMAND)". From /proc, which names a detached mount's files
+    /// without the mountpoint: ask while it is still attached.
+    public static func holders(of mountpoint: String) -> [String] {
+        guard let real = realpath(mountpoint, nil) else { return [] }
+        let root = String(cString: real)
+        free(real)
+        let inside = { (path: String) in path == root || path.hasPrefix(root + "/") }
+        let fm = FileManager.default
+        var found: [String] = []
+        for pid in (try? fm.contentsOfDirectory(atPath: "/proc")) ?? [] where pid.allSatisfy(\.isNumber) {
+            let dir = "/proc/" + pid
+            var links = ["cwd", "root"].compactMap { try? fm.destinationOfSymbolicLink(atPath: dir + "/" + $0) }
+            for fd in (try? fm.contentsOfDirectory(atPath: dir + "/fd")) ?? [] {
+                if let l = try? fm.destinationOfSymbolicLink(atPath: dir + "/fd/" + fd) { links.append(l) }
+            }
+            let mapped = readWholeFile(dir + "/maps")?.split(separator: "\n").contains { line in
+                line.firstIndex(of: "/").map { inside(String(line[$0...])) } ?? false
+            } ?? false
+            guard mapped || links.contains(where: inside) else { continue }
+            let comm = readWholeFile(dir + "/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            found.append("\(pid) (\(comm))")
+        }
+        return found
+    }
+
+    /// Ends the FUSE connection through the kernel's fusectl `abort`: whatever waits on the
+    /// mount fails with an error and the server's loop returns. The last resort when files stay
+    /// open past a deadline. Mounts fusectl if it is not (root). False when it cannot.
+    func abortConnection() -> Bool {
+        let control = "/sys/fs/fuse/connections"
+        guard let device, let colon = device.firstIndex(of: ":"),
+            let major = UInt32(device[..<colon]), let minor = UInt32(device[device.index(after: colon)...])
+        else { return false }
+        // The kernel names a connection by its dev_t, major << 20 | minor.
+        let abort = "\(control)/\((major << 20) | minor)/abort"
+        if access(abort, F_OK) != 0 { Glibc.mount("fusectl", control, "fusectl", 0, nil) }
+        let fd = open(abort, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return write(fd, "1", 1) == 1
     }
 
     /// Applies `readaheadKB` and `maxDirtyRatio`. Best effort: writing sysfs needs root, and a
@@ -164,18 +216,29 @@ public final class StoreFS: @unchecked Sendable {
 
     /// Waits for a termination signal on a dedicated thread, then unmounts: the kernel ends the
     /// connection, libfuse's workers see it and the session loop returns. With files still open
-    /// the unmount is lazy, and they are served until closed.
+    /// the unmount is lazy, they are served until closed, and their holders are logged; a second
+    /// signal aborts the connection (they get errors) so the server syncs and ends at once.
     private func startSignalThread() {
         let mp = mountpoint
         let log = logger
-        Thread.detachNewThread {
+        Thread.detachNewThread { [weak self] in
             var set = sigset_t()
             sigemptyset(&set)
             for s in StoreFS.terminationSignals { sigaddset(&set, s) }
             var sig: Int32 = 0
             guard sigwait(&set, &sig) == 0 else { return }
             log.info("signal: unmounting", metadata: ["fs.signal": "\(sig)", "fs.mountpoint": "\(mp)"])
-            if umount2(mp, 0) != 0 { umount2(mp, Int32(MNT_DETACH)) }
+            if umount2(mp, 0) != 0 {
+                log.warning(
+                    "files still open: unmounting lazily; they are served until closed (a second signal aborts them)",
+                    metadata: ["fs.mountpoint": "\(mp)", "fs.holders": "\(Self.holders(of: mp).joined(separator: ", "))"])
+                umount2(mp, Int32(MNT_DETACH))
+                guard sigwait(&set, &sig) == 0 else { return }
+                let aborted = self?.abortConnection() ?? false
+                log.warning(
+                    aborted ? "second signal: FUSE connection aborted" : "second signal: cannot abort the FUSE connection (fusectl)",
+                    metadata: ["fs.signal": "\(sig)", "fs.mountpoint": "\(mp)"])
+            }
         }
     }
 
@@ -382,11 +445,47 @@ public final class BackgroundMount: Sendable {
         }
     }
 
-    /// Unmounts (lazily if files are still open) and waits until the server has synced and
-    /// returned. Idempotent.
-    public func stop() {
-        guard !stopped.withLock({ s in defer { s = true }; return s }) else { return }
-        if umount2(fs.mountpoint, 0) != 0 { umount2(fs.mountpoint, Int32(MNT_DETACH)) }
-        finished.wait()
+    /// How a `stop` went.
+    public struct Stopped: Sendable {
+        /// The processes that still had files of the mount open when it was unmounted
+        /// ("PID (COMMAND)"); the unmount was lazy then. Empty after a clean unmount.
+        public var holders: [String] = []
+        /// Files were still open when the grace ran out.
+        public var graceExpired = false
+        /// …and the connection was aborted then (false: fusectl was not usable, and the server
+        /// was left to end when they close).
+        public var aborted = false
+    }
+
+    public static let defaultGrace: Duration = .seconds(30)
+
+    /// Unmounts and waits until the server has synced and returned. With files still open the
+    /// unmount is lazy and they are served until closed — for up to `grace`: then the connection
+    /// is aborted (their holders get errors), so that a leaked descriptor cannot keep a process
+    /// from ending. Idempotent.
+    @discardableResult
+    public func stop(grace: Duration = defaultGrace) -> Stopped {
+        guard !stopped.withLock({ s in defer { s = true }; return s }) else { return Stopped() }
+        var result = Stopped()
+        let log = fs.logger
+        if umount2(fs.mountpoint, 0) != 0 {
+            result.holders = StoreFS.holders(of: fs.mountpoint)
+            log.warning(
+                "files still open: unmounting lazily",
+                metadata: ["fs.mountpoint": "\(fs.mountpoint)", "fs.holders": "\(result.holders.joined(separator: ", "))"])
+            umount2(fs.mountpoint, Int32(MNT_DETACH))
+        }
+        let (secs, atto) = grace.components
+        if finished.wait(timeout: .now() + .nanoseconds(Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))) == .timedOut {
+            result.graceExpired = true
+            result.aborted = fs.abortConnection()
+            log.error(
+                result.aborted
+                    ? "files still open after the grace: FUSE connection aborted"
+                    : "files still open after the grace, and the FUSE connection cannot be aborted (fusectl); not waiting for them",
+                metadata: ["fs.mountpoint": "\(fs.mountpoint)", "fs.grace": "\(grace)", "fs.holders": "\(result.holders.joined(separator: ", "))"])
+            if result.aborted { finished.wait() }
+        }
+        return result
     }
 }

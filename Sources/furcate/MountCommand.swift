@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockStore
+import CSpawn
 import Foundation
 import FurcateCore
 import StoreFS
@@ -65,11 +66,17 @@ struct MountCommand: ParsableCommand {
         posix_spawnattr_setflags(&attr, Int16(0x80))  // POSIX_SPAWN_SETSID
         let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
-        // The server's "mounted" line would repeat ours; its errors still reach stderr.
+        // The server keeps none of our caller's descriptors: one it held (a pipe the caller
+        // reads to its end, a lock) would keep the caller waiting as long as the mount lives.
+        // Its "mounted" line would repeat ours; its errors reach stderr only when that is a
+        // terminal (`--foreground` keeps them wherever stderr goes).
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        if isatty(2) == 0 { posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0) }
+        cspawn_addclosefrom(&actions, 3)
         var pid: pid_t = 0
         let rc = posix_spawn(&pid, exe, &actions, &attr, argv, environ)
         guard rc == 0 else { throw FurcateError.system("posix_spawn", errno: rc, path: exe) }

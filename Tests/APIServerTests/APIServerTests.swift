@@ -78,7 +78,7 @@ final class APIHarness: @unchecked Sendable {
 
     func tearDown() async {
         for vm in await engine.vms.list() { try? await engine.vms.delete(vm.id) }
-        mount.stop()
+        mount.stopChecked()
         store.close()
     }
 }

@@ -48,7 +48,7 @@ final class BuildHarness: @unchecked Sendable {
 
     func tearDown() async {
         for vm in await vms.list() { try? await vms.delete(vm.id) }
-        mount.stop()
+        mount.stopChecked()
     }
 }
 

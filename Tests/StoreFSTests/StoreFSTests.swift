@@ -4,6 +4,7 @@ import Foundation
 import FurcateTestSupport
 import FurcateCore
 import StoreFS
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -423,7 +424,7 @@ struct StoreFSCoherenceTests {
         try store.createFile("b").write([UInt8](repeating: 0x42, count: 131072), at: 0)
         let mount = try StoreFS(store: store, mountpoint: mp).startInBackground()
         defer {
-            mount.stop()
+            mount.stopChecked()
             store.close()
         }
         let a = mp + "/files/a"
@@ -459,5 +460,91 @@ struct StoreFSCoherenceTests {
         let ratio = try String(contentsOfFile: bdi + "/max_ratio", encoding: .utf8)
         #expect(ra.trimmingCharacters(in: .whitespacesAndNewlines) == "\(MountOptions().readaheadKB ?? -1)")
         #expect(ratio.trimmingCharacters(in: .whitespacesAndNewlines) == "\(MountOptions().maxDirtyRatio ?? -1)")
+    }
+}
+
+/// Ending a mount whose files are still open: it never waits without bound.
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+struct StoreFSEndingTests {
+    /// SIGTERM with a file still open unmounts lazily and keeps serving it; a second SIGTERM
+    /// aborts the connection: the holder gets an error, and the server syncs what was written
+    /// and exits.
+    @Test func aSecondSignalEndsAServerWhoseFilesAreStillOpen() throws {
+        let m = try Mounted()
+        let fd = open(m.files + "/held", O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var data = [UInt8](repeating: 0x5a, count: 200_000)
+        #expect(pwrite(fd, &data, data.count, 0) == data.count)
+        let p = try #require(m.server)
+        kill(p.processIdentifier, SIGTERM)
+        #expect(!Mounted.exits(p, within: 1), "the server ended with a file still open")
+        var back = [UInt8](repeating: 0, count: 10)
+        #expect(pread(fd, &back, 10, 0) == 10 && back[9] == 0x5a, "a lazily unmounted file is still served")
+        kill(p.processIdentifier, SIGTERM)
+        #expect(Mounted.exits(p, within: 30), "a second SIGTERM did not end the server")
+        // (Reads may still come from the page cache; an fsync reaches the server.)
+        #expect(fsync(fd) == -1 && errno == ENOTCONN, "the connection was not aborted")
+        let s = try BlockStore.open(at: m.storeDir)
+        defer { s.close() }
+        #expect(try s.file("held").size == 200_000)
+    }
+
+    /// `furcate mount` without --foreground returns once the mount is live, and its server
+    /// keeps none of its caller's descriptors beyond stdio: one it kept (a pipe the caller reads
+    /// to its end, a lock) would keep the caller waiting as long as the mount lives. The server
+    /// is looked at, then ended, from another thread, so that a server holding this process's
+    /// descriptors cannot keep `sh` below waiting forever.
+    @Test func aDetachedServerKeepsNoneOfItsCallersDescriptors() throws {
+        let tmp = TempDir("detach")
+        let (store, mp, marker) = (tmp.sub("store"), tmp.sub("mnt"), tmp.sub("marker"))
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        try BlockStore.create(at: store).close()
+        let seen = Mutex<[String]?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            defer { done.signal() }
+            let deadline = Date().addingTimeInterval(30)
+            var pid: String?
+            while pid == nil && Date() < deadline {
+                pid = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).first { p in
+                    p.allSatisfy(\.isNumber)
+                        && (readWholeFile("/proc/\(p)/cmdline")?.contains("\(mp)\u{0}--foreground") ?? false)
+                }
+                if pid == nil { usleep(10_000) }
+            }
+            guard let pid, let server = Int32(pid) else { return }
+            while !StoreFS.isMountPoint(mp) && Date() < deadline { usleep(10_000) }
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+            seen.withLock { $0 = fds.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") } }
+            kill(server, SIGTERM)
+            while kill(server, 0) == 0 && Date() < deadline { usleep(10_000) }
+        }
+        // fd 7 stands for whatever a caller has open.
+        let (rc, out) = try sh(["bash", "-c", "exec 7>\"$1\"; exec \"$2\" mount \"$3\" \"$4\"", "-", marker, furcateBinary, store, mp])
+        done.wait()
+        #expect(rc == 0 && out.contains("server pid"), "furcate mount: \(out)")
+        let fds = try #require(seen.withLock { $0 }, "the detached server was not found")
+        #expect(!fds.contains { $0.hasSuffix("/marker") }, "the server kept its caller's descriptor: \(fds)")
+        #expect(!fds.contains { $0.hasPrefix("pipe:") || $0.hasPrefix("socket:") }, "the server kept its caller's pipe or socket: \(fds)")
+    }
+
+    /// An in-process mount's `stop` with a file still open past its grace aborts the
+    /// connection, names who held it, and returns.
+    @Test func stopAbortsFilesStillOpenAfterItsGrace() throws {
+        let tmp = TempDir("ending")
+        let mp = tmp.sub("mnt")
+        try FileManager.default.createDirectory(atPath: mp, withIntermediateDirectories: true)
+        let store = try BlockStore.create(at: tmp.sub("store"))
+        defer { store.close() }
+        let mount = try StoreFS(store: store, mountpoint: mp).startInBackground()
+        let fd = open(mp + "/files/held", O_RDWR | O_CLOEXEC | O_CREAT, 0o644)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let stopped = mount.stop(grace: .seconds(1))
+        #expect(stopped.holders.contains { $0.hasPrefix("\(getpid()) ") }, "holders: \(stopped.holders)")
+        #expect(stopped.graceExpired && stopped.aborted)
+        #expect(fsync(fd) == -1 && errno == ENOTCONN, "the connection was not aborted")
+        #expect(!StoreFS.isMountPoint(mp))
     }
 }

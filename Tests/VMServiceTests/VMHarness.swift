@@ -80,7 +80,7 @@ final class VMHarness: @unchecked Sendable {
         for vm in await service.list() { try? await service.delete(vm.id) }
         let left = (try? store.list().map(\.name)) ?? []
         defer { store.close() }
-        mount.stop()
+        mount.stopChecked()
         return left
     }
 }
