@@ -27,6 +27,13 @@ report_stuck() {
   echo "deadline: the process tree of $pid:"
   # shellcheck disable=SC2046
   ps -o pid,ppid,stat,wchan:32,etime,args -p "$pid" $(descendants "$pid" | sed 's/^/-p /') || true
+  echo "deadline: what the threads of each process in the tree wait in (count, state, kernel function):"
+  for p in $pid $(descendants "$pid"); do
+    echo "-- pid $p ($(cut -c1-80 "/proc/$p/comm" 2>/dev/null))"
+    for t in /proc/"$p"/task/[0-9]*; do
+      echo "$(awk '{ print $3 }' "$t/stat" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+    done | sort | uniq -c | sort -rn
+  done
   echo "deadline: threads in uninterruptible sleep, host-wide:"
   for t in /proc/[0-9]*/task/[0-9]*; do
     [ "$(awk '{ print $3 }' "$t/stat" 2>/dev/null)" = D ] || continue
@@ -43,13 +50,16 @@ report_stuck() {
   return 0
 }
 
-# Aborts the FUSE connection of each furcate mount whose server is gone or stuck, and detaches
-# the mount, so that processes blocked on it get errors instead of waiting forever.
+# Aborts the FUSE connection of each furcate mount the tests made (under the temporary
+# directory) whose server is gone or stuck, and detaches it, so that processes blocked on it get
+# errors instead of waiting forever.
 abort_furcate_mounts() {
-  local mp dev
+  local mp dev tmp
+  tmp=$(realpath -m "${TMPDIR:-/tmp}")
   mount_fusectl
   while read -r _ _ dev _ mp _ rest; do
     case " $rest " in *" - fuse.furcate "*) ;; *) continue ;; esac
+    case "$mp" in "$tmp"/furcate-*) ;; *) continue ;; esac
     [ -w "/sys/fs/fuse/connections/${dev#*:}/abort" ] && echo 1 > "/sys/fs/fuse/connections/${dev#*:}/abort"
     umount -l "$mp" 2>/dev/null || true
     echo "deadline: aborted and detached the FUSE mount $mp"
