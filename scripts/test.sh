@@ -20,5 +20,5 @@ source scripts/deadline.sh
 run_with_deadline "${FURCATE_TEST_DEADLINE:-1500}" swift test --skip-build
 # The API against real clients: the official instavm Python SDK, and schemathesis on
 # /openapi.json (both from PyPI, in virtualenvs outside the checkout).
-scripts/test-sdk.sh .build/debug/furcate
-scripts/test-openapi.sh .build/debug/furcate
+run_with_deadline 900 scripts/test-sdk.sh .build/debug/furcate
+run_with_deadline 1200 scripts/test-openapi.sh .build/debug/furcate
