@@ -458,8 +458,10 @@ func isRunning(_ pid: Int32) -> Bool {
         return l.joined(separator: "\n")
     }
 
+    /// Polls the terminal's text until it holds `needle` (60 s: with the whole suite running on
+    /// two cores, the polls themselves waited seconds for a thread, and 10 s once ran out).
     func waitForText(_ a: HostAgent, _ name: String, _ needle: String) async throws -> String {
-        let deadline = ContinuousClock.now + .seconds(10)
+        let deadline = ContinuousClock.now + .seconds(60)
         var t = try await text(a, name)
         while !t.contains(needle) && ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(50))
