@@ -140,7 +140,7 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (temp dirs, the built binary).
-        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS"], path: "Tests/FurcateTestSupport"),
+        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"], path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
@@ -154,7 +154,7 @@ let package = Package(
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "GuestAgentTests",
-            dependencies: ["GuestAgentProtocol", "Hypervisor", "FurcateCore", "FurcateTestSupport", "furcate-agent"]
+            dependencies: ["GuestAgentProtocol", "Hypervisor", "FurcateCore", "FurcateTestSupport", "furcate-agent", "CSpawn"]
         ),
         .testTarget(
             name: "VMServiceTests",

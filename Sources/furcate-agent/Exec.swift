@@ -139,8 +139,8 @@ enum StdioSetup {
 }
 
 /// Starts a program in its own session (a timeout or a stop can kill its whole group), with
-/// an empty signal mask, default signal dispositions and the given stdio, working directory
-/// and environment ("K=V").
+/// an empty signal mask, default signal dispositions, the given stdio and no other descriptor,
+/// working directory and environment ("K=V").
 /// `search`: look `argv[0]` up in PATH.
 func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: String? = nil, search: Bool = true) throws -> pid_t {
     var actions = posix_spawn_file_actions_t()
@@ -161,6 +161,10 @@ func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: Str
         posix_spawn_file_actions_adddup2(&actions, 0, 2)
     }
     if let cwd { cagent_spawn_addchdir(&actions, cwd) }
+    // Nothing of the agent's beyond stdio: a descriptor it inherited, or another exec's pipe
+    // opened in the meantime, held by a long-running program would keep that pipe's reader
+    // from ever seeing its end.
+    cagent_spawn_addclosefrom(&actions, 3)
     var attr = posix_spawnattr_t()
     posix_spawnattr_init(&attr)
     defer { posix_spawnattr_destroy(&attr) }

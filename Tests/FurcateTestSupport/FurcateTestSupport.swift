@@ -1,5 +1,6 @@
 // Helpers shared by the test targets: temporary directories, the built `furcate` binary,
 // fast byte comparison.
+import CSpawn
 import Foundation
 import FurcateCore
 
@@ -46,11 +47,20 @@ public func runCommand(_ args: [String], env: [String: String]? = nil) throws ->
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = args
     if let env { p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 } }
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = out
-    try p.runWithSignalsUnblocked()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
+    // A close-on-exec pipe, not Foundation's Pipe: a process another test starts meanwhile must
+    // not inherit its write end, or the read below waits for that process's end too.
+    var fds: [Int32] = [0, 0]
+    guard cspawn_pipe_cloexec(&fds) == 0 else { throw FurcateError.system("pipe2", errno: errno) }
+    let reader = FileHandle(fileDescriptor: fds[0], closeOnDealloc: true)
+    let writer = FileHandle(fileDescriptor: fds[1], closeOnDealloc: true)
+    p.standardOutput = writer
+    p.standardError = writer
+    do { try p.runWithSignalsUnblocked() } catch {
+        try? writer.close()
+        throw error
+    }
+    try writer.close()
+    let data = reader.readDataToEndOfFile()
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }

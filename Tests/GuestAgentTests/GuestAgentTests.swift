@@ -1,3 +1,4 @@
+import CSpawn
 import Foundation
 import FurcateCore
 import FurcateTestSupport
@@ -24,7 +25,12 @@ final class HostAgent {
         return c
     }
 
-    init(stateDir: String? = nil, etc: String? = nil, raw rawOnly: Bool = false, environment: [String: String] = [:]) throws {
+    /// `inheritedFD`: the agent starts with /dev/null open as fd 7, as an agent may inherit
+    /// something from whatever started it.
+    init(
+        stateDir: String? = nil, etc: String? = nil, raw rawOnly: Bool = false, environment: [String: String] = [:],
+        inheritedFD: Bool = false
+    ) throws {
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
         var actions = posix_spawn_file_actions_t()
@@ -32,7 +38,11 @@ final class HostAgent {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, sv[1], 0)
         posix_spawn_file_actions_adddup2(&actions, sv[1], 1)
-        posix_spawn_file_actions_addclose(&actions, sv[0])
+        // Nothing else of this process's: the agent would hold, for its whole life, the pipes
+        // of commands other tests run meanwhile, and their readers would wait for the end of
+        // output as long (seen: a whole test run deadlocked on that).
+        cspawn_addclosefrom(&actions, 3)
+        if inheritedFD { posix_spawn_file_actions_addopen(&actions, 7, "/dev/null", O_RDONLY, 0) }
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(agentBinary), strdup("--stdio"), nil]
         defer { for a in argv { free(a) } }
         var p: pid_t = 0
@@ -137,6 +147,17 @@ final class HostAgent {
             try UnixSocket.writeAll(g2, frame.encoded())
         }
         #expect(try await answer.value == .terminals([]))
+    }
+
+    /// A program the agent starts holds nothing of the agent's beyond its stdio: not a
+    /// descriptor the agent inherited (fd 7 here), not another exec's pipe — one a long-running
+    /// program held would keep that pipe's reader from ever seeing its end.
+    @Test func programsInheritNoneOfTheAgentsDescriptors() async throws {
+        let a = try HostAgent(inheritedFD: true)
+        let r = try await a.client.exec(ExecRequest(argv: ["/bin/ls", "/proc/self/fd"]))
+        let fds = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n").compactMap { Int($0) }
+        // 0-2, and the directory ls reads.
+        #expect(r.exitCode == 0 && !fds.isEmpty && fds.allSatisfy { $0 <= 3 }, "descriptors of a program the agent started: \(fds)")
     }
 
     @Test func pingAndExec() async throws {

@@ -5,3 +5,5 @@
 
 /// In the child, close every descriptor >= lowfd (after the other file actions).
 int cspawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
+/// pipe2(fds, O_CLOEXEC): a pipe no program started meanwhile inherits.
+int cspawn_pipe_cloexec(int fds[2]);
