@@ -43,8 +43,9 @@ public struct MountOptions: Sendable {
 
 /// A FUSE server over one store.
 public final class StoreFS: @unchecked Sendable {
-    // SAFETY (@unchecked): `session` is set once in `mount` before the loop starts and read-only
-    // afterwards; everything else is immutable or thread-safe (the store).
+    // SAFETY (@unchecked): `session` and `device` are set once in `run` before the signal thread
+    // starts and `ready` is called, and read-only afterwards; everything else is immutable or
+    // thread-safe (the store).
     public let store: BlockStore
     public let mountpoint: String
     let options: MountOptions
