@@ -514,9 +514,15 @@ struct StoreFSEndingTests {
                 if pid == nil { usleep(10_000) }
             }
             guard let pid, let server = Int32(pid) else { return }
+            // The server's parent (the `furcate mount` that started it) until that returns.
+            func parent() -> String? { readWholeFile("/proc/\(pid)/stat")?.split(separator: " ").dropFirst(3).first.map(String.init) }
+            let starter = parent()
             while !StoreFS.isMountPoint(mp) && Date() < deadline { usleep(10_000) }
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
             seen.withLock { $0 = fds.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") } }
+            // Ended only once its starter has returned (the server is reparented then): ended
+            // sooner, the starter would report it exited before the mount was live.
+            while parent() == starter && Date() < deadline { usleep(10_000) }
             kill(server, SIGTERM)
             while kill(server, 0) == 0 && Date() < deadline { usleep(10_000) }
         }
