@@ -62,7 +62,7 @@ let package = Package(
         .target(name: "CAgentInit"),
         // <sys/xattr.h> for the layer applier (not in Swift's Glibc module).
         .target(name: "CSysXattr"),
-        .executableTarget(name: "furcate-agent", dependencies: ["GuestAgentProtocol", "CAgentInit"]),
+        .executableTarget(name: "furcate-agent", dependencies: ["GuestAgentProtocol", "CAgentInit", "CSpawn"]),
         // Small SQLite databases of JSON records (VMs, snapshots, images, builds).
         .target(
             name: "RecordStore",

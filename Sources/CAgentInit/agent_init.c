@@ -18,12 +18,6 @@ __attribute__((constructor(101))) static void cagent_mount_proc(void) {
 
 int cagent_init_linked(void) { return 1; }
 
-int cagent_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
-
-int cagent_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd) {
-    return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
-}
-
 int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path) {
     return posix_spawn_file_actions_addchdir_np(actions, path);
 }

@@ -1,4 +1,5 @@
 import CAgentInit
+import CSpawn
 import GuestAgentProtocol
 import Glibc
 
@@ -29,9 +30,9 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
     var outPipe: [Int32] = [0, 0]
     var errPipe: [Int32] = [0, 0]
     var inPipe: [Int32] = [0, 0]
-    try check(cagent_pipe_cloexec(&outPipe), "pipe")
-    try check(cagent_pipe_cloexec(&errPipe), "pipe")
-    try check(cagent_pipe_cloexec(&inPipe), "pipe")
+    try check(cspawn_pipe_cloexec(&outPipe), "pipe")
+    try check(cspawn_pipe_cloexec(&errPipe), "pipe")
+    try check(cspawn_pipe_cloexec(&inPipe), "pipe")
 
     var env: [String: String] = [:]
     var p = environ
@@ -164,7 +165,7 @@ func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: Str
     // Nothing of the agent's beyond stdio: a descriptor it inherited, or another exec's pipe
     // opened in the meantime, held by a long-running program would keep that pipe's reader
     // from ever seeing its end.
-    cagent_spawn_addclosefrom(&actions, 3)
+    cspawn_addclosefrom(&actions, 3)
     var attr = posix_spawnattr_t()
     posix_spawnattr_init(&attr)
     defer { posix_spawnattr_destroy(&attr) }

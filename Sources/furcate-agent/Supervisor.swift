@@ -1,4 +1,5 @@
 import CAgentInit
+import CSpawn
 import GuestAgentProtocol
 import Glibc
 import Synchronization
@@ -253,7 +254,7 @@ final class Supervisor: Sendable {
             }
         }
         var pipeFDs: [Int32] = [0, 0]
-        guard cagent_pipe_cloexec(&pipeFDs) == 0 else { return (127, nil) }
+        guard cspawn_pipe_cloexec(&pipeFDs) == 0 else { return (127, nil) }
         let env = processEnvironment([defaultPATH, "HOME=/root"], spec.env)
         let pid: pid_t
         do {

@@ -87,9 +87,9 @@ final class Mounted {
     /// Kills the server with SIGKILL, leaving a stale mount behind.
     func kill9() {
         guard let p = server else { return }
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
         server = nil
+        kill(p.processIdentifier, SIGKILL)
+        if !Self.exits(p, within: 30) { Issue.record("furcate mount (pid \(p.processIdentifier)) outlived SIGKILL by 30 s") }
     }
 
     deinit {

@@ -3,10 +3,6 @@
 #include <spawn.h>
 /// Referenced from Swift so the object holding the /proc constructor is linked.
 int cagent_init_linked(void);
-/// pipe2(fds, O_CLOEXEC).
-int cagent_pipe_cloexec(int fds[2]);
-/// posix_spawn_file_actions_addclosefrom_np.
-int cagent_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
 /// posix_spawn_file_actions_addchdir_np.
 int cagent_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
 /// A new pty master (close-on-exec); its slave's path into `slave`. -1 on error (errno set).
