@@ -4,7 +4,7 @@
 # the FUSE connections of furcate mounts left behind, and returns 124. A hung test run then fails
 # in minutes, saying where it hung, instead of running into CI's own time limit silently.
 
-# The pids of PID's descendants, children first.
+# The pids of PID's descendants, each before its own children.
 descendants() {
   local pid=$1 child
   for child in $(ps -eo pid=,ppid= | awk -v p="$pid" '$2 == p { print $1 }'); do

@@ -143,6 +143,19 @@ public final class StoreFS: @unchecked Sendable {
         return dev.map(String.init)
     }
 
+    /// Unmounts `mountpoint`; with files still open, logs who holds them and detaches it lazily
+    /// (they are served until closed). Returns those holders, nil after a clean unmount.
+    @discardableResult
+    static func unmountOrDetach(_ mountpoint: String, log: Logger) -> [String]? {
+        guard umount2(mountpoint, 0) != 0 else { return nil }
+        let holders = holders(of: mountpoint)
+        log.warning(
+            "files still open: unmounting lazily; they are served until closed",
+            metadata: ["fs.mountpoint": "\(mountpoint)", "fs.holders": "\(holders.joined(separator: ", "))"])
+        umount2(mountpoint, Int32(MNT_DETACH))
+        return holders
+    }
+
     /// The processes that have something in the mount open, mapped, or as their working or
     /// root directory, as "PID (COMMAND)". From /proc, which names a detached mount's files
     /// without the mountpoint: ask while it is still attached.
@@ -229,11 +242,8 @@ public final class StoreFS: @unchecked Sendable {
             var sig: Int32 = 0
             guard sigwait(&set, &sig) == 0 else { return }
             log.info("signal: unmounting", metadata: ["fs.signal": "\(sig)", "fs.mountpoint": "\(mp)"])
-            if umount2(mp, 0) != 0 {
-                log.warning(
-                    "files still open: unmounting lazily; they are served until closed (a second signal aborts them)",
-                    metadata: ["fs.mountpoint": "\(mp)", "fs.holders": "\(Self.holders(of: mp).joined(separator: ", "))"])
-                umount2(mp, Int32(MNT_DETACH))
+            if Self.unmountOrDetach(mp, log: log) != nil {
+                // Served until closed, or until a second signal.
                 guard sigwait(&set, &sig) == 0 else { return }
                 let aborted = self?.abortConnection() ?? false
                 log.warning(
@@ -469,13 +479,7 @@ public final class BackgroundMount: Sendable {
         guard !stopped.withLock({ s in defer { s = true }; return s }) else { return Stopped() }
         var result = Stopped()
         let log = fs.logger
-        if umount2(fs.mountpoint, 0) != 0 {
-            result.holders = StoreFS.holders(of: fs.mountpoint)
-            log.warning(
-                "files still open: unmounting lazily",
-                metadata: ["fs.mountpoint": "\(fs.mountpoint)", "fs.holders": "\(result.holders.joined(separator: ", "))"])
-            umount2(fs.mountpoint, Int32(MNT_DETACH))
-        }
+        result.holders = StoreFS.unmountOrDetach(fs.mountpoint, log: log) ?? []
         let (secs, atto) = grace.components
         if finished.wait(timeout: .now() + .nanoseconds(Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))) == .timedOut {
             result.graceExpired = true
