@@ -60,14 +60,19 @@ struct VMStateTests {
         #expect(throws: FurcateError.self) { try VMID.validateSnapshot(id) }
     }
 
-    @Test func machineArgumentsMatchAcrossRestoresAndEscapeCommas() {
+    @Test func machineArgumentsMatchAcrossRestoresAndEscapeCommas() throws {
         var c = MachineConfig(
             memoryPath: "/m,x/files/vm.mem", kernel: "/k", initrd: "/i", rootDisk: "/d", channelSocket: "/c", qmpSocket: "/q",
             consoleLog: "/l")
         let boot = c.arguments(incoming: false)
         let restore = c.arguments(incoming: true)
-        // The same machine either way; a boot starts paused, a restore starts once loaded.
-        #expect(Array(restore.dropLast(2)) == Array(boot.dropLast()) && restore.suffix(2) == ["-incoming", "defer"])
+        // The same machine either way; a boot loads the kernel and starts paused, a restore
+        // (whose kernel is in RAM already) starts once loaded.
+        let bootOnly = ["-kernel", "/k", "-initrd", "/i", "-append", c.commandLine]
+        let k = try #require(boot.firstIndex(of: "-kernel"))
+        #expect(Array(boot[k..<k + 6]) == bootOnly && !restore.contains("-kernel") && !restore.contains("-initrd"))
+        #expect(Array(restore.dropLast(2)) == Array(boot.dropLast()).filter { !bootOnly.contains($0) })
+        #expect(restore.suffix(2) == ["-incoming", "defer"])
         #expect(boot.last == "-S" && !restore.contains("-S"))
         #expect(boot.contains { $0.contains("mem-path=/m,,x/files/vm.mem") })
         #expect(c.commandLine.contains("tsc_early_khz"))
