@@ -51,22 +51,40 @@ public final class AgentClient: Sendable {
         t.start()
     }
 
-    /// Connects to a VM's channel socket and waits until its agent answers a ping.
-    /// - Throws: `.timedOut` when it does not by `timeout`.
-    public static func connect(socket: String, timeout: Duration) async throws -> AgentClient {
+    /// Connects to a VM's channel socket and waits until its agent answers a ping. `alive`
+    /// says whether the VM's process still runs: once it does not, nothing can answer.
+    /// - Throws: `.timedOut` when the agent does not answer by `timeout`; `.io` as soon as the
+    ///   channel closes or the process is gone (a VM stopped or suspended meanwhile).
+    public static func connect(
+        socket: String, timeout: Duration, alive: @escaping @Sendable () -> Bool = { true }
+    ) async throws -> AgentClient {
         let deadline = ContinuousClock.now + timeout
-        let fd = try UnixSocket.connect(socket, deadline: deadline)
+        let fd = try UnixSocket.connect(socket, deadline: deadline, alive: alive)
         let client = AgentClient(readFD: fd, writeFD: fd)
         // Short first tries: right after a restore the first ping can be lost while the port
         // reconnects, and a fork waits on this.
         var wait = Duration.milliseconds(10)
         while true {
-            if case .pong = try? await client.call(.ping, timeout: wait) { return client }
-            wait = min(wait * 2, .milliseconds(200))
+            let asked = ContinuousClock.now
+            do {
+                if case .pong = try await client.call(.ping, timeout: wait) { return client }
+            } catch let e as FurcateError where e.code == .timedOut {
+                // Unanswered: asked again below, until the deadline.
+            } catch {
+                // A closed channel fails every call at once, without waiting: asked again, it
+                // spun on a thread of the cooperative pool until the deadline (a fork
+                // suspended while it was being freshened held one for the agent timeout).
+                client.close()
+                throw FurcateError(.io, "the guest agent's channel closed before it answered", path: socket, underlying: error)
+            }
             if ContinuousClock.now >= deadline {
                 client.close()
                 throw FurcateError(.timedOut, "the guest agent did not answer within \(timeout)", path: socket)
             }
+            // Not a pong (an error answer comes at once): never ask faster than `wait`.
+            let spent = ContinuousClock.now - asked
+            if spent < wait { try await Task.sleep(for: wait - spent) }
+            wait = min(wait * 2, .milliseconds(200))
         }
     }
 

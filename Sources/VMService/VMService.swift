@@ -239,7 +239,7 @@ public actor VMService {
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
         if let c = agentClients[id], c.isOpen { return c }
-        let c = try await connectAgent(id, timeout: timeout)
+        let c = try await connectAgent(id, pid: vm.pid, timeout: timeout)
         if let raced = agentClients[id], raced.isOpen {  // another caller connected meanwhile
             c.close()
             return raced
@@ -590,7 +590,7 @@ public actor VMService {
     /// with a warning.
     private func freshenGuest(_ vm: VMInfo, newIdentity: Bool, timeout: Duration) async -> Bool {
         do {
-            let agent = try await connectAgent(vm.id, timeout: timeout)
+            let agent = try await connectAgent(vm.id, pid: vm.pid, timeout: timeout)
             do {
                 try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
                 if newIdentity {
@@ -607,6 +607,10 @@ public actor VMService {
             if processes[vm.id] == nil || agentClients[vm.id]?.isOpen == true { agent.close() } else { agentClients[vm.id] = agent }
             return true
         } catch {
+            if processes[vm.id]?.pid != vm.pid {
+                logger.debug("VM ended before its guest agent freshened it", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                return false
+            }
             logger.warning(
                 "guest agent did not freshen the restored VM (RNG state shared with its siblings, clock as at the snapshot)",
                 metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
@@ -911,11 +915,14 @@ public actor VMService {
     private func end(_ id: String, _ p: QEMUProcess, graceful: Bool) async {
         processes[id] = nil
         agentClients.removeValue(forKey: id)?.close()
+        // Its freshening is moot with its process gone (a restore starts a new one); one still
+        // under way fails at once on the closed channel.
+        freshening[id] = nil
         if graceful {
             // The agent syncs and asks the image's init to power off (and powers off itself
             // when init does not); without an agent, the ACPI power button.
             let grace = max(1, Int(options.gracefulStopTimeout.components.seconds))
-            if let agent = try? await connectAgent(id, timeout: .seconds(1)) {
+            if let agent = try? await connectAgent(id, pid: p.pid, timeout: .seconds(1)) {
                 _ = try? await agent.request(.shutdown(graceSeconds: grace), timeout: .seconds(2))
                 agent.close()
             } else {
@@ -929,8 +936,11 @@ public actor VMService {
     }
 
     /// The guest agent of VM `id` over its channel socket, once it answers a ping.
-    private nonisolated func connectAgent(_ id: String, timeout: Duration) async throws -> AgentClient {
-        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout)
+    /// `pid`: the VM's QEMU; once it has exited, connecting stops at once.
+    private nonisolated func connectAgent(_ id: String, pid: Int32?, timeout: Duration) async throws -> AgentClient {
+        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout) {
+            pid.map { Glibc.kill($0, 0) == 0 } ?? true
+        }
     }
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).

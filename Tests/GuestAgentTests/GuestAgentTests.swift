@@ -149,6 +149,33 @@ final class HostAgent {
         #expect(try await answer.value == .terminals([]))
     }
 
+    /// Connecting to an agent whose channel closes (the VM's QEMU ended: stopped, or suspended
+    /// while a fork was being freshened) fails at once with `.io`. It used to ask again until its
+    /// timeout, each ask failing without a wait: a spin that held a thread of the cooperative
+    /// pool — two of them held both of this host's for the whole agent timeout. A process that
+    /// is gone ends the wait for its socket the same way.
+    @Test(.timeLimit(.minutes(1))) func connectingGivesUpAtOnceWhenTheChannelCloses() async throws {
+        let tmp = TempDir()
+        let path = tmp.sub("channel.sock")
+        let listener = try UnixSocket.listen(path)
+        defer { close(listener) }
+        let server = Thread {
+            // Accepts and reads the first ping, then closes: a QEMU that ended.
+            guard let c = try? UnixSocket.accept(listener, deadline: .now + .seconds(30)) else { return }
+            var b = [UInt8](repeating: 0, count: 64)
+            _ = b.withUnsafeMutableBytes { read(c, $0.baseAddress, $0.count) }
+            close(c)
+        }
+        server.start()
+        // Far longer than the test may take: only failing at once passes.
+        await #expect {
+            _ = try await AgentClient.connect(socket: path, timeout: .seconds(600))
+        } throws: { ($0 as? FurcateError)?.code == .io }
+        await #expect {
+            _ = try await AgentClient.connect(socket: tmp.sub("gone.sock"), timeout: .seconds(600)) { false }
+        } throws: { ($0 as? FurcateError)?.code == .io }
+    }
+
     /// A program the agent starts holds nothing of the agent's beyond its stdio: not a
     /// descriptor the agent inherited (fd 7 here), not another exec's pipe — one a long-running
     /// program held would keep that pipe's reader from ever seeing its end.

@@ -373,6 +373,31 @@ struct VMServiceTests {
         }
     }
 
+    /// Forks suspended while their agents are still being freshened let go at once: each
+    /// freshening fails on its closed channel. It used to ask again until the agent timeout,
+    /// each ask failing without a wait — a spin that held a thread of the cooperative pool per
+    /// fork, and with two forks both of this host's: nothing else ran (a server shutting down
+    /// right after a fork took 10 s), and asking for a suspended fork's agent waited for it.
+    /// A resume freshens them anew.
+    @Test(.timeLimit(.minutes(3))) func forksSuspendedWhileBeingFreshenedLetGoAtOnce() async throws {
+        await withHarness(configure: { $0.agentTimeout = .seconds(600) }) { _, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            _ = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let forks = try await svc.fork(vm.id, count: 2).vms.map(\.id)
+            for f in forks { _ = try await svc.suspend(f) }  // at once: their freshening is under way
+            for f in forks {
+                // Said at once, not after the agent timeout (the old freshening is moot).
+                await #expect { _ = try await svc.agent(f) } throws: { ($0 as? FurcateError)?.code == .invalidState }
+            }
+            for f in forks {
+                _ = try await svc.resume(f)
+                #expect(await svc.awaitFreshened(f))
+                let r = try await svc.agent(f).exec(ExecRequest(argv: ["/bin/sh", "-c", "echo $((6 * 7))"]))
+                #expect(r.exitCode == 0 && String(decoding: r.stdout, as: UTF8.self) == "42\n")
+            }
+        }
+    }
+
     @Test(.timeLimit(.minutes(5))) func suspendAndResumeKeepAProcessAlive() async throws {
         await withHarness { h, svc in
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
