@@ -83,7 +83,12 @@ public final class AgentClient: Sendable {
             }
             // Not a pong (an error answer comes at once): never ask faster than `wait`.
             let spent = ContinuousClock.now - asked
-            if spent < wait { try await Task.sleep(for: wait - spent) }
+            if spent < wait {
+                do { try await Task.sleep(for: wait - spent) } catch {
+                    client.close()  // cancelled
+                    throw error
+                }
+            }
             wait = min(wait * 2, .milliseconds(200))
         }
     }
