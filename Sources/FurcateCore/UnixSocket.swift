@@ -8,36 +8,57 @@ import Glibc
 public enum UnixSocket {
     /// Connects to `path`, retrying until `deadline` while the socket does not exist yet or
     /// refuses (a server still starting). `alive` is asked between tries: when it says no (the
-    /// server process exited), connecting stops at once.
+    /// server process exited), connecting stops at once. Blocks its thread between tries: for
+    /// threads of its own (the async overload waits without holding one).
     /// - Returns: a connected descriptor (close-on-exec).
     /// - Throws: `.timedOut` after the deadline, `.invalidArgument` for a path too long.
     public static func connect(
         _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }
     ) throws -> Int32 {
         var addr = try address(path)
-        var lastErrno: Int32 = 0
         while true {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else { throw FurcateError.system("socket", errno: errno, path: path) }
-            let r = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                }
-            }
-            if r == 0 { return fd }
-            lastErrno = errno
-            Glibc.close(fd)
-            guard lastErrno == ENOENT || lastErrno == ECONNREFUSED || lastErrno == EINTR || lastErrno == EAGAIN else {
-                throw FurcateError.system("connect", errno: lastErrno, path: path)
-            }
-            guard alive() else {
-                throw FurcateError(.io, "the server exited before its socket accepted a connection", path: path)
-            }
-            if ContinuousClock.now >= deadline {
-                throw FurcateError(.timedOut, "socket did not accept a connection in time", path: path, errno: lastErrno)
-            }
+            if let fd = try attempt(&addr, path, deadline: deadline, alive: alive) { return fd }
             usleep(2000)
         }
+    }
+
+    /// `connect` for async callers: between tries it sleeps as a task, so a QEMU that takes
+    /// 50 ms to create its QMP socket does not hold a thread of the cooperative pool (a host
+    /// with 2 cores has 2) for those 50 ms while other forks wait to spawn.
+    public static func connect(
+        _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }
+    ) async throws -> Int32 {
+        var addr = try address(path)
+        while true {
+            if let fd = try attempt(&addr, path, deadline: deadline, alive: alive) { return fd }
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    /// One try of `connect`: the descriptor, or nil when another try is worth it.
+    private static func attempt(
+        _ addr: inout sockaddr_un, _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool
+    ) throws -> Int32? {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw FurcateError.system("socket", errno: errno, path: path) }
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        if r == 0 { return fd }
+        let e = errno
+        Glibc.close(fd)
+        guard e == ENOENT || e == ECONNREFUSED || e == EINTR || e == EAGAIN else {
+            throw FurcateError.system("connect", errno: e, path: path)
+        }
+        guard alive() else {
+            throw FurcateError(.io, "the server exited before its socket accepted a connection", path: path)
+        }
+        if ContinuousClock.now >= deadline {
+            throw FurcateError(.timedOut, "socket did not accept a connection in time", path: path, errno: e)
+        }
+        return nil
     }
 
     /// A listening socket at `path` (an existing file there is replaced).

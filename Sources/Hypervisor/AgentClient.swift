@@ -59,7 +59,7 @@ public final class AgentClient: Sendable {
         socket: String, timeout: Duration, alive: @escaping @Sendable () -> Bool = { true }
     ) async throws -> AgentClient {
         let deadline = ContinuousClock.now + timeout
-        let fd = try UnixSocket.connect(socket, deadline: deadline, alive: alive)
+        let fd = try await UnixSocket.connect(socket, deadline: deadline, alive: alive)
         let client = AgentClient(readFD: fd, writeFD: fd)
         // Short first tries: right after a restore the first ping can be lost while the port
         // reconnects, and a fork waits on this.

@@ -23,7 +23,7 @@ public final class GuestShell: Sendable {
     /// - Throws: `.timedOut` when it does not answer by `timeout`.
     public init(socket: String, timeout: Duration) async throws {
         let deadline = ContinuousClock.now + timeout
-        fd = try UnixSocket.connect(socket, deadline: deadline)
+        fd = try await UnixSocket.connect(socket, deadline: deadline)
         // The answer is computed by the shell, so a probe the guest received only in part (it
         // drops what arrives while its end is closed) cannot produce it.
         let probe = "__furcate_ready_\(nonce)_"

@@ -42,7 +42,7 @@ public final class QMPClient: Sendable {
     /// - Throws: `.timedOut`, `.io`, `.hypervisor`.
     public init(path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }) async throws {
         self.path = path
-        fd = try UnixSocket.connect(path, deadline: deadline, alive: alive)
+        fd = try await UnixSocket.connect(path, deadline: deadline, alive: alive)
         let t = Thread { [self] in readLoop() }
         t.name = "qmp-reader"
         t.start()
