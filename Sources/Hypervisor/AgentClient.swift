@@ -56,7 +56,7 @@ public final class AgentClient: Sendable {
     /// - Throws: `.timedOut` when the agent does not answer by `timeout`; `.io` as soon as the
     ///   channel closes or the process is gone (a VM stopped or suspended meanwhile).
     public static func connect(
-        socket: String, timeout: Duration, alive: @escaping @Sendable () -> Bool = { true }
+        socket: String, timeout: Duration, alive: () -> Bool = { true }
     ) async throws -> AgentClient {
         let deadline = ContinuousClock.now + timeout
         let fd = try await UnixSocket.connect(socket, deadline: deadline, alive: alive)

@@ -239,7 +239,7 @@ public actor VMService {
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
         if let c = agentClients[id], c.isOpen { return c }
-        let c = try await connectAgent(id, pid: vm.pid, timeout: timeout)
+        let c = try await connectAgent(id, process: processes[id], timeout: timeout)
         if let raced = agentClients[id], raced.isOpen {  // another caller connected meanwhile
             c.close()
             return raced
@@ -589,8 +589,9 @@ public actor VMService {
     /// hostname to the VM id and writes a new /etc/machine-id. Without an agent the VM runs on,
     /// with a warning.
     private func freshenGuest(_ vm: VMInfo, newIdentity: Bool, timeout: Duration) async -> Bool {
+        let p = processes[vm.id]
         do {
-            let agent = try await connectAgent(vm.id, pid: vm.pid, timeout: timeout)
+            let agent = try await connectAgent(vm.id, process: p, timeout: timeout)
             do {
                 try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
                 if newIdentity {
@@ -607,7 +608,7 @@ public actor VMService {
             if processes[vm.id] == nil || agentClients[vm.id]?.isOpen == true { agent.close() } else { agentClients[vm.id] = agent }
             return true
         } catch {
-            if processes[vm.id]?.pid != vm.pid {
+            if p == nil || processes[vm.id] !== p {
                 logger.debug("VM ended before its guest agent freshened it", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
                 return false
             }
@@ -922,7 +923,7 @@ public actor VMService {
             // The agent syncs and asks the image's init to power off (and powers off itself
             // when init does not); without an agent, the ACPI power button.
             let grace = max(1, Int(options.gracefulStopTimeout.components.seconds))
-            if let agent = try? await connectAgent(id, pid: p.pid, timeout: .seconds(1)) {
+            if let agent = try? await connectAgent(id, process: p, timeout: .seconds(1)) {
                 _ = try? await agent.request(.shutdown(graceSeconds: grace), timeout: .seconds(2))
                 agent.close()
             } else {
@@ -936,11 +937,9 @@ public actor VMService {
     }
 
     /// The guest agent of VM `id` over its channel socket, once it answers a ping.
-    /// `pid`: the VM's QEMU; once it has exited, connecting stops at once.
-    private nonisolated func connectAgent(_ id: String, pid: Int32?, timeout: Duration) async throws -> AgentClient {
-        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout) {
-            pid.map { Glibc.kill($0, 0) == 0 } ?? true
-        }
+    /// `process`: the VM's QEMU; once it has exited, connecting stops at once.
+    private nonisolated func connectAgent(_ id: String, process: QEMUProcess?, timeout: Duration) async throws -> AgentClient {
+        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout) { process?.exitStatus == nil }
     }
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).
