@@ -85,7 +85,7 @@ extension FreestyleRoutes {
 
     func registerGuest(on v1: RouterGroup<APIContext>) {
         v1.get("vms/{vm_id}/systemd/services") { _, ctx in
-            guard case .services(let list) = try await agent(ctx).request(.serviceList) else { throw Self.unexpected("serviceList") }
+            let list = try await agent(ctx).services()
             return ServiceList(services: list.map { ServiceListItem(name: $0.name) })
         }
         v1.post("vms/{vm_id}/systemd/services") { req, ctx in
@@ -97,22 +97,20 @@ extension FreestyleRoutes {
             }
             let spec = try JSONDecoder().decode(ServiceSpec.self, from: Data(buffer: body))
             if let p = spec.problem { throw APIError(.badRequest, "BAD_REQUEST", p) }
-            if case .services(let list) = try await a.request(.serviceList), list.contains(where: { $0.name == spec.name }) {
+            if try await a.services().contains(where: { $0.name == spec.name }) {
                 throw APIError(.conflict, "SERVICE_ALREADY_EXISTS", "a service \(spec.name) exists; delete it first")
             }
-            _ = try await a.request(.serviceCreate(spec, start: true), timeout: .seconds(120))
+            try await a.createService(spec)
             return CreateServiceResponse(success: true, message: "created and started \(spec.name)", serviceName: spec.name)
         }
         v1.delete("vms/{vm_id}/systemd/services/{service_id}") { _, ctx in
             let name = try Self.guestName(ctx, "service_id", what: "service")
-            _ = try await serviceCall(ctx, name) { try await $0.request(.serviceControl(name: name, action: "delete"), timeout: .seconds(120)) }
+            try await serviceCall(ctx, name) { try await $0.controlService(name, "delete") }
             return DeleteServiceResponse(success: true, message: "deleted \(name)")
         }
         v1.get("vms/{vm_id}/systemd/services/{service_id}/status") { _, ctx in
             let name = try Self.guestName(ctx, "service_id", what: "service")
-            guard case .service(let s) = try await serviceCall(ctx, name, { try await $0.request(.serviceStatus(name: name)) }) else {
-                throw Self.unexpected("serviceStatus")
-            }
+            let s = try await serviceCall(ctx, name) { try await $0.serviceStatus(name) }
             return ServiceStatusResponse(
                 name: s.name, activeState: s.activeState, subState: s.subState, loadState: s.loadState, description: s.description,
                 mainPid: s.mainPID, restarts: s.restarts)
@@ -121,13 +119,12 @@ extension FreestyleRoutes {
             let name = try Self.guestName(ctx, "service_id", what: "service")
             let lines = try Self.intQuery(req, "lines", range: 0...100_000) ?? 200
             let since = try req.uri.queryParameters["since"].map { try Self.time(String($0), what: "since") }
-            switch try await serviceCall(ctx, name, { try await $0.request(.serviceLogs(name: name, lines: lines, since: since)) }) {
-            case .logs(let entries):
+            switch try await serviceCall(ctx, name, { try await $0.serviceLogs(name, lines: lines, since: since) }) {
+            case .timed(let entries):
                 return LogsResponse(logs: entries.map { LogItem(message: $0.text, timestamp: Self.iso($0.time), priority: nil, unit: name) })
             case .lines(let out):  // an agent from before timed logs (a VM restored from an old snapshot)
                 guard since == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "this VM's guest agent predates 'since'; use lines") }
                 return LogsResponse(logs: out.map(Self.logItem(unit: name)))
-            default: throw Self.unexpected("serviceLogs")
             }
         }
         for action in ["start", "stop", "restart"] {
@@ -138,7 +135,7 @@ extension FreestyleRoutes {
                 var results: [BatchResult] = []
                 for s in body.services {
                     do {
-                        _ = try await a.request(.serviceControl(name: s.id, action: action), timeout: .seconds(660))
+                        try await a.controlService(s.id, action, timeout: .seconds(660))
                         results.append(BatchResult(serviceId: s.id, success: true, message: "\(action) done"))
                     } catch let e as FurcateError {
                         results.append(BatchResult(serviceId: s.id, success: false, message: e.message))
@@ -148,17 +145,17 @@ extension FreestyleRoutes {
             }
         }
         v1.get("vms/{vm_id}/terminals") { _, ctx in
-            guard case .terminals(let ts) = try await agent(ctx).request(.terminalList) else { throw Self.unexpected("terminalList") }
+            let ts = try await agent(ctx).terminals()
             return TerminalList(terminals: ts.map { TerminalSession(name: $0.name, status: $0.status, created: Self.iso(Double($0.created))) })
         }
         v1.get("vms/{vm_id}/terminals/{terminal_id}/logs") { _, ctx in
             let name = try Self.guestName(ctx, "terminal_id", what: "terminal")
-            guard case .lines(let out) = try await terminalCall(ctx, name, raw: false) else { throw Self.unexpected("terminalOutput") }
+            let out = try await terminalCall(ctx, name) { try await $0.terminalLines(name, lines: 1000) }
             return TerminalLogs(logs: out.map { TerminalLine(line: $0, timestamp: nil) })
         }
         v1.get("vms/{vm_id}/terminals/{terminal_id}/xterm-256color") { _, ctx in
             let name = try Self.guestName(ctx, "terminal_id", what: "terminal")
-            guard case .data(let raw, _) = try await terminalCall(ctx, name, raw: true) else { throw Self.unexpected("terminalOutput") }
+            let raw = try await terminalCall(ctx, name) { try await $0.terminalBytes(name) }
             return TerminalOutput(output: String(decoding: raw, as: UTF8.self))
         }
         v1.get("vms/{vm_id}/stats/stream") { req, ctx in
@@ -213,9 +210,6 @@ extension FreestyleRoutes {
     /// JSONSerialization traps on NaN and infinities; the guest's figures are untrusted.
     static func finite(_ x: Double) -> Double { x.isFinite ? x : 0 }
 
-    static func unexpected(_ op: String) -> APIError {
-        APIError(.internalServerError, "INTERNAL_ERROR", "the guest agent answered \(op) with something else")
-    }
 
     static func intQuery(_ req: Request, _ name: String, range: ClosedRange<Int>) throws -> Int? {
         guard let v = req.uri.queryParameters[Substring(name)] else { return nil }
@@ -253,16 +247,18 @@ extension FreestyleRoutes {
     }
 
     /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.
-    func serviceCall(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> AgentResponse) async throws -> AgentResponse {
+    @discardableResult
+    func serviceCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> T) async throws -> T {
         let a = try await agent(ctx)
         do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
             throw APIError(.notFound, "SERVICE_NOT_FOUND", "no service \(name) (only services created through the API are managed)")
         }
     }
 
-    func terminalCall(_ ctx: APIContext, _ name: String, raw: Bool) async throws -> AgentResponse {
+    /// A terminal call where the guest's not_found is the API's TERMINAL_NOT_FOUND.
+    func terminalCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> T) async throws -> T {
         let a = try await agent(ctx)
-        do { return try await a.request(.terminalOutput(name: name, raw: raw, lines: raw ? nil : 1000)) } catch let e as FurcateError where e.code == .notFound {
+        do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
             throw APIError(.notFound, "TERMINAL_NOT_FOUND", "no terminal \(name)")
         }
     }

@@ -326,9 +326,9 @@ struct FreestyleRoutes: Sendable {
         let path = try Self.filePath(ctx)
         let agent = try await engine.wakeAgent(vm)
         do {
-            guard case .stat(let st) = try await agent.request(.stat(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "stat answered something else") }
+            let st = try await agent.stat(path)
             if st.kind == .directory {
-                guard case .entries(let es) = try await agent.request(.list(path: path)) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "list answered something else") }
+                let es = try await agent.list(path)
                 return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
             }
             guard st.size <= AgentClient.apiFileLimit else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "\(path) is larger than 64 MiB") }
@@ -353,7 +353,7 @@ struct FreestyleRoutes: Sendable {
         case let e: throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
         }
         let agent = try await engine.wakeAgent(vm)
-        _ = try await agent.request(.writeFile(path: path, data: data, offset: nil, mode: nil, createParents: true), timeout: .seconds(120))
+        try await agent.writeFile(path, data, timeout: .seconds(120))
         return Empty()
     }
 
@@ -519,21 +519,19 @@ struct FreestyleRoutes: Sendable {
     /// next one.
     /// - Throws: 408 `EXEC_TIMED_OUT` after sending Ctrl-C to the terminal.
     func execInTerminal(_ agent: AgentClient, _ name: String, _ command: String, timeoutMs: Int) async throws -> ExecAwaitVmResponse {
-        guard case .terminals(let ts) = try await agent.request(.terminalList) else { throw APIError(.internalServerError, "INTERNAL_ERROR", "terminalList answered something else") }
+        let ts = try await agent.terminals()
         if !ts.contains(where: { $0.name == name && $0.status == "running" }) {
-            if ts.contains(where: { $0.name == name }) { _ = try await agent.request(.terminalClose(name: name)) }
-            _ = try await agent.request(.terminalCreate(name: name, command: ["/bin/sh"], cols: 200, rows: 50))
+            if ts.contains(where: { $0.name == name }) { try await agent.closeTerminal(name) }
+            try await agent.createTerminal(name, command: ["/bin/sh"], cols: 200, rows: 50)
         }
         let nonce = String(UInt64.random(in: 1...UInt64.max), radix: 36)
         let line = "printf '\\036S%s\\n' \(nonce); command eval \"$(printf %s '\(Data(command.utf8).base64EncodedString())' | base64 -d)\"; printf '\\036E%s:%d\\n' \(nonce) \"$?\"\n"
-        _ = try await agent.request(.terminalInput(name: name, data: Data(line.utf8)))
+        try await agent.terminalInput(name, Data(line.utf8))
         let start = Array("\u{1E}S\(nonce)".utf8)
         let end = Array("\u{1E}E\(nonce):".utf8)
         let deadline = ContinuousClock.now + .milliseconds(timeoutMs)
         while ContinuousClock.now < deadline {
-            guard case .data(let raw, _) = try await agent.request(.terminalOutput(name: name, raw: true, lines: nil)) else {
-                throw APIError(.internalServerError, "INTERNAL_ERROR", "terminalOutput answered something else")
-            }
+            let raw = try await agent.terminalBytes(name)
             let bytes = [UInt8](raw)
             if let e = bytes.lastRange(of: end) {
                 let statusDigits = bytes[e.upperBound...].prefix { (0x30...0x39).contains($0) }
@@ -549,7 +547,7 @@ struct FreestyleRoutes: Sendable {
             }
             try await Task.sleep(for: .milliseconds(50))
         }
-        _ = try? await agent.request(.terminalInput(name: name, data: Data([0x03])))
+        try? await agent.terminalInput(name, Data([0x03]))
         throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeoutMs) ms in terminal \(name) (Ctrl-C was sent)")
     }
 

@@ -406,14 +406,9 @@ struct InstaVMRoutes: Sendable {
         return VMCreateResponse(vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
     }
 
-    /// Appends `env` to the guest's `/.furcate/env`, read at every process start.
+    /// Sets `env` in the guest's environment file, read at every process start.
     static func addEnv(_ env: [String: String], engine: APIEngine, vm: String) async throws {
-        let agent = try await engine.vms.agent(vm)
-        var current = Data()
-        if case .data(let d, _) = try? await agent.request(.readFile(path: "/.furcate/env", offset: nil, length: nil)) { current = d }
-        if let last = current.last, last != 0x0A { current.append(0x0A) }
-        for (k, v) in env.sorted(by: { $0.key < $1.key }) { current += Data("\(k)=\(v)\n".utf8) }
-        _ = try await agent.request(.writeFile(path: "/.furcate/env", data: current, offset: nil, mode: 0o644, createParents: true))
+        try await engine.vms.agent(vm).setEnvironment(env)
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
@@ -488,7 +483,7 @@ struct InstaVMRoutes: Sendable {
         let path = try Self.guestPath(form.remote_path, field: "remote_path")
         let vm = try await ownedVM(form.session_id, ctx)
         let data = form.file
-        _ = try await engine.vms.agent(vm.id).request(.writeFile(path: path, data: data, offset: nil, mode: nil, createParents: true), timeout: .seconds(300))
+        try await engine.vms.agent(vm.id).writeFile(path, data, timeout: .seconds(300))
         return UploadResponse(status: "success", remote_path: path, size: data.count)
     }
 
@@ -506,7 +501,8 @@ struct InstaVMRoutes: Sendable {
         let vm = try await ownedVM(form.session_id, ctx)
         let agent = try await engine.vms.agent(vm.id)
         do {
-            guard case .stat(let st) = try await agent.request(.stat(path: path)), st.kind == .file else {
+            let st = try await agent.stat(path)
+            guard st.kind == .file else {
                 throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil)
             }
             guard st.size <= AgentClient.apiFileLimit else { throw InstaVMError(status: .contentTooLarge, message: "\(path) is larger than 64 MiB", items: nil) }

@@ -122,21 +122,3 @@ extension APIEngine {
         try? await vms.deleteSnapshot(target)
     }
 }
-
-/// Reading guest files for both dialects.
-extension AgentClient {
-    /// The largest file the API returns in one response.
-    static let apiFileLimit: UInt64 = 64 << 20
-
-    /// A regular file's bytes, read in 4 MiB requests.
-    /// - Throws: `.notFound`; `.invalidArgument` when it is larger than `apiFileLimit`.
-    func readWholeFile(_ path: String, size: UInt64) async throws -> Data {
-        guard size <= Self.apiFileLimit else { throw FurcateError(.invalidArgument, "\(path) is larger than 64 MiB") }
-        var data = Data()
-        while UInt64(data.count) < size {
-            guard case .data(let chunk, _) = try await request(.readFile(path: path, offset: UInt64(data.count), length: 4 << 20)), !chunk.isEmpty else { break }
-            data += chunk
-        }
-        return data
-    }
-}

@@ -311,7 +311,7 @@ public actor BuildService {
                 try await runner.run(step)
             }
             phase(id, prefix + "snapshot")
-            _ = try await agent.request(.sync, timeout: .seconds(120))
+            try await agent.sync()
             let snap = try await vms.snapshot(vm.id)
             update(id) {
                 $0.phases[$0.phases.count - 1].snapshotId = snap.id
@@ -368,24 +368,18 @@ struct StepRunner {
                 rm -rf \(quote(path)) && mkdir -p "$(dirname \(quote(path)))" && git clone -q -- \(quote(url)) \(quote(path))\(rev.map { " && cd \(quote(path)) && git checkout -q \(quote($0))" } ?? "")
                 """, what: "git clone \(url)")
         case .file(let path, let content, let executable):
-            _ = try await agent.request(.writeFile(path: path, data: content, offset: nil, mode: executable ? 0o755 : 0o644, createParents: true), timeout: .seconds(120))
+            try await agent.writeFile(path, content, mode: executable ? 0o755 : 0o644, timeout: .seconds(120))
         case .env(let vars):
-            var lines: [String] = []
-            if case .data(let d, _) = try? await agent.request(.readFile(path: "/.furcate/env", offset: nil, length: nil)) {
-                lines = String(decoding: d, as: UTF8.self).split(separator: "\n").map(String.init)
-            }
-            lines.removeAll { l in vars.keys.contains { l.hasPrefix($0 + "=") } }
-            lines += vars.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
-            _ = try await agent.request(.writeFile(path: "/.furcate/env", data: Data((lines.joined(separator: "\n") + "\n").utf8), offset: nil, mode: 0o644, createParents: true))
+            try await agent.setEnvironment(vars)
         case .workdir(let w):
-            _ = try await agent.request(.mkdir(path: w, parents: true))
-            _ = try await agent.request(.writeFile(path: "/.furcate/workdir", data: Data((w + "\n").utf8), offset: nil, mode: 0o644, createParents: true))
+            try await agent.makeDirectory(w)
+            try await agent.writeFile("/.furcate/workdir", Data((w + "\n").utf8), mode: 0o644)
         case .group(let g):
-            _ = try await agent.request(.addGroup(g))
+            try await agent.addGroup(g)
         case .user(let u):
-            _ = try await agent.request(.addUser(u))
+            try await agent.addUser(u)
         case .service(let s):
-            _ = try await agent.request(.serviceCreate(s, start: true), timeout: .seconds(120))
+            try await agent.createService(s)
         }
     }
 

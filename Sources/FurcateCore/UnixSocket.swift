@@ -15,6 +15,7 @@ public enum UnixSocket {
     public static func connect(
         _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }
     ) throws -> Int32 {
+        let deadline = Deadline.at(deadline)
         var addr = try address(path)
         while true {
             if let fd = try attempt(&addr, path, deadline: deadline, alive: alive) { return fd }
@@ -28,6 +29,11 @@ public enum UnixSocket {
     public static func connect(
         _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }
     ) async throws -> Int32 {
+        try await connect(path, deadline: .at(deadline), alive: alive)
+    }
+
+    /// The async `connect` with a `Deadline` (a run-time one waits on a starved server longer).
+    public static func connect(_ path: String, deadline: Deadline, alive: () -> Bool = { true }) async throws -> Int32 {
         var addr = try address(path)
         while true {
             if let fd = try attempt(&addr, path, deadline: deadline, alive: alive) { return fd }
@@ -37,7 +43,7 @@ public enum UnixSocket {
 
     /// One try of `connect`: the descriptor, or nil when another try is worth it.
     private static func attempt(
-        _ addr: inout sockaddr_un, _ path: String, deadline: ContinuousClock.Instant, alive: () -> Bool
+        _ addr: inout sockaddr_un, _ path: String, deadline: Deadline, alive: () -> Bool
     ) throws -> Int32? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw FurcateError.system("socket", errno: errno, path: path) }
@@ -55,8 +61,8 @@ public enum UnixSocket {
         guard alive() else {
             throw FurcateError(.io, "the server exited before its socket accepted a connection", path: path)
         }
-        if ContinuousClock.now >= deadline {
-            throw FurcateError(.timedOut, "socket did not accept a connection in time", path: path, errno: e)
+        if deadline.hasPassed {
+            throw FurcateError(.timedOut, "socket did not accept a connection within \(deadline)", path: path, errno: e)
         }
         return nil
     }

@@ -58,7 +58,14 @@ public final class AgentClient: Sendable {
     public static func connect(
         socket: String, timeout: Duration, alive: () -> Bool = { true }
     ) async throws -> AgentClient {
-        let deadline = ContinuousClock.now + timeout
+        try await connect(socket: socket, deadline: .after(timeout), alive: alive)
+    }
+
+    /// `connect` until `deadline`: a run-time deadline on the VM's QEMU waits longer for a guest
+    /// that a loaded host has not given the CPU to answer (see `Deadline`).
+    public static func connect(
+        socket: String, deadline: Deadline, alive: () -> Bool = { true }
+    ) async throws -> AgentClient {
         let fd = try await UnixSocket.connect(socket, deadline: deadline, alive: alive)
         let client = AgentClient(readFD: fd, writeFD: fd)
         // Short first tries: right after a restore the first ping can be lost while the port
@@ -77,9 +84,9 @@ public final class AgentClient: Sendable {
                 client.close()
                 throw FurcateError(.io, "the guest agent's channel closed before it answered", path: socket, underlying: error)
             }
-            if ContinuousClock.now >= deadline {
+            if deadline.hasPassed {
                 client.close()
-                throw FurcateError(.timedOut, "the guest agent did not answer within \(timeout)", path: socket)
+                throw FurcateError(.timedOut, "the guest agent did not answer within \(deadline)", path: socket)
             }
             // Not a pong (an error answer comes at once): never ask faster than `wait`.
             let spent = ContinuousClock.now - asked
@@ -103,8 +110,8 @@ public final class AgentClient: Sendable {
 
     /// Ends the connection; waiting calls fail. Idempotent.
     public func close() {
-        shutdown(readFD, Int32(SHUT_RDWR))
-        if writeFD != readFD { shutdown(writeFD, Int32(SHUT_RDWR)) }
+        Glibc.shutdown(readFD, Int32(SHUT_RDWR))
+        if writeFD != readFD { Glibc.shutdown(writeFD, Int32(SHUT_RDWR)) }
         failAll(FurcateError(.io, "the guest agent connection was closed"))
     }
 

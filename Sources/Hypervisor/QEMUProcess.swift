@@ -34,7 +34,8 @@ public final class QEMUProcess: Sendable {
     /// Starts QEMU for `config` (booting paused, or waiting for an incoming migration when
     /// `incoming`) and connects to QMP.
     /// - Throws: `.io` when QEMU cannot start or exits during start-up (with the end of its
-    ///   log in the message), `.timedOut` when QMP does not answer within `readyTimeout`.
+    ///   log in the message), `.timedOut` when QMP does not answer within `readyTimeout` of time QEMU could run
+    ///   (time it waited for a CPU on a loaded host does not count; see `Deadline`).
     public static func launch(
         _ config: MachineConfig, incoming: Bool, binary: String = QEMUProcess.binary, logPath: String,
         readyTimeout: Duration = .seconds(20)
@@ -47,7 +48,7 @@ public final class QEMUProcess: Sendable {
         let qmp: QMPClient
         do {
             qmp = try await QMPClient(
-                path: config.qmpSocket, deadline: .now + readyTimeout, alive: { exit.status == nil })
+                path: config.qmpSocket, deadline: .runTime(readyTimeout, of: pid), alive: { exit.status == nil })
         } catch {
             Glibc.kill(pid, SIGKILL)
             let tail = Self.logTail(logPath)

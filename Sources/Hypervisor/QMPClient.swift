@@ -37,10 +37,11 @@ public final class QMPClient: Sendable {
 
     /// Connects, reads the greeting and leaves capabilities negotiation mode.
     /// - Parameters:
-    ///   - deadline: how long to keep trying while QEMU starts up.
+    ///   - deadline: how long to keep trying while QEMU starts up (a run-time deadline on its
+    ///     process does not count the time it waited for a CPU).
     ///   - alive: asked between connection attempts; false (QEMU exited) stops them.
     /// - Throws: `.timedOut`, `.io`, `.hypervisor`.
-    public init(path: String, deadline: ContinuousClock.Instant, alive: () -> Bool = { true }) async throws {
+    public init(path: String, deadline: Deadline, alive: () -> Bool = { true }) async throws {
         self.path = path
         fd = try await UnixSocket.connect(path, deadline: deadline, alive: alive)
         let t = Thread { [self] in readLoop() }

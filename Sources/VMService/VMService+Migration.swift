@@ -34,8 +34,7 @@ extension VMService {
             }
         }
         do {
-            p.qmp.discardEvents(named: "MIGRATION")
-            try await p.qmp.execute("migrate", ["uri": .string("unix:\(sock)")])
+            try await p.startSavingDeviceState(to: sock)
             try await waitForMigration(p, vm.id)
         } catch {
             reader.cancel()
@@ -53,8 +52,7 @@ extension VMService {
         let sock = runDirectory(vm.id) + "/migrate.sock"
         unlink(sock)
         defer { unlink(sock) }
-        p.qmp.discardEvents(named: "MIGRATION")
-        try await p.qmp.execute("migrate-incoming", ["uri": .string("unix:\(sock)")])
+        try await p.startLoadingDeviceState(from: sock)
         let alive: @Sendable () -> Bool = { p.exitStatus == nil }
         try await onThread("migrate-out-\(vm.id)") {
             let fd = try UnixSocket.connect(sock, deadline: .now + .seconds(10), alive: alive)

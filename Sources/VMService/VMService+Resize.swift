@@ -12,14 +12,14 @@ extension VMService {
     public func resizeDisk(_ id: String, to bytes: UInt64) async throws -> (oldBytes: UInt64, filesystem: String) {
         let old: UInt64 = try await withVM(id) {
             let vm = try info(id)
-            guard vm.state == .running, let p = processes[id] else {
+            guard vm.state == .running, let p = instances[id]?.process else {
                 throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM's disk is resized")
             }
             let old = try store.file(vm.diskFile).size
             guard bytes >= old else {
                 throw FurcateError(.invalidArgument, "the disk is \(old >> 20) MiB; it can grow, not shrink (asked \(bytes >> 20) MiB)")
             }
-            if bytes > old { try await p.qmp.execute("block_resize", ["device": .string("root"), "size": .number(Double(bytes))]) }
+            if bytes > old { try await p.resizeBlockDevice("root", to: bytes) }
             return old
         }
         guard bytes > old else { return (old, "unchanged") }
@@ -43,7 +43,7 @@ extension VMService {
         let before = try allocatedBytes(vm.diskFile)
         let a = try await agent(id)
         let r = try await a.exec(ExecRequest(command: "sync; command -v fstrim >/dev/null || exit 127; fstrim -v / 2>&1", timeoutMs: 300_000))
-        _ = try await a.request(.sync, timeout: .seconds(120))
+        try await a.sync()
         let after = try allocatedBytes(vm.diskFile)
         let trim: String
         switch r.exitCode {

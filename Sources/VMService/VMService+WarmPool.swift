@@ -111,7 +111,7 @@ extension VMService {
 
     private func discardPooled(_ e: PoolEntry) async {
         await e.process.kill()
-        processes[e.id] = nil
+        tearDown(e.id)
         for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.delete(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(e.id))
     }

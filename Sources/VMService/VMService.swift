@@ -40,10 +40,20 @@ public struct VMServiceOptions: Sendable {
     /// builds need for apt and pip). Service-wide, like `debugShell`: snapshots restore only
     /// into machines with the same devices.
     public var network = true
-    /// How long the freshening of a restored VM (see `awaitFreshened`) waits for its agent.
-    /// An image without an agent still runs; the restore then logs that its fork shares its
-    /// siblings' RNG state until the kernel reseeds by itself.
+    /// How long the freshening of a restored VM (see `awaitFreshened`) waits for its agent, in
+    /// time its QEMU could run (time spent waiting for a CPU on a loaded host does not count;
+    /// see `Deadline`). An image without an agent still runs; the restore then logs that its
+    /// fork shares its siblings' RNG state until the kernel reseeds by itself.
     public var agentTimeout: Duration = .seconds(10)
+    /// Cold boots under way at once across every Furcate process of the host (a boot holds a
+    /// slot from QEMU's start until its guest agent first answers): a TCG boot keeps a core
+    /// busy for seconds, and seven at once on two cores made each take minutes. nil: the
+    /// host's default (`VMService.defaultConcurrentBoots`); later boots wait their turn.
+    public var concurrentBoots: Int?
+    /// Where the host-wide boot slots live (`HostSlots`; every process using it shares them).
+    public var slotDirectory = HostSlots.defaultDirectory
+    /// How long a boot holds its slot at most waiting for the guest agent, in run time.
+    public var bootTimeout: Duration = .seconds(120)
     /// QEMUs kept waiting per machine shape so a mode-a restore skips process start (0: none).
     public var warmPoolSize = 0
     /// Guest vCPUs and memory admitted at once (nil: `VMCapacity.host` for `accelerator`).
@@ -115,19 +125,14 @@ public actor VMService {
     /// request, on this actor: `furcate bench api`).
     private var listed: [VMInfo]?
     var snapshots: [String: SnapshotInfo] = [:]
-    var processes: [String: QEMUProcess] = [:]
+    /// The runtime of every VM with a QEMU, pooled ones included (VMInstance.swift).
+    var instances: [String: VMInstance] = [:]
+    /// Serializes operations on one VM; kept while the VM is known, process or not.
     var locks: [String: AsyncLock] = [:]
     /// Serializes creation of a snapshot's mode-b base file.
     let baseLock = AsyncLock()
-    /// Freshening of restored VMs in progress or done (see `awaitFreshened`), and whether it
-    /// also gives the VM a new identity (a retry must too).
-    var freshening: [String: (task: Task<Bool, Never>, newIdentity: Bool)] = [:]
-    /// The QEMU process of each booted VM whose agent ran the forks' freshening before a
-    /// snapshot (`primeForForks`); a new process (stop and start) needs it again.
-    var primed: [String: ObjectIdentifier] = [:]
-    /// One shared agent connection per running VM (the channel takes one client at a time;
-    /// requests multiplex over it). Dropped when the VM's process ends.
-    var agentClients: [String: AgentClient] = [:]
+    /// Cold boots under way on this host (`VMServiceOptions.concurrentBoots`).
+    nonisolated let bootSlots: HostSlots
     /// Snapshot memory (re)compressions in progress (VMService+Compression.swift).
     var compressionJobs: [String: (task: Task<Void, Never>, cancel: CancelFlag)] = [:]
     /// Warm pool (VMService+WarmPool.swift).
@@ -148,6 +153,8 @@ public actor VMService {
         self.store = store
         self.options = options
         capacity = options.capacity ?? .host(accelerator: options.accelerator)
+        bootSlots = HostSlots(
+            name: "boot", count: options.concurrentBoots ?? Self.defaultConcurrentBoots(options.accelerator), directory: options.slotDirectory)
         // Unix socket paths (QMP, the guest channel, migration) live in run/<20-char id>/ and
         // must fit sockaddr_un's 108 bytes: refuse a data directory too deep, saying so.
         let longest = options.dataDirectory + "/run/" + String(repeating: "x", count: 20) + "/migrate.sock"
@@ -191,24 +198,32 @@ public actor VMService {
     public func listSnapshots() -> [SnapshotInfo] { snapshots.values.sorted { $0.createdAt < $1.createdAt } }
 
     /// The QEMU process of a running VM (tests and benchmarks look at it).
-    public func process(_ id: String) -> QEMUProcess? { processes[id] }
+    public func process(_ id: String) -> QEMUProcess? { instances[id]?.process }
+
+    /// The ids of VMs that have a runtime (a QEMU, pooled ones included): what tests look at
+    /// to see that every ending path tore one down.
+    public func instanceIDs() -> Set<String> { Set(instances.keys) }
 
     /// The run directory of a VM: its sockets and logs.
     public nonisolated func runDirectory(_ id: String) -> String { options.dataDirectory + "/run/" + id }
 
-    /// The debug shell of a running VM (`debugShell`; see `GuestShell`).
+    /// The debug shell of a running VM (`debugShell`; see `GuestShell`), waiting up to `timeout`
+    /// of time the VM's QEMU could run.
     /// - Throws: `.invalidState` unless running or without a debug shell, `.timedOut`.
     public func guestShell(_ id: String, timeout: Duration = .seconds(30)) async throws -> GuestShell {
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
         guard options.debugShell else { throw FurcateError(.invalidState, "VMs of this service have no debug shell") }
-        return try await GuestShell(socket: runDirectory(id) + "/shell.sock", timeout: timeout)
+        // In time its QEMU could run: a loaded host's guest gets its chance to answer.
+        let deadline: Deadline = instances[id].map { .runTime(timeout, of: $0.process.pid) } ?? .after(timeout)
+        return try await GuestShell(socket: runDirectory(id) + "/shell.sock", deadline: deadline)
     }
 
-    /// Waits until a restored VM was freshened (RNG reseeded, clock set, identity if asked)
-    /// and says whether its agent did it. True at once for a VM that was not restored.
+    /// Waits until a VM's guest is ready — booted: its agent answered; restored: freshened
+    /// (RNG reseeded, clock set, identity if asked) — and says whether its agent did it. True at
+    /// once for a VM with nothing under way.
     public func awaitFreshened(_ id: String) async -> Bool {
-        guard let f = freshening[id] else { return true }
+        guard let f = instances[id]?.readiness else { return true }
         return await f.task.value
     }
 
@@ -218,16 +233,21 @@ public actor VMService {
     /// its RNG state with its siblings.
     /// - Throws: `.timedOut` when the retry fails too.
     func ensureFreshened(_ id: String, timeout: Duration) async throws {
-        while let f = freshening[id] {
+        while let f = instances[id]?.readiness {
             if await f.task.value { return }
-            guard freshening[id]?.task == f.task else { continue }  // another caller retries: wait for theirs
+            guard instances[id]?.readiness?.task == f.task else { continue }  // another caller retries: wait for theirs
             let v = try info(id)
-            let retry = Task { await self.freshenGuest(v, newIdentity: f.newIdentity, timeout: timeout) }
-            freshening[id] = (retry, f.newIdentity)
+            let retry = Task { await self.readyGuest(v, f.work, timeout: timeout) }
+            instances[id]?.readiness = GuestReadiness(task: retry, work: f.work)
             if await retry.value { return }
-            throw FurcateError(
-                .timedOut,
-                "VM \(id) was restored, but its guest agent has not reseeded its RNG and set its clock yet (no answer within \(timeout)); try again")
+            switch f.work {
+            case .boot:
+                throw FurcateError(.timedOut, "VM \(id) was booted, but its guest agent has not answered yet (within \(timeout) of run time); try again")
+            case .restore:
+                throw FurcateError(
+                    .timedOut,
+                    "VM \(id) was restored, but its guest agent has not reseeded its RNG and set its clock yet (no answer within \(timeout)); try again")
+            }
         }
     }
 
@@ -238,13 +258,18 @@ public actor VMService {
         try await ensureFreshened(id, timeout: timeout)
         let vm = try info(id)
         guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
-        if let c = agentClients[id], c.isOpen { return c }
-        let c = try await connectAgent(id, process: processes[id], timeout: timeout)
-        if let raced = agentClients[id], raced.isOpen {  // another caller connected meanwhile
+        guard let process = instances[id]?.process else { throw FurcateError(.invalidState, "VM \(id) has no process") }
+        if let c = instances[id]?.agent, c.isOpen { return c }
+        let c = try await connectAgent(id, process: process, timeout: timeout)
+        if let raced = instances[id]?.agent, raced.isOpen {  // another caller connected meanwhile
             c.close()
             return raced
         }
-        agentClients[id] = c
+        guard instances[id]?.process === process else {  // its QEMU ended meanwhile
+            c.close()
+            throw FurcateError(.invalidState, "VM \(id) stopped while its guest agent was being reached")
+        }
+        instances[id]?.agent = c
         return c
     }
 
@@ -280,6 +305,8 @@ public actor VMService {
         let demand = VMCapacity.Demand(vcpus: vcpus, memoryMiB: memoryMiB)
         try admit(demand, operation: "booting a VM")
         defer { settle(demand) }
+        // Held until the guest agent first answers (see `concurrentBoots`); waits its turn.
+        let slot = try await bootSlots.acquire()
         var vm = VMInfo(
             id: VMID.newVM(), state: .starting, memoryMiB: memoryMiB, vcpus: vcpus, memoryMode: .shared,
             parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
@@ -288,12 +315,19 @@ public actor VMService {
             let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
             try mem.truncate(to: UInt64(memoryMiB) << 20)
             let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
-            try await p.qmp.execute("cont")
+            try await p.resume()
             vm.pid = p.pid
             try setState(&vm, .running)
-            logger.info("booted", metadata: ["vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)"])
+            let v = vm
+            instances[vm.id]?.readiness = GuestReadiness(
+                task: Task {
+                    defer { slot.release() }
+                    return await self.readyGuest(v, .boot, timeout: self.options.bootTimeout)
+                }, work: .boot)
+            logger.info("booted", metadata: ["vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)", "vm.boot_slot": "\(slot.index)"])
             return vm
         } catch {
+            slot.release()
             await discardFailed(vm)
             throw error
         }
@@ -308,7 +342,7 @@ public actor VMService {
     public func snapshot(_ id: String) async throws -> SnapshotInfo {
         try await withVM(id) {
             let vm = try info(id)
-            guard vm.state == .running, let p = processes[id] else {
+            guard vm.state == .running, let p = instances[id]?.process else {
                 throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
             }
             if !vm.paused { await primeForForks(id, p) }
@@ -324,8 +358,10 @@ public actor VMService {
     /// mode-b fork). A restored VM ran it already; an agent that does not answer within 2 s
     /// does not hold the snapshot up.
     private func primeForForks(_ id: String, _ p: QEMUProcess) async {
-        guard freshening[id] == nil, primed[id] != ObjectIdentifier(p), let agent = agentClients[id], agent.isOpen else { return }
-        primed[id] = ObjectIdentifier(p)
+        guard let instance = instances[id], instance.process === p, !instance.primedForForks else { return }
+        if case .restore = instance.readiness?.work { return }
+        guard let agent = instance.agent, agent.isOpen else { return }
+        instances[id]?.primedForForks = true
         do { try await agent.afterRestore(timeout: .seconds(2)) } catch {
             logger.debug("the guest agent did not run the forks' freshening before the snapshot", metadata: ["vm.id": "\(id)", "error": "\(error)"])
         }
@@ -347,10 +383,10 @@ public actor VMService {
     private func setPaused(_ id: String, _ paused: Bool) async throws -> VMInfo {
         try await withVM(id) {
             var vm = try info(id)
-            guard vm.state == .running, let p = processes[id] else {
+            guard vm.state == .running, let p = instances[id]?.process else {
                 throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be \(paused ? "paused" : "unpaused")")
             }
-            try await p.qmp.execute(paused ? "stop" : "cont")
+            if paused { try await p.pause() } else { try await p.resume() }
             vm.paused = paused
             try record(vm)
             return vm
@@ -361,7 +397,7 @@ public actor VMService {
     /// `stopped`; it crashed: `lost`) or `timeout` passes, and returns the VM as it is then.
     /// Not an error when it is not running.
     public func awaitExit(_ id: String, timeout: Duration) async throws -> VMInfo {
-        guard let p = processes[id] else { return try info(id) }
+        guard let p = instances[id]?.process else { return try info(id) }
         if await p.waitForExit(timeout: timeout), let status = p.exitStatus {
             processExited(id, p, status: status)  // no-op when its watcher got there first
         }
@@ -381,9 +417,9 @@ public actor VMService {
         let tmpState = "vm-\(vm.id).state-tmp"
         var made: [String] = []
         do {
-            try await p.qmp.execute("stop")
+            try await p.pause()
             if try store.exists(tmpState) { try store.delete(tmpState) }
-            try await setMigrationCapabilities(p, ignoreShared: !snap.ramInStream)
+            try await p.prepareMigration(ignoreShared: !snap.ramInStream)
             snap.deviceStateBytes = try await saveStream(p, vm, into: store.createFile(tmpState))
             if !snap.ramInStream {
                 // RAM pages the guest dirtied live in the kernel's page cache of the mount:
@@ -400,7 +436,7 @@ public actor VMService {
             try store.delete(tmpState)
             try db.save(snap)
             snapshots[snap.id] = snap
-            if resume { _ = try? await p.qmp.execute("cont") }  // a dead QEMU is seen by its exit watcher
+            if resume { try? await p.resume() }  // a dead QEMU is seen by its exit watcher
             logger.info(
                 "snapshot",
                 metadata: [
@@ -410,38 +446,20 @@ public actor VMService {
             return snap
         } catch {
             for f in made + [tmpState] { try? store.delete(f) }
-            if resume { _ = try? await p.qmp.execute("cont") }  // a failed snapshot leaves the VM running
+            if resume { try? await p.resume() }  // a failed snapshot leaves the VM running
             throw error
         }
     }
 
-    /// Sets the migration capabilities of every save and load: `x-ignore-shared` (RAM on a
-    /// shared file is not streamed) as asked, and `events` (MIGRATION events mark the end, so
-    /// nothing polls QEMU while it saves or loads; a poll's reply would wake this process
-    /// and cost QEMU the CPU in the middle of it).
-    private func setMigrationCapabilities(_ p: QEMUProcess, ignoreShared: Bool) async throws {
-        try await p.qmp.execute(
-            "migrate-set-capabilities",
-            ["capabilities": [["capability": "x-ignore-shared", "state": .bool(ignoreShared)], ["capability": "events", "state": true]]])
-    }
-
-    /// Waits for the MIGRATION event that ends a migration started after the last
-    /// `discardEvents(named: "MIGRATION")`; returns its status (completed, failed or cancelled).
-    func migrationEnd(_ p: QEMUProcess) async throws -> String {
-        let end = try await p.qmp.waitForEvent("MIGRATION", timeout: .seconds(60)) { e in
-            ["completed", "failed", "cancelled"].contains(e["data"]?["status"]?.string ?? "")
-        }
-        return end["data"]?["status"]?.string ?? ""
-    }
-
     func waitForMigration(_ p: QEMUProcess, _ id: String) async throws {
-        let status: String
-        do { status = try await migrationEnd(p) } catch let e as FurcateError where e.code == .timedOut {
+        let outcome: MigrationOutcome
+        do { outcome = try await p.migrationOutcome() } catch let e as FurcateError where e.code == .timedOut {
             throw FurcateError(.timedOut, "saving the device state of VM \(id) took over 60 s")
         }
-        guard status == "completed" else {
-            let r = try? await p.qmp.execute("query-migrate")
-            throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(r?["error-desc"]?.string ?? status)")
+        switch outcome {
+        case .completed: return
+        case .cancelled: throw FurcateError(.hypervisor, "saving the device state of VM \(id) was cancelled")
+        case .failed(let why): throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(why ?? "QEMU gave no reason")")
         }
     }
 
@@ -564,13 +582,12 @@ public actor VMService {
         newIdentity: Bool
     ) async throws -> RestoreTiming {
         var t = timing
-        try await setMigrationCapabilities(p, ignoreShared: !snap.ramInStream)
-        p.qmp.discardEvents(named: "RESUME")
+        try await p.prepareMigration(ignoreShared: !snap.ramInStream)
         try await loadStream(p, vm, from: store.file(snap.stateFile))
         t.migrateIncoming = lap()
         // QEMU resumed the guest as the load completed (RESUME comes before the MIGRATION
         // `completed` event), unless the stream says the VM was paused when it was saved.
-        if p.qmp.takeEvent(named: "RESUME") == nil { try await p.qmp.execute("cont") }
+        if !p.resumedAfterLoad() { try await p.resume() }
         t.resume = lap()
         vm.pid = p.pid
         try setState(&vm, .running)
@@ -578,26 +595,29 @@ public actor VMService {
         // would protect nothing more: the agent freshens it in the background, and every
         // operation that reaches the guest through this service waits for that first.
         let v = vm
-        freshening[vm.id] = (Task { await self.freshenGuest(v, newIdentity: newIdentity, timeout: self.options.agentTimeout) }, newIdentity)
+        instances[vm.id]?.readiness = GuestReadiness(
+            task: Task { await self.readyGuest(v, .restore(newIdentity: newIdentity), timeout: self.options.agentTimeout) },
+            work: .restore(newIdentity: newIdentity))
         logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
     }
 
-    /// Right after a restore: the guest agent mixes fresh host entropy into the kernel and
-    /// forces a CRNG reseed (every fork of a snapshot starts with the same RNG state), sets the
-    /// wall clock (it still shows the snapshot's time), and with `newIdentity` sets the
-    /// hostname to the VM id and writes a new /etc/machine-id. Without an agent the VM runs on,
-    /// with a warning.
-    private func freshenGuest(_ vm: VMInfo, newIdentity: Bool, timeout: Duration) async -> Bool {
-        let p = processes[vm.id]
+    /// After a boot: connects to the guest agent once it answers. Right after a restore: the
+    /// guest agent mixes fresh host entropy into the kernel and forces a CRNG reseed (every
+    /// fork of a snapshot starts with the same RNG state), sets the wall clock (it still shows
+    /// the snapshot's time), and with `newIdentity` sets the hostname to the VM id and writes a
+    /// new /etc/machine-id. Without an agent the VM runs on, with a warning.
+    private func readyGuest(_ vm: VMInfo, _ work: GuestWork, timeout: Duration) async -> Bool {
+        let p = instances[vm.id]?.process
         do {
             let agent = try await connectAgent(vm.id, process: p, timeout: timeout)
             do {
-                try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
-                if newIdentity {
-                    let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
-                    _ = try await agent.request(
-                        .writeFile(path: "/etc/machine-id", data: Data(machineID.utf8), offset: nil, mode: 0o444, createParents: true))
+                if case .restore(let newIdentity) = work {
+                    try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
+                    if newIdentity {
+                        let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
+                        try await agent.writeFile("/etc/machine-id", Data(machineID.utf8), mode: 0o444)
+                    }
                 }
             } catch {
                 agent.close()
@@ -605,16 +625,21 @@ public actor VMService {
             }
             // Kept as the VM's connection: the next caller needs no new one, and an agent whose
             // host stays connected sleeps in its read instead of waiting for a connection.
-            if processes[vm.id] == nil || agentClients[vm.id]?.isOpen == true { agent.close() } else { agentClients[vm.id] = agent }
+            if instances[vm.id]?.process !== p || instances[vm.id]?.agent?.isOpen == true { agent.close() } else { instances[vm.id]?.agent = agent }
             return true
         } catch {
-            if p == nil || processes[vm.id] !== p {
-                logger.debug("VM ended before its guest agent freshened it", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            if p == nil || instances[vm.id]?.process !== p {
+                logger.debug("VM ended before its guest agent answered", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
                 return false
             }
-            logger.warning(
-                "guest agent did not freshen the restored VM (RNG state shared with its siblings, clock as at the snapshot)",
-                metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            switch work {
+            case .boot:
+                logger.warning("the booted VM's guest agent did not answer", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            case .restore:
+                logger.warning(
+                    "guest agent did not freshen the restored VM (RNG state shared with its siblings, clock as at the snapshot)",
+                    metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+            }
             return false
         }
     }
@@ -637,13 +662,13 @@ public actor VMService {
     /// Waits until an incoming migration has loaded (the machine is then paused: it starts
     /// with -S). A stream QEMU cannot load makes it exit; that is reported with its log.
     func waitForIncoming(_ p: QEMUProcess, _ id: String) async throws {
-        let status: String
-        do { status = try await migrationEnd(p) } catch let e as FurcateError where e.code == .timedOut {
+        let outcome: MigrationOutcome
+        do { outcome = try await p.migrationOutcome() } catch let e as FurcateError where e.code == .timedOut {
             throw FurcateError(.timedOut, "restoring VM \(id) took over 60 s")
         } catch {
-            status = "failed"
+            outcome = .failed(nil)
         }
-        guard status == "completed" else {
+        guard outcome == .completed else {
             _ = await p.waitForExit(timeout: .seconds(2))  // its log says why; QEMU exits after a failed load
             throw FurcateError(
                 .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
@@ -659,11 +684,11 @@ public actor VMService {
         try await withVM(id) {
             var vm = try info(id)
             try vm.state.checkTransition(to: .suspending, vm: id, operation: "suspend")
-            guard let p = processes[id] else { throw FurcateError(.invalidState, "VM \(id) has no process") }
+            guard let p = instances[id]?.process else { throw FurcateError(.invalidState, "VM \(id) has no process") }
             try setState(&vm, .suspending)
             let snap: SnapshotInfo
             do { snap = try await takeSnapshot(vm, p, resume: false) } catch {
-                _ = try? await p.qmp.execute("cont")
+                try? await p.resume()
                 try setState(&vm, .running)
                 throw error
             }
@@ -698,7 +723,7 @@ public actor VMService {
                 try? deleteSnapshotFiles(snap)
                 return (vm, t)
             } catch {
-                if let p = processes[id] { await end(id, p, graceful: false) }
+                if let p = instances[id]?.process { await end(id, p, graceful: false) }
                 try? store.delete(vm.memoryFile)
                 try? store.delete(vm.diskFile)
                 vm.pid = nil
@@ -725,7 +750,7 @@ public actor VMService {
         try await withVM(id) {
             var vm = try info(id)
             if vm.state == .stopped { return vm }
-            if let p = processes[id] { await end(id, p, graceful: graceful) }
+            if let p = instances[id]?.process { await end(id, p, graceful: graceful) }
             if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] {
                 // A suspended VM's disk lives in its snapshot: keep it as the stopped disk.
                 if try !store.exists(vm.diskFile) { try store.clone(snap.diskFile, to: vm.diskFile) }
@@ -746,7 +771,7 @@ public actor VMService {
     public func delete(_ id: String) async throws {
         try await withVM(id) {
             let vm = try info(id)
-            if let p = processes[id] { await end(id, p, graceful: false) }
+            if let p = instances[id]?.process { await end(id, p, graceful: false) }
             if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] { try? deleteSnapshotFiles(snap) }
             for f in [vm.memoryFile, vm.diskFile] where (try? store.exists(f)) == true { try store.delete(f) }
             try? FileManager.default.removeItem(atPath: runDirectory(id))
@@ -754,8 +779,6 @@ public actor VMService {
             vms[id] = nil
         }
         locks[id] = nil
-        freshening[id] = nil
-        primed[id] = nil
     }
 
     /// Deletes a snapshot's store files and record. VMs forked from it are independent.
@@ -785,7 +808,7 @@ public actor VMService {
         for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) {
             switch vm.state {
             case .running, .starting, .suspending, .building:
-                if let pid = vm.pid, processes[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
+                if let pid = vm.pid, instances[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
                 vm.pid = nil
                 try? setState(&vm, .lost)
                 logger.warning("VM lost across a restart", metadata: ["vm.id": "\(vm.id)"])
@@ -889,7 +912,7 @@ public actor VMService {
         }
         let p = try await QEMUProcess.launch(
             config, incoming: incoming, binary: options.qemuBinary, logPath: run + "/qemu.log", readyTimeout: options.startTimeout)
-        processes[vm.id] = p
+        instances[vm.id] = VMInstance(process: p)
         Task { [weak self] in
             let status = await p.waitForExit()
             await self?.processExited(vm.id, p, status: status)
@@ -900,9 +923,8 @@ public actor VMService {
     /// A QEMU exited. When nobody ended it on purpose, its VM is stopped (the guest powered
     /// off: QEMU exits 0) or lost (anything else).
     private func processExited(_ id: String, _ p: QEMUProcess, status: Int32) {
-        guard processes[id] === p else { return }  // ended on purpose, already accounted for
-        processes[id] = nil
-        agentClients.removeValue(forKey: id)?.close()
+        guard instances[id]?.process === p else { return }  // ended on purpose, already accounted for
+        tearDown(id)
         guard var vm = vms[id], vm.state == .running else { return }
         let clean = status & 0x7f == 0 && (status >> 8) & 0xff == 0
         vm.pid = nil
@@ -912,22 +934,29 @@ public actor VMService {
         logger.warning("QEMU exited by itself", metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
     }
 
+    /// The one way a VM's runtime ends: its instance leaves the table and its agent connection
+    /// closes. Its readiness work is moot with the process gone (a restore makes a new
+    /// instance); one still under way fails at once on the closed channel (a boot's slot is
+    /// freed then). The caller ends the process itself if it still runs.
+    @discardableResult
+    func tearDown(_ id: String) -> VMInstance? {
+        guard let instance = instances.removeValue(forKey: id) else { return nil }
+        instance.agent?.close()
+        return instance
+    }
+
     /// Ends a VM's QEMU (asking the guest first when `graceful`) and removes its sockets.
     private func end(_ id: String, _ p: QEMUProcess, graceful: Bool) async {
-        processes[id] = nil
-        agentClients.removeValue(forKey: id)?.close()
-        // Its freshening is moot with its process gone (a restore starts a new one); one still
-        // under way fails at once on the closed channel.
-        freshening[id] = nil
+        tearDown(id)
         if graceful {
             // The agent syncs and asks the image's init to power off (and powers off itself
             // when init does not); without an agent, the ACPI power button.
             let grace = max(1, Int(options.gracefulStopTimeout.components.seconds))
             if let agent = try? await connectAgent(id, process: p, timeout: .seconds(1)) {
-                _ = try? await agent.request(.shutdown(graceSeconds: grace), timeout: .seconds(2))
+                try? await agent.shutdown(graceSeconds: grace)
                 agent.close()
             } else {
-                _ = try? await p.qmp.execute("system_powerdown", timeout: .seconds(1))
+                try? await p.pressPowerButton()
             }
             if !(await p.waitForExit(timeout: options.gracefulStopTimeout)) { await p.terminate(grace: .seconds(5)) }
         } else {
@@ -938,8 +967,11 @@ public actor VMService {
 
     /// The guest agent of VM `id` over its channel socket, once it answers a ping.
     /// `process`: the VM's QEMU; once it has exited, connecting stops at once.
+    /// `timeout` is in time the QEMU could run (see `Deadline`): on a loaded host a guest waiting
+    /// for a CPU is given its chance to answer.
     private nonisolated func connectAgent(_ id: String, process: QEMUProcess?, timeout: Duration) async throws -> AgentClient {
-        try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", timeout: timeout) { process?.exitStatus == nil }
+        let deadline: Deadline = process.map { .runTime(timeout, of: $0.pid) } ?? .after(timeout)
+        return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", deadline: deadline) { process?.exitStatus == nil }
     }
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).
@@ -949,7 +981,7 @@ public actor VMService {
 
     /// Removes everything a failed create or restore made.
     func discardFailed(_ vm: VMInfo) async {
-        if let p = processes[vm.id] { await end(vm.id, p, graceful: false) }
+        if let p = instances[vm.id]?.process { await end(vm.id, p, graceful: false) }
         for f in [vm.memoryFile, vm.diskFile] { try? store.delete(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
         try? db.deleteVM(vm.id)
@@ -962,9 +994,16 @@ public actor VMService {
         try syscall("fsync", path: path) { fsync(fd) }
     }
 
+    /// Cold boots at once by default: one per host core under TCG (a booting guest keeps its
+    /// vCPU busy), two per core under KVM (boots wait on I/O more than on the CPU).
+    public static func defaultConcurrentBoots(_ accelerator: Accelerator, cores: Int = ProcessInfo.processInfo.activeProcessorCount) -> Int {
+        max(1, cores) * (accelerator == .kvm ? 2 : 1)
+    }
+
     /// True when `pid` runs a QEMU (so a stale pid from the database is not someone else's).
     static func isQEMU(_ pid: Int32) -> Bool {
         let comm = readWholeFile("/proc/\(pid)/comm") ?? ""
         return comm.hasPrefix("qemu")
     }
 }
+

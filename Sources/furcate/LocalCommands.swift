@@ -26,7 +26,8 @@ final class LocalEngine: @unchecked Sendable {
 
     /// - Parameter warmPool: QEMUs kept waiting per machine shape (0: none).
     /// - Parameter capacity: guest vCPUs and memory admitted at once (nil: the host's default).
-    init(_ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil) throws {
+    /// - Parameter concurrentBoots: cold boots at once on the host (nil: the host's default).
+    init(_ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil) throws {
         guard geteuid() == 0 else { throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root") }
         layout = data.layout
         let l = layout
@@ -46,6 +47,7 @@ final class LocalEngine: @unchecked Sendable {
             var vmOptions = VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest)
             vmOptions.warmPoolSize = warmPool
             vmOptions.capacity = capacity
+            vmOptions.concurrentBoots = concurrentBoots
             vms = try VMService(store: store, options: vmOptions)
             builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {

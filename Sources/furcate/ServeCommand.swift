@@ -30,6 +30,10 @@ struct ServeCommand: ParsableCommand {
         name: .customLong("max-guest-memory-gib"),
         help: "GiB of guest memory running at once; a create, fork or resume past it is refused with 429 (default: 1.5 × host memory).")
     var maxGuestMemoryGib: Int?
+    @Option(
+        name: .customLong("concurrent-boots"),
+        help: "Cold boots under way at once on this host, shared with every other furcate process; later ones wait their turn (default: one per core under TCG, two under KVM).")
+    var concurrentBoots: Int?
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
@@ -37,6 +41,7 @@ struct ServeCommand: ParsableCommand {
         guard (0...64).contains(warmPool) else { throw ValidationError("--warm-pool must be 0 to 64, not \(warmPool)") }
         if let v = maxVCPUs, !(1...(1 << 16)).contains(v) { throw ValidationError("--max-vcpus must be 1 to 65536, not \(v)") }
         if let m = maxGuestMemoryGib, !(1...(1 << 20)).contains(m) { throw ValidationError("--max-guest-memory-gib must be 1 to 1048576, not \(m)") }
+        if let b = concurrentBoots, !(1...1024).contains(b) { throw ValidationError("--concurrent-boots must be 1 to 1024, not \(b)") }
         if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) { throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)") }
     }
 
@@ -46,9 +51,10 @@ struct ServeCommand: ParsableCommand {
         var capacity = VMCapacity.host(accelerator: .detect())
         if let v = maxVCPUs { capacity.vcpus = v }
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
+        let concurrentBoots = concurrentBoots
         try runBlocking { [capacity] in
             let logger = Logger(label: "furcate.serve")
-            let engine = try LocalEngine(data, warmPool: warmPool, capacity: capacity)
+            let engine = try LocalEngine(data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots)
             let l = engine.layout
             let group: ServiceGroup
             do {

@@ -317,21 +317,26 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             let app = APIServer.buildApplication(h.engine, host: "127.0.0.1", port: 0)
             try await app.test(.live) { client in
                 let env = ["FURCATE_URL": "http://127.0.0.1:\(client.port!)", "FURCATE_API_KEY": h.keyA]
-                func vm(_ args: [String]) throws -> (status: Int32, output: String) { try runCommand([furcateBinary, "vm"] + args, env: env) }
-                let created = try vm(["create", "--snapshot", h.snapshot])
+                // On a thread of its own: the server answering it runs on the cooperative pool,
+                // which a command waited for synchronously would hold a thread of.
+                func vm(_ args: [String], key: String? = nil) async throws -> (status: Int32, output: String) {
+                    let e = key.map { env.merging(["FURCATE_API_KEY": $0]) { $1 } } ?? env
+                    return try await onThread("furcate-vm") { try runCommand([furcateBinary, "vm"] + args, env: e) }
+                }
+                let created = try await vm(["create", "--snapshot", h.snapshot])
                 let id = created.output.trimmingCharacters(in: .whitespacesAndNewlines)
                 #expect(created.status == 0 && id.count == 20, "\(created)")
-                #expect(try vm(["ls"]).output.contains(id))
-                let exec = try vm(["exec", id, "--", "echo out; echo err >&2; exit 7"])
+                #expect(try await vm(["ls"]).output.contains(id))
+                let exec = try await vm(["exec", id, "--", "echo out; echo err >&2; exit 7"])
                 #expect(exec.status == 7 && exec.output.contains("out") && exec.output.contains("err"), "\(exec)")
-                let forks = try vm(["fork", "--count", "2", id])
+                let forks = try await vm(["fork", "--count", "2", id])
                 #expect(forks.status == 0 && forks.output.split(separator: "\n").count == 2, "\(forks)")
-                let snap = try vm(["snapshot", "--name", "cli", id])
+                let snap = try await vm(["snapshot", "--name", "cli", id])
                 #expect(snap.status == 0 && snap.output.hasPrefix("sc-"), "\(snap)")
-                #expect(try vm(["rm", id]).status == 0)
-                let gone = try vm(["exec", id, "--", "true"])
+                #expect(try await vm(["rm", id]).status == 0)
+                let gone = try await vm(["exec", id, "--", "true"])
                 #expect(gone.status == 1 && gone.output.contains("404"), "\(gone)")
-                let wrongKey = try runCommand([furcateBinary, "vm", "ls"], env: env.merging(["FURCATE_API_KEY": "fk_wrong"]) { $1 })
+                let wrongKey = try await vm(["ls"], key: "fk_wrong")
                 #expect(wrongKey.status == 1 && wrongKey.output.contains("401"), "\(wrongKey)")
             }
         }

@@ -166,21 +166,28 @@ struct DefaultImageTests {
 /// `furcate build` and `furcate run` as a user runs them (in-process mount, real VMs).
 @Suite(.enabled(if: bootAvailable))
 struct LocalCommandTests {
-    @Test func buildThenRunFromTheSnapshot() throws {
+    /// Async, with each command waited for on a thread of its own: a command's boot waits for
+    /// a host-wide boot slot that may be held by this test process's own VMs, whose slots are
+    /// freed by tasks of the cooperative pool — a synchronous test blocking a pool thread (2 on
+    /// this host) while it waits for the command deadlocked the run.
+    @Test func buildThenRunFromTheSnapshot() async throws {
         let t = TempDir("cli-vm")
         let lay = t.sub("layout")
         try TestImage.twoLayerLayout(lay)
         let env = ["FURCATE_GUEST_DIR": guestDir]
-        let out = try sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
+        func sh(_ args: [String], env: [String: String]) async throws -> String {
+            try await onThread("furcate-command") { try ImagesTests.sh(args, env: env) }
+        }
+        let out = try await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
         let snap = try #require(out.split(separator: "\n").last.map(String.init))
         #expect(snap.hasPrefix("sc-"), "\(out)")
-        let ran = try sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "cat /marker; echo $FROM_BUILD $FURCATE_IMAGE_ENV"], env: env)
+        let ran = try await sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "cat /marker; echo $FROM_BUILD $FURCATE_IMAGE_ENV"], env: env)
         #expect(ran.hasSuffix("built\nyes from-the-image\n"), "\(ran)")
         // The command's status is the exit status.
-        #expect(throws: FurcateError.self) { try sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "exit 7"], env: env) }
-        let again = try sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
+        await #expect(throws: FurcateError.self) { try await sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "exit 7"], env: env) }
+        let again = try await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
         #expect(again.contains("cached") && again.hasSuffix(snap + "\n"), "\(again)")
-        let bad = try? sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--run", "exit 3", "--memory", "128"], env: env)
+        let bad = try? await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--run", "exit 3", "--memory", "128"], env: env)
         #expect(bad == nil, "a failed build fails the command")
         #expect(!(try String(contentsOfFile: "/proc/mounts", encoding: .utf8)).contains(t.sub("d")), "nothing left mounted")
     }

@@ -220,7 +220,9 @@ struct StoreFSTests {
             #expect(rc == 0, "\(out)")
         }
         print("cp of a 4 GiB file inside the mount: best of 3 \(Int(best * 1000)) ms")
-        #expect(best < 0.1, "cp took \(Int(best * 1000)) ms: not an O(1) clone")
+        // A copy of 4 GiB takes seconds; a clone takes milliseconds, under 1 s on a host as
+        // loaded as a full test run (0.116 s was seen against an earlier 0.1 s bound).
+        #expect(best < 1.0, "cp took \(Int(best * 1000)) ms: not an O(1) clone")
         // Independent: writing the copy leaves the original unchanged, and the reverse.
         defer { withExtendedLifetime(m) {} }
         let c = open(m.files + "/copy0", O_RDWR | O_CLOEXEC)

@@ -4,6 +4,7 @@ import FurcateCore
 import FurcateTestSupport
 import GuestAgentProtocol
 import Hypervisor
+import Synchronization
 import Testing
 import VMService
 
@@ -14,6 +15,46 @@ import Glibc
 /// Real QEMU (TCG here), real FUSE mount, the test rootfs's shell on the guest channel.
 @Suite(.enabled(if: vmAvailable, "needs root, /dev/fuse, QEMU and the guest artifacts"), .serialized)
 struct VMServiceTests {
+    /// A boot takes a host-wide slot from QEMU's start until its guest agent first answers:
+    /// with the only slot held elsewhere (another process, as far as the service can tell) a
+    /// create waits and makes nothing; then the VM boots and holds the slot until its agent
+    /// answers; a VM deleted while it boots frees its slot too.
+    @Test(.timeLimit(.minutes(3))) func bootsWaitForAHostSlotAndHoldItUntilTheAgentAnswers() async throws {
+        let slotTemp = TempDir("slots")
+        let slotDir = slotTemp.path
+        await withHarness(configure: { $0.concurrentBoots = 1; $0.slotDirectory = slotDir }) { _, svc in
+            let other = HostSlots(name: "boot", count: 1, directory: slotDir)
+            let held = try await other.acquire()
+            let creating = Task { try await svc.create(CreateVMRequest(image: "rootfs")) }
+            try await Task.sleep(for: .seconds(2))
+            #expect(await svc.list().isEmpty, "a VM was made while every boot slot was held")
+            held.release()
+            let vm = try await creating.value
+            let taken = Mutex(false)
+            let waiting = Task {
+                let s = try await other.acquire()
+                taken.withLock { $0 = true }
+                return s
+            }
+            try await Task.sleep(for: .milliseconds(300))  // the guest's kernel is still starting
+            let early = taken.withLock { $0 }
+            #expect(!early, "the boot let go of its slot before its agent answered")
+            #expect(await svc.awaitFreshened(vm.id))
+            let freed = try await waiting.value
+            // The boot's agent connection is the VM's: it answers at once.
+            let agent = try await svc.agent(vm.id, timeout: .seconds(5))
+            #expect(try await agent.exec(ExecRequest(command: "echo up")).exitCode == 0)
+            freed.release()
+
+            let second = try await svc.create(CreateVMRequest(image: "rootfs"))
+            try await svc.delete(second.id)
+            let start = ContinuousClock.now
+            let again = try await other.acquire()
+            #expect(ContinuousClock.now - start < .seconds(10), "a deleted boot kept its slot")
+            again.release()
+        }
+    }
+
     /// Boot, snapshot, fork 3: every fork continues the parent's memory (a running counter
     /// loop) and disk (a file written before the snapshot); what each writes afterwards to
     /// disk and memory no other VM sees.
@@ -496,6 +537,55 @@ struct VMServiceTests {
         }
     }
 
+    /// Every ending path tears a VM's runtime down (its `VMInstance`: process, agent connection,
+    /// readiness): kill, QEMU's own death, suspend, delete, a failed restore and a pool discard
+    /// each leave no instance behind.
+    @Test(.timeLimit(.minutes(5))) func everyEndingPathLeavesNoRuntimeBehind() async throws {
+        await withHarness(warmPool: 1) { h, svc in
+            func settled(_ what: String, _ done: () async throws -> Bool) async throws {
+                let deadline = ContinuousClock.now + .seconds(60)
+                while try await !done() {
+                    guard ContinuousClock.now < deadline else { throw FurcateError(.timedOut, "\(what) within 60 s") }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
+            let a = try await svc.create(CreateVMRequest(image: "rootfs"))
+            #expect(await svc.instanceIDs() == [a.id])
+            _ = try await svc.agent(a.id, timeout: .seconds(60))
+            let snap = try await svc.snapshot(a.id)
+            _ = try await svc.kill(a.id)
+            #expect(await svc.instanceIDs().isEmpty, "after kill")
+
+            let b = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            let pb = try #require(await svc.process(b.id))
+            Glibc.kill(pb.pid, SIGKILL)
+            try await settled("the VM lost") { try await svc.info(b.id).state == .lost }
+            #expect(!(await svc.instanceIDs().contains(b.id)), "after QEMU died by itself")
+
+            // The restore refilled the pool: a pooled QEMU is an instance too, until taken.
+            try await settled("a pooled QEMU") { await svc.poolCount() == 1 }
+            #expect(await svc.instanceIDs().count == 1)
+            let c = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            _ = try await svc.suspend(c.id)
+            #expect(!(await svc.instanceIDs().contains(c.id)), "after suspend")
+            try await svc.delete(c.id)
+            let d = try await svc.create(CreateVMRequest(snapshot: snap.id))
+            try await svc.delete(d.id)
+            #expect(!(await svc.instanceIDs().contains(d.id)), "after deleting a running VM")
+
+            // A restore whose device state QEMU refuses leaves nothing.
+            let good = try damageDeviceState(h.store, snap)
+            try await settled("the pool refilled after the last restore") { await svc.poolCount() == 1 }
+            let before = await svc.instanceIDs()
+            await #expect(throws: FurcateError.self) { try await svc.create(CreateVMRequest(snapshot: snap.id, memoryMode: .privateBase)) }
+            let after = await svc.instanceIDs()
+            #expect(after.isSubset(of: before), "after a failed restore: \(after) of \(before)")
+
+            await svc.drainWarmPool()
+            #expect(await svc.instanceIDs().isEmpty, "after the pool was drained")
+        }
+    }
+
     /// A corrupt device-state file fails the restore with a clear error; nothing of the new
     /// VM is left (no record, no process, no store file) and the snapshot stays usable.
     @Test(.timeLimit(.minutes(5))) func corruptDeviceStateFailsTheRestoreCleanly() async throws {
@@ -503,14 +593,7 @@ struct VMServiceTests {
             let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
             _ = try await svc.guestShell(vm.id, timeout: .seconds(60))
             let snap = try await svc.snapshot(vm.id)
-            // Replace the snapshot's device state with damaged bytes (same length).
-            let good = try h.store.file(snap.stateFile).read(at: 0, count: snap.deviceStateBytes)
-            var bad = good
-            for i in stride(from: 64, to: bad.count, by: 97) { bad[i] ^= 0x5a }
-            try h.store.delete(snap.stateFile)
-            try h.store.createFile("bad").write(bad, at: 0)
-            try h.store.snapshot("bad", as: snap.stateFile)
-            try h.store.delete("bad")
+            let good = try damageDeviceState(h.store, snap)
             let before = try h.store.list().map(\.name).sorted()
             let vmsBefore = await svc.list().map(\.id)
             do {
@@ -590,4 +673,16 @@ struct VMServiceTests {
             #expect(try await h.service.kill(a.id).state == .stopped)
         }
     }
+}
+
+/// Replaces a snapshot's device state with damaged bytes of the same length; returns the good ones.
+func damageDeviceState(_ store: BlockStore, _ snap: SnapshotInfo) throws -> [UInt8] {
+    let good = try store.file(snap.stateFile).read(at: 0, count: snap.deviceStateBytes)
+    var bad = good
+    for i in stride(from: 64, to: bad.count, by: 97) { bad[i] ^= 0x5a }
+    try store.delete(snap.stateFile)
+    try store.createFile("bad").write(bad, at: 0)
+    try store.snapshot("bad", as: snap.stateFile)
+    try store.delete("bad")
+    return good
 }
