@@ -102,12 +102,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The HTTP API (Hummingbird): the Freestyle dialect at /v1, API keys, accounts.
+        // The use-case layer under every dialect: each operation whole (ownership, activity,
+        // wake-up, records, policies), snapshot records and VM policies.
+        .target(
+            name: "FurcateEngine",
+            dependencies: [
+                "FurcateCore", "VMService", "Builds", "Images", "Accounts", "RecordStore", "Hypervisor", "GuestAgentProtocol",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The HTTP API (Hummingbird): dialects that parse and render — Freestyle at /v1, InstaVM
+        // at /instavm — over the engine, API keys.
         .target(
             name: "APIServer",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "Images", "VMService", "Builds", "Accounts", "RecordStore", "GuestAgentProtocol",
-                "Hypervisor",
+                "FurcateCore", "FurcateEngine", "Images", "VMService", "Builds", "Accounts", "GuestAgentProtocol", "Hypervisor",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "MultipartKit", package: "multipart-kit"),
@@ -120,7 +130,7 @@ let package = Package(
         .target(
             name: "FurcateBench",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images", "Builds", "Accounts", "APIServer",
+                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images", "Builds", "Accounts", "FurcateEngine", "APIServer",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -130,7 +140,7 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "APIServer",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer",
                 "CSpawn",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -146,7 +156,7 @@ let package = Package(
         .testTarget(
             name: "APIServerTests",
             dependencies: [
-                "APIServer", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore", "Hypervisor", "FurcateCore", "FurcateTestSupport",
+                "APIServer", "FurcateEngine", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore", "Hypervisor", "FurcateCore", "FurcateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]

@@ -1,47 +1,16 @@
-// APIServer: the HTTP API on Hummingbird — the Freestyle VMs dialect at /v1 (a first set of its
-// operations so far), bearer API keys, accounts owning resources. Neighbours: VMService, Images,
-// Builds and Accounts below; the `furcate serve` command above wires it to a data directory.
+// APIServer: the HTTP API on Hummingbird — dialects that parse a request and render the answer
+// (Freestyle VMs at /v1, InstaVM at /instavm) over FurcateEngine, which does each operation;
+// bearer API keys. Neighbours: FurcateEngine below; `furcate serve` above wires it to a data
+// directory.
 import Accounts
-import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import HTTPTypes
 import Hummingbird
-import Images
 import Logging
-import RecordStore
 import ServiceLifecycle
 import Synchronization
-import VMService
-
-/// What the API serves: the engine's services, the key store and who owns what.
-public struct APIEngine: Sendable {
-    public let vms: VMService
-    public let images: ImageService
-    public let builds: BuildService
-    public let keys: KeyStore
-    public let owners: OwnerStore
-    /// The default image's rootfs tarball (Debian 12 with systemd).
-    public let defaultImage: String
-    /// Lifetimes, idle suspension, storage quotas (`PolicyService` applies them).
-    public let policies: VMPolicies
-    /// A Freestyle VM's idle timeout when its request names none (the document's 300 s); 0:
-    /// none.
-    public var defaultIdleTimeoutSeconds = 300
-
-    public init(
-        vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore, defaultImage: String,
-        quotaBytes: UInt64? = nil
-    ) {
-        self.vms = vms
-        self.images = images
-        self.builds = builds
-        self.keys = keys
-        self.owners = owners
-        self.defaultImage = defaultImage
-        policies = VMPolicies(owners: owners, quotaBytes: quotaBytes)
-    }
-}
 
 /// A request's context: Hummingbird's core, plus the API key that authenticated it.
 public struct APIContext: RequestContext {
@@ -84,6 +53,7 @@ public struct APIError: HTTPResponseError {
         case .notFound: return APIError(.notFound, "NOT_FOUND", e.message)
         case .invalidArgument: return APIError(.badRequest, "BAD_REQUEST", e.message)
         case .invalidState: return APIError(.conflict, "INVALID_STATE", e.message)
+        case .vmNotRunning: return APIError(.badRequest, "VM_NOT_RUNNING", e.message)
         case .busy: return APIError(.conflict, "BUSY", e.message)
         case .timedOut: return APIError(.gatewayTimeout, "TIMED_OUT", e.message)
         case .unauthenticated: return APIError(.unauthorized, "UNAUTHORIZED", e.message)
@@ -162,24 +132,13 @@ struct AuthAndErrors: RouterMiddleware {
 /// activity while it runs: an idle timeout waits for every request on the VM to end.
 struct VMActivity: RouterMiddleware {
     typealias Context = APIContext
-    let engine: APIEngine
+    let engine: Engine
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
         let parts = request.uri.path.split(separator: "/")
         let at = parts.first == "instavm" ? 1 : 0
-        guard parts.count > at + 2, parts[at] == "v1", parts[at + 1] == "vms", (try? VMID.validateVM(String(parts[at + 2]))) != nil,
-            let owner = engine.owners.owner(String(parts[at + 2])), owner == context.account
-        else { return try await next(request, context) }
-        let id = String(parts[at + 2])
-        await engine.policies.begin(id)
-        do {
-            let r = try await next(request, context)
-            await engine.policies.end(id)
-            return r
-        } catch {
-            await engine.policies.end(id)
-            throw error
-        }
+        guard parts.count > at + 2, parts[at] == "v1", parts[at + 1] == "vms" else { return try await next(request, context) }
+        return try await engine.duringRequest(on: String(parts[at + 2]), account: context.account) { try await next(request, context) }
     }
 }
 
@@ -229,7 +188,7 @@ final class RouteMethods: Sendable {
 
 public enum APIServer {
     /// The router with every route the API serves.
-    public static func router(_ engine: APIEngine) -> Router<APIContext> {
+    public static func router(_ engine: Engine) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
         let methods = RouteMethods()
         router.add(middleware: AuthAndErrors(keys: engine.keys, routes: methods))
@@ -247,7 +206,7 @@ public enum APIServer {
 
     /// The application `furcate serve` runs and the tests drive.
     public static func buildApplication(
-        _ engine: APIEngine, host: String, port: Int, services: [any Service] = [], logger: Logger = Logger(label: "furcate.api")
+        _ engine: Engine, host: String, port: Int, services: [any Service] = [], logger: Logger = Logger(label: "furcate.api")
     ) -> some ApplicationProtocol {
         Application(
             router: router(engine), configuration: .init(address: .hostname(host, port: port), serverName: "furcate"),

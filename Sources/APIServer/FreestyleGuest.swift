@@ -1,10 +1,9 @@
 import Foundation
 import FurcateCore
+import FurcateEngine
 import GuestAgentProtocol
 import Hummingbird
 import Hypervisor
-import NIOCore
-import VMService
 
 /// Freestyle's operations inside a VM through its agent: systemd services and logs, terminals,
 /// the stats and file-watch NDJSON streams; and resize and optimize.
@@ -243,7 +242,7 @@ extension FreestyleRoutes {
     }
 
     func agent(_ ctx: APIContext) async throws -> AgentClient {
-        try await engine.wakeAgent(try await ownedVM(ctx))
+        try await engine.guest(try await ownedVM(ctx), wake: .resumeSuspended)
     }
 
     /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.

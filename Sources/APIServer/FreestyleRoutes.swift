@@ -1,16 +1,15 @@
-import Accounts
 import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import GuestAgentProtocol
 import Hummingbird
-import Hypervisor
 import Images
 import VMService
 
 /// The Freestyle VMs dialect (`/v1`, seed 004): shapes as the document has them (camelCase).
 struct FreestyleRoutes: Sendable {
-    let engine: APIEngine
+    let engine: Engine
 
     struct VmInfo: ResponseCodable {
         var id: String
@@ -240,7 +239,7 @@ struct FreestyleRoutes: Sendable {
         }
     }
 
-    /// A VmPersistence (default: sticky, priority 5).
+    /// A VmPersistence (default: sticky, priority 5): a type and only that type's fields.
     static func vmPersistence(_ v: Any?) throws -> VMPersistence {
         guard let v, !(v is NSNull) else { return .sticky }
         guard let o = v as? [String: Any], let type = o["type"] as? String else {
@@ -250,22 +249,10 @@ struct FreestyleRoutes: Sendable {
         if let extra = o.keys.first(where: { !allowed.contains($0) }) {
             throw APIError(.badRequest, "BAD_REQUEST", "persistence of type \(type.prefix(20)) has no field '\(extra.prefix(40))'")
         }
-        switch type {
-        case "persistent": return .persistent
-        case "sticky":
-            let raw = o["priority"]
-            guard let priority = raw == nil || raw is NSNull ? 5 : jsonInteger(raw), (0...10).contains(priority) else {
-                throw APIError(.badRequest, "BAD_REQUEST", "persistence.priority must be an integer from 0 to 10")
-            }
-            return VMPersistence(type: "sticky", priority: priority)
-        case "ephemeral":
-            let raw = o["deleteEvent"]
-            guard raw == nil || raw is NSNull || ["OnStop", "OnSuspend"].contains(raw as? String ?? "") else {
-                throw APIError(.badRequest, "BAD_REQUEST", "persistence.deleteEvent must be OnStop or OnSuspend")
-            }
-            return VMPersistence(type: "ephemeral", priority: nil, deleteEvent: raw as? String)
-        default: throw APIError(.badRequest, "BAD_REQUEST", "persistence.type must be sticky, ephemeral or persistent, not '\(type.prefix(40))'")
+        if let p = o["priority"], !(p is NSNull), jsonInteger(p) == nil {
+            throw APIError(.badRequest, "BAD_REQUEST", "persistence.priority must be an integer from 0 to 10")
         }
+        return try JSONDecoder().decode(VMPersistence.self, from: JSONSerialization.data(withJSONObject: o.filter { !($0.value is NSNull) }))
     }
 
     /// With `waitForReadySignal` (the default), waits until the VM's guest agent answers — up
@@ -285,14 +272,8 @@ struct FreestyleRoutes: Sendable {
         let raw = obj["count"]
         let count: Int? = raw == nil || raw is NSNull ? 1 : jsonInteger(raw)
         guard let count, (1...100).contains(count) else { throw APIError(.badRequest, "BAD_REQUEST", "count must be an integer from 1 to 100") }
-        let r = try await engine.vms.fork(vm.id, count: count, newIdentity: true)
-        let policy = try await engine.policies.policy(vm.id) ?? VMPolicy(idleTimeoutSeconds: engine.defaultIdleTimeoutSeconds)
-        for f in r.vms {
-            try engine.owners.set(f.id, account: ctx.account)
-            try await engine.policies.set(f.id, policy)
-        }
-        try engine.recordVMSnapshot(r.snapshot, account: ctx.account)
-        return ForkVmResponse(vmId: vm.id, forks: r.vms.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
+        let r = try await engine.fork(vm, account: ctx.account, count: count)
+        return ForkVmResponse(vmId: vm.id, forks: r.forks.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
     }
 
     func snapshot(_ req: Request, _ ctx: APIContext) async throws -> SnapshotVmResponse {
@@ -300,13 +281,9 @@ struct FreestyleRoutes: Sendable {
         let body = try await req.body.collect(upTo: 1 << 20)
         let obj = try Self.object(body, allowed: ["name", "persistence"], what: "SnapshotVmRequest")
         struct Body: Decodable { var persistence: SnapshotPersistence? }
-        let persistence = try Self.persistence(
-            body.readableBytes > 0 ? try JSONDecoder().decode(Body.self, from: Data(buffer: body)).persistence : nil, default: .sticky)
+        let persistence = body.readableBytes > 0 ? try JSONDecoder().decode(Body.self, from: Data(buffer: body)).persistence : nil
         let name = try Self.optionalName(obj["name"])
-        let s = try await engine.vms.snapshot(vm.id)
-        var record = try engine.recordVMSnapshot(s, account: ctx.account, name: name)
-        record.persistence = persistence
-        try engine.owners.saveSnapshot(record)
+        let s = try await engine.snapshot(vm, account: ctx.account, name: name, persistence: persistence ?? .sticky)
         return SnapshotVmResponse(snapshotId: s.id, sourceVmId: vm.id)
     }
 
@@ -324,19 +301,18 @@ struct FreestyleRoutes: Sendable {
     func getFile(_ req: Request, _ ctx: APIContext) async throws -> Response {
         let vm = try await ownedVM(ctx)
         let path = try Self.filePath(ctx)
-        let agent = try await engine.wakeAgent(vm)
-        do {
-            let st = try await agent.stat(path)
-            if st.kind == .directory {
-                let es = try await agent.list(path)
-                return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
-            }
-            guard st.size <= AgentClient.apiFileLimit else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "\(path) is larger than 64 MiB") }
-            let data = try await agent.readWholeFile(path, size: st.size)
+        let found: GuestFile
+        do { found = try await engine.readFile(vm, path, wake: .resumeSuspended) } catch let e as FurcateError where e.code == .notFound {
+            throw APIError(.notFound, "FILE_NOT_FOUND", "no file \(path) in VM \(vm.id)")
+        } catch let e as FurcateError where e.code == .tooLarge {
+            throw APIError(.badRequest, "FILES_BAD_REQUEST", e.message)
+        }
+        switch found {
+        case .directory(let es):
+            return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
+        case .file(let data):
             let text = String(data: data, encoding: .utf8)
             return try FileContent(content: text ?? data.base64EncodedString(), encoding: text == nil ? "base64" : "utf8").response(from: req, context: ctx)
-        } catch let e as FurcateError where e.code == .notFound {
-            throw APIError(.notFound, "FILE_NOT_FOUND", "no file \(path) in VM \(vm.id)")
         }
     }
 
@@ -352,8 +328,7 @@ struct FreestyleRoutes: Sendable {
             data = d
         case let e: throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
         }
-        let agent = try await engine.wakeAgent(vm)
-        try await agent.writeFile(path, data, timeout: .seconds(120))
+        try await engine.writeFile(vm, path, data, wake: .resumeSuspended)
         return Empty()
     }
 
@@ -429,6 +404,7 @@ struct FreestyleRoutes: Sendable {
             guard let id = s as? String else { throw APIError(.badRequest, "BAD_REQUEST", "snapshotId must be a string") }
             snapshotId = id
         }
+        try Self.checkVMSpec(obj["spec"])
         let persistence = try Self.vmPersistence(obj["persistence"])
         // The request's own settings, else its spec's outer layer's, else its snapshot's.
         var settings = try VMSettings(obj)
@@ -443,19 +419,27 @@ struct FreestyleRoutes: Sendable {
             if let idle = try engine.owners.snapshot(s)?.idleTimeoutSeconds, settings.idleTimeoutSeconds == nil, engine.owners.owner(s) == ctx.account {
                 settings.idleTimeoutSeconds = idle
             }
-            do { snap = try await engine.usableSnapshot(s, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+            do { snap = try await engine.bootable(.snapshot(s), account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
                 throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", e.message)
             }
         } else {
-            snap = try await engine.builds.defaultSnapshot(rootfsTarball: engine.defaultImage)
-            try engine.owners.set(snap, account: "*")  // the default image's snapshot is everyone's
+            snap = try await engine.bootable(.defaultImage, account: ctx.account)
         }
         let name = try Self.optionalName(obj["name"])
-        let vm = try await engine.vms.create(CreateVMRequest(snapshot: snap))
-        try engine.owners.set(vm.id, account: ctx.account, name: name)
-        try await engine.policies.set(vm.id, VMPolicy(persistence: persistence, idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds))
+        let policy = VMPolicy(persistence: persistence, idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds)
+        let vm = try await engine.createVM(NewVM(account: ctx.account, snapshot: snap, name: name, policy: policy))
         try await awaitReady(vm.id, settings)
         return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
+    }
+
+    /// `spec` is a VmSpec: an object whose `name` (a label for the spec) is a string and whose
+    /// `snapshot` is a SnapshotSpec (checked when it is decoded). (Found by schemathesis: a
+    /// `spec.name` of `{}` was accepted.)
+    static func checkVMSpec(_ spec: Any?) throws {
+        guard let spec, !(spec is NSNull) else { return }
+        guard let o = spec as? [String: Any] else { throw APIError(.badRequest, "BAD_REQUEST", "spec must be an object (a VmSpec)") }
+        if let n = o["name"], !(n is NSNull || n is String) { throw APIError(.badRequest, "BAD_REQUEST", "spec.name must be a string") }
+        if let s = o["snapshot"], !(s is NSNull || s is [String: Any]) { throw APIError(.badRequest, "BAD_REQUEST", "spec.snapshot must be an object (a SnapshotSpec)") }
     }
 
     /// The snapshot a create request's contents describe: its own layer fields over `spec`
@@ -509,48 +493,6 @@ struct FreestyleRoutes: Sendable {
         return IdResponse(id: vm.id)
     }
 
-    /// Runs `command` in the named terminal (made with `/bin/sh` when it does not exist), as
-    /// if typed there: one line that prints a start marker, evals the command (base64, so any
-    /// text is one line) and prints an end marker with its status. `command eval`: a syntax
-    /// error or a special built-in's error then ends the command with a status, not the whole
-    /// line (a plain `eval` dropped the end marker and the request waited out its timeout).
-    /// The answer is what the terminal showed between the markers (stdout and stderr together,
-    /// as a terminal has them); the command's effects on the shell (cd, variables) stay for the
-    /// next one.
-    /// - Throws: 408 `EXEC_TIMED_OUT` after sending Ctrl-C to the terminal.
-    func execInTerminal(_ agent: AgentClient, _ name: String, _ command: String, timeoutMs: Int) async throws -> ExecAwaitVmResponse {
-        let ts = try await agent.terminals()
-        if !ts.contains(where: { $0.name == name && $0.status == "running" }) {
-            if ts.contains(where: { $0.name == name }) { try await agent.closeTerminal(name) }
-            try await agent.createTerminal(name, command: ["/bin/sh"], cols: 200, rows: 50)
-        }
-        let nonce = String(UInt64.random(in: 1...UInt64.max), radix: 36)
-        let line = "printf '\\036S%s\\n' \(nonce); command eval \"$(printf %s '\(Data(command.utf8).base64EncodedString())' | base64 -d)\"; printf '\\036E%s:%d\\n' \(nonce) \"$?\"\n"
-        try await agent.terminalInput(name, Data(line.utf8))
-        let start = Array("\u{1E}S\(nonce)".utf8)
-        let end = Array("\u{1E}E\(nonce):".utf8)
-        let deadline = ContinuousClock.now + .milliseconds(timeoutMs)
-        while ContinuousClock.now < deadline {
-            let raw = try await agent.terminalBytes(name)
-            let bytes = [UInt8](raw)
-            if let e = bytes.lastRange(of: end) {
-                let statusDigits = bytes[e.upperBound...].prefix { (0x30...0x39).contains($0) }
-                if statusDigits.count < bytes.count - e.upperBound {  // the status line is complete
-                    var from = bytes.startIndex
-                    if let s = bytes[..<e.lowerBound].lastRange(of: start) {
-                        from = s.upperBound
-                        if bytes[from...].starts(with: [0x0D, 0x0A]) { from += 2 }
-                    }
-                    let out = String(decoding: bytes[from..<e.lowerBound], as: UTF8.self).replacingOccurrences(of: "\r\n", with: "\n")
-                    return ExecAwaitVmResponse(stdout: out, stderr: "", statusCode: Int(String(decoding: statusDigits, as: UTF8.self)) ?? 0)
-                }
-            }
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        try? await agent.terminalInput(name, Data([0x03]))
-        throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeoutMs) ms in terminal \(name) (Ctrl-C was sent)")
-    }
-
     func exec(_ req: Request, _ ctx: APIContext) async throws -> ExecAwaitVmResponse {
         let vm = try await ownedVM(ctx)
         let raw = try await req.body.collect(upTo: 8 << 20)
@@ -559,9 +501,16 @@ struct FreestyleRoutes: Sendable {
         // 0 or absent: the default (5 minutes); longer than an hour: an hour.
         let timeout = min(body.timeoutMs.flatMap { $0 > 0 ? $0 : nil } ?? 300_000, 3_600_000)
         if let t = body.timeoutMs, t < 0 { throw APIError(.badRequest, "BAD_REQUEST", "timeoutMs must not be negative") }
-        let agent = try await engine.wakeAgent(vm)
-        if let t = body.terminal { return try await execInTerminal(agent, try Self.guestName(t, what: "terminal"), body.command, timeoutMs: timeout) }
-        let r = try await agent.exec(ExecRequest(command: body.command, timeoutMs: timeout))
+        if let t = body.terminal {
+            let name = try Self.guestName(t, what: "terminal")
+            do {
+                let r = try await engine.execInTerminal(vm, terminal: name, body.command, timeoutMs: timeout, wake: .resumeSuspended)
+                return ExecAwaitVmResponse(stdout: r.output, stderr: "", statusCode: r.status)
+            } catch let e as FurcateError where e.code == .timedOut {
+                throw APIError(.requestTimeout, "EXEC_TIMED_OUT", e.message)
+            }
+        }
+        let r = try await engine.guest(vm, wake: .resumeSuspended).exec(ExecRequest(command: body.command, timeoutMs: timeout))
         if r.timedOut {
             throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")
         }

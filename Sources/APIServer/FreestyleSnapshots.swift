@@ -1,6 +1,7 @@
 import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import Hummingbird
 import Images
 import VMService
@@ -174,7 +175,7 @@ extension FreestyleRoutes {
         }
         let b = try JSONDecoder().decode(Body.self, from: Data(buffer: body))
         let name = try Self.optionalName(obj["name"])
-        let persistence = try Self.persistence(b.persistence, default: .persistent)
+        let persistence = b.persistence ?? .persistent
         let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
         guard let spec = b.spec else { throw APIError(.badRequest, "BAD_REQUEST", "give a spec (the deprecated template is not supported)") }
         let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
@@ -192,19 +193,5 @@ extension FreestyleRoutes {
         var username: String
         var password: String
         var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
-    }
-
-    /// A snapshot's persistence; `nil` is the request's documented default (persistent for
-    /// `POST /v1/snapshots`, sticky priority 5 for a VM's snapshot).
-    static func persistence(_ p: SnapshotPersistence?, default d: SnapshotPersistence) throws -> SnapshotPersistence {
-        guard let p else { return d }
-        switch p.type {
-        case "persistent": return .persistent
-        case "sticky":
-            let priority = p.priority ?? 5
-            guard (0...10).contains(priority) else { throw APIError(.badRequest, "BAD_REQUEST", "persistence.priority must be 0 to 10") }
-            return SnapshotPersistence(type: "sticky", priority: priority)
-        case let t: throw APIError(.badRequest, "BAD_REQUEST", "persistence.type must be sticky or persistent, not '\(t.prefix(40))'")
-        }
     }
 }

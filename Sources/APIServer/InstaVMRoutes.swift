@@ -1,12 +1,11 @@
 import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import GuestAgentProtocol
 import Hummingbird
-import Hypervisor
 import Images
 import MultipartKit
-import NIOCore
 import VMService
 
 /// A FastAPI-style error: `{"detail": "…"}`, or for 422 `{"detail": [{"loc", "msg", "type"}]}`.
@@ -35,8 +34,10 @@ struct InstaVMError: HTTPResponseError {
     }
 
     /// The dialect's rendering of a Freestyle-shaped error (same status, `detail` text); the
-    /// Freestyle dialect's 400 validation errors become 422s.
+    /// Freestyle dialect's 400 validation errors become 422s, its 400 VM_NOT_RUNNING a 409.
     static func from(_ e: APIError) -> InstaVMError {
+        // A VM that is not running is a conflict with its state here (400 in Freestyle's document).
+        if e.code == "VM_NOT_RUNNING" { return InstaVMError(status: .conflict, message: e.message, items: nil) }
         if e.status == .badRequest { return .invalid(["body"], e.message, type: e.code.lowercased()) }
         var r = InstaVMError(status: e.status, message: e.message, items: nil)
         r.headers = e.headers
@@ -48,7 +49,7 @@ struct InstaVMError: HTTPResponseError {
 /// SDK calls): sessions and execute/upload/download, snapshots built from OCI images, VMs.
 /// A session is a VM: `session_id` and `vm_id` are the same id.
 struct InstaVMRoutes: Sendable {
-    let engine: APIEngine
+    let engine: Engine
 
     struct SnapshotInfo: ResponseCodable {
         var id: String
@@ -130,7 +131,7 @@ struct InstaVMRoutes: Sendable {
             let type = req.uri.queryParameters["type"].map(String.init)
             if let type, type != "user", type != "system" { throw InstaVMError.invalid(["query", "type"], "type must be user or system") }
             var out: [SnapshotInfo] = []
-            for s in try engine.owners.snapshots() where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? "user") == type) {
+            for s in try engine.owners.snapshots() where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? .user).rawValue == type) {
                 out.append(await info(await engine.resolve(s)))
             }
             return out
@@ -153,22 +154,14 @@ struct InstaVMRoutes: Sendable {
         g.post("v1/vms/{id}/snapshot") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
             let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["name"])
-            let snap = try await engine.vms.snapshot(vm.id)
-            var s = try engine.recordVMSnapshot(snap, account: ctx.account, name: try Self.string(obj, "name"))
-            s.kind = "user"
-            try engine.owners.saveSnapshot(s)
+            let s = try await engine.snapshot(vm, account: ctx.account, name: try Self.string(obj, "name"), persistence: .persistent, kind: .user)
             return await info(await engine.resolve(s))
         }
         g.post("v1/vms/{id}/clone") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
             let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["snapshot_name"])
-            let r = try await engine.vms.fork(vm.id, count: 1, newIdentity: true)
-            var s = try engine.recordVMSnapshot(r.snapshot, account: ctx.account, name: try Self.string(obj, "snapshot_name"))
-            s.kind = "user"
-            try engine.owners.saveSnapshot(s)
-            let clone = r.vms[0]
-            try engine.owners.set(clone.id, account: ctx.account)
-            try await engine.policies.set(clone.id, try await engine.policies.policy(vm.id) ?? VMPolicy(persistence: .persistent))
+            let r = try await engine.fork(vm, account: ctx.account, count: 1, snapshotName: try Self.string(obj, "snapshot_name"), snapshotKind: .user)
+            let clone = r.forks[0]
             return VMCreateResponse(vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
         }
         g.post("v1/vms/{id}/suspend") { _, ctx in
@@ -294,7 +287,7 @@ struct InstaVMRoutes: Sendable {
         let size = r.target != nil && r.state == .ready ? (try? await engine.vms.snapshotStoredBytes(r.target!)) ?? 0 : 0
         return SnapshotInfo(
             id: s.id, snapshot_id: s.id, name: s.name, status: status, source_vm_id: s.sourceVmId, snapshot_type: s.ociImage != nil ? "oci" : "vm",
-            type: s.kind ?? "user", oci_image: s.ociImage, vcpu_count: r.info?.vcpus ?? s.vcpus, memory_mb: r.info?.memoryMiB ?? s.memoryMiB,
+            type: (s.kind ?? .user).rawValue, oci_image: s.ociImage, vcpu_count: r.info?.vcpus ?? s.vcpus, memory_mb: r.info?.memoryMiB ?? s.memoryMiB,
             size_bytes: Int(size), is_public: false, last_error: r.state == .ready ? nil : r.failureReason,
             created_at: FreestyleRoutes.iso(s.createdAt), updated_at: FreestyleRoutes.iso(r.build?.updatedAt ?? s.updatedAt),
             compression_state: r.info?.compressionState?.rawValue, compressed_size_bytes: r.info?.compressedSizeBytes,
@@ -318,8 +311,9 @@ struct InstaVMRoutes: Sendable {
         let name = try Self.string(obj, "name", max: 256)
         let vcpus = try Self.int(obj, "vcpu_count", 1...8) ?? 2
         let memory = try Self.int(obj, "memory_mb", 128...8192) ?? 512
-        let type = try Self.string(obj, "type") ?? "user"
-        guard type == "user" || type == "system" else { throw InstaVMError.invalid(["body", "type"], "String should match pattern '^(user|system)$'", type: "string_pattern_mismatch") }
+        guard let type = SnapshotKind(rawValue: try Self.string(obj, "type") ?? "user") else {
+            throw InstaVMError.invalid(["body", "type"], "String should match pattern '^(user|system)$'", type: "string_pattern_mismatch")
+        }
         var args = InstaVMBuildArgs()
         if let b = obj["build_args"], !(b is NSNull) {
             guard let ba = b as? [String: Any] else { throw InstaVMError.invalid(["body", "build_args"], "Input should be a valid dictionary", type: "dict_type") }
@@ -375,15 +369,11 @@ struct InstaVMRoutes: Sendable {
             throw InstaVMError.invalid(["body"], "snapshot_on_terminate, auto_suspend and auto_resume are not supported yet", type: "unsupported")
         }
         let target: String
-        if let sid = try Self.string(obj, "snapshot_id", max: 64) {
-            do { target = try await engine.usableSnapshot(sid, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
-                throw InstaVMError(status: .notFound, message: "Snapshot not found: \(sid.prefix(64))", items: nil)
-            } catch let e as FurcateError where e.code == .invalidState {
-                throw InstaVMError(status: .conflict, message: e.message, items: nil)
-            }
-        } else {
-            target = try await engine.builds.defaultSnapshot(rootfsTarball: engine.defaultImage)
-            try engine.owners.set(target, account: "*")
+        let sid = try Self.string(obj, "snapshot_id", max: 64)
+        do { target = try await engine.bootable(sid.map { .snapshot($0) } ?? .defaultImage, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+            throw InstaVMError(status: .notFound, message: "Snapshot not found: \(sid?.prefix(64) ?? "")", items: nil)
+        } catch let e as FurcateError where e.code == .invalidState {
+            throw InstaVMError(status: .conflict, message: e.message, items: nil)
         }
         let snap = try await engine.vms.snapshotInfo(target)
         if let memory, memory != snap.memoryMiB {
@@ -392,23 +382,9 @@ struct InstaVMRoutes: Sendable {
         if let vcpus, vcpus != snap.vcpus {
             throw InstaVMError.invalid(["body", "vcpu_count"], "a VM restored from this snapshot has its \(snap.vcpus) vCPUs; create a snapshot with vcpu_count=\(vcpus) first")
         }
-        let engine = self.engine
-        let account = ctx.account
-        let make: @Sendable () async throws -> VMInfo = {
-            let vm = try await engine.vms.create(CreateVMRequest(snapshot: target))
-            try engine.owners.set(vm.id, account: account)
-            if let env, !env.isEmpty { try await Self.addEnv(env, engine: engine, vm: vm.id) }
-            try await engine.policies.set(
-                vm.id, VMPolicy(persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) }))
-            return vm
-        }
-        let vm = try await make()
+        let policy = VMPolicy(persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) })
+        let vm = try await engine.createVM(NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env))
         return VMCreateResponse(vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
-    }
-
-    /// Sets `env` in the guest's environment file, read at every process start.
-    static func addEnv(_ env: [String: String], engine: APIEngine, vm: String) async throws {
-        try await engine.vms.agent(vm).setEnvironment(env)
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
@@ -446,8 +422,7 @@ struct InstaVMRoutes: Sendable {
         case "python", "python3": argv = ["python3", "-c", command]
         case let l?: throw InstaVMError.invalid(["body", "language"], "language must be bash or python, not '\(l.prefix(40))'")
         }
-        guard vm.state == .running else { throw InstaVMError(status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not running", items: nil) }
-        let r = try await engine.vms.agent(vm.id).exec(ExecRequest(argv: argv, timeoutMs: timeout * 1000))
+        let r = try await engine.guest(vm, wake: .requireRunning).exec(ExecRequest(argv: argv, timeoutMs: timeout * 1000))
         return ExecuteResponse(
             stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),
             exit_code: r.timedOut ? 124 : Int(r.exitCode ?? (128 + (r.signal ?? 9))), execution_time: Double(r.durationMs) / 1000, session_id: vm.id,
@@ -483,7 +458,7 @@ struct InstaVMRoutes: Sendable {
         let path = try Self.guestPath(form.remote_path, field: "remote_path")
         let vm = try await ownedVM(form.session_id, ctx)
         let data = form.file
-        try await engine.vms.agent(vm.id).writeFile(path, data, timeout: .seconds(300))
+        try await engine.writeFile(vm, path, data, wake: .requireRunning)
         return UploadResponse(status: "success", remote_path: path, size: data.count)
     }
 
@@ -499,17 +474,13 @@ struct InstaVMRoutes: Sendable {
         }
         let path = try Self.guestPath(form.filename, field: "filename")
         let vm = try await ownedVM(form.session_id, ctx)
-        let agent = try await engine.vms.agent(vm.id)
-        do {
-            let st = try await agent.stat(path)
-            guard st.kind == .file else {
-                throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil)
-            }
-            guard st.size <= AgentClient.apiFileLimit else { throw InstaVMError(status: .contentTooLarge, message: "\(path) is larger than 64 MiB", items: nil) }
-            let data = try await agent.readWholeFile(path, size: st.size)
-            return DownloadResponse(status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
-        } catch let e as FurcateError where e.code == .notFound {
+        let found: GuestFile
+        do { found = try await engine.readFile(vm, path, wake: .requireRunning) } catch let e as FurcateError where e.code == .notFound {
             throw InstaVMError(status: .notFound, message: "File not found: \(path)", items: nil)
+        } catch let e as FurcateError where e.code == .tooLarge {
+            throw InstaVMError(status: .contentTooLarge, message: e.message, items: nil)
         }
+        guard case .file(let data) = found else { throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil) }
+        return DownloadResponse(status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
     }
 }

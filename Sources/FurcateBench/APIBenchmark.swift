@@ -4,6 +4,7 @@ import AsyncHTTPClient
 import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import Hummingbird
 import Images
 import NIOCore
@@ -87,7 +88,7 @@ public struct APIBenchmark: Sendable {
         let keys = try KeyStore(path: env.root + "/keys.sqlite")
         let key = try keys.create(account: "bench").secret
         let emptyKey = try keys.create(account: "empty").secret
-        var engine = APIEngine(
+        var engine = Engine(
             vms: svc, images: images, builds: builds, keys: keys, owners: try OwnerStore(path: env.root + "/owners.sqlite"),
             defaultImage: env.root + "/no-default-image.tar")
         engine.defaultIdleTimeoutSeconds = 0
@@ -113,7 +114,7 @@ public struct APIBenchmark: Sendable {
         }
     }
 
-    private func measure(engine: APIEngine, port: Int, key: String, emptyKey: String, http: HTTPClient, wrk: String) async throws -> APIBenchReport {
+    private func measure(engine: Engine, port: Int, key: String, emptyKey: String, http: HTTPClient, wrk: String) async throws -> APIBenchReport {
         let svc = engine.vms
         progress("boot the parent VM")
         let parent = try await svc.create(CreateVMRequest(image: "rootfs"))

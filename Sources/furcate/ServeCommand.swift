@@ -3,6 +3,7 @@ import APIServer
 import ArgumentParser
 import Foundation
 import FurcateCore
+import FurcateEngine
 import Logging
 import ServiceLifecycle
 import VMService
@@ -65,7 +66,7 @@ struct ServeCommand: ParsableCommand {
                     FileHandleStderr.write("furcate: created the first API key (account admin); its secret is in \(path)\n")
                 }
                 let owners = try OwnerStore(path: l.root + "/owners.sqlite")
-                var api = APIEngine(
+                var api = Engine(
                     vms: engine.vms, images: engine.images, builds: engine.builds, keys: keys, owners: owners,
                     defaultImage: l.guest + "/debian-12-systemd.tar", quotaBytes: quota)
                 api.defaultIdleTimeoutSeconds = idleTimeout

@@ -4,6 +4,7 @@ import BlockStore
 import Builds
 import Foundation
 import FurcateCore
+import FurcateEngine
 import FurcateTestSupport
 import Hummingbird
 import HummingbirdTesting
@@ -39,7 +40,7 @@ final class APIHarness: @unchecked Sendable {
     let tmp = TempDir("api")
     let store: BlockStore
     let mount: BackgroundMount
-    let engine: APIEngine
+    let engine: Engine
     let keyA: String
     let keyB: String
     var snapshot = ""
@@ -63,7 +64,7 @@ final class APIHarness: @unchecked Sendable {
         let keys = try KeyStore(path: tmp.sub("keys.sqlite"))
         keyA = try keys.create(account: "a").secret
         keyB = try keys.create(account: "b").secret
-        engine = APIEngine(
+        engine = Engine(
             vms: vms, images: images, builds: builds, keys: keys, owners: try OwnerStore(path: tmp.sub("owners.sqlite")),
             defaultImage: tmp.sub("no-default-image.tar"))
     }
@@ -120,6 +121,9 @@ func auth(_ key: String) -> HTTPFields {
                 // Fields not honoured yet are refused, not ignored.
                 let ports = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
                 #expect(ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: ports.body))")
+                // A VmSpec whose name is not a string is refused, not built (found by schemathesis).
+                let badSpec = try await call(client, .post, "/v1/vms", h.keyA, #"{"spec":{"snapshot":null,"name":{}}}"#)
+                #expect(badSpec.status == .badRequest && (json(badSpec)["message"] as? String)?.contains("spec.name") == true, "\(String(buffer: badSpec.body))")
 
                 let created = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)"}"#)
                 #expect(created.status == .ok, "\(String(buffer: created.body))")

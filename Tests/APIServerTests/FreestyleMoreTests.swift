@@ -1,6 +1,7 @@
 import APIServer
 import AsyncHTTPClient
 import Foundation
+import FurcateEngine
 import FurcateTestSupport
 import FurcateCore
 import HTTPTypes

@@ -1,5 +1,6 @@
 import APIServer
 import Foundation
+import FurcateEngine
 import FurcateTestSupport
 import HTTPTypes
 import Hummingbird
@@ -110,7 +111,7 @@ import VMService
                 let iv = try #require(json(insta)["vm_id"] as? String, "\(String(buffer: insta.body))")
                 let got = try await client.execute(uri: "/instavm/v1/vms/\(iv)", method: .get, headers: headers)
                 #expect(json(got)["expires_at"] is String, "\(String(buffer: got.body))")
-                let restarted = APIEngine(
+                let restarted = Engine(
                     vms: h.engine.vms, images: h.engine.images, builds: h.engine.builds, keys: h.engine.keys, owners: h.engine.owners,
                     defaultImage: h.engine.defaultImage)
                 let expiry = try #require(try await restarted.policies.policy(iv)?.expiresAt)

@@ -1,27 +1,25 @@
 import Builds
 import Foundation
 import FurcateCore
-import GuestAgentProtocol
-import Hypervisor
 import Images
 import VMService
 
 /// A snapshot record with its live state: building, ready, failed, lost — from its build, or
 /// from whether its bytes still exist.
-struct ResolvedSnapshot: Sendable {
-    var record: APISnapshot
-    var state: SnapshotStateTag
+public struct ResolvedSnapshot: Sendable {
+    public var record: SnapshotRecord
+    public var state: SnapshotStateTag
     /// The VMService snapshot holding the bytes, once ready.
-    var target: String?
-    var failureReason: String?
-    var build: BuildRecord?
-    var info: SnapshotInfo?
+    public var target: String?
+    public var failureReason: String?
+    public var build: BuildRecord?
+    public var info: SnapshotInfo?
 }
 
-/// The snapshot catalogue both dialects share: records made from VM snapshots and from builds,
+/// The snapshot catalogue every dialect shares: records made from VM snapshots and from builds,
 /// resolution of an API id to usable bytes, soft deletion.
-extension APIEngine {
-    func resolve(_ s: APISnapshot) async -> ResolvedSnapshot {
+extension Engine {
+    public func resolve(_ s: SnapshotRecord) async -> ResolvedSnapshot {
         var r = ResolvedSnapshot(record: s, state: .ready, target: s.target)
         if let b = s.buildId, let build = try? await builds.record(b) {
             r.build = build
@@ -38,15 +36,8 @@ extension APIEngine {
         return r
     }
 
-    /// The caller's VM, or nil as for a missing one (a foreign or malformed id included).
-    func ownedVM(_ id: String, account: String) async throws -> VMInfo? {
-        guard (try? VMID.validateVM(id)) != nil, owners.owner(id) == account else { return nil }
-        await policies.touch(id)
-        return try? await vms.info(id)
-    }
-
     /// The caller's snapshot record (not deleted unless `deleted`), or nil as for a missing one.
-    func ownedSnapshot(_ id: String, account: String, deleted: Bool = false) async throws -> ResolvedSnapshot? {
+    public func ownedSnapshot(_ id: String, account: String, deleted: Bool = false) async throws -> ResolvedSnapshot? {
         guard id.utf8.count <= 64, let s = try owners.snapshot(id), s.account == account, deleted || !s.deleted else { return nil }
         return await resolve(s)
     }
@@ -55,8 +46,8 @@ extension APIEngine {
     /// one recorded as everyone's (`*`, the default image). Marks the snapshot used (LRU).
     /// - Throws: `.notFound` for a missing or foreign id, `.invalidState` while it builds or
     ///   when it failed.
-    func usableSnapshot(_ id: String, account: String) async throws -> String {
-        if (try? VMID.validateSnapshot(id)) != nil, owners.owner(id) == "*", try owners.snapshot(id) == nil { return id }
+    public func usableSnapshot(_ id: String, account: String) async throws -> String {
+        if (try? VMID.validateSnapshot(id)) != nil, owners.owner(id) == Account.everyone, try owners.snapshot(id) == nil { return id }
         guard let r = try await ownedSnapshot(id, account: account) else {
             throw FurcateError(.notFound, "no snapshot \(id.prefix(64))")
         }
@@ -71,22 +62,25 @@ extension APIEngine {
 
     /// Records a snapshot taken of a VM for `account`.
     @discardableResult
-    public func recordVMSnapshot(_ info: SnapshotInfo, account: String, name: String? = nil) throws -> APISnapshot {
-        var s = APISnapshot(id: info.id, account: account, target: info.id, sourceVmId: info.vmID)
+    public func recordVMSnapshot(
+        _ info: SnapshotInfo, account: String, name: String? = nil, configure: (inout SnapshotRecord) -> Void = { _ in }
+    ) throws -> SnapshotRecord {
+        var s = SnapshotRecord(id: info.id, account: account, target: info.id, sourceVmId: info.vmID)
         s.name = name
         s.vcpus = info.vcpus
         s.memoryMiB = info.memoryMiB
+        configure(&s)
         try owners.saveSnapshot(s)
         return s
     }
 
     /// Starts a build for `account` and records the snapshot it will produce (state building).
-    func startSnapshotBuild(
-        _ recipe: BuildRecipe, account: String, credentials: RegistryCredentials? = nil, configure: (inout APISnapshot) -> Void
-    ) async throws -> APISnapshot {
+    public func startSnapshotBuild(
+        _ recipe: BuildRecipe, account: String, credentials: RegistryCredentials? = nil, configure: (inout SnapshotRecord) -> Void
+    ) async throws -> SnapshotRecord {
         let build = try await builds.start(recipe, account: account, credentials: credentials)
         try owners.set(build.buildId, account: account)
-        var s = APISnapshot(id: VMID.newSnapshot(), account: account, buildId: build.buildId)
+        var s = SnapshotRecord(id: VMID.newSnapshot(), account: account, buildId: build.buildId)
         s.vcpus = recipe.vcpus
         s.memoryMiB = recipe.memoryMiB
         configure(&s)
@@ -95,7 +89,7 @@ extension APIEngine {
     }
 
     /// Replaces every `.snapshot` base in a recipe by the bytes the caller's API id names.
-    func resolveBases(_ recipe: BuildRecipe, account: String) async throws -> BuildRecipe {
+    public func resolveBases(_ recipe: BuildRecipe, account: String) async throws -> BuildRecipe {
         var r = recipe
         switch recipe.base {
         case .snapshot(let id): r.base = .snapshot(try await usableSnapshot(id, account: account))
@@ -108,7 +102,7 @@ extension APIEngine {
     /// Soft-deletes a snapshot: the record stays (deleted), the bytes are freed unless another
     /// live record or a VM still uses them.
     /// - Throws: `.invalidState` when it is already deleted.
-    func deleteSnapshot(_ s: APISnapshot) async throws {
+    public func deleteSnapshot(_ s: SnapshotRecord) async throws {
         guard !s.deleted else { throw FurcateError(.invalidState, "snapshot \(s.id) is already deleted") }
         var d = s
         d.deleted = true

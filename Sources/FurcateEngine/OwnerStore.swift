@@ -5,20 +5,68 @@ import Synchronization
 
 /// How long a snapshot is kept (Freestyle's SnapshotPersistence): `persistent` until deleted;
 /// `sticky` ones (priority 0–10) are the first evicted, least recently used first, when an
-/// account's snapshots pass its storage quota.
-public struct SnapshotPersistence: Codable, Sendable, Equatable {
-    public var type: String
-    public var priority: Int?
+/// account's snapshots pass its storage quota. Encoded as the document has it:
+/// `{"type": "sticky", "priority": 5}`.
+public enum SnapshotPersistence: Codable, Sendable, Equatable {
+    case persistent
+    case sticky(priority: Int)
 
-    public static let persistent = SnapshotPersistence(type: "persistent", priority: nil)
-    public static let sticky = SnapshotPersistence(type: "sticky", priority: 5)
+    /// A sticky snapshot's default priority.
+    public static let sticky = SnapshotPersistence.sticky(priority: 5)
+
+    /// An eviction candidate's priority (lower goes first); nil for a persistent snapshot.
+    public var stickyPriority: Int? {
+        if case .sticky(let p) = self { return p }
+        return nil
+    }
+
+    private enum Keys: String, CodingKey { case type, priority }
+
+    /// - Throws: `.invalidArgument` naming the field for an unknown type or a priority out of 0–10.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: Keys.self)
+        let type = try c.decode(String.self, forKey: .type)
+        switch type {
+        case "persistent": self = .persistent
+        case "sticky":
+            let priority = try c.decodeIfPresent(Int.self, forKey: .priority) ?? 5
+            guard (0...10).contains(priority) else {
+                throw FurcateError(.invalidArgument, "persistence.priority must be an integer from 0 to 10")
+            }
+            self = .sticky(priority: priority)
+        default:
+            throw FurcateError(.invalidArgument, "persistence.type must be sticky or persistent, not '\(type.prefix(40))'")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: Keys.self)
+        switch self {
+        case .persistent: try c.encode("persistent", forKey: .type)
+        case .sticky(let p):
+            try c.encode("sticky", forKey: .type)
+            try c.encode(p, forKey: .priority)
+        }
+    }
 }
 
-/// A snapshot as the API knows it: who owns it, its name and persistence, and where its bytes
-/// are — a VMService snapshot (`target`), directly or once its build (`buildId`) succeeds.
-/// Builds may share a target (template-hash cache), so deleting an API snapshot frees the
+/// Whose a snapshot is, as InstaVM sorts them: the caller's own, or one it keeps as a base.
+public enum SnapshotKind: String, Codable, Sendable {
+    case user
+    case system
+}
+
+/// Account names the engine gives a meaning.
+public enum Account {
+    /// The owner of what every account may use: the default image's snapshot.
+    public static let everyone = "*"
+}
+
+/// A snapshot as an account knows it: who owns it, its name and persistence, and where its
+/// bytes are — a VMService snapshot (`target`), directly or once its build (`buildId`)
+/// succeeds. Builds may share a target (template-hash cache), so deleting a record frees the
 /// bytes only when no other live record points at them.
-public struct APISnapshot: Codable, Sendable {
+public struct SnapshotRecord: Codable, Sendable {
     public var id: String
     public var account: String
     public var name: String?
@@ -29,8 +77,8 @@ public struct APISnapshot: Codable, Sendable {
     public var ociImage: String?
     public var vcpus: Int?
     public var memoryMiB: Int?
-    /// InstaVM's `type`: user or system.
-    public var kind: String?
+    /// InstaVM's `type` (nil: user).
+    public var kind: SnapshotKind?
     public var persistence: SnapshotPersistence
     public var deleted: Bool
     public var createdAt: Double
@@ -53,7 +101,7 @@ public struct APISnapshot: Codable, Sendable {
 }
 
 /// Who owns what (`owners.sqlite`): the owning account of every VM, snapshot and build, and
-/// the API's snapshot records. Another account's resource is answered exactly as a missing one.
+/// the accounts' snapshot records. Another account's resource is answered exactly as a missing one.
 public final class OwnerStore: Sendable {
     private let db: RecordDatabase
     private static let table = RecordTable("owners")
@@ -114,7 +162,7 @@ public final class OwnerStore: Sendable {
     }
 
     /// Records a snapshot (and its owner).
-    public func saveSnapshot(_ s: APISnapshot) throws {
+    public func saveSnapshot(_ s: SnapshotRecord) throws {
         try db.save(Self.snapshotTable, key: s.id, s)
         try set(s.id, account: s.account)
     }
@@ -125,28 +173,12 @@ public final class OwnerStore: Sendable {
         try remove(id)
     }
 
-    public func snapshot(_ id: String) throws -> APISnapshot? { try db.get(Self.snapshotTable, key: id, as: APISnapshot.self) }
+    public func snapshot(_ id: String) throws -> SnapshotRecord? { try db.get(Self.snapshotTable, key: id, as: SnapshotRecord.self) }
 
     func savePolicy(_ id: String, _ p: VMPolicy) throws { try db.save(Self.policyTable, key: id, p) }
     func allPolicies() throws -> [String: VMPolicy] { Dictionary(try db.allKeyed(Self.policyTable, as: VMPolicy.self)) { a, _ in a } }
     func removePolicy(_ id: String) throws { try db.delete(Self.policyTable, key: id) }
 
     /// Every snapshot record, oldest first.
-    public func snapshots() throws -> [APISnapshot] { try db.all(Self.snapshotTable) }
-}
-
-/// A JSON integer from `JSONSerialization`: not a boolean (Foundation answers `true as? Int`
-/// with 1) and not a fraction.
-func jsonInteger(_ v: Any?) -> Int? {
-    guard let n = v as? NSNumber else { return nil }
-    switch String(cString: n.objCType) {
-    case "c", "d", "f": return nil
-    default: return n.intValue
-    }
-}
-
-/// A JSON boolean from `JSONSerialization` (not the numbers 0 and 1).
-func jsonBool(_ v: Any?) -> Bool? {
-    guard let n = v as? NSNumber, String(cString: n.objCType) == "c" else { return nil }
-    return n.boolValue
+    public func snapshots() throws -> [SnapshotRecord] { try db.all(Self.snapshotTable) }
 }

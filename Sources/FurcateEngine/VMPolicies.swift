@@ -1,6 +1,5 @@
 import Foundation
 import FurcateCore
-import Hypervisor
 import Logging
 import ServiceLifecycle
 import VMService
@@ -8,27 +7,78 @@ import VMService
 /// How long a VM is kept (Freestyle's VmPersistence): `persistent` until deleted; `sticky`
 /// (priority 0–10, default 5) may be deleted — lowest priority, least recently used first —
 /// when its account passes its storage quota, but only while it is not running; `ephemeral`
-/// is deleted when its idle timeout passes or once stopped (see `deleteEvent`).
-public struct VMPersistence: Codable, Sendable, Equatable {
-    public var type: String
-    public var priority: Int?
-    /// An ephemeral VM's end: `OnSuspend` (the default: deleted where it would be suspended)
-    /// or `OnStop` (suspended when idle as others are, deleted once stopped).
-    public var deleteEvent: String?
+/// is deleted when its idle timeout passes or once stopped (see `DeleteEvent`). Encoded as the
+/// document has it: `{"type": "ephemeral", "deleteEvent": "OnStop"}`.
+public enum VMPersistence: Codable, Sendable, Equatable {
+    case persistent
+    case sticky(priority: Int)
+    /// `deleteEvent` as given (nil: the default, `OnSuspend`).
+    case ephemeral(deleteEvent: DeleteEvent?)
 
-    public init(type: String, priority: Int? = nil, deleteEvent: String? = nil) {
-        self.type = type
-        self.priority = priority
-        self.deleteEvent = deleteEvent
+    /// An ephemeral VM's end.
+    public enum DeleteEvent: String, Codable, Sendable {
+        /// Deleted where it would be suspended (the default).
+        case onSuspend = "OnSuspend"
+        /// Suspended when idle as others are; deleted once stopped.
+        case onStop = "OnStop"
     }
 
-    public static let sticky = VMPersistence(type: "sticky", priority: 5)
-    public static let persistent = VMPersistence(type: "persistent")
-    var deletedOnStop: Bool { type == "ephemeral" && deleteEvent == "OnStop" }
-    var deletedOnSuspend: Bool { type == "ephemeral" && deleteEvent != "OnStop" }
+    /// A sticky VM's default priority.
+    public static let sticky = VMPersistence.sticky(priority: 5)
+
+    /// An eviction candidate's priority (lower goes first); nil unless sticky.
+    public var stickyPriority: Int? {
+        if case .sticky(let p) = self { return p }
+        return nil
+    }
+
+    var deletedOnStop: Bool { self == .ephemeral(deleteEvent: .onStop) }
+    var deletedOnSuspend: Bool {
+        if case .ephemeral(let e) = self { return e != .onStop }
+        return false
+    }
+
+    private enum Keys: String, CodingKey { case type, priority, deleteEvent }
+
+    /// - Throws: `.invalidArgument` naming the field for an unknown type, a priority out of
+    ///   0–10 or an unknown delete event.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: Keys.self)
+        let type = try c.decode(String.self, forKey: .type)
+        switch type {
+        case "persistent": self = .persistent
+        case "sticky":
+            let priority = try c.decodeIfPresent(Int.self, forKey: .priority) ?? 5
+            guard (0...10).contains(priority) else {
+                throw FurcateError(.invalidArgument, "persistence.priority must be an integer from 0 to 10")
+            }
+            self = .sticky(priority: priority)
+        case "ephemeral":
+            let raw = try c.decodeIfPresent(String.self, forKey: .deleteEvent)
+            guard raw == nil || DeleteEvent(rawValue: raw ?? "") != nil else {
+                throw FurcateError(.invalidArgument, "persistence.deleteEvent must be OnStop or OnSuspend")
+            }
+            self = .ephemeral(deleteEvent: raw.flatMap(DeleteEvent.init(rawValue:)))
+        default:
+            throw FurcateError(.invalidArgument, "persistence.type must be sticky, ephemeral or persistent, not '\(type.prefix(40))'")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: Keys.self)
+        switch self {
+        case .persistent: try c.encode("persistent", forKey: .type)
+        case .sticky(let p):
+            try c.encode("sticky", forKey: .type)
+            try c.encode(p, forKey: .priority)
+        case .ephemeral(let e):
+            try c.encode("ephemeral", forKey: .type)
+            try c.encodeIfPresent(e, forKey: .deleteEvent)
+        }
+    }
 }
 
-/// What the API keeps about a VM beyond the engine's record, persisted with it.
+/// What the engine keeps about an account's VM beyond VMService's record, persisted with it.
 public struct VMPolicy: Codable, Sendable, Equatable {
     public var persistence: VMPersistence
     /// Seconds without API activity after which a running VM is suspended (ephemeral ones are
@@ -54,7 +104,7 @@ public enum PolicyAction: Sendable, Equatable {
     case evictedSnapshot(String, account: String)
 }
 
-/// The API's VM policies: lifetimes, idle suspension and storage quotas. The rules are
+/// The engine's VM policies: lifetimes, idle suspension and storage quotas. The rules are
 /// persisted (`vm_policies` in the owners' database); activity — the last API request that touched
 /// a VM, and requests still in flight — lives in this process (a restart counts as activity).
 /// `tick` applies the rules once; `PolicyService` calls it every few seconds under
@@ -68,7 +118,7 @@ public actor VMPolicies {
     /// Bytes each account may keep in VMs and snapshots before sticky ones are evicted; nil:
     /// no quota.
     public var quotaBytes: UInt64?
-    let logger = Logger(label: "furcate.api.policies")
+    let logger = Logger(label: "furcate.engine.policies")
 
     public init(owners: OwnerStore, quotaBytes: UInt64? = nil) {
         self.owners = owners
@@ -122,7 +172,7 @@ public actor VMPolicies {
 
     /// Applies every rule once, at `now` (Unix seconds): lifetimes, idle timeouts, quotas.
     @discardableResult
-    public func tick(engine: APIEngine, now: Double = Date().timeIntervalSince1970) async -> [PolicyAction] {
+    public func tick(engine: Engine, now: Double = Date().timeIntervalSince1970) async -> [PolicyAction] {
         var done: [PolicyAction] = []
         let vms = await engine.vms.list()
         for vm in vms {
@@ -156,7 +206,7 @@ public actor VMPolicies {
     /// Something an account keeps in the store, as the quota sees it.
     private struct Held {
         var vm: String?
-        var snapshot: APISnapshot?
+        var snapshot: SnapshotRecord?
         var bytes: UInt64
         var evictable: Bool
         var priority: Int
@@ -167,14 +217,14 @@ public actor VMPolicies {
     /// recently used — while an account holds more than `quota` bytes. Bytes are counted per
     /// VM and snapshot as their files hold them (a fork counts its whole disk), each snapshot's
     /// bytes once however many records name them.
-    private func enforce(quota: UInt64, engine: APIEngine) async -> [PolicyAction] {
+    private func enforce(quota: UInt64, engine: Engine) async -> [PolicyAction] {
         var held: [String: [Held]] = [:]
         for vm in await engine.vms.list() {
             guard let p = try? policy(vm.id), let account = engine.owners.owner(vm.id) else { continue }
             let bytes = (try? await engine.vms.vmStoredBytes(vm.id)) ?? 0
             let idle = vm.state == .suspended || vm.state == .stopped || vm.state == .lost
             held[account, default: []].append(
-                Held(vm: vm.id, bytes: bytes, evictable: p.persistence.type == "sticky" && idle, priority: p.persistence.priority ?? 5,
+                Held(vm: vm.id, bytes: bytes, evictable: p.persistence.stickyPriority != nil && idle, priority: p.persistence.stickyPriority ?? 5,
                     lastUsed: lastActivity[vm.id] ?? vm.createdAt))
         }
         var counted: Set<String> = []
@@ -183,7 +233,7 @@ public actor VMPolicies {
             guard r.state == .ready, let target = r.target, counted.insert(target).inserted else { continue }
             let bytes = (try? await engine.vms.snapshotStoredBytes(target)) ?? 0
             held[s.account, default: []].append(
-                Held(snapshot: s, bytes: bytes, evictable: s.persistence.type == "sticky", priority: s.persistence.priority ?? 5,
+                Held(snapshot: s, bytes: bytes, evictable: s.persistence.stickyPriority != nil, priority: s.persistence.stickyPriority ?? 5,
                     lastUsed: s.lastUsedAt ?? s.createdAt))
         }
         var done: [PolicyAction] = []
@@ -216,10 +266,10 @@ public actor VMPolicies {
 
 /// Runs `VMPolicies.tick` every `interval` until the service group shuts down.
 public struct PolicyService: Service {
-    let engine: APIEngine
+    let engine: Engine
     let interval: Duration
 
-    public init(engine: APIEngine, interval: Duration = .seconds(5)) {
+    public init(engine: Engine, interval: Duration = .seconds(5)) {
         self.engine = engine
         self.interval = interval
     }
@@ -229,24 +279,5 @@ public struct PolicyService: Service {
             await engine.policies.tick(engine: engine)
             try? await Task.sleep(for: interval)
         }
-    }
-}
-
-extension APIEngine {
-    /// Deletes a VM with everything the API kept about it.
-    func forgetVM(_ id: String) async throws {
-        try await vms.delete(id)
-        try owners.remove(id)
-        try await policies.remove(id)
-    }
-
-    /// The guest agent of a VM a request needs running: a suspended VM is resumed first (as
-    /// after an idle suspension); any other state that is not running is `VM_NOT_RUNNING`.
-    func wakeAgent(_ vm: VMInfo) async throws -> AgentClient {
-        if vm.state == .suspended { _ = try await vms.resume(vm.id) } else if vm.state != .running && vm.state != .starting {
-            throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running")
-        }
-        await policies.touch(vm.id)
-        return try await vms.agent(vm.id)
     }
 }
