@@ -124,7 +124,8 @@ let package = Package(
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            resources: [.embedInCode("Resources/openapi.json")]
         ),
         // System benchmarks behind `furcate bench`, each with a same-run baseline.
         .target(

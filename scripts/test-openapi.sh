@@ -8,6 +8,9 @@
 # layer-snapshot that's since been cleaned up"), with `deleted: true`. Operations left out: wait_vm waits (up to an hour)
 # for a running VM to exit, and stats_stream and watch_files stream until the client leaves —
 # each example would cost the whole request timeout (the Swift tests drive all three).
+# Requests may take minutes: a create whose contents are built (apt packages, with no network
+# in the guest here) waits for its build; the request timeout is 300 s, not the default 120 s
+# (a loaded 2-core runner passed 120 s once).
 # Usage: scripts/test-openapi.sh PATH/TO/furcate
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +45,8 @@ cat >"$work/schemathesis.toml" <<'EOF'
 include-operation-id = "get_snapshot"
 checks.use_after_free.enabled = false
 EOF
-"$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" -H "Authorization: Bearer $key" \
-    --seed 20261124 -n 10 --max-time 240 --workers 1 --request-timeout 120 \
+"$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" -H "Authorization: Bearer $key" -H "X-API-Key: $key" \
+    --seed 20261124 -n 10 --max-time 600 --workers 1 --request-timeout 300 \
     --exclude-checks positive_data_acceptance --exclude-operation-id wait_vm --exclude-operation-id stats_stream --exclude-operation-id watch_files \
     --output-truncate false || status=$?
 if [ "$status" != 0 ] || ! kill -0 "$serve" 2>/dev/null; then

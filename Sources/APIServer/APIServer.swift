@@ -65,21 +65,18 @@ public struct APIError: HTTPResponseError {
     }
 }
 
-/// API keys on every route — `Authorization: Bearer` on both dialects, `X-API-Key` on the
-/// InstaVM one — and errors in the dialect's shape: Freestyle `{error, message}`, InstaVM
-/// (FastAPI) `{detail}`.
+/// API keys on every route — `Authorization: Bearer` on every dialect, plus the dialect's own
+/// key headers (`X-API-Key` on InstaVM's) — and errors in the dialect's shape: Freestyle
+/// `{error, message}`, InstaVM (FastAPI) `{detail}`.
 struct AuthAndErrors: RouterMiddleware {
     typealias Context = APIContext
     let keys: KeyStore
     let routes: RouteMethods
-    static let instavmPrefix = "/instavm/"
-    /// The one route that authenticates itself: the InstaVM SDK sends its key in the body.
-    static let sessionRoute = "/instavm/v1/sessions/session"
     /// The OpenAPI document is public.
     static let documentRoute = "/openapi.json"
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
-        let instavm = request.uri.path.hasPrefix(Self.instavmPrefix)
+        let dialect = Dialects.of(request.uri.path)
         do {
             if request.uri.path == Self.documentRoute { return try await next(request, context) }
             var context = context
@@ -91,26 +88,23 @@ struct AuthAndErrors: RouterMiddleware {
                 }
                 secrets.append(String(header.dropFirst(7)))
             }
-            if instavm, let k = request.headers[HTTPField.Name("X-API-Key")!] { secrets.append(k) }
+            for name in dialect.keyHeaders { if let k = request.headers[name] { secrets.append(k) } }
             for secret in secrets {
                 guard let key = try keys.authenticate(secret), context.key == nil || context.key == key else {
                     throw APIError(.unauthorized, "UNAUTHORIZED", "the API key is not valid (furcate keys create makes one)")
                 }
                 context.key = key
             }
-            guard context.key != nil || (instavm && request.uri.path == Self.sessionRoute) else {
-                throw APIError(
-                    .unauthorized, "UNAUTHORIZED",
-                    instavm ? "give an API key as 'X-API-Key: fk_…' (furcate keys create)" : "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)")
+            guard context.key != nil || dialect.selfAuthenticating.contains(request.uri.path) else {
+                throw APIError(.unauthorized, "UNAUTHORIZED", dialect.missingKeyHint)
             }
             return try await next(request, context)
         } catch let e as FurcateError {
-            throw instavm ? InstaVMError.from(APIError.from(e)) : APIError.from(e)
+            throw dialect.render(APIError.from(e))
         } catch let e as DecodingError {
-            let api = APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)")
-            throw instavm ? InstaVMError.from(api) : api
-        } catch let e as APIError where instavm {
-            throw InstaVMError.from(e)
+            throw dialect.render(APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)"))
+        } catch let e as APIError {
+            throw dialect.render(e)
         } catch let e as HTTPError where e.status == .notFound && routes.hasPath(request.uri.path) {
             // The path exists with other methods: 405 with Allow, as HTTP says.
             let allowed = routes.allowed(request.uri.path)
@@ -118,27 +112,25 @@ struct AuthAndErrors: RouterMiddleware {
                 .methodNotAllowed, "METHOD_NOT_ALLOWED",
                 "\(request.method) is not allowed on \(request.uri.path.prefix(200)); allowed: \(allowed.joined(separator: ", "))")
             api.headers[.allow] = allowed.joined(separator: ", ")
-            throw instavm ? InstaVMError.from(api) : api
+            throw dialect.render(api)
         } catch let e as HTTPError {
             // Hummingbird's own errors (a body that is not JSON, no such route) in the dialect's shape.
             let code = e.status == .notFound ? "NOT_FOUND" : e.status.code == 400 ? "BAD_REQUEST" : e.status.reasonPhrase.uppercased().replacingOccurrences(of: " ", with: "_")
-            let api = APIError(e.status, code, e.body ?? e.status.reasonPhrase)
-            throw instavm ? InstaVMError.from(api) : api
+            throw dialect.render(APIError(e.status, code, e.body ?? e.status.reasonPhrase))
         }
     }
 }
 
-/// Counts a request on a VM (`/v1/vms/{id}/…` in either dialect, by its owner) as the VM's
+/// Counts a request on a VM (the VM its dialect's path names, by its owner) as the VM's
 /// activity while it runs: an idle timeout waits for every request on the VM to end.
 struct VMActivity: RouterMiddleware {
     typealias Context = APIContext
     let engine: Engine
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
-        let parts = request.uri.path.split(separator: "/")
-        let at = parts.first == "instavm" ? 1 : 0
-        guard parts.count > at + 2, parts[at] == "v1", parts[at + 1] == "vms" else { return try await next(request, context) }
-        return try await engine.duringRequest(on: String(parts[at + 2]), account: context.account) { try await next(request, context) }
+        let path = request.uri.path
+        guard let id = Dialects.of(path).vmID(in: path.split(separator: "/")) else { return try await next(request, context) }
+        return try await engine.duringRequest(on: String(id), account: context.account) { try await next(request, context) }
     }
 }
 
@@ -187,6 +179,9 @@ final class RouteMethods: Sendable {
 }
 
 public enum APIServer {
+    /// The OpenAPI document served at `/openapi.json`.
+    public static var openAPIDocument: Data { Data(OpenAPIDocument.json.utf8) }
+
     /// The router with every route the API serves.
     public static func router(_ engine: Engine) -> Router<APIContext> {
         let router = Router(context: APIContext.self)
@@ -198,8 +193,7 @@ public enum APIServer {
             headers[.contentType] = "application/json"
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: OpenAPIDocument.json)))
         }
-        FreestyleRoutes(engine: engine).register(on: router.group("v1"))
-        InstaVMRoutes(engine: engine).register(on: router.group("instavm"))
+        for dialect in Dialects.all { dialect.init(engine: engine).register(on: router.group(RouterPath(dialect.prefix))) }
         methods.set(router.routes.map { (path: $0.path.components, method: $0.method) })
         return router
     }
