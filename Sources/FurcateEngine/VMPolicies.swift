@@ -38,21 +38,20 @@ public enum VMPersistence: Codable, Sendable, Equatable {
         return false
     }
 
-    private enum Keys: String, CodingKey { case type, priority, deleteEvent }
+    private enum Keys: String, CodingKey { case type, deleteEvent }
 
+    /// `persistent` and `sticky` read and write as a snapshot's persistence does.
     /// - Throws: `.invalidArgument` naming the field for an unknown type, a priority out of
     ///   0–10 or an unknown delete event.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: Keys.self)
         let type = try c.decode(String.self, forKey: .type)
         switch type {
-        case "persistent": self = .persistent
-        case "sticky":
-            let priority = try c.decodeIfPresent(Int.self, forKey: .priority) ?? 5
-            guard (0...10).contains(priority) else {
-                throw FurcateError(.invalidArgument, "persistence.priority must be an integer from 0 to 10")
+        case "persistent", "sticky":
+            switch try SnapshotPersistence(from: decoder) {
+            case .persistent: self = .persistent
+            case .sticky(let p): self = .sticky(priority: p)
             }
-            self = .sticky(priority: priority)
         case "ephemeral":
             let raw = try c.decodeIfPresent(String.self, forKey: .deleteEvent)
             guard raw == nil || DeleteEvent(rawValue: raw ?? "") != nil else {
@@ -65,13 +64,11 @@ public enum VMPersistence: Codable, Sendable, Equatable {
     }
 
     public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: Keys.self)
         switch self {
-        case .persistent: try c.encode("persistent", forKey: .type)
-        case .sticky(let p):
-            try c.encode("sticky", forKey: .type)
-            try c.encode(p, forKey: .priority)
+        case .persistent: try SnapshotPersistence.persistent.encode(to: encoder)
+        case .sticky(let p): try SnapshotPersistence.sticky(priority: p).encode(to: encoder)
         case .ephemeral(let e):
+            var c = encoder.container(keyedBy: Keys.self)
             try c.encode("ephemeral", forKey: .type)
             try c.encodeIfPresent(e, forKey: .deleteEvent)
         }
