@@ -117,7 +117,7 @@ let package = Package(
         .target(
             name: "APIServer",
             dependencies: [
-                "FurcateCore", "FurcateEngine", "Images", "VMService", "Builds", "Accounts", "GuestAgentProtocol", "Hypervisor",
+                "FurcateCore", "FurcateEngine", "Images", "VMService", "Builds", "Accounts", "GuestAgentProtocol",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "MultipartKit", package: "multipart-kit"),

@@ -52,6 +52,7 @@ public struct APIError: HTTPResponseError {
         switch e.code {
         case .notFound: return APIError(.notFound, "NOT_FOUND", e.message)
         case .invalidArgument: return APIError(.badRequest, "BAD_REQUEST", e.message)
+        case .buildFailed: return APIError(.badRequest, "BUILD_FAILED", e.message)
         case .invalidState: return APIError(.conflict, "INVALID_STATE", e.message)
         case .vmNotRunning: return APIError(.badRequest, "VM_NOT_RUNNING", e.message)
         case .busy: return APIError(.conflict, "BUSY", e.message)
@@ -101,6 +102,8 @@ struct AuthAndErrors: RouterMiddleware {
             return try await next(request, context)
         } catch let e as FurcateError {
             throw dialect.render(APIError.from(e))
+        } catch let p as FieldProblem {
+            throw dialect.render(p)
         } catch let e as DecodingError {
             throw dialect.render(APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)"))
         } catch let e as APIError {

@@ -18,6 +18,8 @@ protocol Dialect: Sendable {
     static var missingKeyHint: String { get }
     /// An error in this dialect's shape (status and body).
     static func render(_ e: APIError) -> any Error
+    /// A request body's problem (`RequestBodies.decode`) in this dialect's shape.
+    static func render(_ p: FieldProblem) -> any Error
     /// The VM id a request path (split on `/`) names, if it names one: its activity counts.
     static func vmID(in parts: [Substring]) -> Substring?
 
@@ -50,6 +52,13 @@ extension FreestyleRoutes: Dialect {
     static let prefix = "v1"
     static let missingKeyHint = "give an API key as 'Authorization: Bearer fk_…' (furcate keys create)"
     static func render(_ e: APIError) -> any Error { e }
+    /// 400: `UNSUPPORTED_FIELD` for what this server does not honour, else `BAD_REQUEST`.
+    static func render(_ p: FieldProblem) -> any Error {
+        switch p.kind {
+        case .unsupported, .notSupported: APIError(.badRequest, "UNSUPPORTED_FIELD", p.message)
+        default: APIError(.badRequest, "BAD_REQUEST", p.message)
+        }
+    }
     static func vmID(in parts: [Substring]) -> Substring? { vmID(in: parts, vmsAt: 1) }
 }
 
@@ -60,5 +69,33 @@ extension InstaVMRoutes: Dialect {
     static let selfAuthenticating: Set<String> = ["/instavm/v1/sessions/session"]
     static let missingKeyHint = "give an API key as 'X-API-Key: fk_…' (furcate keys create)"
     static func render(_ e: APIError) -> any Error { InstaVMError.from(e) }
+    /// 422 with one item, as FastAPI (pydantic) words it.
+    static func render(_ p: FieldProblem) -> any Error {
+        let loc = ["body"] + p.path
+        switch p.kind {
+        case .notAnObject: return InstaVMError.invalid(loc, p.message, type: "json_invalid")
+        case .missing: return InstaVMError.invalid(loc, "Field required", type: "missing")
+        case .wrongType(let t):
+            let (name, type) =
+                switch t {
+                case .string: ("a valid string", "string_type")
+                case .integer: ("a valid integer", "int_type")
+                case .boolean: ("a valid boolean", "bool_type")
+                case .number: ("a valid number", "float_type")
+                case .object: ("a valid dictionary", "dict_type")
+                case .array: ("a valid list", "list_type")
+                }
+            return InstaVMError.invalid(loc, "Input should be \(name)", type: type)
+        case .unsupported(let fields, _):
+            return InstaVMError.invalid(loc + [fields[0]], "\(fields[0].prefix(60)) is not supported by this server", type: "extra_forbidden")
+        case .notSupported(let why): return InstaVMError.invalid(loc, why, type: "unsupported")
+        case .outOfRange(let r, let v):
+            return v < r.lowerBound
+                ? InstaVMError.invalid(loc, "Input should be greater than or equal to \(r.lowerBound)", type: "greater_than_equal")
+                : InstaVMError.invalid(loc, "Input should be less than or equal to \(r.upperBound)", type: "less_than_equal")
+        case .tooLong(let max): return InstaVMError.invalid(loc, "String should have at most \(max) characters", type: "string_too_long")
+        case .invalid(let sentence): return InstaVMError.invalid(loc, sentence)
+        }
+    }
     static func vmID(in parts: [Substring]) -> Substring? { parts.count > 1 && parts[1] == "v1" ? vmID(in: parts, vmsAt: 2) : nil }
 }

@@ -3,7 +3,6 @@ import FurcateCore
 import FurcateEngine
 import GuestAgentProtocol
 import Hummingbird
-import Hypervisor
 
 /// Freestyle's operations inside a VM through its agent: systemd services and logs, terminals,
 /// the stats and file-watch NDJSON streams; and resize and optimize.
@@ -63,13 +62,6 @@ extension FreestyleRoutes {
         var message: String
     }
 
-    /// SystemdUnitSpec fields the agent honours (`wantedBy` only as its default); `onFailure`,
-    /// `readySignal` and `watchdogSec` are refused unless null.
-    static let unitFields: Set<String> = [
-        "name", "mode", "exec", "env", "user", "group", "workdir", "after", "requires", "enable", "timeoutSec", "deleteAfterSuccess",
-        "remainAfterExit", "restartPolicy", "wantedBy",
-    ]
-
     /// Service and terminal names as the guest takes them.
     static func guestName(_ ctx: APIContext, _ param: String, what: String) throws -> String {
         try guestName(try ctx.parameters.require(param), what: what)
@@ -89,13 +81,7 @@ extension FreestyleRoutes {
         }
         v1.post("vms/{vm_id}/systemd/services") { req, ctx in
             let a = try await agent(ctx)
-            let body = try await req.body.collect(upTo: 1 << 20)
-            let obj = try Self.object(body, allowed: Self.unitFields, what: "SystemdUnitSpec")
-            if let w = obj["wantedBy"], !(w is NSNull), (w as? [String]) != ["multi-user.target"] {
-                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "wantedBy can only be [\"multi-user.target\"] here")
-            }
-            let spec = try JSONDecoder().decode(ServiceSpec.self, from: Data(buffer: body))
-            if let p = spec.problem { throw APIError(.badRequest, "BAD_REQUEST", p) }
+            let spec = try RequestBodies.decode(UnitRequest.self, from: try await req.body.collect(upTo: 1 << 20)).spec
             if try await a.services().contains(where: { $0.name == spec.name }) {
                 throw APIError(.conflict, "SERVICE_ALREADY_EXISTS", "a service \(spec.name) exists; delete it first")
             }
@@ -172,16 +158,8 @@ extension FreestyleRoutes {
             // collectBody (not body.collect): the stream below watches the rest of the request
             // for the client's close, which needs the body consumed this way.
             var req = req
-            let obj = try Self.object(try await req.collectBody(upTo: 1 << 16), allowed: ["path", "recursive"], what: "WatchFilesRequest")
-            var path = "/root"
-            if let p = obj["path"] {
-                guard let s = p as? String, s.hasPrefix("/"), !s.split(separator: "/").contains(".."), s.utf8.count <= 4096 else {
-                    throw APIError(.badRequest, "FILES_BAD_REQUEST", "path must be absolute, without '..'")
-                }
-                path = s
-            }
-            if obj["recursive"] != nil, jsonBool(obj["recursive"]) == nil { throw APIError(.badRequest, "BAD_REQUEST", "recursive must be true or false") }
-            let recursive = jsonBool(obj["recursive"]) ?? true
+            let body = try RequestBodies.decode(WatchFilesRequest.self, from: try await req.collectBody(upTo: 1 << 16))
+            let (path, recursive) = (body.path ?? "/root", body.recursive ?? true)
             return try await ndjson(req, ctx, .watch(path: path, recursive: recursive)) { event in
                 guard case .file(let p, let change, let dir) = event else { return nil }
                 return ["path": p, "event": change, "isDirectory": dir, "timestamp": Date().ISO8601Format()]
@@ -189,13 +167,8 @@ extension FreestyleRoutes {
         }
         v1.post("vms/{vm_id}/resize") { req, ctx in
             let vm = try await ownedVM(ctx)
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["rootfsSizeGb", "memSizeGb", "vcpuCount"], what: "ResizeVmRequest")
-            if [obj["memSizeGb"], obj["vcpuCount"]].contains(where: { $0 != nil && !($0 is NSNull) }) {
-                throw APIError(.badRequest, "UNSUPPORTED_FIELD", "memory and vCPUs cannot change while a VM runs here; snapshot it and create a VM with the new size")
-            }
-            guard let gb = jsonInteger(obj["rootfsSizeGb"]), (1...16).contains(gb) else {
-                throw APIError(.badRequest, "BAD_REQUEST", "rootfsSizeGb must be an integer from 1 to 16")
-            }
+            let body = try RequestBodies.decode(ResizeVmRequest.self, from: try await req.body.collect(upTo: 1 << 16))
+            let gb = body.rootfsSizeGb ?? 0  // validated: present, 1 to 16
             let r = try await engine.vms.resizeDisk(vm.id, to: UInt64(gb) << 30)
             return ResizeResponse(id: vm.id, rootfsSizeGb: gb, message: "disk \(r.oldBytes >> 20) MiB → \(gb << 10) MiB; \(r.filesystem)")
         }
@@ -241,13 +214,13 @@ extension FreestyleRoutes {
         }
     }
 
-    func agent(_ ctx: APIContext) async throws -> AgentClient {
+    func agent(_ ctx: APIContext) async throws -> Guest {
         try await engine.guest(try await ownedVM(ctx), wake: .resumeSuspended)
     }
 
     /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.
     @discardableResult
-    func serviceCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> T) async throws -> T {
+    func serviceCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws -> T {
         let a = try await agent(ctx)
         do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
             throw APIError(.notFound, "SERVICE_NOT_FOUND", "no service \(name) (only services created through the API are managed)")
@@ -255,7 +228,7 @@ extension FreestyleRoutes {
     }
 
     /// A terminal call where the guest's not_found is the API's TERMINAL_NOT_FOUND.
-    func terminalCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (AgentClient) async throws -> T) async throws -> T {
+    func terminalCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws -> T {
         let a = try await agent(ctx)
         do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
             throw APIError(.notFound, "TERMINAL_NOT_FOUND", "no terminal \(name)")
@@ -268,8 +241,8 @@ extension FreestyleRoutes {
     func ndjson(
         _ req: Request, _ ctx: APIContext, _ request: AgentRequest, _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?
     ) async throws -> Response {
-        let a = try await agent(ctx)
-        let (id, items) = try a.stream(request)
+        let stream = try await agent(ctx).stream(request)
+        let items = stream.items
         var headers = HTTPFields()
         headers[.contentType] = "application/x-ndjson"
         headers[.cacheControl] = "no-store"
@@ -298,11 +271,11 @@ extension FreestyleRoutes {
                     }
                 } catch {
                     // The client went away (or the channel closed): end the guest's stream too.
-                    if !ended { try? await a.cancel(id) }
+                    if !ended { await stream.cancel() }
                     throw error
                 }
                 // Cancelled by the client's close (the stream just stops yielding) or ended.
-                if !ended { try? await a.cancel(id) }
+                if !ended { await stream.cancel() }
                 try await writer.finish(nil)
             })
     }

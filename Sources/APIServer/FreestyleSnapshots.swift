@@ -78,8 +78,7 @@ extension FreestyleRoutes {
         }
         v1.patch("vms/snapshots/{snapshot_id}") { req, ctx in
             var s = try await ownedSnapshot(ctx).record
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["name"], what: "UpdateSnapshotRequest")
-            s.name = try Self.optionalName(obj["name"])
+            s.name = try RequestBodies.decode(UpdateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20)).name
             s.updatedAt = Date().timeIntervalSince1970
             try engine.owners.saveSnapshot(s)
             return UpdateSnapshotResponse(snapshot_id: s.id, name: s.name)
@@ -98,12 +97,6 @@ extension FreestyleRoutes {
             }
             return Self.buildResponse(b)
         }
-    }
-
-    static func optionalName(_ v: Any?) throws -> String? {
-        guard let v, !(v is NSNull) else { return nil }
-        guard let n = v as? String, n.utf8.count <= 256 else { throw APIError(.badRequest, "BAD_REQUEST", "name must be a string of at most 256 bytes") }
-        return n
     }
 
     func ownedSnapshot(_ ctx: APIContext, deleted: Bool = false) async throws -> ResolvedSnapshot {
@@ -163,35 +156,15 @@ extension FreestyleRoutes {
             failedCount: count(.failed), cancelledCount: count(.cancelled), lostCount: count(.lost), deletedCount: all.filter(\.record.deleted).count)
     }
 
-    static let createSnapshotFields: Set<String> = ["name", "spec", "persistence", "dockerCredentials"]
-
     func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> CreateSnapshotResponse {
-        let body = try await req.body.collect(upTo: 8 << 20)
-        let obj = try Self.object(body, allowed: Self.createSnapshotFields, what: "CreateSnapshotRequest")
-        struct Body: Decodable {
-            var spec: FreestyleSnapshotSpec?
-            var persistence: SnapshotPersistence?
-            var dockerCredentials: DockerCredentials?
-        }
-        let b = try JSONDecoder().decode(Body.self, from: Data(buffer: body))
-        let name = try Self.optionalName(obj["name"])
+        let b = try RequestBodies.decode(CreateSnapshotRequest.self, from: try await req.body.collect(upTo: 8 << 20))
+        guard let spec = b.spec else { throw FieldProblem(["spec"], .missing) }
         let persistence = b.persistence ?? .persistent
-        let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.defaultImage))
-        guard let spec = b.spec else { throw APIError(.badRequest, "BAD_REQUEST", "give a spec (the deprecated template is not supported)") }
-        let recipe = try await engine.resolveBases(try spec.recipe(defaultBase: defaultBase), account: ctx.account)
-        let s = try await engine.startSnapshotBuild(recipe, account: ctx.account, credentials: b.dockerCredentials?.registryCredentials) {
-            $0.name = name
+        let s = try await engine.startSnapshotBuild(try await engine.recipe(spec, account: ctx.account), account: ctx.account, credentials: b.dockerCredentials?.registryCredentials) {
+            $0.name = b.name
             $0.persistence = persistence
             $0.idleTimeoutSeconds = spec.idleTimeoutSeconds
         }
         return CreateSnapshotResponse(snapshotId: s.id)
-    }
-
-    /// Freestyle's DockerCredentials: all three fields, strings.
-    struct DockerCredentials: Decodable {
-        var registry: String
-        var username: String
-        var password: String
-        var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
     }
 }

@@ -121,8 +121,8 @@ struct InstaVMRoutes: Sendable {
         g.post("upload") { req, ctx in try await upload(req, ctx) }
         g.post("download") { req, ctx in try await download(req, ctx) }
         g.post("kill") { req, ctx in
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16))
-            let vm = try await ownedVM(try Self.string(obj, "session_id", required: true)!, ctx)
+            let body = try RequestBodies.decode(SessionRequest.self, from: try await req.body.collect(upTo: 1 << 16))
+            let vm = try await ownedVM(body.session_id, ctx)
             try await deleteVM(vm.id)
             return StatusResponse(status: "deleted", vm_id: vm.id)
         }
@@ -153,14 +153,14 @@ struct InstaVMRoutes: Sendable {
         }
         g.post("v1/vms/{id}/snapshot") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["name"])
-            let s = try await engine.snapshot(vm, account: ctx.account, name: try Self.string(obj, "name"), persistence: .persistent, kind: .user)
+            let body = try RequestBodies.decode(SnapshotVMRequest.self, from: try await req.body.collect(upTo: 1 << 16))
+            let s = try await engine.snapshot(vm, account: ctx.account, name: body.name, persistence: .persistent, kind: .user)
             return await info(await engine.resolve(s))
         }
         g.post("v1/vms/{id}/clone") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
-            let obj = try Self.object(try await req.body.collect(upTo: 1 << 16), allowed: ["snapshot_name"])
-            let r = try await engine.fork(vm, account: ctx.account, count: 1, snapshotName: try Self.string(obj, "snapshot_name"), snapshotKind: .user)
+            let body = try RequestBodies.decode(CloneVMRequest.self, from: try await req.body.collect(upTo: 1 << 16))
+            let r = try await engine.fork(vm, account: ctx.account, count: 1, snapshotName: body.snapshot_name, snapshotKind: .user)
             let clone = r.forks[0]
             return VMCreateResponse(vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
         }
@@ -178,52 +178,6 @@ struct InstaVMRoutes: Sendable {
     }
 
     // MARK: request helpers
-
-    /// The body as a JSON object; with `allowed`, other fields are refused (422) — except those
-    /// in `known` (the vendor's document) sent as null, which mean "unset".
-    static func object(_ body: ByteBuffer, allowed: Set<String>? = nil, known: Set<String> = []) throws -> [String: Any] {
-        guard body.readableBytes > 0 else { return [:] }
-        guard let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
-            throw InstaVMError.invalid(["body"], "the body must be a JSON object", type: "json_invalid")
-        }
-        if let allowed {
-            for k in obj.keys.sorted() where !allowed.contains(k) && !(obj[k] is NSNull && known.contains(k)) {
-                throw InstaVMError.invalid(["body", k], "\(k) is not supported by this server", type: "unsupported")
-            }
-        }
-        return obj
-    }
-
-    static func string(_ obj: [String: Any], _ key: String, required: Bool = false, max: Int = 4096) throws -> String? {
-        guard let v = obj[key], !(v is NSNull) else {
-            if required { throw InstaVMError.invalid(["body", key], "Field required", type: "missing") }
-            return nil
-        }
-        guard let s = v as? String, s.utf8.count <= max else { throw InstaVMError.invalid(["body", key], "Input should be a valid string", type: "string_type") }
-        return s
-    }
-
-    static func int(_ obj: [String: Any], _ key: String, _ range: ClosedRange<Int>) throws -> Int? {
-        guard let v = obj[key], !(v is NSNull) else { return nil }
-        guard let n = jsonInteger(v) else { throw InstaVMError.invalid(["body", key], "Input should be a valid integer", type: "int_type") }
-        guard range.contains(n) else {
-            throw InstaVMError.invalid(
-                ["body", key], "Input should be \(n < range.lowerBound ? "greater than or equal to \(range.lowerBound)" : "less than or equal to \(range.upperBound)")",
-                type: n < range.lowerBound ? "greater_than_equal" : "less_than_equal")
-        }
-        return n
-    }
-
-    static func env(_ obj: [String: Any], _ key: String) throws -> [String: String]? {
-        guard let v = obj[key], !(v is NSNull) else { return nil }
-        guard let d = v as? [String: String] else { throw InstaVMError.invalid(["body", key], "Input should be a valid dictionary of strings", type: "dict_type") }
-        for (k, value) in d {
-            guard !k.isEmpty, k.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "_" }), !k.first!.isNumber, !value.contains("\n"), !value.contains("\0") else {
-                throw InstaVMError.invalid(["body", key, k], "environment names are letters, digits and _; values have no newlines")
-            }
-        }
-        return d
-    }
 
     static func wait(_ req: Request) throws -> Bool {
         switch req.uri.queryParameters["wait"].map({ $0.lowercased() }) {
@@ -296,45 +250,14 @@ struct InstaVMRoutes: Sendable {
 
     // MARK: snapshots
 
-    static let snapshotFields: Set<String> = ["oci_image", "name", "vcpu_count", "memory_mb", "build_args", "type"]
-    static let buildArgFields: Set<String> = [
-        "extra_apt_packages", "extra_pip_packages", "extra_npm_packages", "git_clone_url", "git_clone_branch", "disk_size_gb", "envs", "post_build_cmd",
-    ]
-
     func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> EditedResponse<SnapshotInfo> {
-        let body = try await req.body.collect(upTo: 1 << 20)
-        let obj = try Self.object(body, allowed: Self.snapshotFields, known: Self.snapshotFields)
-        let image = try Self.string(obj, "oci_image", required: true, max: 512)!
-        do { _ = try ImageReference(parsing: image) } catch let e as FurcateError {
-            throw InstaVMError.invalid(["body", "oci_image"], e.message)
-        }
-        let name = try Self.string(obj, "name", max: 256)
-        let vcpus = try Self.int(obj, "vcpu_count", 1...8) ?? 2
-        let memory = try Self.int(obj, "memory_mb", 128...8192) ?? 512
-        guard let type = SnapshotKind(rawValue: try Self.string(obj, "type") ?? "user") else {
-            throw InstaVMError.invalid(["body", "type"], "String should match pattern '^(user|system)$'", type: "string_pattern_mismatch")
-        }
-        var args = InstaVMBuildArgs()
-        if let b = obj["build_args"], !(b is NSNull) {
-            guard let ba = b as? [String: Any] else { throw InstaVMError.invalid(["body", "build_args"], "Input should be a valid dictionary", type: "dict_type") }
-            for k in ba.keys.sorted() where !Self.buildArgFields.contains(k) && !(ba[k] is NSNull) {
-                throw InstaVMError.invalid(["body", "build_args", k], "\(k) is not a build argument", type: "extra_forbidden")
-            }
-            args.extraAptPackages = try Self.string(ba, "extra_apt_packages")
-            args.extraPipPackages = try Self.string(ba, "extra_pip_packages")
-            args.extraNpmPackages = try Self.string(ba, "extra_npm_packages")
-            args.gitCloneUrl = try Self.string(ba, "git_clone_url")
-            args.gitCloneBranch = try Self.string(ba, "git_clone_branch")
-            args.diskSizeGb = try Self.int(ba, "disk_size_gb", 1...16)
-            args.envs = try Self.env(ba, "envs")
-            args.postBuildCmd = try Self.string(ba, "post_build_cmd", max: 65536)
-        }
-        let recipe = args.recipe(image: image, vcpus: vcpus, memoryMiB: memory)
+        let body = try RequestBodies.decode(CreateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20))
+        let recipe = (body.build_args?.args ?? InstaVMBuildArgs()).recipe(image: body.oci_image, vcpus: body.vcpu_count ?? 2, memoryMiB: body.memory_mb ?? 512)
         do {
             let s = try await engine.startSnapshotBuild(recipe, account: ctx.account) {
-                $0.name = name
-                $0.ociImage = image
-                $0.kind = type
+                $0.name = body.name
+                $0.ociImage = body.oci_image
+                $0.kind = body.type ?? .user
             }
             return EditedResponse(status: .created, response: await info(await engine.resolve(s)))
         } catch let e as FurcateError where e.code == .invalidArgument {
@@ -344,32 +267,13 @@ struct InstaVMRoutes: Sendable {
 
     // MARK: VMs and sessions
 
-    /// VMCreateRequest's fields in the vendor's document (seed 001) and the SDK's.
-    static let vmDocumentFields: Set<String> = vmFields.union([
-        "egress_policy", "snapshot_name", "share", "custom_domain", "image_variant", "volumes", "vault_ids",
-    ])
-    static let vmFields: Set<String> = [
-        "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id", "snapshot_on_terminate", "auto_suspend", "auto_resume",
-    ]
-
     /// Creates a VM for the caller from `snapshot_id` or the default image; `env` is added to
     /// the guest's environment; the VM is deleted when its lifetime ends.
     /// A restore takes about a second, so `wait=false` is answered after it too (with the id):
     /// callers validate `wait` and call this either way.
-    func newVM(_ obj: [String: Any], _ ctx: APIContext) async throws -> VMCreateResponse {
-        let lifetime = try Self.int(obj, "vm_lifetime_seconds", 20...86_400)
-        let memory = try Self.int(obj, "memory_mb", 128...8192)
-        let vcpus = try Self.int(obj, "vcpu_count", 1...8)
-        let env = try Self.env(obj, "env")
-        if let m = obj["metadata"], !(m is NSNull), !(m is [String: Any]) { throw InstaVMError.invalid(["body", "metadata"], "Input should be a valid dictionary", type: "dict_type") }
-        for k in ["snapshot_on_terminate", "auto_suspend", "auto_resume"] where obj[k] != nil && !(obj[k] is NSNull) && jsonBool(obj[k]) == nil {
-            throw InstaVMError.invalid(["body", k], "Input should be a valid boolean", type: "bool_type")
-        }
-        if jsonBool(obj["snapshot_on_terminate"]) == true || jsonBool(obj["auto_suspend"]) == true || jsonBool(obj["auto_resume"]) == true {
-            throw InstaVMError.invalid(["body"], "snapshot_on_terminate, auto_suspend and auto_resume are not supported yet", type: "unsupported")
-        }
+    func newVM(_ new: NewVMRequest, _ ctx: APIContext) async throws -> VMCreateResponse {
+        let (lifetime, memory, vcpus, env, sid) = (new.vm_lifetime_seconds, new.memory_mb, new.vcpu_count, new.env, new.snapshot_id)
         let target: String
-        let sid = try Self.string(obj, "snapshot_id", max: 64)
         do { target = try await engine.bootable(sid.map { .snapshot($0) } ?? .defaultImage, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
             throw InstaVMError(status: .notFound, message: "Snapshot not found: \(sid?.prefix(64) ?? "")", items: nil)
         } catch let e as FurcateError where e.code == .invalidState {
@@ -388,41 +292,28 @@ struct InstaVMRoutes: Sendable {
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
-        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: Self.vmFields, known: Self.vmDocumentFields)
-        if obj["session_id"] != nil, !(obj["session_id"] is NSNull) {
-            throw InstaVMError.invalid(["body", "session_id"], "attaching a VM to an existing session is not supported; omit session_id", type: "unsupported")
-        }
+        let body = try RequestBodies.decode(CreateVMRequest.self, from: try await req.body.collect(upTo: 1 << 20))
         _ = try Self.wait(req)  // validated; see newVM
-        return try await newVM(obj, ctx)
+        return try await newVM(body.vm, ctx)
     }
 
     func startSession(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
-        let obj = try Self.object(try await req.body.collect(upTo: 1 << 20), allowed: ["api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env"])
+        let body = try RequestBodies.decode(StartSessionRequest.self, from: try await req.body.collect(upTo: 1 << 20))
         // The SDK sends its key in the body here, not in a header.
         var ctx = ctx
         if ctx.key == nil {
-            guard let secret = try Self.string(obj, "api_key", max: 256), let key = try engine.keys.authenticate(secret) else {
+            guard let secret = body.api_key, let key = try engine.keys.authenticate(secret) else {
                 throw InstaVMError(status: .unauthorized, message: "Invalid API key", items: nil)
             }
             ctx.key = key
         }
-        var rest = obj
-        rest["api_key"] = nil
-        return try await newVM(rest, ctx)
+        return try await newVM(body.vm, ctx)
     }
 
     func execute(_ req: Request, _ ctx: APIContext) async throws -> ExecuteResponse {
-        let obj = try Self.object(try await req.body.collect(upTo: 8 << 20), allowed: ["command", "session_id", "language", "timeout"])
-        let command = try Self.string(obj, "command", required: true, max: 1 << 20)!
-        let vm = try await ownedVM(try Self.string(obj, "session_id", required: true)!, ctx)
-        let timeout = try Self.int(obj, "timeout", 1...86_400) ?? 300
-        let argv: [String]
-        switch try Self.string(obj, "language")?.lowercased() {
-        case nil, "bash", "shell", "sh": argv = ["/bin/sh", "-c", command]
-        case "python", "python3": argv = ["python3", "-c", command]
-        case let l?: throw InstaVMError.invalid(["body", "language"], "language must be bash or python, not '\(l.prefix(40))'")
-        }
-        let r = try await engine.guest(vm, wake: .requireRunning).exec(ExecRequest(argv: argv, timeoutMs: timeout * 1000))
+        let body = try RequestBodies.decode(ExecuteRequest.self, from: try await req.body.collect(upTo: 8 << 20))
+        let vm = try await ownedVM(body.session_id, ctx)
+        let r = try await engine.guest(vm, wake: .requireRunning).exec(ExecRequest(argv: try body.argv, timeoutMs: (body.timeout ?? 300) * 1000))
         return ExecuteResponse(
             stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),
             exit_code: r.timedOut ? 124 : Int(r.exitCode ?? (128 + (r.signal ?? 9))), execution_time: Double(r.durationMs) / 1000, session_id: vm.id,

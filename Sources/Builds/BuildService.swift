@@ -7,11 +7,6 @@ import Images
 import Logging
 import VMService
 
-extension FurcateError.Code {
-    /// A build step failed in the build VM (its output says why).
-    public static let buildFailed = FurcateError.Code("build_failed")
-}
-
 public enum BuildState: String, Codable, Sendable {
     case pending, running, succeeded, failed
 }

@@ -102,6 +102,37 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     public let readySignalTimeoutSeconds: Int?
     public let ports: [PortMapping]?
 
+    /// Whether this layer describes contents of its own (files, users, services, packages,
+    /// repositories, a working directory), not only a base.
+    public var hasContents: Bool {
+        workdir != nil || systemd != nil || users != nil || groups != nil || additionalFiles != nil || git != nil || aptDeps != nil
+    }
+
+    /// This layer over `inner` (its `snapshot`); nil keeps its own.
+    public func over(_ inner: FreestyleSnapshotSpec?) -> FreestyleSnapshotSpec { FreestyleSnapshotSpec(self, snapshot: inner ?? snapshot) }
+
+    private init(_ o: FreestyleSnapshotSpec, snapshot: FreestyleSnapshotSpec?) {
+        self.snapshot = snapshot
+        snapshotId = o.snapshotId
+        baseImage = o.baseImage
+        rootfsSizeGb = o.rootfsSizeGb
+        memSizeGb = o.memSizeGb
+        vcpuCount = o.vcpuCount
+        workdir = o.workdir
+        systemd = o.systemd
+        users = o.users
+        groups = o.groups
+        additionalFiles = o.additionalFiles
+        git = o.git
+        aptDeps = o.aptDeps
+        discriminator = o.discriminator
+        skipCache = o.skipCache
+        ports = o.ports
+        idleTimeoutSeconds = o.idleTimeoutSeconds
+        waitForReadySignal = o.waitForReadySignal
+        readySignalTimeoutSeconds = o.readySignalTimeoutSeconds
+    }
+
     /// The recipe for this layer (and its inner layers). `defaultBase` is used when the spec
     /// names no base (Furcate's default image).
     /// - Throws: `.invalidArgument` naming the field (two bases, a bad Dockerfile, bad base64,

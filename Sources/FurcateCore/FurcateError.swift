@@ -42,6 +42,8 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         public static let invalidState = Code("invalid_state")
         /// A deadline passed before the operation finished.
         public static let timedOut = Code("timed_out")
+        /// A build ran and failed (its reason in the message).
+        public static let buildFailed = Code("build_failed")
         /// The hypervisor (QEMU) failed or refused a command.
         public static let hypervisor = Code("hypervisor")
         /// A remote service refused the credentials given (or wanted some and none were given).

@@ -21,7 +21,7 @@ extension Engine {
     /// The file at `path` (whole, up to the API's limit) or the directory's entries.
     /// - Throws: `.notFound` when nothing is there; `.tooLarge` past `AgentClient.apiFileLimit`.
     public func readFile(_ vm: VMInfo, _ path: String, wake: WakePolicy) async throws -> GuestFile {
-        let agent = try await guest(vm, wake: wake)
+        let agent = try await agentClient(vm, wake: wake)
         let st = try await agent.stat(path)
         if st.kind == .directory { return .directory(try await agent.list(path)) }
         guard st.size <= AgentClient.apiFileLimit else {
@@ -32,7 +32,7 @@ extension Engine {
 
     /// Replaces the file at `path` (its parents made as needed).
     public func writeFile(_ vm: VMInfo, _ path: String, _ data: Data, wake: WakePolicy) async throws {
-        try await guest(vm, wake: wake).writeFile(path, data, timeout: .seconds(300))
+        try await agentClient(vm, wake: wake).writeFile(path, data, timeout: .seconds(300))
     }
 
     /// Runs `command` in the named terminal (made with `/bin/sh` when it does not exist), as
@@ -46,7 +46,7 @@ extension Engine {
     public func execInTerminal(_ vm: VMInfo, terminal name: String, _ command: String, timeoutMs: Int, wake: WakePolicy) async throws
         -> TerminalExecResult
     {
-        let agent = try await guest(vm, wake: wake)
+        let agent = try await agentClient(vm, wake: wake)
         let ts = try await agent.terminals()
         if !ts.contains(where: { $0.name == name && $0.status == "running" }) {
             if ts.contains(where: { $0.name == name }) { try await agent.closeTerminal(name) }

@@ -128,10 +128,15 @@ extension Engine {
         try await policies.remove(id)
     }
 
-    /// The guest agent of a VM a request needs running; counts as the VM's activity.
+    /// The guest of a VM a request needs running; counts as the VM's activity.
     /// - Throws: `.vmNotRunning` when the VM is neither running nor starting (nor, with
     ///   `.resumeSuspended`, suspended).
-    public func guest(_ vm: VMInfo, wake: WakePolicy) async throws -> AgentClient {
+    public func guest(_ vm: VMInfo, wake: WakePolicy) async throws -> Guest {
+        Guest(agent: try await agentClient(vm, wake: wake))
+    }
+
+    /// `guest`'s agent, for the engine's own guest use cases.
+    func agentClient(_ vm: VMInfo, wake: WakePolicy) async throws -> AgentClient {
         switch (vm.state, wake) {
         case (.running, _), (.starting, _): break
         case (.suspended, .resumeSuspended): _ = try await vms.resume(vm.id)

@@ -88,6 +88,34 @@ extension Engine {
         return s
     }
 
+    /// The recipe of a Freestyle SnapshotSpec for `account`: on Furcate's default image when
+    /// it names no base, with the snapshot ids it names resolved to the caller's snapshots.
+    /// - Throws: `.invalidArgument` naming the field; `.notFound` for a snapshot not the caller's.
+    public func recipe(_ spec: FreestyleSnapshotSpec, account: String) async throws -> BuildRecipe {
+        let defaultBase = BuildRecipe.Base.recipe(BuildService.defaultImageRecipe(rootfsTarball: defaultImage))
+        return try await resolveBases(try spec.recipe(defaultBase: defaultBase), account: account)
+    }
+
+    /// Builds `recipe` for `account` and waits: the snapshot (recorded as the caller's) and the
+    /// bytes it names. A cache hit on contents the caller already has a snapshot of answers
+    /// with that snapshot (no second record).
+    /// - Throws: `.buildFailed` with the build's reason.
+    public func buildAndWait(_ recipe: BuildRecipe, account: String, credentials: RegistryCredentials?) async throws -> (id: String, target: String) {
+        let s = try await startSnapshotBuild(recipe, account: account, credentials: credentials) { _ in }
+        guard let buildId = s.buildId else { throw FurcateError(.internalError, "snapshot \(s.id) has no build") }
+        let build = try await builds.wait(buildId)
+        guard build.state == .succeeded, let target = build.snapshotId else {
+            throw FurcateError(.buildFailed, "building the VM's contents failed: \(build.failureReason ?? "unknown reason") (build \(build.buildId))")
+        }
+        for other in try owners.snapshots() where other.account == account && other.id != s.id && !other.deleted {
+            if await resolve(other).target == target {
+                try owners.removeSnapshot(s.id)
+                return (other.id, target)
+            }
+        }
+        return (s.id, target)
+    }
+
     /// Replaces every `.snapshot` base in a recipe by the bytes the caller's API id names.
     public func resolveBases(_ recipe: BuildRecipe, account: String) async throws -> BuildRecipe {
         var r = recipe

@@ -644,3 +644,17 @@ extension AgentResponse: Codable {
         }
     }
 }
+
+/// A service's logs: with their times, or plain lines from an agent that predates times
+/// (a VM restored from an old snapshot).
+public enum ServiceLogs: Sendable, Equatable {
+    case timed([LogEntry])
+    case lines([String])
+}
+
+/// What a streaming request (`execStream`, `watch`, `stats`) yields: events, then the request's
+/// final response.
+public enum AgentStreamItem: Sendable, Equatable {
+    case event(AgentEvent)
+    case end(AgentResponse)
+}

@@ -6,12 +6,6 @@ import Foundation
 import FurcateCore
 import GuestAgentProtocol
 
-/// A service's logs: with their times, or plain lines from an agent that predates times
-/// (a VM restored from an old snapshot).
-public enum ServiceLogs: Sendable, Equatable {
-    case timed([LogEntry])
-    case lines([String])
-}
 
 extension AgentClient {
     /// `request`, then `extract` the answer's kind.

@@ -32,10 +32,7 @@ public final class AgentClient: Sendable {
     }
 
     /// What a stream yields: events, then the request's final response, then it finishes.
-    public enum StreamItem: Sendable, Equatable {
-        case event(AgentEvent)
-        case end(AgentResponse)
-    }
+    public typealias StreamItem = AgentStreamItem
     private let readFD: Int32
     private let writeFD: Int32
     private let state = Mutex(State())
