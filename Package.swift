@@ -53,7 +53,9 @@ let package = Package(
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
         .target(
             name: "Hypervisor",
-            dependencies: ["FurcateCore", "GuestAgentProtocol", "CSpawn", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "FurcateCore", "GuestAgentProtocol", "CSpawn", .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(name: "CSpawn"),
         // The host-guest wire protocol, shared by the agent and the host (FoundationEssentials only).
@@ -107,7 +109,8 @@ let package = Package(
         .target(
             name: "FurcateEngine",
             dependencies: [
-                "FurcateCore", "VMService", "Builds", "Images", "Accounts", "RecordStore", "Hypervisor", "GuestAgentProtocol",
+                "FurcateCore", "VMService", "Builds", "Images", "Accounts", "RecordStore", "Hypervisor",
+                "GuestAgentProtocol",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -131,7 +134,8 @@ let package = Package(
         .target(
             name: "FurcateBench",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images", "Builds", "Accounts", "FurcateEngine", "APIServer",
+                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images",
+                "Builds", "Accounts", "FurcateEngine", "APIServer",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -141,7 +145,8 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds",
+                "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer",
                 "CSpawn",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -151,13 +156,16 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (temp dirs, the built binary).
-        .target(name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"], path: "Tests/FurcateTestSupport"),
+        .target(
+            name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"],
+            path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "APIServerTests",
             dependencies: [
-                "APIServer", "FurcateEngine", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore", "Hypervisor", "FurcateCore", "FurcateTestSupport",
+                "APIServer", "FurcateEngine", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore",
+                "Hypervisor", "FurcateCore", "FurcateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
@@ -165,17 +173,26 @@ let package = Package(
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "GuestAgentTests",
-            dependencies: ["GuestAgentProtocol", "Hypervisor", "FurcateCore", "FurcateTestSupport", "furcate-agent", "CSpawn"]
+            dependencies: [
+                "GuestAgentProtocol", "Hypervisor", "FurcateCore", "FurcateTestSupport", "furcate-agent", "CSpawn",
+            ]
         ),
         .testTarget(
             name: "VMServiceTests",
-            dependencies: ["VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+            dependencies: [
+                "VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore",
+                "FurcateTestSupport",
+            ]
         ),
         .testTarget(
             name: "ImagesTests",
-            dependencies: ["Images", "Builds", "VMService", "CSysXattr", .product(name: "Crypto", package: "swift-crypto"), "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport"]
+            dependencies: [
+                "Images", "Builds", "VMService", "CSysXattr", .product(name: "Crypto", package: "swift-crypto"),
+                "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore", "FurcateTestSupport",
+            ]
         ),
-        .testTarget(name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
+        .testTarget(
+            name: "StoreFSTests", dependencies: ["StoreFS", "BlockStore", "FurcateCore", "CFuse", "FurcateTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/packages.sh
 install_packages
+# The project's own rules (.swift-format: line length, no force unwraps, ordered imports):
+# seconds, so first. `swift format format --in-place --recursive Sources Tests Package.swift`
+# fixes all but the force unwraps.
+echo "test: swift format lint"
+swift format lint --strict --recursive Sources Tests Package.swift
 # Guest kernel and initramfs for the QEMU tests, kept outside the checkout.
 export FURCATE_GUEST_DIR="${FURCATE_GUEST_DIR:-${FURCATE_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/furcate}/guest}"
 scripts/build-agent.sh "$FURCATE_GUEST_DIR"

@@ -76,7 +76,9 @@ struct AuthAndErrors: RouterMiddleware {
     /// The OpenAPI document is public.
     static let documentRoute = "/openapi.json"
 
-    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response)
+        async throws -> Response
+    {
         let dialect = Dialects.of(request.uri.path)
         do {
             if request.uri.path == Self.documentRoute { return try await next(request, context) }
@@ -92,7 +94,8 @@ struct AuthAndErrors: RouterMiddleware {
             for name in dialect.keyHeaders { if let k = request.headers[name] { secrets.append(k) } }
             for secret in secrets {
                 guard let key = try keys.authenticate(secret), context.key == nil || context.key == key else {
-                    throw APIError(.unauthorized, "UNAUTHORIZED", "the API key is not valid (furcate keys create makes one)")
+                    throw APIError(
+                        .unauthorized, "UNAUTHORIZED", "the API key is not valid (furcate keys create makes one)")
                 }
                 context.key = key
             }
@@ -105,7 +108,8 @@ struct AuthAndErrors: RouterMiddleware {
         } catch let p as FieldProblem {
             throw dialect.render(p)
         } catch let e as DecodingError {
-            throw dialect.render(APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)"))
+            throw dialect.render(
+                APIError(.badRequest, "BAD_REQUEST", "the request body does not match the document: \(e)"))
         } catch let e as APIError {
             throw dialect.render(e)
         } catch let e as HTTPError where e.status == .notFound && routes.hasPath(request.uri.path) {
@@ -113,12 +117,17 @@ struct AuthAndErrors: RouterMiddleware {
             let allowed = routes.allowed(request.uri.path)
             var api = APIError(
                 .methodNotAllowed, "METHOD_NOT_ALLOWED",
-                "\(request.method) is not allowed on \(request.uri.path.prefix(200)); allowed: \(allowed.joined(separator: ", "))")
+                "\(request.method) is not allowed on \(request.uri.path.prefix(200)); allowed: \(allowed.joined(separator: ", "))"
+            )
             api.headers[.allow] = allowed.joined(separator: ", ")
             throw dialect.render(api)
         } catch let e as HTTPError {
             // Hummingbird's own errors (a body that is not JSON, no such route) in the dialect's shape.
-            let code = e.status == .notFound ? "NOT_FOUND" : e.status.code == 400 ? "BAD_REQUEST" : e.status.reasonPhrase.uppercased().replacingOccurrences(of: " ", with: "_")
+            let code =
+                e.status == .notFound
+                ? "NOT_FOUND"
+                : e.status.code == 400
+                    ? "BAD_REQUEST" : e.status.reasonPhrase.uppercased().replacingOccurrences(of: " ", with: "_")
             throw dialect.render(APIError(e.status, code, e.body ?? e.status.reasonPhrase))
         }
     }
@@ -130,10 +139,16 @@ struct VMActivity: RouterMiddleware {
     typealias Context = APIContext
     let engine: Engine
 
-    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response)
+        async throws -> Response
+    {
         let path = request.uri.path
-        guard let id = Dialects.of(path).vmID(in: path.split(separator: "/")) else { return try await next(request, context) }
-        return try await engine.duringRequest(on: String(id), account: context.account) { try await next(request, context) }
+        guard let id = Dialects.of(path).vmID(in: path.split(separator: "/")) else {
+            return try await next(request, context)
+        }
+        return try await engine.duringRequest(on: String(id), account: context.account) {
+            try await next(request, context)
+        }
     }
 }
 
@@ -151,7 +166,8 @@ final class RouteMethods: Sendable {
         let parts = path.split(separator: "/", omittingEmptySubsequences: true)
         return table.withLock { routes in
             let matching = routes.filter { Self.matches($0.path, parts) }
-            guard let best = matching.map({ Self.specificity($0.path) }).max(by: { $0.lexicographicallyPrecedes($1) }) else { return [] }
+            guard let best = matching.map({ Self.specificity($0.path) }).max(by: { $0.lexicographicallyPrecedes($1) })
+            else { return [] }
             return Set(matching.filter { Self.specificity($0.path) == best }.map(\.method.rawValue)).sorted()
         }
     }
@@ -194,16 +210,20 @@ public enum APIServer {
         router.get("openapi.json") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "application/json"
-            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: OpenAPIDocument.json)))
+            return Response(
+                status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: OpenAPIDocument.json)))
         }
-        for dialect in Dialects.all { dialect.init(engine: engine).register(on: router.group(RouterPath(dialect.prefix))) }
+        for dialect in Dialects.all {
+            dialect.init(engine: engine).register(on: router.group(RouterPath(dialect.prefix)))
+        }
         methods.set(router.routes.map { (path: $0.path.components, method: $0.method) })
         return router
     }
 
     /// The application `furcate serve` runs and the tests drive.
     public static func buildApplication(
-        _ engine: Engine, host: String, port: Int, services: [any Service] = [], logger: Logger = Logger(label: "furcate.api")
+        _ engine: Engine, host: String, port: Int, services: [any Service] = [],
+        logger: Logger = Logger(label: "furcate.api")
     ) -> some ApplicationProtocol {
         Application(
             router: router(engine), configuration: .init(address: .hostname(host, port: port), serverName: "furcate"),

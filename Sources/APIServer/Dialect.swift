@@ -64,7 +64,7 @@ extension FreestyleRoutes: Dialect {
 
 extension InstaVMRoutes: Dialect {
     static let prefix = "instavm"
-    static let keyHeaders = [HTTPField.Name("X-API-Key")!]
+    static let keyHeaders = [HTTPField.Name("X-API-Key")].compactMap { $0 }
     /// The InstaVM SDK sends its key in the body of this one.
     static let selfAuthenticating: Set<String> = ["/instavm/v1/sessions/session"]
     static let missingKeyHint = "give an API key as 'X-API-Key: fk_…' (furcate keys create)"
@@ -87,15 +87,21 @@ extension InstaVMRoutes: Dialect {
                 }
             return InstaVMError.invalid(loc, "Input should be \(name)", type: type)
         case .unsupported(let fields, _):
-            return InstaVMError.invalid(loc + [fields[0]], "\(fields[0].prefix(60)) is not supported by this server", type: "extra_forbidden")
+            return InstaVMError.invalid(
+                loc + [fields[0]], "\(fields[0].prefix(60)) is not supported by this server", type: "extra_forbidden")
         case .notSupported(let why): return InstaVMError.invalid(loc, why, type: "unsupported")
         case .outOfRange(let r, let v):
             return v < r.lowerBound
-                ? InstaVMError.invalid(loc, "Input should be greater than or equal to \(r.lowerBound)", type: "greater_than_equal")
-                : InstaVMError.invalid(loc, "Input should be less than or equal to \(r.upperBound)", type: "less_than_equal")
-        case .tooLong(let max): return InstaVMError.invalid(loc, "String should have at most \(max) characters", type: "string_too_long")
+                ? InstaVMError.invalid(
+                    loc, "Input should be greater than or equal to \(r.lowerBound)", type: "greater_than_equal")
+                : InstaVMError.invalid(
+                    loc, "Input should be less than or equal to \(r.upperBound)", type: "less_than_equal")
+        case .tooLong(let max):
+            return InstaVMError.invalid(loc, "String should have at most \(max) characters", type: "string_too_long")
         case .invalid(let sentence): return InstaVMError.invalid(loc, sentence)
         }
     }
-    static func vmID(in parts: [Substring]) -> Substring? { parts.count > 1 && parts[1] == "v1" ? vmID(in: parts, vmsAt: 2) : nil }
+    static func vmID(in parts: [Substring]) -> Substring? {
+        parts.count > 1 && parts[1] == "v1" ? vmID(in: parts, vmsAt: 2) : nil
+    }
 }

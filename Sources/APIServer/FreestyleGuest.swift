@@ -68,8 +68,11 @@ extension FreestyleRoutes {
     }
 
     static func guestName(_ n: String, what: String) throws -> String {
-        guard !n.isEmpty, n.utf8.count <= 128, n.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.@".contains($0)) }), n.first != "." else {
-            throw APIError(.badRequest, "BAD_REQUEST", "'\(n.prefix(60))' is not a \(what) name (letters, digits, - _ . @)")
+        guard !n.isEmpty, n.utf8.count <= 128,
+            n.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.@".contains($0)) }), n.first != "."
+        else {
+            throw APIError(
+                .badRequest, "BAD_REQUEST", "'\(n.prefix(60))' is not a \(what) name (letters, digits, - _ . @)")
         }
         return n
     }
@@ -86,7 +89,8 @@ extension FreestyleRoutes {
                 throw APIError(.conflict, "SERVICE_ALREADY_EXISTS", "a service \(spec.name) exists; delete it first")
             }
             try await a.createService(spec)
-            return CreateServiceResponse(success: true, message: "created and started \(spec.name)", serviceName: spec.name)
+            return CreateServiceResponse(
+                success: true, message: "created and started \(spec.name)", serviceName: spec.name)
         }
         v1.delete("vms/{vm_id}/systemd/services/{service_id}") { _, ctx in
             let name = try Self.guestName(ctx, "service_id", what: "service")
@@ -97,7 +101,8 @@ extension FreestyleRoutes {
             let name = try Self.guestName(ctx, "service_id", what: "service")
             let s = try await serviceCall(ctx, name) { try await $0.serviceStatus(name) }
             return ServiceStatusResponse(
-                name: s.name, activeState: s.activeState, subState: s.subState, loadState: s.loadState, description: s.description,
+                name: s.name, activeState: s.activeState, subState: s.subState, loadState: s.loadState,
+                description: s.description,
                 mainPid: s.mainPID, restarts: s.restarts)
         }
         v1.get("vms/{vm_id}/systemd/services/{service_id}/logs") { req, ctx in
@@ -106,9 +111,15 @@ extension FreestyleRoutes {
             let since = try req.uri.queryParameters["since"].map { try Self.time(String($0), what: "since") }
             switch try await serviceCall(ctx, name, { try await $0.serviceLogs(name, lines: lines, since: since) }) {
             case .timed(let entries):
-                return LogsResponse(logs: entries.map { LogItem(message: $0.text, timestamp: Self.iso($0.time), priority: nil, unit: name) })
+                return LogsResponse(
+                    logs: entries.map {
+                        LogItem(message: $0.text, timestamp: Self.iso($0.time), priority: nil, unit: name)
+                    })
             case .lines(let out):  // an agent from before timed logs (a VM restored from an old snapshot)
-                guard since == nil else { throw APIError(.badRequest, "UNSUPPORTED_FIELD", "this VM's guest agent predates 'since'; use lines") }
+                guard since == nil else {
+                    throw APIError(
+                        .badRequest, "UNSUPPORTED_FIELD", "this VM's guest agent predates 'since'; use lines")
+                }
                 return LogsResponse(logs: out.map(Self.logItem(unit: name)))
             }
         }
@@ -116,7 +127,9 @@ extension FreestyleRoutes {
             v1.post("vms/{vm_id}/systemd/\(action)") { req, ctx in
                 let a = try await agent(ctx)
                 let body = try await req.decode(as: BatchRequest.self, context: ctx)
-                guard body.services.count <= 100 else { throw APIError(.badRequest, "BAD_REQUEST", "at most 100 services per call") }
+                guard body.services.count <= 100 else {
+                    throw APIError(.badRequest, "BAD_REQUEST", "at most 100 services per call")
+                }
                 var results: [BatchResult] = []
                 for s in body.services {
                     do {
@@ -131,7 +144,10 @@ extension FreestyleRoutes {
         }
         v1.get("vms/{vm_id}/terminals") { _, ctx in
             let ts = try await agent(ctx).terminals()
-            return TerminalList(terminals: ts.map { TerminalSession(name: $0.name, status: $0.status, created: Self.iso(Double($0.created))) })
+            return TerminalList(
+                terminals: ts.map {
+                    TerminalSession(name: $0.name, status: $0.status, created: Self.iso(Double($0.created)))
+                })
         }
         v1.get("vms/{vm_id}/terminals/{terminal_id}/logs") { _, ctx in
             let name = try Self.guestName(ctx, "terminal_id", what: "terminal")
@@ -148,8 +164,10 @@ extension FreestyleRoutes {
             return try await ndjson(req, ctx, .stats(intervalMs: interval)) { event in
                 guard case .stats(let s) = event else { return nil }
                 return [
-                    "timestamp": Date().ISO8601Format(), "memoryTotalBytes": s.memoryTotalBytes, "memoryAvailableBytes": s.memoryAvailableBytes,
-                    "memoryUsedBytes": s.memoryTotalBytes - min(s.memoryAvailableBytes, s.memoryTotalBytes), "cpuPercent": Self.finite(s.cpuBusy * 100),
+                    "timestamp": Date().ISO8601Format(), "memoryTotalBytes": s.memoryTotalBytes,
+                    "memoryAvailableBytes": s.memoryAvailableBytes,
+                    "memoryUsedBytes": s.memoryTotalBytes - min(s.memoryAvailableBytes, s.memoryTotalBytes),
+                    "cpuPercent": Self.finite(s.cpuBusy * 100),
                     "cpus": s.cpus, "load1": Self.finite(s.load1), "uptimeSeconds": Self.finite(s.uptimeSeconds),
                 ]
             }
@@ -170,7 +188,8 @@ extension FreestyleRoutes {
             let body = try RequestBodies.decode(ResizeVmRequest.self, from: try await req.body.collect(upTo: 1 << 16))
             let gb = body.rootfsSizeGb ?? 0  // validated: present, 1 to 16
             let r = try await engine.vms.resizeDisk(vm.id, to: UInt64(gb) << 30)
-            return ResizeResponse(id: vm.id, rootfsSizeGb: gb, message: "disk \(r.oldBytes >> 20) MiB → \(gb << 10) MiB; \(r.filesystem)")
+            return ResizeResponse(
+                id: vm.id, rootfsSizeGb: gb, message: "disk \(r.oldBytes >> 20) MiB → \(gb << 10) MiB; \(r.filesystem)")
         }
         v1.post("vms/{vm_id}/optimize") { _, ctx in
             let vm = try await ownedVM(ctx)
@@ -182,11 +201,12 @@ extension FreestyleRoutes {
     /// JSONSerialization traps on NaN and infinities; the guest's figures are untrusted.
     static func finite(_ x: Double) -> Double { x.isFinite ? x : 0 }
 
-
     static func intQuery(_ req: Request, _ name: String, range: ClosedRange<Int>) throws -> Int? {
         guard let v = req.uri.queryParameters[Substring(name)] else { return nil }
         guard let n = Int(v), range.contains(n) else {
-            throw APIError(.badRequest, "BAD_REQUEST", "\(name) must be an integer from \(range.lowerBound) to \(range.upperBound)")
+            throw APIError(
+                .badRequest, "BAD_REQUEST", "\(name) must be an integer from \(range.lowerBound) to \(range.upperBound)"
+            )
         }
         return n
     }
@@ -199,7 +219,9 @@ extension FreestyleRoutes {
         for style in [Date.ISO8601FormatStyle(includingFractionalSeconds: true), Date.ISO8601FormatStyle()] {
             if let d = try? style.parse(s) { return d.timeIntervalSince1970 }
         }
-        throw APIError(.badRequest, "BAD_REQUEST", "\(what) must be ISO 8601 (2026-11-24T15:00:00Z) or Unix seconds, not '\(s.prefix(60))'")
+        throw APIError(
+            .badRequest, "BAD_REQUEST",
+            "\(what) must be ISO 8601 (2026-11-24T15:00:00Z) or Unix seconds, not '\(s.prefix(60))'")
     }
 
     /// A journal line as the agent returns it ("2026-11-24T15:00:00+0000 host unit[pid]: text"
@@ -220,15 +242,21 @@ extension FreestyleRoutes {
 
     /// A service call where the guest's not_found is the API's SERVICE_NOT_FOUND.
     @discardableResult
-    func serviceCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws -> T {
+    func serviceCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws
+        -> T
+    {
         let a = try await agent(ctx)
         do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
-            throw APIError(.notFound, "SERVICE_NOT_FOUND", "no service \(name) (only services created through the API are managed)")
+            throw APIError(
+                .notFound, "SERVICE_NOT_FOUND", "no service \(name) (only services created through the API are managed)"
+            )
         }
     }
 
     /// A terminal call where the guest's not_found is the API's TERMINAL_NOT_FOUND.
-    func terminalCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws -> T {
+    func terminalCall<T: Sendable>(_ ctx: APIContext, _ name: String, _ body: (Guest) async throws -> T) async throws
+        -> T
+    {
         let a = try await agent(ctx)
         do { return try await body(a) } catch let e as FurcateError where e.code == .notFound {
             throw APIError(.notFound, "TERMINAL_NOT_FOUND", "no terminal \(name)")
@@ -239,7 +267,8 @@ extension FreestyleRoutes {
     /// client goes away — noticed when its connection closes, not only at the next write, so a
     /// quiet watch ends too — or the guest's stream ends. The guest's stream is cancelled then.
     func ndjson(
-        _ req: Request, _ ctx: APIContext, _ request: AgentRequest, _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?
+        _ req: Request, _ ctx: APIContext, _ request: AgentRequest,
+        _ line: @escaping @Sendable (AgentEvent) -> [String: any Sendable]?
     ) async throws -> Response {
         let stream = try await agent(ctx).stream(request)
         let items = stream.items
@@ -262,7 +291,9 @@ extension FreestyleRoutes {
                             case .end(let r):
                                 ended = true
                                 if case .error(let err) = r {
-                                    let data = try JSONSerialization.data(withJSONObject: ["error": err.code.uppercased(), "message": err.message])
+                                    let data = try JSONSerialization.data(withJSONObject: [
+                                        "error": err.code.uppercased(), "message": err.message,
+                                    ])
                                     try await writer.write(ByteBuffer(bytes: data + [0x0A]))
                                 }
                                 return

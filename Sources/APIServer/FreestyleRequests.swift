@@ -16,11 +16,14 @@ extension FreestyleRoutes {
             "recreate", "aptDeps", "domains", "activityThresholdBytes", "dockerCredentials",
         ],
         "CreateSnapshotRequest": ["name", "spec", "template", "persistence", "dockerCredentials"],
-        "StartVmRequest": ["idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal", "activityThresholdBytes"],
+        "StartVmRequest": [
+            "idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal", "activityThresholdBytes",
+        ],
         "ResizeVmRequest": ["rootfsSizeGb", "memSizeGb", "vcpuCount"],
         "SystemdUnitSpec": [
             "name", "mode", "exec", "env", "user", "group", "workdir", "after", "requires", "onFailure", "wantedBy",
-            "enable", "timeoutSec", "deleteAfterSuccess", "remainAfterExit", "readySignal", "watchdogSec", "restartPolicy",
+            "enable", "timeoutSec", "deleteAfterSuccess", "remainAfterExit", "readySignal", "watchdogSec",
+            "restartPolicy",
         ],
     ]
 
@@ -58,10 +61,12 @@ extension FreestyleRoutes {
         init(from decoder: any Decoder) throws {
             struct Tagged: Decodable { var type: String }
             let type = try Tagged(from: decoder).type
-            let fields: Set<String> = type == "sticky" ? ["type", "priority"] : type == "ephemeral" ? ["type", "deleteEvent"] : ["type"]
+            let fields: Set<String> =
+                type == "sticky" ? ["type", "priority"] : type == "ephemeral" ? ["type", "deleteEvent"] : ["type"]
             do { try decoder.refuseFields(except: fields) } catch let p as FieldProblem {
                 guard case .unsupported(let extra, _) = p.kind else { throw p }
-                throw FieldProblem(p.path, .invalid("persistence of type \(type.prefix(20)) has no field '\(extra[0].prefix(40))'"))
+                throw FieldProblem(
+                    p.path, .invalid("persistence of type \(type.prefix(20)) has no field '\(extra[0].prefix(40))'"))
             }
             value = try VMPersistence(from: decoder)
         }
@@ -91,9 +96,13 @@ extension FreestyleRoutes {
     struct CreateVmRequest: RequestBody {
         /// The fields that describe the VM's contents: with them, the VM is made from a build
         /// (cached by template hash) whose outer layer they are, on `spec` or `snapshotId`.
-        static let layerFields: Set<String> = ["workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps"]
-        static let fields = Set(["snapshotId", "name", "dockerCredentials", "spec", "persistence", "template", "gitRepos"])
-            .union(layerFields).union(VMSettings.fields)
+        static let layerFields: Set<String> = [
+            "workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps",
+        ]
+        static let fields = Set([
+            "snapshotId", "name", "dockerCredentials", "spec", "persistence", "template", "gitRepos",
+        ])
+        .union(layerFields).union(VMSettings.fields)
         static var documentedFields: Set<String> { FreestyleRoutes.documentFields["CreateVmRequest"] ?? [] }
 
         var snapshotId: String?
@@ -137,7 +146,9 @@ extension FreestyleRoutes {
         /// `persistence`) is `spec.snapshot`; `gitRepos` (top level or in the template) are
         /// `git.repos`.
         static func current(_ body: [String: JSONValue]) throws -> [String: JSONValue]? {
-            guard body["template", default: .null] != .null || body["gitRepos", default: .null] != .null else { return nil }
+            guard body["template", default: .null] != .null || body["gitRepos", default: .null] != .null else {
+                return nil
+            }
             func withRepos(_ o: [String: JSONValue], at path: [String]) throws -> [String: JSONValue] {
                 var o = o
                 guard let raw = o.removeValue(forKey: "gitRepos"), raw != .null else { return o }
@@ -160,12 +171,14 @@ extension FreestyleRoutes {
             var body = try withRepos(body, at: [])
             if let t = body.removeValue(forKey: "template"), t != .null {
                 guard body["spec", default: .null] == .null else {
-                    throw FieldProblem(["template"], .invalid("template (deprecated) and spec are mutually exclusive; use spec"))
+                    throw FieldProblem(
+                        ["template"], .invalid("template (deprecated) and spec are mutually exclusive; use spec"))
                 }
                 guard case .object(var layer) = t else { throw FieldProblem(["template"], .wrongType(.object)) }
                 if let p = layer.removeValue(forKey: "persistence"), p != .null {
                     guard body["persistence", default: .null] == .null else {
-                        throw FieldProblem(["persistence"], .invalid("give persistence once: at the top level or in the template"))
+                        throw FieldProblem(
+                            ["persistence"], .invalid("give persistence once: at the top level or in the template"))
                     }
                     body["persistence"] = p
                 }
@@ -193,7 +206,9 @@ extension FreestyleRoutes {
 
         func validate() throws {
             try checkName(name)
-            guard spec != nil else { throw FieldProblem(["spec"], .invalid("give a spec (the deprecated template is not supported)")) }
+            guard spec != nil else {
+                throw FieldProblem(["spec"], .invalid("give a spec (the deprecated template is not supported)"))
+            }
         }
     }
 
@@ -224,7 +239,9 @@ extension FreestyleRoutes {
         var timeoutMs: Int?
 
         func validate() throws {
-            if let t = timeoutMs, t < 0 { throw FieldProblem(["timeoutMs"], .invalid("timeoutMs must not be negative")) }
+            if let t = timeoutMs, t < 0 {
+                throw FieldProblem(["timeoutMs"], .invalid("timeoutMs must not be negative"))
+            }
         }
     }
 
@@ -250,7 +267,9 @@ extension FreestyleRoutes {
             guard memSizeGb == nil, vcpuCount == nil else {
                 throw FieldProblem(
                     [memSizeGb != nil ? "memSizeGb" : "vcpuCount"],
-                    .notSupported("memory and vCPUs cannot change while a VM runs here; snapshot it and create a VM with the new size"))
+                    .notSupported(
+                        "memory and vCPUs cannot change while a VM runs here; snapshot it and create a VM with the new size"
+                    ))
             }
             guard rootfsSizeGb != nil else { throw FieldProblem(["rootfsSizeGb"], .missing) }
             try FieldProblem.check(rootfsSizeGb, "rootfsSizeGb", in: 1...16)

@@ -23,7 +23,8 @@ struct FreestyleRoutes: Sendable {
     }
     struct ListVmsResponse: ResponseCodable {
         var vms: [VmInfo]
-        var totalCount, buildingCount, runningCount, startingCount, suspendingCount, suspendedCount, stoppedCount, lostCount: Int
+        var totalCount, buildingCount, runningCount, startingCount, suspendingCount, suspendedCount, stoppedCount,
+            lostCount: Int
     }
     struct CreateVmResponse: ResponseCodable {
         var id: String
@@ -101,7 +102,9 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/snapshot") { req, ctx in try await snapshot(req, ctx) }
         v1.post("vms/{vm_id}/stop") { _, ctx in
             let vm = try await ownedVM(ctx)
-            guard vm.state == .running else { throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running") }
+            guard vm.state == .running else {
+                throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running")
+            }
             _ = try await engine.vms.stop(vm.id)
             return StopVmResponse(vmId: vm.id, vmInstanceId: vm.id)
         }
@@ -113,7 +116,8 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/suspend") { _, ctx in
             let vm = try await ownedVM(ctx)
             let s = try await engine.vms.suspend(vm.id)
-            return SuspendVmResponse(id: vm.id, vmInstanceId: vm.id, snapshotLayerId: "sl-" + (s.suspendedSnapshot ?? "").dropFirst(3))
+            return SuspendVmResponse(
+                id: vm.id, vmInstanceId: vm.id, snapshotLayerId: "sl-" + (s.suspendedSnapshot ?? "").dropFirst(3))
         }
         v1.post("vms/{vm_id}/start") { req, ctx in try await start(req, ctx) }
         v1.get("vms/{vm_id}/files/**") { req, ctx in try await getFile(req, ctx) }
@@ -123,7 +127,9 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/await") { _, ctx in
             let vm = try await ownedVM(ctx)
             // Only a running VM has an exit to wait for; any other answers its state at once.
-            guard vm.state == .running || vm.state == .starting else { return WaitVmResponse(id: vm.id, exitStatus: vm.state.rawValue) }
+            guard vm.state == .running || vm.state == .starting else {
+                return WaitVmResponse(id: vm.id, exitStatus: vm.state.rawValue)
+            }
             let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
             return WaitVmResponse(id: vm.id, exitStatus: done.state.rawValue)
         }
@@ -135,8 +141,12 @@ struct FreestyleRoutes: Sendable {
     func awaitReady(_ id: String, _ settings: VMSettings) async throws {
         guard settings.waitForReadySignal ?? true else { return }
         let seconds = settings.readySignalTimeoutSeconds.flatMap { $0 > 0 ? $0 : nil } ?? 120
-        do { _ = try await engine.vms.agent(id, timeout: .seconds(seconds)) } catch let e as FurcateError where e.code == .timedOut {
-            throw APIError(.gatewayTimeout, "READY_SIGNAL_TIMED_OUT", "VM \(id) did not signal ready within \(seconds) s; it is still there (GET /v1/vms/\(id))")
+        do { _ = try await engine.vms.agent(id, timeout: .seconds(seconds)) } catch let e as FurcateError
+            where e.code == .timedOut
+        {
+            throw APIError(
+                .gatewayTimeout, "READY_SIGNAL_TIMED_OUT",
+                "VM \(id) did not signal ready within \(seconds) s; it is still there (GET /v1/vms/\(id))")
         }
     }
 
@@ -144,13 +154,15 @@ struct FreestyleRoutes: Sendable {
         let vm = try await ownedVM(ctx)
         let body = try RequestBodies.decode(ForkVmRequest.self, from: try await req.body.collect(upTo: 1 << 20))
         let r = try await engine.fork(vm, account: ctx.account, count: body.count ?? 1)
-        return ForkVmResponse(vmId: vm.id, forks: r.forks.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
+        return ForkVmResponse(
+            vmId: vm.id, forks: r.forks.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
     }
 
     func snapshot(_ req: Request, _ ctx: APIContext) async throws -> SnapshotVmResponse {
         let vm = try await ownedVM(ctx)
         let body = try RequestBodies.decode(SnapshotVmRequest.self, from: try await req.body.collect(upTo: 1 << 20))
-        let s = try await engine.snapshot(vm, account: ctx.account, name: body.name, persistence: body.persistence ?? .sticky)
+        let s = try await engine.snapshot(
+            vm, account: ctx.account, name: body.name, persistence: body.persistence ?? .sticky)
         return SnapshotVmResponse(snapshotId: s.id, sourceVmId: vm.id)
     }
 
@@ -159,7 +171,8 @@ struct FreestyleRoutes: Sendable {
         let parts = ctx.parameters.getCatchAll().map(String.init)
         let path = "/" + parts.joined(separator: "/")
         guard !parts.isEmpty, !parts.contains(".."), !path.contains("\0"), path.utf8.count <= 4096 else {
-            throw APIError(.badRequest, "FILES_BAD_REQUEST", "'\(path.prefix(200))' is not a usable path (absolute, no '..')")
+            throw APIError(
+                .badRequest, "FILES_BAD_REQUEST", "'\(path.prefix(200))' is not a usable path (absolute, no '..')")
         }
         return path
     }
@@ -169,17 +182,23 @@ struct FreestyleRoutes: Sendable {
         let vm = try await ownedVM(ctx)
         let path = try Self.filePath(ctx)
         let found: GuestFile
-        do { found = try await engine.readFile(vm, path, wake: .resumeSuspended) } catch let e as FurcateError where e.code == .notFound {
+        do { found = try await engine.readFile(vm, path, wake: .resumeSuspended) } catch let e as FurcateError
+            where e.code == .notFound
+        {
             throw APIError(.notFound, "FILE_NOT_FOUND", "no file \(path) in VM \(vm.id)")
         } catch let e as FurcateError where e.code == .tooLarge {
             throw APIError(.badRequest, "FILES_BAD_REQUEST", e.message)
         }
         switch found {
         case .directory(let es):
-            return try DirectoryListing(files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }).response(from: req, context: ctx)
+            return try DirectoryListing(
+                files: es.map { FileInfo(name: $0.name, kind: $0.kind == .directory ? "directory" : "file") }
+            ).response(from: req, context: ctx)
         case .file(let data):
             let text = String(data: data, encoding: .utf8)
-            return try FileContent(content: text ?? data.base64EncodedString(), encoding: text == nil ? "base64" : "utf8").response(from: req, context: ctx)
+            return try FileContent(
+                content: text ?? data.base64EncodedString(), encoding: text == nil ? "base64" : "utf8"
+            ).response(from: req, context: ctx)
         }
     }
 
@@ -191,9 +210,12 @@ struct FreestyleRoutes: Sendable {
         switch body.encoding ?? "utf8" {
         case "utf8", "utf-8": data = Data(body.content.utf8)
         case "base64":
-            guard let d = Data(base64Encoded: body.content) else { throw APIError(.badRequest, "FILES_BAD_REQUEST", "content is not valid base64") }
+            guard let d = Data(base64Encoded: body.content) else {
+                throw APIError(.badRequest, "FILES_BAD_REQUEST", "content is not valid base64")
+            }
             data = d
-        case let e: throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
+        case let e:
+            throw APIError(.badRequest, "FILES_BAD_REQUEST", "encoding must be utf8 or base64, not '\(e.prefix(40))'")
         }
         try await engine.writeFile(vm, path, data, wake: .resumeSuspended)
         return Empty()
@@ -205,7 +227,10 @@ struct FreestyleRoutes: Sendable {
         switch vm.state {
         case .running: break
         case .suspended: _ = try await engine.vms.resume(vm.id)
-        default: throw APIError(.badRequest, "VM_NOT_STARTABLE", "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again")
+        default:
+            throw APIError(
+                .badRequest, "VM_NOT_STARTABLE", "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again"
+            )
         }
         if let idle = settings.idleTimeoutSeconds, var p = try await engine.policies.policy(vm.id) {
             p.idleTimeoutSeconds = idle
@@ -226,7 +251,8 @@ struct FreestyleRoutes: Sendable {
 
     func info(_ vm: VMInfo, name: String?, policy: VMPolicy?) -> VmInfo {
         VmInfo(
-            id: vm.id, name: name, state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot,
+            id: vm.id, name: name, state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
+            snapshotId: vm.parentSnapshot,
             persistence: policy?.persistence, deleted: false, createdDeclaratively: false)
     }
 
@@ -239,7 +265,9 @@ struct FreestyleRoutes: Sendable {
         let offset = try Self.intQuery(req, "offset", range: 0...Int(Int32.max)) ?? 0
         let state: VMState?
         if let s = q["vmState"] {
-            guard let v = VMState(rawValue: String(s)) else { throw APIError(.badRequest, "BAD_REQUEST", "vmState must be one of the VMState values") }
+            guard let v = VMState(rawValue: String(s)) else {
+                throw APIError(.badRequest, "BAD_REQUEST", "vmState must be one of the VMState values")
+            }
             state = v
         } else {
             state = nil
@@ -251,11 +279,14 @@ struct FreestyleRoutes: Sendable {
         var mine: [VmInfo] = []
         let owned = engine.owners.owned(by: ctx.account)
         let policies = try await engine.policies.all()
-        for vm in await engine.vms.list() { if let name = owned[vm.id] { mine.append(info(vm, name: name, policy: policies[vm.id])) } }
+        for vm in await engine.vms.list() {
+            if let name = owned[vm.id] { mine.append(info(vm, name: name, policy: policies[vm.id])) }
+        }
         func count(_ s: VMState) -> Int { mine.filter { $0.state == s.rawValue }.count }
-        let shown = mine.filter {
-            (state == nil || $0.state == state!.rawValue)
-                && (search == nil || search!.isEmpty || $0.id.contains(search!) || ($0.name?.lowercased().contains(search!) ?? false))
+        let shown = mine.filter { vm in
+            let found =
+                search.map { $0.isEmpty || vm.id.contains($0) || (vm.name?.lowercased().contains($0) ?? false) } ?? true
+            return found && (state.map { vm.state == $0.rawValue } ?? true)
         }
         let page = Array(shown.dropFirst(offset).prefix(limit ?? Int.max))
         return ListVmsResponse(
@@ -272,22 +303,29 @@ struct FreestyleRoutes: Sendable {
         if let contents = body.contents {
             let recipe = try await engine.recipe(contents, account: ctx.account)
             do {
-                let built = try await engine.buildAndWait(recipe, account: ctx.account, credentials: body.dockerCredentials?.registryCredentials)
+                let built = try await engine.buildAndWait(
+                    recipe, account: ctx.account, credentials: body.dockerCredentials?.registryCredentials)
                 (snap, shownSnapshot) = (built.target, built.id)
             } catch let e as FurcateError where e.code == .buildFailed {
                 throw APIError(.badRequest, "BUILD_FAILED", e.message)
             }
         } else if let s = body.snapshotId {
-            if let idle = try engine.owners.snapshot(s)?.idleTimeoutSeconds, settings.idleTimeoutSeconds == nil, engine.owners.owner(s) == ctx.account {
+            if let idle = try engine.owners.snapshot(s)?.idleTimeoutSeconds, settings.idleTimeoutSeconds == nil,
+                engine.owners.owner(s) == ctx.account
+            {
                 settings.idleTimeoutSeconds = idle
             }
-            do { snap = try await engine.bootable(.snapshot(s), account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+            do { snap = try await engine.bootable(.snapshot(s), account: ctx.account) } catch let e as FurcateError
+                where e.code == .notFound
+            {
                 throw APIError(.notFound, "SNAPSHOT_NOT_FOUND", e.message)
             }
         } else {
             snap = try await engine.bootable(.defaultImage, account: ctx.account)
         }
-        let policy = VMPolicy(persistence: body.persistence, idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds)
+        let policy = VMPolicy(
+            persistence: body.persistence,
+            idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds)
         let vm = try await engine.createVM(NewVM(account: ctx.account, snapshot: snap, name: body.name, policy: policy))
         try await awaitReady(vm.id, settings)
         return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
@@ -296,7 +334,8 @@ struct FreestyleRoutes: Sendable {
     func get(_ ctx: APIContext) async throws -> GetVmResponse {
         let vm = try await ownedVM(ctx)
         return GetVmResponse(
-            id: vm.id, name: engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt), snapshotId: vm.parentSnapshot)
+            id: vm.id, name: engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
+            snapshotId: vm.parentSnapshot)
     }
 
     func delete(_ ctx: APIContext) async throws -> IdResponse {
@@ -313,15 +352,18 @@ struct FreestyleRoutes: Sendable {
         if let t = body.terminal {
             let name = try Self.guestName(t, what: "terminal")
             do {
-                let r = try await engine.execInTerminal(vm, terminal: name, body.command, timeoutMs: timeout, wake: .resumeSuspended)
+                let r = try await engine.execInTerminal(
+                    vm, terminal: name, body.command, timeoutMs: timeout, wake: .resumeSuspended)
                 return ExecAwaitVmResponse(stdout: r.output, stderr: "", statusCode: r.status)
             } catch let e as FurcateError where e.code == .timedOut {
                 throw APIError(.requestTimeout, "EXEC_TIMED_OUT", e.message)
             }
         }
-        let r = try await engine.guest(vm, wake: .resumeSuspended).exec(ExecRequest(command: body.command, timeoutMs: timeout))
+        let r = try await engine.guest(vm, wake: .resumeSuspended).exec(
+            ExecRequest(command: body.command, timeoutMs: timeout))
         if r.timedOut {
-            throw APIError(.requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")
+            throw APIError(
+                .requestTimeout, "EXEC_TIMED_OUT", "the command did not finish within \(timeout) ms (it was killed)")
         }
         return ExecAwaitVmResponse(
             stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),

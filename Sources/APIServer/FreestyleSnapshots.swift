@@ -78,7 +78,9 @@ extension FreestyleRoutes {
         }
         v1.patch("vms/snapshots/{snapshot_id}") { req, ctx in
             var s = try await ownedSnapshot(ctx).record
-            s.name = try RequestBodies.decode(UpdateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20)).name
+            s.name = try RequestBodies.decode(
+                UpdateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20)
+            ).name
             s.updatedAt = Date().timeIntervalSince1970
             try engine.owners.saveSnapshot(s)
             return UpdateSnapshotResponse(snapshot_id: s.id, name: s.name)
@@ -87,12 +89,20 @@ extension FreestyleRoutes {
         v1.get("vms/builds/{build_id}/phases") { _, ctx in
             let b = try await ownedBuild(ctx)
             return ListBuildPhasesResponse(
-                phases: b.phases.map { BuildPhaseResponse(phaseId: $0.phaseId, buildId: $0.buildId, name: $0.name, snapshotId: $0.snapshotId, startedAt: Self.iso($0.startedAt)) })
+                phases: b.phases.map {
+                    BuildPhaseResponse(
+                        phaseId: $0.phaseId, buildId: $0.buildId, name: $0.name, snapshotId: $0.snapshotId,
+                        startedAt: Self.iso($0.startedAt))
+                })
         }
         v1.get("vms/{vm_id}/build") { _, ctx in
             let vm = try await ownedVM(ctx)
             let mine = await engine.builds.list(account: ctx.account)
-            guard let b = mine.last(where: { $0.buildVM == vm.id || ($0.snapshotId != nil && $0.snapshotId == vm.parentSnapshot) }) else {
+            guard
+                let b = mine.last(where: {
+                    $0.buildVM == vm.id || ($0.snapshotId != nil && $0.snapshotId == vm.parentSnapshot)
+                })
+            else {
                 throw APIError(.notFound, "BUILD_NOT_FOUND", "VM \(vm.id) was not made by a build")
             }
             return Self.buildResponse(b)
@@ -117,17 +127,22 @@ extension FreestyleRoutes {
 
     static func buildResponse(_ b: BuildRecord) -> BuildRecordResponse {
         BuildRecordResponse(
-            buildId: b.buildId, accountId: b.account, state: b.state.rawValue, templateHash: b.templateHash, failureReason: b.failureReason,
-            plannedPhases: b.plannedPhases, startedAt: iso(b.startedAt), finishedAt: b.finishedAt.map(iso), updatedAt: iso(b.updatedAt),
+            buildId: b.buildId, accountId: b.account, state: b.state.rawValue, templateHash: b.templateHash,
+            failureReason: b.failureReason,
+            plannedPhases: b.plannedPhases, startedAt: iso(b.startedAt), finishedAt: b.finishedAt.map(iso),
+            updatedAt: iso(b.updatedAt),
             snapshotId: b.snapshotId)
     }
 
     func snapshotResponse(_ r: ResolvedSnapshot) -> SnapshotInfoResponse {
         let s = r.record
         return SnapshotInfoResponse(
-            snapshotId: s.id, state: r.state.rawValue, sourceVmId: s.sourceVmId, accountId: s.account, createdAt: Self.iso(s.createdAt),
-            name: s.name, failed: r.state == .failed, cancelled: r.state == .cancelled, lost: r.state == .lost, failureReason: r.failureReason,
-            deleted: s.deleted, snapshotPersistence: s.persistence, buildId: s.buildId, templateHash: r.build?.templateHash,
+            snapshotId: s.id, state: r.state.rawValue, sourceVmId: s.sourceVmId, accountId: s.account,
+            createdAt: Self.iso(s.createdAt),
+            name: s.name, failed: r.state == .failed, cancelled: r.state == .cancelled, lost: r.state == .lost,
+            failureReason: r.failureReason,
+            deleted: s.deleted, snapshotPersistence: s.persistence, buildId: s.buildId,
+            templateHash: r.build?.templateHash,
             vcpuCount: r.info?.vcpus ?? s.vcpus, memSizeMib: r.info?.memoryMiB ?? s.memoryMiB, rootfsSizeMb: nil,
             compression: r.info?.compression, compressionState: r.info?.compressionState?.rawValue,
             compressedSizeBytes: r.info?.compressedSizeBytes, uncompressedSizeBytes: r.info?.uncompressedSizeBytes)
@@ -142,25 +157,33 @@ extension FreestyleRoutes {
             default: throw APIError(.badRequest, "BAD_REQUEST", "\(name) must be true or false")
             }
         }
-        let (deleted, failed, building) = (try flag("includeDeleted"), try flag("includeFailed"), try flag("includeBuilding"))
+        let (deleted, failed, building) = (
+            try flag("includeDeleted"), try flag("includeFailed"), try flag("includeBuilding")
+        )
         var all: [ResolvedSnapshot] = []
         for s in try engine.owners.snapshots() where s.account == ctx.account { all.append(await engine.resolve(s)) }
         func count(_ t: SnapshotStateTag) -> Int { all.filter { !$0.record.deleted && $0.state == t }.count }
         let shown = all.filter {
             $0.record.deleted
                 ? deleted
-                : (failed || ($0.state != .failed && $0.state != .lost && $0.state != .cancelled)) && (building || $0.state != .building)
+                : (failed || ($0.state != .failed && $0.state != .lost && $0.state != .cancelled))
+                    && (building || $0.state != .building)
         }
         return ListSnapshotsResponse(
-            snapshots: shown.map(snapshotResponse), totalCount: shown.count, buildingCount: count(.building), readyCount: count(.ready),
-            failedCount: count(.failed), cancelledCount: count(.cancelled), lostCount: count(.lost), deletedCount: all.filter(\.record.deleted).count)
+            snapshots: shown.map(snapshotResponse), totalCount: shown.count, buildingCount: count(.building),
+            readyCount: count(.ready),
+            failedCount: count(.failed), cancelledCount: count(.cancelled), lostCount: count(.lost),
+            deletedCount: all.filter(\.record.deleted).count)
     }
 
     func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> CreateSnapshotResponse {
         let b = try RequestBodies.decode(CreateSnapshotRequest.self, from: try await req.body.collect(upTo: 8 << 20))
         guard let spec = b.spec else { throw FieldProblem(["spec"], .missing) }
         let persistence = b.persistence ?? .persistent
-        let s = try await engine.startSnapshotBuild(try await engine.recipe(spec, account: ctx.account), account: ctx.account, credentials: b.dockerCredentials?.registryCredentials) {
+        let s = try await engine.startSnapshotBuild(
+            try await engine.recipe(spec, account: ctx.account), account: ctx.account,
+            credentials: b.dockerCredentials?.registryCredentials
+        ) {
             $0.name = b.name
             $0.persistence = persistence
             $0.idleTimeoutSeconds = spec.idleTimeoutSeconds

@@ -13,9 +13,11 @@ extension InstaVMRoutes {
         for (k, v) in env ?? [:] {
             let name = k.unicodeScalars
             guard let first = name.first, !CharacterSet.decimalDigits.contains(first),
-                name.allSatisfy({ $0 == "_" || CharacterSet.alphanumerics.contains($0) }), !v.contains("\n"), !v.contains("\0")
+                name.allSatisfy({ $0 == "_" || CharacterSet.alphanumerics.contains($0) }), !v.contains("\n"),
+                !v.contains("\0")
             else {
-                throw FieldProblem([field, k], .invalid("environment names are letters, digits and _; values have no newlines"))
+                throw FieldProblem(
+                    [field, k], .invalid("environment names are letters, digits and _; values have no newlines"))
             }
         }
     }
@@ -80,7 +82,9 @@ extension InstaVMRoutes {
 
             var args: InstaVMBuildArgs {
                 var a = InstaVMBuildArgs()
-                (a.extraAptPackages, a.extraPipPackages, a.extraNpmPackages) = (extra_apt_packages, extra_pip_packages, extra_npm_packages)
+                (a.extraAptPackages, a.extraPipPackages, a.extraNpmPackages) = (
+                    extra_apt_packages, extra_pip_packages, extra_npm_packages
+                )
                 (a.gitCloneUrl, a.gitCloneBranch, a.diskSizeGb) = (git_clone_url, git_clone_branch, disk_size_gb)
                 (a.envs, a.postBuildCmd) = (envs, post_build_cmd)
                 return a
@@ -118,7 +122,8 @@ extension InstaVMRoutes {
             try FieldProblem.check(snapshot_id, "snapshot_id", max: 64)
             try checkEnvironment(env, "env")
             if snapshot_on_terminate == true || auto_suspend == true || auto_resume == true {
-                throw FieldProblem([], .notSupported("snapshot_on_terminate, auto_suspend and auto_resume are not supported yet"))
+                throw FieldProblem(
+                    [], .notSupported("snapshot_on_terminate, auto_suspend and auto_resume are not supported yet"))
             }
         }
     }
@@ -144,7 +149,9 @@ extension InstaVMRoutes {
 
         func validate() throws {
             guard session_id == nil else {
-                throw FieldProblem(["session_id"], .notSupported("attaching a VM to an existing session is not supported; omit session_id"))
+                throw FieldProblem(
+                    ["session_id"],
+                    .notSupported("attaching a VM to an existing session is not supported; omit session_id"))
             }
             try vm.validate()
         }
@@ -152,7 +159,9 @@ extension InstaVMRoutes {
 
     /// The session's body: the SDK sends its key here, not in a header.
     struct StartSessionRequest: RequestBody {
-        static let fields: Set<String> = ["api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env"]
+        static let fields: Set<String> = [
+            "api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env",
+        ]
         var api_key: String?
         var vm: NewVMRequest
 
@@ -182,7 +191,8 @@ extension InstaVMRoutes {
                 switch language?.lowercased() {
                 case nil, "bash", "shell", "sh": return ["/bin/sh", "-c", command]
                 case "python", "python3": return ["python3", "-c", command]
-                case let l?: throw FieldProblem(["language"], .invalid("language must be bash or python, not '\(l.prefix(40))'"))
+                case let l?:
+                    throw FieldProblem(["language"], .invalid("language must be bash or python, not '\(l.prefix(40))'"))
                 }
             }
         }

@@ -27,7 +27,11 @@ struct InstaVMError: HTTPResponseError {
 
     func response(from request: Request, context: some RequestContext) throws -> Response {
         let body: Data
-        if let items { body = try JSONEncoder().encode(["detail": items]) } else { body = try JSONEncoder().encode(["detail": message]) }
+        if let items {
+            body = try JSONEncoder().encode(["detail": items])
+        } else {
+            body = try JSONEncoder().encode(["detail": message])
+        }
         var headers = headers
         headers[.contentType] = "application/json"
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: body)))
@@ -129,9 +133,12 @@ struct InstaVMRoutes: Sendable {
         g.post("v1/snapshots") { req, ctx in try await createSnapshot(req, ctx) }
         g.get("v1/snapshots") { req, ctx in
             let type = req.uri.queryParameters["type"].map(String.init)
-            if let type, type != "user", type != "system" { throw InstaVMError.invalid(["query", "type"], "type must be user or system") }
+            if let type, type != "user", type != "system" {
+                throw InstaVMError.invalid(["query", "type"], "type must be user or system")
+            }
             var out: [SnapshotInfo] = []
-            for s in try engine.owners.snapshots() where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? .user).rawValue == type) {
+            for s in try engine.owners.snapshots()
+            where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? .user).rawValue == type) {
                 out.append(await info(await engine.resolve(s)))
             }
             return out
@@ -154,15 +161,18 @@ struct InstaVMRoutes: Sendable {
         g.post("v1/vms/{id}/snapshot") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
             let body = try RequestBodies.decode(SnapshotVMRequest.self, from: try await req.body.collect(upTo: 1 << 16))
-            let s = try await engine.snapshot(vm, account: ctx.account, name: body.name, persistence: .persistent, kind: .user)
+            let s = try await engine.snapshot(
+                vm, account: ctx.account, name: body.name, persistence: .persistent, kind: .user)
             return await info(await engine.resolve(s))
         }
         g.post("v1/vms/{id}/clone") { req, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
             let body = try RequestBodies.decode(CloneVMRequest.self, from: try await req.body.collect(upTo: 1 << 16))
-            let r = try await engine.fork(vm, account: ctx.account, count: 1, snapshotName: body.snapshot_name, snapshotKind: .user)
+            let r = try await engine.fork(
+                vm, account: ctx.account, count: 1, snapshotName: body.snapshot_name, snapshotKind: .user)
             let clone = r.forks[0]
-            return VMCreateResponse(vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
+            return VMCreateResponse(
+                vm_id: clone.id, session_id: clone.id, status: Self.status(clone.state), env_status: "none")
         }
         g.post("v1/vms/{id}/suspend") { _, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
@@ -171,7 +181,10 @@ struct InstaVMRoutes: Sendable {
         }
         g.post("v1/vms/{id}/resume") { _, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
-            guard vm.state == .suspended else { throw InstaVMError(status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not suspended", items: nil) }
+            guard vm.state == .suspended else {
+                throw InstaVMError(
+                    status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not suspended", items: nil)
+            }
             let (r, _) = try await engine.vms.resume(vm.id)
             return StatusResponse(status: Self.status(r.state), vm_id: vm.id)
         }
@@ -218,7 +231,8 @@ struct InstaVMRoutes: Sendable {
 
     func record(_ vm: VMInfo) async -> VMRecord {
         VMRecord(
-            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), created_at: FreestyleRoutes.iso(vm.createdAt),
+            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state),
+            created_at: FreestyleRoutes.iso(vm.createdAt),
             snapshot_id: vm.parentSnapshot, memory_mb: vm.memoryMiB, vcpu_count: vm.vcpus,
             expires_at: (try? await engine.policies.policy(vm.id))??.expiresAt.map(FreestyleRoutes.iso))
     }
@@ -238,12 +252,16 @@ struct InstaVMRoutes: Sendable {
         case .ready: status = "ready"
         case .failed, .cancelled, .lost: status = "failed"
         }
-        let size = r.target != nil && r.state == .ready ? (try? await engine.vms.snapshotStoredBytes(r.target!)) ?? 0 : 0
+        var size: UInt64 = 0
+        if r.state == .ready, let target = r.target { size = (try? await engine.vms.snapshotStoredBytes(target)) ?? 0 }
         return SnapshotInfo(
-            id: s.id, snapshot_id: s.id, name: s.name, status: status, source_vm_id: s.sourceVmId, snapshot_type: s.ociImage != nil ? "oci" : "vm",
-            type: (s.kind ?? .user).rawValue, oci_image: s.ociImage, vcpu_count: r.info?.vcpus ?? s.vcpus, memory_mb: r.info?.memoryMiB ?? s.memoryMiB,
+            id: s.id, snapshot_id: s.id, name: s.name, status: status, source_vm_id: s.sourceVmId,
+            snapshot_type: s.ociImage != nil ? "oci" : "vm",
+            type: (s.kind ?? .user).rawValue, oci_image: s.ociImage, vcpu_count: r.info?.vcpus ?? s.vcpus,
+            memory_mb: r.info?.memoryMiB ?? s.memoryMiB,
             size_bytes: Int(size), is_public: false, last_error: r.state == .ready ? nil : r.failureReason,
-            created_at: FreestyleRoutes.iso(s.createdAt), updated_at: FreestyleRoutes.iso(r.build?.updatedAt ?? s.updatedAt),
+            created_at: FreestyleRoutes.iso(s.createdAt),
+            updated_at: FreestyleRoutes.iso(r.build?.updatedAt ?? s.updatedAt),
             compression_state: r.info?.compressionState?.rawValue, compressed_size_bytes: r.info?.compressedSizeBytes,
             uncompressed_size_bytes: r.info?.uncompressedSizeBytes)
     }
@@ -252,7 +270,8 @@ struct InstaVMRoutes: Sendable {
 
     func createSnapshot(_ req: Request, _ ctx: APIContext) async throws -> EditedResponse<SnapshotInfo> {
         let body = try RequestBodies.decode(CreateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20))
-        let recipe = (body.build_args?.args ?? InstaVMBuildArgs()).recipe(image: body.oci_image, vcpus: body.vcpu_count ?? 2, memoryMiB: body.memory_mb ?? 512)
+        let recipe = (body.build_args?.args ?? InstaVMBuildArgs()).recipe(
+            image: body.oci_image, vcpus: body.vcpu_count ?? 2, memoryMiB: body.memory_mb ?? 512)
         do {
             let s = try await engine.startSnapshotBuild(recipe, account: ctx.account) {
                 $0.name = body.name
@@ -272,23 +291,36 @@ struct InstaVMRoutes: Sendable {
     /// A restore takes about a second, so `wait=false` is answered after it too (with the id):
     /// callers validate `wait` and call this either way.
     func newVM(_ new: NewVMRequest, _ ctx: APIContext) async throws -> VMCreateResponse {
-        let (lifetime, memory, vcpus, env, sid) = (new.vm_lifetime_seconds, new.memory_mb, new.vcpu_count, new.env, new.snapshot_id)
+        let (lifetime, memory, vcpus, env, sid) = (
+            new.vm_lifetime_seconds, new.memory_mb, new.vcpu_count, new.env, new.snapshot_id
+        )
         let target: String
-        do { target = try await engine.bootable(sid.map { .snapshot($0) } ?? .defaultImage, account: ctx.account) } catch let e as FurcateError where e.code == .notFound {
+        do {
+            target = try await engine.bootable(sid.map { .snapshot($0) } ?? .defaultImage, account: ctx.account)
+        } catch let e as FurcateError where e.code == .notFound {
             throw InstaVMError(status: .notFound, message: "Snapshot not found: \(sid?.prefix(64) ?? "")", items: nil)
         } catch let e as FurcateError where e.code == .invalidState {
             throw InstaVMError(status: .conflict, message: e.message, items: nil)
         }
         let snap = try await engine.vms.snapshotInfo(target)
         if let memory, memory != snap.memoryMiB {
-            throw InstaVMError.invalid(["body", "memory_mb"], "a VM restored from this snapshot has its \(snap.memoryMiB) MB; create a snapshot with memory_mb=\(memory) first")
+            throw InstaVMError.invalid(
+                ["body", "memory_mb"],
+                "a VM restored from this snapshot has its \(snap.memoryMiB) MB; create a snapshot with memory_mb=\(memory) first"
+            )
         }
         if let vcpus, vcpus != snap.vcpus {
-            throw InstaVMError.invalid(["body", "vcpu_count"], "a VM restored from this snapshot has its \(snap.vcpus) vCPUs; create a snapshot with vcpu_count=\(vcpus) first")
+            throw InstaVMError.invalid(
+                ["body", "vcpu_count"],
+                "a VM restored from this snapshot has its \(snap.vcpus) vCPUs; create a snapshot with vcpu_count=\(vcpus) first"
+            )
         }
-        let policy = VMPolicy(persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) })
-        let vm = try await engine.createVM(NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env))
-        return VMCreateResponse(vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
+        let policy = VMPolicy(
+            persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) })
+        let vm = try await engine.createVM(
+            NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env))
+        return VMCreateResponse(
+            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {
@@ -313,10 +345,12 @@ struct InstaVMRoutes: Sendable {
     func execute(_ req: Request, _ ctx: APIContext) async throws -> ExecuteResponse {
         let body = try RequestBodies.decode(ExecuteRequest.self, from: try await req.body.collect(upTo: 8 << 20))
         let vm = try await ownedVM(body.session_id, ctx)
-        let r = try await engine.guest(vm, wake: .requireRunning).exec(ExecRequest(argv: try body.argv, timeoutMs: (body.timeout ?? 300) * 1000))
+        let r = try await engine.guest(vm, wake: .requireRunning).exec(
+            ExecRequest(argv: try body.argv, timeoutMs: (body.timeout ?? 300) * 1000))
         return ExecuteResponse(
             stdout: String(decoding: r.stdout, as: UTF8.self), stderr: String(decoding: r.stderr, as: UTF8.self),
-            exit_code: r.timedOut ? 124 : Int(r.exitCode ?? (128 + (r.signal ?? 9))), execution_time: Double(r.durationMs) / 1000, session_id: vm.id,
+            exit_code: r.timedOut ? 124 : Int(r.exitCode ?? (128 + (r.signal ?? 9))),
+            execution_time: Double(r.durationMs) / 1000, session_id: vm.id,
             status: r.timedOut ? "timeout" : "success")
     }
 
@@ -336,15 +370,25 @@ struct InstaVMRoutes: Sendable {
             var recursive: String?
         }
         guard let type = req.headers[.contentType], type.lowercased().hasPrefix("multipart/form-data"),
-            let boundary = type.split(separator: ";").map({ $0.trimmingCharacters(in: .whitespaces) }).first(where: { $0.hasPrefix("boundary=") })?.dropFirst(9)
-        else { throw InstaVMError.invalid(["body"], "send the file as multipart/form-data (file, remote_path, session_id)") }
+            let boundary = type.split(separator: ";").map({ $0.trimmingCharacters(in: .whitespaces) }).first(where: {
+                $0.hasPrefix("boundary=")
+            })?.dropFirst(9)
+        else {
+            throw InstaVMError.invalid(["body"], "send the file as multipart/form-data (file, remote_path, session_id)")
+        }
         let body = try await req.body.collect(upTo: 256 << 20)
         let form: Form
-        do { form = try FormDataDecoder().decode(Form.self, from: body, boundary: String(boundary.trimmingCharacters(in: CharacterSet(charactersIn: "\"")))) } catch {
+        do {
+            form = try FormDataDecoder().decode(
+                Form.self, from: body,
+                boundary: String(boundary.trimmingCharacters(in: CharacterSet(charactersIn: "\""))))
+        } catch {
             throw InstaVMError.invalid(["body"], "the form needs file, remote_path and session_id: \(error)")
         }
         guard form.recursive == nil || form.recursive == "false" else {
-            throw InstaVMError.invalid(["body", "recursive"], "recursive uploads are not supported; upload files one at a time", type: "unsupported")
+            throw InstaVMError.invalid(
+                ["body", "recursive"], "recursive uploads are not supported; upload files one at a time",
+                type: "unsupported")
         }
         let path = try Self.guestPath(form.remote_path, field: "remote_path")
         let vm = try await ownedVM(form.session_id, ctx)
@@ -366,12 +410,17 @@ struct InstaVMRoutes: Sendable {
         let path = try Self.guestPath(form.filename, field: "filename")
         let vm = try await ownedVM(form.session_id, ctx)
         let found: GuestFile
-        do { found = try await engine.readFile(vm, path, wake: .requireRunning) } catch let e as FurcateError where e.code == .notFound {
+        do { found = try await engine.readFile(vm, path, wake: .requireRunning) } catch let e as FurcateError
+            where e.code == .notFound
+        {
             throw InstaVMError(status: .notFound, message: "File not found: \(path)", items: nil)
         } catch let e as FurcateError where e.code == .tooLarge {
             throw InstaVMError(status: .contentTooLarge, message: e.message, items: nil)
         }
-        guard case .file(let data) = found else { throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil) }
-        return DownloadResponse(status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
+        guard case .file(let data) = found else {
+            throw InstaVMError(status: .badRequest, message: "\(path) is not a regular file", items: nil)
+        }
+        return DownloadResponse(
+            status: "success", filename: path, content: data.base64EncodedString(), size: data.count)
     }
 }

@@ -128,12 +128,16 @@ struct FieldProblem: Error, Equatable {
 
     /// `value`, if given, within `range`.
     static func check(_ value: Int?, _ field: String, in range: ClosedRange<Int>) throws {
-        if let value, !range.contains(value) { throw FieldProblem(field.split(separator: ".").map(String.init), .outOfRange(range, value: value)) }
+        if let value, !range.contains(value) {
+            throw FieldProblem(field.split(separator: ".").map(String.init), .outOfRange(range, value: value))
+        }
     }
 
     /// `value`, if given, at most `max` bytes of UTF-8.
     static func check(_ value: String?, _ field: String, max: Int) throws {
-        if let value, value.utf8.count > max { throw FieldProblem(field.split(separator: ".").map(String.init), .tooLong(max: max)) }
+        if let value, value.utf8.count > max {
+            throw FieldProblem(field.split(separator: ".").map(String.init), .tooLong(max: max))
+        }
     }
 }
 
@@ -149,7 +153,9 @@ enum RequestBodies {
         var data = data.isEmpty ? Data("{}".utf8) : data
         let object: [String: JSONValue]
         do {
-            guard case .object(let o) = try JSONDecoder().decode(JSONValue.self, from: data) else { throw FieldProblem([], .notAnObject) }
+            guard case .object(let o) = try JSONDecoder().decode(JSONValue.self, from: data) else {
+                throw FieldProblem([], .notAnObject)
+            }
             object = o
         } catch {
             throw FieldProblem([], .notAnObject)
@@ -166,7 +172,10 @@ enum RequestBodies {
                 problem =
                     suspects.count == 1
                     ? FieldProblem(suspects[0], .wrongType(.integer))
-                    : FieldProblem([], .invalid("a number in the body does not fit its field (an integer given a fraction, or too large)"))
+                    : FieldProblem(
+                        [],
+                        .invalid(
+                            "a number in the body does not fit its field (an integer given a fraction, or too large)"))
             }
             throw problem
         }
@@ -186,9 +195,15 @@ enum RequestBodies {
 
     /// Refuses the fields of `object` at `path` that are not `honoured`, unless `documented`
     /// and null.
-    static func refuse(_ object: [String: JSONValue], honoured: Set<String>, documented: Set<String> = [], at path: [String]) throws {
-        let unsupported = object.filter { !honoured.contains($0.key) && !($0.value == .null && documented.contains($0.key)) }.keys.sorted()
-        guard unsupported.isEmpty else { throw FieldProblem(path, .unsupported(fields: unsupported, supported: honoured.sorted())) }
+    static func refuse(
+        _ object: [String: JSONValue], honoured: Set<String>, documented: Set<String> = [], at path: [String]
+    ) throws {
+        let unsupported = object.filter {
+            !honoured.contains($0.key) && !($0.value == .null && documented.contains($0.key))
+        }.keys.sorted()
+        guard unsupported.isEmpty else {
+            throw FieldProblem(path, .unsupported(fields: unsupported, supported: honoured.sorted()))
+        }
     }
 }
 
@@ -198,6 +213,7 @@ extension Decoder {
     func refuseFields(except honoured: Set<String>, documented: Set<String> = []) throws {
         let object = try singleValueContainer().decode([String: JSONValue].self)
         try RequestBodies.refuse(
-            object, honoured: honoured, documented: documented, at: codingPath.map { $0.intValue.map(String.init) ?? $0.stringValue })
+            object, honoured: honoured, documented: documented,
+            at: codingPath.map { $0.intValue.map(String.init) ?? $0.stringValue })
     }
 }

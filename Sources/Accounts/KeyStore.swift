@@ -6,7 +6,7 @@ import FurcateCore
 import RecordStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An API key as stored: never the secret, only its SHA-256.
@@ -28,7 +28,9 @@ public final class KeyStore: Sendable {
     static let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
     public init(path: String) throws {
-        db = try RecordDatabase(path: path, what: "API key", migrations: ["CREATE TABLE keys (hash TEXT PRIMARY KEY, record BLOB NOT NULL)"])
+        db = try RecordDatabase(
+            path: path, what: "API key", migrations: ["CREATE TABLE keys (hash TEXT PRIMARY KEY, record BLOB NOT NULL)"]
+        )
     }
 
     /// Account names: 1–64 of a-z 0-9 - _, starting with a letter or digit.
@@ -37,7 +39,9 @@ public final class KeyStore: Sendable {
             name.utf8.allSatisfy({ (97...122).contains($0) || (48...57).contains($0) || $0 == 45 || $0 == 95 }),
             let f = name.utf8.first, (97...122).contains(f) || (48...57).contains(f)
         else {
-            throw FurcateError(.invalidArgument, "account '\(name.prefix(80))' must be 1-64 of a-z 0-9 - _ (starting with a letter or digit)")
+            throw FurcateError(
+                .invalidArgument,
+                "account '\(name.prefix(80))' must be 1-64 of a-z 0-9 - _ (starting with a letter or digit)")
         }
     }
 
@@ -56,7 +60,8 @@ public final class KeyStore: Sendable {
         try Self.validateAccount(account)
         let secret = "fk_" + Self.random(43, from: Self.alphabet)
         let key = APIKey(
-            id: "key_" + Self.random(12, from: Array("abcdefghijklmnopqrstuvwxyz0123456789")), account: account, admin: admin,
+            id: "key_" + Self.random(12, from: Array("abcdefghijklmnopqrstuvwxyz0123456789")), account: account,
+            admin: admin,
             prefix: String(secret.prefix(7)), createdAt: Date().timeIntervalSince1970)
         try db.save(Self.table, key: Self.hash(secret), key)
         return (key, secret)
@@ -76,7 +81,9 @@ public final class KeyStore: Sendable {
     public func revoke(_ id: String) throws {
         // Keys are few; the table is keyed by hash, so find the row by its record.
         let rows = try db.allKeyed(Self.table, as: APIKey.self)
-        guard let row = rows.first(where: { $0.value.id == id }) else { throw FurcateError(.notFound, "no API key \(id.prefix(40))") }
+        guard let row = rows.first(where: { $0.value.id == id }) else {
+            throw FurcateError(.notFound, "no API key \(id.prefix(40))")
+        }
         try db.delete(Self.table, key: row.key)
     }
 

@@ -60,7 +60,7 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
     /// The 32 bytes, big-endian.
     public var bytes: [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
-        out.withUnsafeMutableBytes { write(to: $0.baseAddress!) }
+        out.withUnsafeMutableBytes { if let p = $0.baseAddress { write(to: p) } }
         return out
     }
 

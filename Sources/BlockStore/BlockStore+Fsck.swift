@@ -48,8 +48,12 @@ extension BlockStore {
                 throw FurcateError(.damaged, "tree node \(id.hex) is missing")
             }
             return try data.withUnsafeBytes { raw in
-                guard BlockID.hash(raw) == id else { throw FurcateError(.damaged, "tree node \(id.hex) fails its hash check") }
-                guard let n = TreeNode.decode(raw) else { throw FurcateError(.damaged, "tree node \(id.hex) is malformed") }
+                guard BlockID.hash(raw) == id else {
+                    throw FurcateError(.damaged, "tree node \(id.hex) fails its hash check")
+                }
+                guard let n = TreeNode.decode(raw) else {
+                    throw FurcateError(.damaged, "tree node \(id.hex) is malformed")
+                }
                 return n
             }
         })
@@ -70,7 +74,8 @@ extension BlockStore {
         for id in reachable.blocks.sorted() {
             guard let loc = try index.read("fsck: locate", { db in try index.location(db, id) }) else {
                 let q = try index.read("fsck: quarantine") { db in
-                    try Bool.fetchOne(db, sql: "SELECT 1 FROM quarantine WHERE id = ?", arguments: [Data(id.bytes)]) ?? false
+                    try Bool.fetchOne(db, sql: "SELECT 1 FROM quarantine WHERE id = ?", arguments: [Data(id.bytes)])
+                        ?? false
                 }
                 damaged[id] = q ? "block is quarantined" : "block is missing from the index"
                 continue
@@ -78,7 +83,9 @@ extension BlockStore {
             report.blocksChecked += 1
             report.bytesChecked += UInt64(loc.rawLength)
             do {
-                guard Int(loc.rawLength) <= buf.count else { throw FurcateError(.damaged, "index claims a \(loc.rawLength)-byte block") }
+                guard Int(loc.rawLength) <= buf.count else {
+                    throw FurcateError(.damaged, "index claims a \(loc.rawLength)-byte block")
+                }
                 let h = try packs.handle(loc.pack)
                 try buf.withUnsafeMutableBytes { b in
                     let dst = UnsafeMutableRawBufferPointer(rebasing: b[0..<Int(loc.rawLength)])
@@ -98,7 +105,8 @@ extension BlockStore {
             for r in rows where !badNodes.keys.contains(r.root) {
                 try checked.walk(r.root, enter: { _ in true }) { i, e in
                     if let why = damaged[e] {
-                        report.damage.append(DamageReport(file: r.name, offset: i * UInt64(r.blockSize), block: e.hex, reason: why))
+                        report.damage.append(
+                            DamageReport(file: r.name, offset: i * UInt64(r.blockSize), block: e.hex, reason: why))
                     }
                 }
             }
@@ -114,12 +122,15 @@ extension BlockStore {
                 report.problems.append(e.description)
             }
         }
-        report.unreferencedBlocks = try index.read("fsck: count") { db in
-            try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM blocks") ?? 0
-        } - report.blocksChecked
+        report.unreferencedBlocks =
+            try index.read("fsck: count") { db in
+                try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM blocks") ?? 0
+            } - report.blocksChecked
 
         if repair {
-            let toQuarantine = damaged.filter { !$0.value.hasPrefix("block is quarantined") && !$0.value.hasPrefix("block is missing") }
+            let toQuarantine = damaged.filter {
+                !$0.value.hasPrefix("block is quarantined") && !$0.value.hasPrefix("block is missing")
+            }
             try index.write("fsck: quarantine") { db in
                 for (id, why) in toQuarantine {
                     try db.execute(

@@ -61,8 +61,11 @@ extension BlockStore {
                         // Nodes committed after phase 1 are read through this transaction.
                         let tx = BlockTree(load: { nid in
                             if let n = self.nodeCache.get(nid) { return n }
-                            guard let data = try self.index.nodeData(db, nid), let n = data.withUnsafeBytes({ TreeNode.decode($0) }) else {
-                                throw FurcateError(.damaged, "tree node \(nid) is missing or malformed", path: self.index.path)
+                            guard let data = try self.index.nodeData(db, nid),
+                                let n = data.withUnsafeBytes({ TreeNode.decode($0) })
+                            else {
+                                throw FurcateError(
+                                    .damaged, "tree node \(nid) is missing or malformed", path: self.index.path)
                             }
                             return n
                         })
@@ -112,8 +115,11 @@ extension BlockStore {
         let pendingPacks = gcGate.withWriteLock { registry.snapshot().packs }
         let liveBytes = try index.read("gc: live bytes") { db in
             var m: [Int64: UInt64] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT pack, SUM(stored_len) AS s, COUNT(*) AS n FROM blocks GROUP BY pack") {
-                m[row["pack"]] = UInt64(row["s"] as Int64) + UInt64(row["n"] as Int64) * UInt64(PackFormat.recordHeaderSize)
+            for row in try Row.fetchAll(
+                db, sql: "SELECT pack, SUM(stored_len) AS s, COUNT(*) AS n FROM blocks GROUP BY pack")
+            {
+                m[row["pack"]] =
+                    UInt64(row["s"] as Int64) + UInt64(row["n"] as Int64) * UInt64(PackFormat.recordHeaderSize)
             }
             return m
         }
@@ -128,7 +134,9 @@ extension BlockStore {
             }
             guard Double(live) / Double(max(size, 1)) < options.compactionThreshold else { continue }
             let rows = try index.read("gc: pack rows") { db in
-                try Row.fetchAll(db, sql: "SELECT id, pack, offset, stored_len, raw_len, codec FROM blocks WHERE pack = ?", arguments: [pack])
+                try Row.fetchAll(
+                    db, sql: "SELECT id, pack, offset, stored_len, raw_len, codec FROM blocks WHERE pack = ?",
+                    arguments: [pack])
             }
             let h = try packs.handle(pack)
             var moves: [(Data, BlockLocation)] = []
@@ -139,7 +147,9 @@ extension BlockStore {
                     bytes = try h.readRecordBytes(old)
                 } catch let e as FurcateError where e.code == .damaged {
                     // Leave damaged records where fsck can find and quarantine them; keep the pack.
-                    logger.error("gc: damaged record left in place", metadata: ["pack.path": "\(h.path)", "pack.offset": "\(old.offset)"])
+                    logger.error(
+                        "gc: damaged record left in place",
+                        metadata: ["pack.path": "\(h.path)", "pack.offset": "\(old.offset)"])
                     moves.removeAll()
                     break
                 }

@@ -39,13 +39,16 @@ extension BlockStore {
     /// - Throws: `.notFound`, `.damaged` for a block that fails its checks (the rest of the
     ///   batch is not switched), `.diskFull`.
     @discardableResult
-    public func recompress(_ name: String, codec: Codec, isCancelled: () -> Bool = { false }) throws -> CompressionStats {
+    public func recompress(_ name: String, codec: Codec, isCancelled: () -> Bool = { false }) throws -> CompressionStats
+    {
         try checkOpen()
         try gcMutex.withLock { _ in
             let (root, _) = try file(name).committedState()
             var ordered: [BlockID] = []
             var seen = Set<BlockID>()
-            try tree.walk(root, enter: { _ in true }, leaf: { _, e in if e.isStored, seen.insert(e).inserted { ordered.append(e) } })
+            try tree.walk(
+                root, enter: { _ in true },
+                leaf: { _, e in if e.isStored, seen.insert(e).inserted { ordered.append(e) } })
             let batch = 512
             var i = 0
             while i < ordered.count, !isCancelled() {
@@ -57,15 +60,19 @@ extension BlockStore {
                     let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(old.rawLength), alignment: 16)
                     defer { raw.deallocate() }
                     try readBlock(id, at: old, into: raw, file: name)
-                    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Codec.bound(raw.count), alignment: 16)
+                    let scratch = UnsafeMutableRawBufferPointer.allocate(
+                        byteCount: Codec.bound(raw.count), alignment: 16)
                     defer { scratch.deallocate() }
                     let new: BlockLocation
                     if let n = codec.compress(UnsafeRawBufferPointer(raw), into: scratch) {
-                        new = try packs.append(id: id, codecTag: codec.tag, rawLength: raw.count, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+                        new = try packs.append(
+                            id: id, codecTag: codec.tag, rawLength: raw.count,
+                            payload: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
                     } else if old.codecTag == 0 {
                         continue  // raw already, and the codec would not save enough
                     } else {
-                        new = try packs.append(id: id, codecTag: 0, rawLength: raw.count, payload: UnsafeRawBufferPointer(raw))
+                        new = try packs.append(
+                            id: id, codecTag: 0, rawLength: raw.count, payload: UnsafeRawBufferPointer(raw))
                     }
                     moves.append((id, new))
                 }
@@ -75,7 +82,9 @@ extension BlockStore {
                     for (id, l) in moves {
                         try db.execute(
                             sql: "UPDATE blocks SET pack = ?, offset = ?, stored_len = ?, codec = ? WHERE id = ?",
-                            arguments: [l.pack, Int64(l.offset), Int64(l.storedLength), Int64(l.codecTag), Data(id.bytes)])
+                            arguments: [
+                                l.pack, Int64(l.offset), Int64(l.storedLength), Int64(l.codecTag), Data(id.bytes),
+                            ])
                     }
                 }
             }
@@ -84,11 +93,15 @@ extension BlockStore {
     }
 
     /// Reads and checks one block from a known location.
-    private func readBlock(_ id: BlockID, at loc: BlockLocation, into dst: UnsafeMutableRawBufferPointer, file: String) throws {
+    private func readBlock(_ id: BlockID, at loc: BlockLocation, into dst: UnsafeMutableRawBufferPointer, file: String)
+        throws
+    {
         let h = try packs.handle(loc.pack)
         let claimed = try h.readBlock(loc, into: dst)
         guard claimed == id, BlockID.hash(UnsafeRawBufferPointer(dst)) == id else {
-            throw FurcateError(.damaged, "block \(id) of '\(file)' fails its checks; not recompressed", path: h.path, offset: loc.offset)
+            throw FurcateError(
+                .damaged, "block \(id) of '\(file)' fails its checks; not recompressed", path: h.path,
+                offset: loc.offset)
         }
     }
 }

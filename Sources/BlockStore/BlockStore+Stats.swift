@@ -41,7 +41,8 @@ extension BlockStore {
             let n = try t.load(id)
             var total: UInt64 = 0
             for e in n.slots where !e.isHole {
-                total += level == 0 ? (e.isStored ? blockSize : 0) : try bytes(e, level: level - 1, blockSize: blockSize)
+                total +=
+                    level == 0 ? (e.isStored ? blockSize : 0) : try bytes(e, level: level - 1, blockSize: blockSize)
             }
             memo[id] = total
             return total
@@ -52,7 +53,10 @@ extension BlockStore {
             s.referencedBytes += try bytes(r.root, level: BlockTree.depth - 1, blockSize: UInt64(r.blockSize))
         }
         try index.read("stats: blocks") { db in
-            if let row = try Row.fetchOne(db, sql: "SELECT COUNT(*) AS n, COALESCE(SUM(raw_len),0) AS r, COALESCE(SUM(stored_len),0) AS s FROM blocks") {
+            if let row = try Row.fetchOne(
+                db,
+                sql: "SELECT COUNT(*) AS n, COALESCE(SUM(raw_len),0) AS r, COALESCE(SUM(stored_len),0) AS s FROM blocks"
+            ) {
                 s.blocks = row["n"]
                 s.uniqueBytes = UInt64(row["r"] as Int64)
                 s.storedBytes = UInt64(row["s"] as Int64) + UInt64(s.blocks * PackFormat.recordHeaderSize)

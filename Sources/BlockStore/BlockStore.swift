@@ -12,7 +12,7 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Tunables of an open store.
@@ -101,13 +101,15 @@ public final class BlockStore: Sendable {
             guard isDir.boolValue else { throw FurcateError(.invalidArgument, "not a directory", path: directory) }
             let entries = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
             guard entries.isEmpty else {
-                throw FurcateError(.exists, "directory is not empty; a new store needs an empty directory", path: directory)
+                throw FurcateError(
+                    .exists, "directory is not empty; a new store needs an empty directory", path: directory)
             }
         }
         do {
             try fm.createDirectory(atPath: directory + "/packs", withIntermediateDirectories: true)
         } catch {
-            throw FurcateError(.io, "cannot create store directory", path: directory, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot create store directory", path: directory, underlying: UnderlyingMessage(error))
         }
         let store = try BlockStore(directory: directory, creating: true, options: options)
         try store.index.write("init") { db in
@@ -140,7 +142,8 @@ public final class BlockStore: Sendable {
             throw FurcateError(.notAStore, "no store here (run 'furcate store init' first)", path: dir)
         }
         if !creating && !FileManager.default.fileExists(atPath: dir + "/index.sqlite") {
-            throw FurcateError(.notAStore, "not a Furcate store (no index.sqlite; run 'furcate store init' first)", path: dir)
+            throw FurcateError(
+                .notAStore, "not a Furcate store (no index.sqlite; run 'furcate store init' first)", path: dir)
         }
         // One writer process: an exclusive, non-blocking flock on DIR/lock, released by the
         // kernel when the process dies however it dies, so a kill -9 never leaves it stuck.
@@ -154,7 +157,9 @@ public final class BlockStore: Sendable {
             let e = errno
             var holder = ""
             var holderPID: Int?
-            if let text = try? String(contentsOfFile: lockPath, encoding: .utf8), let pid = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+            if let text = try? String(contentsOfFile: lockPath, encoding: .utf8),
+                let pid = Int(text.trimmingCharacters(in: .whitespacesAndNewlines))
+            {
                 holder = " by process \(pid)"
                 holderPID = pid
             }
@@ -181,7 +186,10 @@ public final class BlockStore: Sendable {
                 (try idx.meta(db, "format_version"), try idx.meta(db, "block_size"), try idx.meta(db, "codec"))
             }
             guard version == "\(StoreIndex.formatVersion)" else {
-                throw FurcateError(.unsupportedFormat, "store format version \(version ?? "?") is not supported (this build reads \(StoreIndex.formatVersion))", path: dir)
+                throw FurcateError(
+                    .unsupportedFormat,
+                    "store format version \(version ?? "?") is not supported (this build reads \(StoreIndex.formatVersion))",
+                    path: dir)
             }
             defaultBlockSize = bs.flatMap(Int.init) ?? Self.defaultBlockSize
             defaultCodec = (try? codec.map(Codec.init(parsing:)) ?? .default) ?? .default
@@ -199,11 +207,14 @@ public final class BlockStore: Sendable {
                 let p = probe.path(of: id)
                 if stat(p, &st) == 0, st.st_size < PackFormat.headerSize {
                     unlink(p)
-                    options.logger.warning("removed a pack torn at its creation", metadata: ["store.pack": "\(p)", "bytes": "\(st.st_size)"])
+                    options.logger.warning(
+                        "removed a pack torn at its creation",
+                        metadata: ["store.pack": "\(p)", "bytes": "\(st.st_size)"])
                 }
             }
             // A new pack per session: never append after a torn tail a crash may have left.
-            packs = PackSet(directory: packDir, nextID: max(maxOnDisk, maxIndexed) + 1, rolloverSize: options.packRolloverBytes)
+            packs = PackSet(
+                directory: packDir, nextID: max(maxOnDisk, maxIndexed) + 1, rolloverSize: options.packRolloverBytes)
             blockCache = LRUCache(capacity: options.blockCacheBytes)
             nodeCache = LRUCache(capacity: options.nodeCacheBytes)
         } catch {
@@ -228,7 +239,9 @@ public final class BlockStore: Sendable {
     deinit { close() }
 
     func checkOpen() throws {
-        if closed.load(ordering: .acquiring) { throw FurcateError(.invalidArgument, "store is closed", path: directory) }
+        if closed.load(ordering: .acquiring) {
+            throw FurcateError(.invalidArgument, "store is closed", path: directory)
+        }
     }
 
     // MARK: change notification
@@ -256,7 +269,8 @@ public final class BlockStore: Sendable {
         try Self.validateBlockSize(bs)
         let f = try namespace.withLock { _ in
             let id = try index.write("create \(name)") { db in
-                try index.insertFile(db, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec)
+                try index.insertFile(
+                    db, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec)
             }
             let row = FileRow(
                 id: id, name: name, kind: .file, root: .hole, size: 0, blockSize: bs, codec: codec ?? defaultCodec,
@@ -291,9 +305,13 @@ public final class BlockStore: Sendable {
     public func file(id: Int64) throws -> StoreFile {
         try checkOpen()
         if let f = files.withLock({ $0.byID[id] }) { return f }  // every FUSE request: O(1)
-        guard let name = try index.read("look up file \(id)", { db in
-            try String.fetchOne(db, sql: "SELECT name FROM files WHERE id = ?", arguments: [id])
-        }) else {
+        guard
+            let name = try index.read(
+                "look up file \(id)",
+                { db in
+                    try String.fetchOne(db, sql: "SELECT name FROM files WHERE id = ?", arguments: [id])
+                })
+        else {
             throw FurcateError(.notFound, "no file or snapshot with id \(id)", path: directory)
         }
         return try file(name)
@@ -357,7 +375,8 @@ public final class BlockStore: Sendable {
             // lock so no write slips between.
             let (root, size) = try source.committedState()
             let id = try index.write("\(kind.name) \(src) -> \(dst)") { db in
-                try index.insertFile(db, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec)
+                try index.insertFile(
+                    db, name: dst, kind: kind, root: root, size: size, blockSize: source.blockSize, codec: source.codec)
             }
             let now = Date().timeIntervalSince1970
             let row = FileRow(
@@ -382,7 +401,9 @@ public final class BlockStore: Sendable {
                 try db.execute(sql: "DELETE FROM files WHERE name = ?", arguments: [name])
                 return k
             }
-            guard let kind else { throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory) }
+            guard let kind else {
+                throw FurcateError(.notFound, "no file or snapshot named '\(name)'", path: directory)
+            }
             _ = files.withLock { $0.remove(name) }
             open?.discard()
             return kind
@@ -463,15 +484,19 @@ public final class BlockStore: Sendable {
     }
 
     /// Reads block `id` (exactly `dst.count` bytes) from its pack into `dst`, bypassing the cache.
-    private func readBlockUncached(_ id: BlockID, into dst: UnsafeMutableRawBufferPointer, file: String, fileOffset: UInt64) throws {
+    private func readBlockUncached(
+        _ id: BlockID, into dst: UnsafeMutableRawBufferPointer, file: String, fileOffset: UInt64
+    ) throws {
         do {
             var attempt = 0
             while true {
                 guard let loc = try locate(id) else {
                     let q = try index.read("check quarantine") { db in
-                        try Bool.fetchOne(db, sql: "SELECT 1 FROM quarantine WHERE id = ?", arguments: [Data(id.bytes)]) ?? false
+                        try Bool.fetchOne(db, sql: "SELECT 1 FROM quarantine WHERE id = ?", arguments: [Data(id.bytes)])
+                            ?? false
                     }
-                    throw FurcateError(.damaged, q ? "block \(id) is quarantined (damaged)" : "block \(id) is missing from the index")
+                    throw FurcateError(
+                        .damaged, q ? "block \(id) is quarantined (damaged)" : "block \(id) is missing from the index")
                 }
                 let h: PackHandle
                 do {
@@ -482,7 +507,9 @@ public final class BlockStore: Sendable {
                 }
                 let claimed = try h.readBlock(loc, into: dst)
                 guard claimed == id else {
-                    throw FurcateError(.damaged, "pack record holds block \(claimed), index expected \(id)", path: h.path, offset: loc.offset)
+                    throw FurcateError(
+                        .damaged, "pack record holds block \(claimed), index expected \(id)", path: h.path,
+                        offset: loc.offset)
                 }
                 if options.verifyHashOnRead, BlockID.hash(UnsafeRawBufferPointer(dst)) != id {
                     throw FurcateError(.damaged, "block \(id) fails its hash check", path: h.path, offset: loc.offset)
@@ -495,10 +522,12 @@ public final class BlockStore: Sendable {
                 "damaged block",
                 metadata: [
                     "store.file": "\(file)", "store.offset": "\(fileOffset)", "block.id": "\(id.hex)",
-                    "pack.path": "\(e.path ?? "-")", "pack.offset": "\(e.offset.map(String.init) ?? "-")", "reason": "\(e.message)",
+                    "pack.path": "\(e.path ?? "-")", "pack.offset": "\(e.offset.map(String.init) ?? "-")",
+                    "reason": "\(e.message)",
                 ])
             throw FurcateError(
-                .damaged, "damaged block in '\(file)' at offset \(fileOffset): \(e.message)", path: file, offset: fileOffset,
+                .damaged, "damaged block in '\(file)' at offset \(fileOffset): \(e.message)", path: file,
+                offset: fileOffset,
                 operation: "read", underlying: e)
         }
     }
@@ -516,7 +545,9 @@ public final class BlockStore: Sendable {
             defer { scratch.deallocate() }
             let loc: BlockLocation
             if let n = codec.compress(data, into: scratch) {
-                loc = try packs.append(id: id, codecTag: codec.tag, rawLength: data.count, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+                loc = try packs.append(
+                    id: id, codecTag: codec.tag, rawLength: data.count,
+                    payload: UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
             } else {
                 loc = try packs.append(id: id, codecTag: 0, rawLength: data.count, payload: data)
             }
@@ -565,8 +596,9 @@ final class PendingRegistry: Sendable {
 
     func retainIfPresent(_ id: BlockID) -> Bool {
         map.withLock { m in
-            guard m[id] != nil else { return false }
-            m[id]!.count += 1
+            guard var e = m[id] else { return false }
+            e.count += 1
+            m[id] = e
             return true
         }
     }

@@ -155,7 +155,8 @@ struct BlockTree {
                 let childEnd = base + UInt64(s + 1) * child
                 var end = start + 1
                 while end < sets.endIndex && sets[end].0 < childEnd { end += 1 }
-                slots[s] = try set(slots[s], level: level - 1, base: base + UInt64(s) * child, sets[start..<end], &batch)
+                slots[s] = try set(
+                    slots[s], level: level - 1, base: base + UInt64(s) * child, sets[start..<end], &batch)
                 start = end
             }
         }
@@ -194,7 +195,9 @@ struct BlockTree {
         for s in first..<TreeNode.fanout {
             let cb = base + UInt64(s) * child
             if node.slots[s].isHole { return max(from, cb) }
-            if level > 0, let r = try nextHole(node.slots[s], level: level - 1, base: cb, from: max(from, cb)) { return r }
+            if level > 0, let r = try nextHole(node.slots[s], level: level - 1, base: cb, from: max(from, cb)) {
+                return r
+            }
         }
         return nil
     }

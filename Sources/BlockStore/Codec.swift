@@ -67,14 +67,14 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
             return nil
         case .lz4:
             let n = LZ4_compress_default(
-                src.baseAddress!.assumingMemoryBound(to: CChar.self),
-                dst.baseAddress!.assumingMemoryBound(to: CChar.self),
+                src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                dst.baseAddress?.assumingMemoryBound(to: CChar.self),
                 Int32(src.count), Int32(dst.count))
             return n > 0 && Int(n) <= limit ? Int(n) : nil
         case .lz4hc(let level):
             let n = LZ4_compress_HC(
-                src.baseAddress!.assumingMemoryBound(to: CChar.self),
-                dst.baseAddress!.assumingMemoryBound(to: CChar.self),
+                src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                dst.baseAddress?.assumingMemoryBound(to: CChar.self),
                 Int32(src.count), Int32(dst.count), level)
             return n > 0 && Int(n) <= limit ? Int(n) : nil
         case .zstd(let level):
@@ -98,8 +98,8 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
             return true
         case 1:
             let n = LZ4_decompress_safe(
-                src.baseAddress!.assumingMemoryBound(to: CChar.self),
-                dst.baseAddress!.assumingMemoryBound(to: CChar.self),
+                src.baseAddress?.assumingMemoryBound(to: CChar.self),
+                dst.baseAddress?.assumingMemoryBound(to: CChar.self),
                 Int32(src.count), Int32(dst.count))
             return Int(n) == dst.count
         case 2:

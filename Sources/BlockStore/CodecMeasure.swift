@@ -21,25 +21,31 @@ public enum CodecMeasure {
         sample.withUnsafeBytes { raw in
             for k in 0..<blocks {
                 let src = UnsafeRawBufferPointer(rebasing: raw[(k * blockSize)..<((k + 1) * blockSize)])
-                sizes[k] = codec.compress(src, into: UnsafeMutableRawBufferPointer(rebasing: scratch[(k * bound)..<((k + 1) * bound)]))
+                sizes[k] = codec.compress(
+                    src, into: UnsafeMutableRawBufferPointer(rebasing: scratch[(k * bound)..<((k + 1) * bound)]))
             }
         }
         let t1 = StoreClock.now()
         var ok = true
         for k in 0..<blocks {
             guard let n = sizes[k] else { continue }
-            ok = Codec.decompress(tag: codec.tag, UnsafeRawBufferPointer(rebasing: scratch[(k * bound)..<(k * bound + n)]), into: out) && ok
+            ok =
+                Codec.decompress(
+                    tag: codec.tag, UnsafeRawBufferPointer(rebasing: scratch[(k * bound)..<(k * bound + n)]), into: out)
+                && ok
         }
         let t2 = StoreClock.now()
         precondition(ok, "codec round trip failed")
         let stored = sizes.reduce(0) { $0 + ($1 ?? blockSize) }
         let total = Double(blocks * blockSize)
-        return Result(compress: total / (t1 - t0) / 1e6, decompress: total / max(t2 - t1, 1e-9) / 1e6, ratio: total / Double(stored))
+        return Result(
+            compress: total / (t1 - t0) / 1e6, decompress: total / max(t2 - t1, 1e-9) / 1e6,
+            ratio: total / Double(stored))
     }
 }
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 enum StoreClock {

@@ -62,7 +62,11 @@ public struct CrashWorkload: Sendable {
             model[f] = c
         case .truncate(let f, let size):
             var c = model[f] ?? []
-            if c.count > Int(size) { c.removeLast(c.count - Int(size)) } else { c += [UInt8](repeating: 0, count: Int(size) - c.count) }
+            if c.count > Int(size) {
+                c.removeLast(c.count - Int(size))
+            } else {
+                c += [UInt8](repeating: 0, count: Int(size) - c.count)
+            }
             model[f] = c
         case .punch(let f, let off, let len):
             var c = model[f] ?? []

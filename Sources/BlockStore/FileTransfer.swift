@@ -1,7 +1,7 @@
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Copies between local files and store files, keeping holes.
@@ -21,8 +21,8 @@ public enum FileTransfer {
             let data = lseek(fd, off_t(pos), SEEK_DATA_LINUX)
             if data < 0 {
                 if errno == ENXIO { break }  // only a hole remains
-                if errno == EINVAL { pos = pos == 0 ? 0 : pos }  // no SEEK_DATA: copy everything
-                else { throw FurcateError.system("lseek", errno: errno, path: path, offset: pos) }
+                guard errno == EINVAL else { throw FurcateError.system("lseek", errno: errno, path: path, offset: pos) }
+                pos = pos == 0 ? 0 : pos
             }
             let start = data < 0 ? pos : UInt64(data)
             var end = UInt64(max(lseek(fd, off_t(start), SEEK_HOLE_LINUX), 0))
@@ -58,7 +58,7 @@ public enum FileTransfer {
                 var done = 0
                 while done < n {
                     let w = try syscall("pwrite", path: path, offset: p + UInt64(done)) {
-                        pwrite(fd, buf.baseAddress! + done, n - done, off_t(p) + off_t(done))
+                        pwrite(fd, buf.baseAddress.map { $0 + done }, n - done, off_t(p) + off_t(done))
                     }
                     done += w
                 }

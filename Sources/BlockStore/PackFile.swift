@@ -3,7 +3,7 @@ import FurcateCore
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where a block's record lives: pack, byte offset of the record header, and the record's sizes.
@@ -63,7 +63,9 @@ enum PackFormat {
         }
         let v = UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
         guard v == version else {
-            throw FurcateError(.unsupportedFormat, "pack format version \(v) is not supported (this build reads \(version))", path: path)
+            throw FurcateError(
+                .unsupportedFormat, "pack format version \(v) is not supported (this build reads \(version))",
+                path: path)
         }
         let c = UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 28, as: UInt32.self))
         guard c == crc(UnsafeRawBufferPointer(rebasing: h[0..<28])) else {
@@ -100,7 +102,8 @@ final class PackHandle: Sendable {
         guard Int(loc.rawLength) == dst.count,
             Codec.decompress(tag: loc.codecTag, payload, into: dst)
         else {
-            throw FurcateError(.damaged, "block record does not decompress to \(dst.count) bytes", path: path, offset: loc.offset)
+            throw FurcateError(
+                .damaged, "block record does not decompress to \(dst.count) bytes", path: path, offset: loc.offset)
         }
         return claimed
     }
@@ -141,7 +144,7 @@ final class PackHandle: Sendable {
         var done = 0
         while done < buf.count {
             let n = try syscall("pread", path: path, offset: offset + UInt64(done)) {
-                pread(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+                pread(fd, buf.baseAddress.map { $0 + done }, buf.count - done, off_t(offset) + off_t(done))
             }
             if n == 0 {
                 throw FurcateError(.damaged, "block record runs past the end of the pack", path: path, offset: offset)
@@ -204,7 +207,7 @@ final class PackSet: Sendable {
             p[4] = codecTag
             p.storeBytes(of: UInt32(rawLength).littleEndian, toByteOffset: 8, as: UInt32.self)
             p.storeBytes(of: UInt32(payload.count).littleEndian, toByteOffset: 12, as: UInt32.self)
-            id.write(to: p.baseAddress! + 16)
+            if let base = p.baseAddress { id.write(to: base + 16) }  // h ≥ 48 bytes: never nil
             UnsafeMutableRawBufferPointer(rebasing: p[h...]).copyMemory(from: payload)
             var c = PackFormat.crc(UnsafeRawBufferPointer(rebasing: p[0..<48]))
             c = PackFormat.crc(UnsafeRawBufferPointer(rebasing: p[h...]), UInt(c))
@@ -220,13 +223,14 @@ final class PackSet: Sendable {
             if s.active == nil || s.activeEnd >= rolloverSize {
                 try startPack(&s)
             }
-            let pack = s.active!
+            guard let pack = s.active else { throw FurcateError(.io, "no pack is open for writing") }
             let offset = s.activeEnd
             try rec.withUnsafeBytes { buf in
                 var done = 0
                 while done < buf.count {
                     let n = try syscall("pwrite", path: pack.path, offset: offset + UInt64(done)) {
-                        pwrite(pack.fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+                        pwrite(
+                            pack.fd, buf.baseAddress.map { $0 + done }, buf.count - done, off_t(offset) + off_t(done))
                     }
                     done += n
                 }
@@ -310,7 +314,7 @@ final class PackSet: Sendable {
         var ids: [Int64] = []
         while let e = readdir(d) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { raw in
-                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+                raw.baseAddress.map { String(cString: $0.assumingMemoryBound(to: CChar.self)) } ?? ""
             }
             if name.hasSuffix(".pack"), let id = Int64(name.dropLast(5)) { ids.append(id) }
         }

@@ -112,14 +112,18 @@ public final class StoreFile: @unchecked Sendable {
                 let len = min(blockSize - within, n - done)
                 let out = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + len)])
                 if let d = dirty[i] {
-                    d.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + len)])) }
+                    d.withUnsafeBytes {
+                        out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + len)]))
+                    }
                 } else {
                     let e = try entryLocked(i)
                     if !e.isStored {
                         out.initializeMemory(as: UInt8.self, repeating: 0)
                     } else {
                         let block = try store.blockData(e, size: blockSize, file: _name, fileOffset: i * bs)
-                        block.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + len)])) }
+                        block.withUnsafeBytes {
+                            out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + len)]))
+                        }
                     }
                 }
                 done += len
@@ -146,7 +150,8 @@ public final class StoreFile: @unchecked Sendable {
             try checkWritable()
             let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
             guard !overflow, end <= maxSize else {
-                throw FurcateError(.invalidArgument, "write past the largest file size \(maxSize)", path: _name, offset: offset)
+                throw FurcateError(
+                    .invalidArgument, "write past the largest file size \(maxSize)", path: _name, offset: offset)
             }
             guard !data.isEmpty else { return false }
             let bs = UInt64(blockSize)
@@ -182,11 +187,12 @@ public final class StoreFile: @unchecked Sendable {
     /// Read-modify-write of block `i` in the dirty map. Needs the write lock.
     private func modifyBlockLocked(_ i: UInt64, _ body: (UnsafeMutableRawBufferPointer) -> Void) throws {
         if dirty[i] != nil {
-            dirty[i]!.withUnsafeMutableBytes(body)
+            dirty[i]?.withUnsafeMutableBytes(body)
             return
         }
         let e = try entryLocked(i)
-        var buf = e.isStored
+        var buf =
+            e.isStored
             ? try store.blockData(e, size: blockSize, file: _name, fileOffset: i * UInt64(blockSize))
             : [UInt8](repeating: 0, count: blockSize)
         buf.withUnsafeMutableBytes(body)  // copy-on-write: the cached block is left untouched
@@ -208,11 +214,17 @@ public final class StoreFile: @unchecked Sendable {
         guard lo < hi else { return }
         let span = hi - lo
         if UInt64(dirty.count) < span {
-            for k in dirty.keys where k >= lo && k < hi { dirty[k] = nil; store.dirtyBytes.subtract(blockSize, ordering: .relaxed) }
+            for k in dirty.keys where k >= lo && k < hi {
+                dirty[k] = nil; store.dirtyBytes.subtract(blockSize, ordering: .relaxed)
+            }
         } else {
-            for k in lo..<hi where dirty[k] != nil { dirty[k] = nil; store.dirtyBytes.subtract(blockSize, ordering: .relaxed) }
+            for k in lo..<hi where dirty[k] != nil {
+                dirty[k] = nil; store.dirtyBytes.subtract(blockSize, ordering: .relaxed)
+            }
         }
-        let keys = UInt64(pending.count) < span ? Array(pending.keys.filter { $0 >= lo && $0 < hi }) : (lo..<hi).filter { pending[$0] != nil }
+        let keys =
+            UInt64(pending.count) < span
+            ? Array(pending.keys.filter { $0 >= lo && $0 < hi }) : (lo..<hi).filter { pending[$0] != nil }
         for k in keys {
             if let e = pending.removeValue(forKey: k), e.isStored { store.registry.release(e) }
         }
@@ -234,7 +246,8 @@ public final class StoreFile: @unchecked Sendable {
         try lock.withWriteLock {
             try checkWritable()
             guard newSize <= maxSize else {
-                throw FurcateError(.invalidArgument, "size \(newSize) is past the largest file size \(maxSize)", path: _name)
+                throw FurcateError(
+                    .invalidArgument, "size \(newSize) is past the largest file size \(maxSize)", path: _name)
             }
             if newSize < _size {
                 let bs = UInt64(blockSize)
@@ -267,7 +280,8 @@ public final class StoreFile: @unchecked Sendable {
             if firstWhole > startBlock || firstWhole >= lastWhole {
                 // The head partial block (or the whole range inside one block).
                 let blockEnd = min((startBlock + 1) * bs, end)
-                try zeroWithinBlockLocked(startBlock, from: Int(offset - startBlock * bs), to: Int(blockEnd - startBlock * bs))
+                try zeroWithinBlockLocked(
+                    startBlock, from: Int(offset - startBlock * bs), to: Int(blockEnd - startBlock * bs))
             }
             let tailBlock = end / bs
             if end % bs != 0 && tailBlock > startBlock {
@@ -383,7 +397,11 @@ public final class StoreFile: @unchecked Sendable {
         return [T](unsafeUninitializedCapacity: count) { buf, n in
             // SAFETY: each index is initialized exactly once, by one worker; the array takes
             // ownership of all `count` elements once concurrentPerform has returned.
-            let out = UnsafeSendablePointer(base: buf.baseAddress!)
+            guard let base = buf.baseAddress else {
+                n = 0
+                return
+            }
+            let out = UnsafeSendablePointer(base: base)
             withoutActuallyEscaping(body) { body in
                 DispatchQueue.concurrentPerform(iterations: workers) { w in
                     var j = w
@@ -399,7 +417,7 @@ public final class StoreFile: @unchecked Sendable {
 
     static func isZero(_ p: UnsafeRawBufferPointer) -> Bool {
         let words = p.count / 8
-        let w = p.baseAddress!.assumingMemoryBound(to: UInt64.self)
+        guard let w = p.baseAddress?.assumingMemoryBound(to: UInt64.self) else { return true }  // no bytes
         var acc: UInt64 = 0
         var i = 0
         while i < words {
@@ -464,7 +482,8 @@ public final class StoreFile: @unchecked Sendable {
             let fileID = id
             try store.index.write("replace \(_name)") { db in
                 try db.execute(
-                    sql: "UPDATE files SET root = ?, size = ?, modified_at = ?, generation = generation + 1 WHERE id = ?",
+                    sql:
+                        "UPDATE files SET root = ?, size = ?, modified_at = ?, generation = generation + 1 WHERE id = ?",
                     arguments: [Data(newRoot.bytes), Int64(newSize), now, fileID])
             }
             releaseDirtyAccounting()

@@ -78,7 +78,9 @@ final class StoreIndex: Sendable {
                         reason TEXT NOT NULL, at REAL NOT NULL
                     ) WITHOUT ROWID;
                     """)
-            try db.execute(sql: "INSERT INTO meta(key, value) VALUES ('format_version', ?)", arguments: ["\(StoreIndex.formatVersion)"])
+            try db.execute(
+                sql: "INSERT INTO meta(key, value) VALUES ('format_version', ?)",
+                arguments: ["\(StoreIndex.formatVersion)"])
         }
         do {
             try m.migrate(pool)
@@ -103,7 +105,8 @@ final class StoreIndex: Sendable {
         if let e = error as? DatabaseError {
             switch e.resultCode {
             case .SQLITE_FULL:
-                return FurcateError(.diskFull, "disk full while updating the store index", path: path, operation: what, underlying: e)
+                return FurcateError(
+                    .diskFull, "disk full while updating the store index", path: path, operation: what, underlying: e)
             case .SQLITE_CORRUPT, .SQLITE_NOTADB:
                 return FurcateError(.damaged, "store index is damaged", path: path, operation: what, underlying: e)
             case .SQLITE_BUSY, .SQLITE_LOCKED:
@@ -142,7 +145,9 @@ final class StoreIndex: Sendable {
     func insertBlock(_ db: Database, _ id: BlockID, _ l: BlockLocation) throws {
         try db.execute(
             sql: "INSERT OR IGNORE INTO blocks(id, pack, offset, stored_len, raw_len, codec) VALUES (?, ?, ?, ?, ?, ?)",
-            arguments: [Data(id.bytes), l.pack, Int64(l.offset), Int64(l.storedLength), Int64(l.rawLength), Int64(l.codecTag)])
+            arguments: [
+                Data(id.bytes), l.pack, Int64(l.offset), Int64(l.storedLength), Int64(l.rawLength), Int64(l.codecTag),
+            ])
     }
 
     // MARK: nodes
@@ -152,7 +157,8 @@ final class StoreIndex: Sendable {
     }
 
     func insertNode(_ db: Database, _ id: BlockID, _ data: [UInt8]) throws {
-        try db.execute(sql: "INSERT OR IGNORE INTO nodes(id, data) VALUES (?, ?)", arguments: [Data(id.bytes), Data(data)])
+        try db.execute(
+            sql: "INSERT OR IGNORE INTO nodes(id, data) VALUES (?, ?)", arguments: [Data(id.bytes), Data(data)])
     }
 
     // MARK: files
@@ -171,7 +177,8 @@ final class StoreIndex: Sendable {
     }
 
     func file(_ db: Database, named name: String) throws -> FileRow? {
-        try Row.fetchOne(db, sql: "SELECT \(Self.fileColumns) FROM files WHERE name = ?", arguments: [name]).map(Self.fileRow)
+        try Row.fetchOne(db, sql: "SELECT \(Self.fileColumns) FROM files WHERE name = ?", arguments: [name]).map(
+            Self.fileRow)
     }
 
     func files(_ db: Database) throws -> [FileRow] {

@@ -29,7 +29,10 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
     /// becomes the cache entry. Not part of the hash.
     public var skipCache = false
 
-    public init(base: Base, steps: [BuildStep] = [], vcpus: Int? = nil, memoryMiB: Int? = nil, diskBytes: UInt64? = nil, discriminator: String? = nil) {
+    public init(
+        base: Base, steps: [BuildStep] = [], vcpus: Int? = nil, memoryMiB: Int? = nil, diskBytes: UInt64? = nil,
+        discriminator: String? = nil
+    ) {
         self.base = base
         self.steps = steps
         self.vcpus = vcpus
@@ -47,17 +50,27 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
     /// Checks what can be checked before anything runs.
     /// - Throws: `.invalidArgument` naming the field.
     public func validate() throws {
-        if let v = vcpus, !(1...8).contains(v) { throw FurcateError(.invalidArgument, "vCPU count must be 1 to 8, not \(v)") }
-        if let m = memoryMiB, !(128...8192).contains(m) { throw FurcateError(.invalidArgument, "memory must be 128 to 8192 MB, not \(m)") }
+        if let v = vcpus, !(1...8).contains(v) {
+            throw FurcateError(.invalidArgument, "vCPU count must be 1 to 8, not \(v)")
+        }
+        if let m = memoryMiB, !(128...8192).contains(m) {
+            throw FurcateError(.invalidArgument, "memory must be 128 to 8192 MB, not \(m)")
+        }
         if let d = diskBytes {
-            guard (1 << 30...16 << 30).contains(d) else { throw FurcateError(.invalidArgument, "disk size must be 1 to 16 GB") }
+            guard (1 << 30...16 << 30).contains(d) else {
+                throw FurcateError(.invalidArgument, "disk size must be 1 to 16 GB")
+            }
             guard case .image = base else {
-                throw FurcateError(.invalidArgument, "a disk size applies to a layer built from an image, not to one built on a snapshot")
+                throw FurcateError(
+                    .invalidArgument,
+                    "a disk size applies to a layer built from an image, not to one built on a snapshot")
             }
         }
         switch base {
-        case .image(let r): guard !r.isEmpty else { throw FurcateError(.invalidArgument, "the base image reference is empty") }
-        case .snapshot(let s): guard !s.isEmpty else { throw FurcateError(.invalidArgument, "the base snapshot id is empty") }
+        case .image(let r):
+            guard !r.isEmpty else { throw FurcateError(.invalidArgument, "the base image reference is empty") }
+        case .snapshot(let s):
+            guard !s.isEmpty else { throw FurcateError(.invalidArgument, "the base snapshot id is empty") }
         case .recipe(let inner): try inner.validate()
         }
         for s in steps { try s.validate() }
@@ -76,7 +89,9 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
         }
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
-        let key = Key(base: baseIdentity, steps: steps, vcpus: vcpus, memoryMiB: memoryMiB, diskBytes: diskBytes, discriminator: discriminator)
+        let key = Key(
+            base: baseIdentity, steps: steps, vcpus: vcpus, memoryMiB: memoryMiB, diskBytes: diskBytes,
+            discriminator: discriminator)
         let data = (try? enc.encode(key)) ?? Data()
         return SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
     }
@@ -85,7 +100,9 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
 /// One thing a build does in the build VM.
 public enum BuildStep: Codable, Hashable, Sendable {
     /// A shell command (`/bin/sh -c`, or `shell` + command), as `user`, in `workdir`.
-    case run(command: String, shell: [String]? = nil, user: String? = nil, workdir: String? = nil, env: [String: String]? = nil)
+    case run(
+        command: String, shell: [String]? = nil, user: String? = nil, workdir: String? = nil,
+        env: [String: String]? = nil)
     case apt([String])
     case pip([String])
     case npm([String])
@@ -121,7 +138,10 @@ public enum BuildStep: Codable, Hashable, Sendable {
     func validate() throws {
         func packages(_ ps: [String], _ what: String) throws {
             guard !ps.isEmpty else { throw FurcateError(.invalidArgument, "an empty list of \(what) packages") }
-            for p in ps where p.isEmpty || p.utf8.count > 214 || p.contains(where: { $0.isWhitespace || $0.asciiValue.map { $0 < 32 } ?? false }) || p.hasPrefix("-") {
+            for p in ps
+            where p.isEmpty || p.utf8.count > 214
+                || p.contains(where: { $0.isWhitespace || $0.asciiValue.map { $0 < 32 } ?? false }) || p.hasPrefix("-")
+            {
                 throw FurcateError(.invalidArgument, "'\(p.prefix(80))' is not a \(what) package name")
             }
         }
@@ -150,7 +170,8 @@ public enum BuildStep: Codable, Hashable, Sendable {
             guard c.count <= 64 << 20 else { throw FurcateError(.invalidArgument, "file \(p) is larger than 64 MiB") }
         case .env(let e):
             for k in e.keys where k.isEmpty || k.contains("=") || k.contains("\n") || (e[k]?.contains("\n") ?? false) {
-                throw FurcateError(.invalidArgument, "environment variable '\(k.prefix(80))' (names without '=', no newlines)")
+                throw FurcateError(
+                    .invalidArgument, "environment variable '\(k.prefix(80))' (names without '=', no newlines)")
             }
         case .workdir(let w): try absolute(w, "working directory")
         case .service(let unit):
@@ -183,6 +204,8 @@ public struct InstaVMBuildArgs: Codable, Hashable, Sendable {
         if let u = gitCloneUrl, !u.isEmpty { steps.append(.git(url: u, path: "/app/repo", rev: gitCloneBranch)) }
         if let e = envs, !e.isEmpty { steps.append(.env(e)) }
         if let c = postBuildCmd, !c.isEmpty { steps.append(.run(command: c)) }
-        return BuildRecipe(base: .image(image), steps: steps, vcpus: vcpus, memoryMiB: memoryMiB, diskBytes: diskSizeGb.map { UInt64($0) << 30 })
+        return BuildRecipe(
+            base: .image(image), steps: steps, vcpus: vcpus, memoryMiB: memoryMiB,
+            diskBytes: diskSizeGb.map { UInt64($0) << 30 })
     }
 }

@@ -1,10 +1,10 @@
 import Foundation
 import FurcateCore
-import RecordStore
 import GuestAgentProtocol
 import Hypervisor
 import Images
 import Logging
+import RecordStore
 import VMService
 
 public enum BuildState: String, Codable, Sendable {
@@ -121,8 +121,9 @@ public actor BuildService {
             r.failureReason = "interrupted: the server stopped during the build (in phase \(last))"
             r.interrupted = true
             r.buildVM = nil
-            r.finishedAt = Date().timeIntervalSince1970
-            r.updatedAt = r.finishedAt!
+            let now = Date().timeIntervalSince1970
+            r.finishedAt = now
+            r.updatedAt = now
             save(r)
             out.append(r.buildId)
         }
@@ -147,7 +148,9 @@ public actor BuildService {
     /// Starts a build in the background and returns its record (pending). An identical recipe
     /// already building returns that build instead.
     /// - Throws: `.invalidArgument` for a recipe that cannot be valid.
-    public func start(_ recipe: BuildRecipe, account: String = "default", credentials: RegistryCredentials? = nil) throws -> BuildRecord {
+    public func start(_ recipe: BuildRecipe, account: String = "default", credentials: RegistryCredentials? = nil)
+        throws -> BuildRecord
+    {
         try recipe.validate()
         if let running = inflight[recipe], let r = records[running], r.account == account { return r }
         let id = "bld-" + VMID.newVM()
@@ -170,7 +173,9 @@ public actor BuildService {
     }
 
     /// Builds and waits: the record of a finished build. A failed build is returned, not thrown.
-    public func build(_ recipe: BuildRecipe, account: String = "default", credentials: RegistryCredentials? = nil) async throws -> BuildRecord {
+    public func build(_ recipe: BuildRecipe, account: String = "default", credentials: RegistryCredentials? = nil)
+        async throws -> BuildRecord
+    {
         let r = try start(recipe, account: account, credentials: credentials)
         return try await wait(r.buildId)
     }
@@ -180,7 +185,12 @@ public actor BuildService {
     public static func defaultImageRecipe(rootfsTarball: String) -> BuildRecipe {
         BuildRecipe(
             base: .image("rootfs:" + rootfsTarball),
-            steps: [.run(command: "for i in $(seq 1 1200); do [ -S /run/systemd/private ] && break; sleep 0.1; done; systemctl is-system-running --wait >/dev/null || true")],
+            steps: [
+                .run(
+                    command:
+                        "for i in $(seq 1 1200); do [ -S /run/systemd/private ] && break; sleep 0.1; done; systemctl is-system-running --wait >/dev/null || true"
+                )
+            ],
             memoryMiB: 512)
     }
 
@@ -189,11 +199,14 @@ public actor BuildService {
     ///   it), `.buildFailed` with the build's reason.
     public func defaultSnapshot(rootfsTarball: String) async throws -> String {
         guard FileManager.default.isReadableFile(atPath: rootfsTarball) else {
-            throw FurcateError(.notFound, "the default image \(rootfsTarball) is missing (scripts/guest-artifacts.sh builds it with mmdebstrap)")
+            throw FurcateError(
+                .notFound,
+                "the default image \(rootfsTarball) is missing (scripts/guest-artifacts.sh builds it with mmdebstrap)")
         }
         let r = try await build(Self.defaultImageRecipe(rootfsTarball: rootfsTarball))
         guard r.state == .succeeded, let s = r.snapshotId else {
-            throw FurcateError(.buildFailed, "building the default image failed: \(r.failureReason ?? "unknown reason")")
+            throw FurcateError(
+                .buildFailed, "building the default image failed: \(r.failureReason ?? "unknown reason")")
         }
         return s
     }
@@ -217,7 +230,8 @@ public actor BuildService {
     private func save(_ r: BuildRecord) {
         records[r.buildId] = r
         do { try db.save(r) } catch {
-            options.logger.error("cannot save a build record", metadata: ["build.id": "\(r.buildId)", "error": "\(error)"])
+            options.logger.error(
+                "cannot save a build record", metadata: ["build.id": "\(r.buildId)", "error": "\(error)"])
         }
     }
 
@@ -230,7 +244,10 @@ public actor BuildService {
 
     private func phase(_ id: String, _ name: String, snapshot: String? = nil) {
         update(id) {
-            $0.phases.append(BuildPhase(phaseId: "bph-" + VMID.newVM(), buildId: id, name: name, snapshotId: snapshot, startedAt: Date().timeIntervalSince1970))
+            $0.phases.append(
+                BuildPhase(
+                    phaseId: "bph-" + VMID.newVM(), buildId: id, name: name, snapshotId: snapshot,
+                    startedAt: Date().timeIntervalSince1970))
         }
         options.logger.info("build phase", metadata: ["build.id": "\(id)", "phase": "\(name)"])
     }
@@ -244,7 +261,7 @@ public actor BuildService {
                 let prefix = layers.count > 1 ? "layer \(i + 1): " : ""
                 base = try await materialize(id, layer, on: base, prefix: prefix, credentials: credentials)
             }
-            let result = base!
+            guard let result = base else { throw FurcateError(.invalidArgument, "the recipe has no layers") }
             update(id) {
                 $0.state = .succeeded
                 $0.snapshotId = result.snapshot
@@ -266,7 +283,8 @@ public actor BuildService {
 
     /// Builds one layer on `base` (the inner layer's result), or finds it cached.
     private func materialize(
-        _ id: String, _ layer: BuildRecipe, on base: (snapshot: String, hash: String)?, prefix: String, credentials: RegistryCredentials?
+        _ id: String, _ layer: BuildRecipe, on base: (snapshot: String, hash: String)?, prefix: String,
+        credentials: RegistryCredentials?
     ) async throws -> (snapshot: String, hash: String) {
         let baseIdentity: String
         var boot = CreateVMRequest()
@@ -378,7 +396,10 @@ struct StepRunner {
         }
     }
 
-    private func sh(_ script: String, shell: [String]? = nil, user: String? = nil, cwd: String? = nil, env: [String: String]? = nil, what: String) async throws {
+    private func sh(
+        _ script: String, shell: [String]? = nil, user: String? = nil, cwd: String? = nil, env: [String: String]? = nil,
+        what: String
+    ) async throws {
         let ms = Int(timeout.components.seconds * 1000)
         var req = shell.map { ExecRequest(argv: $0 + [script]) } ?? ExecRequest(command: script)
         req.user = user
@@ -389,7 +410,8 @@ struct StepRunner {
         let r = try await agent.exec(req)
         if r.timedOut { throw FurcateError(.buildFailed, "\(what) did not finish within \(ms / 1000) s") }
         guard r.exitCode == 0 else {
-            let out = String(decoding: (r.stderr.isEmpty ? r.stdout : r.stderr).suffix(1500), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            let out = String(decoding: (r.stderr.isEmpty ? r.stdout : r.stderr).suffix(1500), as: UTF8.self)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
             let how = r.exitCode.map { "exit status \($0)" } ?? "signal \(r.signal ?? 0)"
             throw FurcateError(.buildFailed, "\(what) failed (\(how)): \(out)")
         }
@@ -404,7 +426,8 @@ final class BuildDatabase: Sendable {
     private static let table = RecordTable("builds")
 
     init(path: String) throws {
-        db = try RecordDatabase(path: path, what: "build", migrations: ["CREATE TABLE builds (id TEXT PRIMARY KEY, record BLOB NOT NULL)"])
+        db = try RecordDatabase(
+            path: path, what: "build", migrations: ["CREATE TABLE builds (id TEXT PRIMARY KEY, record BLOB NOT NULL)"])
     }
 
     func save(_ r: BuildRecord) throws { try db.save(Self.table, key: r.buildId, r) }

@@ -47,9 +47,13 @@ public struct Dockerfile: Sendable {
                     }
                     words.removeFirst()
                 }
-                guard words.count == 1 || (words.count == 3 && words[1].uppercased() == "AS") else { throw bad("FROM takes one image (FROM IMAGE [AS NAME])") }
+                guard words.count == 1 || (words.count == 3 && words[1].uppercased() == "AS") else {
+                    throw bad("FROM takes one image (FROM IMAGE [AS NAME])")
+                }
                 let image = try sub(words[0])
-                guard image != "scratch" else { throw bad("FROM scratch has nothing to boot; start from an image with a shell") }
+                guard image != "scratch" else {
+                    throw bad("FROM scratch has nothing to boot; start from an image with a shell")
+                }
                 from = image
             case "RUN":
                 guard !rest.isEmpty else { throw bad("RUN needs a command") }
@@ -58,9 +62,15 @@ public struct Dockerfile: Sendable {
                 if let argv = try Self.jsonArray(rest, line: lineNo) {
                     guard !argv.isEmpty else { throw bad("RUN [] runs nothing") }
                     // Exec form: no shell; quoted so /bin/sh runs exactly these words.
-                    steps.append(.run(command: argv.map(Self.shellQuote).joined(separator: " "), shell: nil, user: user, workdir: workdir, env: runEnv))
+                    steps.append(
+                        .run(
+                            command: argv.map(Self.shellQuote).joined(separator: " "), shell: nil, user: user,
+                            workdir: workdir, env: runEnv))
                 } else {
-                    steps.append(.run(command: rest, shell: shell == ["/bin/sh", "-c"] ? nil : shell, user: user, workdir: workdir, env: runEnv))
+                    steps.append(
+                        .run(
+                            command: rest, shell: shell == ["/bin/sh", "-c"] ? nil : shell, user: user,
+                            workdir: workdir, env: runEnv))
                 }
             case "ENV":
                 let pairs = try Self.keyValues(rest, line: lineNo, what: "ENV")
@@ -72,15 +82,17 @@ public struct Dockerfile: Sendable {
                 }
                 steps.append(.env(added))
             case "ARG":
-                for (k, v) in try Self.keyValues(rest, line: lineNo, what: "ARG", valueOptional: true) where args[k] == nil {
+                for (k, v) in try Self.keyValues(rest, line: lineNo, what: "ARG", valueOptional: true)
+                where args[k] == nil {
                     args[k] = try Self.substitute(v, args, line: lineNo)
                 }
             case "WORKDIR":
                 let w = try sub(rest.trimmingCharacters(in: .whitespaces))
                 guard !w.isEmpty else { throw bad("WORKDIR needs a path") }
                 let abs = w.hasPrefix("/") ? w : ((workdir ?? "/") as NSString).appendingPathComponent(w)
-                workdir = (abs as NSString).standardizingPath
-                steps.append(.workdir(workdir!))
+                let dir = (abs as NSString).standardizingPath
+                workdir = dir
+                steps.append(.workdir(dir))
             case "USER":
                 let u = try sub(rest.trimmingCharacters(in: .whitespaces))
                 guard !u.isEmpty, !u.contains(" ") else { throw bad("USER takes one user name or uid") }
@@ -88,16 +100,22 @@ public struct Dockerfile: Sendable {
             case "LABEL":
                 for (k, v) in try Self.keyValues(rest, line: lineNo, what: "LABEL") { labels[k] = try sub(v) }
             case "SHELL":
-                guard let s = try Self.jsonArray(rest, line: lineNo), !s.isEmpty else { throw bad("SHELL takes a JSON array, e.g. [\"/bin/bash\", \"-c\"]") }
+                guard let s = try Self.jsonArray(rest, line: lineNo), !s.isEmpty else {
+                    throw bad("SHELL takes a JSON array, e.g. [\"/bin/bash\", \"-c\"]")
+                }
                 shell = s
             case "CMD":
                 cmd = try Self.jsonArray(rest, line: lineNo) ?? (shell + [rest])
             case "ENTRYPOINT":
                 entrypoint = try Self.jsonArray(rest, line: lineNo) ?? (shell + [rest])
             case "COPY", "ADD":
-                throw bad("\(keyword) needs a build context, and a Dockerfile given as text has none: write files with the spec's additionalFiles, or RUN a download")
+                throw bad(
+                    "\(keyword) needs a build context, and a Dockerfile given as text has none: write files with the spec's additionalFiles, or RUN a download"
+                )
             case "EXPOSE", "VOLUME", "STOPSIGNAL", "HEALTHCHECK", "ONBUILD", "MAINTAINER":
-                throw bad("\(keyword) is not supported in a Furcate base image (FROM, RUN, ENV, ARG, WORKDIR, USER, LABEL, SHELL, CMD, ENTRYPOINT are)")
+                throw bad(
+                    "\(keyword) is not supported in a Furcate base image (FROM, RUN, ENV, ARG, WORKDIR, USER, LABEL, SHELL, CMD, ENTRYPOINT are)"
+                )
             default:
                 throw bad("unknown instruction '\(keyword.prefix(40))'")
             }
@@ -139,19 +157,24 @@ public struct Dockerfile: Sendable {
         guard t.hasPrefix("[") else { return nil }
         guard let a = try? JSONDecoder().decode([String].self, from: Data(t.utf8)) else {
             // Docker treats a malformed array as shell form; be strict instead.
-            throw FurcateError(.invalidArgument, "Dockerfile line \(line): '\(t.prefix(80))' is not a JSON array of strings")
+            throw FurcateError(
+                .invalidArgument, "Dockerfile line \(line): '\(t.prefix(80))' is not a JSON array of strings")
         }
         return a
     }
 
     /// `K=V K2="V 2"` pairs, or the legacy `K V` form (one pair).
-    static func keyValues(_ s: String, line: Int, what: String, valueOptional: Bool = false) throws -> [(String, String)] {
+    static func keyValues(_ s: String, line: Int, what: String, valueOptional: Bool = false) throws -> [(
+        String, String
+    )] {
         let t = s.trimmingCharacters(in: .whitespaces)
         guard !t.isEmpty else { throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) needs a name") }
         let firstWord = t.prefix { !$0.isWhitespace }
         if !firstWord.contains("=") {
             let rest = t.dropFirst(firstWord.count).trimmingCharacters(in: .whitespaces)
-            if rest.isEmpty && !valueOptional { throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) \(firstWord) needs a value") }
+            if rest.isEmpty && !valueOptional {
+                throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) \(firstWord) needs a value")
+            }
             return [(String(firstWord), unquote(rest))]
         }
         var out: [(String, String)] = []
@@ -168,10 +191,14 @@ public struct Dockerfile: Sendable {
                 while i < t.endIndex {
                     let c = t[i]
                     if let q = quote {
-                        if c == q { quote = nil } else if c == "\\", q == "\"", t.index(after: i) < t.endIndex {
+                        if c == q {
+                            quote = nil
+                        } else if c == "\\", q == "\"", t.index(after: i) < t.endIndex {
                             i = t.index(after: i)
                             value.append(t[i])
-                        } else { value.append(c) }
+                        } else {
+                            value.append(c)
+                        }
                     } else if c == "\"" || c == "'" {
                         quote = c
                     } else if c.isWhitespace {
@@ -184,11 +211,15 @@ public struct Dockerfile: Sendable {
                     }
                     i = t.index(after: i)
                 }
-                guard quote == nil else { throw FurcateError(.invalidArgument, "Dockerfile line \(line): an unclosed quote in \(what)") }
+                guard quote == nil else {
+                    throw FurcateError(.invalidArgument, "Dockerfile line \(line): an unclosed quote in \(what)")
+                }
             } else if !valueOptional {
                 throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) \(key) needs =VALUE")
             }
-            guard !key.isEmpty else { throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) has an empty name") }
+            guard !key.isEmpty else {
+                throw FurcateError(.invalidArgument, "Dockerfile line \(line): \(what) has an empty name")
+            }
             out.append((key, value))
         }
         return out

@@ -55,7 +55,8 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             if c.contains(.patchedServices), try !c.decodeNil(forKey: .patchedServices) {
                 throw DecodingError.dataCorruptedError(
-                    forKey: .patchedServices, in: c, debugDescription: "systemd.patchedServices is not supported: give whole units in systemd.services")
+                    forKey: .patchedServices, in: c,
+                    debugDescription: "systemd.patchedServices is not supported: give whole units in systemd.services")
             }
             services = try c.decodeIfPresent([ServiceSpec].self, forKey: .services)
             guard var units = try? c.nestedUnkeyedContainer(forKey: .services) else { return }
@@ -65,14 +66,18 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
                 for f in Self.unsupportedUnitFields where unit.contains(Key(stringValue: f)) {
                     guard try unit.decodeNil(forKey: Key(stringValue: f)) else {
                         throw DecodingError.dataCorruptedError(
-                            forKey: Key(stringValue: f), in: unit, debugDescription: "systemd.services[\(n)].\(f) is not supported; leave it out or null")
+                            forKey: Key(stringValue: f), in: unit,
+                            debugDescription: "systemd.services[\(n)].\(f) is not supported; leave it out or null")
                     }
                 }
                 // The document limits wantedBy to the agent's default.
                 let wanted = Key(stringValue: "wantedBy")
-                if unit.contains(wanted), try !unit.decodeNil(forKey: wanted), try unit.decode([String].self, forKey: wanted) != ["multi-user.target"] {
+                if unit.contains(wanted), try !unit.decodeNil(forKey: wanted),
+                    try unit.decode([String].self, forKey: wanted) != ["multi-user.target"]
+                {
                     throw DecodingError.dataCorruptedError(
-                        forKey: wanted, in: unit, debugDescription: "systemd.services[\(n)].wantedBy can only be [\"multi-user.target\"]")
+                        forKey: wanted, in: unit,
+                        debugDescription: "systemd.services[\(n)].wantedBy can only be [\"multi-user.target\"]")
                 }
             }
         }
@@ -105,11 +110,14 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     /// Whether this layer describes contents of its own (files, users, services, packages,
     /// repositories, a working directory), not only a base.
     public var hasContents: Bool {
-        workdir != nil || systemd != nil || users != nil || groups != nil || additionalFiles != nil || git != nil || aptDeps != nil
+        workdir != nil || systemd != nil || users != nil || groups != nil || additionalFiles != nil || git != nil
+            || aptDeps != nil
     }
 
     /// This layer over `inner` (its `snapshot`); nil keeps its own.
-    public func over(_ inner: FreestyleSnapshotSpec?) -> FreestyleSnapshotSpec { FreestyleSnapshotSpec(self, snapshot: inner ?? snapshot) }
+    public func over(_ inner: FreestyleSnapshotSpec?) -> FreestyleSnapshotSpec {
+        FreestyleSnapshotSpec(self, snapshot: inner ?? snapshot)
+    }
 
     private init(_ o: FreestyleSnapshotSpec, snapshot: FreestyleSnapshotSpec?) {
         self.snapshot = snapshot
@@ -140,7 +148,8 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
     public func recipe(defaultBase: BuildRecipe.Base) throws -> BuildRecipe {
         let bases = [snapshot != nil, snapshotId != nil, baseImage != nil].filter { $0 }.count
         guard bases <= 1 else {
-            throw FurcateError(.invalidArgument, "snapshot, snapshotId and baseImage are mutually exclusive; give at most one")
+            throw FurcateError(
+                .invalidArgument, "snapshot, snapshotId and baseImage are mutually exclusive; give at most one")
         }
         var base: BuildRecipe.Base
         if let inner = snapshot {
@@ -165,22 +174,35 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
                     throw FurcateError(.invalidArgument, "additionalFiles[\(path)]: content is not valid base64")
                 }
                 data = d
-            case let e: throw FurcateError(.invalidArgument, "additionalFiles[\(path)]: encoding must be utf8 or base64, not '\(e)'")
+            case let e:
+                throw FurcateError(
+                    .invalidArgument, "additionalFiles[\(path)]: encoding must be utf8 or base64, not '\(e)'")
             }
             steps.append(.file(path: path, content: data, executable: f.executable ?? false))
         }
-        if let g = git, let config = try Self.gitconfig(g.config) { steps.append(.file(path: "/etc/gitconfig", content: Data(config.utf8), executable: false)) }
+        if let g = git, let config = try Self.gitconfig(g.config) {
+            steps.append(.file(path: "/etc/gitconfig", content: Data(config.utf8), executable: false))
+        }
         for r in git?.repos ?? [] { steps.append(.git(url: r.repo, path: r.path, rev: r.rev)) }
         for s in systemd?.services ?? [] { steps.append(.service(s)) }
         if let w = workdir { steps.append(.workdir(w)) }
 
         if let p = ports, !p.isEmpty {
-            throw FurcateError(.invalidArgument, "ports: exposing guest ports is not supported yet; leave ports out or give []")
+            throw FurcateError(
+                .invalidArgument, "ports: exposing guest ports is not supported yet; leave ports out or give []")
         }
-        if let t = idleTimeoutSeconds, t < 0 { throw FurcateError(.invalidArgument, "idleTimeoutSeconds must not be negative") }
-        if let t = readySignalTimeoutSeconds, !(0...3600).contains(t) { throw FurcateError(.invalidArgument, "readySignalTimeoutSeconds must be 0 to 3600") }
-        if let g = rootfsSizeGb, !(1...16).contains(g) { throw FurcateError(.invalidArgument, "rootfsSizeGb must be 1 to 16, not \(g)") }
-        if let c = vcpuCount, !(1...8).contains(c) { throw FurcateError(.invalidArgument, "vcpuCount must be 1 to 8, not \(c)") }
+        if let t = idleTimeoutSeconds, t < 0 {
+            throw FurcateError(.invalidArgument, "idleTimeoutSeconds must not be negative")
+        }
+        if let t = readySignalTimeoutSeconds, !(0...3600).contains(t) {
+            throw FurcateError(.invalidArgument, "readySignalTimeoutSeconds must be 0 to 3600")
+        }
+        if let g = rootfsSizeGb, !(1...16).contains(g) {
+            throw FurcateError(.invalidArgument, "rootfsSizeGb must be 1 to 16, not \(g)")
+        }
+        if let c = vcpuCount, !(1...8).contains(c) {
+            throw FurcateError(.invalidArgument, "vcpuCount must be 1 to 8, not \(c)")
+        }
         var diskBytes = rootfsSizeGb.map { UInt64($0) << 30 }
         if let d = diskBytes, case .recipe(var inner) = base, case .image = inner.base {
             // The size belongs to the image layer underneath (the default image, a Dockerfile).
@@ -188,7 +210,9 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             base = .recipe(inner)
             diskBytes = nil
         }
-        if let g = memSizeGb, !(1...8).contains(g) { throw FurcateError(.invalidArgument, "memSizeGb must be 1 to 8, not \(g)") }
+        if let g = memSizeGb, !(1...8).contains(g) {
+            throw FurcateError(.invalidArgument, "memSizeGb must be 1 to 8, not \(g)")
+        }
         var r = BuildRecipe(
             base: base, steps: steps, vcpus: vcpuCount, memoryMiB: memSizeGb.map { $0 * 1024 }, diskBytes: diskBytes,
             discriminator: discriminator)

@@ -1,5 +1,5 @@
-import Accounts
 import APIServer
+import Accounts
 import AsyncHTTPClient
 import Builds
 import Foundation
@@ -50,7 +50,10 @@ public struct APIBenchmark: Sendable {
     public var wrkConnections = 8
     public var progress: @Sendable (String) -> Void
 
-    public init(workDir: String, guestDir: String, forkCount: Int = 20, records: Int = 1000, wrkSeconds: Int = 5, progress: @escaping @Sendable (String) -> Void) {
+    public init(
+        workDir: String, guestDir: String, forkCount: Int = 20, records: Int = 1000, wrkSeconds: Int = 5,
+        progress: @escaping @Sendable (String) -> Void
+    ) {
         self.workDir = workDir
         self.guestDir = guestDir
         self.forkCount = forkCount
@@ -83,25 +86,31 @@ public struct APIBenchmark: Sendable {
 
     private func measure(_ env: VMBenchEnvironment, wrk: String) async throws -> APIBenchReport {
         let svc = env.service
-        let images = try ImageService(store: env.store, options: ImageServiceOptions(directory: env.root + "/images", agentPath: guestDir + "/furcate-agent"))
-        let builds = try BuildService(images: images, vms: svc, options: BuildServiceOptions(directory: env.root + "/builds"))
+        let images = try ImageService(
+            store: env.store,
+            options: ImageServiceOptions(directory: env.root + "/images", agentPath: guestDir + "/furcate-agent"))
+        let builds = try BuildService(
+            images: images, vms: svc, options: BuildServiceOptions(directory: env.root + "/builds"))
         let keys = try KeyStore(path: env.root + "/keys.sqlite")
         let key = try keys.create(account: "bench").secret
         let emptyKey = try keys.create(account: "empty").secret
         var engine = Engine(
-            vms: svc, images: images, builds: builds, keys: keys, owners: try OwnerStore(path: env.root + "/owners.sqlite"),
+            vms: svc, images: images, builds: builds, keys: keys,
+            owners: try OwnerStore(path: env.root + "/owners.sqlite"),
             defaultImage: env.root + "/no-default-image.tar")
         engine.defaultIdleTimeoutSeconds = 0
         let api = engine
 
         let port = PortBox()
         let app = Application(
-            router: APIServer.router(api), configuration: .init(address: .hostname("127.0.0.1", port: 0), serverName: "furcate-bench"),
+            router: APIServer.router(api),
+            configuration: .init(address: .hostname("127.0.0.1", port: 0), serverName: "furcate-bench"),
             onServerRunning: { await port.set($0.localAddress?.port ?? 0) })
         let server = Task { try await app.runService(gracefulShutdownSignals: []) }
         let http = HTTPClient(eventLoopGroupProvider: .singleton)
         do {
-            let r = try await measure(engine: api, port: try await port.wait(), key: key, emptyKey: emptyKey, http: http, wrk: wrk)
+            let r = try await measure(
+                engine: api, port: try await port.wait(), key: key, emptyKey: emptyKey, http: http, wrk: wrk)
             try await http.shutdown()
             server.cancel()
             _ = await server.result
@@ -114,7 +123,9 @@ public struct APIBenchmark: Sendable {
         }
     }
 
-    private func measure(engine: Engine, port: Int, key: String, emptyKey: String, http: HTTPClient, wrk: String) async throws -> APIBenchReport {
+    private func measure(engine: Engine, port: Int, key: String, emptyKey: String, http: HTTPClient, wrk: String)
+        async throws -> APIBenchReport
+    {
         let svc = engine.vms
         progress("boot the parent VM")
         let parent = try await svc.create(CreateVMRequest(image: "rootfs"))
@@ -126,7 +137,9 @@ public struct APIBenchmark: Sendable {
         var libMillis: [Double] = []
         var verified = 0
         func verify(_ id: String) async {
-            if (try? await svc.agent(id, timeout: .seconds(60)).exec(.init(argv: ["true"])))?.exitCode == 0 { verified += 1 }
+            if (try? await svc.agent(id, timeout: .seconds(60)).exec(.init(argv: ["true"])))?.exitCode == 0 {
+                verified += 1
+            }
             try? await svc.delete(id)
         }
         for _ in 0..<forkCount {
@@ -139,9 +152,13 @@ public struct APIBenchmark: Sendable {
             let resp = try await http.execute(req, timeout: .seconds(120))
             let body = try await resp.body.collect(upTo: 1 << 20)
             httpMillis.append(millis(ContinuousClock.now - a))
-            guard resp.status == .ok, let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any],
+            guard resp.status == .ok,
+                let obj = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any],
                 let forks = obj["forks"] as? [[String: Any]], let id = forks.first?["id"] as? String
-            else { throw FurcateError(.io, "fork over HTTP answered \(resp.status.code): \(String(buffer: body).prefix(300))") }
+            else {
+                throw FurcateError(
+                    .io, "fork over HTTP answered \(resp.status.code): \(String(buffer: body).prefix(300))")
+            }
             await verify(id)
 
             let b = ContinuousClock.now
@@ -152,22 +169,32 @@ public struct APIBenchmark: Sendable {
 
         progress("make \(records) stopped VM records (disks cloned from a snapshot of the parent)")
         let base = try await svc.snapshot(parent.id)
-        for _ in 0..<records { try engine.owners.set(try await svc.createStopped(fromSnapshot: base.id).id, account: "bench") }
+        for _ in 0..<records {
+            try engine.owners.set(try await svc.createStopped(fromSnapshot: base.id).id, account: "bench")
+        }
         let listed = try await listCount(http: http, port: port, key: key)
-        guard listed == records + 1 else { throw FurcateError(.io, "GET /v1/vms listed \(listed) VMs, not \(records + 1)") }
+        guard listed == records + 1 else {
+            throw FurcateError(.io, "GET /v1/vms listed \(listed) VMs, not \(records + 1)")
+        }
 
         progress("wrk GET /v1/vms: \(records + 1) VMs, then an account with none (baseline)")
-        let full = try Self.wrk(wrk, url: "http://127.0.0.1:\(port)/v1/vms", key: key, seconds: wrkSeconds, connections: wrkConnections)
-        let empty = try Self.wrk(wrk, url: "http://127.0.0.1:\(port)/v1/vms", key: emptyKey, seconds: wrkSeconds, connections: wrkConnections)
+        let full = try Self.wrk(
+            wrk, url: "http://127.0.0.1:\(port)/v1/vms", key: key, seconds: wrkSeconds, connections: wrkConnections)
+        let empty = try Self.wrk(
+            wrk, url: "http://127.0.0.1:\(port)/v1/vms", key: emptyKey, seconds: wrkSeconds, connections: wrkConnections
+        )
 
         let p50 = { (xs: [Double]) in StoreBenchmark.percentile(xs, 0.5) }
         let p99 = { (xs: [Double]) in StoreBenchmark.percentile(xs, 0.99) }
         return APIBenchReport(
-            accelerator: svc.options.accelerator.rawValue, forkCount: forkCount, httpForkP50Millis: p50(httpMillis), httpForkP99Millis: p99(httpMillis),
-            libraryForkP50Millis: p50(libMillis), libraryForkP99Millis: p99(libMillis), forkOverheadRatio: p50(httpMillis) / p50(libMillis),
+            accelerator: svc.options.accelerator.rawValue, forkCount: forkCount, httpForkP50Millis: p50(httpMillis),
+            httpForkP99Millis: p99(httpMillis),
+            libraryForkP50Millis: p50(libMillis), libraryForkP99Millis: p99(libMillis),
+            forkOverheadRatio: p50(httpMillis) / p50(libMillis),
             forksVerified: verified, records: records + 1, wrkSeconds: wrkSeconds, wrkConnections: wrkConnections,
             listRequestsPerSecond: full.rps, listP99Millis: full.p99Millis, listErrors: full.errors,
-            emptyListRequestsPerSecond: empty.rps, emptyListP99Millis: empty.p99Millis, listThroughputRatio: full.rps / empty.rps)
+            emptyListRequestsPerSecond: empty.rps, emptyListP99Millis: empty.p99Millis,
+            listThroughputRatio: full.rps / empty.rps)
     }
 
     private func listCount(http: HTTPClient, port: Int, key: String) async throws -> Int {
@@ -175,7 +202,8 @@ public struct APIBenchmark: Sendable {
         req.headers.add(name: "Authorization", value: "Bearer " + key)
         let resp = try await http.execute(req, timeout: .seconds(60))
         let body = try await resp.body.collect(upTo: 1 << 20)
-        return ((try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any])?["totalCount"] as? Int ?? -1
+        return ((try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any])?["totalCount"] as? Int
+            ?? -1
     }
 
     struct WrkResult {
@@ -189,7 +217,10 @@ public struct APIBenchmark: Sendable {
     static func wrk(_ wrk: String, url: String, key: String, seconds: Int, connections: Int) throws -> WrkResult {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: wrk)
-        p.arguments = ["-t", "2", "-c", "\(connections)", "-d", "\(seconds)s", "--latency", "-H", "Authorization: Bearer \(key)", url]
+        p.arguments = [
+            "-t", "2", "-c", "\(connections)", "-d", "\(seconds)s", "--latency", "-H", "Authorization: Bearer \(key)",
+            url,
+        ]
         let out = Pipe()
         p.standardOutput = out
         p.standardError = out
@@ -197,7 +228,9 @@ public struct APIBenchmark: Sendable {
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         let text = String(decoding: data, as: UTF8.self)
-        guard p.terminationStatus == 0 else { throw FurcateError(.io, "wrk failed (\(p.terminationStatus)): \(text.suffix(300))") }
+        guard p.terminationStatus == 0 else {
+            throw FurcateError(.io, "wrk failed (\(p.terminationStatus)): \(text.suffix(300))")
+        }
         return try parseWrk(text)
     }
 

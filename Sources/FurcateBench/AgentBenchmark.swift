@@ -5,7 +5,7 @@ import Hypervisor
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Results of `furcate bench agent`: the guest agent in a VM against baselines in the same
@@ -39,7 +39,10 @@ public struct AgentBenchmark: Sendable {
     public var fileMiB: Int
     public var progress: @Sendable (String) -> Void
 
-    public init(workDir: String, guestDir: String, execCount: Int = 200, fileMiB: Int = 64, progress: @escaping @Sendable (String) -> Void) {
+    public init(
+        workDir: String, guestDir: String, execCount: Int = 200, fileMiB: Int = 64,
+        progress: @escaping @Sendable (String) -> Void
+    ) {
         self.workDir = workDir
         self.guestDir = guestDir
         self.execCount = execCount
@@ -48,7 +51,9 @@ public struct AgentBenchmark: Sendable {
     }
 
     public func run() async throws -> AgentBenchReport {
-        var (r, seconds) = try await VMBenchEnvironment.run(workDir: workDir, guestDir: guestDir, name: "agent", configure: { $0.defaultMemoryMiB = 512 }) {
+        var (r, seconds) = try await VMBenchEnvironment.run(
+            workDir: workDir, guestDir: guestDir, name: "agent", configure: { $0.defaultMemoryMiB = 512 }
+        ) {
             try await measure($0)
         }
         r.seconds = seconds
@@ -93,13 +98,17 @@ public struct AgentBenchmark: Sendable {
         let w0 = ContinuousClock.now
         for k in 0..<chunks {
             _ = try await agent.request(
-                .writeFile(path: "/tmp/bench", data: Data(data), offset: UInt64(k * chunk), mode: nil, createParents: false), timeout: .seconds(120))
+                .writeFile(
+                    path: "/tmp/bench", data: Data(data), offset: UInt64(k * chunk), mode: nil, createParents: false),
+                timeout: .seconds(120))
         }
         let agentWrite = Double(chunks * chunk) / 1e6 / (millis(ContinuousClock.now - w0) / 1000)
         let r0 = ContinuousClock.now
         for k in 0..<chunks {
-            guard case .data(let d, _) = try await agent.request(
-                .readFile(path: "/tmp/bench", offset: UInt64(k * chunk), length: chunk), timeout: .seconds(120)), d.count == chunk
+            guard
+                case .data(let d, _) = try await agent.request(
+                    .readFile(path: "/tmp/bench", offset: UInt64(k * chunk), length: chunk), timeout: .seconds(120)),
+                d.count == chunk
             else { throw FurcateError(.io, "short read from the guest") }
         }
         let agentRead = Double(chunks * chunk) / 1e6 / (millis(ContinuousClock.now - r0) / 1000)
@@ -107,9 +116,12 @@ public struct AgentBenchmark: Sendable {
 
         return AgentBenchReport(
             accelerator: svc.options.accelerator.rawValue, execCount: execCount,
-            agentExecP50Millis: StoreBenchmark.percentile(agentExec, 0.5), agentExecP99Millis: StoreBenchmark.percentile(agentExec, 0.99),
-            shellExecP50Millis: StoreBenchmark.percentile(shellExec, 0.5), shellExecP99Millis: StoreBenchmark.percentile(shellExec, 0.99),
-            agentPingP50Millis: StoreBenchmark.percentile(ping, 0.5), fileMiB: chunks * 4, agentWriteMBps: agentWrite, agentReadMBps: agentRead,
+            agentExecP50Millis: StoreBenchmark.percentile(agentExec, 0.5),
+            agentExecP99Millis: StoreBenchmark.percentile(agentExec, 0.99),
+            shellExecP50Millis: StoreBenchmark.percentile(shellExec, 0.5),
+            shellExecP99Millis: StoreBenchmark.percentile(shellExec, 0.99),
+            agentPingP50Millis: StoreBenchmark.percentile(ping, 0.5), fileMiB: chunks * 4, agentWriteMBps: agentWrite,
+            agentReadMBps: agentRead,
             localWriteMBps: localWrite, localReadMBps: localRead)
     }
 
@@ -122,14 +134,18 @@ public struct AgentBenchmark: Sendable {
         }
         let w0 = ContinuousClock.now
         for k in 0..<chunks {
-            _ = try data.withUnsafeBytes { p in try syscall("pwrite", path: path) { pwrite(fd, p.baseAddress, p.count, off_t(k * data.count)) } }
+            _ = try data.withUnsafeBytes { p in
+                try syscall("pwrite", path: path) { pwrite(fd, p.baseAddress, p.count, off_t(k * data.count)) }
+            }
         }
         try syscall("fsync", path: path) { fsync(fd) }
         let write = Double(chunks * data.count) / 1e6 / (millis(ContinuousClock.now - w0) / 1000)
         var buf = [UInt8](repeating: 0, count: data.count)
         let r0 = ContinuousClock.now
         for k in 0..<chunks {
-            _ = try buf.withUnsafeMutableBytes { p in try syscall("pread", path: path) { pread(fd, p.baseAddress, p.count, off_t(k * data.count)) } }
+            _ = try buf.withUnsafeMutableBytes { p in
+                try syscall("pread", path: path) { pread(fd, p.baseAddress, p.count, off_t(k * data.count)) }
+            }
         }
         let read = Double(chunks * data.count) / 1e6 / (millis(ContinuousClock.now - r0) / 1000)
         return (write, read)

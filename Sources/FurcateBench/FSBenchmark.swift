@@ -4,7 +4,7 @@ import FurcateCore
 import StoreFS
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Results of `furcate bench fs`: fio on a store file through the mount, on tmpfs and on ext4
@@ -43,7 +43,9 @@ public struct FSBenchmark {
     public var mountFlags: [String]
     public var progress: (String) -> Void
 
-    public init(workDir: String, quick: Bool, furcate: String, mountFlags: [String] = [], progress: @escaping (String) -> Void) {
+    public init(
+        workDir: String, quick: Bool, furcate: String, mountFlags: [String] = [], progress: @escaping (String) -> Void
+    ) {
         self.workDir = workDir
         self.quick = quick
         self.furcate = furcate
@@ -71,7 +73,9 @@ public struct FSBenchmark {
     }
 
     public func run() throws -> FSBenchReport {
-        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "bench fs needs root (it mounts and drops caches)") }
+        guard geteuid() == 0 else {
+            throw FurcateError(.notPermitted, "bench fs needs root (it mounts and drops caches)")
+        }
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/fio") else {
             throw FurcateError(.notFound, "fio is not installed (apt-get install fio)")
         }
@@ -94,7 +98,9 @@ public struct FSBenchmark {
         var server = try mount(storeDir, base + "/mnt")
         defer { unmount(server, base + "/mnt") }
 
-        let targets = [("mount", base + "/mnt/files/fio.bin"), ("tmpfs", shm + "/fio.bin"), ("ext4", base + "/ext4/fio.bin")]
+        let targets = [
+            ("mount", base + "/mnt/files/fio.bin"), ("tmpfs", shm + "/fio.bin"), ("ext4", base + "/ext4/fio.bin"),
+        ]
         for (target, path) in targets {
             for spec in Self.specs {
                 progress("\(target): \(spec.name)")
@@ -106,14 +112,18 @@ public struct FSBenchmark {
                     }
                 }
                 let (bw, p50, p99) = try fio(path: path, size: size, spec: spec, runtime: runtime)
-                r.jobs.append(.init(target: target, job: spec.name, mbps: bw / 1e6, latencyP50Micros: p50, latencyP99Micros: p99))
+                r.jobs.append(
+                    .init(target: target, job: spec.name, mbps: bw / 1e6, latencyP50Micros: p50, latencyP99Micros: p99))
             }
         }
         for spec in Self.specs {
             guard let m = r.jobs.first(where: { $0.target == "mount" && $0.job == spec.name }) else { continue }
             let baseline = spec.cold ? "ext4" : "tmpfs"
-            guard let b = r.jobs.first(where: { $0.target == baseline && $0.job == spec.name }), b.mbps > 0 else { continue }
-            r.ratios.append(.init(job: spec.name, ratio: m.mbps / b.mbps, baseline: baseline, goal: spec.cold ? 0.85 : 0.95))
+            guard let b = r.jobs.first(where: { $0.target == baseline && $0.job == spec.name }), b.mbps > 0 else {
+                continue
+            }
+            r.ratios.append(
+                .init(job: spec.name, ratio: m.mbps / b.mbps, baseline: baseline, goal: spec.cold ? 0.85 : 0.95))
         }
         r.seconds = Date().timeIntervalSince(t0)
         return r

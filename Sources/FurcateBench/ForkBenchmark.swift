@@ -7,7 +7,7 @@ import StoreFS
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Results of `furcate bench fork`: a base VM forked N ways per memory mode, against a cold
@@ -124,7 +124,8 @@ public struct ForkBenchmark: Sendable {
         let opts = svc.options
         let writeMiB = min(256, memoryMiB / 2)
         var report = ForkBenchReport(
-            accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, memoryBlockSize: opts.memoryBlockSize, guestWriteMiB: writeMiB, coldBootMillis: 0,
+            accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, memoryBlockSize: opts.memoryBlockSize,
+            guestWriteMiB: writeMiB, coldBootMillis: 0,
             coldBootGuestWriteMBps: 0)
         do {
             progress("cold boot (baseline)")
@@ -149,7 +150,9 @@ public struct ForkBenchmark: Sendable {
             // in mode b every page the guest reads in is a page copied on write in each fork
             // (measured: 4.5 MiB vs 1.7 MiB per fork at freshening).
             let warm = try await svc.agent(base.id).exec(ExecRequest(argv: ["/bin/sh", "-c", "true"]))
-            guard warm.exitCode == 0 else { throw FurcateError(.io, "the base VM's agent could not run a command: \(warm)") }
+            guard warm.exitCode == 0 else {
+                throw FurcateError(.io, "the base VM's agent could not run a command: \(warm)")
+            }
             if settleSeconds > 0 {
                 progress("base VM settling for \(settleSeconds) s")
                 try await Task.sleep(for: .seconds(settleSeconds))
@@ -176,7 +179,9 @@ public struct ForkBenchmark: Sendable {
         return report
     }
 
-    private func forkRun(_ svc: VMService, base: String, mode: MemoryMode, writeMiB: Int) async throws -> ForkBenchReport.Mode {
+    private func forkRun(_ svc: VMService, base: String, mode: MemoryMode, writeMiB: Int) async throws
+        -> ForkBenchReport.Mode
+    {
         let start = ContinuousClock.now
         let fork = try await svc.fork(base, count: count, memoryMode: mode)
         let wall = ContinuousClock.now - start
@@ -190,7 +195,9 @@ public struct ForkBenchmark: Sendable {
         // (Awaited in turn: a later fork's figure is when it was seen done, at most that late.)
         var freshen: [Double] = []
         for vm in fork.vms {
-            guard await svc.awaitFreshened(vm.id) else { throw FurcateError(.io, "fork \(vm.id) was not freshened by its agent") }
+            guard await svc.awaitFreshened(vm.id) else {
+                throw FurcateError(.io, "fork \(vm.id) was not freshened by its agent")
+            }
             freshen.append(Self.ms(ContinuousClock.now - start))
         }
         // Host memory per idle fork: freshened, then left alone for a second (before the
@@ -217,7 +224,9 @@ public struct ForkBenchmark: Sendable {
         }
         // The parent's debug session is closed again at once (its shell ends with it): one open
         // across a later snapshot ends in every fork of that snapshot right after its restore.
-        if try await Self.shellOutput(svc.guestShell(base, timeout: .seconds(30)), "cat /tmp/who") != "base" { verified = 0 }
+        if try await Self.shellOutput(svc.guestShell(base, timeout: .seconds(30)), "cat /tmp/who") != "base" {
+            verified = 0
+        }
         let write = try await Self.guestWrite(shells[0].1, mib: writeMiB)
         let s0 = ContinuousClock.now
         let snapOfFork = try await svc.snapshot(fork.vms[0].id)
@@ -226,34 +235,42 @@ public struct ForkBenchmark: Sendable {
         let t = fork.timings
         let phases: [(String, [Double])] = [
             ("store clone", t.map { Self.ms($0.storeClone) }), ("spawn", t.map { Self.ms($0.spawn) }),
-            ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }), (Self.resumeLabel, t.map { Self.ms($0.resume) }),
+            ("migrate-incoming", t.map { Self.ms($0.migrateIncoming) }),
+            (Self.resumeLabel, t.map { Self.ms($0.resume) }),
             ("freshened (from the fork call)", freshen),
             ("first guest response", firstResponse),
         ]
         for vm in fork.vms { try? await svc.delete(vm.id) }
         let sequential = try await sequentialForks(svc, base: base, mode: mode)
         return ForkBenchReport.Mode(
-            memoryMode: mode.rawValue, count: count, warmPool: mode == .shared ? warmPool : 0, snapshotMillis: Self.ms(fork.snapshotDuration),
+            memoryMode: mode.rawValue, count: count, warmPool: mode == .shared ? warmPool : 0,
+            snapshotMillis: Self.ms(fork.snapshotDuration),
             wallMillis: Self.ms(wall),
             phases: Self.summary(phases),
             forkP50Millis: Self.ms(fork.snapshotDuration) + Self.percentile(t.map { Self.ms($0.total) }, 0.5),
             pssPerForkMiB: Self.mean(usage.map(\.pss)), ramPssPerForkMiB: Self.mean(usage.map(\.ramPss)),
-            ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), ramAnonAtReturnPerForkMiB: Self.mean(atReturn), guestWriteMBps: write,
+            ramAnonPerForkMiB: Self.mean(usage.map(\.ramAnon)), ramAnonAtReturnPerForkMiB: Self.mean(atReturn),
+            guestWriteMBps: write,
             snapshotOfForkMillis: snapMillis, forksVerified: verified, rounds: rounds, sequential: sequential)
     }
 
     /// `rounds` single forks of `base`, one after another, each freshened and removed before
     /// the next. With a warm pool a round starts once a pooled QEMU waits again: the pool's
     /// steady state when forks come no faster than it refills.
-    private func sequentialForks(_ svc: VMService, base: String, mode: MemoryMode) async throws -> [ForkBenchReport.Phase] {
+    private func sequentialForks(_ svc: VMService, base: String, mode: MemoryMode) async throws -> [ForkBenchReport
+        .Phase]
+    {
         guard rounds > 0 else { return [] }
         progress("\(rounds) single forks in turn (memory mode \(mode.rawValue))")
-        var fork: [Double] = [], restore: [Double] = [], clone: [Double] = [], spawn: [Double] = [], incoming: [Double] = [], resume: [Double] = []
+        var fork: [Double] = [], restore: [Double] = [], clone: [Double] = [], spawn: [Double] = [],
+            incoming: [Double] = [], resume: [Double] = []
         for _ in 0..<rounds {
             if mode == .shared && warmPool > 0 {
                 let deadline = ContinuousClock.now + .seconds(60)
                 while await svc.poolCount() == 0 {
-                    guard ContinuousClock.now < deadline else { throw FurcateError(.timedOut, "the warm pool did not refill within 60 s") }
+                    guard ContinuousClock.now < deadline else {
+                        throw FurcateError(.timedOut, "the warm pool did not refill within 60 s")
+                    }
                     try await Task.sleep(for: .milliseconds(20))
                 }
             }
@@ -265,12 +282,15 @@ public struct ForkBenchmark: Sendable {
             spawn.append(Self.ms(t.spawn))
             incoming.append(Self.ms(t.migrateIncoming))
             resume.append(Self.ms(t.resume))
-            guard await svc.awaitFreshened(r.vms[0].id) else { throw FurcateError(.io, "fork \(r.vms[0].id) was not freshened by its agent") }
+            guard await svc.awaitFreshened(r.vms[0].id) else {
+                throw FurcateError(.io, "fork \(r.vms[0].id) was not freshened by its agent")
+            }
             try await svc.delete(r.vms[0].id)
             try? await svc.deleteSnapshot(r.snapshot.id)
         }
         return Self.summary([
-            ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone), ("spawn", spawn),
+            ("fork, end to end", fork), ("restore (migrate-incoming + resume)", restore), ("store clone", clone),
+            ("spawn", spawn),
             ("migrate-incoming", incoming), (Self.resumeLabel, resume),
         ])
     }
@@ -289,11 +309,14 @@ public struct ForkBenchmark: Sendable {
     static func guestWrite(_ sh: GuestShell, mib: Int) async throws -> Double {
         _ = try await sh.run("rm -f /tmp/w; dd if=/dev/zero bs=1M count=1 2>/dev/null | tr '\\0' 'x' > /tmp/pattern")
         let t0 = ContinuousClock.now
-        let (out, status) = try await sh.run("i=0; while [ $i -lt \(mib) ]; do cat /tmp/pattern; i=$((i+1)); done > /tmp/w; sync", timeout: .seconds(300))
+        let (out, status) = try await sh.run(
+            "i=0; while [ $i -lt \(mib) ]; do cat /tmp/pattern; i=$((i+1)); done > /tmp/w; sync", timeout: .seconds(300)
+        )
         let elapsed = ContinuousClock.now - t0
         guard status == 0 else { throw FurcateError(.io, "guest write failed: \(out)") }
         _ = try await sh.run("rm -f /tmp/w")
-        return Double(mib) * 1.048576 / (Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds))
+        return Double(mib) * 1.048576
+            / (Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds))
     }
 
     struct Usage {

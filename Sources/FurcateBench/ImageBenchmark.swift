@@ -5,7 +5,7 @@ import Images
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `furcate bench image`: image import, dedup between images, snapshot memory compression —
@@ -58,7 +58,9 @@ public struct ImageBenchmark: Sendable {
     let skipCompression: Bool
     let log: @Sendable (String) -> Void
 
-    public init(workDir: String, guestDir: String, skipCompression: Bool = false, log: @escaping @Sendable (String) -> Void) {
+    public init(
+        workDir: String, guestDir: String, skipCompression: Bool = false, log: @escaping @Sendable (String) -> Void
+    ) {
         self.workDir = workDir
         self.guestDir = guestDir
         self.skipCompression = skipCompression
@@ -85,9 +87,13 @@ public struct ImageBenchmark: Sendable {
         try OCILayoutWriter.write(root + "/layout-b", tag: "b", layers: [base, b], config: config)
 
         // Pull + build, Furcate vs the naive pipeline.
-        var sources: [(String, String, [String])] = [("generated (2 layers, 30 MiB)", "oci:\(root)/layout-a:a", [root + "/layout-a"])]
+        var sources: [(String, String, [String])] = [
+            ("generated (2 layers, 30 MiB)", "oci:\(root)/layout-a:a", [root + "/layout-a"])
+        ]
         let debian = guestDir + "/debian-12-systemd.tar"
-        if FileManager.default.isReadableFile(atPath: debian) { sources.append(("debian-12-systemd (mmdebstrap)", "rootfs:\(debian)", [])) }
+        if FileManager.default.isReadableFile(atPath: debian) {
+            sources.append(("debian-12-systemd (mmdebstrap)", "rootfs:\(debian)", []))
+        }
         for (name, ref, _) in sources {
             log("pull \(name)")
             let dir = root + "/pull-\(r.pulls.count)"
@@ -105,10 +111,14 @@ public struct ImageBenchmark: Sendable {
             } else {
                 tarballs = try Self.layerBlobs(layout: root + "/layout-a", cache: dir + "/images/blobs/sha256")
             }
-            let baseline = try await onThread("baseline") { try Self.naiveBuild(tarballs, size: rec.diskBytes, scratch: dir + "/naive") }
-            r.pulls.append(PullFigures(
-                image: name, layers: rec.layers, contentBytes: rec.contentBytes, diskBytes: rec.diskBytes, furcateSeconds: furcate,
-                baselineSeconds: baseline, ratio: furcate / baseline))
+            let baseline = try await onThread("baseline") {
+                try Self.naiveBuild(tarballs, size: rec.diskBytes, scratch: dir + "/naive")
+            }
+            r.pulls.append(
+                PullFigures(
+                    image: name, layers: rec.layers, contentBytes: rec.contentBytes, diskBytes: rec.diskBytes,
+                    furcateSeconds: furcate,
+                    baselineSeconds: baseline, ratio: furcate / baseline))
         }
 
         // Dedup between two images sharing a base.
@@ -126,7 +136,9 @@ public struct ImageBenchmark: Sendable {
         let aloneA = try await storedAfter([ra], root + "/dedup-a")
         let aloneB = try await storedAfter([rb], root + "/dedup-b")
         let together = try await storedAfter([ra, rb], root + "/dedup-ab")
-        r.dedup = DedupFigures(aloneBytesA: aloneA, aloneBytesB: aloneB, togetherBytes: together, ratio: Double(aloneA + aloneB) / Double(max(together, 1)))
+        r.dedup = DedupFigures(
+            aloneBytesA: aloneA, aloneBytesB: aloneB, togetherBytes: together,
+            ratio: Double(aloneA + aloneB) / Double(max(together, 1)))
 
         if !skipCompression { try await compression(&r, root: root) }
         r.seconds = Date().timeIntervalSince(start)
@@ -145,22 +157,28 @@ public struct ImageBenchmark: Sendable {
             let vm = try await env.service.create(CreateVMRequest(image: "rootfs"))
             // Fill page cache and tmpfs with text and some random bytes, as a working guest would.
             let sh = try await env.service.guestShell(vm.id, timeout: .seconds(60))
-            _ = try await sh.run("i=0; while [ $i -lt 3000 ]; do echo \"line $i of a log a guest wrote while working\"; i=$((i+1)); done > /root/log; cat /bin/busybox /root/log > /dev/null; head -c 8000000 /dev/urandom > /root/random; sync")
+            _ = try await sh.run(
+                "i=0; while [ $i -lt 3000 ]; do echo \"line $i of a log a guest wrote while working\"; i=$((i+1)); done > /root/log; cat /bin/busybox /root/log > /dev/null; head -c 8000000 /dev/urandom > /root/random; sync"
+            )
             let snap = try await env.service.snapshot(vm.id)
             let file = snap.memoryPayloadFile
             let base = try env.store.compressionStats(file)
             r.memoryUncompressedBytes = base.uncompressedBytes
             r.defaultCodec = env.store.defaultCodec.description
             let defaultRatio = base.ratio
-            for codec in [Codec.lz4, .lz4hc(level: 9), .zstd(level: 1), .zstd(level: 3), .zstd(level: 9), .zstd(level: 19)] {
+            for codec in [
+                Codec.lz4, .lz4hc(level: 9), .zstd(level: 1), .zstd(level: 3), .zstd(level: 9), .zstd(level: 19),
+            ] {
                 log("compression: \(codec)")
                 let store = env.store
                 let t0 = Date()
                 let st = try await onThread("recompress") { try store.recompress(file, codec: codec) }
                 let secs = Date().timeIntervalSince(t0)
-                r.compression.append(CompressionFigures(
-                    codec: codec.description, storedBytes: st.storedBytes, ratio: st.ratio, seconds: secs,
-                    mbPerSecond: Double(st.uncompressedBytes) / 1e6 / max(secs, 1e-9), ratioVsDefault: st.ratio / defaultRatio))
+                r.compression.append(
+                    CompressionFigures(
+                        codec: codec.description, storedBytes: st.storedBytes, ratio: st.ratio, seconds: secs,
+                        mbPerSecond: Double(st.uncompressedBytes) / 1e6 / max(secs, 1e-9),
+                        ratioVsDefault: st.ratio / defaultRatio))
             }
         } catch {
             await env.close()
@@ -186,7 +204,12 @@ public struct ImageBenchmark: Sendable {
             try Data(s.utf8.prefix(8192)).write(to: URL(fileURLWithPath: d + "/f\(i).txt"))
         }
         let tar = dir + ".tar"
-        try RootfsBuilder.runTool("tar", ["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@1700000000", "-C", dir, "-cf", tar, "."])
+        try RootfsBuilder.runTool(
+            "tar",
+            [
+                "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@1700000000", "-C", dir, "-cf",
+                tar, ".",
+            ])
         let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: tar)))
         return try OCILayoutWriter.Layer.tar(bytes, gzip: true, scratch: scratch)
     }
@@ -195,9 +218,12 @@ public struct ImageBenchmark: Sendable {
     static func layerBlobs(layout: String, cache: String) throws -> [String] {
         struct Index: Decodable { struct M: Decodable { var digest: String }; var manifests: [M] }
         struct Manifest: Decodable { struct L: Decodable { var digest: String }; var layers: [L] }
-        let idx = try JSONDecoder().decode(Index.self, from: Data(contentsOf: URL(fileURLWithPath: layout + "/index.json")))
+        let idx = try JSONDecoder().decode(
+            Index.self, from: Data(contentsOf: URL(fileURLWithPath: layout + "/index.json")))
         let m = try JSONDecoder().decode(
-            Manifest.self, from: Data(contentsOf: URL(fileURLWithPath: layout + "/blobs/sha256/" + idx.manifests[0].digest.dropFirst(7))))
+            Manifest.self,
+            from: Data(
+                contentsOf: URL(fileURLWithPath: layout + "/blobs/sha256/" + idx.manifests[0].digest.dropFirst(7))))
         return m.layers.map { cache + "/" + $0.digest.dropFirst(7) }
     }
 

@@ -6,7 +6,7 @@ import Foundation
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Results of `furcate bench store`; every field is printed and in the JSON.
@@ -144,12 +144,17 @@ public struct StoreBenchmark {
             let blocks = total / bs
             let t = Self.now()
             sample.withUnsafeBytes { raw in
-                for k in 0..<blocks { _ = BlockID.hash(UnsafeRawBufferPointer(rebasing: raw[(k * bs)..<((k + 1) * bs)])) }
+                for k in 0..<blocks {
+                    _ = BlockID.hash(UnsafeRawBufferPointer(rebasing: raw[(k * bs)..<((k + 1) * bs)]))
+                }
             }
             r.hashMBps["\(bs)"] = Double(blocks * bs) / (Self.now() - t) / 1e6
             for codec in [Codec.lz4, .zstd(level: 1), .zstd(level: 3)] {
                 let m = try CodecMeasure.measure(codec, sample: sample, blockSize: bs, bytes: total)
-                r.codecs.append(.init(codec: codec.description, blockSize: bs, compressMBps: m.compress, decompressMBps: m.decompress, ratio: m.ratio))
+                r.codecs.append(
+                    .init(
+                        codec: codec.description, blockSize: bs, compressMBps: m.compress, decompressMBps: m.decompress,
+                        ratio: m.ratio))
             }
         }
     }
@@ -173,7 +178,9 @@ public struct StoreBenchmark {
             while k * UInt64(bs) < size {
                 var buf = [UInt8]()
                 buf.reserveCapacity(chunk * bs)
-                for j in 0..<UInt64(chunk) where (k + j) * UInt64(bs) < size { buf += Self.block(sample, k + j, size: bs) }
+                for j in 0..<UInt64(chunk) where (k + j) * UInt64(bs) < size {
+                    buf += Self.block(sample, k + j, size: bs)
+                }
                 try f.write(buf, at: k * UInt64(bs))
                 k += UInt64(chunk)
             }
@@ -188,10 +195,11 @@ public struct StoreBenchmark {
                 try store.snapshot(name, as: "\(name)-s\(i)")
                 snaps.append((Self.now() - t) * 1000)
             }
-            r.clone.append(.init(
-                fileBytes: size, blocks: Int(size / UInt64(bs)),
-                cloneMillisP50: Self.percentile(clones, 0.5), cloneMillisP99: Self.percentile(clones, 0.99),
-                snapshotMillisP50: Self.percentile(snaps, 0.5), snapshotMillisP99: Self.percentile(snaps, 0.99)))
+            r.clone.append(
+                .init(
+                    fileBytes: size, blocks: Int(size / UInt64(bs)),
+                    cloneMillisP50: Self.percentile(clones, 0.5), cloneMillisP99: Self.percentile(clones, 0.99),
+                    snapshotMillisP50: Self.percentile(snaps, 0.5), snapshotMillisP99: Self.percentile(snaps, 0.99)))
         }
         if let first = r.clone.first, let last = r.clone.last, first.cloneMillisP50 > 0 {
             r.cloneFlatness = last.cloneMillisP50 / first.cloneMillisP50
@@ -233,20 +241,34 @@ public struct StoreBenchmark {
             "sequential write + fsync", bytes: size,
             store: {
                 for k in 0..<(size / io) {
-                    try sample.withUnsafeBytes { try f.write(UnsafeRawBufferPointer(rebasing: $0[(k * io % (sample.count - io))...].prefix(io)), at: UInt64(k * io)) }
+                    try sample.withUnsafeBytes {
+                        try f.write(
+                            UnsafeRawBufferPointer(rebasing: $0[(k * io % (sample.count - io))...].prefix(io)),
+                            at: UInt64(k * io))
+                    }
                 }
                 try f.sync()
             },
             plain: {
                 for k in 0..<(size / io) {
-                    _ = sample.withUnsafeBytes { pwrite(fd, $0.baseAddress! + (k * io % (sample.count - io)), io, off_t(k * io)) }
+                    _ = sample.withUnsafeBytes {
+                        pwrite(fd, $0.baseAddress.map { $0 + (k * io % (sample.count - io)) }, io, off_t(k * io))
+                    }
                 }
                 fsync(fd)
             })
         try measure(
             "sequential read", bytes: size,
-            store: { for k in 0..<(size / io) { _ = try buf.withUnsafeMutableBytes { try f.read(into: $0, at: UInt64(k * io)) } } },
-            plain: { for k in 0..<(size / io) { _ = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, io, off_t(k * io)) } } })
+            store: {
+                for k in 0..<(size / io) {
+                    _ = try buf.withUnsafeMutableBytes { try f.read(into: $0, at: UInt64(k * io)) }
+                }
+            },
+            plain: {
+                for k in 0..<(size / io) {
+                    _ = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, io, off_t(k * io)) }
+                }
+            })
         try measure(
             "random read", bytes: randomOps * io,
             store: { for o in offsets { _ = try buf.withUnsafeMutableBytes { try f.read(into: $0, at: o) } } },
@@ -268,7 +290,8 @@ public struct StoreBenchmark {
     func benchGrowth(_ sample: [UInt8], _ r: inout StoreBenchReport) throws {
         let size: UInt64 = quick ? 256 << 20 : 1 << 30
         let clones = quick ? 20 : 100
-        progress("store growth: \(clones) clones of a \(ByteSize.format(size)) file, each dirtying 1% of its 4 KiB pages")
+        progress(
+            "store growth: \(clones) clones of a \(ByteSize.format(size)) file, each dirtying 1% of its 4 KiB pages")
         let (dir, store) = try freshStore("growth")
         defer {
             store.close()

@@ -5,7 +5,7 @@ import StoreFS
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// What the VM benchmarks share: a fresh store in the work directory with the test rootfs
@@ -19,9 +19,12 @@ final class VMBenchEnvironment {
     let diskBytes: UInt64
 
     init(workDir: String, guestDir: String, name: String, configure: (inout VMServiceOptions) -> Void) throws {
-        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "bench \(name) needs root (it mounts the store)") }
+        guard geteuid() == 0 else {
+            throw FurcateError(.notPermitted, "bench \(name) needs root (it mounts the store)")
+        }
         for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
-            throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: guestDir + "/" + a)
+            throw FurcateError(
+                .notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: guestDir + "/" + a)
         }
         root = workDir + "/furcate-bench-\(name)-\(getpid())"
         try? FileManager.default.removeItem(atPath: root)
@@ -48,7 +51,8 @@ final class VMBenchEnvironment {
     /// Runs `body` in a new environment, closed afterwards whatever happens; returns its result
     /// and the seconds the whole took.
     static func run<R>(
-        workDir: String, guestDir: String, name: String, configure: (inout VMServiceOptions) -> Void, _ body: (VMBenchEnvironment) async throws -> R
+        workDir: String, guestDir: String, name: String, configure: (inout VMServiceOptions) -> Void,
+        _ body: (VMBenchEnvironment) async throws -> R
     ) async throws -> (R, seconds: Double) {
         let t0 = ContinuousClock.now
         let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: name, configure: configure)

@@ -17,7 +17,8 @@ public enum EntityName {
         }
         if let bad = bytes.first(where: { $0 == UInt8(ascii: "/") || $0 == 0 || $0 < 0x20 || $0 == 0x7f }) {
             let shown = bad == UInt8(ascii: "/") ? "'/'" : "a control character"
-            throw FurcateError(.invalidArgument, "\(what) '\(name)' contains \(shown); it must be a single path component")
+            throw FurcateError(
+                .invalidArgument, "\(what) '\(name)' contains \(shown); it must be a single path component")
         }
     }
 }

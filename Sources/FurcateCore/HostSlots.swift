@@ -2,7 +2,7 @@ import Foundation
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A limit shared by every process of a host: at most `count` holders at once across all the
@@ -81,7 +81,8 @@ public final class HostSlots: Sendable {
             local.signal()
             if let e = error as? FurcateError { throw e }
             if error is CancellationError { throw error }
-            throw FurcateError(.io, "cannot use the slot directory", path: directory, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot use the slot directory", path: directory, underlying: UnderlyingMessage(error))
         }
     }
 }

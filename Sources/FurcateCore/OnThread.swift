@@ -9,4 +9,3 @@ public func onThread<T: Sendable>(_ name: String, _ body: @escaping @Sendable ()
         t.start()
     }
 }
-

@@ -1,7 +1,7 @@
 import Foundation
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Blocking AF_UNIX stream sockets: the control channels to QEMU (QMP) and to guests.
@@ -75,7 +75,9 @@ public enum UnixSocket {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw FurcateError.system("socket", errno: errno, path: path) }
         let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard r == 0, Glibc.listen(fd, 4) == 0 else {
             let e = errno
@@ -91,7 +93,9 @@ public enum UnixSocket {
         while true {
             var pfd = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
             let left = deadline - .now
-            let ms = max(1, min(1000, Int32(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)))
+            let ms = max(
+                1,
+                min(1000, Int32(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)))
             let r = poll(&pfd, 1, ms)
             if r > 0 {
                 // accept4 needs _GNU_SOURCE; set close-on-exec right after.
@@ -111,7 +115,9 @@ public enum UnixSocket {
     /// Reads from `fd` until end of stream, handing each chunk to `body`.
     /// - Returns: the bytes read.
     @discardableResult
-    public static func readToEnd(_ fd: Int32, chunk: Int = 1 << 20, _ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Int {
+    public static func readToEnd(_ fd: Int32, chunk: Int = 1 << 20, _ body: (UnsafeRawBufferPointer) throws -> Void)
+        throws -> Int
+    {
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
         defer { buf.deallocate() }
         var total = 0
@@ -152,7 +158,7 @@ public enum UnixSocket {
     public static func writeAll(_ fd: Int32, _ data: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < data.count {
-            let n = send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL))
+            let n = send(fd, data.baseAddress.map { $0 + done }, data.count - done, Int32(MSG_NOSIGNAL))
             if n < 0 {
                 if errno == EINTR { continue }
                 throw FurcateError.system("send", errno: errno)

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Writes all of `bytes` to a file descriptor, retrying on EINTR and short writes.
@@ -7,7 +7,7 @@ import Glibc
 public func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
     var done = 0
     while done < bytes.count {
-        let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
+        let n = write(fd, bytes.baseAddress.map { $0 + done }, bytes.count - done)
         if n < 0 {
             if errno == EINTR { continue }
             throw FurcateError.system("write", errno: errno, path: path)

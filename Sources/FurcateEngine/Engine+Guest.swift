@@ -43,7 +43,8 @@ extension Engine {
     /// The answer is what the terminal showed between the markers; the command's effects on
     /// the shell (cd, variables) stay for the next one.
     /// - Throws: `.timedOut` after sending Ctrl-C to the terminal.
-    public func execInTerminal(_ vm: VMInfo, terminal name: String, _ command: String, timeoutMs: Int, wake: WakePolicy) async throws
+    public func execInTerminal(_ vm: VMInfo, terminal name: String, _ command: String, timeoutMs: Int, wake: WakePolicy)
+        async throws
         -> TerminalExecResult
     {
         let agent = try await agentClient(vm, wake: wake)
@@ -63,7 +64,8 @@ extension Engine {
             try await Task.sleep(for: .milliseconds(50))
         }
         try? await agent.terminalInput(name, Data([0x03]))
-        throw FurcateError(.timedOut, "the command did not finish within \(timeoutMs) ms in terminal \(name) (Ctrl-C was sent)")
+        throw FurcateError(
+            .timedOut, "the command did not finish within \(timeoutMs) ms in terminal \(name) (Ctrl-C was sent)")
     }
 
     /// The output between the markers of `nonce` and the status after the end marker, once the
@@ -74,13 +76,15 @@ extension Engine {
         let end = Array("\u{1E}E\(nonce):".utf8)
         guard let e = bytes.lastRange(of: end) else { return nil }
         let statusDigits = bytes[e.upperBound...].prefix { (0x30...0x39).contains($0) }
-        guard statusDigits.count < bytes.count - e.upperBound else { return nil }  // the status line is not complete yet
+        // The status line is not complete yet.
+        guard statusDigits.count < bytes.count - e.upperBound else { return nil }
         var from = bytes.startIndex
         if let s = bytes[..<e.lowerBound].lastRange(of: start) {
             from = s.upperBound
             if bytes[from...].starts(with: [0x0D, 0x0A]) { from += 2 }
         }
-        let out = String(decoding: bytes[from..<e.lowerBound], as: UTF8.self).replacingOccurrences(of: "\r\n", with: "\n")
+        let out = String(decoding: bytes[from..<e.lowerBound], as: UTF8.self).replacingOccurrences(
+            of: "\r\n", with: "\n")
         return TerminalExecResult(output: out, status: Int(String(decoding: statusDigits, as: UTF8.self)) ?? 0)
     }
 }

@@ -22,7 +22,9 @@ public struct NewVM: Sendable {
     /// Variables set in the guest's environment before the VM is handed over.
     public var environment: [String: String]?
 
-    public init(account: String, snapshot: String, name: String? = nil, policy: VMPolicy, environment: [String: String]? = nil) {
+    public init(
+        account: String, snapshot: String, name: String? = nil, policy: VMPolicy, environment: [String: String]? = nil
+    ) {
         self.account = account
         self.snapshot = snapshot
         self.name = name
@@ -53,7 +55,9 @@ extension Engine {
     /// Runs `body` as a request on VM `id` by `account`: while it runs the VM is busy (an idle
     /// timeout waits for every request on it to end). A malformed, missing or foreign id is
     /// not counted.
-    public func duringRequest<T: Sendable>(on id: String, account: String, _ body: () async throws -> T) async throws -> T {
+    public func duringRequest<T: Sendable>(on id: String, account: String, _ body: () async throws -> T) async throws
+        -> T
+    {
         guard (try? VMID.validateVM(id)) != nil, owners.owner(id) == account else { return try await body() }
         await policies.begin(id)
         do {
@@ -97,7 +101,9 @@ extension Engine {
     /// Forks a running VM `count` ways for its owner: each fork is the caller's, with the
     /// parent's policy (a parent without one: forks without one), and the snapshot taken on the
     /// way is recorded as the caller's.
-    public func fork(_ vm: VMInfo, account: String, count: Int, snapshotName: String? = nil, snapshotKind: SnapshotKind? = nil) async throws -> (
+    public func fork(
+        _ vm: VMInfo, account: String, count: Int, snapshotName: String? = nil, snapshotKind: SnapshotKind? = nil
+    ) async throws -> (
         forks: [VMInfo], snapshot: SnapshotRecord
     ) {
         let r = try await vms.fork(vm.id, count: count, newIdentity: true)

@@ -24,7 +24,8 @@ public struct Engine: Sendable {
     public var defaultIdleTimeoutSeconds = 300
 
     public init(
-        vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore, defaultImage: String,
+        vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore,
+        defaultImage: String,
         quotaBytes: UInt64? = nil
     ) {
         self.vms = vms

@@ -23,7 +23,9 @@ public struct Guest: Sendable {
     }
 
     public func terminals() async throws -> [TerminalInfo] { try await agent.terminals() }
-    public func terminalLines(_ name: String, lines: Int?) async throws -> [String] { try await agent.terminalLines(name, lines: lines) }
+    public func terminalLines(_ name: String, lines: Int?) async throws -> [String] {
+        try await agent.terminalLines(name, lines: lines)
+    }
     /// What the terminal shows, as the bytes an xterm-256color terminal would draw.
     public func terminalBytes(_ name: String) async throws -> Data { try await agent.terminalBytes(name) }
 

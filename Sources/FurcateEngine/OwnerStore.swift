@@ -35,7 +35,8 @@ public enum SnapshotPersistence: Codable, Sendable, Equatable {
             }
             self = .sticky(priority: priority)
         default:
-            throw FurcateError(.invalidArgument, "persistence.type must be sticky or persistent, not '\(type.prefix(40))'")
+            throw FurcateError(
+                .invalidArgument, "persistence.type must be sticky or persistent, not '\(type.prefix(40))'")
         }
     }
 
@@ -173,10 +174,14 @@ public final class OwnerStore: Sendable {
         try remove(id)
     }
 
-    public func snapshot(_ id: String) throws -> SnapshotRecord? { try db.get(Self.snapshotTable, key: id, as: SnapshotRecord.self) }
+    public func snapshot(_ id: String) throws -> SnapshotRecord? {
+        try db.get(Self.snapshotTable, key: id, as: SnapshotRecord.self)
+    }
 
     func savePolicy(_ id: String, _ p: VMPolicy) throws { try db.save(Self.policyTable, key: id, p) }
-    func allPolicies() throws -> [String: VMPolicy] { Dictionary(try db.allKeyed(Self.policyTable, as: VMPolicy.self)) { a, _ in a } }
+    func allPolicies() throws -> [String: VMPolicy] {
+        Dictionary(try db.allKeyed(Self.policyTable, as: VMPolicy.self)) { a, _ in a }
+    }
     func removePolicy(_ id: String) throws { try db.delete(Self.policyTable, key: id) }
 
     /// Every snapshot record, oldest first.

@@ -28,7 +28,9 @@ extension Engine {
             r.target = build.state == .succeeded ? build.snapshotId : nil
         }
         if r.state == .ready {
-            if let t = r.target, let info = try? await vms.snapshotInfo(t) { r.info = info } else {
+            if let t = r.target, let info = try? await vms.snapshotInfo(t) {
+                r.info = info
+            } else {
                 r.state = .lost
                 r.failureReason = r.failureReason ?? "the snapshot's data is gone"
             }
@@ -38,7 +40,9 @@ extension Engine {
 
     /// The caller's snapshot record (not deleted unless `deleted`), or nil as for a missing one.
     public func ownedSnapshot(_ id: String, account: String, deleted: Bool = false) async throws -> ResolvedSnapshot? {
-        guard id.utf8.count <= 64, let s = try owners.snapshot(id), s.account == account, deleted || !s.deleted else { return nil }
+        guard id.utf8.count <= 64, let s = try owners.snapshot(id), s.account == account, deleted || !s.deleted else {
+            return nil
+        }
         return await resolve(s)
     }
 
@@ -47,12 +51,16 @@ extension Engine {
     /// - Throws: `.notFound` for a missing or foreign id, `.invalidState` while it builds or
     ///   when it failed.
     public func usableSnapshot(_ id: String, account: String) async throws -> String {
-        if (try? VMID.validateSnapshot(id)) != nil, owners.owner(id) == Account.everyone, try owners.snapshot(id) == nil { return id }
+        if (try? VMID.validateSnapshot(id)) != nil, owners.owner(id) == Account.everyone, try owners.snapshot(id) == nil
+        {
+            return id
+        }
         guard let r = try await ownedSnapshot(id, account: account) else {
             throw FurcateError(.notFound, "no snapshot \(id.prefix(64))")
         }
         guard r.state == .ready, let t = r.target else {
-            throw FurcateError(.invalidState, "snapshot \(id) is \(r.state.rawValue)\(r.failureReason.map { ": " + $0 } ?? "")")
+            throw FurcateError(
+                .invalidState, "snapshot \(id) is \(r.state.rawValue)\(r.failureReason.map { ": " + $0 } ?? "")")
         }
         var s = r.record
         s.lastUsedAt = Date().timeIntervalSince1970
@@ -76,7 +84,8 @@ extension Engine {
 
     /// Starts a build for `account` and records the snapshot it will produce (state building).
     public func startSnapshotBuild(
-        _ recipe: BuildRecipe, account: String, credentials: RegistryCredentials? = nil, configure: (inout SnapshotRecord) -> Void
+        _ recipe: BuildRecipe, account: String, credentials: RegistryCredentials? = nil,
+        configure: (inout SnapshotRecord) -> Void
     ) async throws -> SnapshotRecord {
         let build = try await builds.start(recipe, account: account, credentials: credentials)
         try owners.set(build.buildId, account: account)
@@ -100,12 +109,17 @@ extension Engine {
     /// bytes it names. A cache hit on contents the caller already has a snapshot of answers
     /// with that snapshot (no second record).
     /// - Throws: `.buildFailed` with the build's reason.
-    public func buildAndWait(_ recipe: BuildRecipe, account: String, credentials: RegistryCredentials?) async throws -> (id: String, target: String) {
+    public func buildAndWait(_ recipe: BuildRecipe, account: String, credentials: RegistryCredentials?) async throws
+        -> (id: String, target: String)
+    {
         let s = try await startSnapshotBuild(recipe, account: account, credentials: credentials) { _ in }
         guard let buildId = s.buildId else { throw FurcateError(.internalError, "snapshot \(s.id) has no build") }
         let build = try await builds.wait(buildId)
         guard build.state == .succeeded, let target = build.snapshotId else {
-            throw FurcateError(.buildFailed, "building the VM's contents failed: \(build.failureReason ?? "unknown reason") (build \(build.buildId))")
+            throw FurcateError(
+                .buildFailed,
+                "building the VM's contents failed: \(build.failureReason ?? "unknown reason") (build \(build.buildId))"
+            )
         }
         for other in try owners.snapshots() where other.account == account && other.id != s.id && !other.deleted {
             if await resolve(other).target == target {
@@ -140,7 +154,10 @@ extension Engine {
         for o in try owners.snapshots() where o.id != s.id && !o.deleted {
             if await resolve(o).target == target { return }
         }
-        if await vms.list().contains(where: { $0.parentSnapshot == target && $0.state != .stopped && $0.state != .lost }) { return }
+        if await vms.list().contains(where: { $0.parentSnapshot == target && $0.state != .stopped && $0.state != .lost }
+        ) {
+            return
+        }
         try? await vms.deleteSnapshot(target)
     }
 }

@@ -59,7 +59,8 @@ public enum VMPersistence: Codable, Sendable, Equatable {
             }
             self = .ephemeral(deleteEvent: raw.flatMap(DeleteEvent.init(rawValue:)))
         default:
-            throw FurcateError(.invalidArgument, "persistence.type must be sticky, ephemeral or persistent, not '\(type.prefix(40))'")
+            throw FurcateError(
+                .invalidArgument, "persistence.type must be sticky, ephemeral or persistent, not '\(type.prefix(40))'")
         }
     }
 
@@ -174,15 +175,23 @@ public actor VMPolicies {
         let vms = await engine.vms.list()
         for vm in vms {
             guard let p = try? policy(vm.id) else { continue }
-            let last = lastActivity[vm.id] ?? { lastActivity[vm.id] = now; return now }()
+            let last =
+                lastActivity[vm.id]
+                ?? {
+                    lastActivity[vm.id] = now; return now
+                }()
             do {
                 if let exp = p.expiresAt, now >= exp {
                     try await engine.forgetVM(vm.id)
                     done.append(.expired(vm: vm.id))
-                } else if (vm.state == .stopped && p.persistence.deletedOnStop) || (vm.state == .suspended && p.persistence.deletedOnSuspend) {
+                } else if (vm.state == .stopped && p.persistence.deletedOnStop)
+                    || (vm.state == .suspended && p.persistence.deletedOnSuspend)
+                {
                     try await engine.forgetVM(vm.id)
                     done.append(.deletedEphemeral(vm: vm.id))
-                } else if vm.state == .running, let idle = p.idleTimeoutSeconds, idle > 0, (inFlight[vm.id] ?? 0) == 0, now - last >= Double(idle) {
+                } else if vm.state == .running, let idle = p.idleTimeoutSeconds, idle > 0, (inFlight[vm.id] ?? 0) == 0,
+                    now - last >= Double(idle)
+                {
                     if p.persistence.deletedOnSuspend {
                         try await engine.forgetVM(vm.id)
                         done.append(.deletedIdle(vm: vm.id))
@@ -221,7 +230,9 @@ public actor VMPolicies {
             let bytes = (try? await engine.vms.vmStoredBytes(vm.id)) ?? 0
             let idle = vm.state == .suspended || vm.state == .stopped || vm.state == .lost
             held[account, default: []].append(
-                Held(vm: vm.id, bytes: bytes, evictable: p.persistence.stickyPriority != nil && idle, priority: p.persistence.stickyPriority ?? 5,
+                Held(
+                    vm: vm.id, bytes: bytes, evictable: p.persistence.stickyPriority != nil && idle,
+                    priority: p.persistence.stickyPriority ?? 5,
                     lastUsed: lastActivity[vm.id] ?? vm.createdAt))
         }
         var counted: Set<String> = []
@@ -230,14 +241,17 @@ public actor VMPolicies {
             guard r.state == .ready, let target = r.target, counted.insert(target).inserted else { continue }
             let bytes = (try? await engine.vms.snapshotStoredBytes(target)) ?? 0
             held[s.account, default: []].append(
-                Held(snapshot: s, bytes: bytes, evictable: s.persistence.stickyPriority != nil, priority: s.persistence.stickyPriority ?? 5,
+                Held(
+                    snapshot: s, bytes: bytes, evictable: s.persistence.stickyPriority != nil,
+                    priority: s.persistence.stickyPriority ?? 5,
                     lastUsed: s.lastUsedAt ?? s.createdAt))
         }
         var done: [PolicyAction] = []
         for (account, items) in held.sorted(by: { $0.key < $1.key }) {
             var usage = items.reduce(0) { $0 + $1.bytes }
             guard usage > quota else { continue }
-            for item in items.filter(\.evictable).sorted(by: { ($0.priority, $0.lastUsed) < ($1.priority, $1.lastUsed) }) where usage > quota {
+            for item in items.filter(\.evictable).sorted(by: { ($0.priority, $0.lastUsed) < ($1.priority, $1.lastUsed) }
+            ) where usage > quota {
                 do {
                     if let id = item.vm {
                         try await engine.forgetVM(id)

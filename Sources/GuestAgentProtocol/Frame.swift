@@ -2,9 +2,9 @@
 // over the virtio-serial port `furcate.0` (a unix socket on the host). Shared by both sides;
 // uses FoundationEssentials only, so the static agent stays small. docs/AGENT.md describes it.
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// One frame: a 12-byte header and a JSON payload.
@@ -53,7 +53,9 @@ public struct Frame: Sendable, Equatable {
     public func encoded() -> [UInt8] {
         let hasAttachment = !attachment.isEmpty
         let body = hasAttachment ? 4 + payload.count + attachment.count : payload.count
-        var out: [UInt8] = [Self.magic.0, Self.magic.1, Self.version, kind.rawValue | (hasAttachment ? Self.attachmentFlag : 0)]
+        var out: [UInt8] = [
+            Self.magic.0, Self.magic.1, Self.version, kind.rawValue | (hasAttachment ? Self.attachmentFlag : 0),
+        ]
         out.reserveCapacity(Self.headerSize + body)
         withUnsafeBytes(of: id.littleEndian) { out.append(contentsOf: $0) }
         withUnsafeBytes(of: UInt32(body).littleEndian) { out.append(contentsOf: $0) }
@@ -86,7 +88,9 @@ public struct FrameDecoder: Sendable {
         guard buffer[0] == Frame.magic.0, buffer[1] == Frame.magic.1 else {
             throw FrameError(description: "bad frame magic \(buffer[0]) \(buffer[1])")
         }
-        guard buffer[2] == Frame.version else { throw FrameError(description: "unsupported protocol version \(buffer[2])") }
+        guard buffer[2] == Frame.version else {
+            throw FrameError(description: "unsupported protocol version \(buffer[2])")
+        }
         let hasAttachment = buffer[3] & Frame.attachmentFlag != 0
         guard let kind = Frame.Kind(rawValue: buffer[3] & ~Frame.attachmentFlag) else {
             throw FrameError(description: "unknown frame kind \(buffer[3])")
@@ -102,7 +106,9 @@ public struct FrameDecoder: Sendable {
         guard hasAttachment else { return Frame(kind: kind, id: id, payload: Array(body)) }
         guard length >= 4 else { throw FrameError(description: "frame with an attachment is too short") }
         let jsonLength = Int(Self.u32(buffer, Frame.headerSize))
-        guard jsonLength <= length - 4 else { throw FrameError(description: "attachment frame's JSON length \(jsonLength) exceeds the frame") }
+        guard jsonLength <= length - 4 else {
+            throw FrameError(description: "attachment frame's JSON length \(jsonLength) exceeds the frame")
+        }
         let jsonStart = Frame.headerSize + 4
         return Frame(
             kind: kind, id: id, payload: Array(buffer[jsonStart..<(jsonStart + jsonLength)]),
@@ -120,7 +126,9 @@ extension AgentRequest {
     /// This request as a frame: a file write's bytes become the attachment.
     public func frame(id: UInt32) throws -> Frame {
         if case .writeFile(let path, let data, let offset, let mode, let createParents) = self, !data.isEmpty {
-            let json = try JSONEncoder().encode(AgentRequest.writeFile(path: path, data: Data(), offset: offset, mode: mode, createParents: createParents))
+            let json = try JSONEncoder().encode(
+                AgentRequest.writeFile(
+                    path: path, data: Data(), offset: offset, mode: mode, createParents: createParents))
             return Frame(kind: .request, id: id, payload: [UInt8](json), attachment: [UInt8](data))
         }
         return Frame(kind: .request, id: id, payload: [UInt8](try JSONEncoder().encode(self)))
@@ -130,7 +138,8 @@ extension AgentRequest {
     public static func from(_ frame: Frame) throws -> AgentRequest {
         let r = try JSONDecoder().decode(AgentRequest.self, from: Data(frame.payload))
         if !frame.attachment.isEmpty, case .writeFile(let path, _, let offset, let mode, let createParents) = r {
-            return .writeFile(path: path, data: Data(frame.attachment), offset: offset, mode: mode, createParents: createParents)
+            return .writeFile(
+                path: path, data: Data(frame.attachment), offset: offset, mode: mode, createParents: createParents)
         }
         return r
     }
@@ -149,7 +158,9 @@ extension AgentResponse {
     /// The response a frame carries.
     public static func from(_ frame: Frame) throws -> AgentResponse {
         let r = try JSONDecoder().decode(AgentResponse.self, from: Data(frame.payload))
-        if !frame.attachment.isEmpty, case .data(_, let size) = r { return .data(Data(frame.attachment), fileSize: size) }
+        if !frame.attachment.isEmpty, case .data(_, let size) = r {
+            return .data(Data(frame.attachment), fileSize: size)
+        }
         return r
     }
 }

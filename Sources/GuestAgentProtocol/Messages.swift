@@ -1,7 +1,7 @@
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// What the host asks the agent. Encoded as JSON with an `op` member naming the case.
@@ -103,10 +103,12 @@ public struct ServiceSpec: Codable, Sendable, Hashable {
     /// Started whenever the agent starts (default true).
     public var enable: Bool?
 
-    public init(name: String, mode: String, exec: [String], env: [String: String]? = nil, user: String? = nil,
-                group: String? = nil, workdir: String? = nil, after: [String]? = nil, requires: [String]? = nil,
-                restartPolicy: RestartPolicy? = nil, timeoutSec: Int? = nil, deleteAfterSuccess: Bool? = nil,
-                remainAfterExit: Bool? = nil, enable: Bool? = nil) {
+    public init(
+        name: String, mode: String, exec: [String], env: [String: String]? = nil, user: String? = nil,
+        group: String? = nil, workdir: String? = nil, after: [String]? = nil, requires: [String]? = nil,
+        restartPolicy: RestartPolicy? = nil, timeoutSec: Int? = nil, deleteAfterSuccess: Bool? = nil,
+        remainAfterExit: Bool? = nil, enable: Bool? = nil
+    ) {
         self.name = name
         self.mode = mode
         self.exec = exec
@@ -145,8 +147,10 @@ public struct UserSpec: Codable, Sendable, Hashable {
     public var shell: String?
     public var system: Bool?
 
-    public init(name: String, uid: UInt32? = nil, gecos: String? = nil, groups: [String]? = nil, home: String? = nil,
-                shell: String? = nil, system: Bool? = nil) {
+    public init(
+        name: String, uid: UInt32? = nil, gecos: String? = nil, groups: [String]? = nil, home: String? = nil,
+        shell: String? = nil, system: Bool? = nil
+    ) {
         self.name = name
         self.uid = uid
         self.gecos = gecos
@@ -181,10 +185,15 @@ extension ServiceSpec {
     /// What makes this unit unacceptable wherever it is given — the API, a build recipe, the
     /// agent — or nil. (The agent also checks what only the guest knows: users, paths.)
     public var problem: String? {
-        let nameOK = !name.isEmpty && name.utf8.count <= 64 && !name.hasPrefix(".")
-            && name.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e }
+        let nameOK =
+            !name.isEmpty && name.utf8.count <= 64 && !name.hasPrefix(".")
+            && name.utf8.allSatisfy {
+                ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f || $0 == 0x2e
+            }
         guard nameOK else { return "service name must be 1-64 of a-z 0-9 - _ . : '\(name.prefix(80))'" }
-        guard Self.modes.contains(mode) else { return "service mode must be oneshot or service, not '\(mode.prefix(40))'" }
+        guard Self.modes.contains(mode) else {
+            return "service mode must be oneshot or service, not '\(mode.prefix(40))'"
+        }
         guard !exec.isEmpty else { return "service \(name) has no exec lines" }
         if let p = restartPolicy?.policy, !Self.restartPolicies.contains(p) {
             return "restart policy must be no, on-failure, always or on-abnormal, not '\(p.prefix(40))'"
@@ -206,7 +215,8 @@ public struct RestartPolicy: Codable, Sendable, Hashable {
     public var startLimitBurst: Int?
     public var startLimitIntervalSec: Int?
 
-    public init(policy: String, restartSec: Int? = nil, startLimitBurst: Int? = nil, startLimitIntervalSec: Int? = nil) {
+    public init(policy: String, restartSec: Int? = nil, startLimitBurst: Int? = nil, startLimitIntervalSec: Int? = nil)
+    {
         self.policy = policy
         self.restartSec = restartSec
         self.startLimitBurst = startLimitBurst
@@ -228,8 +238,10 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     public var lastExitCode: Int32?
     public var lastSignal: Int32?
 
-    public init(name: String, activeState: String, subState: String, loadState: String, description: String,
-                mainPID: Int32?, restarts: Int, lastExitCode: Int32?, lastSignal: Int32?) {
+    public init(
+        name: String, activeState: String, subState: String, loadState: String, description: String,
+        mainPID: Int32?, restarts: Int, lastExitCode: Int32?, lastSignal: Int32?
+    ) {
         self.name = name
         self.activeState = activeState
         self.subState = subState
@@ -261,7 +273,10 @@ public struct StatsSample: Codable, Sendable, Equatable {
     public var load1: Double
     public var uptimeSeconds: Double
 
-    public init(memoryTotalBytes: UInt64, memoryAvailableBytes: UInt64, cpuBusy: Double, cpus: Int, load1: Double, uptimeSeconds: Double) {
+    public init(
+        memoryTotalBytes: UInt64, memoryAvailableBytes: UInt64, cpuBusy: Double, cpus: Int, load1: Double,
+        uptimeSeconds: Double
+    ) {
         self.memoryTotalBytes = memoryTotalBytes
         self.memoryAvailableBytes = memoryAvailableBytes
         self.cpuBusy = cpuBusy
@@ -288,8 +303,10 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     /// nil: root. (Added in agent protocol 1 without a version bump: older agents ignore it.)
     public var user: String?
 
-    public init(argv: [String]? = nil, command: String? = nil, env: [String: String]? = nil, cwd: String? = nil,
-                stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil, user: String? = nil) {
+    public init(
+        argv: [String]? = nil, command: String? = nil, env: [String: String]? = nil, cwd: String? = nil,
+        stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil, user: String? = nil
+    ) {
         self.user = user
         self.argv = argv
         self.command = command
@@ -311,7 +328,9 @@ public struct ExecResult: Codable, Sendable, Equatable {
     public var timedOut: Bool
     public var durationMs: Int
 
-    public init(exitCode: Int32?, signal: Int32?, stdout: Data, stderr: Data, truncated: Bool, timedOut: Bool, durationMs: Int) {
+    public init(
+        exitCode: Int32?, signal: Int32?, stdout: Data, stderr: Data, truncated: Bool, timedOut: Bool, durationMs: Int
+    ) {
         self.exitCode = exitCode
         self.signal = signal
         self.stdout = stdout
@@ -392,7 +411,8 @@ public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConve
 extension AgentRequest: Codable {
     private enum K: String, CodingKey {
         case op, exec, path, offset, length, data, mode, createParents, parents, recursive, epochNanos, name, entropy
-        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw, group, user, mountPoints, frozen, graceSeconds, since
+        case intervalMs, id, spec, start, action, lines, command, cols, rows, raw, group, user, mountPoints, frozen,
+            graceSeconds, since
     }
 
     public init(from decoder: any Decoder) throws {
@@ -402,31 +422,43 @@ extension AgentRequest: Codable {
         case "exec": self = .exec(try c.decode(ExecRequest.self, forKey: .exec))
         case "readFile":
             self = .readFile(
-                path: try c.decode(String.self, forKey: .path), offset: try c.decodeIfPresent(UInt64.self, forKey: .offset),
+                path: try c.decode(String.self, forKey: .path),
+                offset: try c.decodeIfPresent(UInt64.self, forKey: .offset),
                 length: try c.decodeIfPresent(Int.self, forKey: .length))
         case "writeFile":
             self = .writeFile(
                 path: try c.decode(String.self, forKey: .path), data: try c.decode(Data.self, forKey: .data),
-                offset: try c.decodeIfPresent(UInt64.self, forKey: .offset), mode: try c.decodeIfPresent(UInt32.self, forKey: .mode),
+                offset: try c.decodeIfPresent(UInt64.self, forKey: .offset),
+                mode: try c.decodeIfPresent(UInt32.self, forKey: .mode),
                 createParents: try c.decodeIfPresent(Bool.self, forKey: .createParents) ?? false)
         case "stat": self = .stat(path: try c.decode(String.self, forKey: .path))
         case "list": self = .list(path: try c.decode(String.self, forKey: .path))
-        case "mkdir": self = .mkdir(path: try c.decode(String.self, forKey: .path), parents: try c.decodeIfPresent(Bool.self, forKey: .parents) ?? false)
+        case "mkdir":
+            self = .mkdir(
+                path: try c.decode(String.self, forKey: .path),
+                parents: try c.decodeIfPresent(Bool.self, forKey: .parents) ?? false)
         case "delete":
-            self = .delete(path: try c.decode(String.self, forKey: .path), recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? false)
+            self = .delete(
+                path: try c.decode(String.self, forKey: .path),
+                recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? false)
         case "setTime": self = .setTime(epochNanos: try c.decode(Int64.self, forKey: .epochNanos))
         case "setHostname": self = .setHostname(try c.decode(String.self, forKey: .name))
         case "reseed": self = .reseed(entropy: try c.decode(Data.self, forKey: .entropy))
         case "sync": self = .sync
         case "execStream": self = .execStream(try c.decode(ExecRequest.self, forKey: .exec))
         case "watch":
-            self = .watch(path: try c.decode(String.self, forKey: .path), recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? true)
+            self = .watch(
+                path: try c.decode(String.self, forKey: .path),
+                recursive: try c.decodeIfPresent(Bool.self, forKey: .recursive) ?? true)
         case "stats": self = .stats(intervalMs: try c.decode(Int.self, forKey: .intervalMs))
         case "cancel": self = .cancel(id: try c.decode(UInt32.self, forKey: .id))
         case "serviceCreate":
-            self = .serviceCreate(try c.decode(ServiceSpec.self, forKey: .spec), start: try c.decodeIfPresent(Bool.self, forKey: .start) ?? true)
+            self = .serviceCreate(
+                try c.decode(ServiceSpec.self, forKey: .spec),
+                start: try c.decodeIfPresent(Bool.self, forKey: .start) ?? true)
         case "serviceControl":
-            self = .serviceControl(name: try c.decode(String.self, forKey: .name), action: try c.decode(String.self, forKey: .action))
+            self = .serviceControl(
+                name: try c.decode(String.self, forKey: .name), action: try c.decode(String.self, forKey: .action))
         case "serviceStatus": self = .serviceStatus(name: try c.decode(String.self, forKey: .name))
         case "serviceList": self = .serviceList
         case "serviceLogs":
@@ -435,24 +467,33 @@ extension AgentRequest: Codable {
                 since: try c.decodeIfPresent(Double.self, forKey: .since))
         case "terminalCreate":
             self = .terminalCreate(
-                name: try c.decode(String.self, forKey: .name), command: try c.decodeIfPresent([String].self, forKey: .command),
-                cols: try c.decodeIfPresent(Int.self, forKey: .cols) ?? 80, rows: try c.decodeIfPresent(Int.self, forKey: .rows) ?? 24)
+                name: try c.decode(String.self, forKey: .name),
+                command: try c.decodeIfPresent([String].self, forKey: .command),
+                cols: try c.decodeIfPresent(Int.self, forKey: .cols) ?? 80,
+                rows: try c.decodeIfPresent(Int.self, forKey: .rows) ?? 24)
         case "terminalList": self = .terminalList
-        case "terminalInput": self = .terminalInput(name: try c.decode(String.self, forKey: .name), data: try c.decode(Data.self, forKey: .data))
+        case "terminalInput":
+            self = .terminalInput(
+                name: try c.decode(String.self, forKey: .name), data: try c.decode(Data.self, forKey: .data))
         case "terminalResize":
             self = .terminalResize(
-                name: try c.decode(String.self, forKey: .name), cols: try c.decode(Int.self, forKey: .cols), rows: try c.decode(Int.self, forKey: .rows))
+                name: try c.decode(String.self, forKey: .name), cols: try c.decode(Int.self, forKey: .cols),
+                rows: try c.decode(Int.self, forKey: .rows))
         case "terminalOutput":
             self = .terminalOutput(
-                name: try c.decode(String.self, forKey: .name), raw: try c.decodeIfPresent(Bool.self, forKey: .raw) ?? false,
+                name: try c.decode(String.self, forKey: .name),
+                raw: try c.decodeIfPresent(Bool.self, forKey: .raw) ?? false,
                 lines: try c.decodeIfPresent(Int.self, forKey: .lines))
         case "terminalClose": self = .terminalClose(name: try c.decode(String.self, forKey: .name))
         case "addGroup": self = .addGroup(try c.decode(GroupSpec.self, forKey: .group))
         case "addUser": self = .addUser(try c.decode(UserSpec.self, forKey: .user))
         case "freeze":
-            self = .freeze(mountPoints: try c.decodeIfPresent([String].self, forKey: .mountPoints), frozen: try c.decode(Bool.self, forKey: .frozen))
+            self = .freeze(
+                mountPoints: try c.decodeIfPresent([String].self, forKey: .mountPoints),
+                frozen: try c.decode(Bool.self, forKey: .frozen))
         case "shutdown": self = .shutdown(graceSeconds: try c.decodeIfPresent(Int.self, forKey: .graceSeconds) ?? 10)
-        case let op: throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
+        case let op:
+            throw DecodingError.dataCorruptedError(forKey: .op, in: c, debugDescription: "unknown operation '\(op)'")
         }
     }
 
@@ -572,7 +613,8 @@ extension AgentRequest: Codable {
 
 extension AgentResponse: Codable {
     private enum K: String, CodingKey {
-        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services, lines, logs, terminal, terminals
+        case kind, agentVersion, hostname, uptimeSeconds, exec, data, fileSize, stat, entries, error, service, services,
+            lines, logs, terminal, terminals
     }
 
     public init(from decoder: any Decoder) throws {
@@ -580,10 +622,12 @@ extension AgentResponse: Codable {
         switch try c.decode(String.self, forKey: .kind) {
         case "pong":
             self = .pong(
-                agentVersion: try c.decode(String.self, forKey: .agentVersion), hostname: try c.decode(String.self, forKey: .hostname),
+                agentVersion: try c.decode(String.self, forKey: .agentVersion),
+                hostname: try c.decode(String.self, forKey: .hostname),
                 uptimeSeconds: try c.decode(Double.self, forKey: .uptimeSeconds))
         case "exec": self = .exec(try c.decode(ExecResult.self, forKey: .exec))
-        case "data": self = .data(try c.decode(Data.self, forKey: .data), fileSize: try c.decode(UInt64.self, forKey: .fileSize))
+        case "data":
+            self = .data(try c.decode(Data.self, forKey: .data), fileSize: try c.decode(UInt64.self, forKey: .fileSize))
         case "stat": self = .stat(try c.decode(FileStat.self, forKey: .stat))
         case "entries": self = .entries(try c.decode([FileStat].self, forKey: .entries))
         case "ok": self = .ok
@@ -594,7 +638,8 @@ extension AgentResponse: Codable {
         case "logs": self = .logs(try c.decode([LogEntry].self, forKey: .logs))
         case "terminal": self = .terminal(try c.decode(TerminalInfo.self, forKey: .terminal))
         case "terminals": self = .terminals(try c.decode([TerminalInfo].self, forKey: .terminals))
-        case let k: throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
+        case let k:
+            throw DecodingError.dataCorruptedError(forKey: .kind, in: c, debugDescription: "unknown response '\(k)'")
         }
     }
 

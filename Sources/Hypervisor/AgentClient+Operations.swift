@@ -6,7 +6,6 @@ import Foundation
 import FurcateCore
 import GuestAgentProtocol
 
-
 extension AgentClient {
     /// `request`, then `extract` the answer's kind.
     /// - Throws: the guest's error as `FurcateError`; `.hypervisor` for an answer of another kind.
@@ -15,14 +14,18 @@ extension AgentClient {
     ) async throws -> T {
         let r = try await self.request(request, timeout: timeout)
         guard let value = extract(r) else {
-            throw FurcateError(.hypervisor, "the guest agent answered \(operation) with something else", operation: operation)
+            throw FurcateError(
+                .hypervisor, "the guest agent answered \(operation) with something else", operation: operation)
         }
         return value
     }
 
     /// `request` for operations that answer `ok`.
     func expectOK(_ request: AgentRequest, timeout: Duration = .seconds(30), _ operation: String) async throws {
-        try await expect(request, timeout: timeout, operation) { if case .ok = $0 { return () } else { return nil } }
+        try await expect(request, timeout: timeout, operation) { (r: AgentResponse) -> Void? in
+            guard case .ok = r else { return nil }
+            return ()
+        }
     }
 
     // MARK: files
@@ -38,9 +41,11 @@ extension AgentClient {
     }
 
     /// Up to `length` bytes of `path` from `offset` (nil: the whole file) and the file's size.
-    public func readFile(_ path: String, offset: UInt64? = nil, length: Int? = nil, timeout: Duration = .seconds(30)) async throws -> (
-        data: Data, fileSize: UInt64
-    ) {
+    public func readFile(_ path: String, offset: UInt64? = nil, length: Int? = nil, timeout: Duration = .seconds(30))
+        async throws -> (
+            data: Data, fileSize: UInt64
+        )
+    {
         try await expect(.readFile(path: path, offset: offset, length: length), timeout: timeout, "readFile") {
             if case .data(let d, let size) = $0 { (d, size) } else { nil }
         }
@@ -51,7 +56,9 @@ extension AgentClient {
         _ path: String, _ data: Data, offset: UInt64? = nil, mode: UInt32? = nil, createParents: Bool = true,
         timeout: Duration = .seconds(30)
     ) async throws {
-        try await expectOK(.writeFile(path: path, data: data, offset: offset, mode: mode, createParents: createParents), timeout: timeout, "writeFile")
+        try await expectOK(
+            .writeFile(path: path, data: data, offset: offset, mode: mode, createParents: createParents),
+            timeout: timeout, "writeFile")
     }
 
     public func makeDirectory(_ path: String, parents: Bool = true) async throws {
@@ -59,14 +66,18 @@ extension AgentClient {
     }
 
     /// Flushes the guest's filesystems.
-    public func sync(timeout: Duration = .seconds(120)) async throws { try await expectOK(.sync, timeout: timeout, "sync") }
+    public func sync(timeout: Duration = .seconds(120)) async throws {
+        try await expectOK(.sync, timeout: timeout, "sync")
+    }
 
     /// Sets `vars` in the environment every process the agent starts reads (`/.furcate/env`),
     /// replacing earlier values of the same names and keeping the rest.
     public func setEnvironment(_ vars: [String: String]) async throws {
         var lines: [String] = []
         do {
-            lines = String(decoding: try await readFile(Self.environmentFile).data, as: UTF8.self).split(separator: "\n").map(String.init)
+            lines = String(decoding: try await readFile(Self.environmentFile).data, as: UTF8.self).split(
+                separator: "\n"
+            ).map(String.init)
         } catch let e as FurcateError where e.code == .notFound {}
         lines.removeAll { l in vars.keys.contains { l.hasPrefix($0 + "=") } }
         lines += vars.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
@@ -96,7 +107,9 @@ extension AgentClient {
 
     /// - Throws: `.notFound` for a service the agent does not manage.
     public func serviceStatus(_ name: String) async throws -> ServiceStatus {
-        try await expect(.serviceStatus(name: name), "serviceStatus") { if case .service(let s) = $0 { s } else { nil } }
+        try await expect(.serviceStatus(name: name), "serviceStatus") {
+            if case .service(let s) = $0 { s } else { nil }
+        }
     }
 
     public func createService(_ spec: ServiceSpec, start: Bool = true, timeout: Duration = .seconds(120)) async throws {
@@ -136,12 +149,16 @@ extension AgentClient {
 
     /// The terminal's raw output (escape sequences and all). - Throws: `.notFound`.
     public func terminalBytes(_ name: String) async throws -> Data {
-        try await expect(.terminalOutput(name: name, raw: true, lines: nil), "terminalOutput") { if case .data(let d, _) = $0 { d } else { nil } }
+        try await expect(.terminalOutput(name: name, raw: true, lines: nil), "terminalOutput") {
+            if case .data(let d, _) = $0 { d } else { nil }
+        }
     }
 
     /// The terminal's last `lines` lines of text. - Throws: `.notFound`.
     public func terminalLines(_ name: String, lines: Int? = nil) async throws -> [String] {
-        try await expect(.terminalOutput(name: name, raw: false, lines: lines), "terminalOutput") { if case .lines(let l) = $0 { l } else { nil } }
+        try await expect(.terminalOutput(name: name, raw: false, lines: lines), "terminalOutput") {
+            if case .lines(let l) = $0 { l } else { nil }
+        }
     }
 
     /// A regular file's bytes, read in 4 MiB requests.

@@ -4,7 +4,7 @@ import GuestAgentProtocol
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The host's side of the guest agent protocol (docs/AGENT.md) over the guest channel socket,
@@ -79,7 +79,8 @@ public final class AgentClient: Sendable {
                 // spun on a thread of the cooperative pool until the deadline (a fork
                 // suspended while it was being freshened held one for the agent timeout).
                 client.close()
-                throw FurcateError(.io, "the guest agent's channel closed before it answered", path: socket, underlying: error)
+                throw FurcateError(
+                    .io, "the guest agent's channel closed before it answered", path: socket, underlying: error)
             }
             if deadline.hasPassed {
                 client.close()
@@ -138,7 +139,9 @@ public final class AgentClient: Sendable {
     /// Starts a streaming request (`execStream`, `watch`, `stats`): its events, then its final
     /// response. `cancel(_:)` with the returned id ends it. The stream finishes with an error
     /// when the channel closes.
-    public func stream(_ request: AgentRequest) throws -> (id: UInt32, items: AsyncThrowingStream<StreamItem, any Error>) {
+    public func stream(_ request: AgentRequest) throws -> (
+        id: UInt32, items: AsyncThrowingStream<StreamItem, any Error>
+    ) {
         _ = try request.frame(id: 0)  // encodable, before anything is registered
         let (items, continuation) = AsyncThrowingStream<StreamItem, any Error>.makeStream()
         let id = try state.withLock { s -> UInt32 in
@@ -200,7 +203,8 @@ public final class AgentClient: Sendable {
         _ = try await request(.reseed(entropy: Data(entropy)), timeout: timeout)
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        _ = try await request(.setTime(epochNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)), timeout: timeout)
+        _ = try await request(
+            .setTime(epochNanos: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)), timeout: timeout)
         if let hostname { _ = try await request(.setHostname(hostname), timeout: timeout) }
     }
 
@@ -230,7 +234,9 @@ public final class AgentClient: Sendable {
             _ = state.withLock { $0.streams[f.id] }?.yield(.event(e))
         case .response:
             guard let r = try? AgentResponse.from(f) else { return }
-            let (call, stream) = state.withLock { ($0.pending.removeValue(forKey: f.id), $0.streams.removeValue(forKey: f.id)) }
+            let (call, stream) = state.withLock {
+                ($0.pending.removeValue(forKey: f.id), $0.streams.removeValue(forKey: f.id))
+            }
             // Responses to requests nobody waits for (timed out, or sent before a reconnect)
             // are dropped.
             call?.resume(returning: r)

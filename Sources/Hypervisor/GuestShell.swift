@@ -3,7 +3,7 @@ import FurcateCore
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A shell on the guest channel (the virtio-serial port `furcate.0`), as the test rootfs
@@ -34,7 +34,11 @@ public final class GuestShell: Sendable {
         let probe = "__furcate_ready_\(nonce)_"
         while true {
             try UnixSocket.writeAll(fd, Array("echo \(probe)$((6*7))\n".utf8))
-            if (try? await readLine(finding: probe + "42", atLineStart: true, deadline: .now + .milliseconds(200))) != nil { break }
+            if (try? await readLine(finding: probe + "42", atLineStart: true, deadline: .now + .milliseconds(200)))
+                != nil
+            {
+                break
+            }
             if deadline.hasPassed {
                 Glibc.close(fd)
                 throw FurcateError(.timedOut, "the guest's shell did not answer within \(deadline)", path: socket)
@@ -48,7 +52,8 @@ public final class GuestShell: Sendable {
 
     /// Runs `command` in the guest; returns its combined output and exit status.
     /// - Throws: `.timedOut`, `.io` when the channel closes.
-    public func run(_ command: String, timeout: Duration = .seconds(30)) async throws -> (output: String, status: Int32) {
+    public func run(_ command: String, timeout: Duration = .seconds(30)) async throws -> (output: String, status: Int32)
+    {
         let n = state.withLock { s -> Int in
             s.counter += 1
             return s.counter
@@ -61,7 +66,9 @@ public final class GuestShell: Sendable {
     }
 
     /// Reads until a line containing `needle`; returns the text before that line and the line.
-    private func readLine(finding needle: String, atLineStart: Bool, deadline: ContinuousClock.Instant) async throws -> (String, String) {
+    private func readLine(finding needle: String, atLineStart: Bool, deadline: ContinuousClock.Instant) async throws
+        -> (String, String)
+    {
         let fd = fd
         let needleBytes = Array(needle.utf8)
         while true {
@@ -77,7 +84,8 @@ public final class GuestShell: Sendable {
             let left = deadline - .now
             guard left > .zero else { throw FurcateError(.timedOut, "no answer from the guest's shell") }
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(min(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000, 100))
+            let ms = Int32(
+                min(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000, 100))
             let r = poll(&pfd, 1, max(ms, 1))
             if r < 0 && errno != EINTR { throw FurcateError.system("poll", errno: errno) }
             if r > 0 {

@@ -39,7 +39,12 @@ extension QEMUProcess {
     public func prepareMigration(ignoreShared: Bool) async throws {
         try await qmp.execute(
             "migrate-set-capabilities",
-            ["capabilities": [["capability": "x-ignore-shared", "state": .bool(ignoreShared)], ["capability": "events", "state": true]]])
+            [
+                "capabilities": [
+                    ["capability": "x-ignore-shared", "state": .bool(ignoreShared)],
+                    ["capability": "events", "state": true],
+                ]
+            ])
     }
 
     /// Has QEMU write its device state (and RAM it does not share) to the unix socket at

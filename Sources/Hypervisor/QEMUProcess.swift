@@ -5,7 +5,7 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One running QEMU process and its QMP connection.
@@ -103,7 +103,9 @@ public final class QEMUProcess: Sendable {
     private static func spawn(_ exe: String, _ args: [String], logPath: String) throws -> pid_t {
         let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
-        let envp: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/local/bin:/usr/bin:/bin"), strdup("LANG=C.UTF-8"), nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = [
+            strdup("PATH=/usr/local/bin:/usr/bin:/bin"), strdup("LANG=C.UTF-8"), nil,
+        ]
         defer { for e in envp { free(e) } }
 
         var attr = posix_spawnattr_t()

@@ -3,7 +3,7 @@ import FurcateCore
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A QEMU Machine Protocol client over a unix socket: commands with ids and typed errors,
@@ -71,7 +71,8 @@ public final class QMPClient: Sendable {
         let line = Array((JSONValue.object(msg).description + "\n").utf8)
         let timer = Task { [weak self] in
             try await Task.sleep(for: timeout)
-            self?.fail(id: id, FurcateError(.timedOut, "QMP \(command) got no reply within \(timeout)", path: self?.path))
+            self?.fail(
+                id: id, FurcateError(.timedOut, "QMP \(command) got no reply within \(timeout)", path: self?.path))
         }
         defer { timer.cancel() }
         let reply = try await withCheckedThrowingContinuation { (c: CheckedContinuation<JSONValue, any Error>) in
@@ -84,7 +85,10 @@ public final class QMPClient: Sendable {
             do {
                 try writeLock.withLock { _ in try UnixSocket.writeAll(fd, line) }
             } catch {
-                fail(id: id, FurcateError(.hypervisor, "cannot send QMP \(command)", path: path, underlying: error as? FurcateError))
+                fail(
+                    id: id,
+                    FurcateError(
+                        .hypervisor, "cannot send QMP \(command)", path: path, underlying: error as? FurcateError))
             }
         }
         if let err = reply["error"] {

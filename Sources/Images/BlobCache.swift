@@ -1,8 +1,8 @@
-import FurcateCore
 import Foundation
+import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Verified blobs by digest, as files `DIR/sha256/<hex>` — the layout of an OCI layout's
@@ -26,7 +26,9 @@ public struct BlobCache: Sendable {
         var st = stat()
         guard stat(path(d), &st) == 0 else { throw FurcateError.system("stat", errno: errno, path: path(d)) }
         guard st.st_size <= limit else {
-            throw FurcateError(.invalidArgument, "blob \(d) is \(st.st_size) bytes; at most \(limit) are read for a manifest or config")
+            throw FurcateError(
+                .invalidArgument, "blob \(d) is \(st.st_size) bytes; at most \(limit) are read for a manifest or config"
+            )
         }
         return try [UInt8](Data(contentsOf: URL(fileURLWithPath: path(d))))
     }
@@ -34,7 +36,8 @@ public struct BlobCache: Sendable {
     /// Stores `bytes` under `d` after checking they hash to it.
     func put(_ bytes: [UInt8], as d: Digest, what: String) throws {
         guard Digest(of: bytes) == d else {
-            throw FurcateError(.damaged, "\(what) has digest \(Digest(of: bytes)), not \(d): refusing it (digest mismatch)")
+            throw FurcateError(
+                .damaged, "\(what) has digest \(Digest(of: bytes)), not \(d): refusing it (digest mismatch)")
         }
         if contains(d) { return }
         let w = try PartialBlob(cache: self, digest: d, resume: false)

@@ -12,7 +12,8 @@ public struct Digest: Hashable, Sendable, Codable, CustomStringConvertible, Comp
 
     public init(parsing s: String) throws {
         guard s.hasPrefix("sha256:") else {
-            throw FurcateError(.invalidArgument, "digest '\(s.prefix(80))' is not a sha256 digest (sha256:<64 hex digits>)")
+            throw FurcateError(
+                .invalidArgument, "digest '\(s.prefix(80))' is not a sha256 digest (sha256:<64 hex digits>)")
         }
         let h = String(s.dropFirst(7))
         guard h.utf8.count == 64, h.utf8.allSatisfy({ (48...57).contains($0) || (97...102).contains($0) }) else {

@@ -32,7 +32,9 @@ public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
             self = .rootfsTar(path: path)
         } else if s.hasPrefix("docker-archive:") {
             let path = String(s.dropFirst("docker-archive:".count))
-            guard !path.isEmpty else { throw FurcateError(.invalidArgument, "'docker-archive:' needs a file: docker-archive:FILE") }
+            guard !path.isEmpty else {
+                throw FurcateError(.invalidArgument, "'docker-archive:' needs a file: docker-archive:FILE")
+            }
             self = .dockerArchive(path: path)
         } else {
             self = .registry(try RegistryReference(parsing: s.hasPrefix("docker://") ? String(s.dropFirst(9)) : s))
@@ -86,16 +88,23 @@ public struct RegistryReference: Hashable, Sendable, CustomStringConvertible {
         func bad(_ why: String) -> FurcateError {
             FurcateError(.invalidArgument, "image reference '\(input.prefix(200))' is invalid: \(why)")
         }
-        guard !domain.isEmpty, domain.utf8.allSatisfy({ Self.isHostByte($0) }) else { throw bad("registry host '\(domain)'") }
+        guard !domain.isEmpty, domain.utf8.allSatisfy({ Self.isHostByte($0) }) else {
+            throw bad("registry host '\(domain)'")
+        }
         for p in parts {
-            guard !p.isEmpty, p.utf8.allSatisfy({ (97...122).contains($0) || (48...57).contains($0) || $0 == 46 || $0 == 95 || $0 == 45 }),
+            guard !p.isEmpty,
+                p.utf8.allSatisfy({
+                    (97...122).contains($0) || (48...57).contains($0) || $0 == 46 || $0 == 95 || $0 == 45
+                }),
                 let f = p.utf8.first, let l = p.utf8.last, Self.isAlnum(f), Self.isAlnum(l)
             else {
-                throw bad("repository component '\(p)' (lowercase letters, digits and . _ - only, starting and ending alphanumeric)")
+                throw bad(
+                    "repository component '\(p)' (lowercase letters, digits and . _ - only, starting and ending alphanumeric)"
+                )
             }
         }
         if let t = tag {
-            guard (1...128).contains(t.utf8.count), Self.isAlnum(t.utf8.first!) || t.utf8.first == 95,
+            guard (1...128).contains(t.utf8.count), t.utf8.first.map({ Self.isAlnum($0) || $0 == 95 }) == true,
                 t.utf8.allSatisfy({ Self.isAlnum($0) || $0 == 95 || $0 == 46 || $0 == 45 })
             else { throw bad("tag '\(t)' (letters, digits, _ . - ; at most 128)") }
         }
@@ -113,7 +122,9 @@ public struct RegistryReference: Hashable, Sendable, CustomStringConvertible {
 
     /// Plain HTTP for loopback registries (as Docker allows), HTTPS otherwise.
     public var isLoopback: Bool {
-        let host = domain.hasPrefix("[") ? String(domain.prefix { $0 != "]" }.dropFirst()) : String(domain.prefix { $0 != ":" })
+        let host =
+            domain.hasPrefix("[")
+            ? String(domain.prefix { $0 != "]" }.dropFirst()) : String(domain.prefix { $0 != ":" })
         return host == "localhost" || host.hasPrefix("127.") || host == "::1"
     }
 

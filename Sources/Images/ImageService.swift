@@ -1,11 +1,11 @@
 import BlockStore
 import Foundation
 import FurcateCore
-import RecordStore
 import Logging
+import RecordStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An image turned into a bootable rootfs: a read-only store snapshot plus what the image said
@@ -101,10 +101,12 @@ public actor ImageService {
         let normalized = (try? ImageReference(parsing: key))?.description
         let hex = key.hasPrefix("sha256:") ? String(key.dropFirst(7)) : key
         let matches = records.values.filter {
-            $0.references.contains(key) || (normalized != nil && $0.references.contains(normalized!))
+            $0.references.contains(key) || (normalized.map($0.references.contains) ?? false)
                 || (hex.count >= 12 && ($0.digest.hex.hasPrefix(hex) || $0.configDigest.hex.hasPrefix(hex)))
         }
-        guard let r = matches.max(by: { $0.createdAt < $1.createdAt }) else { throw FurcateError(.notFound, "no image '\(key.prefix(200))' (furcate image ls)") }
+        guard let r = matches.max(by: { $0.createdAt < $1.createdAt }) else {
+            throw FurcateError(.notFound, "no image '\(key.prefix(200))' (furcate image ls)")
+        }
         return r
     }
 
@@ -128,7 +130,9 @@ public actor ImageService {
     ) async throws -> ImageRecord {
         let ref = try ImageReference(parsing: reference)
         if let e = diskBytes, e > options.maximumDiskBytes {
-            throw FurcateError(.invalidArgument, "disk size \(RootfsBuilder.format(e)) is more than the \(options.maximumDiskBytes >> 30) GB maximum")
+            throw FurcateError(
+                .invalidArgument,
+                "disk size \(RootfsBuilder.format(e)) is more than the \(options.maximumDiskBytes >> 30) GB maximum")
         }
         let source = try makeSource(ref, credentials: credentials)
         defer { source.cleanup() }
@@ -145,7 +149,10 @@ public actor ImageService {
             return r
         }
         if let t = building[name] { return try await t.value }
-        let task = Task { try await self.build(name: name, ref: ref, resolved: resolved, source: source, diskBytes: diskBytes, progress: progress) }
+        let task = Task {
+            try await self.build(
+                name: name, ref: ref, resolved: resolved, source: source, diskBytes: diskBytes, progress: progress)
+        }
         building[name] = task
         defer { building[name] = nil }
         let r = try await task.value
@@ -158,7 +165,9 @@ public actor ImageService {
         switch ref {
         case .registry(let r):
             return RegistrySource(
-                client: RegistryClient(ref: r, credentials: credentials, insecure: options.insecureRegistries.contains(r.domain), logger: options.logger),
+                client: RegistryClient(
+                    ref: r, credentials: credentials, insecure: options.insecureRegistries.contains(r.domain),
+                    logger: options.logger),
                 cache: cache)
         case .ociLayout(let p, let t):
             return OCILayoutSource(path: p, tag: t, cache: cache)
@@ -174,7 +183,9 @@ public actor ImageService {
     }
 
     /// One download per blob at a time, however many pulls want it.
-    private func fetch(_ d: Descriptor, source: any ImageSource, what: String, progress: @escaping @Sendable (UInt64) -> Void) async throws {
+    private func fetch(
+        _ d: Descriptor, source: any ImageSource, what: String, progress: @escaping @Sendable (UInt64) -> Void
+    ) async throws {
         if cache.contains(d.digest) { return }
         if let t = fetching[d.digest] { return try await t.value }
         let t = Task { try await source.fetchLayer(d, what: what, progress: progress) }
@@ -200,7 +211,8 @@ public actor ImageService {
         let opts = options
         let cache = self.cache
         let store = self.store
-        let sizing = RootfsBuilder.Sizing(explicitBytes: diskBytes, minimum: opts.minimumDiskBytes, maximum: opts.maximumDiskBytes)
+        let sizing = RootfsBuilder.Sizing(
+            explicitBytes: diskBytes, minimum: opts.minimumDiskBytes, maximum: opts.maximumDiskBytes)
         return try await onThread("image-build") {
             defer { try? FileManager.default.removeItem(atPath: scratch) }
             let root = scratch + "/rootfs"
@@ -208,11 +220,15 @@ public actor ImageService {
             let applier = LayerApplier(root: root)
             for (i, l) in resolved.layers.enumerated() {
                 progress(.unpacking(index: i, of: resolved.layers.count))
-                try applier.apply(layerAt: cache.path(l.digest), diffID: resolved.diffIDs[i], what: "layer \(i + 1) (\(l.digest.short)) of \(ref)")
+                try applier.apply(
+                    layerAt: cache.path(l.digest), diffID: resolved.diffIDs[i],
+                    what: "layer \(i + 1) (\(l.digest.short)) of \(ref)")
             }
             applier.finish()
             if applier.xattrFailures > 0 {
-                opts.logger.warning("some extended attributes could not be set", metadata: ["image": "\(ref)", "count": "\(applier.xattrFailures)"])
+                opts.logger.warning(
+                    "some extended attributes could not be set",
+                    metadata: ["image": "\(ref)", "count": "\(applier.xattrFailures)"])
             }
             try RootfsBuilder.inject(root: root, agentPath: opts.agentPath, config: resolved.config)
             let content = try RootfsBuilder.measure(root)
@@ -236,8 +252,10 @@ public actor ImageService {
                 throw error
             }
             return ImageRecord(
-                storeFile: name, references: [ref.description], digest: resolved.manifestDigest, configDigest: resolved.configDigest,
-                config: resolved.config, layers: resolved.layers.count, compressedBytes: resolved.layers.reduce(0) { $0 + $1.size },
+                storeFile: name, references: [ref.description], digest: resolved.manifestDigest,
+                configDigest: resolved.configDigest,
+                config: resolved.config, layers: resolved.layers.count,
+                compressedBytes: resolved.layers.reduce(0) { $0 + $1.size },
                 contentBytes: content.blockBytes, diskBytes: size, createdAt: Date().timeIntervalSince1970)
         }
     }
@@ -249,7 +267,9 @@ final class ImageDatabase: Sendable {
     private static let table = RecordTable("images", key: "store_file")
 
     init(path: String) throws {
-        db = try RecordDatabase(path: path, what: "image", migrations: ["CREATE TABLE images (store_file TEXT PRIMARY KEY, record BLOB NOT NULL)"])
+        db = try RecordDatabase(
+            path: path, what: "image",
+            migrations: ["CREATE TABLE images (store_file TEXT PRIMARY KEY, record BLOB NOT NULL)"])
     }
 
     func save(_ r: ImageRecord) throws { try db.save(Self.table, key: r.storeFile, r) }

@@ -3,7 +3,7 @@ import FurcateCore
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Fetches an image's manifest, config and layers into the blob cache, wherever it lives.
@@ -29,21 +29,25 @@ struct RegistrySource: ImageSource {
         let ref = client.ref
         var (bytes, digest, type) = try await client.manifest(ref.manifestReference)
         if type == MediaType.dockerSchema1 || type == MediaType.dockerSchema1Signed {
-            throw FurcateError(.unsupportedFormat, "\(ref) is a Docker schema 1 image, which is deprecated; push it again with a current Docker or skopeo")
+            throw FurcateError(
+                .unsupportedFormat,
+                "\(ref) is a Docker schema 1 image, which is deprecated; push it again with a current Docker or skopeo")
         }
         if MediaType.isIndex(type) {
             let index = try OCIDecode.decode(ImageIndex.self, bytes, what: "the index of \(ref)")
             let pick = try OCIDecode.pickPlatform(index, what: "\(ref)")
             (bytes, digest, type) = try await client.manifest(pick.digest.description)
             guard digest == pick.digest else {
-                throw FurcateError(.damaged, "registry \(ref.domain) sent manifest \(digest) for \(pick.digest) (digest mismatch)")
+                throw FurcateError(
+                    .damaged, "registry \(ref.domain) sent manifest \(digest) for \(pick.digest) (digest mismatch)")
             }
         }
         let manifest = try OCIDecode.decode(ImageManifest.self, bytes, what: "the manifest of \(ref)")
         try await client.blob(manifest.config, into: cache, what: "the config of \(ref)") { _ in }
         let config = try cache.read(manifest.config.digest)
         try cache.put(bytes, as: digest, what: "the manifest of \(ref)")
-        return try OCIDecode.resolve(manifestDigest: digest, manifestBytes: bytes, configBytes: config, what: ref.description)
+        return try OCIDecode.resolve(
+            manifestDigest: digest, manifestBytes: bytes, configBytes: config, what: ref.description)
     }
 
     func fetchLayer(_ d: Descriptor, what: String, progress: @escaping @Sendable (UInt64) -> Void) async throws {
@@ -76,9 +80,13 @@ struct OCILayoutSource: ImageSource {
         let index = try OCIDecode.decode(ImageIndex.self, indexBytes, what: "\(path)/index.json")
         var desc: Descriptor
         if let tag {
-            guard let d = index.manifests.first(where: { $0.annotations?["org.opencontainers.image.ref.name"] == tag }) else {
+            guard let d = index.manifests.first(where: { $0.annotations?["org.opencontainers.image.ref.name"] == tag })
+            else {
                 let tags = index.manifests.compactMap { $0.annotations?["org.opencontainers.image.ref.name"] }
-                throw FurcateError(.notFound, "\(what) has no image tagged '\(tag)' (tags: \(tags.isEmpty ? "none" : tags.joined(separator: ", ")))")
+                throw FurcateError(
+                    .notFound,
+                    "\(what) has no image tagged '\(tag)' (tags: \(tags.isEmpty ? "none" : tags.joined(separator: ", ")))"
+                )
             }
             desc = d
         } else if index.manifests.count == 1 {
@@ -115,10 +123,15 @@ struct DockerArchiveSource: ImageSource {
         let what = "docker-archive:\(path)"
         let files = try await onThread("docker-archive") { [path, scratch] in try Self.unpack(path, into: scratch) }
         struct Entry: Decodable { var Config: String; var Layers: [String] }
-        guard let mbytes = files["manifest.json"] else { throw FurcateError(.unsupportedFormat, "\(what) has no manifest.json (not a docker save archive)") }
-        let entries = try OCIDecode.decode([Entry].self, try [UInt8](Data(contentsOf: URL(fileURLWithPath: mbytes))), what: "\(what) manifest.json")
+        guard let mbytes = files["manifest.json"] else {
+            throw FurcateError(.unsupportedFormat, "\(what) has no manifest.json (not a docker save archive)")
+        }
+        let entries = try OCIDecode.decode(
+            [Entry].self, try [UInt8](Data(contentsOf: URL(fileURLWithPath: mbytes))), what: "\(what) manifest.json")
         guard let e = entries.first else { throw FurcateError(.unsupportedFormat, "\(what) names no image") }
-        guard let cfgPath = files[e.Config] else { throw FurcateError(.unsupportedFormat, "\(what) lacks its config \(e.Config)") }
+        guard let cfgPath = files[e.Config] else {
+            throw FurcateError(.unsupportedFormat, "\(what) lacks its config \(e.Config)")
+        }
         let config = try [UInt8](Data(contentsOf: URL(fileURLWithPath: cfgPath)))
         let configDigest = Digest(of: config)
         try cache.put(config, as: configDigest, what: "the config of \(what)")
@@ -131,15 +144,19 @@ struct DockerArchiveSource: ImageSource {
         }
         let manifest = ImageManifest(
             schemaVersion: 2, mediaType: MediaType.ociManifest,
-            config: Descriptor(mediaType: MediaType.ociConfig, digest: configDigest, size: Int64(config.count)), layers: layers)
+            config: Descriptor(mediaType: MediaType.ociConfig, digest: configDigest, size: Int64(config.count)),
+            layers: layers)
         let mb = try JSONEncoder().encode(manifest)
-        return try OCIDecode.resolve(manifestDigest: configDigest, manifestBytes: [UInt8](mb), configBytes: config, what: what)
+        return try OCIDecode.resolve(
+            manifestDigest: configDigest, manifestBytes: [UInt8](mb), configBytes: config, what: what)
     }
 
     func cleanup() { try? FileManager.default.removeItem(atPath: scratch) }
 
     func fetchLayer(_ d: Descriptor, what: String, progress: @escaping @Sendable (UInt64) -> Void) async throws {
-        guard cache.contains(d.digest) else { throw FurcateError(.internalError, "layer \(d.digest) of docker-archive:\(path) was not unpacked") }
+        guard cache.contains(d.digest) else {
+            throw FurcateError(.internalError, "layer \(d.digest) of docker-archive:\(path) was not unpacked")
+        }
         progress(UInt64(d.size))
     }
 
@@ -182,7 +199,9 @@ struct RootfsTarSource: ImageSource {
 
     func resolve() async throws -> ResolvedImage {
         let what = "rootfs:\(path)"
-        guard FileManager.default.isReadableFile(atPath: path) else { throw FurcateError(.notFound, "cannot read \(path)") }
+        guard FileManager.default.isReadableFile(atPath: path) else {
+            throw FurcateError(.notFound, "cannot read \(path)")
+        }
         let (digest, size, diffID) = try await onThread("rootfs-digest") { [path] in
             // One pass for a plain tar (its digest is its diff_id); a compressed one needs both.
             let r = try LayerReader(path: path)

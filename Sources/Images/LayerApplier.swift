@@ -1,9 +1,9 @@
-import Foundation
 import CSysXattr
+import Foundation
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Applies image layers, bottom first, to a directory: whiteouts (`.wh.NAME`) delete what lower
@@ -54,7 +54,9 @@ final class LayerApplier {
     static func components(_ path: String, what: String) throws -> [String] {
         let comps = path.split(separator: "/").map(String.init).filter { $0 != "." && !$0.isEmpty }
         if comps.contains("..") {
-            throw FurcateError(.invalidArgument, "\(what) has an entry '\(path.prefix(200))' with a '..' component: refusing the layer (path traversal)")
+            throw FurcateError(
+                .invalidArgument,
+                "\(what) has an entry '\(path.prefix(200))' with a '..' component: refusing the layer (path traversal)")
         }
         return comps
     }
@@ -73,21 +75,29 @@ final class LayerApplier {
             var st = stat()
             if lstat(host(rel), &st) != 0 {
                 guard errno == ENOENT, create else {
-                    throw FurcateError(.invalidArgument, "\(what): the directory of '\(entry.prefix(200))' does not exist")
+                    throw FurcateError(
+                        .invalidArgument, "\(what): the directory of '\(entry.prefix(200))' does not exist")
                 }
-                guard mkdir(host(rel), 0o755) == 0 else { throw FurcateError.system("mkdir", errno: errno, path: host(rel)) }
+                guard mkdir(host(rel), 0o755) == 0 else {
+                    throw FurcateError.system("mkdir", errno: errno, path: host(rel))
+                }
                 madeThisLayer.insert(rel)
                 resolved.append(c)
             } else if st.st_mode & S_IFMT == S_IFDIR {
                 resolved.append(c)
             } else if st.st_mode & S_IFMT == S_IFLNK {
                 links += 1
-                guard links <= 40 else { throw FurcateError(.invalidArgument, "\(what): too many symlinks on the way to '\(entry.prefix(200))'") }
+                guard links <= 40 else {
+                    throw FurcateError(
+                        .invalidArgument, "\(what): too many symlinks on the way to '\(entry.prefix(200))'")
+                }
                 let target = try readLink(host(rel))
                 if target.hasPrefix("/") { resolved = [] }
                 pending = (target.split(separator: "/").map(String.init) + pending)[...]
             } else {
-                throw FurcateError(.invalidArgument, "\(what): '\(entry.prefix(200))' needs '\(rel)' to be a directory, but it is a file")
+                throw FurcateError(
+                    .invalidArgument,
+                    "\(what): '\(entry.prefix(200))' needs '\(rel)' to be a directory, but it is a file")
             }
         }
         return resolved.joined(separator: "/")
@@ -167,7 +177,10 @@ final class LayerApplier {
             let target = host(join(tdir, tname))
             var tst = stat()
             guard lstat(target, &tst) == 0, tst.st_mode & S_IFMT != S_IFDIR else {
-                throw FurcateError(.invalidArgument, "\(what): hard link '\(e.path.prefix(200))' points at '\(e.linkName.prefix(200))', which is missing or a directory")
+                throw FurcateError(
+                    .invalidArgument,
+                    "\(what): hard link '\(e.path.prefix(200))' points at '\(e.linkName.prefix(200))', which is missing or a directory"
+                )
             }
             guard link(target, p) == 0 else { throw FurcateError.system("link", errno: errno, path: p) }
         case .charDevice, .blockDevice, .fifo:

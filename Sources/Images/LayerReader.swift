@@ -3,7 +3,7 @@ import CZstd
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Reads a layer blob as its uncompressed tar stream, whatever the compression (gzip, zstd or
@@ -81,7 +81,9 @@ final class LayerReader {
             case .none:
                 if eof { return 0 }
                 let n = min(out.count, inLen - inPos)
-                out.baseAddress!.copyMemory(from: inBuf.baseAddress! + inPos, byteCount: n)
+                if n > 0, let to = out.baseAddress, let from = inBuf.baseAddress {
+                    to.copyMemory(from: from + inPos, byteCount: n)
+                }
                 inPos += n
                 return n
             case .gzip:
@@ -89,9 +91,9 @@ final class LayerReader {
                     guard !zsOpenMidStream else { throw truncated() }
                     return 0
                 }
-                zs.next_in = inBuf.baseAddress!.advanced(by: inPos).assumingMemoryBound(to: Bytef.self)
+                zs.next_in = inBuf.baseAddress?.advanced(by: inPos).assumingMemoryBound(to: Bytef.self)
                 zs.avail_in = uInt(inLen - inPos)
-                zs.next_out = out.baseAddress!.assumingMemoryBound(to: Bytef.self)
+                zs.next_out = out.baseAddress?.assumingMemoryBound(to: Bytef.self)
                 zs.avail_out = uInt(out.count)
                 let r = inflate(&zs, Z_NO_FLUSH)
                 inPos = inLen - Int(zs.avail_in)
@@ -112,11 +114,13 @@ final class LayerReader {
                     guard zstdFrameDone else { throw truncated() }
                     return 0
                 }
-                var input = ZSTD_inBuffer(src: inBuf.baseAddress! + inPos, size: inLen - inPos, pos: 0)
-                var output = ZSTD_outBuffer(dst: out.baseAddress!, size: out.count, pos: 0)
+                var input = ZSTD_inBuffer(src: inBuf.baseAddress.map { $0 + inPos }, size: inLen - inPos, pos: 0)
+                var output = ZSTD_outBuffer(dst: out.baseAddress, size: out.count, pos: 0)
                 let r = ZSTD_decompressStream(zstd, &output, &input)
                 if ZSTD_isError(r) != 0 {
-                    throw FurcateError(.damaged, "layer \(path) is not valid zstd (\(String(cString: ZSTD_getErrorName(r))))", path: path)
+                    throw FurcateError(
+                        .damaged, "layer \(path) is not valid zstd (\(String(cString: ZSTD_getErrorName(r))))",
+                        path: path)
                 }
                 zstdFrameDone = r == 0
                 inPos += input.pos
@@ -128,7 +132,9 @@ final class LayerReader {
     private var zsOpenMidStream = false
 
     private func truncated() -> FurcateError {
-        FurcateError(.damaged, "layer \(path) ends in the middle of its \(compression.rawValue) stream (truncated blob)", path: path)
+        FurcateError(
+            .damaged, "layer \(path) ends in the middle of its \(compression.rawValue) stream (truncated blob)",
+            path: path)
     }
 
     /// Reads and hashes whatever is left (tar padding after the end marker belongs to the digest).

@@ -1,5 +1,5 @@
-import FurcateCore
 import Foundation
+import FurcateCore
 
 /// The OCI and Docker media types Furcate reads.
 public enum MediaType {
@@ -56,7 +56,10 @@ public struct ImageConfig: Codable, Hashable, Sendable {
     public var labels: [String: String]?
     public var exposedPorts: [String]?
 
-    public init(env: [String]? = nil, workingDir: String? = nil, user: String? = nil, cmd: [String]? = nil, entrypoint: [String]? = nil) {
+    public init(
+        env: [String]? = nil, workingDir: String? = nil, user: String? = nil, cmd: [String]? = nil,
+        entrypoint: [String]? = nil
+    ) {
         self.env = env
         self.workingDir = workingDir
         self.user = user
@@ -86,7 +89,9 @@ struct ImageConfigFile: Decodable {
     var rootfs: RootFS
 
     var imageConfig: ImageConfig {
-        var c = ImageConfig(env: config?.Env, workingDir: config?.WorkingDir, user: config?.User, cmd: config?.Cmd, entrypoint: config?.Entrypoint)
+        var c = ImageConfig(
+            env: config?.Env, workingDir: config?.WorkingDir, user: config?.User, cmd: config?.Cmd,
+            entrypoint: config?.Entrypoint)
         c.labels = config?.Labels
         c.exposedPorts = config?.ExposedPorts.map { $0.keys.sorted() }
         if c.workingDir == "" { c.workingDir = nil }
@@ -126,39 +131,52 @@ enum OCIDecode {
         if let t = p?.mediaType { return t }
         if p?.manifests != nil { return MediaType.ociIndex }
         if p?.schemaVersion == 1 { return MediaType.dockerSchema1 }
-        return header?.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? MediaType.ociManifest
+        return header?.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) }
+            ?? MediaType.ociManifest
     }
 
     /// Picks linux/amd64 from an index.
     static func pickPlatform(_ index: ImageIndex, what: String) throws -> Descriptor {
         let candidates = index.manifests.filter { $0.platform?.os == "linux" && $0.platform?.architecture == "amd64" }
-        if let d = candidates.first(where: { $0.platform?.variant == nil || $0.platform?.variant == "v1" }) ?? candidates.first {
+        if let d = candidates.first(where: { $0.platform?.variant == nil || $0.platform?.variant == "v1" })
+            ?? candidates.first
+        {
             return d
         }
         // An index without platforms (e.g. an OCI layout's index.json) names one manifest.
         if index.manifests.count == 1, index.manifests[0].platform == nil { return index.manifests[0] }
         let have = index.manifests.compactMap { $0.platform.map { "\($0.os)/\($0.architecture)" } }
-        throw FurcateError(.notFound, "\(what) has no linux/amd64 image (it has: \(have.isEmpty ? "none" : have.joined(separator: ", ")))")
+        throw FurcateError(
+            .notFound,
+            "\(what) has no linux/amd64 image (it has: \(have.isEmpty ? "none" : have.joined(separator: ", ")))")
     }
 
     /// Checks a manifest and its config and returns the resolved image.
-    static func resolve(manifestDigest: Digest, manifestBytes: [UInt8], configBytes: [UInt8], what: String) throws -> ResolvedImage {
+    static func resolve(manifestDigest: Digest, manifestBytes: [UInt8], configBytes: [UInt8], what: String) throws
+        -> ResolvedImage
+    {
         let m = try decode(ImageManifest.self, manifestBytes, what: "the manifest of \(what)")
         let cfg = try decode(ImageConfigFile.self, configBytes, what: "the config of \(what)")
-        if let os = cfg.os, os != "linux" { throw FurcateError(.unsupportedFormat, "\(what) is a \(os) image; Furcate runs linux images") }
+        if let os = cfg.os, os != "linux" {
+            throw FurcateError(.unsupportedFormat, "\(what) is a \(os) image; Furcate runs linux images")
+        }
         if let a = cfg.architecture, a != "amd64" {
             throw FurcateError(.unsupportedFormat, "\(what) is built for \(a); this host runs amd64 guests")
         }
         guard cfg.rootfs.diff_ids.count == m.layers.count else {
-            throw FurcateError(.damaged, "\(what): its config lists \(cfg.rootfs.diff_ids.count) layers but its manifest \(m.layers.count)")
+            throw FurcateError(
+                .damaged,
+                "\(what): its config lists \(cfg.rootfs.diff_ids.count) layers but its manifest \(m.layers.count)")
         }
         for l in m.layers {
             let t = l.mediaType ?? ""
             if t.contains("foreign") || t.contains("nondistributable") {
-                throw FurcateError(.unsupportedFormat, "\(what) has a foreign layer (\(t)); Furcate pulls distributable layers only")
+                throw FurcateError(
+                    .unsupportedFormat, "\(what) has a foreign layer (\(t)); Furcate pulls distributable layers only")
             }
             guard t.isEmpty || t.contains("tar") else {
-                throw FurcateError(.unsupportedFormat, "\(what) has a layer of media type '\(t)', which is not a tar layer")
+                throw FurcateError(
+                    .unsupportedFormat, "\(what) has a layer of media type '\(t)', which is not a tar layer")
             }
         }
         return ResolvedImage(

@@ -51,7 +51,8 @@ public enum OCILayoutWriter {
         for l in layers {
             let gz = l.blob.count > 2 && l.blob[0] == 0x1f && l.blob[1] == 0x8b
             descs.append([
-                "mediaType": gz ? "application/vnd.oci.image.layer.v1.tar+gzip" : "application/vnd.oci.image.layer.v1.tar",
+                "mediaType": gz
+                    ? "application/vnd.oci.image.layer.v1.tar+gzip" : "application/vnd.oci.image.layer.v1.tar",
                 "digest": try put(l.blob).description, "size": l.blob.count,
             ])
         }
@@ -64,12 +65,15 @@ public enum OCILayoutWriter {
         let mDigest = try put(mBytes)
         let index: [String: Any] = [
             "schemaVersion": 2,
-            "manifests": [[
-                "mediaType": MediaType.ociManifest, "digest": mDigest.description, "size": mBytes.count,
-                "annotations": ["org.opencontainers.image.ref.name": tag],
-            ] as [String: Any]],
+            "manifests": [
+                [
+                    "mediaType": MediaType.ociManifest, "digest": mDigest.description, "size": mBytes.count,
+                    "annotations": ["org.opencontainers.image.ref.name": tag],
+                ] as [String: Any]
+            ],
         ]
-        try Data(try JSONSerialization.data(withJSONObject: index, options: [.sortedKeys])).write(to: URL(fileURLWithPath: dir + "/index.json"))
+        try Data(try JSONSerialization.data(withJSONObject: index, options: [.sortedKeys])).write(
+            to: URL(fileURLWithPath: dir + "/index.json"))
         return mDigest
     }
 }

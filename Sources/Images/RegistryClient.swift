@@ -49,11 +49,14 @@ final class RegistryClient: Sendable {
     /// Fetches a manifest (or index) by tag or digest: its bytes, digest and media type.
     /// - Throws: `.notFound` for an unknown image, `.damaged` when a pinned digest does not match.
     func manifest(_ reference: String) async throws -> (bytes: [UInt8], digest: Digest, mediaType: String?) {
-        let resp = try await send(baseURL + "/manifests/" + reference, accept: MediaType.manifestAccept, timeout: .seconds(60))
+        let resp = try await send(
+            baseURL + "/manifests/" + reference, accept: MediaType.manifestAccept, timeout: .seconds(60))
         let body = try await collect(resp, limit: 4 << 20, what: "the manifest of \(ref)")
         let digest = Digest(of: body)
         if let pinned = try? Digest(parsing: reference), pinned != digest {
-            throw FurcateError(.damaged, "registry \(ref.domain) sent a manifest with digest \(digest) for \(pinned) (digest mismatch)")
+            throw FurcateError(
+                .damaged, "registry \(ref.domain) sent a manifest with digest \(digest) for \(pinned) (digest mismatch)"
+            )
         }
         return (body, digest, OCIDecode.mediaType(of: body, header: resp.headers.first(name: "Content-Type")))
     }
@@ -69,13 +72,20 @@ final class RegistryClient: Sendable {
         }
     }
 
-    private func download(_ d: Descriptor, into cache: BlobCache, what: String, resume: Bool, progress: @Sendable (UInt64) -> Void) async throws {
+    private func download(
+        _ d: Descriptor, into cache: BlobCache, what: String, resume: Bool, progress: @Sendable (UInt64) -> Void
+    ) async throws {
         if cache.contains(d.digest) { return }
         let w = try PartialBlob(cache: cache, digest: d.digest, resume: resume)
         let resumedFrom = w.offset
         var range: String?
-        if w.offset > 0 && Int64(w.offset) < d.size { range = "bytes=\(w.offset)-" } else if w.offset > 0 { try w.restart() }
-        let resp = try await send(baseURL + "/blobs/" + d.digest.description, accept: nil, range: range, timeout: .hours(6))
+        if w.offset > 0 && Int64(w.offset) < d.size {
+            range = "bytes=\(w.offset)-"
+        } else if w.offset > 0 {
+            try w.restart()
+        }
+        let resp = try await send(
+            baseURL + "/blobs/" + d.digest.description, accept: nil, range: range, timeout: .hours(6))
         if resp.status == .ok && w.offset > 0 { try w.restart() }  // the range was ignored
         progress(w.offset)
         for try await chunk in resp.body {
@@ -88,7 +98,9 @@ final class RegistryClient: Sendable {
 
     /// Sends a GET, answering one auth challenge and following up to five redirects (dropping
     /// Authorization when the host changes). Non-2xx answers become FurcateErrors.
-    private func send(_ url: String, accept: String?, range: String? = nil, timeout: TimeAmount) async throws -> HTTPClientResponse {
+    private func send(_ url: String, accept: String?, range: String? = nil, timeout: TimeAmount) async throws
+        -> HTTPClientResponse
+    {
         var url = url
         var triedAuth = false
         var redirects = 0
@@ -98,12 +110,16 @@ final class RegistryClient: Sendable {
             if let accept { req.headers.add(name: "Accept", value: accept) }
             if let range { req.headers.add(name: "Range", value: range) }
             req.headers.add(name: "User-Agent", value: "furcate")
-            if hostOf(url) == origin, let a = authorization.withLock({ $0 }) { req.headers.add(name: "Authorization", value: a) }
+            if hostOf(url) == origin, let a = authorization.withLock({ $0 }) {
+                req.headers.add(name: "Authorization", value: a)
+            }
             let resp: HTTPClientResponse
             do {
                 resp = try await Self.http.execute(req, timeout: timeout)
             } catch {
-                throw FurcateError(.unavailable, "cannot reach registry \(ref.domain) at \(url.prefix(200)): \(error)", underlying: error)
+                throw FurcateError(
+                    .unavailable, "cannot reach registry \(ref.domain) at \(url.prefix(200)): \(error)",
+                    underlying: error)
             }
             switch resp.status.code {
             case 200, 206:
@@ -111,7 +127,9 @@ final class RegistryClient: Sendable {
             case 301, 302, 303, 307, 308:
                 _ = try? await resp.body.collect(upTo: 1 << 16)
                 guard redirects < 5, let loc = resp.headers.first(name: "Location") else {
-                    throw FurcateError(.unavailable, "registry \(ref.domain) redirected too often (or without a Location) for \(url.prefix(200))")
+                    throw FurcateError(
+                        .unavailable,
+                        "registry \(ref.domain) redirected too often (or without a Location) for \(url.prefix(200))")
                 }
                 redirects += 1
                 url = URL(string: loc, relativeTo: URL(string: url))?.absoluteString ?? loc
@@ -126,15 +144,22 @@ final class RegistryClient: Sendable {
                     .unauthenticated,
                     credentials == nil
                         ? "registry \(ref.domain) wants credentials to pull \(ref.repository) (HTTP \(resp.status.code)) \(summary(body))"
-                        : "registry \(ref.domain) refused the credentials given for \(ref.repository) (HTTP \(resp.status.code)) \(summary(body))")
+                        : "registry \(ref.domain) refused the credentials given for \(ref.repository) (HTTP \(resp.status.code)) \(summary(body))"
+                )
             case 404:
                 let body = (try? await resp.body.collect(upTo: 1 << 16)).map { String(buffer: $0) } ?? ""
-                throw FurcateError(.notFound, "image \(ref) not found: registry \(ref.domain) answered 404 for \(url.split(separator: "/v2/").last ?? "") \(summary(body))")
+                throw FurcateError(
+                    .notFound,
+                    "image \(ref) not found: registry \(ref.domain) answered 404 for \(url.split(separator: "/v2/").last ?? "") \(summary(body))"
+                )
             case 416:
-                throw FurcateError(.unavailable, "registry \(ref.domain) refused the range request for \(url.prefix(200))")
+                throw FurcateError(
+                    .unavailable, "registry \(ref.domain) refused the range request for \(url.prefix(200))")
             default:
                 let body = (try? await resp.body.collect(upTo: 1 << 16)).map { String(buffer: $0) } ?? ""
-                throw FurcateError(.unavailable, "registry \(ref.domain) answered HTTP \(resp.status.code) for \(url.prefix(200)) \(summary(body))")
+                throw FurcateError(
+                    .unavailable,
+                    "registry \(ref.domain) answered HTTP \(resp.status.code) for \(url.prefix(200)) \(summary(body))")
             }
         }
     }
@@ -143,25 +168,31 @@ final class RegistryClient: Sendable {
     /// from the named realm (with the credentials as basic auth when given).
     private func authenticate(_ challenge: String?) async throws {
         guard let challenge else {
-            throw FurcateError(.unauthenticated, "registry \(ref.domain) answered 401 without a WWW-Authenticate challenge")
+            throw FurcateError(
+                .unauthenticated, "registry \(ref.domain) answered 401 without a WWW-Authenticate challenge")
         }
         let (scheme, params) = Self.parseChallenge(challenge)
         switch scheme {
         case "basic":
             guard let credentials else {
-                throw FurcateError(.unauthenticated, "registry \(ref.domain) wants credentials (basic auth) to pull \(ref.repository); none were given")
+                throw FurcateError(
+                    .unauthenticated,
+                    "registry \(ref.domain) wants credentials (basic auth) to pull \(ref.repository); none were given")
             }
             authorization.withLock { $0 = credentials.basicHeader }
         case "bearer":
             guard let realm = params["realm"], var comps = URLComponents(string: realm) else {
-                throw FurcateError(.unauthenticated, "registry \(ref.domain) sent a bearer challenge without a realm: \(challenge.prefix(200))")
+                throw FurcateError(
+                    .unauthenticated,
+                    "registry \(ref.domain) sent a bearer challenge without a realm: \(challenge.prefix(200))")
             }
             var items = comps.queryItems ?? []
             if let service = params["service"] { items.append(URLQueryItem(name: "service", value: service)) }
             items.append(URLQueryItem(name: "scope", value: params["scope"] ?? "repository:\(ref.repository):pull"))
             comps.queryItems = items
             guard let url = comps.url?.absoluteString else {
-                throw FurcateError(.unauthenticated, "registry \(ref.domain) named an unusable token realm '\(realm.prefix(200))'")
+                throw FurcateError(
+                    .unauthenticated, "registry \(ref.domain) named an unusable token realm '\(realm.prefix(200))'")
             }
             var req = HTTPClientRequest(url: url)
             if let credentials { req.headers.add(name: "Authorization", value: credentials.basicHeader) }
@@ -169,21 +200,28 @@ final class RegistryClient: Sendable {
             do {
                 resp = try await Self.http.execute(req, timeout: .seconds(60))
             } catch {
-                throw FurcateError(.unavailable, "cannot reach the token service of \(ref.domain) at \(url.prefix(200)): \(error)", underlying: error)
+                throw FurcateError(
+                    .unavailable, "cannot reach the token service of \(ref.domain) at \(url.prefix(200)): \(error)",
+                    underlying: error)
             }
             let body = try await collect(resp, limit: 1 << 20, what: "the token answer", allowError: true)
             guard resp.status.code == 200 else {
                 throw FurcateError(
                     .unauthenticated,
-                    "the token service of \(ref.domain) refused \(credentials == nil ? "an anonymous" : "the credentials' ") pull of \(ref.repository) (HTTP \(resp.status.code)) \(summary(String(decoding: body, as: UTF8.self)))")
+                    "the token service of \(ref.domain) refused \(credentials == nil ? "an anonymous" : "the credentials' ") pull of \(ref.repository) (HTTP \(resp.status.code)) \(summary(String(decoding: body, as: UTF8.self)))"
+                )
             }
             struct Token: Decodable { var token: String?; var access_token: String? }
-            guard let t = try? JSONDecoder().decode(Token.self, from: Data(body)), let token = t.token ?? t.access_token, !token.isEmpty else {
+            guard let t = try? JSONDecoder().decode(Token.self, from: Data(body)),
+                let token = t.token ?? t.access_token, !token.isEmpty
+            else {
                 throw FurcateError(.unauthenticated, "the token service of \(ref.domain) answered without a token")
             }
             authorization.withLock { $0 = "Bearer " + token }
         default:
-            throw FurcateError(.unauthenticated, "registry \(ref.domain) asks for '\(scheme)' auth, which Furcate does not speak (basic or bearer)")
+            throw FurcateError(
+                .unauthenticated,
+                "registry \(ref.domain) asks for '\(scheme)' auth, which Furcate does not speak (basic or bearer)")
         }
     }
 
@@ -203,7 +241,7 @@ final class RegistryClient: Sendable {
                 rest = rest.dropFirst()
                 while let c = rest.first, c != "\"" {
                     if c == "\\", rest.count > 1 { rest = rest.dropFirst() }
-                    value.append(rest.first!)
+                    if let next = rest.first { value.append(next) }
                     rest = rest.dropFirst()
                 }
                 rest = rest.dropFirst()
@@ -216,12 +254,15 @@ final class RegistryClient: Sendable {
         return (scheme, params)
     }
 
-    private func collect(_ resp: HTTPClientResponse, limit: Int, what: String, allowError: Bool = false) async throws -> [UInt8] {
+    private func collect(_ resp: HTTPClientResponse, limit: Int, what: String, allowError: Bool = false) async throws
+        -> [UInt8]
+    {
         do {
             let buf = try await resp.body.collect(upTo: limit)
             return Array(buf.readableBytesView)
         } catch let e as NIOTooManyBytesError {
-            throw FurcateError(.invalidArgument, "\(what) from \(ref.domain) is larger than \(limit) bytes", underlying: e)
+            throw FurcateError(
+                .invalidArgument, "\(what) from \(ref.domain) is larger than \(limit) bytes", underlying: e)
         } catch {
             throw FurcateError(.unavailable, "reading \(what) from \(ref.domain) failed: \(error)", underlying: error)
         }

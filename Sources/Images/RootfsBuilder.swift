@@ -2,7 +2,7 @@ import Foundation
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Turns an unpacked image directory into an ext4 filesystem image (`mkfs.ext4 -d`), after
@@ -28,10 +28,15 @@ public enum RootfsBuilder {
     /// and the mount points the initramfs and agent use.
     static func inject(root: String, agentPath: String?, config: ImageConfig) throws {
         let fm = FileManager.default
-        for (d, mode) in [("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("tmp", 0o1777), ("run", 0o755), ("root", 0o700), ("etc", 0o755)] {
+        for (d, mode) in [
+            ("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("tmp", 0o1777), ("run", 0o755), ("root", 0o700),
+            ("etc", 0o755),
+        ] {
             var st = stat()
             if lstat(root + "/" + d, &st) != 0 {
-                guard mkdir(root + "/" + d, mode_t(mode)) == 0 else { throw FurcateError.system("mkdir", errno: errno, path: root + "/" + d) }
+                guard mkdir(root + "/" + d, mode_t(mode)) == 0 else {
+                    throw FurcateError.system("mkdir", errno: errno, path: root + "/" + d)
+                }
                 chmod(root + "/" + d, mode_t(mode))
             }
         }
@@ -42,7 +47,9 @@ public enum RootfsBuilder {
             do {
                 try fm.copyItem(atPath: agentPath, toPath: f + "/agent")
             } catch {
-                throw FurcateError(.notFound, "cannot copy the guest agent from \(agentPath) (scripts/build-agent.sh builds it)", underlying: UnderlyingMessage(error))
+                throw FurcateError(
+                    .notFound, "cannot copy the guest agent from \(agentPath) (scripts/build-agent.sh builds it)",
+                    underlying: UnderlyingMessage(error))
             }
             chmod(f + "/agent", 0o755)
         }
@@ -66,7 +73,9 @@ public enum RootfsBuilder {
             guard let dir = opendir(p) else { throw FurcateError.system("opendir", errno: errno, path: p) }
             defer { closedir(dir) }
             while let ent = readdir(dir) {
-                let name = withUnsafePointer(to: ent.pointee.d_name) { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+                let name = withUnsafePointer(to: ent.pointee.d_name) {
+                    String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self))
+                }
                 if name == "." || name == ".." { continue }
                 let child = p + "/" + name
                 var st = stat()
@@ -103,13 +112,15 @@ public enum RootfsBuilder {
         let needGB = (need + gib - 1) / gib
         if let e = sizing.explicitBytes {
             guard e >= need else {
-                throw FurcateError(.invalidArgument, "disk size \(format(e)) is too small for \(what): it needs at least \(needGB) GB")
+                throw FurcateError(
+                    .invalidArgument, "disk size \(format(e)) is too small for \(what): it needs at least \(needGB) GB")
             }
             return e
         }
         let auto = max(sizing.minimum, needGB * gib)
         guard auto <= sizing.maximum else {
-            throw FurcateError(.invalidArgument, "\(what) needs a \(needGB) GB disk, more than the \(sizing.maximum / gib) GB maximum")
+            throw FurcateError(
+                .invalidArgument, "\(what) needs a \(needGB) GB disk, more than the \(sizing.maximum / gib) GB maximum")
         }
         return auto
     }
@@ -129,7 +140,10 @@ public enum RootfsBuilder {
         // -m 0: guests mostly run as root; -E root_owner: / owned by root whoever runs this.
         try runTool(
             "mkfs.ext4",
-            ["-q", "-F", "-m", "0", "-L", String(label.prefix(16)), "-E", "root_owner=0:0,lazy_itable_init=0", "-d", root, output])
+            [
+                "-q", "-F", "-m", "0", "-L", String(label.prefix(16)), "-E", "root_owner=0:0,lazy_itable_init=0", "-d",
+                root, output,
+            ])
     }
 
     /// Runs a tool from PATH; a failure carries its stderr.
@@ -141,14 +155,16 @@ public enum RootfsBuilder {
         p.standardError = errPipe
         p.standardOutput = FileHandle.nullDevice
         do { try p.runWithSignalsUnblocked() } catch {
-            throw FurcateError(.notFound, "cannot run \(tool) (install e2fsprogs)", underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .notFound, "cannot run \(tool) (install e2fsprogs)", underlying: UnderlyingMessage(error))
         }
         let err = errPipe.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
             let msg = String(decoding: err, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             let full = msg.contains("No space left") || msg.contains("Could not allocate")
-            throw FurcateError(full ? .diskFull : .io, "\(tool) failed (status \(p.terminationStatus)): \(msg.suffix(600))")
+            throw FurcateError(
+                full ? .diskFull : .io, "\(tool) failed (status \(p.terminationStatus)): \(msg.suffix(600))")
         }
     }
 }

@@ -57,7 +57,9 @@ final class TarReader {
         defer { buf.deallocate() }
         while left > 0 {
             let k = Int(min(left, Int64(buf.count)))
-            guard try readExactly(UnsafeMutableRawBufferPointer(rebasing: buf[0..<k])) else { throw damaged("truncated entry data") }
+            guard try readExactly(UnsafeMutableRawBufferPointer(rebasing: buf[0..<k])) else {
+                throw damaged("truncated entry data")
+            }
             left -= Int64(k)
         }
     }
@@ -66,7 +68,9 @@ final class TarReader {
     func readData(into buf: UnsafeMutableRawBufferPointer) throws -> Int {
         guard remaining > 0 else { return 0 }
         let k = Int(min(remaining, Int64(buf.count)))
-        guard try readExactly(UnsafeMutableRawBufferPointer(rebasing: buf[0..<k])) else { throw damaged("truncated entry data") }
+        guard try readExactly(UnsafeMutableRawBufferPointer(rebasing: buf[0..<k])) else {
+            throw damaged("truncated entry data")
+        }
         remaining -= Int64(k)
         return k
     }
@@ -136,7 +140,10 @@ final class TarReader {
             case UInt8(ascii: "5"): kind = .directory
             case UInt8(ascii: "6"): kind = .fifo
             default:
-                throw FurcateError(.unsupportedFormat, "\(what) has a tar entry of type '\(Character(UnicodeScalar(type)))' (GNU sparse or unknown), which Furcate does not unpack")
+                throw FurcateError(
+                    .unsupportedFormat,
+                    "\(what) has a tar entry of type '\(Character(UnicodeScalar(type)))' (GNU sparse or unknown), which Furcate does not unpack"
+                )
             }
             var name = cString(block[0..<100])
             let magic = Array(block[257..<263])
@@ -147,9 +154,11 @@ final class TarReader {
             var e = TarEntry(
                 path: longName ?? name, kind: kind, size: size,
                 mode: UInt32(truncatingIfNeeded: try number(100, 8)) & 0o7777,
-                uid: UInt32(truncatingIfNeeded: try number(108, 8)), gid: UInt32(truncatingIfNeeded: try number(116, 8)),
+                uid: UInt32(truncatingIfNeeded: try number(108, 8)),
+                gid: UInt32(truncatingIfNeeded: try number(116, 8)),
                 mtime: try number(136, 12), linkName: longLink ?? cString(block[157..<257]),
-                devMajor: UInt32(truncatingIfNeeded: try number(329, 8)), devMinor: UInt32(truncatingIfNeeded: try number(337, 8)),
+                devMajor: UInt32(truncatingIfNeeded: try number(329, 8)),
+                devMinor: UInt32(truncatingIfNeeded: try number(337, 8)),
                 xattrs: [])
             for (k, v) in pax {
                 let s = String(decoding: v, as: UTF8.self)
@@ -221,7 +230,9 @@ final class TarReader {
                 len = len * 10 + Int(data[j] - 48)
                 j += 1
             }
-            guard len > 0, i + len <= data.count, j < i + len, data[i + len - 1] == 10 else { throw damaged("a malformed pax record") }
+            guard len > 0, i + len <= data.count, j < i + len, data[i + len - 1] == 10 else {
+                throw damaged("a malformed pax record")
+            }
             let rec = data[(j + 1)..<(i + len - 1)]
             guard let eq = rec.firstIndex(of: 61) else { throw damaged("a pax record without '='") }
             out[String(decoding: rec[rec.startIndex..<eq], as: UTF8.self)] = Array(rec[(eq + 1)...])

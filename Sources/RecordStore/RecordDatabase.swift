@@ -38,7 +38,8 @@ public final class RecordDatabase: Sendable {
             }
             try migrator.migrate(pool)
         } catch {
-            throw FurcateError(.io, "cannot open the \(what) database", path: path, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot open the \(what) database", path: path, underlying: UnderlyingMessage(error))
         }
     }
 
@@ -46,7 +47,8 @@ public final class RecordDatabase: Sendable {
     public func save<T: Encodable>(_ t: RecordTable, key: String, _ value: T, extra: [String] = []) throws {
         let data = try JSONEncoder().encode(value)
         let columns = [t.key] + t.extra + [t.value]
-        let sql = "INSERT OR REPLACE INTO \(t.name) (\(columns.joined(separator: ", "))) VALUES (\(columns.map { _ in "?" }.joined(separator: ", ")))"
+        let sql =
+            "INSERT OR REPLACE INTO \(t.name) (\(columns.joined(separator: ", "))) VALUES (\(columns.map { _ in "?" }.joined(separator: ", ")))"
         let arguments = StatementArguments([key] + extra) + StatementArguments([data])
         try write { try $0.execute(sql: sql, arguments: arguments) }
     }
@@ -63,7 +65,9 @@ public final class RecordDatabase: Sendable {
                     .map { try JSONDecoder().decode(T.self, from: $0) }
             }
         } catch {
-            throw FurcateError(.io, "cannot read the \(what) database (\(t.name))", path: pool.path, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot read the \(what) database (\(t.name))", path: pool.path,
+                underlying: UnderlyingMessage(error))
         }
     }
 
@@ -76,18 +80,22 @@ public final class RecordDatabase: Sendable {
     public func allKeyed<T: Decodable>(_ t: RecordTable, as type: T.Type = T.self) throws -> [(key: String, value: T)] {
         do {
             return try pool.read { db in
-                try Row.fetchAll(db, sql: "SELECT \(t.key) AS k, \(t.value) AS v FROM \(t.name) ORDER BY rowid").map { row in
+                try Row.fetchAll(db, sql: "SELECT \(t.key) AS k, \(t.value) AS v FROM \(t.name) ORDER BY rowid").map {
+                    row in
                     (key: row["k"] as String, value: try JSONDecoder().decode(T.self, from: row["v"] as Data))
                 }
             }
         } catch {
-            throw FurcateError(.io, "cannot read the \(what) database (\(t.name))", path: pool.path, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot read the \(what) database (\(t.name))", path: pool.path,
+                underlying: UnderlyingMessage(error))
         }
     }
 
     private func write(_ body: (Database) throws -> Void) throws {
         do { try pool.write(body) } catch {
-            throw FurcateError(.io, "cannot write the \(what) database", path: pool.path, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot write the \(what) database", path: pool.path, underlying: UnderlyingMessage(error))
         }
     }
 }

@@ -4,7 +4,7 @@ import Foundation
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // The request handlers. libfuse calls them on its worker threads with the server as userdata.
@@ -16,7 +16,8 @@ private func server(_ req: fuse_req_t?) -> StoreFS {
     // SAFETY: userdata is the StoreFS passed unretained to fuse_session_new; it outlives the
     // session loop, which is the only caller.
     StoreFS.markWorkerThread()
-    return Unmanaged<StoreFS>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    guard let userdata = fuse_req_userdata(req) else { fatalError("a FUSE request without the session's StoreFS") }
+    return Unmanaged<StoreFS>.fromOpaque(userdata).takeUnretainedValue()
 }
 
 /// Replies with the errno a local filesystem would give for `error`.
@@ -70,7 +71,8 @@ extension StoreFS {
                     default: fuse_reply_err(req, ENOENT)
                     }
                 case StoreFS.filesIno, StoreFS.snapshotsIno:
-                    guard (try? EntityName.validate(n)) != nil, !StoreFS.isReservedName(n), let f = try? fs.store.file(n),
+                    guard (try? EntityName.validate(n)) != nil, !StoreFS.isReservedName(n),
+                        let f = try? fs.store.file(n),
                         StoreFS.directory(of: f) == parent
                     else {
                         fuse_reply_err(req, ENOENT)
@@ -129,7 +131,8 @@ extension StoreFS {
                     st.st_ino = UInt(entries[i].1)
                     st.st_mode = entries[i].2
                     let need = buf.withUnsafeMutableBufferPointer { b in
-                        fuse_add_direntry(req, b.baseAddress! + used, size - used, entries[i].0, &st, off_t(i + 1))
+                        fuse_add_direntry(
+                            req, b.baseAddress.map { $0 + used }, size - used, entries[i].0, &st, off_t(i + 1))
                     }
                     if need > size - used { break }
                     used += need
@@ -230,7 +233,9 @@ extension StoreFS {
                     fuse_reply_err(req, EXDEV)
                     return
                 }
-                guard !StoreFS.isReservedName(from), let f = try? fs.store.file(from), StoreFS.directory(of: f) == parent else {
+                guard !StoreFS.isReservedName(from), let f = try? fs.store.file(from),
+                    StoreFS.directory(of: f) == parent
+                else {
                     fuse_reply_err(req, ENOENT)
                     return
                 }
@@ -314,7 +319,8 @@ extension StoreFS {
                 // The whole of a file into an empty one (what `cp` does): an O(1) clone. The
                 // kernel caps one request, so a request of exactly a cap's size for a larger
                 // file means "the whole file" too (measured: 4 GiB arrives as 0xfffff000).
-                let wantsAll = UInt64(len) >= srcSize || (StoreFS.copyRequestCaps.contains(len) && srcSize > UInt64(len))
+                let wantsAll =
+                    UInt64(len) >= srcSize || (StoreFS.copyRequestCaps.contains(len) && srcSize > UInt64(len))
                 if offIn == 0 && offOut == 0 && wantsAll && dst.size == 0 && src.id != dst.id
                     && src.blockSize == dst.blockSize
                 {

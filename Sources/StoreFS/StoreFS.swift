@@ -12,7 +12,7 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Tunables of a mount.
@@ -106,7 +106,8 @@ public final class StoreFS: @unchecked Sendable {
             session = nil
         }
         guard fuse_session_mount(se, mountpoint) == 0 else {
-            throw FurcateError(.io, "cannot mount (is /dev/fuse there, and are you allowed to mount?)", path: mountpoint)
+            throw FurcateError(
+                .io, "cannot mount (is /dev/fuse there, and are you allowed to mount?)", path: mountpoint)
         }
         defer { fuse_session_unmount(se) }
         logger.info("mounted", metadata: ["fs.mountpoint": "\(mountpoint)", "store.dir": "\(store.directory)"])
@@ -172,9 +173,10 @@ public final class StoreFS: @unchecked Sendable {
             for fd in (try? fm.contentsOfDirectory(atPath: dir + "/fd")) ?? [] {
                 if let l = try? fm.destinationOfSymbolicLink(atPath: dir + "/fd/" + fd) { links.append(l) }
             }
-            let mapped = readWholeFile(dir + "/maps")?.split(separator: "\n").contains { line in
-                line.firstIndex(of: "/").map { inside(String(line[$0...])) } ?? false
-            } ?? false
+            let mapped =
+                readWholeFile(dir + "/maps")?.split(separator: "\n").contains { line in
+                    line.firstIndex(of: "/").map { inside(String(line[$0...])) } ?? false
+                } ?? false
             guard mapped || links.contains(where: inside) else { continue }
             let comm = readWholeFile(dir + "/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
             found.append("\(pid) (\(comm))")
@@ -247,7 +249,9 @@ public final class StoreFS: @unchecked Sendable {
                 guard sigwait(&set, &sig) == 0 else { return }
                 let aborted = self?.abortConnection() ?? false
                 log.warning(
-                    aborted ? "second signal: FUSE connection aborted" : "second signal: cannot abort the FUSE connection (fusectl)",
+                    aborted
+                        ? "second signal: FUSE connection aborted"
+                        : "second signal: cannot abort the FUSE connection (fusectl)",
                     metadata: ["fs.signal": "\(sig)", "fs.mountpoint": "\(mp)"])
             }
         }
@@ -368,7 +372,8 @@ public final class StoreFS: @unchecked Sendable {
         }
         guard orphan, let f = try? file(ino) else { return }
         do { try store.delete(f.name) } catch {
-            logger.error("cannot delete a closed unlinked file", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
+            logger.error(
+                "cannot delete a closed unlinked file", metadata: ["store.file": "\(f.name)", "error": "\(error)"])
         }
     }
 
@@ -476,19 +481,28 @@ public final class BackgroundMount: Sendable {
     /// from ending. Idempotent.
     @discardableResult
     public func stop(grace: Duration = defaultGrace) -> Stopped {
-        guard !stopped.withLock({ s in defer { s = true }; return s }) else { return Stopped() }
+        guard
+            !stopped.withLock({ s in
+                defer { s = true }; return s
+            })
+        else { return Stopped() }
         var result = Stopped()
         let log = fs.logger
         result.holders = StoreFS.unmountOrDetach(fs.mountpoint, log: log) ?? []
         let (secs, atto) = grace.components
-        if finished.wait(timeout: .now() + .nanoseconds(Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))) == .timedOut {
+        if finished.wait(timeout: .now() + .nanoseconds(Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000)))
+            == .timedOut
+        {
             result.graceExpired = true
             result.aborted = fs.abortConnection()
             log.error(
                 result.aborted
                     ? "files still open after the grace: FUSE connection aborted"
                     : "files still open after the grace, and the FUSE connection cannot be aborted (fusectl); not waiting for them",
-                metadata: ["fs.mountpoint": "\(fs.mountpoint)", "fs.grace": "\(grace)", "fs.holders": "\(result.holders.joined(separator: ", "))"])
+                metadata: [
+                    "fs.mountpoint": "\(fs.mountpoint)", "fs.grace": "\(grace)",
+                    "fs.holders": "\(result.holders.joined(separator: ", "))",
+                ])
             if result.aborted { finished.wait() }
         }
         return result

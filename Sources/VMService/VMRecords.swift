@@ -81,11 +81,15 @@ public struct SnapshotCompression: Codable, Sendable, Equatable {
         switch algorithm ?? "zstd" {
         case "zstd":
             let l = level ?? 1
-            guard (1...19).contains(l) else { throw FurcateError(.invalidArgument, "zstd compression level must be 1 to 19, not \(l)") }
+            guard (1...19).contains(l) else {
+                throw FurcateError(.invalidArgument, "zstd compression level must be 1 to 19, not \(l)")
+            }
             return .zstd(level: Int32(l))
         case "lz4":
             let l = level ?? 0
-            guard (0...9).contains(l) else { throw FurcateError(.invalidArgument, "lz4 compression level must be 0 to 9, not \(l)") }
+            guard (0...9).contains(l) else {
+                throw FurcateError(.invalidArgument, "lz4 compression level must be 0 to 9, not \(l)")
+            }
             return l == 0 ? .lz4 : .lz4hc(level: Int32(l))
         case let a:
             throw FurcateError(.invalidArgument, "compression algorithm must be zstd or lz4, not '\(a.prefix(40))'")
@@ -102,7 +106,7 @@ public enum VMID {
     static let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789")
 
     /// A new VM id: 20 lowercase alphanumerics.
-    public static func newVM() -> String { String((0..<20).map { _ in alphabet.randomElement()! }) }
+    public static func newVM() -> String { String((0..<20).map { _ in alphabet[Int.random(in: 0..<alphabet.count)] }) }
     /// A new snapshot id: `sc-` and 20 lowercase alphanumerics.
     public static func newSnapshot() -> String { "sc-" + newVM() }
 
@@ -117,7 +121,8 @@ public enum VMID {
     /// - Throws: `.invalidArgument` unless it has the snapshot id shape.
     public static func validateSnapshot(_ id: String) throws {
         guard id.hasPrefix("sc-"), (try? validateVM(String(id.dropFirst(3)))) != nil else {
-            throw FurcateError(.invalidArgument, "'\(id.prefix(40))' is not a snapshot id (sc- and 20 lowercase letters and digits)")
+            throw FurcateError(
+                .invalidArgument, "'\(id.prefix(40))' is not a snapshot id (sc- and 20 lowercase letters and digits)")
         }
     }
 }
@@ -129,12 +134,14 @@ final class VMDatabase: Sendable {
     private static let snapshotTable = RecordTable("snapshots", value: "info", extra: ["vm_id"])
 
     init(path: String) throws {
-        db = try RecordDatabase(path: path, what: "VM", migrations: [
-            """
-            CREATE TABLE vms (id TEXT PRIMARY KEY, info BLOB NOT NULL);
-            CREATE TABLE snapshots (id TEXT PRIMARY KEY, vm_id TEXT NOT NULL, info BLOB NOT NULL);
-            """,
-        ])
+        db = try RecordDatabase(
+            path: path, what: "VM",
+            migrations: [
+                """
+                CREATE TABLE vms (id TEXT PRIMARY KEY, info BLOB NOT NULL);
+                CREATE TABLE snapshots (id TEXT PRIMARY KEY, vm_id TEXT NOT NULL, info BLOB NOT NULL);
+                """
+            ])
     }
 
     func save(_ vm: VMInfo) throws { try db.save(Self.vmTable, key: vm.id, vm) }

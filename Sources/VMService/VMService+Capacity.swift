@@ -48,9 +48,13 @@ public struct VMCapacity: Sendable, Equatable {
             self.memoryMiB = memoryMiB
         }
         static let zero = Demand(vcpus: 0, memoryMiB: 0)
-        static func + (a: Demand, b: Demand) -> Demand { Demand(vcpus: a.vcpus + b.vcpus, memoryMiB: a.memoryMiB + b.memoryMiB) }
+        static func + (a: Demand, b: Demand) -> Demand {
+            Demand(vcpus: a.vcpus + b.vcpus, memoryMiB: a.memoryMiB + b.memoryMiB)
+        }
         static func * (a: Demand, n: Int) -> Demand { Demand(vcpus: a.vcpus * n, memoryMiB: a.memoryMiB * n) }
-        static func - (a: Demand, b: Demand) -> Demand { Demand(vcpus: a.vcpus - b.vcpus, memoryMiB: a.memoryMiB - b.memoryMiB) }
+        static func - (a: Demand, b: Demand) -> Demand {
+            Demand(vcpus: a.vcpus - b.vcpus, memoryMiB: a.memoryMiB - b.memoryMiB)
+        }
     }
 
     /// Why `count` more VMs of `each` do not fit beside `inUse`, or nil when they do.

@@ -35,7 +35,10 @@ extension VMService {
         let task = Task {
             let result: Result<CompressionStats, any Error>
             do {
-                result = .success(try await onThread("compress-\(id)") { try store.recompress(file, codec: codec) { flag.isCancelled } })
+                result = .success(
+                    try await onThread("compress-\(id)") {
+                        try store.recompress(file, codec: codec) { flag.isCancelled }
+                    })
             } catch {
                 result = .failure(error)
             }

@@ -4,7 +4,7 @@ import FurcateCore
 import Hypervisor
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // Device state moves between QEMU and the store over a unix socket in the VM's run

@@ -13,17 +13,22 @@ extension VMService {
         let old: UInt64 = try await withVM(id) {
             let vm = try info(id)
             guard vm.state == .running, let p = instances[id]?.process else {
-                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM's disk is resized")
+                throw FurcateError(
+                    .invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM's disk is resized")
             }
             let old = try store.file(vm.diskFile).size
             guard bytes >= old else {
-                throw FurcateError(.invalidArgument, "the disk is \(old >> 20) MiB; it can grow, not shrink (asked \(bytes >> 20) MiB)")
+                throw FurcateError(
+                    .invalidArgument, "the disk is \(old >> 20) MiB; it can grow, not shrink (asked \(bytes >> 20) MiB)"
+                )
             }
             if bytes > old { try await p.resizeBlockDevice("root", to: bytes) }
             return old
         }
         guard bytes > old else { return (old, "unchanged") }
-        let r = try await agent(id).exec(ExecRequest(command: "command -v resize2fs >/dev/null || exit 127; resize2fs /dev/vda 2>&1", timeoutMs: 300_000))
+        let r = try await agent(id).exec(
+            ExecRequest(
+                command: "command -v resize2fs >/dev/null || exit 127; resize2fs /dev/vda 2>&1", timeoutMs: 300_000))
         switch r.exitCode {
         case 0: return (old, "ext4 grown with resize2fs")
         case 127: return (old, "the guest has no resize2fs; the filesystem keeps its size until it is grown inside")
@@ -39,17 +44,27 @@ extension VMService {
     /// - Throws: `.invalidState` unless running.
     public func optimize(_ id: String) async throws -> String {
         let vm = try info(id)
-        guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM is optimized") }
+        guard vm.state == .running else {
+            throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM is optimized")
+        }
         let before = try allocatedBytes(vm.diskFile)
         let a = try await agent(id)
-        let r = try await a.exec(ExecRequest(command: "sync; command -v fstrim >/dev/null || exit 127; fstrim -v / 2>&1", timeoutMs: 300_000))
+        let r = try await a.exec(
+            ExecRequest(command: "sync; command -v fstrim >/dev/null || exit 127; fstrim -v / 2>&1", timeoutMs: 300_000)
+        )
         try await a.sync()
         let after = try allocatedBytes(vm.diskFile)
         let trim: String
         switch r.exitCode {
-        case 0: trim = "trimmed the root filesystem (" + String(decoding: r.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) + ")"
+        case 0:
+            trim =
+                "trimmed the root filesystem ("
+                + String(decoding: r.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) + ")"
         case 127: trim = "the guest has no fstrim; synced only"
-        default: trim = "fstrim failed: " + String(decoding: r.stdout.suffix(200), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        default:
+            trim =
+                "fstrim failed: "
+                + String(decoding: r.stdout.suffix(200), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         }
         return "synced the guest; \(trim); disk data in the store \(before >> 20) MiB → \(after >> 20) MiB"
     }
@@ -73,7 +88,9 @@ extension VMService {
     public func snapshotStoredBytes(_ id: String) throws -> UInt64 {
         let s = try snapshotInfo(id)
         var total: UInt64 = 0
-        for f in [s.memoryFile, s.diskFile, s.stateFile] where (try? store.exists(f)) == true { total += try allocatedBytes(f) }
+        for f in [s.memoryFile, s.diskFile, s.stateFile] where (try? store.exists(f)) == true {
+            total += try allocatedBytes(f)
+        }
         return total
     }
 

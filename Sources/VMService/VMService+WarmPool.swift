@@ -35,7 +35,9 @@ enum PoolGate: Sendable {
 extension VMService {
     /// The pool a restore of `snap` in `mode` takes from, if any: mode a, RAM not in the stream.
     func poolShape(for snap: SnapshotInfo, mode: MemoryMode) -> PoolShape? {
-        guard options.warmPoolSize > 0, mode == .shared, !snap.ramInStream, let disk = try? store.file(snap.diskFile).size else {
+        guard options.warmPoolSize > 0, mode == .shared, !snap.ramInStream,
+            let disk = try? store.file(snap.diskFile).size
+        else {
             return nil
         }
         return PoolShape(memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, diskBytes: disk)
@@ -87,7 +89,8 @@ extension VMService {
     private func spawnPooled(_ shape: PoolShape) async throws -> PoolEntry {
         let vm = VMInfo(
             id: VMID.newVM(), state: .starting, memoryMiB: shape.memoryMiB, vcpus: shape.vcpus, memoryMode: .shared,
-            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
+            createdAt: Date().timeIntervalSince1970)
         do {
             let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
             try mem.truncate(to: UInt64(shape.memoryMiB) << 20)

@@ -13,7 +13,7 @@ import Hypervisor
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Tunables of the VM service.
@@ -82,7 +82,10 @@ public struct CreateVMRequest: Sendable {
     /// Memory mode of a restore (nil: the service's fork default).
     public var memoryMode: MemoryMode?
 
-    public init(image: String? = nil, snapshot: String? = nil, memoryMiB: Int? = nil, vcpus: Int? = nil, memoryMode: MemoryMode? = nil) {
+    public init(
+        image: String? = nil, snapshot: String? = nil, memoryMiB: Int? = nil, vcpus: Int? = nil,
+        memoryMode: MemoryMode? = nil
+    ) {
         self.image = image
         self.snapshot = snapshot
         self.memoryMiB = memoryMiB
@@ -154,7 +157,8 @@ public actor VMService {
         self.options = options
         capacity = options.capacity ?? .host(accelerator: options.accelerator)
         bootSlots = HostSlots(
-            name: "boot", count: options.concurrentBoots ?? Self.defaultConcurrentBoots(options.accelerator), directory: options.slotDirectory)
+            name: "boot", count: options.concurrentBoots ?? Self.defaultConcurrentBoots(options.accelerator),
+            directory: options.slotDirectory)
         // Unix socket paths (QMP, the guest channel, migration) live in run/<20-char id>/ and
         // must fit sockaddr_un's 108 bytes: refuse a data directory too deep, saying so.
         let longest = options.dataDirectory + "/run/" + String(repeating: "x", count: 20) + "/migrate.sock"
@@ -165,9 +169,12 @@ public actor VMService {
                 path: options.dataDirectory)
         }
         do {
-            try FileManager.default.createDirectory(atPath: options.dataDirectory + "/run", withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(
+                atPath: options.dataDirectory + "/run", withIntermediateDirectories: true)
         } catch {
-            throw FurcateError(.io, "cannot create the data directory", path: options.dataDirectory, underlying: UnderlyingMessage(error))
+            throw FurcateError(
+                .io, "cannot create the data directory", path: options.dataDirectory,
+                underlying: UnderlyingMessage(error))
         }
         db = try VMDatabase(path: options.dataDirectory + "/vms.sqlite")
         for vm in try db.vms() { vms[vm.id] = vm }
@@ -212,7 +219,9 @@ public actor VMService {
     /// - Throws: `.invalidState` unless running or without a debug shell, `.timedOut`.
     public func guestShell(_ id: String, timeout: Duration = .seconds(30)) async throws -> GuestShell {
         let vm = try info(id)
-        guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
+        guard vm.state == .running else {
+            throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running")
+        }
         guard options.debugShell else { throw FurcateError(.invalidState, "VMs of this service have no debug shell") }
         // In time its QEMU could run: a loaded host's guest gets its chance to answer.
         let deadline: Deadline = instances[id].map { .runTime(timeout, of: $0.process.pid) } ?? .after(timeout)
@@ -242,11 +251,15 @@ public actor VMService {
             if await retry.value { return }
             switch f.work {
             case .boot:
-                throw FurcateError(.timedOut, "VM \(id) was booted, but its guest agent has not answered yet (within \(timeout) of run time); try again")
+                throw FurcateError(
+                    .timedOut,
+                    "VM \(id) was booted, but its guest agent has not answered yet (within \(timeout) of run time); try again"
+                )
             case .restore:
                 throw FurcateError(
                     .timedOut,
-                    "VM \(id) was restored, but its guest agent has not reseeded its RNG and set its clock yet (no answer within \(timeout)); try again")
+                    "VM \(id) was restored, but its guest agent has not reseeded its RNG and set its clock yet (no answer within \(timeout)); try again"
+                )
             }
         }
     }
@@ -257,7 +270,9 @@ public actor VMService {
     public func agent(_ id: String, timeout: Duration = .seconds(30)) async throws -> AgentClient {
         try await ensureFreshened(id, timeout: timeout)
         let vm = try info(id)
-        guard vm.state == .running else { throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running") }
+        guard vm.state == .running else {
+            throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue), not running")
+        }
         guard let process = instances[id]?.process else { throw FurcateError(.invalidState, "VM \(id) has no process") }
         if let c = instances[id]?.agent, c.isOpen { return c }
         let c = try await connectAgent(id, process: process, timeout: timeout)
@@ -282,11 +297,14 @@ public actor VMService {
     public func create(_ request: CreateVMRequest) async throws -> VMInfo {
         switch (request.image, request.snapshot) {
         case (let image?, nil):
-            return try await boot(image: image, memoryMiB: request.memoryMiB ?? options.defaultMemoryMiB, vcpus: request.vcpus ?? options.defaultVCPUs)
+            return try await boot(
+                image: image, memoryMiB: request.memoryMiB ?? options.defaultMemoryMiB,
+                vcpus: request.vcpus ?? options.defaultVCPUs)
         case (nil, let snap?):
             let s = try snapshotInfo(snap)
             if let m = request.memoryMiB, m != s.memoryMiB {
-                throw FurcateError(.invalidArgument, "snapshot \(snap) has \(s.memoryMiB) MiB of memory; a restore cannot change it")
+                throw FurcateError(
+                    .invalidArgument, "snapshot \(snap) has \(s.memoryMiB) MiB of memory; a restore cannot change it")
             }
             let mode = request.memoryMode ?? options.forkMemoryMode
             defer { refillPoolSoon(for: s, mode: mode) }
@@ -300,7 +318,9 @@ public actor VMService {
         guard (16...(1 << 20)).contains(memoryMiB) else {
             throw FurcateError(.invalidArgument, "memory must be 16 MiB to 1 TiB, not \(memoryMiB) MiB")
         }
-        guard (1...64).contains(vcpus) else { throw FurcateError(.invalidArgument, "vCPUs must be 1 to 64, not \(vcpus)") }
+        guard (1...64).contains(vcpus) else {
+            throw FurcateError(.invalidArgument, "vCPUs must be 1 to 64, not \(vcpus)")
+        }
         _ = try store.file(image)  // .notFound before anything is made
         let demand = VMCapacity.Demand(vcpus: vcpus, memoryMiB: memoryMiB)
         try admit(demand, operation: "booting a VM")
@@ -309,7 +329,8 @@ public actor VMService {
         let slot = try await bootSlots.acquire()
         var vm = VMInfo(
             id: VMID.newVM(), state: .starting, memoryMiB: memoryMiB, vcpus: vcpus, memoryMode: .shared,
-            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+            parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
+            createdAt: Date().timeIntervalSince1970)
         do {
             try store.clone(image, to: vm.diskFile)
             let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
@@ -324,7 +345,11 @@ public actor VMService {
                     defer { slot.release() }
                     return await self.readyGuest(v, .boot, timeout: self.options.bootTimeout)
                 }, work: .boot)
-            logger.info("booted", metadata: ["vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)", "vm.boot_slot": "\(slot.index)"])
+            logger.info(
+                "booted",
+                metadata: [
+                    "vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)", "vm.boot_slot": "\(slot.index)",
+                ])
             return vm
         } catch {
             slot.release()
@@ -343,7 +368,8 @@ public actor VMService {
         try await withVM(id) {
             let vm = try info(id)
             guard vm.state == .running, let p = instances[id]?.process else {
-                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
+                throw FurcateError(
+                    .invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be snapshotted")
             }
             if !vm.paused { await primeForForks(id, p) }
             return try await takeSnapshot(vm, p, resume: !vm.paused)
@@ -363,7 +389,9 @@ public actor VMService {
         guard let agent = instance.agent, agent.isOpen else { return }
         instances[id]?.primedForForks = true
         do { try await agent.afterRestore(timeout: .seconds(2)) } catch {
-            logger.debug("the guest agent did not run the forks' freshening before the snapshot", metadata: ["vm.id": "\(id)", "error": "\(error)"])
+            logger.debug(
+                "the guest agent did not run the forks' freshening before the snapshot",
+                metadata: ["vm.id": "\(id)", "error": "\(error)"])
         }
     }
 
@@ -384,7 +412,9 @@ public actor VMService {
         try await withVM(id) {
             var vm = try info(id)
             guard vm.state == .running, let p = instances[id]?.process else {
-                throw FurcateError(.invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM can be \(paused ? "paused" : "unpaused")")
+                throw FurcateError(
+                    .invalidState,
+                    "VM \(id) is \(vm.state.rawValue); only a running VM can be \(paused ? "paused" : "unpaused")")
             }
             if paused { try await p.pause() } else { try await p.resume() }
             vm.paused = paused
@@ -440,7 +470,8 @@ public actor VMService {
             logger.info(
                 "snapshot",
                 metadata: [
-                    "vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "snapshot.device_state_bytes": "\(snap.deviceStateBytes)",
+                    "vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)",
+                    "snapshot.device_state_bytes": "\(snap.deviceStateBytes)",
                     "snapshot.ram_in_stream": "\(snap.ramInStream)",
                 ])
             return snap
@@ -459,7 +490,9 @@ public actor VMService {
         switch outcome {
         case .completed: return
         case .cancelled: throw FurcateError(.hypervisor, "saving the device state of VM \(id) was cancelled")
-        case .failed(let why): throw FurcateError(.hypervisor, "saving the device state of VM \(id) failed: \(why ?? "QEMU gave no reason")")
+        case .failed(let why):
+            throw FurcateError(
+                .hypervisor, "saving the device state of VM \(id) failed: \(why ?? "QEMU gave no reason")")
         }
     }
 
@@ -471,8 +504,12 @@ public actor VMService {
     /// - Throws: `.invalidArgument` for a count outside 1…1000, `.invalidState` unless
     ///   running; when any fork fails, the forks already made are removed and the error thrown.
     /// - Parameter newIdentity: give each fork its own hostname (its VM id) and machine-id.
-    public func fork(_ id: String, count: Int, memoryMode: MemoryMode? = nil, newIdentity: Bool = false) async throws -> ForkResult {
-        guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "fork count must be 1 to 1000, not \(count)") }
+    public func fork(_ id: String, count: Int, memoryMode: MemoryMode? = nil, newIdentity: Bool = false) async throws
+        -> ForkResult
+    {
+        guard (1...1000).contains(count) else {
+            throw FurcateError(.invalidArgument, "fork count must be 1 to 1000, not \(count)")
+        }
         // All or none: the forks are admitted before the snapshot, so a fork the host has no
         // room for makes nothing.
         let parent = try info(id)
@@ -495,7 +532,10 @@ public actor VMService {
         let results = await withTaskGroup(of: Result<(VMInfo, RestoreTiming), any Error>.self) { group in
             for _ in 0..<count {
                 group.addTask {
-                    do { return .success(try await self.restoreNew(snap, mode: mode, newIdentity: newIdentity, admitted: true)) } catch {
+                    do {
+                        return .success(
+                            try await self.restoreNew(snap, mode: mode, newIdentity: newIdentity, admitted: true))
+                    } catch {
                         return .failure(error)
                     }
                 }
@@ -516,7 +556,8 @@ public actor VMService {
             for (vm, _) in made { try? await delete(vm.id) }
             throw firstError
         }
-        return ForkResult(snapshot: snap, snapshotDuration: snapDuration, vms: made.map { $0.0 }, timings: made.map { $0.1 })
+        return ForkResult(
+            snapshot: snap, snapshotDuration: snapDuration, vms: made.map { $0.0 }, timings: made.map { $0.1 })
     }
 
     /// A new VM restored from `snap`.
@@ -529,8 +570,10 @@ public actor VMService {
         defer { settle(demand) }
         let pooled = poolShape(for: snap, mode: mode).flatMap { takeFromPool($0) }
         var vm = VMInfo(
-            id: pooled?.id ?? VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus, memoryMode: mode,
-            parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+            id: pooled?.id ?? VMID.newVM(), state: .starting, memoryMiB: snap.memoryMiB, vcpus: snap.vcpus,
+            memoryMode: mode,
+            parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
+            createdAt: Date().timeIntervalSince1970)
         do {
             let timing = try await restore(&vm, from: snap, pooled: pooled, newIdentity: newIdentity)
             return (vm, timing)
@@ -596,9 +639,13 @@ public actor VMService {
         // operation that reaches the guest through this service waits for that first.
         let v = vm
         instances[vm.id]?.readiness = GuestReadiness(
-            task: Task { await self.readyGuest(v, .restore(newIdentity: newIdentity), timeout: self.options.agentTimeout) },
+            task: Task {
+                await self.readyGuest(v, .restore(newIdentity: newIdentity), timeout: self.options.agentTimeout)
+            },
             work: .restore(newIdentity: newIdentity))
-        logger.info("restored", metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
+        logger.info(
+            "restored",
+            metadata: ["vm.id": "\(vm.id)", "snapshot.id": "\(snap.id)", "vm.memory_mode": "\(vm.memoryMode.rawValue)"])
         return t
     }
 
@@ -615,7 +662,8 @@ public actor VMService {
                 if case .restore(let newIdentity) = work {
                     try await agent.afterRestore(hostname: newIdentity ? vm.id : nil)
                     if newIdentity {
-                        let machineID = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
+                        let machineID =
+                            (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined() + "\n"
                         try await agent.writeFile("/etc/machine-id", Data(machineID.utf8), mode: 0o444)
                     }
                 }
@@ -625,16 +673,22 @@ public actor VMService {
             }
             // Kept as the VM's connection: the next caller needs no new one, and an agent whose
             // host stays connected sleeps in its read instead of waiting for a connection.
-            if instances[vm.id]?.process !== p || instances[vm.id]?.agent?.isOpen == true { agent.close() } else { instances[vm.id]?.agent = agent }
+            if instances[vm.id]?.process !== p || instances[vm.id]?.agent?.isOpen == true {
+                agent.close()
+            } else {
+                instances[vm.id]?.agent = agent
+            }
             return true
         } catch {
             if p == nil || instances[vm.id]?.process !== p {
-                logger.debug("VM ended before its guest agent answered", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                logger.debug(
+                    "VM ended before its guest agent answered", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
                 return false
             }
             switch work {
             case .boot:
-                logger.warning("the booted VM's guest agent did not answer", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                logger.warning(
+                    "the booted VM's guest agent did not answer", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
             case .restore:
                 logger.warning(
                     "guest agent did not freshen the restored VM (RNG state shared with its siblings, clock as at the snapshot)",
@@ -653,7 +707,9 @@ public actor VMService {
             return path(file: vm.memoryFile)
         case .privateBase:
             try await baseLock.withLock {
-                if try !store.exists(snap.privateBaseFile) { try store.clone(snap.memoryFile, to: snap.privateBaseFile) }
+                if try !store.exists(snap.privateBaseFile) {
+                    try store.clone(snap.memoryFile, to: snap.privateBaseFile)
+                }
             }
             return path(file: snap.privateBaseFile)
         }
@@ -671,7 +727,8 @@ public actor VMService {
         guard outcome == .completed else {
             _ = await p.waitForExit(timeout: .seconds(2))  // its log says why; QEMU exits after a failed load
             throw FurcateError(
-                .hypervisor, "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
+                .hypervisor,
+                "restoring VM \(id) failed: the device state was refused (\(QEMUProcess.logTail(p.logPath, lines: 3)))",
                 path: p.logPath)
         }
     }
@@ -817,7 +874,8 @@ public actor VMService {
                     _ = try await resume(vm.id)
                     resumed.append(vm.id)
                 } catch {
-                    logger.error("cannot resume VM after restart", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
+                    logger.error(
+                        "cannot resume VM after restart", metadata: ["vm.id": "\(vm.id)", "error": "\(error)"])
                 }
             default: break
             }
@@ -847,7 +905,8 @@ public actor VMService {
             v.resumeOnStart = true
             try record(v)
         } catch {
-            logger.error("cannot suspend VM at shutdown; killing it", metadata: ["vm.id": "\(id)", "error": "\(error)"])
+            logger.error(
+                "cannot suspend VM at shutdown; killing it", metadata: ["vm.id": "\(id)", "error": "\(error)"])
             _ = try? await kill(id)
         }
     }
@@ -867,7 +926,8 @@ public actor VMService {
     public func createStopped(fromSnapshot snapshot: String) throws -> VMInfo {
         let s = try snapshotInfo(snapshot)
         let vm = VMInfo(
-            id: VMID.newVM(), state: .stopped, memoryMiB: s.memoryMiB, vcpus: s.vcpus, memoryMode: .shared, parentSnapshot: s.id,
+            id: VMID.newVM(), state: .stopped, memoryMiB: s.memoryMiB, vcpus: s.vcpus, memoryMode: .shared,
+            parentSnapshot: s.id,
             suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
         try store.clone(s.diskFile, to: vm.diskFile)
         do { try record(vm) } catch {
@@ -898,7 +958,8 @@ public actor VMService {
         let run = runDirectory(vm.id)
         try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var config = MachineConfig(
-            memoryPath: memoryPath, kernel: options.guestDirectory + "/vmlinuz", initrd: options.guestDirectory + "/initrd.img",
+            memoryPath: memoryPath, kernel: options.guestDirectory + "/vmlinuz",
+            initrd: options.guestDirectory + "/initrd.img",
             rootDisk: path(file: vm.diskFile), channelSocket: run + "/channel.sock", qmpSocket: run + "/qmp.sock",
             consoleLog: run + "/console.log")
         config.memoryMiB = vm.memoryMiB
@@ -911,7 +972,8 @@ public actor VMService {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }
         let p = try await QEMUProcess.launch(
-            config, incoming: incoming, binary: options.qemuBinary, logPath: run + "/qemu.log", readyTimeout: options.startTimeout)
+            config, incoming: incoming, binary: options.qemuBinary, logPath: run + "/qemu.log",
+            readyTimeout: options.startTimeout)
         instances[vm.id] = VMInstance(process: p)
         Task { [weak self] in
             let status = await p.waitForExit()
@@ -931,7 +993,9 @@ public actor VMService {
         try? setState(&vm, clean ? .stopped : .lost)
         cleanRunDirectory(id)
         if clean { try? store.delete(vm.memoryFile) }
-        logger.warning("QEMU exited by itself", metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
+        logger.warning(
+            "QEMU exited by itself",
+            metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
     }
 
     /// The one way a VM's runtime ends: its instance leaves the table and its agent connection
@@ -969,9 +1033,13 @@ public actor VMService {
     /// `process`: the VM's QEMU; once it has exited, connecting stops at once.
     /// `timeout` is in time the QEMU could run (see `Deadline`): on a loaded host a guest waiting
     /// for a CPU is given its chance to answer.
-    private nonisolated func connectAgent(_ id: String, process: QEMUProcess?, timeout: Duration) async throws -> AgentClient {
+    private nonisolated func connectAgent(_ id: String, process: QEMUProcess?, timeout: Duration) async throws
+        -> AgentClient
+    {
         let deadline: Deadline = process.map { .runTime(timeout, of: $0.pid) } ?? .after(timeout)
-        return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", deadline: deadline) { process?.exitStatus == nil }
+        return try await AgentClient.connect(socket: runDirectory(id) + "/channel.sock", deadline: deadline) {
+            process?.exitStatus == nil
+        }
     }
 
     /// Removes a VM's sockets (its logs stay until the VM is deleted).
@@ -996,7 +1064,9 @@ public actor VMService {
 
     /// Cold boots at once by default: one per host core under TCG (a booting guest keeps its
     /// vCPU busy), two per core under KVM (boots wait on I/O more than on the CPU).
-    public static func defaultConcurrentBoots(_ accelerator: Accelerator, cores: Int = ProcessInfo.processInfo.activeProcessorCount) -> Int {
+    public static func defaultConcurrentBoots(
+        _ accelerator: Accelerator, cores: Int = ProcessInfo.processInfo.activeProcessorCount
+    ) -> Int {
         max(1, cores) * (accelerator == .kvm ? 2 : 1)
     }
 
@@ -1006,4 +1076,3 @@ public actor VMService {
         return comm.hasPrefix("qemu")
     }
 }
-

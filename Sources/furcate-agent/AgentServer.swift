@@ -1,11 +1,11 @@
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 import Synchronization
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Reads request frames, runs each on its own thread, writes response frames.
@@ -58,19 +58,25 @@ final class AgentServer: Sendable {
         }
         let request: AgentRequest
         do { request = try AgentRequest.from(frame) } catch {
-            send(.error(AgentError(code: "invalid_argument", message: "cannot decode the request: \(error)")), id: frame.id)
+            send(
+                .error(AgentError(code: "invalid_argument", message: "cannot decode the request: \(error)")),
+                id: frame.id)
             return
         }
         guard inFlight.add(1, ordering: .relaxed).newValue <= Self.maxInFlight else {
             inFlight.subtract(1, ordering: .relaxed)
-            send(.error(AgentError(code: "busy", message: "more than \(Self.maxInFlight) requests in flight")), id: frame.id)
+            send(
+                .error(AgentError(code: "busy", message: "more than \(Self.maxInFlight) requests in flight")),
+                id: frame.id)
             return
         }
         if case .cancel(let target) = request {
             let found = streams.withLock { $0[target] }
             found?.cancel()
             inFlight.subtract(1, ordering: .relaxed)
-            send(found == nil ? .error(AgentError(code: "not_found", message: "no stream \(target)")) : .ok, id: frame.id)
+            send(
+                found == nil ? .error(AgentError(code: "not_found", message: "no stream \(target)")) : .ok, id: frame.id
+            )
             return
         }
         let id = frame.id
@@ -109,11 +115,14 @@ final class AgentServer: Sendable {
     func send(_ response: AgentResponse, id: UInt32) {
         let frame: Frame
         do { frame = try response.frame(id: id) } catch {
-            frame = Frame(kind: .response, id: id, payload: Array(#"{"kind":"error","error":{"code":"io","message":"cannot encode the response"}}"#.utf8))
+            frame = Frame(
+                kind: .response, id: id,
+                payload: Array(#"{"kind":"error","error":{"code":"io","message":"cannot encode the response"}}"#.utf8))
         }
         var bytes = frame.encoded()
         if bytes.count > Frame.headerSize + Frame.maxPayload {
-            let msg = #"{"kind":"error","error":{"code":"invalid_argument","message":"response exceeds the frame limit"}}"#
+            let msg =
+                #"{"kind":"error","error":{"code":"invalid_argument","message":"response exceeds the frame limit"}}"#
             bytes = Frame(kind: .response, id: id, payload: Array(msg.utf8)).encoded()
         }
         write(bytes)
@@ -123,7 +132,9 @@ final class AgentServer: Sendable {
         writeLock.withLock { _ in
             var done = 0
             while done < bytes.count {
-                let n = bytes.withUnsafeBytes { Glibc.write(output, $0.baseAddress! + done, bytes.count - done) }
+                let n = bytes.withUnsafeBytes {
+                    Glibc.write(output, $0.baseAddress.map { $0 + done }, bytes.count - done)
+                }
                 if n < 0 && errno == EINTR { continue }
                 if n <= 0 { return }  // host gone: the response is lost, as the host expects
                 done += n
@@ -208,7 +219,9 @@ func portDevice(_ name: String) -> String {
         if let dir = opendir("/sys/class/virtio-ports") {
             defer { closedir(dir) }
             while let ent = readdir(dir) {
-                let entry = withUnsafeBytes(of: ent.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                let entry = withUnsafeBytes(of: ent.pointee.d_name) {
+                    String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self)
+                }
                 if entry.hasPrefix(".") { continue }
                 let fd = open("/sys/class/virtio-ports/\(entry)/name", O_RDONLY | O_CLOEXEC)
                 guard fd >= 0 else { continue }

@@ -1,12 +1,12 @@
 import CAgentInit
 import CSpawn
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Runs a program in its own session (so a timeout kills it and all it started), with
@@ -48,7 +48,8 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
     let pid: pid_t
     do {
         pid = try spawnInSession(
-            argv, env: env.map { "\($0.key)=\($0.value)" }, stdio: .descriptors(inPipe[0], outPipe[1], errPipe[1]), cwd: cwd)
+            argv, env: env.map { "\($0.key)=\($0.value)" }, stdio: .descriptors(inPipe[0], outPipe[1], errPipe[1]),
+            cwd: cwd)
     } catch {
         for fd in inPipe + outPipe + errPipe { close(fd) }
         throw error
@@ -63,7 +64,9 @@ func runProgram(_ e: ExecRequest, stream: StreamContext? = nil) throws -> ExecRe
     startThread {
         var done = 0
         while done < stdinBytes.count {
-            let n = stdinBytes.withUnsafeBytes { write(inFD, $0.baseAddress! + done, stdinBytes.count - done) }
+            let n = stdinBytes.withUnsafeBytes {
+                write(inFD, $0.baseAddress.map { $0 + done }, stdinBytes.count - done)
+            }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             done += n
@@ -143,7 +146,9 @@ enum StdioSetup {
 /// an empty signal mask, default signal dispositions, the given stdio and no other descriptor,
 /// working directory and environment ("K=V").
 /// `search`: look `argv[0]` up in PATH.
-func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: String? = nil, search: Bool = true) throws -> pid_t {
+func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: String? = nil, search: Bool = true) throws
+    -> pid_t
+{
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
@@ -185,7 +190,8 @@ func spawnInSession(_ argv: [String], env: [String], stdio: StdioSetup, cwd: Str
         for a in cenv { free(a) }
     }
     var pid: pid_t = 0
-    let rc = search
+    let rc =
+        search
         ? posix_spawnp(&pid, argv[0], &actions, &attr, cargv, cenv)
         : posix_spawn(&pid, argv[0], &actions, &attr, cargv, cenv)
     guard rc == 0 else { throw errnoError(rc, "exec", path: argv[0]) }
@@ -231,7 +237,7 @@ func processEnvironment(_ defaults: [String], _ extra: [String: String]?) -> [St
     for d in defaults { if let eq = d.firstIndex(of: "=") { set(String(d[..<eq]), String(d[d.index(after: eq)...])) } }
     for (k, v) in imageEnvironment { set(k, v) }
     for (k, v) in (extra ?? [:]).sorted(by: { $0.key < $1.key }) { set(k, v) }
-    return order.map { "\($0)=\(values[$0]!)" }
+    return order.map { "\($0)=\(values[$0, default: ""])" }
 }
 
 func monotonicMillis() -> Int64 {
@@ -248,10 +254,13 @@ func startThread(_ body: @escaping () -> Void) {
     }
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
     var t = pthread_t()
-    let rc = pthread_create(&t, nil, { raw in
-        let b = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-        b.body()
-        return nil
-    }, box)
+    let rc = pthread_create(
+        &t, nil,
+        { raw in
+            guard let raw else { return nil }
+            let b = Unmanaged<Box>.fromOpaque(raw).takeRetainedValue()
+            b.body()
+            return nil
+        }, box)
     if rc == 0 { pthread_detach(t) } else { Unmanaged<Box>.fromOpaque(box).release() }
 }

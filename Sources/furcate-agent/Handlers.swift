@@ -1,10 +1,10 @@
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Carries out one request. Runs on its own thread; blocking is fine here. Streaming requests
@@ -27,7 +27,9 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .ok  // answered by the server before a handler runs
         // Services: through systemd when it is the init, else the built-in supervisor.
         case .serviceCreate(let spec, let start):
-            return .service(Systemd.isInit ? try Systemd.create(spec, start: start) : try Supervisor.shared.create(spec, start: start))
+            return .service(
+                Systemd.isInit
+                    ? try Systemd.create(spec, start: start) : try Supervisor.shared.create(spec, start: start))
         case .serviceControl(let name, let action):
             return Systemd.isInit ? try Systemd.control(name, action) : try Supervisor.shared.control(name, action)
         case .serviceStatus(let name):
@@ -36,7 +38,9 @@ func handle(_ request: AgentRequest, stream: StreamContext? = nil) -> AgentRespo
             return .services(Systemd.isInit ? Systemd.list() : Supervisor.shared.list())
         case .serviceLogs(let name, let lines, let since):
             return .logs(
-                Systemd.isInit ? try Systemd.logs(name, lines: lines ?? 200, since: since) : try Supervisor.shared.logs(name, lines: lines ?? 200, since: since))
+                Systemd.isInit
+                    ? try Systemd.logs(name, lines: lines ?? 200, since: since)
+                    : try Supervisor.shared.logs(name, lines: lines ?? 200, since: since))
         case .terminalCreate(let name, let command, let cols, let rows):
             return .terminal(try Terminals.shared.create(name, command: command, cols: cols, rows: rows))
         case .terminalList:
@@ -129,9 +133,9 @@ func errnoError(_ e: Int32, _ what: String, path: String?) -> AgentError {
 }
 
 func hostname() -> String {
-    var buf = [UInt8](repeating: 0, count: 256)
-    _ = buf.withUnsafeMutableBytes { gethostname($0.baseAddress!.assumingMemoryBound(to: CChar.self), 255) }
-    return String(decoding: buf.prefix(while: { $0 != 0 }), as: UTF8.self)
+    var buf = [CChar](repeating: 0, count: 256)
+    _ = gethostname(&buf, 255)
+    return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
 func uptime() -> Double {
@@ -161,14 +165,18 @@ func readFile(_ path: String, offset: UInt64, length: Int?) throws -> AgentRespo
     defer { close(fd) }
     var st = stat()
     try check(fstat(fd, &st), "stat", path: path)
-    if (st.st_mode & S_IFMT) == S_IFDIR { throw AgentError(code: "invalid_argument", message: "\(path) is a directory") }
+    if (st.st_mode & S_IFMT) == S_IFDIR {
+        throw AgentError(code: "invalid_argument", message: "\(path) is a directory")
+    }
     let size = UInt64(st.st_size)
     let want = min(length ?? maxReadChunk, maxReadChunk)
     guard want >= 0 else { throw AgentError(code: "invalid_argument", message: "negative length") }
     var buf = [UInt8](repeating: 0, count: want)
     var got = 0
     while got < want {
-        let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + got, want - got, off_t(offset) + off_t(got)) }
+        let n = buf.withUnsafeMutableBytes {
+            pread(fd, $0.baseAddress.map { $0 + got }, want - got, off_t(offset) + off_t(got))
+        }
         if n < 0 && errno == EINTR { continue }
         if n < 0 { throw errnoError(errno, "read", path: path) }
         if n == 0 { break }
@@ -190,7 +198,9 @@ func writeFile(_ path: String, _ data: Data, offset: UInt64?, mode: UInt32, crea
     var done = 0
     let base = off_t(offset ?? 0)
     while done < bytes.count {
-        let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, bytes.count - done, base + off_t(done)) }
+        let n = bytes.withUnsafeBytes {
+            pwrite(fd, $0.baseAddress.map { $0 + done }, bytes.count - done, base + off_t(done))
+        }
         if n < 0 && errno == EINTR { continue }
         if n < 0 { throw errnoError(errno, "write", path: path) }
         done += n
@@ -209,7 +219,9 @@ func statFile(_ path: String, name: String) throws -> FileStat {
     case S_IFLNK: kind = .symlink
     default: kind = .other
     }
-    return FileStat(name: name, kind: kind, size: UInt64(st.st_size), mode: UInt32(st.st_mode & 0o7777), modifiedEpochSeconds: Int64(st.st_mtim.tv_sec))
+    return FileStat(
+        name: name, kind: kind, size: UInt64(st.st_size), mode: UInt32(st.st_mode & 0o7777),
+        modifiedEpochSeconds: Int64(st.st_mtim.tv_sec))
 }
 
 func listDirectory(_ path: String) throws -> [FileStat] {
@@ -218,7 +230,9 @@ func listDirectory(_ path: String) throws -> [FileStat] {
     defer { closedir(dir) }
     var out: [FileStat] = []
     while let ent = readdir(dir) {
-        let name = withUnsafeBytes(of: ent.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        let name = withUnsafeBytes(of: ent.pointee.d_name) {
+            String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
         if name == "." || name == ".." { continue }
         let full = path.hasSuffix("/") ? path + name : path + "/" + name
         if let s = try? statFile(full, name: name) { out.append(s) }
@@ -271,7 +285,10 @@ func reseed(_ entropy: Data) throws {
     info.replaceSubrange(8..., with: entropy)
     let rndAddEntropy: UInt = 0x4008_5203  // _IOW('R', 0x03, int[2])
     let rndReseedCRNG: UInt = 0x5207  // _IO('R', 0x07)
-    let r = info.withUnsafeMutableBytes { ioctl(fd, rndAddEntropy, $0.baseAddress!) }
+    let r = info.withUnsafeMutableBytes { p -> Int32 in
+        guard let base = p.baseAddress else { return -1 }
+        return ioctl(fd, rndAddEntropy, base)
+    }
     try check(r, "ioctl RNDADDENTROPY")
     try check(ioctl(fd, rndReseedCRNG), "ioctl RNDRESEEDCRNG")
 }

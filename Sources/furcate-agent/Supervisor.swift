@@ -1,13 +1,13 @@
 import CAgentInit
 import CSpawn
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 import Synchronization
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// The built-in service supervisor: slim images have no systemd, so the agent runs services
@@ -65,7 +65,9 @@ final class Supervisor: Sendable {
             unlink("\(stateDir)/\(name).pid")
             return .ok
         default:
-            throw AgentError(code: "invalid_argument", message: "service action must be start, stop, restart or delete, not '\(action)'")
+            throw AgentError(
+                code: "invalid_argument",
+                message: "service action must be start, stop, restart or delete, not '\(action)'")
         }
     }
 
@@ -87,9 +89,13 @@ final class Supervisor: Sendable {
         guard let dir = opendir(stateDir) else { return }
         var specs: [ServiceSpec] = []
         while let ent = readdir(dir) {
-            let n = withUnsafeBytes(of: ent.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            let n = withUnsafeBytes(of: ent.pointee.d_name) {
+                String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
             guard n.hasSuffix(".json") else { continue }
-            if let data = try? readAll("\(stateDir)/\(n)"), let spec = try? JSONDecoder().decode(ServiceSpec.self, from: Data(data)) {
+            if let data = try? readAll("\(stateDir)/\(n)"),
+                let spec = try? JSONDecoder().decode(ServiceSpec.self, from: Data(data))
+            {
                 specs.append(spec)
             }
         }
@@ -110,12 +116,17 @@ final class Supervisor: Sendable {
     func start(_ name: String, chain: Set<String> = []) throws -> ServiceStatus {
         guard let e = table.withLock({ $0[name] }) else { throw notFound(name) }
         if e.active == "active" || e.active == "activating" { return Self.status(e) }
-        guard !chain.contains(name) else { throw AgentError(code: "invalid_argument", message: "service dependency cycle at \(name)") }
+        guard !chain.contains(name) else {
+            throw AgentError(code: "invalid_argument", message: "service dependency cycle at \(name)")
+        }
         // requires: started first; after: ordering only (started first when known).
         for dep in (e.spec.requires ?? []) + (e.spec.after ?? []) {
             let required = e.spec.requires?.contains(dep) == true
             guard table.withLock({ $0[dep] }) != nil else {
-                if required { throw AgentError(code: "not_found", message: "service \(name) requires \(dep), which does not exist") }
+                if required {
+                    throw AgentError(
+                        code: "not_found", message: "service \(name) requires \(dep), which does not exist")
+                }
                 continue
             }
             if required {
@@ -125,22 +136,25 @@ final class Supervisor: Sendable {
                 }
             }
         }
-        guard let gen = table.withLock({ t -> Int? in
-            guard var entry = t[name] else { return nil }  // deleted meanwhile
-            entry.generation += 1
-            entry.active = "activating"
-            entry.sub = "start"
-            entry.startTimes.append(monotonicMillis())
-            t[name] = entry
-            return entry.generation
-        }) else { throw notFound(name) }
+        guard
+            let gen = table.withLock({ t -> Int? in
+                guard var entry = t[name] else { return nil }  // deleted meanwhile
+                entry.generation += 1
+                entry.active = "activating"
+                entry.sub = "start"
+                entry.startTimes.append(monotonicMillis())
+                t[name] = entry
+                return entry.generation
+            })
+        else { throw notFound(name) }
         startThread { [self] in run(name, generation: gen) }
         // Give a quick failure (a missing program) the chance to show in the answer.
         usleep(20_000)
         // A oneshot with deleteAfterSuccess may already be gone: it succeeded.
         return (try? status(name))
             ?? ServiceStatus(
-                name: name, activeState: "inactive", subState: "dead", loadState: "not-found", description: e.spec.exec.last ?? "",
+                name: name, activeState: "inactive", subState: "dead", loadState: "not-found",
+                description: e.spec.exec.last ?? "",
                 mainPID: nil, restarts: 0, lastExitCode: 0, lastSignal: nil)
     }
 
@@ -148,16 +162,18 @@ final class Supervisor: Sendable {
     /// service that requires it. Returns nil when there is no such service.
     @discardableResult
     func stop(_ name: String) -> ServiceStatus? {
-        guard let (pid, timeout) = table.withLock({ t -> (pid_t?, Int)? in
-            guard var entry = t[name] else { return nil }
-            entry.generation += 1
-            let p = entry.pid
-            entry.pid = nil
-            entry.active = "inactive"
-            entry.sub = "dead"
-            t[name] = entry
-            return (p, entry.spec.timeoutSec ?? 10)
-        }) else { return nil }
+        guard
+            let (pid, timeout) = table.withLock({ t -> (pid_t?, Int)? in
+                guard var entry = t[name] else { return nil }
+                entry.generation += 1
+                let p = entry.pid
+                entry.pid = nil
+                entry.active = "inactive"
+                entry.sub = "dead"
+                t[name] = entry
+                return (p, entry.spec.timeoutSec ?? 10)
+            })
+        else { return nil }
         if let pid {
             kill(-pid, SIGTERM)
             let deadline = monotonicMillis() + Int64(timeout) * 1000
@@ -165,7 +181,9 @@ final class Supervisor: Sendable {
             kill(-pid, SIGKILL)
         }
         unlink("\(stateDir)/\(name).pid")
-        let dependents = table.withLock { $0.values.filter { $0.spec.requires?.contains(name) == true }.map(\.spec.name) }
+        let dependents = table.withLock {
+            $0.values.filter { $0.spec.requires?.contains(name) == true }.map(\.spec.name)
+        }
         for d in dependents { stop(d) }
         return try? status(name)
     }
@@ -173,7 +191,9 @@ final class Supervisor: Sendable {
     /// One start of a service: its exec lines in order, then the restart policy.
     private func run(_ name: String, generation gen: Int) {
         while true {
-            guard let spec = table.withLock({ t in t[name].flatMap { $0.generation == gen ? $0.spec : nil } }) else { return }
+            guard let spec = table.withLock({ t in t[name].flatMap { $0.generation == gen ? $0.spec : nil } }) else {
+                return
+            }
             var failed = false
             var signalled = false
             for (i, line) in spec.exec.enumerated() {
@@ -242,7 +262,8 @@ final class Supervisor: Sendable {
     private func current(_ name: String, _ gen: Int) -> Bool { table.withLock { $0[name]?.generation == gen } }
 
     /// Runs one exec line with its output kept in the service's log; returns (exit code, signal).
-    private func runLine(_ name: String, _ gen: Int, _ spec: ServiceSpec, _ line: String, main: Bool) -> (Int32, Int32?) {
+    private func runLine(_ name: String, _ gen: Int, _ spec: ServiceSpec, _ line: String, main: Bool) -> (Int32, Int32?)
+    {
         var argv = ["/bin/sh", "-c", line]
         if spec.user != nil || spec.group != nil {
             do {
@@ -258,7 +279,8 @@ final class Supervisor: Sendable {
         let env = processEnvironment([defaultPATH, "HOME=/root"], spec.env)
         let pid: pid_t
         do {
-            pid = try spawnInSession(argv, env: env, stdio: .nullInput(output: pipeFDs[1]), cwd: spec.workdir, search: false)
+            pid = try spawnInSession(
+                argv, env: env, stdio: .nullInput(output: pipeFDs[1]), cwd: spec.workdir, search: false)
             close(pipeFDs[1])
         } catch {
             close(pipeFDs[0])
@@ -331,7 +353,8 @@ final class Supervisor: Sendable {
     private static func status(_ e: Entry) -> ServiceStatus {
         ServiceStatus(
             name: e.spec.name, activeState: e.active, subState: e.sub, loadState: "loaded",
-            description: e.spec.exec.last ?? "", mainPID: e.pid, restarts: e.restarts, lastExitCode: e.lastExit, lastSignal: e.lastSignal)
+            description: e.spec.exec.last ?? "", mainPID: e.pid, restarts: e.restarts, lastExitCode: e.lastExit,
+            lastSignal: e.lastSignal)
     }
 }
 
@@ -341,18 +364,20 @@ func resolveIDs(user: String?, group: String?) throws -> (uid_t, gid_t) {
     var uid: uid_t = 0
     var gid: gid_t = 0
     if let user {
-        guard let line = (try? readAll("/etc/passwd")).map({ String(decoding: $0, as: UTF8.self) })?
-            .split(separator: "\n").map({ $0.split(separator: ":", omittingEmptySubsequences: false) })
-            .first(where: { $0.count >= 4 && $0[0] == user }),
+        guard
+            let line = (try? readAll("/etc/passwd")).map({ String(decoding: $0, as: UTF8.self) })?
+                .split(separator: "\n").map({ $0.split(separator: ":", omittingEmptySubsequences: false) })
+                .first(where: { $0.count >= 4 && $0[0] == user }),
             let u = uid_t(line[2]), let g = gid_t(line[3])
         else { throw AgentError(code: "not_found", message: "no user \(user) in /etc/passwd") }
         uid = u
         gid = g
     }
     if let group {
-        guard let line = (try? readAll("/etc/group")).map({ String(decoding: $0, as: UTF8.self) })?
-            .split(separator: "\n").map({ $0.split(separator: ":", omittingEmptySubsequences: false) })
-            .first(where: { $0.count >= 3 && $0[0] == group }),
+        guard
+            let line = (try? readAll("/etc/group")).map({ String(decoding: $0, as: UTF8.self) })?
+                .split(separator: "\n").map({ $0.split(separator: ":", omittingEmptySubsequences: false) })
+                .first(where: { $0.count >= 3 && $0[0] == group }),
             let g = gid_t(line[2])
         else { throw AgentError(code: "not_found", message: "no group \(group) in /etc/group") }
         gid = g
@@ -374,10 +399,13 @@ func runAs(_ args: [String]) -> Never {
     exit(127)
 }
 
-func selfExecutable() -> String {
-    var buf = [UInt8](repeating: 0, count: 4096)
-    let n = buf.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 4095) }
-    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : "/.furcate/agent"
+func selfExecutable() -> String { readLink("/proc/self/exe") ?? "/.furcate/agent" }
+
+/// Where a symbolic link points, or nil.
+func readLink(_ path: String) -> String? {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink(path, &buf, buf.count - 1)
+    return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : nil
 }
 
 func readAll(_ path: String) throws -> [UInt8] {

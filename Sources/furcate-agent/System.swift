@@ -1,11 +1,11 @@
 import CAgentInit
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Where the account files live (tests point it elsewhere with FURCATE_AGENT_ETC).
@@ -14,7 +14,9 @@ let etcDir = getenv("FURCATE_AGENT_ETC").map { String(cString: $0) } ?? "/etc"
 /// Lines of a colon-separated account file, split into fields.
 func accountLines(_ file: String) -> [[String]] {
     guard let bytes = try? readAll("\(etcDir)/\(file)") else { return [] }
-    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").map { $0.split(separator: ":", omittingEmptySubsequences: false).map(String.init) }
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n").map {
+        $0.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+    }
 }
 
 func appendLine(_ file: String, _ line: String) throws {
@@ -30,15 +32,23 @@ func appendLine(_ file: String, _ line: String) throws {
 }
 
 func checkAccountName(_ n: String) throws {
-    let ok = !n.isEmpty && n.count <= 32 && n.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f }
+    let ok =
+        !n.isEmpty && n.count <= 32
+        && n.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2d || $0 == 0x5f }
         && !(n.first?.isNumber ?? true)
-    guard ok else { throw AgentError(code: "invalid_argument", message: "account name must be 1-32 of a-z 0-9 - _, not starting with a digit: '\(n)'") }
+    guard ok else {
+        throw AgentError(
+            code: "invalid_argument",
+            message: "account name must be 1-32 of a-z 0-9 - _, not starting with a digit: '\(n)'")
+    }
 }
 
 /// The lowest free id in the system (100-999) or regular (1000-59999) range.
 func freeID(_ used: Set<UInt32>, system: Bool) throws -> UInt32 {
     let range: ClosedRange<UInt32> = system ? 100...999 : 1000...59999
-    guard let id = range.first(where: { !used.contains($0) }) else { throw AgentError(code: "io", message: "no free id") }
+    guard let id = range.first(where: { !used.contains($0) }) else {
+        throw AgentError(code: "io", message: "no free id")
+    }
     return id
 }
 
@@ -62,8 +72,16 @@ func addUser(_ u: UserSpec) throws -> Bool {
     let uid = try u.uid ?? freeID(used, system: system)
     if u.uid != nil && used.contains(uid) { throw AgentError(code: "exists", message: "uid \(uid) is taken") }
     // A primary group of the user's name (as useradd does), with the same id when free.
-    _ = try? addGroup(GroupSpec(name: u.name, gid: Set(accountLines("group").compactMap { $0.count > 2 ? UInt32($0[2]) : nil }).contains(uid) ? nil : uid, system: system))
-    guard let gid = accountLines("group").first(where: { $0.first == u.name }).flatMap({ $0.count > 2 ? UInt32($0[2]) : nil }) else {
+    _ = try? addGroup(
+        GroupSpec(
+            name: u.name,
+            gid: Set(accountLines("group").compactMap { $0.count > 2 ? UInt32($0[2]) : nil }).contains(uid) ? nil : uid,
+            system: system))
+    guard
+        let gid = accountLines("group").first(where: { $0.first == u.name }).flatMap({
+            $0.count > 2 ? UInt32($0[2]) : nil
+        })
+    else {
         throw AgentError(code: "io", message: "cannot create the group of \(u.name)")
     }
     let home = u.home ?? (system ? "/" : "/home/\(u.name)")
@@ -83,7 +101,9 @@ func addUser(_ u: UserSpec) throws -> Bool {
 /// Adds `user` to the member list of `group` (rewriting /etc/group atomically).
 func addMember(_ user: String, to group: String) throws {
     var lines = accountLines("group")
-    guard let i = lines.firstIndex(where: { $0.first == group }) else { throw AgentError(code: "not_found", message: "no group \(group)") }
+    guard let i = lines.firstIndex(where: { $0.first == group }) else {
+        throw AgentError(code: "not_found", message: "no group \(group)")
+    }
     while lines[i].count < 4 { lines[i].append("") }
     var members = lines[i][3].split(separator: ",").map(String.init)
     if members.contains(user) { return }
@@ -97,10 +117,12 @@ func addMember(_ user: String, to group: String) throws {
 
 /// FIFREEZE/FITHAW on the given mount points, or on every ext4/xfs/btrfs mount.
 func freeze(_ mountPoints: [String]?, frozen: Bool) throws {
-    let targets = mountPoints ?? procText("/proc/mounts").split(separator: "\n").compactMap { line -> String? in
-        let f = line.split(separator: " ")
-        return f.count > 2 && ["ext4", "xfs", "btrfs"].contains(String(f[2])) ? String(f[1]) : nil
-    }
+    let targets =
+        mountPoints
+        ?? procText("/proc/mounts").split(separator: "\n").compactMap { line -> String? in
+            let f = line.split(separator: " ")
+            return f.count > 2 && ["ext4", "xfs", "btrfs"].contains(String(f[2])) ? String(f[1]) : nil
+        }
     let fifreeze: UInt = 0xC004_5877  // _IOWR('X', 119, int)
     let fithaw: UInt = 0xC004_5878  // _IOWR('X', 120, int)
     for mp in targets {

@@ -1,10 +1,10 @@
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Services through systemd when it is the guest's init: the spec becomes a unit file in
@@ -18,10 +18,7 @@ enum Systemd {
     /// systemd is PID 1 (true from its first instant, before its bus is up).
     static var isInit: Bool {
         if getenv("FURCATE_AGENT_NO_SYSTEMD") != nil { return false }
-        var buf = [UInt8](repeating: 0, count: 512)
-        let n = buf.withUnsafeMutableBytes { readlink("/proc/1/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 511) }
-        guard n > 0 else { return false }
-        return String(decoding: buf[0..<n], as: UTF8.self).hasSuffix("/systemd")
+        return readLink("/proc/1/exe")?.hasSuffix("/systemd") ?? false
     }
 
     static func unitPath(_ name: String) -> String { "\(unitDirectory)/\(name).service" }
@@ -36,7 +33,8 @@ enum Systemd {
             // A oneshot's start returns when it finished; a failure is in its status.
             _ = try? systemctl(["start", spec.name + ".service"], timeoutMs: (spec.timeoutSec ?? 600) * 1000 + 10_000)
             let st = try status(spec.name)
-            if spec.mode == "oneshot", spec.deleteAfterSuccess == true, st.lastExitCode == 0, st.activeState != "failed" {
+            if spec.mode == "oneshot", spec.deleteAfterSuccess == true, st.lastExitCode == 0, st.activeState != "failed"
+            {
                 try delete(spec.name)
             }
             return st
@@ -55,7 +53,9 @@ enum Systemd {
             try delete(name)
             return .ok
         default:
-            throw AgentError(code: "invalid_argument", message: "service action must be start, stop, restart or delete, not '\(action)'")
+            throw AgentError(
+                code: "invalid_argument",
+                message: "service action must be start, stop, restart or delete, not '\(action)'")
         }
     }
 
@@ -63,7 +63,8 @@ enum Systemd {
         try waitForManager()
         guard owned(name) else { throw AgentError(code: "not_found", message: "no service \(name)") }
         let out = try systemctl([
-            "show", name + ".service", "-p", "ActiveState,SubState,LoadState,Description,MainPID,NRestarts,ExecMainStatus,ExecMainCode",
+            "show", name + ".service", "-p",
+            "ActiveState,SubState,LoadState,Description,MainPID,NRestarts,ExecMainStatus,ExecMainCode",
         ])
         var p: [String: String] = [:]
         for line in out.split(separator: "\n") {
@@ -89,7 +90,10 @@ enum Systemd {
     /// (`__REALTIME_TIMESTAMP`, microseconds) and `MESSAGE` (a string, or bytes when binary).
     static func logs(_ name: String, lines: Int, since: Double?) throws -> [LogEntry] {
         guard owned(name) else { throw AgentError(code: "not_found", message: "no service \(name)") }
-        var argv = ["journalctl", "-u", name + ".service", "-n", "\(max(0, min(lines, 10_000)))", "--no-pager", "-o", "json", "--output-fields=MESSAGE"]
+        var argv = [
+            "journalctl", "-u", name + ".service", "-n", "\(max(0, min(lines, 10_000)))", "--no-pager", "-o", "json",
+            "--output-fields=MESSAGE",
+        ]
         if let since { argv += ["--since", "@\(Int64(since.rounded(.down)))"] }
         let r = try runProgram(ExecRequest(argv: argv, timeoutMs: 30_000, maxOutputBytes: 16 << 20))
         struct Entry: Decodable {
@@ -105,7 +109,9 @@ enum Systemd {
             }
         }
         return r.stdout.split(separator: 0x0A).compactMap { line -> LogEntry? in
-            guard let e = try? JSONDecoder().decode(Entry.self, from: Data(line)), let micros = Double(e.time) else { return nil }
+            guard let e = try? JSONDecoder().decode(Entry.self, from: Data(line)), let micros = Double(e.time) else {
+                return nil
+            }
             let entry = LogEntry(time: micros / 1e6, text: e.text ?? String(decoding: e.bytes ?? [], as: UTF8.self))
             return since.map { entry.time >= $0 } ?? true ? entry : nil
         }
@@ -132,7 +138,8 @@ enum Systemd {
             if stat("/run/systemd/private", &st) == 0 { return }
             usleep(100_000)
         }
-        throw AgentError(code: "busy", message: "systemd has not started its manager yet (/run/systemd/private missing after 60 s)")
+        throw AgentError(
+            code: "busy", message: "systemd has not started its manager yet (/run/systemd/private missing after 60 s)")
     }
 
     @discardableResult
@@ -182,7 +189,7 @@ enum Systemd {
         } else {
             u.append("Type=simple")
             u += execs.dropLast().map { "ExecStartPre=" + $0 }
-            u.append("ExecStart=" + execs.last!)
+            u += execs.suffix(1).map { "ExecStart=" + $0 }
         }
         for (k, v) in (s.env ?? [:]).sorted(by: { $0.key < $1.key }) { u.append("Environment=" + quote("\(k)=\(v)")) }
         u.append("EnvironmentFile=-/.furcate/env")

@@ -1,12 +1,12 @@
 import CAgentInit
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 import Synchronization
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// Pty sessions: a program on a pseudo-terminal (its controlling tty), its output kept raw
@@ -34,7 +34,9 @@ final class Terminals: Sendable {
         guard (1...1000).contains(cols), (1...1000).contains(rows) else {
             throw AgentError(code: "invalid_argument", message: "terminal size must be 1-1000 columns and rows")
         }
-        guard sessions.withLock({ $0[name] }) == nil else { throw AgentError(code: "exists", message: "terminal \(name) exists") }
+        guard sessions.withLock({ $0[name] }) == nil else {
+            throw AgentError(code: "exists", message: "terminal \(name) exists")
+        }
         var slave = [CChar](repeating: 0, count: 128)
         let master = cagent_openpt(&slave, 128)
         guard master >= 0 else { throw errnoError(errno, "posix_openpt", path: nil) }
@@ -43,7 +45,10 @@ final class Terminals: Sendable {
         guard !argv.isEmpty else { throw AgentError(code: "invalid_argument", message: "empty terminal command") }
         let pid: pid_t
         do {
-            pid = try spawnInSession(argv, env: processEnvironment(["TERM=xterm-256color", defaultPATH, "HOME=/root"], nil), stdio: .terminal(String(decoding: slave.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+            pid = try spawnInSession(
+                argv, env: processEnvironment(["TERM=xterm-256color", defaultPATH, "HOME=/root"], nil),
+                stdio: .terminal(
+                    String(decoding: slave.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)))
         } catch {
             Glibc.close(master)
             throw error
@@ -64,7 +69,7 @@ final class Terminals: Sendable {
         let bytes = [UInt8](data)
         var done = 0
         while done < bytes.count {
-            let n = bytes.withUnsafeBytes { write(master, $0.baseAddress! + done, bytes.count - done) }
+            let n = bytes.withUnsafeBytes { write(master, $0.baseAddress.map { $0 + done }, bytes.count - done) }
             if n < 0 && errno == EINTR { continue }
             if n < 0 { throw errnoError(errno, "write to terminal", path: name) }
             done += n
@@ -97,12 +102,15 @@ final class Terminals: Sendable {
     func info(_ name: String) throws -> TerminalInfo { Self.info(name, try session(name)) }
 
     private func session(_ name: String) throws -> Session {
-        guard let s = sessions.withLock({ $0[name] }) else { throw AgentError(code: "not_found", message: "no terminal \(name)") }
+        guard let s = sessions.withLock({ $0[name] }) else {
+            throw AgentError(code: "not_found", message: "no terminal \(name)")
+        }
         return s
     }
 
     private static func info(_ name: String, _ s: Session) -> TerminalInfo {
-        TerminalInfo(name: name, status: s.exited ? "exited" : "running", created: s.created, pid: s.exited ? nil : s.pid)
+        TerminalInfo(
+            name: name, status: s.exited ? "exited" : "running", created: s.created, pid: s.exited ? nil : s.pid)
     }
 
     /// Reads the master until the program and everything holding the tty are gone.
@@ -148,7 +156,9 @@ final class Terminals: Sendable {
                 }
                 if bytes[i + 1] == 0x5d {  // OSC: ESC ] ... BEL or ESC \
                     i += 2
-                    while i < bytes.count && bytes[i] != 0x07 && !(bytes[i] == 0x1b && i + 1 < bytes.count && bytes[i + 1] == 0x5c) { i += 1 }
+                    while i < bytes.count && bytes[i] != 0x07
+                        && !(bytes[i] == 0x1b && i + 1 < bytes.count && bytes[i + 1] == 0x5c)
+                    { i += 1 }
                     i += bytes.count > i && bytes[i] == 0x07 ? 1 : 2
                     continue
                 }

@@ -1,10 +1,10 @@
-import GuestAgentProtocol
 import Glibc
+import GuestAgentProtocol
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 /// inotify on `path` (and, when recursive, every directory below it, including ones created
@@ -13,7 +13,8 @@ func watch(_ path: String, recursive: Bool, stream: StreamContext) throws {
     try checkPath(path)
     let fd = try check(inotify_init1(Int32(IN_CLOEXEC)), "inotify_init1")
     defer { close(fd) }
-    let mask: UInt32 = UInt32(IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF)
+    let mask: UInt32 = UInt32(
+        IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF)
     var dirs: [Int32: String] = [:]
     func add(_ dir: String) throws {
         let wd = inotify_add_watch(fd, dir, mask)

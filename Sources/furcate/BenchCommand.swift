@@ -13,7 +13,9 @@ struct BenchCommand: ParsableCommand {
     struct API: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "api",
-            abstract: "Fork over HTTP vs through the library, and wrk on GET /v1/vms with many VM records vs none; needs root, QEMU, the guest artifacts and wrk.")
+            abstract:
+                "Fork over HTTP vs through the library, and wrk on GET /v1/vms with many VM records vs none; needs root, QEMU, the guest artifacts and wrk."
+        )
         @Flag(help: "Print the report as JSON.") var json = false
         @Option(help: "Forks per path (HTTP and library).") var count = 20
         @Option(help: "VM records listed by GET /v1/vms.") var records = 1000
@@ -23,21 +25,35 @@ struct BenchCommand: ParsableCommand {
 
         func validate() throws {
             guard (1...1000).contains(count) else { throw ValidationError("--count must be 1 to 1000, not \(count)") }
-            guard (1...100_000).contains(records) else { throw ValidationError("--records must be 1 to 100000, not \(records)") }
-            guard (1...600).contains(wrkSeconds) else { throw ValidationError("--wrk-seconds must be 1 to 600, not \(wrkSeconds)") }
+            guard (1...100_000).contains(records) else {
+                throw ValidationError("--records must be 1 to 100000, not \(records)")
+            }
+            guard (1...600).contains(wrkSeconds) else {
+                throw ValidationError("--wrk-seconds must be 1 to 600, not \(wrkSeconds)")
+            }
         }
 
         func run() throws {
             bootstrapOnce
-            let b = APIBenchmark(workDir: dir, guestDir: guest, forkCount: count, records: records, wrkSeconds: wrkSeconds) { FileHandleStderr.write("bench: \($0)\n") }
+            let b = APIBenchmark(
+                workDir: dir, guestDir: guest, forkCount: count, records: records, wrkSeconds: wrkSeconds
+            ) { FileHandleStderr.write("bench: \($0)\n") }
             let json = json
             try runBlocking {
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }
-                print("accelerator \(r.accelerator); \(r.forkCount) forks per path (verified \(r.forksVerified) of \(2 * r.forkCount))")
-                print("fork over HTTP p50 \(f1(r.httpForkP50Millis)) ms, p99 \(f1(r.httpForkP99Millis)) ms; library p50 \(f1(r.libraryForkP50Millis)) ms, p99 \(f1(r.libraryForkP99Millis)) ms; overhead ratio \(f2(r.forkOverheadRatio))")
-                print("GET /v1/vms, \(r.records) VMs (wrk \(r.wrkSeconds) s, \(r.wrkConnections) connections): \(f1(r.listRequestsPerSecond)) req/s, p99 \(f2(r.listP99Millis)) ms, \(r.listErrors) errors")
-                print("  baseline, no VMs: \(f1(r.emptyListRequestsPerSecond)) req/s, p99 \(f2(r.emptyListP99Millis)) ms; throughput ratio \(f2(r.listThroughputRatio))")
+                print(
+                    "accelerator \(r.accelerator); \(r.forkCount) forks per path (verified \(r.forksVerified) of \(2 * r.forkCount))"
+                )
+                print(
+                    "fork over HTTP p50 \(f1(r.httpForkP50Millis)) ms, p99 \(f1(r.httpForkP99Millis)) ms; library p50 \(f1(r.libraryForkP50Millis)) ms, p99 \(f1(r.libraryForkP99Millis)) ms; overhead ratio \(f2(r.forkOverheadRatio))"
+                )
+                print(
+                    "GET /v1/vms, \(r.records) VMs (wrk \(r.wrkSeconds) s, \(r.wrkConnections) connections): \(f1(r.listRequestsPerSecond)) req/s, p99 \(f2(r.listP99Millis)) ms, \(r.listErrors) errors"
+                )
+                print(
+                    "  baseline, no VMs: \(f1(r.emptyListRequestsPerSecond)) req/s, p99 \(f2(r.emptyListP99Millis)) ms; throughput ratio \(f2(r.listThroughputRatio))"
+                )
                 print("total \(f1(r.seconds)) s")
             }
         }
@@ -46,7 +62,9 @@ struct BenchCommand: ParsableCommand {
     struct Image: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "image",
-            abstract: "Image pull + rootfs build vs tar -x + mkfs, dedup of two images sharing a base, snapshot memory compression per codec; compression needs root, QEMU and the guest artifacts.")
+            abstract:
+                "Image pull + rootfs build vs tar -x + mkfs, dedup of two images sharing a base, snapshot memory compression per codec; compression needs root, QEMU and the guest artifacts."
+        )
         @Flag(help: "Print the report as JSON.") var json = false
         @Flag(help: "Skip the snapshot memory compression part (no VM).") var noCompression = false
         @Option(help: "Directory for the scratch stores (default: the current directory).") var dir: String = "."
@@ -54,21 +72,31 @@ struct BenchCommand: ParsableCommand {
 
         func run() throws {
             bootstrapOnce
-            let b = ImageBenchmark(workDir: dir, guestDir: guest, skipCompression: noCompression) { FileHandleStderr.write("bench: \($0)\n") }
+            let b = ImageBenchmark(workDir: dir, guestDir: guest, skipCompression: noCompression) {
+                FileHandleStderr.write("bench: \($0)\n")
+            }
             let json = json
             try runBlocking {
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }
                 for p in r.pulls {
-                    print("pull+build \(p.image): \(p.layers) layers, \(formatBytes(p.contentBytes)) of files, \(formatBytes(p.diskBytes)) disk: furcate \(f2(p.furcateSeconds)) s, tar -x + mkfs \(f2(p.baselineSeconds)) s, ratio \(f2(p.ratio))")
+                    print(
+                        "pull+build \(p.image): \(p.layers) layers, \(formatBytes(p.contentBytes)) of files, \(formatBytes(p.diskBytes)) disk: furcate \(f2(p.furcateSeconds)) s, tar -x + mkfs \(f2(p.baselineSeconds)) s, ratio \(f2(p.ratio))"
+                    )
                 }
                 if let d = r.dedup {
-                    print("dedup: A alone \(formatBytes(d.aloneBytesA)), B alone \(formatBytes(d.aloneBytesB)), together \(formatBytes(d.togetherBytes)): ratio \(f2(d.ratio))")
+                    print(
+                        "dedup: A alone \(formatBytes(d.aloneBytesA)), B alone \(formatBytes(d.aloneBytesB)), together \(formatBytes(d.togetherBytes)): ratio \(f2(d.ratio))"
+                    )
                 }
                 if !r.compression.isEmpty {
-                    print("snapshot memory: \(formatBytes(r.memoryUncompressedBytes)) in stored blocks; store default \(r.defaultCodec)")
+                    print(
+                        "snapshot memory: \(formatBytes(r.memoryUncompressedBytes)) in stored blocks; store default \(r.defaultCodec)"
+                    )
                     for c in r.compression {
-                        print("  \(c.codec.padding(toLength: 8, withPad: " ", startingAt: 0)) \(formatBytes(c.storedBytes).padding(toLength: 9, withPad: " ", startingAt: 0)) ratio \(f2(c.ratio)) (\(f2(c.ratioVsDefault))x the default), \(f1(c.mbPerSecond)) MB/s")
+                        print(
+                            "  \(c.codec.padding(toLength: 8, withPad: " ", startingAt: 0)) \(formatBytes(c.storedBytes).padding(toLength: 9, withPad: " ", startingAt: 0)) ratio \(f2(c.ratio)) (\(f2(c.ratioVsDefault))x the default), \(f1(c.mbPerSecond)) MB/s"
+                        )
                     }
                 }
                 print("total \(f1(r.seconds)) s")
@@ -79,7 +107,9 @@ struct BenchCommand: ParsableCommand {
     struct Agent: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "agent",
-            abstract: "Guest agent exec round trip and file throughput in a VM vs the serial shell and a local process; needs root, QEMU and the guest artifacts.")
+            abstract:
+                "Guest agent exec round trip and file throughput in a VM vs the serial shell and a local process; needs root, QEMU and the guest artifacts."
+        )
         @Flag(help: "Print the report as JSON.") var json = false
         @Option(help: "Exec round trips per path.") var count = 200
         @Option(help: "MiB written and read through the agent.") var fileMib = 64
@@ -91,15 +121,21 @@ struct BenchCommand: ParsableCommand {
             guard (1...100_000).contains(count), (4...4096).contains(fileMib) else {
                 throw ValidationError("--count must be 1 to 100000 and --file-mib 4 to 4096")
             }
-            let b = AgentBenchmark(workDir: dir, guestDir: guest, execCount: count, fileMiB: fileMib) { FileHandleStderr.write("bench: \($0)\n") }
+            let b = AgentBenchmark(workDir: dir, guestDir: guest, execCount: count, fileMiB: fileMib) {
+                FileHandleStderr.write("bench: \($0)\n")
+            }
             let json = json
             try runBlocking {
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }
                 print("accelerator \(r.accelerator); \(r.execCount) round trips each")
-                print("exec true: agent p50 \(f2(r.agentExecP50Millis)) ms, p99 \(f2(r.agentExecP99Millis)) ms; serial shell p50 \(f2(r.shellExecP50Millis)) ms, p99 \(f2(r.shellExecP99Millis)) ms; ratio \(f2(r.agentExecP50Millis / r.shellExecP50Millis))")
+                print(
+                    "exec true: agent p50 \(f2(r.agentExecP50Millis)) ms, p99 \(f2(r.agentExecP99Millis)) ms; serial shell p50 \(f2(r.shellExecP50Millis)) ms, p99 \(f2(r.shellExecP99Millis)) ms; ratio \(f2(r.agentExecP50Millis / r.shellExecP50Millis))"
+                )
                 print("ping: agent p50 \(f2(r.agentPingP50Millis)) ms")
-                print("files (\(r.fileMiB) MiB, 4 MiB requests): agent write \(f1(r.agentWriteMBps)) MB/s, read \(f1(r.agentReadMBps)) MB/s; local write \(f1(r.localWriteMBps)), read \(f1(r.localReadMBps)); ratios \(f2(r.agentWriteMBps / r.localWriteMBps)) / \(f2(r.agentReadMBps / r.localReadMBps))")
+                print(
+                    "files (\(r.fileMiB) MiB, 4 MiB requests): agent write \(f1(r.agentWriteMBps)) MB/s, read \(f1(r.agentReadMBps)) MB/s; local write \(f1(r.localWriteMBps)), read \(f1(r.localReadMBps)); ratios \(f2(r.agentWriteMBps / r.localWriteMBps)) / \(f2(r.agentReadMBps / r.localReadMBps))"
+                )
                 print("total \(f1(r.seconds)) s")
             }
         }
@@ -108,15 +144,19 @@ struct BenchCommand: ParsableCommand {
     struct Fork: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "fork",
-            abstract: "Fork a running VM N ways per memory mode vs a cold boot of it; needs root, QEMU and the guest artifacts.")
+            abstract:
+                "Fork a running VM N ways per memory mode vs a cold boot of it; needs root, QEMU and the guest artifacts."
+        )
         @Flag(help: "Print the report as JSON.") var json = false
         @Option(help: "Forks per memory mode.") var count = 8
         @Option(help: "Memory mode: a, b or both.") var memoryMode = "both"
         @Option(help: "Guest memory in MiB.") var memory = 512
         @Option(help: "Block size of guest memory files (e.g. 4K, 64K; default 64K).") var memoryBlockSize: String?
         @Option(help: "QEMUs kept waiting for mode-a forks (0: every fork spawns one).") var warmPool = 0
-        @Option(help: "Single forks made one after another per memory mode, after the N-way fork (0: none).") var rounds = 10
-        @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle = 10
+        @Option(help: "Single forks made one after another per memory mode, after the N-way fork (0: none).")
+        var rounds = 10
+        @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle =
+            10
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
@@ -134,18 +174,30 @@ struct BenchCommand: ParsableCommand {
                     }
                     modes = [mode]
                 }
-                guard (1...1000).contains(count) else { throw FurcateError(.invalidArgument, "--count must be 1 to 1000") }
-                guard (0...1000).contains(warmPool) else { throw FurcateError(.invalidArgument, "--warm-pool must be 0 to 1000") }
-                guard (64...65536).contains(memory) else { throw FurcateError(.invalidArgument, "--memory must be 64 to 65536 MiB") }
-                guard (0...1000).contains(rounds) else { throw FurcateError(.invalidArgument, "--rounds must be 0 to 1000") }
-                guard (0...3600).contains(settle) else { throw FurcateError(.invalidArgument, "--settle must be 0 to 3600 seconds") }
+                guard (1...1000).contains(count) else {
+                    throw FurcateError(.invalidArgument, "--count must be 1 to 1000")
+                }
+                guard (0...1000).contains(warmPool) else {
+                    throw FurcateError(.invalidArgument, "--warm-pool must be 0 to 1000")
+                }
+                guard (64...65536).contains(memory) else {
+                    throw FurcateError(.invalidArgument, "--memory must be 64 to 65536 MiB")
+                }
+                guard (0...1000).contains(rounds) else {
+                    throw FurcateError(.invalidArgument, "--rounds must be 0 to 1000")
+                }
+                guard (0...3600).contains(settle) else {
+                    throw FurcateError(.invalidArgument, "--settle must be 0 to 3600 seconds")
+                }
                 var bs: Int?
                 if let s = memoryBlockSize {
                     let v = Int(try ByteSize.parse(s))
                     try BlockStore.validateBlockSize(v)
                     bs = v
                 }
-                var b = ForkBenchmark(workDir: dir, guestDir: guest, count: count, modes: modes, memoryMiB: memory, warmPool: warmPool) {
+                var b = ForkBenchmark(
+                    workDir: dir, guestDir: guest, count: count, modes: modes, memoryMiB: memory, warmPool: warmPool
+                ) {
                     FileHandleStderr.write("bench: \($0)\n")
                 }
                 b.memoryBlockSize = bs
@@ -153,19 +205,47 @@ struct BenchCommand: ParsableCommand {
                 b.settleSeconds = settle
                 let r = try await b.run()
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
-                print("accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks")
-                print("baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s")
-                print("first snapshot of the base VM, \(r.settleSeconds) s after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)")
+                print(
+                    "accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
+                )
+                print(
+                    "baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s"
+                )
+                print(
+                    "first snapshot of the base VM, \(r.settleSeconds) s after boot: \(f1(r.firstSnapshotMillis)) ms (forks below start from a VM snapshotted once)"
+                )
                 for m in r.modes {
-                    print("memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)), warm pool \(m.warmPool):")
-                    print("  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms")
-                    print("  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot")
-                    for p in m.phases { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
-                    print("  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB (\(f2(m.ramAnonAtReturnPerForkMiB)) MiB when the fork returned)")
-                    print("  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)")
+                    print(
+                        "memory mode \(m.memoryMode), \(m.count) forks (verified \(m.forksVerified)), warm pool \(m.warmPool):"
+                    )
+                    print(
+                        "  snapshot of the parent \(f1(m.snapshotMillis)) ms; all \(m.count) running after \(f1(m.wallMillis)) ms"
+                    )
+                    print(
+                        "  fork p50 \(f1(m.forkP50Millis)) ms = \(f2(m.forkP50Millis / r.coldBootMillis)) of a cold boot"
+                    )
+                    for p in m.phases {
+                        print(
+                            "    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms"
+                        )
+                    }
+                    print(
+                        "  per idle fork: PSS \(f1(m.pssPerForkMiB)) MiB; guest RAM PSS \(f2(m.ramPssPerForkMiB)) MiB, copied on write \(f2(m.ramAnonPerForkMiB)) MiB (\(f2(m.ramAnonAtReturnPerForkMiB)) MiB when the fork returned)"
+                    )
+                    print(
+                        "  guest write \(f1(m.guestWriteMBps)) MB/s (\(f2(m.guestWriteMBps / r.coldBootGuestWriteMBps)) of the cold-booted VM)"
+                    )
                     print("  snapshot of a fork \(f1(m.snapshotOfForkMillis)) ms")
-                    if m.rounds > 0 { print("  \(m.rounds) single forks in turn\(m.warmPool > 0 ? " (each with a pooled QEMU waiting)" : ""):") }
-                    for p in m.sequential { print("    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms") }
+                    if m.rounds > 0 {
+                        print(
+                            "  \(m.rounds) single forks in turn\(m.warmPool > 0 ? " (each with a pooled QEMU waiting)" : ""):"
+                        )
+                    }
+                    for p in m.sequential {
+                        print(
+                            "    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms"
+                        )
+                    }
                 }
                 print("total \(f1(r.seconds)) s")
             }
@@ -178,24 +258,32 @@ struct BenchCommand: ParsableCommand {
             abstract: "fio through the mount vs tmpfs (warm) and ext4 (cold), psync and mmap; needs root and fio.")
         @Flag(help: "Print the report as JSON.") var json = false
         @Flag(help: "256 MiB files and 2 s jobs instead of 1 GiB and 5 s.") var quick = false
-        @Option(help: "Directory on the ext4 filesystem to measure (holds the store; default: the current directory).") var dir: String = "."
+        @Option(help: "Directory on the ext4 filesystem to measure (holds the store; default: the current directory).")
+        var dir: String = "."
         @Flag(help: "Mount with the FUSE writeback cache.") var writebackCache = false
         @Option(help: "Mount with this readahead in KiB (see furcate mount).") var readaheadKb: Int?
-        @Option(help: "Mount with this share of the dirty-page budget in percent (see furcate mount).") var maxDirtyRatio: Int?
+        @Option(help: "Mount with this share of the dirty-page budget in percent (see furcate mount).")
+        var maxDirtyRatio: Int?
 
         func run() throws {
             try reportingErrors {
                 bootstrapOnce
-                let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+                let exe =
+                    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+                    ?? CommandLine.arguments[0]
                 var flags = writebackCache ? ["--writeback-cache"] : []
                 if let readaheadKb { flags += ["--readahead-kb", "\(readaheadKb)"] }
                 if let maxDirtyRatio { flags += ["--max-dirty-ratio", "\(maxDirtyRatio)"] }
-                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe, mountFlags: flags) { FileHandleStderr.write("bench: \($0)\n") }
+                let b = FSBenchmark(workDir: dir, quick: quick, furcate: exe, mountFlags: flags) {
+                    FileHandleStderr.write("bench: \($0)\n")
+                }
                 let r = try b.run()
                 if json { return try printJSON(r) }
                 print("fio, \(ByteSize.format(r.fileBytes)) file, \(r.secondsPerJob) s per job (MB/s, p50 / p99 us):")
                 for j in r.jobs {
-                    print("  \(j.target.rightPad(6)) \(j.job.rightPad(24)) \(f1(j.mbps).leftPad(9))  \(f1(j.latencyP50Micros).leftPad(8)) / \(f1(j.latencyP99Micros))")
+                    print(
+                        "  \(j.target.rightPad(6)) \(j.job.rightPad(24)) \(f1(j.mbps).leftPad(9))  \(f1(j.latencyP50Micros).leftPad(8)) / \(f1(j.latencyP99Micros))"
+                    )
                 }
                 print("mount vs baseline:")
                 for x in r.ratios {
@@ -210,36 +298,60 @@ struct BenchCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Clone/snapshot time by file size, 4 KiB I/O vs a plain file, codec throughput, clone growth.")
         @Flag(help: "Print the report as JSON.") var json = false
-        @Flag(help: "Smaller sizes (16 MiB-1 GiB files, 20 clones of 256 MiB) for a run of a minute or two.") var quick = false
+        @Flag(help: "Smaller sizes (16 MiB-1 GiB files, 20 clones of 256 MiB) for a run of a minute or two.")
+        var quick = false
         @Option(help: "Directory on the filesystem to measure (default: the current directory).") var dir: String = "."
         @Option(help: "Run only these parts (comma-separated): codecs, clone, io, growth.") var only: String?
 
         func run() throws {
             try reportingErrors {
                 bootstrapOnce
-                let parts = Set((only ?? "").split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+                let parts = Set(
+                    (only ?? "").split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }.filter {
+                        !$0.isEmpty
+                    })
                 if let bad = parts.first(where: { !StoreBenchmark.parts.contains($0) }) {
-                    throw FurcateError(.invalidArgument, "--only: unknown part '\(bad)'; parts are \(StoreBenchmark.parts.joined(separator: ", "))")
+                    throw FurcateError(
+                        .invalidArgument,
+                        "--only: unknown part '\(bad)'; parts are \(StoreBenchmark.parts.joined(separator: ", "))")
                 }
-                let b = StoreBenchmark(workDir: dir, quick: quick, only: parts) { FileHandleStderr.write("bench: \($0)\n") }
+                let b = StoreBenchmark(workDir: dir, quick: quick, only: parts) {
+                    FileHandleStderr.write("bench: \($0)\n")
+                }
                 let r = try b.run()
                 if json { return try printJSON(r) }
                 if !r.clone.isEmpty { print("clone and snapshot (p50 / p99 ms):") }
                 for c in r.clone {
-                    print("  \(ByteSize.format(c.fileBytes).leftPad(8))  clone \(f3(c.cloneMillisP50)) / \(f3(c.cloneMillisP99))   snapshot \(f3(c.snapshotMillisP50)) / \(f3(c.snapshotMillisP99))")
+                    print(
+                        "  \(ByteSize.format(c.fileBytes).leftPad(8))  clone \(f3(c.cloneMillisP50)) / \(f3(c.cloneMillisP99))   snapshot \(f3(c.snapshotMillisP50)) / \(f3(c.snapshotMillisP99))"
+                    )
                 }
-                if !r.clone.isEmpty { print("  flatness (largest / smallest clone p50): \(f2(r.cloneFlatness)) (goal <= 2)") }
+                if !r.clone.isEmpty {
+                    print("  flatness (largest / smallest clone p50): \(f2(r.cloneFlatness)) (goal <= 2)")
+                }
                 if !r.io.isEmpty { print("4 KiB I/O, store vs plain file (MB/s):") }
                 for i in r.io {
-                    print("  \(i.pattern.rightPad(26)) store \(f1(i.storeMBps).leftPad(8))   plain \(f1(i.plainFileMBps).leftPad(8))   ratio \(f2(i.ratio))")
+                    print(
+                        "  \(i.pattern.rightPad(26)) store \(f1(i.storeMBps).leftPad(8))   plain \(f1(i.plainFileMBps).leftPad(8))   ratio \(f2(i.ratio))"
+                    )
                 }
-                if !r.hashMBps.isEmpty { print("SHA-256 (MB/s): " + r.hashMBps.sorted { Int($0.key)! < Int($1.key)! }.map { "\(ByteSize.format(UInt64($0.key)!)) \(Int($0.value))" }.joined(separator: ", ")) }
+                if !r.hashMBps.isEmpty {
+                    print(
+                        "SHA-256 (MB/s): "
+                            + r.hashMBps.sorted { (Int($0.key) ?? 0) < (Int($1.key) ?? 0) }.map {
+                                "\(ByteSize.format(UInt64($0.key) ?? 0)) \(Int($0.value))"
+                            }.joined(separator: ", "))
+                }
                 if !r.codecs.isEmpty { print("codecs (compress / decompress MB/s, ratio):") }
                 for c in r.codecs {
-                    print("  \(c.codec.rightPad(7)) \(ByteSize.format(UInt64(c.blockSize)).leftPad(7))  \(f0(c.compressMBps).leftPad(6)) / \(f0(c.decompressMBps).leftPad(6))  \(f2(c.ratio))x")
+                    print(
+                        "  \(c.codec.rightPad(7)) \(ByteSize.format(UInt64(c.blockSize)).leftPad(7))  \(f0(c.compressMBps).leftPad(6)) / \(f0(c.decompressMBps).leftPad(6))  \(f2(c.ratio))x"
+                    )
                 }
                 if let g = r.growth {
-                    print("growth: \(g.clones) clones of \(ByteSize.format(g.baseFileBytes)), \(g.blocksDirtied) blocks dirtied (\(ByteSize.format(g.dirtiedBytesAtBlockGranularity)) at block granularity): store grew \(ByteSize.format(g.storeGrowthBytes)), ratio \(f3(g.growthRatio)) (goal <= 1.5)")
+                    print(
+                        "growth: \(g.clones) clones of \(ByteSize.format(g.baseFileBytes)), \(g.blocksDirtied) blocks dirtied (\(ByteSize.format(g.dirtiedBytesAtBlockGranularity)) at block granularity): store grew \(ByteSize.format(g.storeGrowthBytes)), ratio \(f3(g.growthRatio)) (goal <= 1.5)"
+                    )
                 }
                 print(String(format: "total %.1f s", r.seconds))
             }

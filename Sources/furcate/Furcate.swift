@@ -6,7 +6,7 @@ import Logging
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @main
@@ -18,7 +18,10 @@ struct Furcate: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "furcate",
         abstract: "A self-hosted microVM engine whose forks cost one O(1) store clone.",
-        subcommands: [ServeCommand.self, StoreCommand.self, MountCommand.self, ImageCommand.self, BuildCommand.self, RunCommand.self, KeysCommand.self, VMCommand.self, BenchCommand.self]
+        subcommands: [
+            ServeCommand.self, StoreCommand.self, MountCommand.self, ImageCommand.self, BuildCommand.self,
+            RunCommand.self, KeysCommand.self, VMCommand.self, BenchCommand.self,
+        ]
     )
 }
 

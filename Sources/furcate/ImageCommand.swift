@@ -6,7 +6,7 @@ import Images
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// `--data DIR`: the data directory, with the same default as `furcate serve`.
@@ -35,16 +35,23 @@ struct ImageCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Pull an image (registry ref, oci:DIR[:TAG] or docker-archive:FILE) and build its rootfs.")
         @OptionGroup var data: DataOption
-        @Argument(help: "Image reference, e.g. python:3.12-slim, localhost:5000/app:1, oci:./layout:v1.") var reference: String
+        @Argument(help: "Image reference, e.g. python:3.12-slim, localhost:5000/app:1, oci:./layout:v1.") var reference:
+            String
         @Option(help: "Disk size in GB (default: content plus headroom, 3 to 16 GB).") var diskSizeGb: Int?
-        @Option(help: "Registry user name (the password is read from $FURCATE_REGISTRY_PASSWORD).") var username: String?
-        @Option(help: "Registry spoken to over plain HTTP (loopback registries always are); repeatable.") var insecureRegistry: [String] = []
+        @Option(help: "Registry user name (the password is read from $FURCATE_REGISTRY_PASSWORD).") var username:
+            String?
+        @Option(help: "Registry spoken to over plain HTTP (loopback registries always are); repeatable.")
+        var insecureRegistry: [String] = []
         @Flag(help: "Print the image record as JSON.") var json = false
 
         func run() throws {
             bootstrapOnce
-            if let g = diskSizeGb, !(1...16).contains(g) { throw ValidationError("--disk-size-gb must be 1 to 16, not \(g)") }
-            do { _ = try ImageReference(parsing: reference) } catch let e as FurcateError { throw ValidationError(e.message) }
+            if let g = diskSizeGb, !(1...16).contains(g) {
+                throw ValidationError("--disk-size-gb must be 1 to 16, not \(g)")
+            }
+            do { _ = try ImageReference(parsing: reference) } catch let e as FurcateError {
+                throw ValidationError(e.message)
+            }
             var creds: RegistryCredentials?
             if let u = username {
                 guard let p = ProcessInfo.processInfo.environment["FURCATE_REGISTRY_PASSWORD"] else {
@@ -52,19 +59,25 @@ struct ImageCommand: ParsableCommand {
                 }
                 creds = RegistryCredentials(username: u, password: p)
             }
-            let (data, reference, disk, insecure, json, credentials) = (data, reference, diskSizeGb, insecureRegistry, json, creds)
+            let (data, reference, disk, insecure, json, credentials) = (
+                data, reference, diskSizeGb, insecureRegistry, json, creds
+            )
             try runBlocking {
                 let store = try data.openOrCreateStore()
                 defer { store.close() }
                 let l = data.layout
                 guard FileManager.default.isReadableFile(atPath: l.agent) else {
-                    throw FurcateError(.notFound, "no guest agent at \(l.agent): run scripts/setup.sh (or scripts/build-agent.sh) first")
+                    throw FurcateError(
+                        .notFound,
+                        "no guest agent at \(l.agent): run scripts/setup.sh (or scripts/build-agent.sh) first")
                 }
                 var o = ImageServiceOptions(directory: l.images, agentPath: l.agent)
                 o.insecureRegistries = Set(insecure)
                 let svc = try ImageService(store: store, options: o)
                 let bar = ProgressPrinter()
-                let r = try await svc.pull(reference, credentials: credentials, diskBytes: disk.map { UInt64($0) << 30 }) { bar.show($0) }
+                let r = try await svc.pull(
+                    reference, credentials: credentials, diskBytes: disk.map { UInt64($0) << 30 }
+                ) { bar.show($0) }
                 if json { return try printJSON(r) }
                 print("\(r.storeFile)  \(r.digest)  \(formatBytes(r.diskBytes)) disk  \(r.layers) layers")
             }
@@ -81,20 +94,26 @@ struct ImageCommand: ParsableCommand {
             try runBlocking {
                 let store = try data.openOrCreateStore()
                 defer { store.close() }
-                let svc = try ImageService(store: store, options: ImageServiceOptions(directory: data.layout.images, agentPath: nil))
+                let svc = try ImageService(
+                    store: store, options: ImageServiceOptions(directory: data.layout.images, agentPath: nil))
                 let all = await svc.list()
                 if json { return try printJSON(all) }
-                print("REFERENCE".padding(toLength: 48, withPad: " ", startingAt: 0) + " DIGEST        DISK     CONTENT  STORE FILE")
+                print(
+                    "REFERENCE".padding(toLength: 48, withPad: " ", startingAt: 0)
+                        + " DIGEST        DISK     CONTENT  STORE FILE")
                 for r in all {
                     let ref = (r.references.last ?? "-").padding(toLength: 48, withPad: " ", startingAt: 0)
-                    print("\(ref) \(r.digest.short)  \(formatBytes(r.diskBytes).padding(toLength: 8, withPad: " ", startingAt: 0)) \(formatBytes(r.contentBytes).padding(toLength: 8, withPad: " ", startingAt: 0)) \(r.storeFile)")
+                    print(
+                        "\(ref) \(r.digest.short)  \(formatBytes(r.diskBytes).padding(toLength: 8, withPad: " ", startingAt: 0)) \(formatBytes(r.contentBytes).padding(toLength: 8, withPad: " ", startingAt: 0)) \(r.storeFile)"
+                    )
                 }
             }
         }
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Delete an image's rootfs (VMs made from it keep their disks).")
+        static let configuration = CommandConfiguration(
+            commandName: "rm", abstract: "Delete an image's rootfs (VMs made from it keep their disks).")
         @OptionGroup var data: DataOption
         @Argument(help: "Reference, digest (12+ hex digits) or store file name.") var image: String
 
@@ -103,7 +122,8 @@ struct ImageCommand: ParsableCommand {
             try runBlocking {
                 let store = try data.openOrCreateStore()
                 defer { store.close() }
-                let svc = try ImageService(store: store, options: ImageServiceOptions(directory: data.layout.images, agentPath: nil))
+                let svc = try ImageService(
+                    store: store, options: ImageServiceOptions(directory: data.layout.images, agentPath: nil))
                 try await svc.delete(image)
             }
         }

@@ -15,7 +15,8 @@ struct KeysCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a key for an account; the key is the last line printed (shown once).")
+        static let configuration = CommandConfiguration(
+            abstract: "Create a key for an account; the key is the last line printed (shown once).")
         @OptionGroup var data: DataOption
         @Option(help: "The account the key acts for (a-z 0-9 - _).") var account: String
         @Flag(help: "An admin key (may manage other accounts).") var admin = false
@@ -30,7 +31,8 @@ struct KeysCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List keys (ids and prefixes; never the secrets).")
+        static let configuration = CommandConfiguration(
+            commandName: "ls", abstract: "List keys (ids and prefixes; never the secrets).")
         @OptionGroup var data: DataOption
         @Option(help: "Only this account's keys.") var account: String?
         @Flag(help: "Print JSON.") var json = false

@@ -11,7 +11,7 @@ import Synchronization
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The engine in this process, over a data directory: store, mount, images, VMs, builds.
@@ -28,7 +28,9 @@ final class LocalEngine: @unchecked Sendable {
     /// - Parameter capacity: guest vCPUs and memory admitted at once (nil: the host's default).
     /// - Parameter concurrentBoots: cold boots at once on the host (nil: the host's default).
     init(_ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil) throws {
-        guard geteuid() == 0 else { throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root") }
+        guard geteuid() == 0 else {
+            throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root")
+        }
         layout = data.layout
         let l = layout
         guard FileManager.default.isReadableFile(atPath: l.agent) else {
@@ -43,13 +45,15 @@ final class LocalEngine: @unchecked Sendable {
             throw error
         }
         do {
-            images = try ImageService(store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
+            images = try ImageService(
+                store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
             var vmOptions = VMServiceOptions(dataDirectory: l.vms, mountpoint: l.mountpoint, guestDirectory: l.guest)
             vmOptions.warmPoolSize = warmPool
             vmOptions.capacity = capacity
             vmOptions.concurrentBoots = concurrentBoots
             vms = try VMService(store: store, options: vmOptions)
-            builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
+            builds = try BuildService(
+                images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {
             mount.stop()
             store.close()
@@ -85,25 +89,37 @@ final class LocalEngine: @unchecked Sendable {
 struct BuildCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "build",
-        abstract: "Build a snapshot from an image: boot it, run steps through the agent, snapshot (cached by template hash). Prints the snapshot id last.")
+        abstract:
+            "Build a snapshot from an image: boot it, run steps through the agent, snapshot (cached by template hash). Prints the snapshot id last."
+    )
     @OptionGroup var data: DataOption
-    @Argument(help: "Base image (registry ref, oci:DIR[:TAG], docker-archive:FILE, rootfs:FILE), or 'default' for Debian 12 with systemd.")
+    @Argument(
+        help:
+            "Base image (registry ref, oci:DIR[:TAG], docker-archive:FILE, rootfs:FILE), or 'default' for Debian 12 with systemd."
+    )
     var image: String
     @Option(name: .customLong("apt"), help: "apt packages (repeatable).") var apt: [String] = []
     @Option(name: .customLong("pip"), help: "pip packages (repeatable).") var pip: [String] = []
-    @Option(name: .customLong("env"), help: "KEY=VALUE for the snapshot's processes (repeatable).") var env: [String] = []
-    @Option(name: .customLong("run"), help: "A shell command run in the build VM, in order after the packages (repeatable).") var runCommands: [String] = []
+    @Option(name: .customLong("env"), help: "KEY=VALUE for the snapshot's processes (repeatable).") var env: [String] =
+        []
+    @Option(
+        name: .customLong("run"), help: "A shell command run in the build VM, in order after the packages (repeatable)."
+    ) var runCommands: [String] = []
     @Option(help: "Build VM memory in MiB.") var memory: Int?
     @Flag(help: "Build even when a cached snapshot exists.") var skipCache = false
     @Flag(help: "Print the build record as JSON.") var json = false
 
     func validate() throws {
-        for e in env where !e.contains("=") || e.hasPrefix("=") { throw ValidationError("--env takes KEY=VALUE, not '\(e)'") }
+        for e in env where !e.contains("=") || e.hasPrefix("=") {
+            throw ValidationError("--env takes KEY=VALUE, not '\(e)'")
+        }
     }
 
     func run() throws {
         bootstrapOnce
-        let (data, image, apt, pip, env, run, memory, skipCache, json) = (data, image, apt, pip, env, runCommands, memory, skipCache, json)
+        let (data, image, apt, pip, env, run, memory, skipCache, json) = (
+            data, image, apt, pip, env, runCommands, memory, skipCache, json
+        )
         try runBlocking {
             let engine = try LocalEngine(data)
             let signals = engine.onInterrupt { await engine.close(deleting: await engine.vms.list().map(\.id)) }
@@ -113,12 +129,22 @@ struct BuildCommand: ParsableCommand {
                 if !apt.isEmpty { steps.append(.apt(apt.flatMap { $0.split(separator: " ").map(String.init) })) }
                 if !pip.isEmpty { steps.append(.pip(pip.flatMap { $0.split(separator: " ").map(String.init) })) }
                 if !env.isEmpty {
-                    steps.append(.env(Dictionary(env.map { e in let i = e.firstIndex(of: "=")!; return (String(e[..<i]), String(e[e.index(after: i)...])) }) { $1 }))
+                    steps.append(
+                        .env(
+                            Dictionary(
+                                env.map { e in
+                                    let i = e.firstIndex(of: "=") ?? e.endIndex
+                                    return (String(e[..<i]), String(e[i...].dropFirst()))
+                                }
+                            ) { $1 }))
                 }
                 steps += run.map { .run(command: $0) }
                 var recipe: BuildRecipe
                 if image == "default" {
-                    recipe = BuildRecipe(base: .recipe(BuildService.defaultImageRecipe(rootfsTarball: engine.layout.guest + "/debian-12-systemd.tar")), steps: steps)
+                    recipe = BuildRecipe(
+                        base: .recipe(
+                            BuildService.defaultImageRecipe(
+                                rootfsTarball: engine.layout.guest + "/debian-12-systemd.tar")), steps: steps)
                 } else {
                     recipe = BuildRecipe(base: .image(image), steps: steps, memoryMiB: memory)
                 }
@@ -128,7 +154,9 @@ struct BuildCommand: ParsableCommand {
                 var shown = 0
                 while true {
                     let r = try await engine.builds.record(started.buildId)
-                    for p in r.phases.dropFirst(shown) { FileHandleStderr.write("  \(p.name)\(p.snapshotId.map { " (\($0))" } ?? "")\n") }
+                    for p in r.phases.dropFirst(shown) {
+                        FileHandleStderr.write("  \(p.name)\(p.snapshotId.map { " (\($0))" } ?? "")\n")
+                    }
                     shown = r.phases.count
                     if r.state == .succeeded || r.state == .failed { break }
                     try await Task.sleep(for: .milliseconds(200))
@@ -137,7 +165,8 @@ struct BuildCommand: ParsableCommand {
                 await engine.close(deleting: [])
                 if json { try printJSON(r) }
                 guard r.state == .succeeded, let snap = r.snapshotId else {
-                    throw FurcateError(.buildFailed, "build \(r.buildId) failed: \(r.failureReason ?? "unknown reason")")
+                    throw FurcateError(
+                        .buildFailed, "build \(r.buildId) failed: \(r.failureReason ?? "unknown reason")")
                 }
                 if !json { print(snap) }
             } catch {
@@ -152,13 +181,16 @@ struct BuildCommand: ParsableCommand {
 /// print its output, delete the VM; the exit status is the command's.
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "run", abstract: "Boot a VM (image or snapshot), run a command in it through the agent, print its output, delete the VM.")
+        commandName: "run",
+        abstract:
+            "Boot a VM (image or snapshot), run a command in it through the agent, print its output, delete the VM.")
     @OptionGroup var data: DataOption
     @Option(help: "Image to boot (as for `furcate image pull`).") var image: String?
     @Option(help: "Snapshot to restore (sc-…, from `furcate build`).") var snapshot: String?
     @Option(help: "Memory in MiB (images only).") var memory: Int?
     @Option(help: "Seconds the command may run.") var timeout = 600
-    @Argument(parsing: .captureForPassthrough, help: "The command (run by /bin/sh -c when one word, else as argv).") var command: [String]
+    @Argument(parsing: .captureForPassthrough, help: "The command (run by /bin/sh -c when one word, else as argv).")
+    var command: [String]
 
     func validate() throws {
         guard (image == nil) != (snapshot == nil) else { throw ValidationError("give one of --image or --snapshot") }
@@ -185,7 +217,10 @@ struct RunCommand: ParsableCommand {
                 let vm = try await engine.vms.create(req)
                 created.append(vm.id)
                 let agent = try await engine.vms.agent(vm.id, timeout: .seconds(120))
-                let e = argv.count == 1 ? ExecRequest(command: argv[0], timeoutMs: timeout * 1000) : ExecRequest(argv: argv, timeoutMs: timeout * 1000)
+                let e =
+                    argv.count == 1
+                    ? ExecRequest(command: argv[0], timeoutMs: timeout * 1000)
+                    : ExecRequest(argv: argv, timeoutMs: timeout * 1000)
                 let r = try await agent.exec(e)
                 FileHandle.standardOutput.write(r.stdout)
                 FileHandle.standardError.write(r.stderr)

@@ -6,13 +6,15 @@ import FurcateCore
 import StoreFS
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Serve a store's files through FUSE: MOUNTPOINT/files/NAME read-write, MOUNTPOINT/snapshots/NAME read-only.")
+        abstract:
+            "Serve a store's files through FUSE: MOUNTPOINT/files/NAME read-write, MOUNTPOINT/snapshots/NAME read-only."
+    )
 
     @Argument(help: "Store directory.") var dir: String
     @Argument(help: "Empty directory to mount on.") var mountpoint: String
@@ -59,7 +61,8 @@ struct MountCommand: ParsableCommand {
         if allowOther { args.append("--allow-other") }
         args += ["--readahead-kb", "\(readaheadKb)", "--max-dirty-ratio", "\(maxDirtyRatio)"]
         if writebackCache { args.append("--writeback-cache") }
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let exe =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -84,7 +87,8 @@ struct MountCommand: ParsableCommand {
         while Date() < deadline {
             var status: Int32 = 0
             if waitpid(pid, &status, WNOHANG) == pid {
-                throw FurcateError(.io, "mount server exited before the mount was live (status \(status >> 8))", path: mountpoint)
+                throw FurcateError(
+                    .io, "mount server exited before the mount was live (status \(status >> 8))", path: mountpoint)
             }
             if StoreFS.isMountPoint(mountpoint) {
                 print("mounted \(dir) at \(mountpoint) (server pid \(pid))")

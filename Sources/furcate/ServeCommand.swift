@@ -1,5 +1,5 @@
-import Accounts
 import APIServer
+import Accounts
 import ArgumentParser
 import Foundation
 import FurcateCore
@@ -11,44 +11,70 @@ import VMService
 /// `furcate serve`: the engine over a data directory and the HTTP API, until SIGTERM/SIGINT.
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "serve", abstract: "Run the engine (store, mount, VMs, images, builds) and the HTTP API until SIGTERM/SIGINT.")
+        commandName: "serve",
+        abstract: "Run the engine (store, mount, VMs, images, builds) and the HTTP API until SIGTERM/SIGINT.")
     @OptionGroup var data: DataOption
     @Option(help: "Address to listen on.") var host = "127.0.0.1"
     @Option(help: "Port to listen on.") var port = 8080
-    @Option(name: .customLong("idle-timeout"), help: "Seconds without API activity before a Freestyle VM that names no idle timeout is suspended (0: never).")
+    @Option(
+        name: .customLong("idle-timeout"),
+        help: "Seconds without API activity before a Freestyle VM that names no idle timeout is suspended (0: never).")
     var idleTimeout = 300
     @Option(
         name: .customLong("storage-quota-gb"),
-        help: "GiB each account may keep in VMs and snapshots before its sticky ones are evicted, least recently used first (default: no quota).")
+        help:
+            "GiB each account may keep in VMs and snapshots before its sticky ones are evicted, least recently used first (default: no quota)."
+    )
     var storageQuotaGb: Int?
-    @Option(help: "QEMUs kept waiting per machine shape so a restore or fork skips process start (0: none); filled after a shape's first restore.")
+    @Option(
+        help:
+            "QEMUs kept waiting per machine shape so a restore or fork skips process start (0: none); filled after a shape's first restore."
+    )
     var warmPool = 2
     @Option(
         name: .customLong("max-vcpus"),
-        help: "Guest vCPUs running at once; a create, fork or resume past it is refused with 429 (default: 16 per host core under KVM, 8 under TCG).")
+        help:
+            "Guest vCPUs running at once; a create, fork or resume past it is refused with 429 (default: 16 per host core under KVM, 8 under TCG)."
+    )
     var maxVCPUs: Int?
     @Option(
         name: .customLong("max-guest-memory-gib"),
-        help: "GiB of guest memory running at once; a create, fork or resume past it is refused with 429 (default: 1.5 × host memory).")
+        help:
+            "GiB of guest memory running at once; a create, fork or resume past it is refused with 429 (default: 1.5 × host memory)."
+    )
     var maxGuestMemoryGib: Int?
     @Option(
         name: .customLong("concurrent-boots"),
-        help: "Cold boots under way at once on this host, shared with every other furcate process; later ones wait their turn (default: one per core under TCG, two under KVM).")
+        help:
+            "Cold boots under way at once on this host, shared with every other furcate process; later ones wait their turn (default: one per core under TCG, two under KVM)."
+    )
     var concurrentBoots: Int?
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
-        guard idleTimeout >= 0 else { throw ValidationError("--idle-timeout must be 0 (never) or more seconds, not \(idleTimeout)") }
+        guard idleTimeout >= 0 else {
+            throw ValidationError("--idle-timeout must be 0 (never) or more seconds, not \(idleTimeout)")
+        }
         guard (0...64).contains(warmPool) else { throw ValidationError("--warm-pool must be 0 to 64, not \(warmPool)") }
-        if let v = maxVCPUs, !(1...(1 << 16)).contains(v) { throw ValidationError("--max-vcpus must be 1 to 65536, not \(v)") }
-        if let m = maxGuestMemoryGib, !(1...(1 << 20)).contains(m) { throw ValidationError("--max-guest-memory-gib must be 1 to 1048576, not \(m)") }
-        if let b = concurrentBoots, !(1...1024).contains(b) { throw ValidationError("--concurrent-boots must be 1 to 1024, not \(b)") }
-        if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) { throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)") }
+        if let v = maxVCPUs, !(1...(1 << 16)).contains(v) {
+            throw ValidationError("--max-vcpus must be 1 to 65536, not \(v)")
+        }
+        if let m = maxGuestMemoryGib, !(1...(1 << 20)).contains(m) {
+            throw ValidationError("--max-guest-memory-gib must be 1 to 1048576, not \(m)")
+        }
+        if let b = concurrentBoots, !(1...1024).contains(b) {
+            throw ValidationError("--concurrent-boots must be 1 to 1024, not \(b)")
+        }
+        if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) {
+            throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)")
+        }
     }
 
     func run() throws {
         bootstrapOnce
-        let (data, host, port, idleTimeout, quota, warmPool) = (data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 }, warmPool)
+        let (data, host, port, idleTimeout, quota, warmPool) = (
+            data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 }, warmPool
+        )
         var capacity = VMCapacity.host(accelerator: .detect())
         if let v = maxVCPUs { capacity.vcpus = v }
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
@@ -63,7 +89,8 @@ struct ServeCommand: ParsableCommand {
                 let interrupted = await engine.builds.recover()
                 let keys = try KeyStore(path: l.keys)
                 if let path = try keys.bootstrapAdmin(secretPath: l.root + "/admin-key") {
-                    FileHandleStderr.write("furcate: created the first API key (account admin); its secret is in \(path)\n")
+                    FileHandleStderr.write(
+                        "furcate: created the first API key (account admin); its secret is in \(path)\n")
                 }
                 let owners = try OwnerStore(path: l.root + "/owners.sqlite")
                 var api = Engine(
@@ -71,10 +98,13 @@ struct ServeCommand: ParsableCommand {
                     defaultImage: l.guest + "/debian-12-systemd.tar", quotaBytes: quota)
                 api.defaultIdleTimeoutSeconds = idleTimeout
                 let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
-                logger.notice("serving", metadata: [
-                    "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)", "builds.interrupted": "\(interrupted.count)", "capacity.vcpus": "\(capacity.vcpus ?? 0)",
-                    "capacity.memory_mib": "\(capacity.memoryMiB ?? 0)",
-                ])
+                logger.notice(
+                    "serving",
+                    metadata: [
+                        "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)",
+                        "builds.interrupted": "\(interrupted.count)", "capacity.vcpus": "\(capacity.vcpus ?? 0)",
+                        "capacity.memory_mib": "\(capacity.memoryMiB ?? 0)",
+                    ])
                 FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")
                 // Stopped in reverse order at SIGTERM/SIGINT: the HTTP server, the policies, the
                 // warm pool, the VMs (running ones are suspended into the store and resumed by the
@@ -86,7 +116,9 @@ struct ServeCommand: ParsableCommand {
                     PolicyService(engine: api),
                     app,
                 ]
-                group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+                group = ServiceGroup(
+                    configuration: .init(
+                        services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
             } catch {
                 await engine.vms.shutdown()
                 await engine.close(deleting: [])

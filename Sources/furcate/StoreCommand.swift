@@ -5,7 +5,7 @@ import FurcateCore
 import Logging
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct StoreCommand: ParsableCommand {
@@ -31,7 +31,7 @@ struct StoreOptionsGroup: ParsableArguments {
             let v = try ByteSize.parse(b)
             guard v <= UInt64(Int.max) else { throw FurcateError(.invalidArgument, "block size \(b) is too large") }
             bs = Int(v)
-            try BlockStore.validateBlockSize(bs!)
+            try BlockStore.validateBlockSize(Int(v))
         }
         return (bs, try codec.map(Codec.init(parsing:)))
     }
@@ -72,8 +72,11 @@ extension StoreCommand {
             try reportingErrors {
                 bootstrapOnce
                 let (bs, codec) = try opts.parsed()
-                let s = try BlockStore.create(at: dir, blockSize: bs ?? BlockStore.defaultBlockSize, codec: codec ?? .default)
-                print("initialized store \(dir) (block size \(ByteSize.format(UInt64(s.defaultBlockSize))), codec \(s.defaultCodec))")
+                let s = try BlockStore.create(
+                    at: dir, blockSize: bs ?? BlockStore.defaultBlockSize, codec: codec ?? .default)
+                print(
+                    "initialized store \(dir) (block size \(ByteSize.format(UInt64(s.defaultBlockSize))), codec \(s.defaultCodec))"
+                )
                 s.close()
             }
         }
@@ -106,7 +109,8 @@ extension StoreCommand {
     }
 
     struct Get: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Export NAME to a local file, sparse where NAME has holes.")
+        static let configuration = CommandConfiguration(
+            abstract: "Export NAME to a local file, sparse where NAME has holes.")
         @Argument var dir: String
         @Argument var name: String
         @Argument(help: "Local file to write (replaced if it exists).") var dstfile: String
@@ -114,7 +118,9 @@ extension StoreCommand {
         func run() throws {
             try withStore(dir) { store in
                 let f = try store.file(name)
-                let fd = try syscall("open", path: dstfile) { open(dstfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
+                let fd = try syscall("open", path: dstfile) {
+                    open(dstfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+                }
                 defer { close(fd) }
                 try FileTransfer.exportFile(f, fd: fd, path: dstfile)
             }
@@ -122,7 +128,8 @@ extension StoreCommand {
     }
 
     struct Clone: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "O(1) copy-on-write clone; SRC is a file or a snapshot.")
+        static let configuration = CommandConfiguration(
+            abstract: "O(1) copy-on-write clone; SRC is a file or a snapshot.")
         @Argument var dir: String
         @Argument var src: String
         @Argument var dst: String
@@ -158,14 +165,17 @@ extension StoreCommand {
                 if json { return try printJSON(items) }
                 for i in items {
                     let pad = String(repeating: " ", count: max(1, 10 - i.kind.name.count))
-                    print("\(i.kind.name)\(pad)\(String(i.size).leftPad(16))  bs=\(ByteSize.format(UInt64(i.blockSize)))  \(i.codec)  \(i.name)")
+                    print(
+                        "\(i.kind.name)\(pad)\(String(i.size).leftPad(16))  bs=\(ByteSize.format(UInt64(i.blockSize)))  \(i.codec)  \(i.name)"
+                    )
                 }
             }
         }
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Delete a file or snapshot (GC frees its blocks).")
+        static let configuration = CommandConfiguration(
+            commandName: "rm", abstract: "Delete a file or snapshot (GC frees its blocks).")
         @Argument var dir: String
         @Argument var name: String
 
@@ -177,7 +187,8 @@ extension StoreCommand {
     }
 
     struct GC: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "gc", abstract: "Free unreferenced blocks; compact sparse packs.")
+        static let configuration = CommandConfiguration(
+            commandName: "gc", abstract: "Free unreferenced blocks; compact sparse packs.")
         @Argument var dir: String
         @Flag var json = false
 
@@ -185,13 +196,16 @@ extension StoreCommand {
             try withStore(dir) { store in
                 let r = try store.gc()
                 if json { return try printJSON(r) }
-                print("freed \(r.blocksFreed) blocks (\(ByteSize.format(r.bytesFreedInIndex)) raw) and \(r.nodesFreed) nodes; compacted \(r.packsCompacted) packs, deleted \(r.packsDeleted); reclaimed \(ByteSize.format(r.bytesReclaimedOnDisk)) on disk")
+                print(
+                    "freed \(r.blocksFreed) blocks (\(ByteSize.format(r.bytesFreedInIndex)) raw) and \(r.nodesFreed) nodes; compacted \(r.packsCompacted) packs, deleted \(r.packsDeleted); reclaimed \(ByteSize.format(r.bytesReclaimedOnDisk)) on disk"
+                )
             }
         }
     }
 
     struct Fsck: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Verify every reachable block; --repair quarantines damaged ones.")
+        static let configuration = CommandConfiguration(
+            abstract: "Verify every reachable block; --repair quarantines damaged ones.")
         @Argument var dir: String
         @Flag(help: "Move damaged blocks to quarantine.") var repair = false
         @Flag var json = false
@@ -202,14 +216,19 @@ extension StoreCommand {
                 if json {
                     try printJSON(r)
                 } else {
-                    print("checked \(r.files) files, \(r.nodesChecked) nodes, \(r.blocksChecked) blocks (\(ByteSize.format(r.bytesChecked)))")
+                    print(
+                        "checked \(r.files) files, \(r.nodesChecked) nodes, \(r.blocksChecked) blocks (\(ByteSize.format(r.bytesChecked)))"
+                    )
                     for d in r.damage { print("damaged: \(d.file) offset \(d.offset): \(d.reason)") }
                     for p in r.problems { print("problem: \(p)") }
                     if r.quarantined > 0 { print("quarantined \(r.quarantined) blocks") }
-                    print(r.clean ? "clean" : "DAMAGED: \(r.damage.count) damaged extents, \(r.problems.count) problems")
+                    print(
+                        r.clean ? "clean" : "DAMAGED: \(r.damage.count) damaged extents, \(r.problems.count) problems")
                 }
                 if !r.clean {
-                    FileHandleStderr.write("furcate: store \(dir) is damaged: \(r.damage.count) damaged extents, \(r.problems.count) problems\n")
+                    FileHandleStderr.write(
+                        "furcate: store \(dir) is damaged: \(r.damage.count) damaged extents, \(r.problems.count) problems\n"
+                    )
                     throw ExitCode(1)
                 }
             }
@@ -217,7 +236,8 @@ extension StoreCommand {
     }
 
     struct Stats: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Logical and stored bytes, blocks, dedup and compression ratios.")
+        static let configuration = CommandConfiguration(
+            abstract: "Logical and stored bytes, blocks, dedup and compression ratios.")
         @Argument var dir: String
         @Flag var json = false
 
@@ -227,7 +247,9 @@ extension StoreCommand {
                 if json { return try printJSON(s) }
                 print("files \(s.files), snapshots \(s.snapshots)")
                 print("logical \(ByteSize.format(s.logicalBytes)), referenced \(ByteSize.format(s.referencedBytes))")
-                print("blocks \(s.blocks), unique \(ByteSize.format(s.uniqueBytes)), stored \(ByteSize.format(s.storedBytes)) in \(s.packs) packs (\(ByteSize.format(s.packBytes)) on disk)")
+                print(
+                    "blocks \(s.blocks), unique \(ByteSize.format(s.uniqueBytes)), stored \(ByteSize.format(s.storedBytes)) in \(s.packs) packs (\(ByteSize.format(s.packBytes)) on disk)"
+                )
                 print(String(format: "dedup %.2fx, compression %.2fx", s.dedupRatio, s.compressionRatio))
             }
         }
@@ -244,7 +266,9 @@ extension StoreCommand {
         func run() throws {
             try reportingErrors {
                 let store = try openStore(dir)
-                for f in CrashWorkload.files where try !store.exists(f) { try store.createFile(f, blockSize: CrashWorkload.blockSize) }
+                for f in CrashWorkload.files where try !store.exists(f) {
+                    try store.createFile(f, blockSize: CrashWorkload.blockSize)
+                }
                 try store.syncAll()
                 print("ready")
                 fflush(nil)

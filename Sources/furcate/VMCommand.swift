@@ -10,7 +10,8 @@ import Synchronization
 /// a terminal.
 struct VMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "vm", abstract: "Create, list, exec in, fork, snapshot and delete VMs on a running `furcate serve`.",
+        commandName: "vm",
+        abstract: "Create, list, exec in, fork, snapshot and delete VMs on a running `furcate serve`.",
         subcommands: [Create.self, List.self, Exec.self, Fork.self, Snapshot.self, Remove.self])
 
     struct Server: ParsableArguments {
@@ -19,15 +20,19 @@ struct VMCommand: ParsableCommand {
         @OptionGroup var data: DataOption
 
         var baseURL: String {
-            (url ?? ProcessInfo.processInfo.environment["FURCATE_URL"] ?? "http://127.0.0.1:8080").trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+            (url ?? ProcessInfo.processInfo.environment["FURCATE_URL"] ?? "http://127.0.0.1:8080").trimmingCharacters(
+                in: CharacterSet(charactersIn: "/"))
         }
 
         func apiKey() throws -> String {
             if let key { return key }
             if let k = ProcessInfo.processInfo.environment["FURCATE_API_KEY"], !k.isEmpty { return k }
             let path = data.layout.root + "/admin-key"
-            if let k = try? String(contentsOfFile: path, encoding: .utf8) { return k.trimmingCharacters(in: .whitespacesAndNewlines) }
-            throw FurcateError(.unauthenticated, "give an API key: --key, FURCATE_API_KEY, or run where \(path) is readable")
+            if let k = try? String(contentsOfFile: path, encoding: .utf8) {
+                return k.trimmingCharacters(in: .whitespacesAndNewlines)
+            }
+            throw FurcateError(
+                .unauthenticated, "give an API key: --key, FURCATE_API_KEY, or run where \(path) is readable")
         }
 
         /// One API call: the JSON body of a 2xx answer; otherwise the server's error, as one line.
@@ -48,8 +53,12 @@ struct VMCommand: ParsableCommand {
             let obj = (try? JSONSerialization.jsonObject(with: data)) ?? String(decoding: data, as: UTF8.self)
             guard (200..<300).contains(response.status.code) else {
                 let e = obj as? [String: Any]
-                let code: FurcateError.Code = response.status.code == 404 ? .notFound : response.status.code == 401 ? .unauthenticated : .invalidArgument
-                throw FurcateError(code, "\(response.status.code) \(e?["error"] as? String ?? ""): \(e?["message"] as? String ?? "\(obj)")")
+                let code: FurcateError.Code =
+                    response.status.code == 404
+                    ? .notFound : response.status.code == 401 ? .unauthenticated : .invalidArgument
+                throw FurcateError(
+                    code,
+                    "\(response.status.code) \(e?["error"] as? String ?? ""): \(e?["message"] as? String ?? "\(obj)")")
             }
             return obj
         }
@@ -62,14 +71,17 @@ struct VMCommand: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a VM (from --snapshot, or the default image); prints its id.")
+        static let configuration = CommandConfiguration(
+            abstract: "Create a VM (from --snapshot, or the default image); prints its id.")
         @OptionGroup var server: Server
         @Option(help: "Snapshot id (sc-…).") var snapshot: String?
 
         func run() throws {
             let (server, snapshot) = (server, snapshot)
             try runBlocking {
-                let r = try await server.call(.POST, "/v1/vms", snapshot.map { ["snapshotId": $0] } ?? [:]) as? [String: Any]
+                let r =
+                    try await server.call(.POST, "/v1/vms", snapshot.map { ["snapshotId": $0] } ?? [:])
+                    as? [String: Any]
                 print(r?["id"] as? String ?? "")
             }
         }
@@ -86,7 +98,9 @@ struct VMCommand: ParsableCommand {
                 let r = try await server.call(.GET, "/v1/vms")
                 if json { return VMCommand.show(r) }
                 for vm in (r as? [String: Any])?["vms"] as? [[String: Any]] ?? [] {
-                    print("\(vm["id"] as? String ?? "")  \((vm["state"] as? String ?? "").padding(toLength: 10, withPad: " ", startingAt: 0))  \(vm["createdAt"] as? String ?? "")  \(vm["snapshotId"] as? String ?? "")")
+                    print(
+                        "\(vm["id"] as? String ?? "")  \((vm["state"] as? String ?? "").padding(toLength: 10, withPad: " ", startingAt: 0))  \(vm["createdAt"] as? String ?? "")  \(vm["snapshotId"] as? String ?? "")"
+                    )
                 }
             }
         }
@@ -109,7 +123,10 @@ struct VMCommand: ParsableCommand {
             let (server, id, command, timeout) = (server, id, words.joined(separator: " "), timeout)
             let status = Mutex(Int32(0))
             try runBlocking {
-                let r = try await server.call(.POST, "/v1/vms/\(id)/exec-await", ["command": command, "timeoutMs": timeout * 1000]) as? [String: Any]
+                let r =
+                    try await server.call(
+                        .POST, "/v1/vms/\(id)/exec-await", ["command": command, "timeoutMs": timeout * 1000])
+                    as? [String: Any]
                 FileHandle.standardOutput.write(Data((r?["stdout"] as? String ?? "").utf8))
                 FileHandle.standardError.write(Data((r?["stderr"] as? String ?? "").utf8))
                 status.withLock { $0 = Int32(r?["statusCode"] as? Int ?? 1) }
@@ -125,7 +142,9 @@ struct VMCommand: ParsableCommand {
         @Option(help: "How many forks (1-100).") var count = 1
         @Argument(help: "VM id.") var id: String
 
-        func validate() throws { guard (1...100).contains(count) else { throw ValidationError("--count must be 1 to 100") } }
+        func validate() throws {
+            guard (1...100).contains(count) else { throw ValidationError("--count must be 1 to 100") }
+        }
 
         func run() throws {
             let (server, id, count) = (server, id, count)
@@ -145,7 +164,9 @@ struct VMCommand: ParsableCommand {
         func run() throws {
             let (server, id, name) = (server, id, name)
             try runBlocking {
-                let r = try await server.call(.POST, "/v1/vms/\(id)/snapshot", name.map { ["name": $0] } ?? [:]) as? [String: Any]
+                let r =
+                    try await server.call(.POST, "/v1/vms/\(id)/snapshot", name.map { ["name": $0] } ?? [:])
+                    as? [String: Any]
                 print(r?["snapshotId"] as? String ?? "")
             }
         }

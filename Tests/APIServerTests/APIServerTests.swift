@@ -1,5 +1,5 @@
-import Accounts
 import APIServer
+import Accounts
 import BlockStore
 import Builds
 import Foundation
@@ -15,16 +15,18 @@ import Testing
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
-let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"] ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
+let guestDir =
+    ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"] ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
 
 let apiVMUnavailable: String? = {
     if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
     if geteuid() != 0 { return "mounting needs root" }
     if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
-    for a in ["vmlinuz", "initrd.img", "furcate-agent", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0 {
+    for a in ["vmlinuz", "initrd.img", "furcate-agent", "test-rootfs.ext4"] where access(guestDir + "/" + a, R_OK) != 0
+    {
         return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
     }
     return nil
@@ -59,13 +61,17 @@ final class APIHarness: @unchecked Sendable {
         // The same limit on every host (the default grows with its cores and memory).
         o.capacity = VMCapacity(vcpus: 16, memoryMiB: 16 << 10)
         let vms = try VMService(store: store, options: o)
-        let images = try ImageService(store: store, options: ImageServiceOptions(directory: tmp.sub("images"), agentPath: guestDir + "/furcate-agent"))
-        let builds = try BuildService(images: images, vms: vms, options: BuildServiceOptions(directory: tmp.sub("builds")))
+        let images = try ImageService(
+            store: store,
+            options: ImageServiceOptions(directory: tmp.sub("images"), agentPath: guestDir + "/furcate-agent"))
+        let builds = try BuildService(
+            images: images, vms: vms, options: BuildServiceOptions(directory: tmp.sub("builds")))
         let keys = try KeyStore(path: tmp.sub("keys.sqlite"))
         keyA = try keys.create(account: "a").secret
         keyB = try keys.create(account: "b").secret
         engine = Engine(
-            vms: vms, images: images, builds: builds, keys: keys, owners: try OwnerStore(path: tmp.sub("owners.sqlite")),
+            vms: vms, images: images, builds: builds, keys: keys,
+            owners: try OwnerStore(path: tmp.sub("owners.sqlite")),
             defaultImage: tmp.sub("no-default-image.tar"))
     }
 
@@ -119,16 +125,25 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(wrong.status == .unauthorized)
 
                 // Fields not honoured yet are refused, not ignored.
-                let ports = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
-                #expect(ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: ports.body))")
+                let ports = try await call(
+                    client, .post, "/v1/vms", h.keyA,
+                    #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
+                #expect(
+                    ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD",
+                    "\(String(buffer: ports.body))")
                 // A VmSpec whose name is not a string is refused, not built (found by schemathesis).
                 let badSpec = try await call(client, .post, "/v1/vms", h.keyA, #"{"spec":{"snapshot":null,"name":{}}}"#)
-                #expect(badSpec.status == .badRequest && (json(badSpec)["message"] as? String)?.contains("spec.name") == true, "\(String(buffer: badSpec.body))")
+                #expect(
+                    badSpec.status == .badRequest
+                        && (json(badSpec)["message"] as? String)?.contains("spec.name") == true,
+                    "\(String(buffer: badSpec.body))")
 
                 let created = try await call(client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)"}"#)
                 #expect(created.status == .ok, "\(String(buffer: created.body))")
                 let id = try #require(json(created)["id"] as? String)
-                #expect(json(created)["snapshotId"] as? String == h.snapshot && (json(created)["domains"] as? [String]) == [])
+                #expect(
+                    json(created)["snapshotId"] as? String == h.snapshot
+                        && (json(created)["domains"] as? [String]) == [])
 
                 let list = try await call(client, .get, "/v1/vms", h.keyA)
                 #expect(json(list)["totalCount"] as? Int == 1 && json(list)["runningCount"] as? Int == 1)
@@ -138,7 +153,8 @@ func auth(_ key: String) -> HTTPFields {
                 // Another account: the VM does not exist for it, on every route; its snapshot neither.
                 let other = try await call(client, .get, "/v1/vms/\(id)", h.keyB)
                 #expect(other.status == .notFound && json(other)["error"] as? String == "VM_NOT_FOUND")
-                let otherExec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyB, #"{"command":"true"}"#)
+                let otherExec = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", h.keyB, #"{"command":"true"}"#)
                 #expect(otherExec.status == .notFound)
                 let otherDelete = try await call(client, .delete, "/v1/vms/\(id)", h.keyB)
                 #expect(otherDelete.status == .notFound)
@@ -148,15 +164,22 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(otherSnap.status == .notFound)
 
                 // exec-await: output and status; a timeout is 408 ExecTimedOut.
-                let exec = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"echo hi; echo err >&2; exit 3"}"#)
-                #expect(json(exec)["stdout"] as? String == "hi\n" && json(exec)["stderr"] as? String == "err\n" && json(exec)["statusCode"] as? Int == 3, "\(String(buffer: exec.body))")
-                let slow = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"sleep 5","timeoutMs":300}"#)
-                #expect(slow.status == .requestTimeout && json(slow)["error"] as? String == "EXEC_TIMED_OUT", "\(String(buffer: slow.body))")
+                let exec = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"echo hi; echo err >&2; exit 3"}"#)
+                #expect(
+                    json(exec)["stdout"] as? String == "hi\n" && json(exec)["stderr"] as? String == "err\n"
+                        && json(exec)["statusCode"] as? Int == 3, "\(String(buffer: exec.body))")
+                let slow = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"command":"sleep 5","timeoutMs":300}"#)
+                #expect(
+                    slow.status == .requestTimeout && json(slow)["error"] as? String == "EXEC_TIMED_OUT",
+                    "\(String(buffer: slow.body))")
                 let bad = try await call(client, .post, "/v1/vms/\(id)/exec-await", h.keyA, #"{"cmd":"x"}"#)
                 #expect(bad.status == .badRequest, "\(String(buffer: bad.body))")
 
                 // Files: write (utf8 and base64, parents made), read back, list a directory, errors.
-                let put = try await call(client, .put, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA, #"{"content":"hello über\n"}"#)
+                let put = try await call(
+                    client, .put, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA, #"{"content":"hello über\n"}"#)
                 #expect(put.status == .ok, "\(String(buffer: put.body))")
                 let bin = Data([0, 1, 2, 255, 254])
                 let putBin = try await client.execute(
@@ -164,9 +187,13 @@ func auth(_ key: String) -> HTTPFields {
                     body: ByteBuffer(string: #"{"content":"\#(bin.base64EncodedString())","encoding":"base64"}"#))
                 #expect(putBin.status == .ok)
                 let text = try await call(client, .get, "/v1/vms/\(id)/files/root/api/hello.txt", h.keyA)
-                #expect(json(text)["content"] as? String == "hello über\n" && json(text)["encoding"] as? String == "utf8", "\(String(buffer: text.body))")
+                #expect(
+                    json(text)["content"] as? String == "hello über\n" && json(text)["encoding"] as? String == "utf8",
+                    "\(String(buffer: text.body))")
                 let blob = try await call(client, .get, "/v1/vms/\(id)/files/root/api/blob", h.keyA)
-                #expect(json(blob)["encoding"] as? String == "base64" && Data(base64Encoded: json(blob)["content"] as? String ?? "") == bin)
+                #expect(
+                    json(blob)["encoding"] as? String == "base64"
+                        && Data(base64Encoded: json(blob)["content"] as? String ?? "") == bin)
                 let dir = try await call(client, .get, "/v1/vms/\(id)/files/root/api", h.keyA)
                 let names = (json(dir)["files"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(names == ["blob", "hello.txt"], "\(String(buffer: dir.body))")
@@ -179,10 +206,14 @@ func auth(_ key: String) -> HTTPFields {
 
                 // Snapshot, fork, suspend/start, stop, await, kill.
                 let snap = try await call(client, .post, "/v1/vms/\(id)/snapshot", h.keyA, "{}")
-                #expect(snap.status == .ok && (json(snap)["snapshotId"] as? String)?.hasPrefix("sc-") == true && json(snap)["sourceVmId"] as? String == id)
+                #expect(
+                    snap.status == .ok && (json(snap)["snapshotId"] as? String)?.hasPrefix("sc-") == true
+                        && json(snap)["sourceVmId"] as? String == id)
                 let fork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":2}"#)
                 let forks = (json(fork)["forks"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
-                #expect(fork.status == .ok && forks.count == 2 && json(fork)["vmId"] as? String == id, "\(String(buffer: fork.body))")
+                #expect(
+                    fork.status == .ok && forks.count == 2 && json(fork)["vmId"] as? String == id,
+                    "\(String(buffer: fork.body))")
                 let badCount = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyA, #"{"count":0}"#)
                 #expect(badCount.status == .badRequest)
                 let otherFork = try await call(client, .post, "/v1/vms/\(id)/fork", h.keyB, "{}")
@@ -195,10 +226,16 @@ func auth(_ key: String) -> HTTPFields {
                 let afterFork = try await call(client, .get, "/v1/vms", h.keyA)
                 #expect(json(afterFork)["totalCount"] as? Int == 3)
                 let f0 = forks[0]
-                let forkExec = try await call(client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"hostname"}"#)
-                #expect((json(forkExec)["stdout"] as? String)?.hasPrefix(f0) == true, "a fork gets its own identity: \(String(buffer: forkExec.body))")
+                let forkExec = try await call(
+                    client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"hostname"}"#)
+                #expect(
+                    (json(forkExec)["stdout"] as? String)?.hasPrefix(f0) == true,
+                    "a fork gets its own identity: \(String(buffer: forkExec.body))")
                 let suspended = try await call(client, .post, "/v1/vms/\(f0)/suspend", h.keyA)
-                #expect(suspended.status == .ok && (json(suspended)["snapshotLayerId"] as? String)?.hasPrefix("sl-") == true, "\(String(buffer: suspended.body))")
+                #expect(
+                    suspended.status == .ok
+                        && (json(suspended)["snapshotLayerId"] as? String)?.hasPrefix("sl-") == true,
+                    "\(String(buffer: suspended.body))")
                 #expect(json(try await call(client, .get, "/v1/vms/\(f0)", h.keyA))["state"] as? String == "suspended")
                 let started = try await call(client, .post, "/v1/vms/\(f0)/start", h.keyA, "{}")
                 #expect(started.status == .ok && json(started)["id"] as? String == f0)
@@ -211,7 +248,8 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(json(waited)["exitStatus"] as? String == "stopped")
                 let killed = try await call(client, .post, "/v1/vms/\(forks[1])/kill", h.keyA)
                 #expect(killed.status == .ok)
-                #expect(json(try await call(client, .get, "/v1/vms/\(forks[1])", h.keyA))["state"] as? String == "stopped")
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(forks[1])", h.keyA))["state"] as? String == "stopped")
 
                 let deleted = try await call(client, .delete, "/v1/vms/\(id)", h.keyA)
                 #expect(deleted.status == .ok)
@@ -219,7 +257,9 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(gone.status == .notFound)
                 // No snapshot and no default image here: a clear 404 naming the missing image.
                 let noDefault = try await call(client, .post, "/v1/vms", h.keyA, "{}")
-                #expect(noDefault.status == .notFound && String(buffer: noDefault.body).contains("default image"), "\(String(buffer: noDefault.body))")
+                #expect(
+                    noDefault.status == .notFound && String(buffer: noDefault.body).contains("default image"),
+                    "\(String(buffer: noDefault.body))")
             }
         }
     }

@@ -1,9 +1,10 @@
 import Foundation
 import FurcateCore
 import Hypervisor
-@testable import FurcateEngine
 import Testing
 import VMService
+
+@testable import FurcateEngine
 
 /// The engine's rules on their own: no HTTP, no dialect.
 @Suite struct EngineRuleTests {
@@ -11,7 +12,9 @@ import VMService
     /// the whole status line is there.
     @Test func terminalResultWaitsForTheWholeStatusLine() {
         // The terminal echoes the typed line first: its markers are escapes there, not bytes.
-        let echoed = #"$ printf '\036S%s\n' n1; command eval "$(printf %s 'ZWNobw==' | base64 -d)"; printf '\036E%s:%d\n' n1 "$?""# + "\r\n"
+        let echoed =
+            #"$ printf '\036S%s\n' n1; command eval "$(printf %s 'ZWNobw==' | base64 -d)"; printf '\036E%s:%d\n' n1 "$?""#
+            + "\r\n"
         let body = echoed + "\u{1E}Sn1\r\nhello\r\nworld\r\n\u{1E}En1:1"
         #expect(Engine.terminalResult(Data(body.utf8), nonce: "n1") == nil, "the status may have more digits to come")
         let done = Engine.terminalResult(Data((body + "2\r\n").utf8), nonce: "n1")
@@ -19,20 +22,27 @@ import VMService
         // An earlier command's markers (another nonce) are not this command's answer.
         #expect(Engine.terminalResult(Data("\u{1E}Sold\r\nx\r\n\u{1E}Eold:0\r\n".utf8), nonce: "n1") == nil)
         // Output that scrolled the start marker away: everything before the end marker.
-        #expect(Engine.terminalResult(Data("tail\r\n\u{1E}En1:0\r\n".utf8), nonce: "n1") == TerminalExecResult(output: "tail\n", status: 0))
+        #expect(
+            Engine.terminalResult(Data("tail\r\n\u{1E}En1:0\r\n".utf8), nonce: "n1")
+                == TerminalExecResult(output: "tail\n", status: 0))
     }
 
     /// Persistence kinds keep the document's JSON shape, default the priority, and refuse what
     /// is out of range or unknown with `.invalidArgument` naming the field.
     @Test func persistenceKindsDecodeAndRefuse() throws {
-        func vm(_ s: String) throws -> VMPersistence { try JSONDecoder().decode(VMPersistence.self, from: Data(s.utf8)) }
-        func snap(_ s: String) throws -> SnapshotPersistence { try JSONDecoder().decode(SnapshotPersistence.self, from: Data(s.utf8)) }
+        func vm(_ s: String) throws -> VMPersistence {
+            try JSONDecoder().decode(VMPersistence.self, from: Data(s.utf8))
+        }
+        func snap(_ s: String) throws -> SnapshotPersistence {
+            try JSONDecoder().decode(SnapshotPersistence.self, from: Data(s.utf8))
+        }
         #expect(try vm(#"{"type":"sticky"}"#) == .sticky(priority: 5))
         #expect(try vm(#"{"type":"ephemeral","deleteEvent":"OnStop"}"#) == .ephemeral(deleteEvent: .onStop))
         #expect(try vm(#"{"type":"ephemeral"}"#).deletedOnSuspend)
         #expect(try snap(#"{"type":"persistent"}"#) == .persistent)
         for (bad, field) in [
-            (#"{"type":"sticky","priority":11}"#, "priority"), (#"{"type":"forever"}"#, "type"), (#"{"type":"ephemeral","deleteEvent":"Never"}"#, "deleteEvent"),
+            (#"{"type":"sticky","priority":11}"#, "priority"), (#"{"type":"forever"}"#, "type"),
+            (#"{"type":"ephemeral","deleteEvent":"Never"}"#, "deleteEvent"),
         ] {
             do {
                 _ = try vm(bad)
@@ -43,7 +53,9 @@ import VMService
         }
         #expect(throws: FurcateError.self) { try snap(#"{"type":"ephemeral"}"#) }
         // What is stored reads back the same.
-        for p: VMPersistence in [.persistent, .sticky(priority: 0), .ephemeral(deleteEvent: .onSuspend), .ephemeral(deleteEvent: nil)] {
+        for p: VMPersistence in [
+            .persistent, .sticky(priority: 0), .ephemeral(deleteEvent: .onSuspend), .ephemeral(deleteEvent: nil),
+        ] {
             #expect(try vm(String(decoding: JSONEncoder().encode(p), as: UTF8.self)) == p)
         }
     }
@@ -59,7 +71,9 @@ import VMService
             await #expect(throws: FurcateError.self) { _ = try await e.bootable(.snapshot(h.snapshot), account: "b") }
             let policy = VMPolicy(persistence: .ephemeral(deleteEvent: .onStop), idleTimeoutSeconds: 42)
             let vm = try await e.createVM(
-                NewVM(account: "a", snapshot: try await e.bootable(.snapshot(h.snapshot), account: "a"), name: "parent", policy: policy, environment: ["GREETING": "hi"]))
+                NewVM(
+                    account: "a", snapshot: try await e.bootable(.snapshot(h.snapshot), account: "a"), name: "parent",
+                    policy: policy, environment: ["GREETING": "hi"]))
             #expect(try await e.ownedVM(vm.id, account: "b") == nil)
             #expect(try await e.ownedVM(vm.id, account: "a")?.id == vm.id)
             #expect(e.owners.name(vm.id) == "parent")

@@ -1,15 +1,15 @@
 import APIServer
 import AsyncHTTPClient
 import Foundation
+import FurcateCore
 import FurcateEngine
 import FurcateTestSupport
-import FurcateCore
+import GuestAgentProtocol
 import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import NIOCore
 import NIOHTTP1
-import GuestAgentProtocol
 import Testing
 import VMService
 
@@ -27,7 +27,9 @@ func json(_ r: Reply) -> [String: Any] {
 /// Sends a JSON body as account `key` to the test server. Through AsyncHTTPClient with a
 /// 5-minute limit: HummingbirdTesting's live client gives up after 20 s without a byte, which a
 /// snapshot under CI load (other suites' VMs and I/O on 2 cores) once exceeded.
-func call(_ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil) async throws -> Reply {
+func call(
+    _ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil
+) async throws -> Reply {
     let port = try #require(client.port, "a live test server has a port")
     var req = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(uri)")
     req.method = HTTPMethod(rawValue: method.rawValue)
@@ -36,9 +38,12 @@ func call(_ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri
     if let body { req.body = .bytes(ByteBuffer(string: body)) }
     let response = try await HTTPClient.shared.execute(req, timeout: .seconds(300))
     var headers = HTTPFields()
-    for (name, value) in response.headers { if let n = HTTPField.Name(name) { headers.append(HTTPField(name: n, value: value)) } }
+    for (name, value) in response.headers {
+        if let n = HTTPField.Name(name) { headers.append(HTTPField(name: n, value: value)) }
+    }
     return Reply(
-        status: HTTPResponse.Status(code: Int(response.status.code), reasonPhrase: response.status.reasonPhrase), headers: headers,
+        status: HTTPResponse.Status(code: Int(response.status.code), reasonPhrase: response.status.reasonPhrase),
+        headers: headers,
         body: try await response.body.collect(upTo: 256 << 20))
 }
 
@@ -83,7 +88,9 @@ func ndjsonLines(
 }
 
 /// Progress of a long test on stderr, so a hang shows where it is.
-func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO8601Format())] test step: \(what)\n".utf8)) }
+func step(_ what: String) {
+    FileHandle.standardError.write(Data("[\(Date().ISO8601Format())] test step: \(what)\n".utf8))
+}
 
 @Suite(.enabled(if: apiVMAvailable)) struct FreestyleGuestAndSnapshotTests {
     @Test func snapshotsBuildsServicesStreamsResize() async throws {
@@ -100,26 +107,37 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
 
                 step("Snapshots: list with counts; name; anoth")
                 // Snapshots: list with counts; name; another account sees none of it.
-                let named = try await call(client, .post, "/v1/vms/\(id)/snapshot", a, #"{"name":"first","persistence":{"type":"sticky","priority":7}}"#)
+                let named = try await call(
+                    client, .post, "/v1/vms/\(id)/snapshot", a,
+                    #"{"name":"first","persistence":{"type":"sticky","priority":7}}"#)
                 let sid = try #require(json(named)["snapshotId"] as? String, "\(String(buffer: named.body))")
                 let got = try await call(client, .get, "/v1/vms/snapshots/\(sid)", a)
-                #expect(json(got)["state"] as? String == "ready" && json(got)["name"] as? String == "first" && json(got)["sourceVmId"] as? String == id)
-                #expect((json(got)["snapshotPersistence"] as? [String: Any])?["priority"] as? Int == 7, "\(String(buffer: got.body))")
-                let badPriority = try await call(client, .post, "/v1/vms/\(id)/snapshot", a, #"{"persistence":{"type":"sticky","priority":11}}"#)
+                #expect(
+                    json(got)["state"] as? String == "ready" && json(got)["name"] as? String == "first"
+                        && json(got)["sourceVmId"] as? String == id)
+                #expect(
+                    (json(got)["snapshotPersistence"] as? [String: Any])?["priority"] as? Int == 7,
+                    "\(String(buffer: got.body))")
+                let badPriority = try await call(
+                    client, .post, "/v1/vms/\(id)/snapshot", a, #"{"persistence":{"type":"sticky","priority":11}}"#)
                 #expect(badPriority.status == .badRequest)
                 let renamed = try await call(client, .patch, "/v1/vms/snapshots/\(sid)", a, #"{"name":"renamed"}"#)
                 #expect(json(renamed)["name"] as? String == "renamed" && json(renamed)["snapshot_id"] as? String == sid)
                 let list = try await call(client, .get, "/v1/vms/snapshots", a)
-                #expect(json(list)["totalCount"] as? Int == 2 && json(list)["readyCount"] as? Int == 2, "\(String(buffer: list.body))")
+                #expect(
+                    json(list)["totalCount"] as? Int == 2 && json(list)["readyCount"] as? Int == 2,
+                    "\(String(buffer: list.body))")
                 #expect(try await call(client, .get, "/v1/vms/snapshots/\(sid)", b).status == .notFound)
                 #expect(try await call(client, .delete, "/v1/vms/snapshots/\(sid)", b).status == .notFound)
-                #expect(try await call(client, .patch, "/v1/vms/snapshots/\(sid)", b, #"{"name":"x"}"#).status == .notFound)
+                #expect(
+                    try await call(client, .patch, "/v1/vms/snapshots/\(sid)", b, #"{"name":"x"}"#).status == .notFound)
                 #expect(json(try await call(client, .get, "/v1/vms/snapshots", b))["totalCount"] as? Int == 0)
 
                 step("A build from a spec on that snapshot: bu")
                 // A build from a spec on that snapshot: building → ready, its build and phases, a
                 // VM from it has the spec's file.
-                let spec = #"{"name":"built","spec":{"snapshotId":"\#(sid)","additionalFiles":{"/root/spec.txt":{"content":"from the spec\n"}}}}"#
+                let spec =
+                    #"{"name":"built","spec":{"snapshotId":"\#(sid)","additionalFiles":{"/root/spec.txt":{"content":"from the spec\n"}}}}"#
                 let build = try await call(client, .post, "/v1/vms/snapshots", a, spec)
                 let bsid = try #require(json(build)["snapshotId"] as? String, "\(String(buffer: build.body))")
                 var state = ""
@@ -133,8 +151,12 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                 #expect(state == "ready", "\(info)")
                 let buildId = try #require(info["buildId"] as? String)
                 let rec = try await call(client, .get, "/v1/vms/builds/\(buildId)", a)
-                #expect(json(rec)["state"] as? String == "succeeded" && (json(rec)["plannedPhases"] as? [String])?.isEmpty == false, "\(String(buffer: rec.body))")
-                let phases = (json(try await call(client, .get, "/v1/vms/builds/\(buildId)/phases", a))["phases"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                #expect(
+                    json(rec)["state"] as? String == "succeeded"
+                        && (json(rec)["plannedPhases"] as? [String])?.isEmpty == false, "\(String(buffer: rec.body))")
+                let phases =
+                    (json(try await call(client, .get, "/v1/vms/builds/\(buildId)/phases", a))["phases"]
+                    as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(phases.contains("snapshot"), "\(phases)")
                 #expect(try await call(client, .get, "/v1/vms/builds/\(buildId)", b).status == .notFound)
                 let fromBuild = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)"}"#)
@@ -145,12 +167,13 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                 #expect(json(vmBuild)["buildId"] as? String == buildId, "\(String(buffer: vmBuild.body))")
                 _ = try await call(client, .delete, "/v1/vms/\(bvm)", a)
 
-
                 step("Delete: soft, then 409 the second time; ")
                 // Delete: soft, then 409 the second time; listed only with includeDeleted.
                 #expect(try await call(client, .delete, "/v1/vms/snapshots/\(sid)", a).status == .ok)
                 let again = try await call(client, .delete, "/v1/vms/snapshots/\(sid)", a)
-                #expect(again.status == .conflict && json(again)["error"] as? String == "SNAPSHOT_ALREADY_DELETED", "\(String(buffer: again.body))")
+                #expect(
+                    again.status == .conflict && json(again)["error"] as? String == "SNAPSHOT_ALREADY_DELETED",
+                    "\(String(buffer: again.body))")
                 #expect(json(try await call(client, .get, "/v1/vms/snapshots", a))["totalCount"] as? Int == 2)
                 let withDeleted = try await call(client, .get, "/v1/vms/snapshots?includeDeleted=true", a)
                 #expect(json(withDeleted)["totalCount"] as? Int == 3 && json(withDeleted)["deletedCount"] as? Int == 1)
@@ -158,72 +181,134 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                 #expect(useDeleted.status == .notFound && json(useDeleted)["error"] as? String == "SNAPSHOT_NOT_FOUND")
 
                 // Content fields on create: an outer layer built over snapshotId (then cached).
-                let withFiles = #"{"snapshotId":"\#(bsid)","name":"with-files","additionalFiles":{"/root/at-create.txt":{"content":"made at create\n"}}}"#
+                let withFiles =
+                    #"{"snapshotId":"\#(bsid)","name":"with-files","additionalFiles":{"/root/at-create.txt":{"content":"made at create\n"}}}"#
                 let made1 = try await call(client, .post, "/v1/vms", a, withFiles)
                 let cvm = try #require(json(made1)["id"] as? String, "\(String(buffer: made1.body))")
                 let atCreate = try await call(client, .get, "/v1/vms/\(cvm)/files/root/at-create.txt", a)
                 #expect(json(atCreate)["content"] as? String == "made at create\n")
                 #expect(json(try await call(client, .get, "/v1/vms/\(cvm)", a))["name"] as? String == "with-files")
-                let found = (json(try await call(client, .get, "/v1/vms?search=with-files", a))["vms"] as? [[String: Any]] ?? []).compactMap { $0["id"] as? String }
+                let found =
+                    (json(try await call(client, .get, "/v1/vms?search=with-files", a))["vms"] as? [[String: Any]] ?? [])
+                    .compactMap { $0["id"] as? String }
                 #expect(found == [cvm])
                 let made2 = try await call(client, .post, "/v1/vms", a, withFiles)
-                let phases2 = try await call(client, .get, "/v1/vms/\(try #require(json(made2)["id"] as? String))/build", a)
+                let phases2 = try await call(
+                    client, .get, "/v1/vms/\(try #require(json(made2)["id"] as? String))/build", a)
                 #expect(json(phases2)["state"] as? String == "succeeded", "\(String(buffer: phases2.body))")
                 // Found by schemathesis: credentials of the wrong shape were accepted.
-                let badCreds = try await call(client, .post, "/v1/vms", a, #"{"workdir":"/root","dockerCredentials":{"registry":1,"username":"u","password":"p"}}"#)
-                #expect(badCreds.status == .badRequest && json(badCreds)["error"] as? String == "BAD_REQUEST", "\(String(buffer: badCreds.body))")
+                let badCreds = try await call(
+                    client, .post, "/v1/vms", a,
+                    #"{"workdir":"/root","dockerCredentials":{"registry":1,"username":"u","password":"p"}}"#)
+                #expect(
+                    badCreds.status == .badRequest && json(badCreds)["error"] as? String == "BAD_REQUEST",
+                    "\(String(buffer: badCreds.body))")
                 // …and a string there trapped JSONSerialization (the server died).
-                let stringCreds = try await call(client, .post, "/v1/vms", a, #"{"workdir":"/root","dockerCredentials":"AAA"}"#)
-                #expect(stringCreds.status == .badRequest && json(stringCreds)["error"] as? String == "BAD_REQUEST", "\(String(buffer: stringCreds.body))")
-                let failing = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)","aptDeps":["no-such-package-here"]}"#)
-                #expect(failing.status == .badRequest && json(failing)["error"] as? String == "BUILD_FAILED", "\(String(buffer: failing.body))")
+                let stringCreds = try await call(
+                    client, .post, "/v1/vms", a, #"{"workdir":"/root","dockerCredentials":"AAA"}"#)
+                #expect(
+                    stringCreds.status == .badRequest && json(stringCreds)["error"] as? String == "BAD_REQUEST",
+                    "\(String(buffer: stringCreds.body))")
+                let failing = try await call(
+                    client, .post, "/v1/vms", a, #"{"snapshotId":"\#(bsid)","aptDeps":["no-such-package-here"]}"#)
+                #expect(
+                    failing.status == .badRequest && json(failing)["error"] as? String == "BUILD_FAILED",
+                    "\(String(buffer: failing.body))")
                 // The deprecated template is spec.snapshot (its persistence the VM's); gitRepos join
                 // git.repos (an empty list here: no repository to clone).
                 let legacy = try await call(
                     client, .post, "/v1/vms", a,
-                    #"{"template":{"snapshotId":"\#(bsid)","additionalFiles":{"/root/t.txt":{"content":"from the template\n"}},"gitRepos":[],"persistence":{"type":"persistent"}},"gitRepos":[]}"#)
+                    #"{"template":{"snapshotId":"\#(bsid)","additionalFiles":{"/root/t.txt":{"content":"from the template\n"}},"gitRepos":[],"persistence":{"type":"persistent"}},"gitRepos":[]}"#
+                )
                 let lvm = try #require(json(legacy)["id"] as? String, "\(String(buffer: legacy.body))")
-                #expect(json(try await call(client, .get, "/v1/vms/\(lvm)/files/root/t.txt", a))["content"] as? String == "from the template\n")
-                let listed = json(try await call(client, .get, "/v1/vms?search=\(lvm)", a))["vms"] as? [[String: Any]] ?? []
-                #expect((listed.first?["persistence"] as? [String: Any])?["type"] as? String == "persistent", "\(listed)")
-                let badRepos = try await call(client, .post, "/v1/vms", a, #"{"git":{"config":{},"repos":{}},"gitRepos":[]}"#)
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(lvm)/files/root/t.txt", a))["content"] as? String
+                        == "from the template\n")
+                let listed =
+                    json(try await call(client, .get, "/v1/vms?search=\(lvm)", a))["vms"] as? [[String: Any]] ?? []
+                #expect(
+                    (listed.first?["persistence"] as? [String: Any])?["type"] as? String == "persistent", "\(listed)")
+                let badRepos = try await call(
+                    client, .post, "/v1/vms", a, #"{"git":{"config":{},"repos":{}},"gitRepos":[]}"#)
                 #expect(badRepos.status == .badRequest, "\(String(buffer: badRepos.body))")
-                let both = try await call(client, .post, "/v1/vms", a, #"{"template":{"snapshotId":"\#(bsid)"},"spec":{"snapshotId":"\#(bsid)"}}"#)
-                #expect(both.status == .badRequest && (json(both)["message"] as? String)?.contains("mutually exclusive") == true)
-                for v in [cvm, lvm, json(made2)["id"] as? String ?? ""] { _ = try await call(client, .delete, "/v1/vms/\(v)", a) }
+                let both = try await call(
+                    client, .post, "/v1/vms", a,
+                    #"{"template":{"snapshotId":"\#(bsid)"},"spec":{"snapshotId":"\#(bsid)"}}"#)
+                #expect(
+                    both.status == .badRequest
+                        && (json(both)["message"] as? String)?.contains("mutually exclusive") == true)
+                for v in [cvm, lvm, json(made2)["id"] as? String ?? ""] {
+                    _ = try await call(client, .delete, "/v1/vms/\(v)", a)
+                }
 
                 step("Services through the agent's supervisor.")
                 // Services through the agent's supervisor.
-                let svc = #"{"name":"ticker","mode":"service","exec":["/bin/sh -c 'while true; do echo tick; sleep 0.2; done'"]}"#
+                let svc =
+                    #"{"name":"ticker","mode":"service","exec":["/bin/sh -c 'while true; do echo tick; sleep 0.2; done'"]}"#
                 let made = try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc)
-                #expect(made.status == .ok && json(made)["serviceName"] as? String == "ticker", "\(String(buffer: made.body))")
+                #expect(
+                    made.status == .ok && json(made)["serviceName"] as? String == "ticker",
+                    "\(String(buffer: made.body))")
                 #expect(try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, svc).status == .conflict)
-                let watchdog = try await call(client, .post, "/v1/vms/\(id)/systemd/services", a, #"{"name":"w","mode":"service","exec":["sleep 9"],"watchdogSec":5}"#)
-                #expect(watchdog.status == .badRequest && json(watchdog)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: watchdog.body))")
-                let names = (json(try await call(client, .get, "/v1/vms/\(id)/systemd/services", a))["services"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                let watchdog = try await call(
+                    client, .post, "/v1/vms/\(id)/systemd/services", a,
+                    #"{"name":"w","mode":"service","exec":["sleep 9"],"watchdogSec":5}"#)
+                #expect(
+                    watchdog.status == .badRequest && json(watchdog)["error"] as? String == "UNSUPPORTED_FIELD",
+                    "\(String(buffer: watchdog.body))")
+                let names =
+                    (json(try await call(client, .get, "/v1/vms/\(id)/systemd/services", a))["services"]
+                    as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(names == ["ticker"])
                 try await Task.sleep(for: .seconds(1))
                 let status = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
                 let statusLogs = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs", a)
-                #expect(json(status)["activeState"] as? String == "active", "\(String(buffer: status.body)) \(String(buffer: statusLogs.body))")
-                let logs = json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))["logs"] as? [[String: Any]] ?? []
-                #expect(logs.count == 3 && logs.allSatisfy { ($0["message"] as? String)?.hasSuffix("tick") == true }, "\(logs)")
+                #expect(
+                    json(status)["activeState"] as? String == "active",
+                    "\(String(buffer: status.body)) \(String(buffer: statusLogs.body))")
+                let logs =
+                    json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))["logs"]
+                    as? [[String: Any]] ?? []
+                #expect(
+                    logs.count == 3 && logs.allSatisfy { ($0["message"] as? String)?.hasSuffix("tick") == true },
+                    "\(logs)")
                 // since: ISO 8601 or Unix seconds; lines carry their times.
                 let lastTime = try #require(logs.last?["timestamp"] as? String)
-                let recent = json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(lastTime)", a))["logs"] as? [[String: Any]] ?? []
-                #expect(!recent.isEmpty && recent.allSatisfy { ($0["timestamp"] as? String ?? "") >= lastTime }, "\(recent)")
+                let recent =
+                    json(
+                        try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(lastTime)", a))[
+                        "logs"] as? [[String: Any]] ?? []
+                #expect(
+                    !recent.isEmpty && recent.allSatisfy { ($0["timestamp"] as? String ?? "") >= lastTime }, "\(recent)"
+                )
                 let future = Int(Date().timeIntervalSince1970) + 3600
-                #expect((json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(future)", a))["logs"] as? [Any])?.isEmpty == true)
-                #expect(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=yesterday", a).status == .badRequest)
-                let offset = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=2020-01-01T01:00:00.5%2B01:00&lines=2", a)
-                #expect(offset.status == .ok && (json(offset)["logs"] as? [Any])?.count == 2, "an offset and fractions parse: \(String(buffer: offset.body))")
-                let stop = try await call(client, .post, "/v1/vms/\(id)/systemd/stop", a, #"{"services":[{"id":"ticker"},{"id":"nope"}]}"#)
+                #expect(
+                    (json(
+                        try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=\(future)", a))[
+                            "logs"] as? [Any])?.isEmpty == true)
+                #expect(
+                    try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?since=yesterday", a).status
+                        == .badRequest)
+                let offset = try await call(
+                    client, .get,
+                    "/v1/vms/\(id)/systemd/services/ticker/logs?since=2020-01-01T01:00:00.5%2B01:00&lines=2", a)
+                #expect(
+                    offset.status == .ok && (json(offset)["logs"] as? [Any])?.count == 2,
+                    "an offset and fractions parse: \(String(buffer: offset.body))")
+                let stop = try await call(
+                    client, .post, "/v1/vms/\(id)/systemd/stop", a, #"{"services":[{"id":"ticker"},{"id":"nope"}]}"#)
                 let results = json(stop)["results"] as? [[String: Any]] ?? []
-                #expect(results.count == 2 && results[0]["success"] as? Bool == true && results[1]["success"] as? Bool == false, "\(results)")
-                #expect(json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"] as? String != "active")
+                #expect(
+                    results.count == 2 && results[0]["success"] as? Bool == true
+                        && results[1]["success"] as? Bool == false, "\(results)")
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"]
+                        as? String != "active")
                 _ = try await call(client, .post, "/v1/vms/\(id)/systemd/start", a, #"{"services":[{"id":"ticker"}]}"#)
                 try await Task.sleep(for: .milliseconds(500))
-                #expect(json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"] as? String == "active")
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"]
+                        as? String == "active")
                 #expect(try await call(client, .delete, "/v1/vms/\(id)/systemd/services/ticker", a).status == .ok)
                 let goneSvc = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
                 #expect(goneSvc.status == .notFound && json(goneSvc)["error"] as? String == "SERVICE_NOT_FOUND")
@@ -231,40 +316,73 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
 
                 step("Terminals (made through the agent: the A")
                 // Terminals (made through the agent: the API lists and reads them).
-                _ = try await h.engine.vms.agent(id).request(.terminalCreate(name: "t1", command: ["/bin/sh", "-c", "echo term-out; sleep 30"], cols: 80, rows: 24))
+                _ = try await h.engine.vms.agent(id).request(
+                    .terminalCreate(
+                        name: "t1", command: ["/bin/sh", "-c", "echo term-out; sleep 30"], cols: 80, rows: 24))
                 try await Task.sleep(for: .milliseconds(500))
-                let terms = (json(try await call(client, .get, "/v1/vms/\(id)/terminals", a))["terminals"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                let terms =
+                    (json(try await call(client, .get, "/v1/vms/\(id)/terminals", a))["terminals"] as? [[String: Any]]
+                    ?? []).compactMap { $0["name"] as? String }
                 #expect(terms == ["t1"])
-                let tlogs = json(try await call(client, .get, "/v1/vms/\(id)/terminals/t1/logs", a))["logs"] as? [[String: Any]] ?? []
+                let tlogs =
+                    json(try await call(client, .get, "/v1/vms/\(id)/terminals/t1/logs", a))["logs"] as? [[String: Any]]
+                    ?? []
                 #expect(tlogs.contains { ($0["line"] as? String)?.contains("term-out") == true }, "\(tlogs)")
                 let xterm = try await call(client, .get, "/v1/vms/\(id)/terminals/t1/xterm-256color", a)
                 #expect((json(xterm)["output"] as? String)?.contains("term-out") == true)
                 #expect(try await call(client, .get, "/v1/vms/\(id)/terminals/nope/logs", a).status == .notFound)
                 // exec-await in a terminal: made on first use; the shell's state (cwd, variables) stays;
                 // output and status are the command's; a timeout interrupts it.
-                let t1 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"cd /tmp && X=\"it's\" && echo \"$X\" here; echo err >&2","terminal":"work"}"#)
-                #expect(json(t1)["stdout"] as? String == "it's here\nerr\n" && json(t1)["statusCode"] as? Int == 0, "\(String(buffer: t1.body))")
-                let t2 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"pwd; echo $X\nexit_with() { return $1; }\nexit_with 3","terminal":"work"}"#)
-                #expect(json(t2)["stdout"] as? String == "/tmp\nit's\n" && json(t2)["statusCode"] as? Int == 3, "\(String(buffer: t2.body))")
-                let t3 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"sleep 30","terminal":"work","timeoutMs":500}"#)
+                let t1 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"cd /tmp && X=\"it's\" && echo \"$X\" here; echo err >&2","terminal":"work"}"#)
+                #expect(
+                    json(t1)["stdout"] as? String == "it's here\nerr\n" && json(t1)["statusCode"] as? Int == 0,
+                    "\(String(buffer: t1.body))")
+                let t2 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"pwd; echo $X\nexit_with() { return $1; }\nexit_with 3","terminal":"work"}"#)
+                #expect(
+                    json(t2)["stdout"] as? String == "/tmp\nit's\n" && json(t2)["statusCode"] as? Int == 3,
+                    "\(String(buffer: t2.body))")
+                let t3 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"sleep 30","terminal":"work","timeoutMs":500}"#)
                 #expect(t3.status == .requestTimeout && json(t3)["error"] as? String == "EXEC_TIMED_OUT")
-                let t4 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo after","terminal":"work"}"#)
-                #expect(json(t4)["stdout"] as? String == "after\n", "the interrupted terminal takes the next command: \(String(buffer: t4.body))")
+                let t4 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo after","terminal":"work"}"#)
+                #expect(
+                    json(t4)["stdout"] as? String == "after\n",
+                    "the interrupted terminal takes the next command: \(String(buffer: t4.body))")
                 // A syntax error (or a special built-in's error) ends the command, not the line: the
                 // end marker still comes (once waited for the whole timeout: a fuzzer's "then").
-                let t5 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"then","terminal":"work","timeoutMs":20000}"#)
-                #expect(t5.status == .ok && json(t5)["statusCode"] as? Int == 2 && (json(t5)["stdout"] as? String)?.contains("then") == true, "\(String(buffer: t5.body))")
-                let t6 = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"shift 5","terminal":"work","timeoutMs":20000}"#)
+                let t5 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"then","terminal":"work","timeoutMs":20000}"#)
+                #expect(
+                    t5.status == .ok && json(t5)["statusCode"] as? Int == 2
+                        && (json(t5)["stdout"] as? String)?.contains("then") == true, "\(String(buffer: t5.body))")
+                let t6 = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"shift 5","terminal":"work","timeoutMs":20000}"#)
                 #expect(t6.status == .ok && (json(t6)["statusCode"] as? Int ?? 0) != 0, "\(String(buffer: t6.body))")
-                #expect(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","terminal":"../x"}"#).status == .badRequest)
+                #expect(
+                    try await call(
+                        client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","terminal":"../x"}"#
+                    ).status == .badRequest)
                 // Found by schemathesis: fields the document does not have were ignored.
-                let extra = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","shell":"bash"}"#)
-                #expect(extra.status == .badRequest && json(extra)["error"] as? String == "UNSUPPORTED_FIELD", "\(String(buffer: extra.body))")
+                let extra = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"true","shell":"bash"}"#)
+                #expect(
+                    extra.status == .badRequest && json(extra)["error"] as? String == "UNSUPPORTED_FIELD",
+                    "\(String(buffer: extra.body))")
 
                 step("Streams: stats every 100 ms; file events")
                 // Streams: stats every 100 ms; file events; both end when the client leaves, and the
                 // VM's agent keeps answering.
-                let stats = try await ndjsonLines(port: client.port!, .GET, "/v1/vms/\(id)/stats/stream?interval_ms=100", key: a) { $0.count >= 3 }
+                let stats = try await ndjsonLines(
+                    port: client.port!, .GET, "/v1/vms/\(id)/stats/stream?interval_ms=100", key: a
+                ) { $0.count >= 3 }
                 #expect(stats.count >= 3 && stats.allSatisfy { ($0["memoryTotalBytes"] as? Int ?? 0) > 0 }, "\(stats)")
                 _ = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"mkdir -p /root/w"}"#)
                 let port = client.port!
@@ -272,35 +390,50 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
                     try await Task.sleep(for: .milliseconds(700))
                     _ = try await h.engine.vms.agent(id).exec(ExecRequest(argv: ["/bin/touch", "/root/w/new-file"]))
                 }
-                let events = try await ndjsonLines(port: port, .POST, "/v1/vms/\(id)/watch-files", key: a, body: #"{"path":"/root/w"}"#) { lines in
+                let events = try await ndjsonLines(
+                    port: port, .POST, "/v1/vms/\(id)/watch-files", key: a, body: #"{"path":"/root/w"}"#
+                ) { lines in
                     lines.contains { ($0["path"] as? String)?.hasSuffix("new-file") == true }
                 }
                 try await toucher.value
                 #expect(events.contains { ($0["path"] as? String)?.hasSuffix("new-file") == true }, "\(events)")
-                let after = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo still-here"}"#)
+                let after = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"echo still-here"}"#)
                 #expect(json(after)["stdout"] as? String == "still-here\n")
 
                 step("Optimize trims what the guest freed: the")
                 // Optimize trims what the guest freed: the disk's stored data shrinks.
-                _ = try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"dd if=/dev/urandom of=/root/big bs=1M count=16 2>/dev/null; sync; rm /root/big; sync"}"#)
+                _ = try await call(
+                    client, .post, "/v1/vms/\(id)/exec-await", a,
+                    #"{"command":"dd if=/dev/urandom of=/root/big bs=1M count=16 2>/dev/null; sync; rm /root/big; sync"}"#
+                )
                 step("optimize")
                 let opt = try await call(client, .post, "/v1/vms/\(id)/optimize", a)
                 let message = json(opt)["message"] as? String ?? ""
                 let sizes = message.split(separator: " ").compactMap { Int($0) }
-                #expect(opt.status == .ok && message.contains("trimmed") && sizes.count >= 2 && sizes[sizes.count - 1] + 8 <= sizes[sizes.count - 2], "\(message)")
+                #expect(
+                    opt.status == .ok && message.contains("trimmed") && sizes.count >= 2
+                        && sizes[sizes.count - 1] + 8 <= sizes[sizes.count - 2], "\(message)")
                 #expect(try await call(client, .post, "/v1/vms/\(id)/optimize", b).status == .notFound)
                 step("Resize grows the disk the guest sees; me")
                 // Resize grows the disk the guest sees; memory cannot change live.
                 let sectors = { () async throws -> Int in
-                    Int((json(try await call(client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"cat /sys/block/vda/size"}"#))["stdout"] as? String ?? "")
+                    Int(
+                        (json(
+                            try await call(
+                                client, .post, "/v1/vms/\(id)/exec-await", a, #"{"command":"cat /sys/block/vda/size"}"#)
+                        )["stdout"] as? String ?? "")
                         .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
                 }
                 #expect(try await sectors() < 2 << 21)
                 let resized = try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"rootfsSizeGb":2}"#)
                 #expect(resized.status == .ok, "\(String(buffer: resized.body))")
                 #expect(try await sectors() == 2 << 21)
-                #expect(try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"memSizeGb":2}"#).status == .badRequest)
-                #expect(try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"rootfsSizeGb":1}"#).status == .badRequest)
+                #expect(
+                    try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"memSizeGb":2}"#).status == .badRequest)
+                #expect(
+                    try await call(client, .post, "/v1/vms/\(id)/resize", a, #"{"rootfsSizeGb":1}"#).status
+                        == .badRequest)
 
             }
             step("teardown")
@@ -356,7 +489,9 @@ func step(_ what: String) { FileHandle.standardError.write(Data("[\(Date().ISO86
             let vm = try await h.engine.vms.create(CreateVMRequest(image: "rootfs"))
             let pid = try #require(try await h.engine.vms.info(vm.id).pid)
             let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")
-            let targets = fds.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") }
+            let targets = fds.compactMap {
+                try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")
+            }
             // (The kernel's link has no doubled slashes; compare the file name.)
             #expect(!targets.isEmpty && !targets.contains { $0.hasSuffix("/inherited-marker") }, "\(targets)")
         }

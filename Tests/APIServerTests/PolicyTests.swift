@@ -22,12 +22,16 @@ import VMService
                 let a = h.keyA
                 step("405 with Allow for a method a path does not have, in each dialect's shape; 404 for no path")
                 let wrongMethod = try await call(client, .delete, "/v1/vms", a)
-                #expect(wrongMethod.status == .methodNotAllowed && wrongMethod.headers[.allow] == "GET, POST", "\(wrongMethod.headers)")
+                #expect(
+                    wrongMethod.status == .methodNotAllowed && wrongMethod.headers[.allow] == "GET, POST",
+                    "\(wrongMethod.headers)")
                 #expect(json(wrongMethod)["error"] as? String == "METHOD_NOT_ALLOWED")
                 let wrongFile = try await call(client, .post, "/v1/vms/abc/files/etc/hostname", a)
                 #expect(wrongFile.status == .methodNotAllowed && wrongFile.headers[.allow] == "GET, PUT")
                 let instaWrong = try await call(client, .put, "/instavm/v1/snapshots", a)
-                #expect(instaWrong.status == .methodNotAllowed && json(instaWrong)["detail"] is String && instaWrong.headers[.allow] != nil)
+                #expect(
+                    instaWrong.status == .methodNotAllowed && json(instaWrong)["detail"] is String
+                        && instaWrong.headers[.allow] != nil)
                 #expect(try await call(client, .delete, "/v1/nothing-here", a).status == .notFound)
                 // A literal segment wins over a capture, as in the router (schemathesis: DELETE was
                 // advertised for /v1/vms/snapshots, from /v1/vms/{vm_id}).
@@ -37,33 +41,57 @@ import VMService
                 for (body, why) in [
                     (#"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"forever"}}"#, "persistence.type"),
                     (#"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"sticky","priority":11}}"#, "priority"),
-                    (#"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"persistent","priority":1}}"#, "no field 'priority'"),
+                    (
+                        #"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"persistent","priority":1}}"#,
+                        "no field 'priority'"
+                    ),
                     (#"{"snapshotId":"\#(h.snapshot)","idleTimeoutSeconds":-1}"#, "idleTimeoutSeconds"),
-                    (#"{"snapshotId":"\#(h.snapshot)","readySignalTimeoutSeconds":99999}"#, "readySignalTimeoutSeconds"),
+                    (
+                        #"{"snapshotId":"\#(h.snapshot)","readySignalTimeoutSeconds":99999}"#,
+                        "readySignalTimeoutSeconds"
+                    ),
                     (#"{"snapshotId":"\#(h.snapshot)","waitForReadySignal":1}"#, "waitForReadySignal"),
-                    (#"{"spec":{"snapshot":{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}}}"#, "ports"),
+                    (
+                        #"{"spec":{"snapshot":{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}}}"#,
+                        "ports"
+                    ),
                 ] {
                     let r = try await call(client, .post, "/v1/vms", a, body)
-                    #expect(r.status == .badRequest && (json(r)["message"] as? String)?.contains(why) == true, "\(body): \(String(buffer: r.body))")
+                    #expect(
+                        r.status == .badRequest && (json(r)["message"] as? String)?.contains(why) == true,
+                        "\(body): \(String(buffer: r.body))")
                 }
                 #expect(await h.engine.vms.list().isEmpty, "a refused create leaves no VM")
 
                 step("policies: a sticky VM with an idle timeout, an ephemeral one, a default one")
                 let sticky = try await call(
-                    client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)","idleTimeoutSeconds":30,"persistence":{"type":"sticky","priority":1}}"#)
+                    client, .post, "/v1/vms", a,
+                    #"{"snapshotId":"\#(h.snapshot)","idleTimeoutSeconds":30,"persistence":{"type":"sticky","priority":1}}"#
+                )
                 let s = try #require(json(sticky)["id"] as? String, "\(String(buffer: sticky.body))")
                 // waitForReadySignal (the default): the agent answers as soon as create returns.
                 let hi = try await call(client, .post, "/v1/vms/\(s)/exec-await", a, #"{"command":"echo ready"}"#)
                 #expect(json(hi)["stdout"] as? String == "ready\n")
                 let eph = try await call(
-                    client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)","idleTimeoutSeconds":30,"waitForReadySignal":false,"persistence":{"type":"ephemeral"}}"#)
+                    client, .post, "/v1/vms", a,
+                    #"{"snapshotId":"\#(h.snapshot)","idleTimeoutSeconds":30,"waitForReadySignal":false,"persistence":{"type":"ephemeral"}}"#
+                )
                 let e = try #require(json(eph)["id"] as? String, "\(String(buffer: eph.body))")
-                let plain = try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"persistent"}}"#)
+                let plain = try await call(
+                    client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)","persistence":{"type":"persistent"}}"#
+                )
                 let p = try #require(json(plain)["id"] as? String)
                 let shown = json(try await call(client, .get, "/v1/vms", a))["vms"] as? [[String: Any]] ?? []
-                let persistence = Dictionary(uniqueKeysWithValues: shown.map { ($0["id"] as? String ?? "", $0["persistence"] as? [String: Any] ?? [:]) })
-                #expect(persistence[s]?["type"] as? String == "sticky" && persistence[s]?["priority"] as? Int == 1, "\(shown)")
-                #expect(persistence[e]?["type"] as? String == "ephemeral" && persistence[p]?["type"] as? String == "persistent", "\(shown)")
+                let persistence = Dictionary(
+                    uniqueKeysWithValues: shown.map {
+                        ($0["id"] as? String ?? "", $0["persistence"] as? [String: Any] ?? [:])
+                    })
+                #expect(
+                    persistence[s]?["type"] as? String == "sticky" && persistence[s]?["priority"] as? Int == 1,
+                    "\(shown)")
+                #expect(
+                    persistence[e]?["type"] as? String == "ephemeral"
+                        && persistence[p]?["type"] as? String == "persistent", "\(shown)")
                 #expect(try await policies.policy(p)?.idleTimeoutSeconds == 300, "the server's default idle timeout")
 
                 step("policies: nothing is idle before its timeout")
@@ -73,13 +101,17 @@ import VMService
                 #expect(await policies.tick(engine: h.engine, now: t0 + 10).isEmpty)
 
                 step("policies: a request in flight keeps its VM awake")
-                let long = Task { try await call(client, .post, "/v1/vms/\(s)/exec-await", a, #"{"command":"sleep 3; echo done"}"#) }
+                let long = Task {
+                    try await call(client, .post, "/v1/vms/\(s)/exec-await", a, #"{"command":"sleep 3; echo done"}"#)
+                }
                 for _ in 0..<100 where !(await policies.busy(s)) { try await Task.sleep(for: .milliseconds(20)) }
                 #expect(await policies.busy(s))
                 let during = await policies.tick(engine: h.engine, now: t0 + 100)
                 #expect(!during.contains(.suspendedIdle(vm: s)) && during.contains(.deletedIdle(vm: e)), "\(during)")
                 #expect(json(try await long.value)["stdout"] as? String == "done\n")
-                #expect(try await call(client, .get, "/v1/vms/\(e)", a).status == .notFound, "the idle ephemeral VM is deleted")
+                #expect(
+                    try await call(client, .get, "/v1/vms/\(e)", a).status == .notFound,
+                    "the idle ephemeral VM is deleted")
 
                 step("policies: idle sticky VM suspended; a request to its guest resumes it")
                 let after = await policies.tick(engine: h.engine, now: Date().timeIntervalSince1970 + 31)
@@ -90,7 +122,8 @@ import VMService
                 #expect(json(try await call(client, .get, "/v1/vms/\(s)", a))["state"] as? String == "running")
 
                 step("policies: over its quota, account a loses sticky things, lowest priority first")
-                let snap = try await call(client, .post, "/v1/vms/\(s)/snapshot", a, #"{"persistence":{"type":"sticky","priority":0}}"#)
+                let snap = try await call(
+                    client, .post, "/v1/vms/\(s)/snapshot", a, #"{"persistence":{"type":"sticky","priority":0}}"#)
                 let sid = try #require(json(snap)["snapshotId"] as? String)
                 #expect(try await call(client, .post, "/v1/vms/\(s)/suspend", a).status == .ok)
                 #expect(await policies.tick(engine: h.engine).isEmpty, "no quota, nothing evicted")
@@ -99,7 +132,9 @@ import VMService
                 #expect(evicted == [.evictedSnapshot(sid, account: "a"), .evictedVM(s, account: "a")], "\(evicted)")
                 #expect(try await call(client, .get, "/v1/vms/\(s)", a).status == .notFound)
                 #expect(try await call(client, .get, "/v1/snapshots/\(sid)", a).status == .notFound)
-                #expect(json(try await call(client, .get, "/v1/vms/\(p)", a))["state"] as? String == "running", "persistent VMs stay")
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(p)", a))["state"] as? String == "running",
+                    "persistent VMs stay")
                 await policies.setQuota(nil)
 
                 step("policies: an InstaVM lifetime is kept across a restart and ends the VM")
@@ -107,17 +142,21 @@ import VMService
                 headers[HTTPField.Name("X-API-Key")!] = a
                 headers[.contentType] = "application/json"
                 let insta = try await client.execute(
-                    uri: "/instavm/v1/vms", method: .post, headers: headers, body: ByteBuffer(string: #"{"snapshot_id":"\#(h.snapshot)","vm_lifetime_seconds":20}"#))
+                    uri: "/instavm/v1/vms", method: .post, headers: headers,
+                    body: ByteBuffer(string: #"{"snapshot_id":"\#(h.snapshot)","vm_lifetime_seconds":20}"#))
                 let iv = try #require(json(insta)["vm_id"] as? String, "\(String(buffer: insta.body))")
                 let got = try await client.execute(uri: "/instavm/v1/vms/\(iv)", method: .get, headers: headers)
                 #expect(json(got)["expires_at"] is String, "\(String(buffer: got.body))")
                 let restarted = Engine(
-                    vms: h.engine.vms, images: h.engine.images, builds: h.engine.builds, keys: h.engine.keys, owners: h.engine.owners,
+                    vms: h.engine.vms, images: h.engine.images, builds: h.engine.builds, keys: h.engine.keys,
+                    owners: h.engine.owners,
                     defaultImage: h.engine.defaultImage)
                 let expiry = try #require(try await restarted.policies.policy(iv)?.expiresAt)
                 #expect(await restarted.policies.tick(engine: restarted, now: expiry - 1).isEmpty)
                 #expect(await restarted.policies.tick(engine: restarted, now: expiry + 1) == [.expired(vm: iv)])
-                #expect(try await client.execute(uri: "/instavm/v1/vms/\(iv)", method: .get, headers: headers).status == .notFound)
+                #expect(
+                    try await client.execute(uri: "/instavm/v1/vms/\(iv)", method: .get, headers: headers).status
+                        == .notFound)
             }
         }
     }
@@ -159,19 +198,27 @@ import VMService
             try await app.test(.live) { client in
                 let (a, b) = (h.keyA, h.keyB)
                 step("cross-account: account a's VM, snapshot, build, service, terminal, file")
-                let vm = try #require(json(try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)"}"#))["id"] as? String)
-                let snap = try #require(json(try await call(client, .post, "/v1/vms/\(vm)/snapshot", a, "{}"))["snapshotId"] as? String)
+                let vm = try #require(
+                    json(try await call(client, .post, "/v1/vms", a, #"{"snapshotId":"\#(h.snapshot)"}"#))["id"]
+                        as? String)
+                let snap = try #require(
+                    json(try await call(client, .post, "/v1/vms/\(vm)/snapshot", a, "{}"))["snapshotId"] as? String)
                 let built = try await call(
-                    client, .post, "/v1/vms/snapshots", a, #"{"spec":{"snapshotId":"\#(snap)","additionalFiles":{"/etc/x":{"content":"x"}}}}"#)
+                    client, .post, "/v1/vms/snapshots", a,
+                    #"{"spec":{"snapshotId":"\#(snap)","additionalFiles":{"/etc/x":{"content":"x"}}}}"#)
                 let builtId = try #require(json(built)["snapshotId"] as? String, "\(String(buffer: built.body))")
                 var build: String?
                 for _ in 0..<600 where build == nil {
                     build = json(try await call(client, .get, "/v1/vms/snapshots/\(builtId)", a))["buildId"] as? String
                     if build == nil { try await Task.sleep(for: .milliseconds(100)) }
                 }
-                let svc = try await call(client, .post, "/v1/vms/\(vm)/systemd/services", a, #"{"name":"svc","mode":"service","exec":["sleep 1000"]}"#)
+                let svc = try await call(
+                    client, .post, "/v1/vms/\(vm)/systemd/services", a,
+                    #"{"name":"svc","mode":"service","exec":["sleep 1000"]}"#)
                 #expect(svc.status == .ok, "\(String(buffer: svc.body))")
-                _ = try await call(client, .post, "/v1/vms/\(vm)/exec-await", a, #"{"command":"echo mine > /root/mine","terminal":"t"}"#)
+                _ = try await call(
+                    client, .post, "/v1/vms/\(vm)/exec-await", a,
+                    #"{"command":"echo mine > /root/mine","terminal":"t"}"#)
 
                 step("cross-account: account b on every route")
                 var checked = 0
@@ -201,14 +248,21 @@ import VMService
                         case .get, .delete: nil
                         case .put: #"{"content":"theirs"}"#
                         default:
-                            path.hasSuffix("/exec-await") ? #"{"command":"echo theirs > /root/mine"}"#
-                                : path.hasSuffix("/resize") ? #"{"rootfsSizeGb":2}"#
-                                : path.contains("/systemd/s") && !path.hasSuffix("/services") ? #"{"services":[{"id":"svc"}]}"#
-                                : path.hasSuffix("/services") ? #"{"name":"other","mode":"oneshot","exec":["true"]}"#
-                                : path.contains("/snapshots/") && route.method == .patch ? #"{"name":"theirs"}"# : "{}"
+                            path.hasSuffix("/exec-await")
+                                ? #"{"command":"echo theirs > /root/mine"}"#
+                                : path.hasSuffix("/resize")
+                                    ? #"{"rootfsSizeGb":2}"#
+                                    : path.contains("/systemd/s") && !path.hasSuffix("/services")
+                                        ? #"{"services":[{"id":"svc"}]}"#
+                                        : path.hasSuffix("/services")
+                                            ? #"{"name":"other","mode":"oneshot","exec":["true"]}"#
+                                            : path.contains("/snapshots/") && route.method == .patch
+                                                ? #"{"name":"theirs"}"# : "{}"
                         }
                     let r = try await call(client, route.method, path, b, body)
-                    #expect(r.status == .notFound, "\(route.method) \(path): \(r.status) \(String(buffer: r.body).prefix(200))")
+                    #expect(
+                        r.status == .notFound,
+                        "\(route.method) \(path): \(r.status) \(String(buffer: r.body).prefix(200))")
                     checked += 1
                 }
                 // The InstaVM session routes name the VM in their body.
@@ -221,7 +275,8 @@ import VMService
                 }
                 for (path, form) in [("/instavm/download", "filename=/root/mine&session_id=\(vm)")] {
                     let r = try await client.execute(
-                        uri: path, method: .post, headers: [.authorization: "Bearer " + b, .contentType: "application/x-www-form-urlencoded"],
+                        uri: path, method: .post,
+                        headers: [.authorization: "Bearer " + b, .contentType: "application/x-www-form-urlencoded"],
                         body: ByteBuffer(string: form))
                     #expect(r.status == .notFound, "\(path): \(r.status) \(String(buffer: r.body).prefix(200))")
                 }
@@ -229,12 +284,17 @@ import VMService
 
                 step("cross-account: nothing of account a's changed")
                 #expect(json(try await call(client, .get, "/v1/vms/\(vm)", a))["state"] as? String == "running")
-                #expect(json(try await call(client, .get, "/v1/vms", a))["totalCount"] as? Int == 1, "no fork, no new VM")
+                #expect(
+                    json(try await call(client, .get, "/v1/vms", a))["totalCount"] as? Int == 1, "no fork, no new VM")
                 let file = try await call(client, .get, "/v1/vms/\(vm)/files/root/mine", a)
                 #expect(json(file)["content"] as? String == "mine\n", "\(String(buffer: file.body))")
                 #expect(json(try await call(client, .get, "/v1/vms/snapshots/\(snap)", a))["deleted"] as? Bool == false)
-                #expect(json(try await call(client, .get, "/v1/vms/\(vm)/systemd/services/svc/status", a))["activeState"] as? String == "active")
-                let names = (json(try await call(client, .get, "/v1/vms/\(vm)/systemd/services", a))["services"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                #expect(
+                    json(try await call(client, .get, "/v1/vms/\(vm)/systemd/services/svc/status", a))["activeState"]
+                        as? String == "active")
+                let names =
+                    (json(try await call(client, .get, "/v1/vms/\(vm)/systemd/services", a))["services"]
+                    as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(names == ["svc"])
             }
         }

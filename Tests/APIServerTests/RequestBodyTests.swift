@@ -1,8 +1,9 @@
-@testable import APIServer
 import Foundation
 import FurcateCore
 import FurcateEngine
 import Testing
+
+@testable import APIServer
 
 /// Request bodies decoded and checked in one place, and each dialect's rendering of what is
 /// wrong with one: no server, no VM.
@@ -28,13 +29,21 @@ import Testing
     @Test func typesAndRangesNameTheField() throws {
         #expect(try decode(FreestyleRoutes.ForkVmRequest.self, "").count == nil, "an empty body is {}")
         #expect(try decode(FreestyleRoutes.ForkVmRequest.self, #"{"count": 7}"#).count == 7)
-        #expect(problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": true}"#) == FieldProblem(["count"], .wrongType(.integer)))
-        #expect(problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": 1.5}"#) == FieldProblem(["count"], .wrongType(.integer)))
-        #expect(problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": 0}"#) == FieldProblem(["count"], .outOfRange(1...100, value: 0)))
+        #expect(
+            problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": true}"#)
+                == FieldProblem(["count"], .wrongType(.integer)))
+        #expect(
+            problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": 1.5}"#)
+                == FieldProblem(["count"], .wrongType(.integer)))
+        #expect(
+            problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": 0}"#)
+                == FieldProblem(["count"], .outOfRange(1...100, value: 0)))
         #expect(problem(FreestyleRoutes.ForkVmRequest.self, #"[1]"#) == FieldProblem([], .notAnObject))
         #expect(problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": "#) == FieldProblem([], .notAnObject))
         #expect(problem(FreestyleRoutes.ExecAwaitRequest.self, #"{}"#) == FieldProblem(["command"], .missing))
-        #expect(problem(FreestyleRoutes.ExecAwaitRequest.self, #"{"command": "x", "timeoutMs": -1}"#)?.path == ["timeoutMs"])
+        #expect(
+            problem(FreestyleRoutes.ExecAwaitRequest.self, #"{"command": "x", "timeoutMs": -1}"#)?.path == ["timeoutMs"]
+        )
     }
 
     /// A field this server does not honour is refused by name; one the vendor documents may
@@ -43,12 +52,19 @@ import Testing
         let extra = problem(FreestyleRoutes.ForkVmRequest.self, #"{"count": 2, "zeta": 1, "alpha": null}"#)
         #expect(extra == FieldProblem([], .unsupported(fields: ["alpha", "zeta"], supported: ["count"])))
         _ = try decode(FreestyleRoutes.VMSettings.self, #"{"activityThresholdBytes": null, "idleTimeoutSeconds": 60}"#)
-        #expect(problem(FreestyleRoutes.VMSettings.self, #"{"activityThresholdBytes": 5}"#)?.kind
-            == .unsupported(fields: ["activityThresholdBytes"], supported: ["idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal"]))
+        #expect(
+            problem(FreestyleRoutes.VMSettings.self, #"{"activityThresholdBytes": 5}"#)?.kind
+                == .unsupported(
+                    fields: ["activityThresholdBytes"],
+                    supported: ["idleTimeoutSeconds", "readySignalTimeoutSeconds", "waitForReadySignal"]))
         // Nested objects check their own fields, with the path to them.
-        let nested = problem(InstaVMRoutes.CreateSnapshotRequest.self, #"{"oci_image": "a/b:1", "build_args": {"bogus": 1}}"#)
+        let nested = problem(
+            InstaVMRoutes.CreateSnapshotRequest.self, #"{"oci_image": "a/b:1", "build_args": {"bogus": 1}}"#)
         #expect(nested?.path == ["build_args"])
-        #expect(nested?.kind == .unsupported(fields: ["bogus"], supported: InstaVMRoutes.CreateSnapshotRequest.BuildArgs.fields.sorted()))
+        #expect(
+            nested?.kind
+                == .unsupported(
+                    fields: ["bogus"], supported: InstaVMRoutes.CreateSnapshotRequest.BuildArgs.fields.sorted()))
     }
 
     /// CreateVmRequest: the VmSpec's label must be a string (found by schemathesis), the
@@ -56,26 +72,38 @@ import Testing
     /// persistence has only its type's fields.
     @Test func createVmRequestShapes() throws {
         typealias Create = FreestyleRoutes.CreateVmRequest
-        #expect(problem(Create.self, #"{"spec": {"name": {}}}"#) == FieldProblem(["spec", "name"], .wrongType(.string)))
+        #expect(
+            problem(Create.self, #"{"spec": {"name": {}}}"#) == FieldProblem(["spec", "name"], .wrongType(.string)))
         #expect(problem(Create.self, #"{"spec": 3}"#) == FieldProblem(["spec"], .wrongType(.object)))
         #expect(try decode(Create.self, "{}").contents == nil)
         #expect(try decode(Create.self, "{}").persistence == .sticky(priority: 5))
 
         let legacy = try decode(
-            Create.self, #"{"template": {"workdir": "/app", "persistence": {"type": "persistent"}, "gitRepos": [{"repo": "r", "path": "/r"}]}}"#)
+            Create.self,
+            #"{"template": {"workdir": "/app", "persistence": {"type": "persistent"}, "gitRepos": [{"repo": "r", "path": "/r"}]}}"#
+        )
         #expect(legacy.persistence == .persistent)
         #expect(legacy.contents?.snapshot?.workdir == "/app", "the template is spec.snapshot")
         #expect(legacy.contents?.snapshot?.git?.repos?.map(\.repo) == ["r"])
-        let repos = try decode(Create.self, #"{"gitRepos": [{"repo": "s", "path": "/s"}], "git": {"config": {}, "repos": [{"repo": "t", "path": "/t"}]}}"#)
+        let repos = try decode(
+            Create.self,
+            #"{"gitRepos": [{"repo": "s", "path": "/s"}], "git": {"config": {}, "repos": [{"repo": "t", "path": "/t"}]}}"#
+        )
         #expect(repos.contents?.git?.repos?.map(\.repo) == ["t", "s"])
         #expect(problem(Create.self, #"{"template": {}, "spec": {}}"#)?.path == ["template"])
-        #expect(problem(Create.self, #"{"gitRepos": [], "git": {"config": {}, "repos": 1}}"#) == FieldProblem(["git", "repos"], .wrongType(.array)))
+        #expect(
+            problem(Create.self, #"{"gitRepos": [], "git": {"config": {}, "repos": 1}}"#)
+                == FieldProblem(["git", "repos"], .wrongType(.array)))
 
         // A layer on a snapshot: the request's own fields over its snapshotId.
         let layered = try decode(Create.self, #"{"snapshotId": "sn-1", "aptDeps": ["jq"], "idleTimeoutSeconds": 30}"#)
-        #expect(layered.contents?.snapshotId == "sn-1" && layered.contents?.aptDeps == ["jq"] && layered.settings.idleTimeoutSeconds == 30)
+        #expect(
+            layered.contents?.snapshotId == "sn-1" && layered.contents?.aptDeps == ["jq"]
+                && layered.settings.idleTimeoutSeconds == 30)
         // The spec's outer layer gives settings the request leaves unset.
-        let spec = try decode(Create.self, #"{"spec": {"snapshot": {"idleTimeoutSeconds": 9, "waitForReadySignal": false}}, "idleTimeoutSeconds": 4}"#)
+        let spec = try decode(
+            Create.self,
+            #"{"spec": {"snapshot": {"idleTimeoutSeconds": 9, "waitForReadySignal": false}}, "idleTimeoutSeconds": 4}"#)
         #expect(spec.settings.idleTimeoutSeconds == 4 && spec.settings.waitForReadySignal == false)
 
         let persistence = problem(Create.self, #"{"persistence": {"type": "persistent", "priority": 3}}"#)
@@ -88,15 +116,21 @@ import Testing
     @Test func dialectsRenderProblems() throws {
         let unsupported = FieldProblem(["build_args"], .unsupported(fields: ["bogus"], supported: ["envs"]))
         let free = try #require(FreestyleRoutes.render(unsupported) as? APIError)
-        #expect(free.status == .badRequest && free.code == "UNSUPPORTED_FIELD" && free.message.contains("'build_args.bogus'"))
+        #expect(
+            free.status == .badRequest && free.code == "UNSUPPORTED_FIELD"
+                && free.message.contains("'build_args.bogus'"))
         let wrong = try #require(FreestyleRoutes.render(FieldProblem(["count"], .wrongType(.integer))) as? APIError)
         #expect(wrong.code == "BAD_REQUEST" && wrong.message == "count must be an integer")
 
         let insta = try #require(InstaVMRoutes.render(unsupported) as? InstaVMError)
         #expect(insta.status == .unprocessableContent)
-        #expect(insta.items?.first?.loc == ["body", "build_args", "bogus"] && insta.items?.first?.type == "extra_forbidden")
-        let range = try #require(InstaVMRoutes.render(FieldProblem(["memory_mb"], .outOfRange(128...8192, value: 64))) as? InstaVMError)
-        #expect(range.items?.first?.msg == "Input should be greater than or equal to 128" && range.items?.first?.type == "greater_than_equal")
+        #expect(
+            insta.items?.first?.loc == ["body", "build_args", "bogus"] && insta.items?.first?.type == "extra_forbidden")
+        let range = try #require(
+            InstaVMRoutes.render(FieldProblem(["memory_mb"], .outOfRange(128...8192, value: 64))) as? InstaVMError)
+        #expect(
+            range.items?.first?.msg == "Input should be greater than or equal to 128"
+                && range.items?.first?.type == "greater_than_equal")
         let missing = try #require(InstaVMRoutes.render(FieldProblem(["session_id"], .missing)) as? InstaVMError)
         #expect(missing.items?.first?.loc == ["body", "session_id"] && missing.items?.first?.msg == "Field required")
     }

@@ -15,7 +15,10 @@ import Testing
         }
         func add(_ created: [(BlockID, [UInt8])]) {
             for (id, enc) in created {
-                let n = enc.withUnsafeBytes { TreeNode.decode($0) }!
+                guard let n = enc.withUnsafeBytes({ TreeNode.decode($0) }) else {
+                    Issue.record("node \(id) does not decode")
+                    continue
+                }
                 #expect(enc.withUnsafeBytes { BlockID.hash($0) } == id)
                 map[id] = n
             }
@@ -48,7 +51,9 @@ import Testing
             }
             for (k, v) in sets { model[k] = v.isHole ? nil : v }
             var created: [(BlockID, [UInt8])] = []
-            root = try nodes.tree.apply(root, clears: clears, sets: sets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, created: &created)
+            root = try nodes.tree.apply(
+                root, clears: clears, sets: sets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) },
+                created: &created)
             nodes.add(created)
             for (k, v) in model { #expect(try nodes.tree.lookup(root, k) == v) }
             // Allocation walk agrees with the model.

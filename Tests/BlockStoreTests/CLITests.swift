@@ -1,12 +1,12 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @testable import BlockStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The `furcate store` contract: exit status and one line on stderr that says what and where.

@@ -1,12 +1,12 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @testable import BlockStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// SIGKILLs a writer process at random moments; every state it reported durable must survive.
@@ -48,7 +48,9 @@ import Glibc
             p.standardError = FileHandle.nullDevice
             try p.runWithSignalsUnblocked()
             let deadline = Date().addingTimeInterval(20)
-            while Date() < deadline, !(((try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "").contains("ready")) {
+            while Date() < deadline,
+                !(((try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "").contains("ready"))
+            {
                 usleep(2000)
             }
             usleep(useconds_t(rng.next() % 400_000))
@@ -56,7 +58,8 @@ import Glibc
             p.waitUntilExit()
             let out = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
             try #require(out.contains("ready"), "round \(round): writer never got ready")
-            let last = out.split(separator: "\n").compactMap { $0.hasPrefix("synced ") ? Int($0.dropFirst(7)) : nil }.last ?? 0
+            let last =
+                out.split(separator: "\n").compactMap { $0.hasPrefix("synced ") ? Int($0.dropFirst(7)) : nil }.last ?? 0
 
             // Replay the workload on the model up to sync point last + 1.
             var w = CrashWorkload(seed: seed)
@@ -81,7 +84,8 @@ import Glibc
                 let f = try s.file(name)
                 let got = try f.read(at: 0, count: Int(f.size))
                 let ok = got == states[last]![name]! || got == states[last + 1]![name]!
-                #expect(ok, "round \(round) seed \(seed): file \(name) matches neither sync point \(last) nor \(last + 1)")
+                #expect(
+                    ok, "round \(round) seed \(seed): file \(name) matches neither sync point \(last) nor \(last + 1)")
             }
             for (pt, name) in snapshots where pt <= last {
                 let got = try s.file(name).read(at: 0, count: 1 << 20)
@@ -91,6 +95,7 @@ import Glibc
             s.close()
         }
         // The kills must land after real work, or the test proves nothing.
-        #expect(verifiedPoints > Self.rounds, "writers reached only \(verifiedPoints) sync points in \(Self.rounds) rounds")
+        #expect(
+            verifiedPoints > Self.rounds, "writers reached only \(verifiedPoints) sync points in \(Self.rounds) rounds")
     }
 }

@@ -1,13 +1,13 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import GRDB
 import Testing
 
 @testable import BlockStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite struct DamageTests {
@@ -43,7 +43,8 @@ import Glibc
             _ = try f.read(at: 3 * 4096 + 5, count: 10)
         } throws: { e in
             let fe = e as? FurcateError
-            return fe?.code == .damaged && fe?.posixErrno == EIO && fe!.description.contains("disk") && fe!.description.contains("offset \(3 * 4096)")
+            return fe?.code == .damaged && fe?.posixErrno == EIO && fe!.description.contains("disk")
+                && fe!.description.contains("offset \(3 * 4096)")
         }
         // Undamaged blocks still read.
         #expect(try f.read(at: 0, count: 3 * 4096) == Array(data[0..<(3 * 4096)]))

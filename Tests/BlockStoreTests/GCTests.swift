@@ -1,6 +1,6 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import GRDB
 import Testing
 
@@ -20,7 +20,9 @@ import Testing
         try s.delete("snap")
         r = try s.gc()
         #expect(r.blocksFreed == 10)
-        #expect(try s.file("a").read(at: 0, count: 40 * 4096) == pattern(10 * 4096, seed: 2) + Array(pattern(40 * 4096, seed: 1)[(10 * 4096)...]))
+        #expect(
+            try s.file("a").read(at: 0, count: 40 * 4096) == pattern(10 * 4096, seed: 2)
+                + Array(pattern(40 * 4096, seed: 1)[(10 * 4096)...]))
         #expect(try s.fsck().clean)
     }
 
@@ -69,7 +71,9 @@ import Testing
     }
 
     @Test func concurrentWritersReadersAndGC() async throws {
-        let (tmp, s) = try makeStore(blockSize: 4096) { $0.packRolloverBytes = 128 << 10; $0.blockCacheBytes = 64 << 10 }
+        let (tmp, s) = try makeStore(blockSize: 4096) {
+            $0.packRolloverBytes = 128 << 10; $0.blockCacheBytes = 64 << 10
+        }
         defer { withExtendedLifetime(tmp) {} }
         let names = (0..<4).map { "f\($0)" }
         for n in names { try s.createFile(n) }

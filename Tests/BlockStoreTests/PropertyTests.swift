@@ -1,6 +1,6 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @testable import BlockStore
@@ -39,7 +39,8 @@ import Testing
         let dir = TempDir("prop")
         let path = dir.sub("s")
         let bs = [4096, 8192, 65536][Int(seed % 3)]
-        var store: BlockStore? = try BlockStore.create(at: path, blockSize: bs, codec: seed % 2 == 0 ? .lz4 : .zstd(level: 3))
+        var store: BlockStore? = try BlockStore.create(
+            at: path, blockSize: bs, codec: seed % 2 == 0 ? .lz4 : .zstd(level: 3))
         var model: [String: [UInt8]] = [:]
         var snapshots: Set<String> = []
         var rng = SplitMix64(seed: seed)
@@ -88,7 +89,11 @@ import Testing
             case .truncate(let f, let size):
                 try s.file(f).truncate(to: size)
                 var c = model[f]!
-                if c.count > Int(size) { c.removeLast(c.count - Int(size)) } else { c += [UInt8](repeating: 0, count: Int(size) - c.count) }
+                if c.count > Int(size) {
+                    c.removeLast(c.count - Int(size))
+                } else {
+                    c += [UInt8](repeating: 0, count: Int(size) - c.count)
+                }
                 model[f] = c
             case .punch(let f, let off, let len):
                 try s.file(f).punchHole(offset: off, length: len)

@@ -11,7 +11,9 @@ import Testing
     /// Text-like data that compresses well but not trivially.
     func compressible(_ n: Int, seed: UInt64) -> [UInt8] {
         var rng = SplitMix64(seed: seed)
-        let words = ["alpha ", "beta ", "gamma ", "delta ", "fork ", "snapshot ", "memory ", "page "].map { Array($0.utf8) }
+        let words = ["alpha ", "beta ", "gamma ", "delta ", "fork ", "snapshot ", "memory ", "page "].map {
+            Array($0.utf8)
+        }
         var out: [UInt8] = []
         out.reserveCapacity(n)
         while out.count < n { out += words[Int(rng.next() % 8)] }
@@ -36,7 +38,8 @@ import Testing
         #expect(z.blocks == 64 && z.uncompressedBytes == before.uncompressedBytes)
         #expect(z.ratio > 3, "text compresses: \(z)")
         let fork = try s.file("fork")
-        #expect(sameBytes(try fork.read(at: 0, count: data.count), data), "a clone sharing the blocks reads the same bytes")
+        #expect(
+            sameBytes(try fork.read(at: 0, count: data.count), data), "a clone sharing the blocks reads the same bytes")
         #expect(try s.compressionStats("fork") == z, "the blocks are shared: the clone's storage changed too")
 
         let l = try s.recompress("snap", codec: .lz4hc(level: 9))
@@ -52,7 +55,8 @@ import Testing
         s.close()
         let reopened = try BlockStore.open(at: tmp.sub("s"))
         defer { reopened.close() }
-        #expect(sameBytes(try reopened.file("fork").read(at: 0, count: data.count), data), "the index change is durable")
+        #expect(
+            sameBytes(try reopened.file("fork").read(at: 0, count: data.count), data), "the index change is durable")
     }
 
     @Test func cancelledRecompressionKeepsWhatItMovedAndReadsStayCorrect() throws {
@@ -68,7 +72,9 @@ import Testing
             return polls > 1  // one batch, then cancelled
         }
         #expect(r.blocks == 2048)
-        #expect(r.storedBytes < r.uncompressedBytes && r.storedBytes > r.uncompressedBytes / 8, "only part was re-encoded: \(r)")
+        #expect(
+            r.storedBytes < r.uncompressedBytes && r.storedBytes > r.uncompressedBytes / 8,
+            "only part was re-encoded: \(r)")
         #expect(sameBytes(try s.file("f").read(at: 0, count: data.count), data))
         #expect(throws: FurcateError.self) { try s.recompress("nope", codec: .lz4) }
     }

@@ -1,6 +1,6 @@
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import GRDB
 import Testing
 
@@ -118,7 +118,10 @@ import Testing
         try f.sync()
         func counts() throws -> (Int, Int) {
             try s.index.read("t") { db in
-                (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM nodes")!, try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM blocks")!)
+                (
+                    try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM nodes")!,
+                    try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM blocks")!
+                )
             }
         }
         let before = try counts()
@@ -157,7 +160,8 @@ import Testing
     @Test(arguments: ["none", "lz4", "zstd", "zstd:19"])
     func everyCodecRoundTrips(codec: String) throws {
         let (dir, s) = try makeStore(blockSize: 65536, codec: try Codec(parsing: codec))
-        let data = pattern(300_000, seed: 3) + [UInt8]((0..<70000).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 13) })
+        let data =
+            pattern(300_000, seed: 3) + [UInt8]((0..<70000).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 13) })
         try s.createFile("f").write(data, at: 0)
         s.close()
         let s2 = try BlockStore.open(at: dir.sub("s"))

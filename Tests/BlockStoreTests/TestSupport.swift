@@ -6,7 +6,7 @@ import Testing
 @testable import BlockStore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Creates a store in a new temp dir; the dir lives as long as the returned value.
@@ -54,6 +54,7 @@ func runFurcate(_ args: [String]) throws -> RunResult {
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
-    return RunResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    return RunResult(
+        status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+        stderr: String(decoding: e, as: UTF8.self))
 }
-

@@ -1,9 +1,10 @@
 import Foundation
-@testable import FurcateCore
 import Testing
 
+@testable import FurcateCore
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Starts `/bin/sh -c SCRIPT` (signals unblocked) and returns it.

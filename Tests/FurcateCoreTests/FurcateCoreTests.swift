@@ -3,7 +3,9 @@ import FurcateCore
 import Testing
 
 @Suite struct ByteSizeTests {
-    @Test(arguments: [("4096", 4096), ("64K", 65536), ("64KiB", 65536), ("1m", 1 << 20), ("16G", 16 << 30), ("0", 0)] as [(String, UInt64)])
+    @Test(
+        arguments: [("4096", 4096), ("64K", 65536), ("64KiB", 65536), ("1m", 1 << 20), ("16G", 16 << 30), ("0", 0)]
+            as [(String, UInt64)])
     func parses(_ text: String, _ value: UInt64) throws {
         #expect(try ByteSize.parse(text) == value)
     }
@@ -59,6 +61,10 @@ import Testing
             p.waitUntilExit()
             return String(decoding: data, as: UTF8.self)
         }.value
-        #expect(mask.hasPrefix("SigBlk:") && mask.split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines).allSatisfy { $0 == "0" } == true, "\(mask)")
+        #expect(
+            mask.hasPrefix("SigBlk:")
+                && mask.split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines).allSatisfy {
+                    $0 == "0"
+                } == true, "\(mask)")
     }
 }

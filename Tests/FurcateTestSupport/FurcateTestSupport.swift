@@ -5,7 +5,7 @@ import Foundation
 import FurcateCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A fresh temporary directory, removed when the value is dropped.
@@ -13,8 +13,10 @@ public final class TempDir {
     public let path: String
     public init(_ label: String = "t") {
         var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
-        let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        path = String(cString: p!)
+        guard let p = template.withUnsafeMutableBufferPointer({ $0.baseAddress.flatMap(mkdtemp) }) else {
+            fatalError("mkdtemp failed: errno \(errno)")
+        }
+        path = String(cString: p)
     }
     deinit { try? FileManager.default.removeItem(atPath: path) }
     public func sub(_ name: String) -> String { path + "/" + name }
@@ -37,7 +39,12 @@ public var furcateBinary: String {
 /// failed `#expect(a == b)` would print both arrays whole.
 public func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     a.count == b.count
-        && (a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } })
+        && (a.isEmpty
+            || a.withUnsafeBytes { x in
+                b.withUnsafeBytes { y in
+                    x.baseAddress.flatMap { xp in y.baseAddress.map { memcmp(xp, $0, a.count) == 0 } } ?? false
+                }
+            })
 }
 
 /// Runs a program (looked up in PATH) to completion: its status and its stdout and stderr

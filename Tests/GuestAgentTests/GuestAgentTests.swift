@@ -7,7 +7,7 @@ import Hypervisor
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The agent built beside the tests.
@@ -32,7 +32,9 @@ final class HostAgent {
         inheritedFD: Bool = false
     ) throws {
         var sv: [Int32] = [0, 0]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else {
+            throw FurcateError.system("socketpair", errno: errno)
+        }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -48,7 +50,9 @@ final class HostAgent {
         var p: pid_t = 0
         // FURCATE_AGENT_NO_SYSTEMD: on a host whose init is systemd, services must still go to the
         // built-in supervisor, never into the host's systemd.
-        var env: [UnsafeMutablePointer<CChar>?] = [strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin"), strdup("FURCATE_AGENT_NO_SYSTEMD=1")]
+        var env: [UnsafeMutablePointer<CChar>?] = [
+            strdup("PATH=/usr/sbin:/usr/bin:/sbin:/bin"), strdup("FURCATE_AGENT_NO_SYSTEMD=1"),
+        ]
         if let stateDir { env.append(strdup("FURCATE_AGENT_STATE_DIR=\(stateDir)")) }
         if let etc { env.append(strdup("FURCATE_AGENT_ETC=\(etc)")) }
         for (k, v) in environment { env.append(strdup("\(k)=\(v)")) }
@@ -91,7 +95,8 @@ final class HostAgent {
         var wrong = FrameDecoder()
         wrong.append(Array("GET / HTTP/1.1\r\n".utf8))
         #expect(throws: FrameError.self) { try wrong.next() }
-        let req = AgentRequest.writeFile(path: "/a", data: Data([0, 1, 255]), offset: 3, mode: 0o600, createParents: true)
+        let req = AgentRequest.writeFile(
+            path: "/a", data: Data([0, 1, 255]), offset: 3, mode: 0o600, createParents: true)
         #expect(try JSONDecoder().decode(AgentRequest.self, from: JSONEncoder().encode(req)) == req)
         // File bytes travel as a raw attachment beside the JSON, not as base64 inside it.
         let framed = try req.frame(id: 9)
@@ -125,7 +130,9 @@ final class HostAgent {
         }
         func pair() throws -> (Int32, Int32) {
             var sv: [Int32] = [0, 0]
-            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw FurcateError.system("socketpair", errno: errno) }
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else {
+                throw FurcateError.system("socketpair", errno: errno)
+            }
             return (sv[0], sv[1])
         }
         // The first connection's request is never answered (the VM was snapshotted meanwhile).
@@ -184,7 +191,9 @@ final class HostAgent {
         let r = try await a.client.exec(ExecRequest(argv: ["/bin/ls", "/proc/self/fd"]))
         let fds = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n").compactMap { Int($0) }
         // 0-2, and the directory ls reads.
-        #expect(r.exitCode == 0 && !fds.isEmpty && fds.allSatisfy { $0 <= 3 }, "descriptors of a program the agent started: \(fds)")
+        #expect(
+            r.exitCode == 0 && !fds.isEmpty && fds.allSatisfy { $0 <= 3 },
+            "descriptors of a program the agent started: \(fds)")
     }
 
     @Test func pingAndExec() async throws {
@@ -192,7 +201,9 @@ final class HostAgent {
         guard case .pong(let v, _, let up) = try await a.client.request(.ping) else { Issue.record("no pong"); return }
         #expect(v == "1" && up > 0)
         let r = try await a.client.exec(ExecRequest(command: "echo out; echo err >&2; exit 3"))
-        #expect(r.exitCode == 3 && String(decoding: r.stdout, as: UTF8.self) == "out\n" && String(decoding: r.stderr, as: UTF8.self) == "err\n")
+        #expect(
+            r.exitCode == 3 && String(decoding: r.stdout, as: UTF8.self) == "out\n"
+                && String(decoding: r.stderr, as: UTF8.self) == "err\n")
         let cat = try await a.client.exec(ExecRequest(argv: ["/bin/cat"], stdin: Data("piped".utf8)))
         #expect(cat.exitCode == 0 && String(decoding: cat.stdout, as: UTF8.self) == "piped")
         let env = try await a.client.exec(ExecRequest(command: "echo $FOO; pwd", env: ["FOO": "bar"], cwd: "/tmp"))
@@ -207,8 +218,11 @@ final class HostAgent {
         try "FROM_IMAGE=yes\nOVERRIDDEN=image\n".write(toFile: t.sub("env"), atomically: true, encoding: .utf8)
         try FileManager.default.createDirectory(atPath: t.sub("work"), withIntermediateDirectories: true)
         try (t.sub("work") + "\n").write(toFile: t.sub("workdir"), atomically: true, encoding: .utf8)
-        let a = try HostAgent(environment: ["FURCATE_AGENT_ENV_FILE": t.sub("env"), "FURCATE_AGENT_WORKDIR_FILE": t.sub("workdir")])
-        let r = try await a.client.exec(ExecRequest(command: "echo $FROM_IMAGE $OVERRIDDEN; pwd", env: ["OVERRIDDEN": "request"]))
+        let a = try HostAgent(environment: [
+            "FURCATE_AGENT_ENV_FILE": t.sub("env"), "FURCATE_AGENT_WORKDIR_FILE": t.sub("workdir"),
+        ])
+        let r = try await a.client.exec(
+            ExecRequest(command: "echo $FROM_IMAGE $OVERRIDDEN; pwd", env: ["OVERRIDDEN": "request"]))
         let lines = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n")
         #expect(lines.first == "yes request" && lines.last?.hasSuffix("/work") == true, "\(lines)")
         // The file is read at every start: a build step that appends to it reaches later execs.
@@ -219,12 +233,16 @@ final class HostAgent {
         // `yes` spin forever once `head` exits.
         let ign = try await a.client.exec(ExecRequest(argv: ["grep", "SigIgn", "/proc/self/status"]))
         // Signals 1-31 (32 and 33 are glibc's own, which posix_spawn leaves alone).
-        let mask = UInt64(String(decoding: ign.stdout, as: UTF8.self).split(separator: "\t").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "", radix: 16)
+        let mask = UInt64(
+            String(decoding: ign.stdout, as: UTF8.self).split(separator: "\t").last?.trimmingCharacters(
+                in: .whitespacesAndNewlines) ?? "", radix: 16)
         #expect(mask.map { $0 & 0x7fff_ffff } == 0, "\(String(decoding: ign.stdout, as: UTF8.self))")
         if geteuid() == 0 {
             let r3 = try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "nobody"))
             #expect(String(decoding: r3.stdout, as: UTF8.self) == "65534\n", "\(r3)")
-            await #expect(throws: (any Error).self) { try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "no-such-user")) }
+            await #expect(throws: (any Error).self) {
+                try await a.client.exec(ExecRequest(argv: ["id", "-u"], user: "no-such-user"))
+            }
         }
     }
 
@@ -236,7 +254,8 @@ final class HostAgent {
         // Well under the 30 s the group's sleeps would take had they not been killed (not a speed
         // check: under CI load the call itself once took 15 s).
         #expect(ContinuousClock.now - t0 < .seconds(25))
-        let big = try await a.client.exec(ExecRequest(command: "head -c 200000 /dev/zero | tr '\\0' x", maxOutputBytes: 1000))
+        let big = try await a.client.exec(
+            ExecRequest(command: "head -c 200000 /dev/zero | tr '\\0' x", maxOutputBytes: 1000))
         #expect(big.truncated && big.stdout.count == 1000 && big.exitCode == 0)
     }
 
@@ -244,8 +263,12 @@ final class HostAgent {
         let a = try HostAgent()
         let dir = TempDir("agent")
         let all = Data((0..<256).map { UInt8($0) })
-        _ = try await a.client.request(.writeFile(path: dir.sub("x/y/bin"), data: all, offset: nil, mode: 0o600, createParents: true))
-        guard case .data(let back, let size) = try await a.client.request(.readFile(path: dir.sub("x/y/bin"), offset: nil, length: nil)) else {
+        _ = try await a.client.request(
+            .writeFile(path: dir.sub("x/y/bin"), data: all, offset: nil, mode: 0o600, createParents: true))
+        guard
+            case .data(let back, let size) = try await a.client.request(
+                .readFile(path: dir.sub("x/y/bin"), offset: nil, length: nil))
+        else {
             Issue.record("no data")
             return
         }
@@ -264,10 +287,15 @@ final class HostAgent {
         for k in 0..<25 {
             var c = pattern
             c[0] = UInt8(k)
-            _ = try await a.client.request(.writeFile(path: path, data: Data(c), offset: UInt64(k * chunk), mode: nil, createParents: false), timeout: .seconds(60))
+            _ = try await a.client.request(
+                .writeFile(path: path, data: Data(c), offset: UInt64(k * chunk), mode: nil, createParents: false),
+                timeout: .seconds(60))
         }
         for k in 0..<25 {
-            guard case .data(let d, let size) = try await a.client.request(.readFile(path: path, offset: UInt64(k * chunk), length: chunk), timeout: .seconds(60)) else {
+            guard
+                case .data(let d, let size) = try await a.client.request(
+                    .readFile(path: path, offset: UInt64(k * chunk), length: chunk), timeout: .seconds(60))
+            else {
                 Issue.record("chunk \(k) missing")
                 return
             }
@@ -277,7 +305,8 @@ final class HostAgent {
         }
         _ = try await a.client.request(.delete(path: dir.sub("x"), recursive: true))
         let gone = try await a.client.call(.stat(path: dir.sub("x")))
-        #expect(gone == .error(AgentError(code: "not_found", message: "stat \(dir.sub("x")): No such file or directory")))
+        #expect(
+            gone == .error(AgentError(code: "not_found", message: "stat \(dir.sub("x")): No such file or directory")))
         let relative = try await a.client.call(.readFile(path: "etc/passwd", offset: nil, length: nil))
         guard case .error(let e) = relative else { Issue.record("a relative path was accepted"); return }
         #expect(e.code == "invalid_argument")
@@ -285,13 +314,19 @@ final class HostAgent {
 
     @Test func execStreamsOutputAndCancelKills() async throws {
         let a = try HostAgent()
-        let (_, items) = try a.client.stream(.execStream(ExecRequest(command: "for i in 1 2 3; do echo $i; sleep 0.1; done; echo e >&2")))
+        let (_, items) = try a.client.stream(
+            .execStream(ExecRequest(command: "for i in 1 2 3; do echo $i; sleep 0.1; done; echo e >&2")))
         var out = ""
         var err = ""
         var end: AgentResponse?
         for try await item in items {
             switch item {
-            case .event(.output(let fd, let data)): if fd == 1 { out += String(decoding: data, as: UTF8.self) } else { err += String(decoding: data, as: UTF8.self) }
+            case .event(.output(let fd, let data)):
+                if fd == 1 {
+                    out += String(decoding: data, as: UTF8.self)
+                } else {
+                    err += String(decoding: data, as: UTF8.self)
+                }
             case .event: Issue.record("unexpected event")
             case .end(let r): end = r
             }
@@ -338,7 +373,9 @@ final class HostAgent {
             }
         }
         #expect(end == .ok)
-        for want in ["create \(f)", "modify \(f)", "delete \(f)", "create \(dir.sub("sub"))", "create \(dir.sub("sub/inner"))"] {
+        for want in [
+            "create \(f)", "modify \(f)", "delete \(f)", "create \(dir.sub("sub"))", "create \(dir.sub("sub/inner"))",
+        ] {
             #expect(seen.contains(want), "missing '\(want)' in \(seen.sorted())")
         }
     }
@@ -354,7 +391,10 @@ final class HostAgent {
             }
         }
         #expect(samples.count >= 3)
-        #expect(samples.allSatisfy { $0.memoryTotalBytes > 0 && $0.memoryAvailableBytes <= $0.memoryTotalBytes && $0.cpus > 0 })
+        #expect(
+            samples.allSatisfy {
+                $0.memoryTotalBytes > 0 && $0.memoryAvailableBytes <= $0.memoryTotalBytes && $0.cpus > 0
+            })
         let (_, bad) = try a.client.stream(.stats(intervalMs: 5))
         var end: AgentResponse?
         for try await item in bad { if case .end(let r) = item { end = r } }
@@ -394,13 +434,17 @@ final class HostAgent {
 /// The built-in supervisor, on the host (no systemd in test images either).
 @Suite(.serialized) struct AgentServiceTests {
     func status(_ a: HostAgent, _ name: String) async throws -> ServiceStatus {
-        guard case .service(let st) = try await a.client.request(.serviceStatus(name: name)) else { throw AgentError(code: "io", message: "no status") }
+        guard case .service(let st) = try await a.client.request(.serviceStatus(name: name)) else {
+            throw AgentError(code: "io", message: "no status")
+        }
         return st
     }
 
     /// Polls a service's status until `ok` (or `seconds` pass: 30, since under CI load — QEMU
     /// guests on both cores — a restart once took longer than 10 s to show).
-    func waitFor(_ a: HostAgent, _ name: String, seconds: Double = 30, _ ok: (ServiceStatus) -> Bool) async throws -> ServiceStatus {
+    func waitFor(_ a: HostAgent, _ name: String, seconds: Double = 30, _ ok: (ServiceStatus) -> Bool) async throws
+        -> ServiceStatus
+    {
         let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
         var st = try await status(a, name)
         while !ok(st) && ContinuousClock.now < deadline {
@@ -413,24 +457,35 @@ final class HostAgent {
     @Test func oneshotRunsItsLinesInOrderKeepsLogsAndCanDeleteItself() async throws {
         let state = TempDir("svc")
         let a = try HostAgent(stateDir: state.path)
-        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "setup", mode: "oneshot", exec: ["echo one", "echo two >&2"], env: ["X": "1"]), start: true))
+        _ = try await a.client.request(
+            .serviceCreate(
+                ServiceSpec(name: "setup", mode: "oneshot", exec: ["echo one", "echo two >&2"], env: ["X": "1"]),
+                start: true))
         let st = try await waitFor(a, "setup") { $0.subState == "exited" }
         #expect(st.activeState == "active" && st.lastExitCode == 0)
-        guard case .logs(let logs) = try await a.client.request(.serviceLogs(name: "setup", lines: nil)) else { Issue.record("no logs"); return }
+        guard case .logs(let logs) = try await a.client.request(.serviceLogs(name: "setup", lines: nil)) else {
+            Issue.record("no logs"); return
+        }
         #expect(logs.map(\.text) == ["one", "two"])
         // Each line has its time; `since` keeps those at or after it.
         let t = Date().timeIntervalSince1970
         #expect(logs.allSatisfy { $0.time > t - 60 && $0.time <= t }, "\(logs)")
-        #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil, since: logs[1].time)) == .logs([logs[1]]))
+        #expect(
+            try await a.client.request(.serviceLogs(name: "setup", lines: nil, since: logs[1].time)) == .logs([logs[1]])
+        )
         #expect(try await a.client.request(.serviceLogs(name: "setup", lines: nil, since: t + 1)) == .logs([]))
-        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "once", mode: "oneshot", exec: ["true"], deleteAfterSuccess: true), start: true))
+        _ = try await a.client.request(
+            .serviceCreate(
+                ServiceSpec(name: "once", mode: "oneshot", exec: ["true"], deleteAfterSuccess: true), start: true))
         try await Task.sleep(for: .milliseconds(500))
         guard case .services(let list) = try await a.client.request(.serviceList) else { return }
         #expect(list.map(\.name) == ["setup"])
-        let bad = try await a.client.call(.serviceCreate(ServiceSpec(name: "../x", mode: "oneshot", exec: ["true"]), start: true))
+        let bad = try await a.client.call(
+            .serviceCreate(ServiceSpec(name: "../x", mode: "oneshot", exec: ["true"]), start: true))
         guard case .error(let e) = bad else { Issue.record("a bad name was accepted"); return }
         #expect(e.code == "invalid_argument")
-        let failing = try await a.client.request(.serviceCreate(ServiceSpec(name: "fails", mode: "oneshot", exec: ["exit 3", "echo never"]), start: true))
+        let failing = try await a.client.request(
+            .serviceCreate(ServiceSpec(name: "fails", mode: "oneshot", exec: ["exit 3", "echo never"]), start: true))
         _ = failing
         let f = try await waitFor(a, "fails") { $0.activeState == "failed" }
         #expect(f.activeState == "failed" && f.lastExitCode == 3)
@@ -441,14 +496,18 @@ final class HostAgent {
         let state = TempDir("svc")
         let a = try HostAgent(stateDir: state.path)
         _ = try await a.client.request(
-            .serviceCreate(ServiceSpec(name: "web", mode: "service", exec: ["exec sleep 300"], restartPolicy: RestartPolicy(policy: "always")), start: true))
+            .serviceCreate(
+                ServiceSpec(
+                    name: "web", mode: "service", exec: ["exec sleep 300"],
+                    restartPolicy: RestartPolicy(policy: "always")), start: true))
         let first = try await waitFor(a, "web") { $0.subState == "running" && $0.mainPID != nil }
         let pid = try #require(first.mainPID)
         kill(pid, SIGKILL)
         let second = try await waitFor(a, "web") { $0.restarts == 1 && $0.subState == "running" && $0.mainPID != pid }
         #expect(second.restarts == 1 && second.mainPID != nil && second.mainPID != pid)
         let newPID = try #require(second.mainPID)
-        guard case .service(let stopped) = try await a.client.request(.serviceControl(name: "web", action: "stop")) else { return }
+        guard case .service(let stopped) = try await a.client.request(.serviceControl(name: "web", action: "stop"))
+        else { return }
         #expect(stopped.activeState == "inactive")
         try await Task.sleep(for: .milliseconds(100))
         #expect(!isRunning(newPID))
@@ -459,18 +518,25 @@ final class HostAgent {
         let a = try HostAgent(stateDir: state.path)
         _ = try await a.client.request(
             .serviceCreate(
-                ServiceSpec(name: "crashy", mode: "service", exec: ["exit 2"], restartPolicy: RestartPolicy(policy: "on-failure", startLimitBurst: 3)),
+                ServiceSpec(
+                    name: "crashy", mode: "service", exec: ["exit 2"],
+                    restartPolicy: RestartPolicy(policy: "on-failure", startLimitBurst: 3)),
                 start: true))
         let st = try await waitFor(a, "crashy") { $0.activeState == "failed" }
         #expect(st.activeState == "failed" && st.restarts == 2 && st.lastExitCode == 2)
 
-        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "db", mode: "service", exec: ["exec sleep 300"]), start: false))
-        _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "app", mode: "service", exec: ["exec sleep 300"], requires: ["db"]), start: true))
+        _ = try await a.client.request(
+            .serviceCreate(ServiceSpec(name: "db", mode: "service", exec: ["exec sleep 300"]), start: false))
+        _ = try await a.client.request(
+            .serviceCreate(
+                ServiceSpec(name: "app", mode: "service", exec: ["exec sleep 300"], requires: ["db"]), start: true))
         #expect(try await waitFor(a, "db") { $0.subState == "running" }.subState == "running")
         #expect(try await waitFor(a, "app") { $0.subState == "running" }.subState == "running")
         _ = try await a.client.request(.serviceControl(name: "db", action: "stop"))
         #expect(try await status(a, "app").activeState == "inactive")
-        let missing = try await a.client.call(.serviceCreate(ServiceSpec(name: "orphan", mode: "service", exec: ["true"], requires: ["nope"]), start: true))
+        let missing = try await a.client.call(
+            .serviceCreate(
+                ServiceSpec(name: "orphan", mode: "service", exec: ["true"], requires: ["nope"]), start: true))
         guard case .error(let e) = missing else { Issue.record("a missing requirement was accepted"); return }
         #expect(e.code == "not_found")
     }
@@ -480,7 +546,8 @@ final class HostAgent {
         var oldPID: Int32 = 0
         do {
             let a = try HostAgent(stateDir: state.path)
-            _ = try await a.client.request(.serviceCreate(ServiceSpec(name: "daemon", mode: "service", exec: ["exec sleep 300"]), start: true))
+            _ = try await a.client.request(
+                .serviceCreate(ServiceSpec(name: "daemon", mode: "service", exec: ["exec sleep 300"]), start: true))
             oldPID = try #require(try await waitFor(a, "daemon") { $0.mainPID != nil }.mainPID)
         }  // the agent is SIGKILLed here; its service runs on in its own session
         #expect(isRunning(oldPID))
@@ -502,7 +569,8 @@ func isRunning(_ pid: Int32) -> Bool {
 
 @Suite(.serialized) struct AgentTerminalTests {
     func text(_ a: HostAgent, _ name: String) async throws -> String {
-        guard case .lines(let l) = try await a.client.request(.terminalOutput(name: name, raw: false, lines: 1000)) else { return "" }
+        guard case .lines(let l) = try await a.client.request(.terminalOutput(name: name, raw: false, lines: 1000))
+        else { return "" }
         return l.joined(separator: "\n")
     }
 
@@ -520,7 +588,10 @@ func isRunning(_ pid: Int32) -> Bool {
 
     @Test func aTerminalEchoesInputResizesAndCloses() async throws {
         let a = try HostAgent()
-        guard case .terminal(let t) = try await a.client.request(.terminalCreate(name: "t1", command: ["/bin/sh"], cols: 80, rows: 24)) else {
+        guard
+            case .terminal(let t) = try await a.client.request(
+                .terminalCreate(name: "t1", command: ["/bin/sh"], cols: 80, rows: 24))
+        else {
             Issue.record("no terminal")
             return
         }
@@ -531,7 +602,8 @@ func isRunning(_ pid: Int32) -> Bool {
         _ = try await a.client.request(.terminalInput(name: "t1", data: Data("stty size; tty\n".utf8)))
         let out = try await waitForText(a, "t1", "/dev/pts/")
         #expect(out.contains("40 100") && out.contains("/dev/pts/"), "\(out)")
-        guard case .data(let raw, _) = try await a.client.request(.terminalOutput(name: "t1", raw: true, lines: nil)) else { return }
+        guard case .data(let raw, _) = try await a.client.request(.terminalOutput(name: "t1", raw: true, lines: nil))
+        else { return }
         #expect(String(decoding: raw, as: UTF8.self).contains("hello-42\r\n"))  // as a terminal received it
         let dup = try await a.client.call(.terminalCreate(name: "t1", command: nil, cols: 80, rows: 24))
         guard case .error(let e) = dup else { Issue.record("a duplicate terminal was made"); return }
@@ -550,12 +622,18 @@ func isRunning(_ pid: Int32) -> Bool {
 @Suite struct AgentAccountTests {
     @Test func usersAndGroupsAreAddedOnceWithFreeIDs() async throws {
         let etc = TempDir("etc")
-        try "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh".write(toFile: etc.sub("passwd"), atomically: true, encoding: .utf8)
-        try "root:x:0:\nalice:x:1000:\ndocker:x:998:\n".write(toFile: etc.sub("group"), atomically: true, encoding: .utf8)
+        try "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh".write(
+            toFile: etc.sub("passwd"), atomically: true, encoding: .utf8)
+        try "root:x:0:\nalice:x:1000:\ndocker:x:998:\n".write(
+            toFile: etc.sub("group"), atomically: true, encoding: .utf8)
         let a = try HostAgent(etc: etc.path)
         _ = try await a.client.request(.addGroup(GroupSpec(name: "devs")))
         _ = try await a.client.request(.addGroup(GroupSpec(name: "svc", system: true)))
-        _ = try await a.client.request(.addUser(UserSpec(name: "bob", gecos: "Bob: B", groups: ["devs", "docker"], home: etc.sub("home/bob"), shell: "/bin/sh")))
+        _ = try await a.client.request(
+            .addUser(
+                UserSpec(
+                    name: "bob", gecos: "Bob: B", groups: ["devs", "docker"], home: etc.sub("home/bob"),
+                    shell: "/bin/sh")))
         _ = try await a.client.request(.addUser(UserSpec(name: "bob")))  // exists: unchanged
         _ = try await a.client.request(.addUser(UserSpec(name: "daemon1", system: true)))
         let passwd = try String(contentsOfFile: etc.sub("passwd"), encoding: .utf8)
@@ -563,7 +641,9 @@ func isRunning(_ pid: Int32) -> Bool {
         let users = passwd.split(separator: "\n").map(String.init)
         let groups = group.split(separator: "\n").map(String.init)
         // devs took gid 1001, so bob's own group gets the next free one.
-        #expect(users.filter { $0.hasPrefix("bob:") } == ["bob:x:1001:1002:Bob  B:\(etc.sub("home/bob")):/bin/sh"], "\(passwd)")
+        #expect(
+            users.filter { $0.hasPrefix("bob:") } == ["bob:x:1001:1002:Bob  B:\(etc.sub("home/bob")):/bin/sh"],
+            "\(passwd)")
         #expect(users.contains("daemon1:x:100:101::/:/usr/sbin/nologin"), "\(passwd)")
         for g in ["devs:x:1001:bob", "docker:x:998:bob", "svc:x:100:", "bob:x:1002:", "daemon1:x:101:"] {
             #expect(groups.contains(g), "missing \(g) in \(group)")

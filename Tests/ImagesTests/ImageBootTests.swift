@@ -10,7 +10,7 @@ import Testing
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Why an image cannot be booted here, or nil.
@@ -47,7 +47,10 @@ let bootAvailable: Bool = {
             let agent = try await vms.agent(vm.id, timeout: .seconds(60))
             func run(_ cmd: String) async throws -> (Int32?, String) {
                 let r = try await agent.exec(ExecRequest(command: cmd, timeoutMs: 20_000))
-                return (r.exitCode, String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+                return (
+                    r.exitCode,
+                    String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                )
             }
             let env = try await run("echo $FURCATE_IMAGE_ENV")
             #expect(env.0 == 0 && env.1 == "from-the-image", "the image's Env reaches exec: \(env)")
@@ -59,7 +62,9 @@ let bootAvailable: Bool = {
             #expect(opaque.1 == "b.txt", "the opaque directory holds only the upper layer's entry: \(opaque)")
             let links = try await run("stat -c '%i %h' /data/hello /data/hello-link")
             let lines = links.1.split(separator: "\n")
-            #expect(links.0 == 0 && lines.count == 2 && lines[0] == lines[1] && lines[0].hasSuffix(" 2"), "the hard link holds: \(links)")
+            #expect(
+                links.0 == 0 && lines.count == 2 && lines[0] == lines[1] && lines[0].hasSuffix(" 2"),
+                "the hard link holds: \(links)")
             let hello = try await run("cat /data/hello-link")
             #expect(hello.1 == "hello from layer two")
             // The user-mode network reaches the host (10.0.2.2 is the host's loopback): the registry.
@@ -68,9 +73,12 @@ let bootAvailable: Bool = {
             // The guest can write its disk (a clone of the image, which stays unchanged).
             let w = try await run("echo written > /data/new && cat /data/new")
             #expect(w.1 == "written")
-            #expect(try h.debugfs(image, "stat /data/new").contains("File not found"), "the image's own rootfs is untouched")
+            #expect(
+                try h.debugfs(image, "stat /data/new").contains("File not found"), "the image's own rootfs is untouched"
+            )
         } catch {
-            Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 60))")
+            Issue.record(
+                "\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 60))")
         }
         try await vms.delete(vm.id)
         await b.tearDown()
@@ -91,53 +99,87 @@ struct SystemdImageTests {
             let agent = try await vms.agent(vm.id, timeout: .seconds(90))
             func run(_ cmd: String) async throws -> (Int32?, String) {
                 let r = try await agent.exec(ExecRequest(command: cmd, timeoutMs: 300_000))
-                return (r.exitCode, String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+                return (
+                    r.exitCode,
+                    String(decoding: r.stdout + r.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                )
             }
             let pid1 = try await run("readlink /proc/1/exe")
-            let diag = try await run("cat /proc/1/cmdline | tr '\\0' ' '; ls /run/systemd; journalctl -b --no-pager 2>&1 | tail -20")
-            #expect(pid1.1.hasSuffix("/systemd"), "\(pid1) \(diag) console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
+            let diag = try await run(
+                "cat /proc/1/cmdline | tr '\\0' ' '; ls /run/systemd; journalctl -b --no-pager 2>&1 | tail -20")
+            #expect(
+                pid1.1.hasSuffix("/systemd"),
+                "\(pid1) \(diag) console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
             // The agent answers before systemd has its bus up: wait for its private socket.
             // Minutes, not seconds: under TCG with the whole suite running beside it, one CI run
             // took over 20 s to get systemd's jobs done.
-            let state = try await run("for i in $(seq 1 1200); do [ -S /run/systemd/private ] && break; sleep 0.1; done; timeout 240 systemctl is-system-running --wait")
-            let failed = try await run("systemctl --failed --no-legend; systemctl list-jobs --no-legend; systemctl is-system-running")
+            let state = try await run(
+                "for i in $(seq 1 1200); do [ -S /run/systemd/private ] && break; sleep 0.1; done; timeout 240 systemctl is-system-running --wait"
+            )
+            let failed = try await run(
+                "systemctl --failed --no-legend; systemctl list-jobs --no-legend; systemctl is-system-running")
             #expect(["running", "degraded"].contains(state.1), "\(state) failed units: \(failed)")
 
             // Services go through systemd: a unit file, the journal, systemd's restarts.
             let spec = ServiceSpec(
-                name: "ticker", mode: "service", exec: ["echo starting", "while true; do echo \"tick $IMG_VAR\"; sleep 0.5; done"],
+                name: "ticker", mode: "service",
+                exec: ["echo starting", "while true; do echo \"tick $IMG_VAR\"; sleep 0.5; done"],
                 env: ["IMG_VAR": "from-spec"], restartPolicy: RestartPolicy(policy: "always", restartSec: 1))
-            guard case .service(let created) = try await agent.request(.serviceCreate(spec, start: true), timeout: .seconds(90)) else {
+            guard
+                case .service(let created) = try await agent.request(
+                    .serviceCreate(spec, start: true), timeout: .seconds(90))
+            else {
                 Issue.record("serviceCreate answered something else"); return
             }
             #expect(created.activeState == "active" && created.subState == "running", "\(created)")
-            let unit = try await run("systemctl is-active ticker.service; systemctl is-enabled ticker.service; head -1 /etc/systemd/system/ticker.service")
+            let unit = try await run(
+                "systemctl is-active ticker.service; systemctl is-enabled ticker.service; head -1 /etc/systemd/system/ticker.service"
+            )
             #expect(unit.1.hasPrefix("active\nenabled\n# Created by furcate-agent"), "\(unit)")
             try await Task.sleep(for: .seconds(2))
-            guard case .logs(let logs) = try await agent.request(.serviceLogs(name: "ticker", lines: 20)) else { Issue.record("no logs"); return }
+            guard case .logs(let logs) = try await agent.request(.serviceLogs(name: "ticker", lines: 20)) else {
+                Issue.record("no logs"); return
+            }
             #expect(logs.contains { $0.text == "tick from-spec" }, "\(logs)")
             // The journal's times: `since` keeps what was written at or after it.
             let last = try #require(logs.last)
-            guard case .logs(let recent) = try await agent.request(.serviceLogs(name: "ticker", lines: 20, since: last.time)) else { Issue.record("no logs"); return }
-            #expect(!recent.isEmpty && recent.count < logs.count && recent.allSatisfy { $0.time >= last.time }, "\(recent) of \(logs)")
+            guard
+                case .logs(let recent) = try await agent.request(
+                    .serviceLogs(name: "ticker", lines: 20, since: last.time))
+            else { Issue.record("no logs"); return }
+            #expect(
+                !recent.isEmpty && recent.count < logs.count && recent.allSatisfy { $0.time >= last.time },
+                "\(recent) of \(logs)")
             // Killed: systemd restarts it (policy always).
             _ = try await run("kill -9 \(created.mainPID ?? 0)")
             try await Task.sleep(for: .seconds(3))
-            guard case .service(let after) = try await agent.request(.serviceStatus(name: "ticker")) else { Issue.record("no status"); return }
-            #expect(after.restarts >= 1 && after.activeState == "active" && after.mainPID != created.mainPID, "\(after)")
-            guard case .services(let all) = try await agent.request(.serviceList) else { Issue.record("no list"); return }
+            guard case .service(let after) = try await agent.request(.serviceStatus(name: "ticker")) else {
+                Issue.record("no status"); return
+            }
+            #expect(
+                after.restarts >= 1 && after.activeState == "active" && after.mainPID != created.mainPID, "\(after)")
+            guard case .services(let all) = try await agent.request(.serviceList) else {
+                Issue.record("no list"); return
+            }
             #expect(all.map(\.name) == ["ticker"], "only the agent's own units are listed: \(all.map(\.name))")
             // A oneshot that deletes itself after success.
-            let once = ServiceSpec(name: "once", mode: "oneshot", exec: ["touch /tmp/once-ran"], deleteAfterSuccess: true)
+            let once = ServiceSpec(
+                name: "once", mode: "oneshot", exec: ["touch /tmp/once-ran"], deleteAfterSuccess: true)
             _ = try await agent.request(.serviceCreate(once, start: true), timeout: .seconds(90))
-            let ran = try await run("test -e /tmp/once-ran && echo ran; test -e /etc/systemd/system/once.service && echo kept || echo gone")
+            let ran = try await run(
+                "test -e /tmp/once-ran && echo ran; test -e /etc/systemd/system/once.service && echo kept || echo gone")
             #expect(ran.1 == "ran\ngone", "\(ran)")
             _ = try await agent.request(.serviceControl(name: "ticker", action: "delete"), timeout: .seconds(60))
-            let gone = try await run("systemctl is-active ticker.service; test -e /etc/systemd/system/ticker.service && echo kept || echo gone")
+            let gone = try await run(
+                "systemctl is-active ticker.service; test -e /etc/systemd/system/ticker.service && echo kept || echo gone"
+            )
             #expect(gone.1.hasSuffix("gone") && !gone.1.hasPrefix("active"), "\(gone)")
-            await #expect(throws: FurcateError.self) { try await agent.request(.serviceStatus(name: "systemd-journald")) }
+            await #expect(throws: FurcateError.self) {
+                try await agent.request(.serviceStatus(name: "systemd-journald"))
+            }
         } catch {
-            Issue.record("\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
+            Issue.record(
+                "\(error): console: \(QEMUProcess.logTail(vms.runDirectory(vm.id) + "/console.log", lines: 40))")
         }
         try await vms.delete(vm.id)
         await b.tearDown()
@@ -154,11 +196,16 @@ struct DefaultImageTests {
         let second = try await h.builds.defaultSnapshot(rootfsTarball: tarball)
         #expect(first == second, "the second use reuses the ready snapshot")
         let builds = await h.builds.list()
-        #expect(builds.count == 2 && builds[1].phases.map(\.name) == ["pull-image", "cached"], "\(builds.map { $0.phases.map(\.name) })")
+        #expect(
+            builds.count == 2 && builds[1].phases.map(\.name) == ["pull-image", "cached"],
+            "\(builds.map { $0.phases.map(\.name) })")
         let seen = try await h.runInVM(from: first, ["systemctl is-system-running", "cat /etc/debian_version"])
-        #expect(["running", "degraded"].contains(seen[0].1), "a fork of the ready snapshot has systemd up at once: \(seen)")
+        #expect(
+            ["running", "degraded"].contains(seen[0].1), "a fork of the ready snapshot has systemd up at once: \(seen)")
         #expect(seen[1].1.hasPrefix("12."), "\(seen)")
-        await #expect(throws: FurcateError.self) { try await h.builds.defaultSnapshot(rootfsTarball: h.tmp.sub("missing.tar")) }
+        await #expect(throws: FurcateError.self) {
+            try await h.builds.defaultSnapshot(rootfsTarball: h.tmp.sub("missing.tar"))
+        }
         await h.tearDown()
     }
 }
@@ -178,17 +225,34 @@ struct LocalCommandTests {
         func sh(_ args: [String], env: [String: String]) async throws -> String {
             try await onThread("furcate-command") { try ImagesTests.sh(args, env: env) }
         }
-        let out = try await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
+        let out = try await sh(
+            [
+                furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run",
+                "echo built > /marker", "--memory", "128",
+            ], env: env)
         let snap = try #require(out.split(separator: "\n").last.map(String.init))
         #expect(snap.hasPrefix("sc-"), "\(out)")
-        let ran = try await sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "cat /marker; echo $FROM_BUILD $FURCATE_IMAGE_ENV"], env: env)
+        let ran = try await sh(
+            [
+                furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--",
+                "cat /marker; echo $FROM_BUILD $FURCATE_IMAGE_ENV",
+            ], env: env)
         #expect(ran.hasSuffix("built\nyes from-the-image\n"), "\(ran)")
         // The command's status is the exit status.
-        await #expect(throws: FurcateError.self) { try await sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "exit 7"], env: env) }
-        let again = try await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run", "echo built > /marker", "--memory", "128"], env: env)
+        await #expect(throws: FurcateError.self) {
+            try await sh([furcateBinary, "run", "--data", t.sub("d"), "--snapshot", snap, "--", "exit 7"], env: env)
+        }
+        let again = try await sh(
+            [
+                furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--env", "FROM_BUILD=yes", "--run",
+                "echo built > /marker", "--memory", "128",
+            ], env: env)
         #expect(again.contains("cached") && again.hasSuffix(snap + "\n"), "\(again)")
-        let bad = try? await sh([furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--run", "exit 3", "--memory", "128"], env: env)
+        let bad = try? await sh(
+            [furcateBinary, "build", "--data", t.sub("d"), "oci:\(lay):1", "--run", "exit 3", "--memory", "128"],
+            env: env)
         #expect(bad == nil, "a failed build fails the command")
-        #expect(!(try String(contentsOfFile: "/proc/mounts", encoding: .utf8)).contains(t.sub("d")), "nothing left mounted")
+        #expect(
+            !(try String(contentsOfFile: "/proc/mounts", encoding: .utf8)).contains(t.sub("d")), "nothing left mounted")
     }
 }

@@ -6,11 +6,12 @@ import Images
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where scripts/guest-artifacts.sh put the kernel, initramfs and agent.
-let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"] ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
+let guestDir =
+    ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"] ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
 
 /// A store and an image service over a temporary directory.
 final class ImageHarness: @unchecked Sendable {
@@ -99,7 +100,9 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
         let lay = h.tmp.sub("layout")
         try TestImage.twoLayerLayout(lay)
         let archive = h.tmp.sub("image.tar")
-        try sh(["skopeo", "--insecure-policy", "copy", "-q", "oci:\(lay):1", "docker-archive:\(archive):test/archive:1"])
+        try sh([
+            "skopeo", "--insecure-policy", "copy", "-q", "oci:\(lay):1", "docker-archive:\(archive):test/archive:1",
+        ])
         let r = try await h.service.pull("docker-archive:\(archive)")
         #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
         #expect(try h.debugfs(r, "stat /opt/old/a.txt").contains("File not found"), "the opaque directory hid a.txt")
@@ -134,13 +137,18 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
         let evil = h.tmp.sub("evil-layout")
         try TestImage.layout(evil, tag: "1", layers: [TestImage.Layer(blob: raw, diffID: Digest(of: raw))], env: [])
         let e1 = await errorOf { _ = try await h.service.pull("oci:\(evil):1") }
-        #expect(e1?.code == .invalidArgument && e1?.message.contains("path traversal") == true, "\(String(describing: e1))")
+        #expect(
+            e1?.code == .invalidArgument && e1?.message.contains("path traversal") == true, "\(String(describing: e1))")
 
         // A blob whose bytes are not its digest.
         let lay = h.tmp.sub("layout")
         try TestImage.twoLayerLayout(lay)
         let blobs = try FileManager.default.contentsOfDirectory(atPath: lay + "/blobs/sha256")
-        let biggest = try #require(blobs.max { (try? bytes(lay + "/blobs/sha256/" + $0).count) ?? 0 < (try? bytes(lay + "/blobs/sha256/" + $1).count) ?? 0 })
+        let biggest = try #require(
+            blobs.max {
+                (try? bytes(lay + "/blobs/sha256/" + $0).count) ?? 0 < (try? bytes(lay + "/blobs/sha256/" + $1).count)
+                    ?? 0
+            })
         var b = try bytes(lay + "/blobs/sha256/" + biggest)
         b[b.count / 2] ^= 0xff
         try Data(b).write(to: URL(fileURLWithPath: lay + "/blobs/sha256/" + biggest))
@@ -177,7 +185,9 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
 
         let unknown = await errorOf { _ = try await h.service.pull("\(reg.host)/test/nothing:1") }
         #expect(unknown?.code == .notFound, "\(String(describing: unknown))")
-        let wrongDigest = await errorOf { _ = try await h.service.pull("\(reg.host)/test/busybox@sha256:\(String(repeating: "0", count: 64))") }
+        let wrongDigest = await errorOf {
+            _ = try await h.service.pull("\(reg.host)/test/busybox@sha256:\(String(repeating: "0", count: 64))")
+        }
         #expect(wrongDigest?.code == .notFound, "\(String(describing: wrongDigest))")
         let port = try TestRegistry.freePort()
         let unreachable = await errorOf { _ = try await h.service.pull("127.0.0.1:\(port)/test/busybox:1") }
@@ -193,9 +203,15 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
         try reg.push(layout: lay, tag: "1", as: "private/app:1")
         let ref = "\(reg.host)/private/app:1"
         let none = await errorOf { _ = try await h.service.pull(ref) }
-        #expect(none?.code == .unauthenticated && none?.message.contains("none were given") == true, "\(String(describing: none))")
-        let wrong = await errorOf { _ = try await h.service.pull(ref, credentials: RegistryCredentials(username: "furcate", password: "nope")) }
-        #expect(wrong?.code == .unauthenticated && wrong?.message.contains("refused") == true, "\(String(describing: wrong))")
+        #expect(
+            none?.code == .unauthenticated && none?.message.contains("none were given") == true,
+            "\(String(describing: none))")
+        let wrong = await errorOf {
+            _ = try await h.service.pull(ref, credentials: RegistryCredentials(username: "furcate", password: "nope"))
+        }
+        #expect(
+            wrong?.code == .unauthenticated && wrong?.message.contains("refused") == true,
+            "\(String(describing: wrong))")
         let r = try await h.service.pull(ref, credentials: RegistryCredentials(username: "furcate", password: "s3cret"))
         #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
         #expect(try h.leftovers().isEmpty)
@@ -211,11 +227,16 @@ extension RegistryPullTests {
         try reg.push(layout: lay, tag: "1", as: "private/tok:1")
         let ref = "\(reg.host)/private/tok:1"
         let none = await errorOf { _ = try await h.service.pull(ref) }
-        #expect(none?.code == .unauthenticated && none?.message.contains("token service") == true, "\(String(describing: none))")
-        let wrong = await errorOf { _ = try await h.service.pull(ref, credentials: RegistryCredentials(username: "tokenuser", password: "nope")) }
+        #expect(
+            none?.code == .unauthenticated && none?.message.contains("token service") == true,
+            "\(String(describing: none))")
+        let wrong = await errorOf {
+            _ = try await h.service.pull(ref, credentials: RegistryCredentials(username: "tokenuser", password: "nope"))
+        }
         #expect(wrong?.code == .unauthenticated, "\(String(describing: wrong))")
         let before = reg.tokens!.requests
-        let r = try await h.service.pull(ref, credentials: RegistryCredentials(username: "tokenuser", password: "tok3n"))
+        let r = try await h.service.pull(
+            ref, credentials: RegistryCredentials(username: "tokenuser", password: "tok3n"))
         #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
         #expect(reg.tokens!.requests > before, "the pull went through the token service")
         #expect(try h.leftovers().isEmpty)
@@ -255,8 +276,13 @@ final class EventLog: @unchecked Sendable {
         try sh([furcateBinary, "image", "rm", "--data", t.sub("data"), digest.short])
         #expect(!(try sh([furcateBinary, "image", "ls", "--data", t.sub("data")])).contains(digest.short))
         // Bad input: a clear message and a failing status.
-        #expect(throws: FurcateError.self) { try sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "Not/Valid:ref"], env: env) }
-        let bad = (try? sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "--disk-size-gb", "40", "oci:\(lay):1"], env: env))
+        #expect(throws: FurcateError.self) {
+            try sh([furcateBinary, "image", "pull", "--data", t.sub("data"), "Not/Valid:ref"], env: env)
+        }
+        let bad =
+            (try? sh(
+                [furcateBinary, "image", "pull", "--data", t.sub("data"), "--disk-size-gb", "40", "oci:\(lay):1"],
+                env: env))
         #expect(bad == nil)
     }
 }
@@ -287,7 +313,8 @@ extension RegistryPullTests {
         let h2 = try ImageHarness()
         let cache2 = h2.tmp.sub("images/blobs/sha256")
         try FileManager.default.createDirectory(atPath: cache2, withIntermediateDirectories: true)
-        try Data(repeating: 0x5a, count: full.count / 2).write(to: URL(fileURLWithPath: cache2 + "/" + hex + ".partial"))
+        try Data(repeating: 0x5a, count: full.count / 2).write(
+            to: URL(fileURLWithPath: cache2 + "/" + hex + ".partial"))
         _ = try await h2.service.pull("\(reg.host)/test/resume:1")
         #expect(try bytes(cache2 + "/" + hex) == full)
     }

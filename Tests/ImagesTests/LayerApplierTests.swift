@@ -2,11 +2,12 @@ import CSysXattr
 import Foundation
 import FurcateCore
 import FurcateTestSupport
-@testable import Images
 import Testing
 
+@testable import Images
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Layers applied to a directory: whiteouts, opaque directories, links, ownership, refusal of
@@ -37,7 +38,9 @@ import Glibc
         try sh(["ln", top + "/data/hello", top + "/data/hello-link"])
         try sh(["chown", "1234:2345", top + "/data/hello"])
         try sh(["chmod", "4755", top + "/data/hello"])
-        let t = try apply([try TestImage.layer(from: work.sub("base")), try TestImage.layer(from: top, tarArgs: ["--owner=0", "."])])
+        let t = try apply([
+            try TestImage.layer(from: work.sub("base")), try TestImage.layer(from: top, tarArgs: ["--owner=0", "."]),
+        ])
         let r = t.sub("root")
         #expect(access(r + "/etc/removed.txt", F_OK) != 0, "whiteout should delete the lower layer's file")
         #expect(access(r + "/etc/.wh.removed.txt", F_OK) != 0, "whiteout markers are not files of the image")
@@ -65,11 +68,17 @@ import Glibc
         let layer = try TestImage.layer(from: src.path, tarArgs: ["--xattrs", "--xattrs-include=*", "."])
         let t = try apply([layer])
         var st = stat()
-        #expect(lstat(t.sub("root/dev/null2"), &st) == 0 && st.st_mode & S_IFMT == S_IFCHR && st.st_rdev == LayerApplier.makedev(1, 3))
-        #expect(lstat(t.sub("root/dev/loop9"), &st) == 0 && st.st_mode & S_IFMT == S_IFBLK && st.st_rdev == LayerApplier.makedev(7, 9))
+        #expect(
+            lstat(t.sub("root/dev/null2"), &st) == 0 && st.st_mode & S_IFMT == S_IFCHR
+                && st.st_rdev == LayerApplier.makedev(1, 3))
+        #expect(
+            lstat(t.sub("root/dev/loop9"), &st) == 0 && st.st_mode & S_IFMT == S_IFBLK
+                && st.st_rdev == LayerApplier.makedev(7, 9))
         #expect(lstat(t.sub("root/dev/fifo"), &st) == 0 && st.st_mode & S_IFMT == S_IFIFO)
         var buf = [UInt8](repeating: 0, count: 64)
-        let n = buf.withUnsafeMutableBytes { getxattr(t.sub("root/bin/ping"), "user.furcate", $0.baseAddress, $0.count) }
+        let n = buf.withUnsafeMutableBytes {
+            getxattr(t.sub("root/bin/ping"), "user.furcate", $0.baseAddress, $0.count)
+        }
         #expect(n == v.count && Array(buf.prefix(max(n, 0))) == v, "the pax SCHILY.xattr record was applied")
     }
 
@@ -92,7 +101,9 @@ import Glibc
         try sh(["tar", "-C", src.sub("inner"), "-P", "-cf", tmp.sub("l.tar"), "../escaped.txt"])
         let raw = try bytes(tmp.sub("l.tar"))
         #expect(try sh(["tar", "-tPf", tmp.sub("l.tar")]).contains("../escaped.txt"))
-        let e = #expect(throws: FurcateError.self) { try self.apply([TestImage.Layer(blob: raw, diffID: Digest(of: raw))]) }
+        let e = #expect(throws: FurcateError.self) {
+            try self.apply([TestImage.Layer(blob: raw, diffID: Digest(of: raw))])
+        }
         #expect(e?.code == .invalidArgument)
         #expect(e?.message.contains("path traversal") == true)
     }
@@ -109,7 +120,9 @@ import Glibc
         let files = try TestImage.layer(from: src2.path, tarArgs: ["--no-recursion", "escape/planted", "up/planted2"])
         let t = try apply([try TestImage.layer(from: src1.path), files])
         #expect(access(outside.sub("planted"), F_OK) != 0, "nothing may be written through a symlink to the host")
-        #expect(access(t.sub("root") + outside.path + "/planted", F_OK) == 0, "an absolute symlink resolves inside the root")
+        #expect(
+            access(t.sub("root") + outside.path + "/planted", F_OK) == 0, "an absolute symlink resolves inside the root"
+        )
         #expect(access(t.sub("root/planted2"), F_OK) == 0, "../ beyond the root stays at the root")
     }
 

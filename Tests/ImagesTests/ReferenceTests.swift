@@ -26,7 +26,9 @@ import Testing
         #expect(r.manifestReference == "sha256:\(hex)")
         #expect(try RegistryReference(parsing: "127.0.0.1:5000/x:1").isLoopback)
         #expect(try RegistryReference(parsing: "ghcr.io/o/r:t").apiHost == "ghcr.io")
-        guard case .registry(let d) = try ImageReference(parsing: "docker://alpine:3") else { Issue.record("not a registry ref"); return }
+        guard case .registry(let d) = try ImageReference(parsing: "docker://alpine:3") else {
+            Issue.record("not a registry ref"); return
+        }
         #expect(d.repository == "library/alpine")
     }
 
@@ -36,7 +38,9 @@ import Testing
         #expect(try ImageReference(parsing: "docker-archive:/tmp/a.tar") == .dockerArchive(path: "/tmp/a.tar"))
     }
 
-    @Test(arguments: ["", "Python:3", "a//b", "-x", "x:bad tag", "x@sha256:12", "x@md5:" + String(repeating: "a", count: 32), "oci:"])
+    @Test(arguments: [
+        "", "Python:3", "a//b", "-x", "x:bad tag", "x@sha256:12", "x@md5:" + String(repeating: "a", count: 32), "oci:",
+    ])
     func badReferencesAreRefused(_ s: String) {
         #expect(throws: FurcateError.self) { try ImageReference(parsing: s) }
     }

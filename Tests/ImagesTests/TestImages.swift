@@ -5,7 +5,7 @@ import Images
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Runs a program to completion; throws with its output when it fails.
@@ -19,7 +19,8 @@ func sh(_ args: [String], env: [String: String]? = nil) throws -> String {
 }
 
 func writeFile(_ path: String, _ s: String, mode: Int = 0o644) throws {
-    try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+    try FileManager.default.createDirectory(
+        atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
     try Data(s.utf8).write(to: URL(fileURLWithPath: path))
     chmod(path, mode_t(mode))
 }
@@ -38,7 +39,11 @@ enum TestImage {
     static func layer(from dir: String, compress: Bool = true, tarArgs: [String] = ["."]) throws -> Layer {
         let tmp = TempDir("layer")
         let tar = tmp.sub("l.tar")
-        try sh(["tar", "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@1700000000", "-C", dir, "-cf", tar] + tarArgs)
+        try sh(
+            [
+                "tar", "--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@1700000000", "-C", dir,
+                "-cf", tar,
+            ] + tarArgs)
         let raw = try bytes(tar)
         if !compress { return Layer(blob: raw, diffID: Digest(of: raw)) }
         try sh(["gzip", "-n", "-k", tar])
@@ -47,7 +52,9 @@ enum TestImage {
 
     /// A busybox base: /bin/busybox with a few applet links, /etc files.
     static func busyboxBase(_ dir: String) throws {
-        let bb = ["/bin/busybox", "/usr/bin/busybox"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/bin/busybox"
+        let bb =
+            ["/bin/busybox", "/usr/bin/busybox"].first { FileManager.default.isExecutableFile(atPath: $0) }
+            ?? "/bin/busybox"
         try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
         try FileManager.default.copyItem(atPath: bb, toPath: dir + "/bin/busybox")
         for a in ["sh", "ls", "cat", "echo", "stat", "test", "pwd", "id", "wget"] {
@@ -55,17 +62,22 @@ enum TestImage {
         }
         try writeFile(dir + "/etc/removed.txt", "this file is deleted by the second layer\n")
         try writeFile(dir + "/etc/kept.txt", "kept\n")
-        try writeFile(dir + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")
+        try writeFile(
+            dir + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")
         try writeFile(dir + "/etc/group", "root:x:0:\nnogroup:x:65534:\n")
         try writeFile(dir + "/opt/old/a.txt", "lower layer\n")
     }
 
     /// Writes an OCI layout at `dir` holding one image tagged `tag`. Returns its manifest digest.
     @discardableResult
-    static func layout(_ dir: String, tag: String, layers: [Layer], env: [String], workingDir: String? = nil) throws -> Digest {
+    static func layout(_ dir: String, tag: String, layers: [Layer], env: [String], workingDir: String? = nil) throws
+        -> Digest
+    {
         var config = ImageConfig(env: env, workingDir: workingDir, cmd: ["/bin/sh"])
         config.workingDir = workingDir
-        return try OCILayoutWriter.write(dir, tag: tag, layers: layers.map { OCILayoutWriter.Layer(blob: $0.blob, diffID: $0.diffID) }, config: config)
+        return try OCILayoutWriter.write(
+            dir, tag: tag, layers: layers.map { OCILayoutWriter.Layer(blob: $0.blob, diffID: $0.diffID) },
+            config: config)
     }
 
     /// The two-layer test image: busybox base; then /etc/removed.txt whited out, /opt/old made

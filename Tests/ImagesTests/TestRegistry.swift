@@ -3,7 +3,7 @@ import FurcateCore
 import FurcateTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Debian's `docker-registry` (distribution 2.x) on a loopback port: anonymous, or htpasswd
@@ -11,7 +11,8 @@ import Glibc
 final class TestRegistry: @unchecked Sendable {
     static let binary = "/usr/bin/docker-registry"
     static var unavailable: String? {
-        for b in [binary, "/usr/bin/skopeo", "/usr/bin/htpasswd"] where !FileManager.default.isExecutableFile(atPath: b) {
+        for b in [binary, "/usr/bin/skopeo", "/usr/bin/htpasswd"] where !FileManager.default.isExecutableFile(atPath: b)
+        {
             return "\(b) is not installed (scripts/packages.sh installs docker-registry, skopeo, apache2-utils)"
         }
         return nil
@@ -53,7 +54,9 @@ final class TestRegistry: @unchecked Sendable {
         process.executableURL = URL(fileURLWithPath: Self.binary)
         process.arguments = ["serve", tmp.sub("config.yml")]
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
-        let log = FileManager.default.createFile(atPath: tmp.sub("log"), contents: nil) ? FileHandle(forWritingAtPath: tmp.sub("log")) : nil
+        let log =
+            FileManager.default.createFile(atPath: tmp.sub("log"), contents: nil)
+            ? FileHandle(forWritingAtPath: tmp.sub("log")) : nil
         process.standardError = log
         try process.runWithSignalsUnblocked()
         // Ready when it accepts connections.
@@ -62,7 +65,10 @@ final class TestRegistry: @unchecked Sendable {
             usleep(25_000)
         }
         process.terminate()
-        throw FurcateError(.timedOut, "docker-registry did not listen on \(port): \((try? String(contentsOfFile: tmp.sub("log"), encoding: .utf8)) ?? "")")
+        throw FurcateError(
+            .timedOut,
+            "docker-registry did not listen on \(port): \((try? String(contentsOfFile: tmp.sub("log"), encoding: .utf8)) ?? "")"
+        )
     }
 
     deinit {
@@ -85,7 +91,11 @@ final class TestRegistry: @unchecked Sendable {
         a.sin_family = sa_family_t(AF_INET)
         a.sin_port = in_port_t(UInt16(port).bigEndian)
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        return withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+        return withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        } == 0
     }
 
     /// A port the kernel just handed out (bound to 0, then released).
@@ -95,10 +105,16 @@ final class TestRegistry: @unchecked Sendable {
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let r = withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
         guard r == 0 else { throw FurcateError.system("bind", errno: errno) }
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        _ = withUnsafeMutablePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
         return Int(UInt16(bigEndian: a.sin_port))
     }
 }

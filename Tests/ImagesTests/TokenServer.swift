@@ -4,7 +4,7 @@ import FurcateCore
 import FurcateTestSupport
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A Docker token service on loopback for `docker-registry`'s `auth: token`: it hands out
@@ -32,19 +32,29 @@ final class TokenServer: @unchecked Sendable {
             "-keyout", tmp.sub("key.pem"), "-out", tmp.sub("cert.pem"), "-subj", "/CN=furcate-token", "-days", "2",
         ])
         try sh(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", tmp.sub("key.pem"), "-out", tmp.sub("key8.pem")])
-        key = try P256.Signing.PrivateKey(pemRepresentation: try String(contentsOfFile: tmp.sub("key8.pem"), encoding: .utf8))
+        key = try P256.Signing.PrivateKey(
+            pemRepresentation: try String(contentsOfFile: tmp.sub("key8.pem"), encoding: .utf8))
         let pem = try String(contentsOfFile: tmp.sub("cert.pem"), encoding: .utf8)
         let b64 = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
-        certDER = Data(base64Encoded: b64)!
+        guard let der = Data(base64Encoded: b64) else {
+            throw FurcateError(.io, "openssl wrote a certificate that is not base64")
+        }
+        certDER = der
 
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let r = withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
         guard r == 0, listen(fd, 16) == 0 else { throw FurcateError.system("bind", errno: errno) }
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        _ = withUnsafeMutablePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
         listener = fd
         port = Int(UInt16(bigEndian: a.sin_port))
         let t = Thread { [self] in serve() }
@@ -65,7 +75,10 @@ final class TokenServer: @unchecked Sendable {
     private func serve() {
         while true {
             let c = accept(listener, nil, nil)
-            if c < 0 { if errno == EINTR { continue } else { return } }
+            if c < 0 {
+                guard errno == EINTR else { return }
+                continue
+            }
             handle(c)
             close(c)
         }
@@ -76,7 +89,7 @@ final class TokenServer: @unchecked Sendable {
         let cap = buf.count
         var got = 0
         while got < cap {
-            let n = buf.withUnsafeMutableBytes { read(c, $0.baseAddress! + got, cap - got) }
+            let n = buf.withUnsafeMutableBytes { read(c, $0.baseAddress.map { $0 + got }, cap - got) }
             if n <= 0 { break }
             got += n
             if String(decoding: buf[0..<got], as: UTF8.self).contains("\r\n\r\n") { break }
@@ -85,7 +98,9 @@ final class TokenServer: @unchecked Sendable {
         let head = String(decoding: buf[0..<got], as: UTF8.self)
         let lines = head.components(separatedBy: "\r\n")
         let target = lines.first?.split(separator: " ").dropFirst().first.map(String.init) ?? "/"
-        let auth = lines.first { $0.lowercased().hasPrefix("authorization:") }.map { String($0.dropFirst(14)).trimmingCharacters(in: .whitespaces) }
+        let auth = lines.first { $0.lowercased().hasPrefix("authorization:") }.map {
+            String($0.dropFirst(14)).trimmingCharacters(in: .whitespaces)
+        }
         let expected = "Basic " + Data("\(user.0):\(user.1)".utf8).base64EncodedString()
         guard auth == expected else {
             respond(c, 401, #"{"errors":[{"code":"UNAUTHORIZED","message":"bad or missing credentials"}]}"#)
@@ -97,7 +112,10 @@ final class TokenServer: @unchecked Sendable {
         for s in query where s.name == "scope" {
             let parts = (s.value ?? "").split(separator: ":")
             if parts.count == 3 {
-                access.append(["type": String(parts[0]), "name": String(parts[1]), "actions": parts[2].split(separator: ",").map(String.init)])
+                access.append([
+                    "type": String(parts[0]), "name": String(parts[1]),
+                    "actions": parts[2].split(separator: ",").map(String.init),
+                ])
             }
         }
         do {
@@ -109,7 +127,8 @@ final class TokenServer: @unchecked Sendable {
 
     private func jwt(access: [[String: Any]]) throws -> String {
         func b64url(_ d: Data) -> String {
-            d.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+            d.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+                .replacingOccurrences(of: "=", with: "")
         }
         let header: [String: Any] = ["typ": "JWT", "alg": "ES256", "x5c": [certDER.base64EncodedString()]]
         let now = Int(Date().timeIntervalSince1970)
@@ -117,13 +136,16 @@ final class TokenServer: @unchecked Sendable {
             "iss": issuer, "sub": user.0, "aud": service, "exp": now + 300, "nbf": now - 10, "iat": now,
             "jti": UUID().uuidString, "access": access,
         ]
-        let signingInput = b64url(try JSONSerialization.data(withJSONObject: header)) + "." + b64url(try JSONSerialization.data(withJSONObject: claims))
+        let signingInput =
+            b64url(try JSONSerialization.data(withJSONObject: header)) + "."
+            + b64url(try JSONSerialization.data(withJSONObject: claims))
         let sig = try key.signature(for: Data(signingInput.utf8))
         return signingInput + "." + b64url(sig.rawRepresentation)
     }
 
     private func respond(_ c: Int32, _ status: Int, _ body: String) {
-        let text = "HTTP/1.1 \(status) \(status == 200 ? "OK" : "Error")\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+        let text =
+            "HTTP/1.1 \(status) \(status == 200 ? "OK" : "Error")\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
         _ = text.withCString { write(c, $0, strlen($0)) }
     }
 }

@@ -6,7 +6,7 @@ import StoreFS
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Why FUSE tests cannot run here, or nil when they can (root and /dev/fuse).
@@ -74,7 +74,9 @@ final class Mounted {
         Issue.record("furcate mount did not exit within 30 s of a second SIGTERM either; killed")
         kill(p.processIdentifier, SIGKILL)
         umount2(mountpoint, Int32(MNT_DETACH))
-        if !Self.exits(p, within: 30) { Issue.record("furcate mount (pid \(p.processIdentifier)) outlived SIGKILL by 30 s") }
+        if !Self.exits(p, within: 30) {
+            Issue.record("furcate mount (pid \(p.processIdentifier)) outlived SIGKILL by 30 s")
+        }
     }
 
     /// True once `p` has exited, false if it still runs after `seconds`.
@@ -89,7 +91,9 @@ final class Mounted {
         guard let p = server else { return }
         server = nil
         kill(p.processIdentifier, SIGKILL)
-        if !Self.exits(p, within: 30) { Issue.record("furcate mount (pid \(p.processIdentifier)) outlived SIGKILL by 30 s") }
+        if !Self.exits(p, within: 30) {
+            Issue.record("furcate mount (pid \(p.processIdentifier)) outlived SIGKILL by 30 s")
+        }
     }
 
     deinit {
@@ -104,4 +108,3 @@ func sh(_ args: [String]) throws -> (Int32, String) {
     let r = try runCommand(args)
     return (r.status, r.output)
 }
-

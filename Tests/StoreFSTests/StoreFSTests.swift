@@ -1,14 +1,14 @@
 import BlockStore
 import CFuse
 import Foundation
-import FurcateTestSupport
 import FurcateCore
+import FurcateTestSupport
 import StoreFS
 import Synchronization
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 @Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
@@ -92,7 +92,9 @@ struct StoreFSTests {
                 case 4:
                     let len = Int(rng.next() % 300_000) + 1
                     let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-                    #expect(cfuse_fallocate(fd, mode, off_t(off), off_t(len)) == 0, "punch: \(String(cString: strerror(errno)))")
+                    #expect(
+                        cfuse_fallocate(fd, mode, off_t(off), off_t(len)) == 0,
+                        "punch: \(String(cString: strerror(errno)))")
                     #expect(cfuse_fallocate(rfd, mode, off_t(off), off_t(len)) == 0)
                 case 5 where size > 0:
                     // Write through a shared mapping, as QEMU does with guest RAM.
@@ -276,7 +278,8 @@ struct StoreFSTests {
 /// `memory-backend-file,share=on` on a store file in the mount.
 @Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"))
 struct QEMUSmokeTests {
-    static let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
+    static let guestDir =
+        ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
         ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
     static let qemu = "/usr/bin/qemu-system-x86_64"
 
@@ -517,11 +520,17 @@ struct StoreFSEndingTests {
             }
             guard let pid, let server = Int32(pid) else { return }
             // The server's parent (the `furcate mount` that started it) until that returns.
-            func parent() -> String? { readWholeFile("/proc/\(pid)/stat")?.split(separator: " ").dropFirst(3).first.map(String.init) }
+            func parent() -> String? {
+                readWholeFile("/proc/\(pid)/stat")?.split(separator: " ").dropFirst(3).first.map(String.init)
+            }
             let starter = parent()
             while !StoreFS.isMountPoint(mp) && Date() < deadline { usleep(10_000) }
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-            seen.withLock { $0 = fds.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") } }
+            seen.withLock {
+                $0 = fds.compactMap {
+                    try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")
+                }
+            }
             // Ended only once its starter has returned (the server is reparented then): ended
             // sooner, the starter would report it exited before the mount was live.
             while parent() == starter && Date() < deadline { usleep(10_000) }
@@ -529,12 +538,16 @@ struct StoreFSEndingTests {
             while kill(server, 0) == 0 && Date() < deadline { usleep(10_000) }
         }
         // fd 7 stands for whatever a caller has open.
-        let (rc, out) = try sh(["bash", "-c", "exec 7>\"$1\"; exec \"$2\" mount \"$3\" \"$4\"", "-", marker, furcateBinary, store, mp])
+        let (rc, out) = try sh([
+            "bash", "-c", "exec 7>\"$1\"; exec \"$2\" mount \"$3\" \"$4\"", "-", marker, furcateBinary, store, mp,
+        ])
         done.wait()
         #expect(rc == 0 && out.contains("server pid"), "furcate mount: \(out)")
         let fds = try #require(seen.withLock { $0 }, "the detached server was not found")
         #expect(!fds.contains { $0.hasSuffix("/marker") }, "the server kept its caller's descriptor: \(fds)")
-        #expect(!fds.contains { $0.hasPrefix("pipe:") || $0.hasPrefix("socket:") }, "the server kept its caller's pipe or socket: \(fds)")
+        #expect(
+            !fds.contains { $0.hasPrefix("pipe:") || $0.hasPrefix("socket:") },
+            "the server kept its caller's pipe or socket: \(fds)")
     }
 
     /// An in-process mount's `stop` with a file still open past its grace aborts the

@@ -8,11 +8,12 @@ import Testing
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where scripts/guest-artifacts.sh put the kernel, initramfs and test rootfs.
-let guestDir = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
+let guestDir =
+    ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
     ?? (NSHomeDirectory() + "/.local/share/furcate/guest")
 
 /// Why VM tests cannot run here, or nil when they can.
@@ -20,7 +21,8 @@ let vmUnavailable: String? = {
     if access("/dev/fuse", R_OK | W_OK) != 0 { return "/dev/fuse is not usable" }
     if geteuid() != 0 { return "mounting needs root" }
     if access(QEMUProcess.binary, X_OK) != 0 { return "\(QEMUProcess.binary) is not installed" }
-    for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4", "furcate-agent"] where access(guestDir + "/" + a, R_OK) != 0 {
+    for a in ["vmlinuz", "initrd.img", "test-rootfs.ext4", "furcate-agent"] where access(guestDir + "/" + a, R_OK) != 0
+    {
         return "\(guestDir)/\(a) is missing (scripts/guest-artifacts.sh builds it)"
     }
     return nil
@@ -57,7 +59,9 @@ final class VMHarness: @unchecked Sendable {
         service = try VMService(store: store, options: Self.options(tmp, warmPool: warmPool, configure))
     }
 
-    static func options(_ tmp: TempDir, warmPool: Int = 0, _ configure: (inout VMServiceOptions) -> Void = { _ in }) -> VMServiceOptions {
+    static func options(_ tmp: TempDir, warmPool: Int = 0, _ configure: (inout VMServiceOptions) -> Void = { _ in })
+        -> VMServiceOptions
+    {
         var o = VMServiceOptions(dataDirectory: tmp.sub("data"), mountpoint: tmp.sub("mnt"), guestDirectory: guestDir)
         o.gracefulStopTimeout = .milliseconds(300)
         o.defaultMemoryMiB = 128
@@ -87,7 +91,8 @@ final class VMHarness: @unchecked Sendable {
 
 /// Runs `cmd` in the guest and returns its trimmed output; records a failure on non-zero exit.
 @discardableResult
-func guest(_ shell: GuestShell, _ cmd: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> String {
+func guest(_ shell: GuestShell, _ cmd: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> String
+{
     let (out, status) = try await shell.run(cmd)
     #expect(status == 0, "guest command failed (\(status)): \(cmd): \(out)", sourceLocation: sourceLocation)
     return out.trimmingCharacters(in: .whitespacesAndNewlines)

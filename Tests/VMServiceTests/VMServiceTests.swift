@@ -9,7 +9,7 @@ import Testing
 import VMService
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Real QEMU (TCG here), real FUSE mount, the test rootfs's shell on the guest channel.
@@ -22,7 +22,9 @@ struct VMServiceTests {
     @Test(.timeLimit(.minutes(3))) func bootsWaitForAHostSlotAndHoldItUntilTheAgentAnswers() async throws {
         let slotTemp = TempDir("slots")
         let slotDir = slotTemp.path
-        await withHarness(configure: { $0.concurrentBoots = 1; $0.slotDirectory = slotDir }) { _, svc in
+        await withHarness(configure: {
+            $0.concurrentBoots = 1; $0.slotDirectory = slotDir
+        }) { _, svc in
             let other = HostSlots(name: "boot", count: 1, directory: slotDir)
             let held = try await other.acquire()
             let creating = Task { try await svc.create(CreateVMRequest(image: "rootfs")) }
@@ -65,7 +67,8 @@ struct VMServiceTests {
             let sh = try await svc.guestShell(parent.id, timeout: .seconds(60))
             try await guest(sh, "echo parent > /root/disk-marker && sync")
             try await guest(sh, "echo parent > /tmp/mem-marker")
-            try await guest(sh, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) > /dev/null 2>&1 &")
+            try await guest(
+                sh, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) > /dev/null 2>&1 &")
             try await Task.sleep(for: .milliseconds(500))
             let before = Int(try await guest(sh, "cat /tmp/counter")) ?? -1
             #expect(before > 0)
@@ -119,8 +122,12 @@ struct VMServiceTests {
             let r = try await agent.exec(ExecRequest(command: "echo hi from pid $$; cat /proc/uptime"))
             #expect(r.exitCode == 0 && String(decoding: r.stdout, as: UTF8.self).hasPrefix("hi from pid "))
             let blob = Data((0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
-            _ = try await agent.request(.writeFile(path: "/root/blob", data: blob, offset: nil, mode: 0o600, createParents: false))
-            guard case .data(let back, _) = try await agent.request(.readFile(path: "/root/blob", offset: nil, length: nil)) else {
+            _ = try await agent.request(
+                .writeFile(path: "/root/blob", data: blob, offset: nil, mode: 0o600, createParents: false))
+            guard
+                case .data(let back, _) = try await agent.request(
+                    .readFile(path: "/root/blob", offset: nil, length: nil))
+            else {
                 Issue.record("no data")
                 return
             }
@@ -138,9 +145,13 @@ struct VMServiceTests {
                 // The guest's clock is read between these two host times (however slow a loaded
                 // host makes the exec), give or take a second of rounding.
                 let before = Int(Date().timeIntervalSince1970)
-                let out = try await a.exec(ExecRequest(command: "head -c 16 /dev/urandom | od -An -tx1; hostname; cat /etc/machine-id; date +%s"))
+                let out = try await a.exec(
+                    ExecRequest(
+                        command: "head -c 16 /dev/urandom | od -An -tx1; hostname; cat /etc/machine-id; date +%s"))
                 let after = Int(Date().timeIntervalSince1970.rounded(.up))
-                let lines = String(decoding: out.stdout, as: UTF8.self).split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+                let lines = String(decoding: out.stdout, as: UTF8.self).split(separator: "\n").map {
+                    $0.trimmingCharacters(in: .whitespaces)
+                }
                 #expect(lines.count == 4, "\(lines)")
                 guard lines.count == 4 else { continue }
                 randoms.insert(lines[0])
@@ -158,7 +169,8 @@ struct VMServiceTests {
             let late = try await svc.create(CreateVMRequest(snapshot: snap.id))
             let a = try await svc.agent(late.id)
             let now = try await a.exec(ExecRequest(argv: ["date", "+%s"]))
-            let guestNow = Int(String(decoding: now.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            let guestNow =
+                Int(String(decoding: now.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
             #expect(abs(guestNow - Int(Date().timeIntervalSince1970)) <= 2, "guest clock \(guestNow)")
         }
     }
@@ -191,7 +203,9 @@ struct VMServiceTests {
             let forkAgent = try await svc.agent(fork.vms[0].id)
             #expect(await svc.awaitFreshened(fork.vms[0].id))
             let forkAfter = try await agentFaults(forkAgent)
-            #expect(parentAfter > 0 && forkAfter - parentAfter <= 2, "the fork's agent faulted \(forkAfter - parentAfter) pages more than its parent's")
+            #expect(
+                parentAfter > 0 && forkAfter - parentAfter <= 2,
+                "the fork's agent faulted \(forkAfter - parentAfter) pages more than its parent's")
         }
     }
 
@@ -226,7 +240,8 @@ struct VMServiceTests {
             let agent = try await svc.agent(vm.id, timeout: .seconds(60))
             guard case .pong = try await agent.request(.ping) else { Issue.record("no pong"); return }
             agent.close()
-            let switches = "for p in $(\(agentPIDs)); do grep '^voluntary_ctxt_switches' /proc/$p/status; done | awk '{n += $2} END {print n}'"
+            let switches =
+                "for p in $(\(agentPIDs)); do grep '^voluntary_ctxt_switches' /proc/$p/status; done | awk '{n += $2} END {print n}'"
             try await Task.sleep(for: .milliseconds(500))
             let before = try #require(Int(try await guest(sh, switches)))
             try await Task.sleep(for: .seconds(3))
@@ -234,7 +249,9 @@ struct VMServiceTests {
             // Polling every 10 ms would be ~300 in 3 s; waiting on SIGIO (1 s at most) is ≤ ~6.
             #expect(after - before < 30, "the agent woke \(after - before) times in 3 s with no host connected")
             let again = try await svc.agent(vm.id, timeout: .seconds(30))
-            guard case .pong = try await again.request(.ping) else { Issue.record("no pong after reconnecting"); return }
+            guard case .pong = try await again.request(.ping) else {
+                Issue.record("no pong after reconnecting"); return
+            }
         }
     }
 
@@ -269,16 +286,25 @@ struct VMServiceTests {
             try await guest(sh, "kill -9 \(serving)")
             agent.close()
             let again = try await svc.agent(vm.id, timeout: .seconds(30))
-            guard case .pong = try await again.request(.ping) else { Issue.record("no pong after the agent was killed"); return }
+            guard case .pong = try await again.request(.ping) else {
+                Issue.record("no pong after the agent was killed"); return
+            }
             let after = try await guest(sh, "\(agentPIDs) | sort -n | tr '\\n' ' '").split(separator: " ")
-            #expect(after.count == 2 && after.first == before.first && !after.contains(serving), "before \(before), after \(after)")
+            #expect(
+                after.count == 2 && after.first == before.first && !after.contains(serving),
+                "before \(before), after \(after)")
 
             _ = try await again.request(
-                .serviceCreate(ServiceSpec(name: "ticker", mode: "service", exec: ["while true; do date +%s; sleep 1; done"], restartPolicy: RestartPolicy(policy: "always")), start: true))
+                .serviceCreate(
+                    ServiceSpec(
+                        name: "ticker", mode: "service", exec: ["while true; do date +%s; sleep 1; done"],
+                        restartPolicy: RestartPolicy(policy: "always")), start: true))
             // The supervisor starts the main process on its own thread: poll for its pid.
             var mainPID: Int32?
             for _ in 0..<300 where mainPID == nil {
-                if case .service(let st) = try await again.request(.serviceStatus(name: "ticker")) { mainPID = st.mainPID }
+                if case .service(let st) = try await again.request(.serviceStatus(name: "ticker")) {
+                    mainPID = st.mainPID
+                }
                 if mainPID == nil { try await Task.sleep(for: .milliseconds(100)) }
             }
             guard let pid = mainPID else {
@@ -289,7 +315,11 @@ struct VMServiceTests {
             var restarted = false
             for _ in 0..<300 where !restarted {
                 try await Task.sleep(for: .milliseconds(100))
-                if case .service(let s2) = try await again.request(.serviceStatus(name: "ticker")), s2.restarts >= 1, s2.subState == "running" { restarted = true }
+                if case .service(let s2) = try await again.request(.serviceStatus(name: "ticker")), s2.restarts >= 1,
+                    s2.subState == "running"
+                {
+                    restarted = true
+                }
             }
             #expect(restarted)
 
@@ -329,7 +359,9 @@ struct VMServiceTests {
             }
             #expect(try await guest(sh, "cat /tmp/mem-marker") == "parent")
             // The base file is untouched by the forks' writes: a private mapping.
-            #expect(try h.store.file(fork.snapshot.privateBaseFile).hasSameContents(as: h.store.file(fork.snapshot.memoryFile)))
+            #expect(
+                try h.store.file(fork.snapshot.privateBaseFile).hasSameContents(
+                    as: h.store.file(fork.snapshot.memoryFile)))
 
             let snap = try await svc.snapshot(fork.vms[0].id)
             #expect(snap.ramInStream && snap.deviceStateBytes > 1 << 20)
@@ -350,7 +382,9 @@ struct VMServiceTests {
             #expect(first.timings[0].spawn > .zero)
             // The pool refills in the background after the first fork of this shape.
             let deadline = ContinuousClock.now + .seconds(30)
-            while await svc.poolCount() < 1 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            while await svc.poolCount() < 1 && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(50))
+            }
             #expect(await svc.poolCount() == 1)
             try await guest(sh, "echo two > /root/disk-marker && sync && echo two > /tmp/mem-marker")
             let second = try await svc.fork(parent.id, count: 1)
@@ -378,7 +412,9 @@ struct VMServiceTests {
             #expect(await svc.poolCount() == 0)
             let names = try h.store.list().map(\.name).filter { $0.hasPrefix("vm-") }
             let known = [parent.id, fork.vms[0].id]
-            #expect(names.allSatisfy { n in known.contains { n.hasPrefix("vm-\($0)") } }, "files of pooled QEMUs after the drain: \(names)")
+            #expect(
+                names.allSatisfy { n in known.contains { n.hasPrefix("vm-\($0)") } },
+                "files of pooled QEMUs after the drain: \(names)")
         }
         #expect(!left.contains { $0.hasPrefix("vm-") }, "VM files left: \(left)")
     }
@@ -393,25 +429,40 @@ struct VMServiceTests {
             let agent = try await svc.agent(parent.id, timeout: .seconds(60))
             // Compressible guest memory: text in the page cache (not /tmp: the test init mounts a
             // tmpfs there, possibly after the agent already answers).
-            let w = try await agent.exec(ExecRequest(command: "yes 'furcate snapshot memory' | head -c 16000000 > /root/text && wc -c < /root/text", timeoutMs: 60_000))
-            #expect(w.exitCode == 0 && String(decoding: w.stdout, as: UTF8.self).contains("16000000"), "\(w) \(String(decoding: w.stderr, as: UTF8.self))")
+            let w = try await agent.exec(
+                ExecRequest(
+                    command: "yes 'furcate snapshot memory' | head -c 16000000 > /root/text && wc -c < /root/text",
+                    timeoutMs: 60_000))
+            #expect(
+                w.exitCode == 0 && String(decoding: w.stdout, as: UTF8.self).contains("16000000"),
+                "\(w) \(String(decoding: w.stderr, as: UTF8.self))")
             let snap = try await svc.snapshot(parent.id)
             let before = try await svc.snapshotMemoryStats(snap.id)
-            let started = try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "zstd", level: 3))
+            let started = try await svc.setSnapshotCompression(
+                snap.id, SnapshotCompression(enabled: true, algorithm: "zstd", level: 3))
             #expect(started.compressionState == .compressing)
             let vm = try await svc.create(CreateVMRequest(snapshot: snap.id))  // restores while compressing
             let done = try await svc.awaitCompression(snap.id)
             #expect(done.compressionState == .compressed, "\(String(describing: done.compressionError))")
             let (raw, stored) = (try #require(done.uncompressedSizeBytes), try #require(done.compressedSizeBytes))
-            #expect(raw == before.uncompressedBytes && stored < before.storedBytes, "zstd:3 beats the store's lz4: \(before) -> \(stored)")
+            #expect(
+                raw == before.uncompressedBytes && stored < before.storedBytes,
+                "zstd:3 beats the store's lz4: \(before) -> \(stored)")
             let a = try await svc.agent(vm.id)
             let r = try await a.exec(ExecRequest(command: "wc -c < /root/text"))
-            #expect(String(decoding: r.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) == "16000000", "\(String(decoding: r.stderr, as: UTF8.self))")
+            #expect(
+                String(decoding: r.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) == "16000000",
+                "\(String(decoding: r.stderr, as: UTF8.self))")
             // A second fork from the compressed snapshot runs too.
             let vm2 = try await svc.create(CreateVMRequest(snapshot: snap.id))
             _ = try await svc.agent(vm2.id)
-            await #expect(throws: FurcateError.self) { try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "lz4", level: 12)) }
-            await #expect(throws: FurcateError.self) { try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "brotli")) }
+            await #expect(throws: FurcateError.self) {
+                try await svc.setSnapshotCompression(
+                    snap.id, SnapshotCompression(enabled: true, algorithm: "lz4", level: 12))
+            }
+            await #expect(throws: FurcateError.self) {
+                try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: true, algorithm: "brotli"))
+            }
             _ = try await svc.setSnapshotCompression(snap.id, SnapshotCompression(enabled: false))
             #expect(try await svc.awaitCompression(snap.id).compressionState == CompressionState.none)
             try await svc.deleteSnapshot(snap.id)
@@ -471,7 +522,9 @@ struct VMServiceTests {
                 do {
                     try await body()
                     return "admitted"
-                } catch let e as FurcateError where e.code == .overCapacity { return e.message } catch { return "\(error)" }
+                } catch let e as FurcateError where e.code == .overCapacity { return e.message } catch {
+                    return "\(error)"
+                }
             }
             let a = try await svc.create(CreateVMRequest(image: "rootfs"))
             let tooMany = await refused { _ = try await svc.fork(a.id, count: 2) }
@@ -480,8 +533,12 @@ struct VMServiceTests {
             #expect(vmCount == 1 && snapCount == 0, "a refused fork makes nothing")
             let fork = try await svc.fork(a.id, count: 1)
             let f = fork.vms[0]
-            #expect(await refused { _ = try await svc.create(CreateVMRequest(snapshot: fork.snapshot.id)) }.contains("3 guest vCPUs of 2"))
-            #expect(await refused { _ = try await svc.create(CreateVMRequest(image: "rootfs")) }.contains("3 guest vCPUs of 2"))
+            #expect(
+                await refused { _ = try await svc.create(CreateVMRequest(snapshot: fork.snapshot.id)) }.contains(
+                    "3 guest vCPUs of 2"))
+            #expect(
+                await refused { _ = try await svc.create(CreateVMRequest(image: "rootfs")) }.contains(
+                    "3 guest vCPUs of 2"))
             _ = try await svc.suspend(f.id)
             let g = try await svc.create(CreateVMRequest(snapshot: fork.snapshot.id))
             #expect(await refused { _ = try await svc.resume(f.id) }.contains("3 guest vCPUs of 2"))
@@ -581,7 +638,9 @@ struct VMServiceTests {
             let good = try damageDeviceState(h.store, snap)
             try await settled("the pool refilled after the last restore") { await svc.poolCount() == 1 }
             let before = await svc.instanceIDs()
-            await #expect(throws: FurcateError.self) { try await svc.create(CreateVMRequest(snapshot: snap.id, memoryMode: .privateBase)) }
+            await #expect(throws: FurcateError.self) {
+                try await svc.create(CreateVMRequest(snapshot: snap.id, memoryMode: .privateBase))
+            }
             let after = await svc.instanceIDs()
             #expect(after.isSubset(of: before), "after a failed restore: \(after) of \(before)")
 

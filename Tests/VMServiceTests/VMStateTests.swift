@@ -3,6 +3,7 @@ import FurcateCore
 import FurcateTestSupport
 import Hypervisor
 import Testing
+
 @testable import VMService
 
 /// The lifecycle table and id shapes, without QEMU.
@@ -13,23 +14,33 @@ struct VMStateTests {
         defer { store.close() }
         let deep = tmp.path + "/" + String(repeating: "d", count: 80)
         let e = #expect(throws: FurcateError.self) {
-            try VMService(store: store, options: VMServiceOptions(dataDirectory: deep, mountpoint: tmp.sub("mnt"), guestDirectory: tmp.path))
+            try VMService(
+                store: store,
+                options: VMServiceOptions(dataDirectory: deep, mountpoint: tmp.sub("mnt"), guestDirectory: tmp.path))
         }
         #expect(e?.code == .invalidArgument && e?.message.contains("too deep") == true)
     }
 
     @Test func capacityDefaultsAndRefusals() {
         let gib: UInt64 = 1 << 30
-        #expect(VMCapacity.host(accelerator: .tcg, cores: 2, memoryBytes: 24 * gib) == VMCapacity(vcpus: 16, memoryMiB: 36 << 10))
+        #expect(
+            VMCapacity.host(accelerator: .tcg, cores: 2, memoryBytes: 24 * gib)
+                == VMCapacity(vcpus: 16, memoryMiB: 36 << 10))
         #expect(VMCapacity.host(accelerator: .kvm, cores: 2, memoryBytes: 24 * gib).vcpus == 32)
         let c = VMCapacity(vcpus: 4, memoryMiB: 1024)
         let each = VMCapacity.Demand(vcpus: 1, memoryMiB: 256)
         #expect(c.refusal(inUse: .init(vcpus: 0, memoryMiB: 0), adding: each, count: 4, operation: "fork") == nil)
         let memory = c.refusal(inUse: .init(vcpus: 1, memoryMiB: 512), adding: each, count: 3, operation: "fork")
-        #expect(memory?.contains("1280 MiB of guest memory of 1024") == true && memory?.contains("vCPUs of") == false, "\(memory ?? "nil")")
+        #expect(
+            memory?.contains("1280 MiB of guest memory of 1024") == true && memory?.contains("vCPUs of") == false,
+            "\(memory ?? "nil")")
         let both = c.refusal(inUse: .init(vcpus: 4, memoryMiB: 1024), adding: each, operation: "resume")
-        #expect(both?.contains("5 guest vCPUs of 4 and 1280 MiB") == true && both?.hasPrefix("resume would run one more VM") == true, "\(both ?? "nil")")
-        #expect(VMCapacity.unlimited.refusal(inUse: .init(vcpus: 1 << 20, memoryMiB: 1 << 30), adding: each, count: 1000, operation: "fork") == nil)
+        #expect(
+            both?.contains("5 guest vCPUs of 4 and 1280 MiB") == true
+                && both?.hasPrefix("resume would run one more VM") == true, "\(both ?? "nil")")
+        #expect(
+            VMCapacity.unlimited.refusal(
+                inUse: .init(vcpus: 1 << 20, memoryMiB: 1 << 30), adding: each, count: 1000, operation: "fork") == nil)
     }
 
     @Test func transitionTableIsExplicitAndClosed() throws {
@@ -62,7 +73,8 @@ struct VMStateTests {
 
     @Test func machineArgumentsMatchAcrossRestoresAndEscapeCommas() throws {
         var c = MachineConfig(
-            memoryPath: "/m,x/files/vm.mem", kernel: "/k", initrd: "/i", rootDisk: "/d", channelSocket: "/c", qmpSocket: "/q",
+            memoryPath: "/m,x/files/vm.mem", kernel: "/k", initrd: "/i", rootDisk: "/d", channelSocket: "/c",
+            qmpSocket: "/q",
             consoleLog: "/l")
         let boot = c.arguments(incoming: false)
         let restore = c.arguments(incoming: true)
