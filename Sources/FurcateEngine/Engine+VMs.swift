@@ -87,15 +87,24 @@ extension Engine {
     /// given all of them is deleted again: nothing half-made stays.
     public func createVM(_ r: NewVM) async throws -> VMInfo {
         let vm = try await vms.create(CreateVMRequest(snapshot: r.snapshot))
-        do {
+        try await completing([vm.id]) {
             try owners.set(vm.id, account: r.account, name: r.name)
             if let env = r.environment, !env.isEmpty { try await vms.agent(vm.id).setEnvironment(env) }
             try await policies.set(vm.id, r.policy)
-        } catch {
-            try? await forgetVM(vm.id)
-            throw error
         }
         return vm
+    }
+
+    /// Runs `body`, which finishes the VMs `ids` just made (owner, environment, policy,
+    /// records); when it fails they are deleted again with whatever was recorded for them, so
+    /// a use case that fails leaves nothing half-made.
+    func completing<T>(_ ids: [String], _ body: () async throws -> T) async throws -> T {
+        do {
+            return try await body()
+        } catch {
+            for id in ids { try? await forgetVM(id) }
+            throw error
+        }
     }
 
     /// Forks a running VM `count` ways for its owner: each fork is the caller's, with the
@@ -107,13 +116,21 @@ extension Engine {
         forks: [VMInfo], snapshot: SnapshotRecord
     ) {
         let r = try await vms.fork(vm.id, count: count, newIdentity: true)
-        let policy = try await policies.policy(vm.id)
-        for f in r.vms {
-            try owners.set(f.id, account: account)
-            if let policy { try await policies.set(f.id, policy) }
+        do {
+            return try await completing(r.vms.map(\.id)) {
+                let policy = try await policies.policy(vm.id)
+                for f in r.vms {
+                    try owners.set(f.id, account: account)
+                    if let policy { try await policies.set(f.id, policy) }
+                }
+                let s = try recordVMSnapshot(r.snapshot, account: account, name: snapshotName) { $0.kind = snapshotKind }
+                return (r.vms, s)
+            }
+        } catch {
+            // The forks are gone; the snapshot they were made from has no record and no user.
+            try? await vms.deleteSnapshot(r.snapshot.id)
+            throw error
         }
-        let s = try recordVMSnapshot(r.snapshot, account: account, name: snapshotName) { $0.kind = snapshotKind }
-        return (r.vms, s)
     }
 
     /// Snapshots a VM for its owner and records the snapshot.
