@@ -15,21 +15,31 @@ public enum VMSource: Sendable, Equatable {
 /// A VM to make for an account.
 public struct NewVM: Sendable {
     public var account: String
-    /// The VMService snapshot to restore (from `Engine.bootable`).
-    public var snapshot: String
+    /// What VMService boots (an image) or restores (a snapshot, from `Engine.bootable`).
+    public var machine: CreateVMRequest
     public var name: String?
     public var policy: VMPolicy
     /// Variables set in the guest's environment before the VM is handed over.
     public var environment: [String: String]?
 
     public init(
-        account: String, snapshot: String, name: String? = nil, policy: VMPolicy, environment: [String: String]? = nil
+        account: String, machine: CreateVMRequest, name: String? = nil, policy: VMPolicy,
+        environment: [String: String]? = nil
     ) {
         self.account = account
-        self.snapshot = snapshot
+        self.machine = machine
         self.name = name
         self.policy = policy
         self.environment = environment
+    }
+
+    /// A VM restored from the VMService snapshot `snapshot` (from `Engine.bootable`).
+    public init(
+        account: String, snapshot: String, name: String? = nil, policy: VMPolicy, environment: [String: String]? = nil
+    ) {
+        self.init(
+            account: account, machine: CreateVMRequest(snapshot: snapshot), name: name, policy: policy,
+            environment: environment)
     }
 }
 
@@ -86,7 +96,7 @@ extension Engine {
     /// Makes a VM for its account with its name, policy and environment. A VM that cannot be
     /// given all of them is deleted again: nothing half-made stays.
     public func createVM(_ r: NewVM) async throws -> VMInfo {
-        let vm = try await vms.create(CreateVMRequest(snapshot: r.snapshot))
+        let vm = try await vms.create(r.machine)
         try await completing([vm.id]) {
             try owners.set(vm.id, account: r.account, name: r.name)
             if let env = r.environment, !env.isEmpty { try await vms.agent(vm.id).setEnvironment(env) }
@@ -123,7 +133,9 @@ extension Engine {
                     try owners.set(f.id, account: account)
                     if let policy { try await policies.set(f.id, policy) }
                 }
-                let s = try recordVMSnapshot(r.snapshot, account: account, name: snapshotName) { $0.kind = snapshotKind }
+                let s = try recordVMSnapshot(r.snapshot, account: account, name: snapshotName) {
+                    $0.kind = snapshotKind
+                }
                 return (r.vms, s)
             }
         } catch {

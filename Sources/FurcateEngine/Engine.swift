@@ -38,6 +38,11 @@ public struct Engine: Sendable {
     }
 }
 
+extension Engine {
+    /// The account of what the CLI's local commands (`furcate run`) make.
+    public static let localAccount = "local"
+}
+
 extension FurcateError.Code {
     /// A guest operation on a VM that is not running (and was not to be woken).
     public static let vmNotRunning = FurcateError.Code("vm_not_running")

@@ -1,9 +1,11 @@
+import Accounts
 import ArgumentParser
 import BlockStore
 import Builds
 import Dispatch
 import Foundation
 import FurcateCore
+import FurcateEngine
 import GuestAgentProtocol
 import Images
 import StoreFS
@@ -59,6 +61,15 @@ final class LocalEngine: @unchecked Sendable {
             store.close()
             throw error
         }
+    }
+
+    /// The use-case layer over these services, with the data directory's keys and owner
+    /// catalogue (the same ones `furcate serve` uses).
+    func engine(quotaBytes: UInt64? = nil) throws -> Engine {
+        Engine(
+            vms: vms, images: images, builds: builds, keys: try KeyStore(path: layout.keys),
+            owners: try OwnerStore(path: layout.root + "/owners.sqlite"),
+            defaultImage: layout.guest + "/debian-12-systemd.tar", quotaBytes: quotaBytes)
     }
 
     /// Ends VMs this process started, unmounts, closes the store.
@@ -203,32 +214,38 @@ struct RunCommand: ParsableCommand {
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
         let status = Mutex<Int32>(0)
         try runBlocking {
-            let engine = try LocalEngine(data)
-            var created: [String] = []
-            let signals = engine.onInterrupt { await engine.close(deleting: await engine.vms.list().map(\.id)) }
+            let local = try LocalEngine(data)
+            let signals = local.onInterrupt { await local.close(deleting: await local.vms.list().map(\.id)) }
             defer { _ = signals }
+            var created: [String] = []
             do {
+                // Through the engine, as `furcate serve` would: the VM is the local account's
+                // while it runs, and forgotten whole at the end.
+                let engine = try local.engine()
                 var req = CreateVMRequest(memoryMiB: memory)
                 if let image {
                     req.image = try await engine.images.pull(image).storeFile
                 } else {
                     req.snapshot = snapshot
                 }
-                let vm = try await engine.vms.create(req)
+                let policy = VMPolicy(persistence: .persistent)
+                let vm = try await engine.createVM(NewVM(account: Engine.localAccount, machine: req, policy: policy))
                 created.append(vm.id)
-                let agent = try await engine.vms.agent(vm.id, timeout: .seconds(120))
+                _ = try await engine.vms.agent(vm.id, timeout: .seconds(120))  // booted
                 let e =
                     argv.count == 1
                     ? ExecRequest(command: argv[0], timeoutMs: timeout * 1000)
                     : ExecRequest(argv: argv, timeoutMs: timeout * 1000)
-                let r = try await agent.exec(e)
+                let r = try await engine.guest(try await engine.vms.info(vm.id), wake: .requireRunning).exec(e)
                 FileHandle.standardOutput.write(r.stdout)
                 FileHandle.standardError.write(r.stderr)
                 if r.timedOut { FileHandleStderr.write("furcate: the command timed out after \(timeout) s\n") }
                 status.withLock { $0 = r.timedOut ? 124 : (r.exitCode ?? (128 + (r.signal ?? 9))) }
-                await engine.close(deleting: created)
+                for id in created { try? await engine.forgetVM(id) }
+                await local.close(deleting: created)
             } catch {
-                await engine.close(deleting: created)
+                if let engine = try? local.engine() { for id in created { try? await engine.forgetVM(id) } }
+                await local.close(deleting: created)
                 throw error
             }
         }

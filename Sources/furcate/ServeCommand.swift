@@ -87,15 +87,11 @@ struct ServeCommand: ParsableCommand {
             do {
                 let recovered = await engine.vms.recover()
                 let interrupted = await engine.builds.recover()
-                let keys = try KeyStore(path: l.keys)
-                if let path = try keys.bootstrapAdmin(secretPath: l.root + "/admin-key") {
+                var api = try engine.engine(quotaBytes: quota)
+                if let path = try api.keys.bootstrapAdmin(secretPath: l.root + "/admin-key") {
                     FileHandleStderr.write(
                         "furcate: created the first API key (account admin); its secret is in \(path)\n")
                 }
-                let owners = try OwnerStore(path: l.root + "/owners.sqlite")
-                var api = Engine(
-                    vms: engine.vms, images: engine.images, builds: engine.builds, keys: keys, owners: owners,
-                    defaultImage: l.guest + "/debian-12-systemd.tar", quotaBytes: quota)
                 api.defaultIdleTimeoutSeconds = idleTimeout
                 let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
                 logger.notice(
