@@ -32,7 +32,7 @@ extension FreestyleRoutes {
 
     /// The VM-instance settings of a create or start request (a StartVmRequest), or of a spec
     /// layer.
-    struct VMSettings: RequestBody {
+    struct VMSettings: JSONBody {
         static let fields: Set<String> = ["idleTimeoutSeconds", "waitForReadySignal", "readySignalTimeoutSeconds"]
         static var documentedFields: Set<String> { FreestyleRoutes.documentFields["StartVmRequest"] ?? [] }
         var idleTimeoutSeconds: Int?
@@ -93,7 +93,7 @@ extension FreestyleRoutes {
 
     /// CreateVmRequest: from `snapshotId`, a `spec`, its own layer fields (a build), or the
     /// default image.
-    struct CreateVmRequest: RequestBody {
+    struct CreateVmRequest: JSONBody {
         /// The fields that describe the VM's contents: with them, the VM is made from a build
         /// (cached by template hash) whose outer layer they are, on `spec` or `snapshotId`.
         static let layerFields: Set<String> = [
@@ -196,7 +196,7 @@ extension FreestyleRoutes {
         var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
     }
 
-    struct CreateSnapshotRequest: RequestBody {
+    struct CreateSnapshotRequest: JSONBody {
         static let fields: Set<String> = ["name", "spec", "persistence", "dockerCredentials"]
         static var documentedFields: Set<String> { FreestyleRoutes.documentFields["CreateSnapshotRequest"] ?? [] }
         var name: String?
@@ -213,26 +213,26 @@ extension FreestyleRoutes {
     }
 
     /// SnapshotVmRequest.
-    struct SnapshotVmRequest: RequestBody {
+    struct SnapshotVmRequest: JSONBody {
         static let fields: Set<String> = ["name", "persistence"]
         var name: String?
         var persistence: SnapshotPersistence?
         func validate() throws { try checkName(name) }
     }
 
-    struct UpdateSnapshotRequest: RequestBody {
+    struct UpdateSnapshotRequest: JSONBody {
         static let fields: Set<String> = ["name"]
         var name: String?
         func validate() throws { try checkName(name) }
     }
 
-    struct ForkVmRequest: RequestBody {
+    struct ForkVmRequest: JSONBody {
         static let fields: Set<String> = ["count"]
         var count: Int?
         func validate() throws { try FieldProblem.check(count, "count", in: 1...100) }
     }
 
-    struct ExecAwaitRequest: RequestBody {
+    struct ExecAwaitRequest: JSONBody {
         static let fields: Set<String> = ["command", "terminal", "timeoutMs"]
         var command: String
         var terminal: String?
@@ -245,7 +245,7 @@ extension FreestyleRoutes {
         }
     }
 
-    struct WatchFilesRequest: RequestBody {
+    struct WatchFilesRequest: JSONBody {
         static let fields: Set<String> = ["path", "recursive"]
         var path: String?
         var recursive: Bool?
@@ -257,7 +257,7 @@ extension FreestyleRoutes {
         }
     }
 
-    struct ResizeVmRequest: RequestBody {
+    struct ResizeVmRequest: JSONBody {
         static let fields: Set<String> = ["rootfsSizeGb", "memSizeGb", "vcpuCount"]
         var rootfsSizeGb: Int?
         var memSizeGb: Int?
@@ -278,7 +278,7 @@ extension FreestyleRoutes {
 
     /// A SystemdUnitSpec: the agent's service spec, with the fields it honours (`wantedBy`
     /// only as its default); `onFailure`, `readySignal` and `watchdogSec` are refused unless null.
-    struct UnitRequest: RequestBody {
+    struct UnitRequest: JSONBody {
         static let fields: Set<String> = [
             "name", "mode", "exec", "env", "user", "group", "workdir", "after", "requires", "enable", "timeoutSec",
             "deleteAfterSuccess", "remainAfterExit", "restartPolicy", "wantedBy",

@@ -23,27 +23,27 @@ extension InstaVMRoutes {
     }
 
     /// `{"session_id": …}` (kill).
-    struct SessionRequest: RequestBody {
+    struct SessionRequest: JSONBody {
         static let fields: Set<String> = ["session_id"]
         var session_id: String
     }
 
     /// VMSnapshotRequest: a name for the snapshot.
-    struct SnapshotVMRequest: RequestBody {
+    struct SnapshotVMRequest: JSONBody {
         static let fields: Set<String> = ["name"]
         var name: String?
         func validate() throws { try FieldProblem.check(name, "name", max: 256) }
     }
 
     /// VMCloneRequest: a name for the snapshot the clone is made from.
-    struct CloneVMRequest: RequestBody {
+    struct CloneVMRequest: JSONBody {
         static let fields: Set<String> = ["snapshot_name"]
         var snapshot_name: String?
         func validate() throws { try FieldProblem.check(snapshot_name, "snapshot_name", max: 256) }
     }
 
     /// SnapshotCreateRequest: a snapshot built from an OCI image.
-    struct CreateSnapshotRequest: RequestBody {
+    struct CreateSnapshotRequest: JSONBody {
         static let fields: Set<String> = ["oci_image", "name", "vcpu_count", "memory_mb", "build_args", "type"]
         var oci_image: String
         var name: String?
@@ -129,7 +129,7 @@ extension InstaVMRoutes {
     }
 
     /// VMCreateRequest.
-    struct CreateVMRequest: RequestBody {
+    struct CreateVMRequest: JSONBody {
         static let fields: Set<String> = [
             "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id",
             "snapshot_on_terminate", "auto_suspend", "auto_resume",
@@ -158,7 +158,7 @@ extension InstaVMRoutes {
     }
 
     /// The session's body: the SDK sends its key here, not in a header.
-    struct StartSessionRequest: RequestBody {
+    struct StartSessionRequest: JSONBody {
         static let fields: Set<String> = [
             "api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env",
         ]
@@ -178,7 +178,7 @@ extension InstaVMRoutes {
     }
 
     /// ExecuteRequest.
-    struct ExecuteRequest: RequestBody {
+    struct ExecuteRequest: JSONBody {
         static let fields: Set<String> = ["command", "session_id", "language", "timeout"]
         var command: String
         var session_id: String

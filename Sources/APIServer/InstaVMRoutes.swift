@@ -354,6 +354,27 @@ struct InstaVMRoutes: Sendable {
             status: r.timedOut ? "timeout" : "success")
     }
 
+    /// Whether every header name in the parts of a multipart body is ASCII. MultipartKit 4.7
+    /// traps on a header name byte of 0x80 or more (it indexes a 128-entry table with it):
+    /// found by schemathesis, one such request ended the whole server. A part's headers run
+    /// from its delimiter line to the first empty line; a header's name is its line up to the
+    /// first `:` (all of it when there is none). Stricter than the parser, never laxer.
+    static func headerNamesAreASCII(_ body: ByteBuffer, boundary: String) -> Bool {
+        let bytes = Array(body.readableBytesView)
+        let delimiter = Array(("--" + boundary).utf8)
+        guard !boundary.isEmpty else { return !bytes.contains { $0 >= 0x80 } }
+        var i = 0
+        while let d = bytes[i...].firstRange(of: delimiter) {
+            i = d.upperBound
+            let end = bytes[i...].firstRange(of: Array("\r\n\r\n".utf8))?.lowerBound ?? bytes.count
+            let next = bytes[i...].firstRange(of: delimiter)?.lowerBound ?? bytes.count
+            for line in bytes[i..<min(end, next)].split(separator: 0x0A) {
+                if line.prefix(while: { $0 != UInt8(ascii: ":") }).contains(where: { $0 >= 0x80 }) { return false }
+            }
+        }
+        return true
+    }
+
     /// A guest path from a form: absolute, without `..` or NUL.
     static func guestPath(_ s: String, field: String) throws -> String {
         guard s.hasPrefix("/"), !s.split(separator: "/").contains(".."), !s.contains("\0"), s.utf8.count <= 4096 else {
@@ -377,6 +398,10 @@ struct InstaVMRoutes: Sendable {
             throw InstaVMError.invalid(["body"], "send the file as multipart/form-data (file, remote_path, session_id)")
         }
         let body = try await req.body.collect(upTo: 256 << 20)
+        let boundaryText = String(boundary.trimmingCharacters(in: CharacterSet(charactersIn: "\"")))
+        guard Self.headerNamesAreASCII(body, boundary: boundaryText) else {
+            throw InstaVMError.invalid(["body"], "a part's header name is not ASCII (a malformed multipart form)")
+        }
         let form: Form
         do {
             form = try FormDataDecoder().decode(

@@ -1,6 +1,7 @@
 import Foundation
 import FurcateCore
 import FurcateEngine
+import Hummingbird
 import Testing
 
 @testable import APIServer
@@ -8,11 +9,11 @@ import Testing
 /// Request bodies decoded and checked in one place, and each dialect's rendering of what is
 /// wrong with one: no server, no VM.
 @Suite struct RequestBodyTests {
-    func decode<T: RequestBody>(_ type: T.Type, _ json: String) throws -> T {
+    func decode<T: JSONBody>(_ type: T.Type, _ json: String) throws -> T {
         try RequestBodies.decode(type, from: Data(json.utf8))
     }
 
-    func problem<T: RequestBody>(_ type: T.Type, _ json: String) -> FieldProblem? {
+    func problem<T: JSONBody>(_ type: T.Type, _ json: String) -> FieldProblem? {
         do {
             _ = try decode(type, json)
             return nil
@@ -133,5 +134,25 @@ import Testing
                 && range.items?.first?.type == "greater_than_equal")
         let missing = try #require(InstaVMRoutes.render(FieldProblem(["session_id"], .missing)) as? InstaVMError)
         #expect(missing.items?.first?.loc == ["body", "session_id"] && missing.items?.first?.msg == "Field required")
+    }
+}
+
+/// Multipart forms MultipartKit would trap on are refused before it sees them.
+@Suite struct MultipartGuardTests {
+    @Test func headerNamesMustBeASCII() {
+        func body(_ s: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: s) }
+        let b = "19a0e0e526274f6bfdbd7f757b719798"
+        // The request schemathesis sent: a part whose "header" starts with bytes above 0x7F.
+        let crashing: [UInt8] =
+            Array("--\(b)\r\n".utf8) + [0xC1, 0xB4, 0xF0, 0xBB, 0xA0, 0xA3] + Array("CY\u{1F}--\(b)--\r\n".utf8)
+        #expect(!InstaVMRoutes.headerNamesAreASCII(body(crashing), boundary: b))
+        // A real form: UTF-8 in a header value (a file name) and in the content is fine.
+        let form = Array(
+            ("--\(b)\r\nContent-Disposition: form-data; name=\"file\"; filename=\"é.txt\"\r\n\r\n"
+                + "ünïcode --\(b)x\r\n"
+                + "--\(b)\r\nContent-Disposition: form-data; name=\"remote_path\"\r\n\r\n/root/é\r\n--\(b)--\r\n").utf8)
+        #expect(InstaVMRoutes.headerNamesAreASCII(body(form), boundary: b))
+        let badName = Array("--\(b)\r\nContént-Disposition: form-data\r\n\r\nx\r\n--\(b)--\r\n".utf8)
+        #expect(!InstaVMRoutes.headerNamesAreASCII(body(badName), boundary: b))
     }
 }

@@ -1,4 +1,4 @@
-// Request bodies as typed values. A dialect declares each body it reads as a `RequestBody`: its
+// Request bodies as typed values. A dialect declares each body it reads as a `JSONBody`: its
 // fields, the vendor document's other fields, its checks. `RequestBodies.decode` parses it,
 // refuses by name any field this server does not honour, decodes and validates, once for every
 // dialect, and throws a `FieldProblem` that each dialect renders in its own error shape.
@@ -7,7 +7,7 @@ import FurcateCore
 import Hummingbird
 
 /// A JSON object a request carries, as a typed value.
-protocol RequestBody: Decodable {
+protocol JSONBody: Decodable {
     /// The fields this server honours.
     static var fields: Set<String> { get }
     /// The vendor document's other fields of this body: sent as null they mean "unset"; with a
@@ -20,7 +20,7 @@ protocol RequestBody: Decodable {
     func validate() throws
 }
 
-extension RequestBody {
+extension JSONBody {
     static var documentedFields: Set<String> { [] }
     static func current(_ object: [String: JSONValue]) throws -> [String: JSONValue]? { nil }
     func validate() throws {}
@@ -145,11 +145,11 @@ enum RequestBodies {
     /// The body (empty: `{}`) as `T`: a JSON object, without fields `T` does not honour,
     /// decoded and validated.
     /// - Throws: `FieldProblem`, or what `T`'s own decoding and checks throw.
-    static func decode<T: RequestBody>(_: T.Type, from body: ByteBuffer) throws -> T {
+    static func decode<T: JSONBody>(_: T.Type, from body: ByteBuffer) throws -> T {
         try decode(T.self, from: Data(buffer: body))
     }
 
-    static func decode<T: RequestBody>(_: T.Type, from data: Data) throws -> T {
+    static func decode<T: JSONBody>(_: T.Type, from data: Data) throws -> T {
         var data = data.isEmpty ? Data("{}".utf8) : data
         let object: [String: JSONValue]
         do {
