@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >&2
-bin="$(swift build -c release --show-bin-path)/furcate"
+bin="${PREFIX:-/usr/local}/bin/furcate"
 if [ $# -eq 0 ]; then
   if "$bin" help serve >/dev/null 2>&1; then set -- serve; else set -- --help; fi
 fi

@@ -6,8 +6,11 @@ import Foundation
 ///     DIR/images   image blobs, scratch space, the image database
 ///     DIR/vms      the VM database, run directories (sockets, logs)
 ///     DIR/mnt      the store's FUSE mount
-///     DIR/guest    the guest kernel, initramfs and agent (scripts/guest-artifacts.sh)
 ///     DIR/keys.sqlite  API keys (hashed)
+///
+/// The guest artifacts (kernel, initramfs, agent, the default image) are not data: they are
+/// installed once, next to the executable (`PREFIX/share/furcate/guest` for
+/// `PREFIX/bin/furcate`, as scripts/setup.sh installs them), and found whatever `--data` says.
 public struct DataLayout: Sendable {
     public let root: String
 
@@ -27,10 +30,39 @@ public struct DataLayout: Sendable {
     public var images: String { root + "/images" }
     public var vms: String { root + "/vms" }
     public var mountpoint: String { root + "/mnt" }
-    /// Guest artifacts: `$FURCATE_GUEST_DIR` when set, else DIR/guest.
+    /// Guest artifacts: `$FURCATE_GUEST_DIR` when set; else the installation's
+    /// (`PREFIX/share/furcate/guest`) when it holds an agent; else DIR/guest (a build run from
+    /// its checkout, or an older setup that put them there).
     public var guest: String {
         if let g = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"], !g.isEmpty { return g }
+        if let installed = Self.installedGuest(executable: Self.executable),
+            FileManager.default.isReadableFile(atPath: installed + "/furcate-agent")
+        {
+            return installed
+        }
         return root + "/guest"
+    }
+
+    /// The places `guest` looks, in its order, for messages that say where artifacts are missing.
+    public var guestCandidates: [String] {
+        var c: [String] = []
+        if let g = ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"], !g.isEmpty { return [g] }
+        if let installed = Self.installedGuest(executable: Self.executable) { c.append(installed) }
+        return c + [root + "/guest"]
+    }
+
+    /// `PREFIX/share/furcate/guest` for an executable at `PREFIX/bin/NAME`; nil for one that is
+    /// not in a `bin` directory (a build under `.build/`).
+    public static func installedGuest(executable: String) -> String? {
+        let bin = (executable as NSString).deletingLastPathComponent
+        guard (bin as NSString).lastPathComponent == "bin" else { return nil }
+        return (bin as NSString).deletingLastPathComponent + "/share/furcate/guest"
+    }
+
+    /// This process's executable, links resolved.
+    static var executable: String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? (CommandLine.arguments.first ?? "")
     }
     public var agent: String { guest + "/furcate-agent" }
     public var keys: String { root + "/keys.sqlite" }

@@ -36,7 +36,10 @@ final class LocalEngine: @unchecked Sendable {
         layout = data.layout
         let l = layout
         guard FileManager.default.isReadableFile(atPath: l.agent) else {
-            throw FurcateError(.notFound, "no guest agent at \(l.agent): run scripts/setup.sh first")
+            throw FurcateError(
+                .notFound,
+                "no guest agent in \(l.guestCandidates.joined(separator: " or ")): run scripts/setup.sh first "
+                    + "(or set FURCATE_GUEST_DIR to where the guest artifacts are)")
         }
         store = try data.openOrCreateStore()
         do {

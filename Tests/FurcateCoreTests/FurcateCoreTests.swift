@@ -68,3 +68,12 @@ import Testing
                 } == true, "\(mask)")
     }
 }
+
+/// The guest artifacts belong to the installation, not to a data directory.
+@Suite struct DataLayoutTests {
+    @Test func guestArtifactsAreFoundNextToTheExecutable() {
+        #expect(DataLayout.installedGuest(executable: "/usr/local/bin/furcate") == "/usr/local/share/furcate/guest")
+        #expect(DataLayout.installedGuest(executable: "/tmp/p/bin/furcate") == "/tmp/p/share/furcate/guest")
+        #expect(DataLayout.installedGuest(executable: "/src/furcate/.build/release/furcate") == nil)
+    }
+}
