@@ -145,7 +145,7 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "VMService", "Images", "Builds",
+                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "Hypervisor", "VMService", "Images", "Builds",
                 "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer",
                 "CSpawn",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -20,7 +20,7 @@ struct Furcate: ParsableCommand {
         abstract: "A self-hosted microVM engine whose forks cost one O(1) store clone.",
         subcommands: [
             ServeCommand.self, StoreCommand.self, MountCommand.self, ImageCommand.self, BuildCommand.self,
-            RunCommand.self, KeysCommand.self, VMCommand.self, BenchCommand.self,
+            RunCommand.self, KeysCommand.self, VMCommand.self, BenchCommand.self, DoctorCommand.self,
         ]
     )
 }

@@ -77,3 +77,24 @@ import Testing
         try fails(["store", "get", store, "x", dir.sub("no/such/dir")], "no/such/dir")
     }
 }
+
+/// `furcate doctor` names every check, and fails (one line on stderr) on what stops serve.
+@Suite struct DoctorTests {
+    struct Check: Decodable {
+        var name: String
+        var level: String
+        var fix: String?
+    }
+
+    @Test func namesEveryCheckAndFailsOnMissingArtifacts() throws {
+        let dir = TempDir("doctor")
+        let r = try runFurcate(
+            ["doctor", "--json", "--data", dir.sub("d")], environment: ["FURCATE_GUEST_DIR": dir.sub("none")])
+        let checks = try JSONDecoder().decode([Check].self, from: Data(r.stdout.utf8))
+        #expect(checks.map(\.name) == ["root", "accelerator", "fuse", "qemu", "guest artifacts", "disk", "cgroups"])
+        let artifacts = checks.first { $0.name == "guest artifacts" }
+        #expect(artifacts?.level == "fail" && artifacts?.fix?.contains("setup.sh") == true)
+        #expect(r.status != 0 && r.stderr.contains("guest artifacts"), "\(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "\(r.stderr)")
+    }
+}

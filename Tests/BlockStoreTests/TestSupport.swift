@@ -42,10 +42,11 @@ struct RunResult {
 }
 
 /// Runs `furcate` with `args` and waits.
-func runFurcate(_ args: [String]) throws -> RunResult {
+func runFurcate(_ args: [String], environment: [String: String] = [:]) throws -> RunResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: furcateBinary)
     p.arguments = args
+    if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
     let out = Pipe()
     let err = Pipe()
     p.standardOutput = out
