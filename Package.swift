@@ -160,6 +160,7 @@ let package = Package(
             name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"],
             path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
+        .testTarget(name: "FurcateBenchTests", dependencies: ["FurcateBench"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "APIServerTests",

@@ -155,6 +155,7 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "QEMUs kept waiting for mode-a forks (0: every fork spawns one).") var warmPool = 0
         @Option(help: "Single forks made one after another per memory mode, after the N-way fork (0: none).")
         var rounds = 10
+        @Option(help: "Also draw the figure against its baseline as SVG into this file.") var plot: String?
         @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle =
             10
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
@@ -162,8 +163,8 @@ struct BenchCommand: ParsableCommand {
 
         func run() throws {
             bootstrapOnce
-            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle) =
-                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle)
+            let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot) =
+                (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot)
             try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
@@ -204,6 +205,7 @@ struct BenchCommand: ParsableCommand {
                 b.rounds = rounds
                 b.settleSeconds = settle
                 let r = try await b.run()
+                if let plot { try writePlot(r.chart, to: plot) }
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print(
                     "accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
@@ -264,6 +266,7 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Mount with this readahead in KiB (see furcate mount).") var readaheadKb: Int?
         @Option(help: "Mount with this share of the dirty-page budget in percent (see furcate mount).")
         var maxDirtyRatio: Int?
+        @Option(help: "Also draw the figure against its baselines as SVG into this file.") var plot: String?
 
         func run() throws {
             try reportingErrors {
@@ -278,6 +281,7 @@ struct BenchCommand: ParsableCommand {
                     FileHandleStderr.write("bench: \($0)\n")
                 }
                 let r = try b.run()
+                if let plot { try writePlot(r.chart, to: plot) }
                 if json { return try printJSON(r) }
                 print("fio, \(ByteSize.format(r.fileBytes)) file, \(r.secondsPerJob) s per job (MB/s, p50 / p99 us):")
                 for j in r.jobs {
@@ -366,4 +370,12 @@ func f3(_ v: Double) -> String { String(format: "%.3f", v) }
 
 extension String {
     func rightPad(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
+}
+
+/// Writes a benchmark's figure as SVG (`--plot FILE`).
+func writePlot(_ chart: BarChart, to path: String) throws {
+    do { try Data(chart.svg.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+        throw FurcateError(.io, "cannot write the plot to \(path): \(error.localizedDescription)")
+    }
+    FileHandleStderr.write("bench: figure written to \(path)\n")
 }
