@@ -360,14 +360,14 @@ struct InstaVMRoutes: Sendable {
     /// from its delimiter line to the first empty line; a header's name is its line up to the
     /// first `:` (all of it when there is none). Stricter than the parser, never laxer.
     static func headerNamesAreASCII(_ body: ByteBuffer, boundary: String) -> Bool {
-        let bytes = Array(body.readableBytesView)
+        let bytes = body.readableBytesView  // an upload may be 256 MiB: scanned in place, not copied
         let delimiter = Array(("--" + boundary).utf8)
         guard !boundary.isEmpty else { return !bytes.contains { $0 >= 0x80 } }
-        var i = 0
+        var i = bytes.startIndex
         while let d = bytes[i...].firstRange(of: delimiter) {
             i = d.upperBound
-            let end = bytes[i...].firstRange(of: Array("\r\n\r\n".utf8))?.lowerBound ?? bytes.count
-            let next = bytes[i...].firstRange(of: delimiter)?.lowerBound ?? bytes.count
+            let end = bytes[i...].firstRange(of: Array("\r\n\r\n".utf8))?.lowerBound ?? bytes.endIndex
+            let next = bytes[i...].firstRange(of: delimiter)?.lowerBound ?? bytes.endIndex
             for line in bytes[i..<min(end, next)].split(separator: 0x0A) {
                 if line.prefix(while: { $0 != UInt8(ascii: ":") }).contains(where: { $0 >= 0x80 }) { return false }
             }
