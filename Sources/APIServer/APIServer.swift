@@ -14,8 +14,11 @@ import Synchronization
 
 /// A request's context: Hummingbird's core, plus the API key that authenticated it.
 public struct APIContext: RequestContext {
+    /// Hummingbird's per-request storage.
     public var coreContext: CoreRequestContextStorage
+    /// The key that authenticated the request; nil until the auth middleware has run, and on paths that need none.
     public var key: APIKey?
+    /// A context for a request from `source`.
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
     }
@@ -28,18 +31,23 @@ public struct APIContext: RequestContext {
 
 /// An error as the Freestyle document writes it: `{"error": "SCREAMING_SNAKE", "message": …}`.
 public struct APIError: HTTPResponseError {
+    /// The HTTP status.
     public let status: HTTPResponse.Status
+    /// The vendor's error code, SCREAMING_SNAKE.
     public let code: String
+    /// One line for a person: what was wrong and what to do.
     public let message: String
     /// Headers the answer carries besides its content type (`Allow` on a 405).
     public var headers = HTTPFields()
 
+    /// An error answered with `status`, `code` and `message`.
     public init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
         self.status = status
         self.code = code
         self.message = message
     }
 
+    /// The error as a JSON response.
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         let body = try JSONEncoder().encode(["error": code, "message": message])
         var headers = headers
@@ -197,6 +205,7 @@ final class RouteMethods: Sendable {
     }
 }
 
+/// Builds the HTTP application over an `Engine`: both dialects, the middlewares, `/openapi.json`.
 public enum APIServer {
     /// The OpenAPI document served at `/openapi.json`.
     public static var openAPIDocument: Data { Data(OpenAPIDocument.json.utf8) }

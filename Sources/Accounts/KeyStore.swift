@@ -13,10 +13,14 @@ import RecordStore
 public struct APIKey: Codable, Sendable, Equatable {
     /// `key_` and 12 lowercase alphanumerics: how the key is listed and revoked.
     public var id: String
+    /// The account the key acts for.
     public var account: String
+    /// Marks the key `serve` makes for account `admin` on an empty key store (`furcate keys ls` shows
+    /// it); it grants nothing beyond its account's things.
     public var admin: Bool
     /// The secret's first characters, to tell keys apart in a list.
     public var prefix: String
+    /// When the key was made, Unix seconds.
     public var createdAt: Double
 }
 
@@ -27,6 +31,8 @@ public final class KeyStore: Sendable {
     private static let table = RecordTable("keys", key: "hash")
     static let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
+    /// Opens (creating) the key database at `path`.
+    /// - Throws: `.io` naming the database.
     public init(path: String) throws {
         db = try RecordDatabase(
             path: path, what: "API key", migrations: ["CREATE TABLE keys (hash TEXT PRIMARY KEY, record BLOB NOT NULL)"]
@@ -73,6 +79,7 @@ public final class KeyStore: Sendable {
         return try db.get(Self.table, key: Self.hash(secret))
     }
 
+    /// The keys of `account` (every account's when nil); their secrets are never stored.
     public func list(account: String? = nil) throws -> [APIKey] {
         try db.all(Self.table, as: APIKey.self).filter { account == nil || $0.account == account }
     }

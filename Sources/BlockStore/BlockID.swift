@@ -8,6 +8,7 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
     // Four words rather than a byte array: no heap allocation, cheap hashing and comparison.
     public var w0: UInt64, w1: UInt64, w2: UInt64, w3: UInt64
 
+    /// An id of these four words (the digest's bytes, big-endian, in order).
     public init(w0: UInt64, w1: UInt64, w2: UInt64, w3: UInt64) {
         self.w0 = w0; self.w1 = w1; self.w2 = w2; self.w3 = w3
     }
@@ -17,6 +18,7 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
     /// A slot whose block was written with zeros only; such blocks are never stored.
     public static let zero = BlockID(w0: .max, w1: .max, w2: .max, w3: .max)
 
+    /// True for `hole`: nothing written there.
     public var isHole: Bool { self == .hole }
     /// True for an id that names stored content (neither `hole` nor `zero`).
     public var isStored: Bool { self != .hole && self != .zero }
@@ -72,6 +74,7 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
         p.storeBytes(of: w3.bigEndian, toByteOffset: 24, as: UInt64.self)
     }
 
+    /// Lowercase hex of the 32 bytes.
     public var hex: String {
         let digits = Array("0123456789abcdef".utf8)
         var s = [UInt8]()
@@ -87,6 +90,7 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
         return String(hex.prefix(12))
     }
 
+    /// Orders ids by their bytes.
     public static func < (a: BlockID, b: BlockID) -> Bool {
         (a.w0, a.w1, a.w2, a.w3) < (b.w0, b.w1, b.w2, b.w3)
     }

@@ -10,14 +10,19 @@ public struct DamageReport: Sendable, Codable, Equatable {
     public var offset: UInt64
     /// The block (or node) id, hex.
     public var block: String
+    /// What is wrong with it (CRC, length, hash, decompression, a missing pack).
     public var reason: String
 }
 
 /// What `fsck` found.
 public struct FsckReport: Sendable, Codable, Equatable {
+    /// Files and snapshots walked.
     public var files = 0
+    /// Tree nodes loaded and checked (hash and encoding).
     public var nodesChecked = 0
+    /// Reachable blocks read and checked.
     public var blocksChecked = 0
+    /// Bytes of those blocks, uncompressed.
     public var bytesChecked: UInt64 = 0
     /// Damaged blocks, by every file and offset that references them.
     public var damage: [DamageReport] = []
@@ -27,6 +32,7 @@ public struct FsckReport: Sendable, Codable, Equatable {
     public var quarantined = 0
     /// Indexed blocks no file references (GC frees them); not an error.
     public var unreferencedBlocks = 0
+    /// Nothing damaged and no problem found (unreferenced blocks do not count).
     public var clean: Bool { damage.isEmpty && problems.isEmpty }
 }
 

@@ -4,14 +4,23 @@ import GRDB
 
 /// What one GC run did.
 public struct GCReport: Sendable, Codable, Equatable {
+    /// Block rows removed from the index.
     public var blocksFreed = 0
+    /// Tree node rows removed from the index.
     public var nodesFreed = 0
+    /// Uncompressed bytes of the blocks removed.
     public var bytesFreedInIndex: UInt64 = 0
+    /// Packs whose live records were copied into the active pack, then removed.
     public var packsCompacted = 0
+    /// Packs with nothing live left, removed.
     public var packsDeleted = 0
+    /// Bytes of pack files removed from disk, less what compaction copied.
     public var bytesReclaimedOnDisk: UInt64 = 0
+    /// Blocks still referenced after the run.
     public var liveBlocks = 0
+    /// Tree nodes still referenced after the run.
     public var liveNodes = 0
+    /// How long the run took.
     public var seconds = 0.0
 }
 

@@ -4,10 +4,15 @@ import GRDB
 
 /// How a file's distinct stored blocks are kept: their count, their bytes raw and as stored.
 public struct CompressionStats: Sendable, Codable, Equatable {
+    /// Distinct blocks.
     public var blocks = 0
+    /// Their bytes uncompressed.
     public var uncompressedBytes: UInt64 = 0
+    /// Their payload bytes as stored.
     public var storedBytes: UInt64 = 0
+    /// Uncompressed over stored bytes (1 when nothing is stored).
     public var ratio: Double { storedBytes == 0 ? 1 : Double(uncompressedBytes) / Double(storedBytes) }
+    /// Zero blocks.
     public init() {}
 }
 

@@ -4,7 +4,9 @@ import GRDB
 
 /// What `furcate store stats` prints.
 public struct StoreStats: Sendable, Codable, Equatable {
+    /// Files (writable).
     public var files = 0
+    /// Snapshots (read-only).
     public var snapshots = 0
     /// Sum of the sizes of all files and snapshots.
     public var logicalBytes: UInt64 = 0
@@ -12,12 +14,15 @@ public struct StoreStats: Sendable, Codable, Equatable {
     public var referencedBytes: UInt64 = 0
     /// Distinct blocks in the index and their uncompressed bytes.
     public var blocks = 0
+    /// Uncompressed bytes of the distinct blocks.
     public var uniqueBytes: UInt64 = 0
     /// Bytes of those blocks as stored (compressed payloads plus record headers).
     public var storedBytes: UInt64 = 0
     /// Bytes of pack files on disk (includes garbage GC has not yet reclaimed).
     public var packBytes: UInt64 = 0
+    /// Pack files on disk.
     public var packs = 0
+    /// Tree nodes in the index.
     public var nodes = 0
     /// referencedBytes / uniqueBytes.
     public var dedupRatio = 1.0

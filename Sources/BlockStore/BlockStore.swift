@@ -29,19 +29,28 @@ public struct StoreOptions: Sendable {
     public var packRolloverBytes: UInt64 = 256 << 20
     /// Verify the SHA-256 of every block read from a pack, not only its CRC (fsck always does).
     public var verifyHashOnRead = false
+    /// Where the store logs (label `furcate.store`).
     public var logger = Logger(label: "furcate.store")
 
+    /// The defaults documented on each option.
     public init() {}
 }
 
 /// What `furcate store ls` lists.
 public struct FileInfo: Sendable, Codable, Equatable {
+    /// The file's name, unique among files and snapshots.
     public var name: String
+    /// File or snapshot.
     public var kind: FileKind
+    /// Its size in bytes.
     public var size: UInt64
+    /// Its block size, a power of two from 4 KiB to 1 MiB.
     public var blockSize: Int
+    /// The codec new blocks are stored with (as `--codec` takes it).
     public var codec: String
+    /// When it was created, Unix seconds.
     public var createdAt: Double
+    /// When its contents last changed (at a sync), Unix seconds.
     public var modifiedAt: Double
 }
 
@@ -53,9 +62,12 @@ public struct FileInfo: Sendable, Codable, Equatable {
 public final class BlockStore: Sendable {
     /// Smallest and largest block sizes a file may have.
     public static let blockSizeRange = 4096...(1 << 20)
+    /// The block size of files created without one: 64 KiB.
     public static let defaultBlockSize = 64 << 10
 
+    /// The store's directory (lock, index, packs).
     public let directory: String
+    /// What the store was opened with.
     public let options: StoreOptions
     /// Block size given to files created without one.
     public let defaultBlockSize: Int
@@ -127,6 +139,8 @@ public final class BlockStore: Sendable {
         try BlockStore(directory: directory, creating: false, options: options)
     }
 
+    /// Checks a block size.
+    /// - Throws: `.invalidArgument` unless it is a power of two from 4 KiB to 1 MiB.
     public static func validateBlockSize(_ size: Int) throws {
         guard blockSizeRange.contains(size), size & (size - 1) == 0 else {
             throw FurcateError(.invalidArgument, "block size \(size) is not a power of two from 4 KiB to 1 MiB")

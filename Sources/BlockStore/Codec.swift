@@ -40,6 +40,7 @@ public enum Codec: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The codec as `--codec` takes it: `none`, `lz4`, `lz4:LEVEL` (LZ4 HC) or `zstd:LEVEL`.
     public var description: String {
         switch self {
         case .none: return "none"

@@ -1,9 +1,13 @@
 /// Compression throughput of a codec on sample data, for `furcate bench store` (which picks the
 /// default codec from these numbers).
 public enum CodecMeasure {
+    /// One codec's figures.
     public struct Result: Sendable {
+        /// Compression throughput, MB/s of input.
         public var compress: Double
+        /// Decompression throughput, MB/s of output.
         public var decompress: Double
+        /// Input bytes over compressed bytes.
         public var ratio: Double
     }
 

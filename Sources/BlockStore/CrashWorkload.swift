@@ -2,6 +2,7 @@
 /// against a store and reports each completed sync point; the test replays the same seed on an
 /// in-memory model to know what every file must hold after a SIGKILL at any moment.
 public struct CrashWorkload: Sendable {
+    /// One step of the workload.
     public enum Op: Sendable, Equatable {
         case write(file: String, offset: UInt64, bytes: [UInt8])
         case truncate(file: String, size: UInt64)
@@ -12,16 +13,21 @@ public struct CrashWorkload: Sendable {
         case snapshot(file: String, name: String, point: Int)
     }
 
+    /// The files the workload writes.
     public static let files = ["a", "b", "c"]
+    /// Their block size.
     public static let blockSize = 4096
+    /// The largest size a file reaches.
     public static let maxSize: UInt64 = 512 << 10
 
     private var rng: SplitMix64
     private var point = 0
     private var sinceSync = 0
 
+    /// The workload of `seed`: the same seed, the same steps.
     public init(seed: UInt64) { rng = SplitMix64(seed: seed) }
 
+    /// The next step.
     public mutating func next() -> Op {
         sinceSync += 1
         if sinceSync >= 8 + Int(rng.next() % 8) {
@@ -85,7 +91,9 @@ public struct CrashWorkload: Sendable {
 /// A small, fast, seedable PRNG (SplitMix64) for reproducible tests and benchmarks.
 public struct SplitMix64: RandomNumberGenerator, Sendable {
     private var state: UInt64
+    /// A generator of `seed`.
     public init(seed: UInt64) { state = seed }
+    /// The next number of the sequence.
     public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state

@@ -8,9 +8,13 @@ import Synchronization
 
 /// Where a block's record lives: pack, byte offset of the record header, and the record's sizes.
 public struct BlockLocation: Hashable, Sendable {
+    /// The pack's id (its file name).
     public var pack: Int64
+    /// Byte offset of the record header in the pack.
     public var offset: UInt64
+    /// Payload bytes as stored.
     public var storedLength: UInt32
+    /// Payload bytes uncompressed (the file's block size).
     public var rawLength: UInt32
     /// Algorithm tag of the payload (0 raw, 1 lz4, 2 zstd).
     public var codecTag: UInt8

@@ -13,7 +13,9 @@ public final class StoreFile: @unchecked Sendable {
     unowned let store: BlockStore
     /// The row id: stable across renames, unique for the store's life (an inode number).
     public let id: Int64
+    /// File (writable) or snapshot (read-only).
     public let kind: FileKind
+    /// Bytes per block.
     public let blockSize: Int
     let codec: Codec
     let createdAt: Double
@@ -56,6 +58,7 @@ public final class StoreFile: @unchecked Sendable {
     public var modificationTime: Double { lock.withReadLock { modifiedAt } }
     /// True while some writes are not yet synced.
     public var hasUnsyncedChanges: Bool { lock.withReadLock { isDirtyLocked } }
+    /// True for a read-only snapshot.
     public var isSnapshot: Bool { kind == .snapshot }
 
     private var isDirtyLocked: Bool { !dirty.isEmpty || !pending.isEmpty || !clears.isEmpty || _size != committedSize }

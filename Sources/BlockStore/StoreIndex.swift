@@ -9,6 +9,7 @@ public enum FileKind: Int, Sendable, Codable {
     /// An immutable snapshot.
     case snapshot = 1
 
+    /// `file` or `snapshot`, as listings print it.
     public var name: String { self == .file ? "file" : "snapshot" }
 }
 

@@ -8,6 +8,7 @@ import GuestAgentProtocol
 
 /// What a build starts from and what it does, in order. Every API shape maps onto this.
 public struct BuildRecipe: Codable, Hashable, Sendable {
+    /// What a build starts from.
     public indirect enum Base: Codable, Hashable, Sendable {
         /// An OCI image reference (pulled, turned into a rootfs, booted).
         case image(String)
@@ -17,9 +18,13 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
         case recipe(BuildRecipe)
     }
 
+    /// What the build starts from.
     public var base: Base
+    /// What it does, in order, through the build VM's agent.
     public var steps: [BuildStep]
+    /// The build VM's vCPUs (and its snapshot's); nil: the service's default.
     public var vcpus: Int?
+    /// The build VM's guest RAM in MiB (and its snapshot's); nil: the service's default.
     public var memoryMiB: Int?
     /// The rootfs size (image bases only; nil: automatic).
     public var diskBytes: UInt64?
@@ -29,6 +34,7 @@ public struct BuildRecipe: Codable, Hashable, Sendable {
     /// becomes the cache entry. Not part of the hash.
     public var skipCache = false
 
+    /// A recipe with the given fields; nil ones take the defaults documented on each.
     public init(
         base: Base, steps: [BuildStep] = [], vcpus: Int? = nil, memoryMiB: Int? = nil, diskBytes: UInt64? = nil,
         discriminator: String? = nil
@@ -184,17 +190,27 @@ public enum BuildStep: Codable, Hashable, Sendable {
 /// InstaVM's `build_args` (seed 000), applied in its order: apt, pip, npm packages, the git
 /// clone into /app/repo, environment, then the post-build command.
 public struct InstaVMBuildArgs: Codable, Hashable, Sendable {
+    /// Debian packages, separated by white space.
     public var extraAptPackages: String?
+    /// Python packages for pip, separated by white space.
     public var extraPipPackages: String?
+    /// npm packages, separated by white space.
     public var extraNpmPackages: String?
+    /// A repository cloned into /app/repo.
     public var gitCloneUrl: String?
+    /// The branch (or tag) to clone; nil: the repository's default.
     public var gitCloneBranch: String?
+    /// The rootfs size in GiB; nil: sized to the image's content.
     public var diskSizeGb: Int?
+    /// Variables added to the guest's environment.
     public var envs: [String: String]?
+    /// A shell command run last.
     public var postBuildCmd: String?
 
+    /// Nothing to do beyond the image.
     public init() {}
 
+    /// The recipe: `image` as the base, these steps in the order above, the VM's `vcpus` and `memoryMiB`.
     public func recipe(image: String, vcpus: Int?, memoryMiB: Int?) -> BuildRecipe {
         var steps: [BuildStep] = []
         func words(_ s: String?) -> [String] { (s ?? "").split(whereSeparator: { $0.isWhitespace }).map(String.init) }

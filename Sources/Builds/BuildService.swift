@@ -7,6 +7,7 @@ import Logging
 import RecordStore
 import VMService
 
+/// Where a build is: waiting for an identical one or a slot, running, or done.
 public enum BuildState: String, Codable, Sendable {
     case pending, running, succeeded, failed
 }
@@ -19,40 +20,59 @@ public enum SnapshotStateTag: String, Codable, Sendable {
 /// One entry of a build's append-only timeline (Freestyle's BuildPhase). A phase ends when the
 /// next one starts, or when the build finishes.
 public struct BuildPhase: Codable, Sendable, Hashable {
+    /// `bph-…`, unique.
     public var phaseId: String
+    /// The build it belongs to.
     public var buildId: String
+    /// What the phase does: `pull-image`, `boot`, a step's name, `snapshot`, `cached` (prefixed
+    /// `layer N: ` in a build of several layers).
     public var name: String
     /// The snapshot the phase is about: the cached snapshot of a "cached" phase, the snapshot a
     /// "snapshot" phase made.
     public var snapshotId: String?
+    /// When it started, Unix seconds.
     public var startedAt: Double
 }
 
 /// A layer a build materialized (built, or found cached): what later builds can reuse.
 public struct LayerResult: Codable, Sendable, Hashable {
+    /// The layer's template hash: what the cache is keyed by.
     public var templateHash: String
+    /// The snapshot holding the layer.
     public var snapshotId: String
+    /// Found in the cache rather than built.
     public var cached: Bool
 }
 
 /// A build (Freestyle's BuildRecord): state, planned phases, the phase timeline, the result.
 public struct BuildRecord: Codable, Sendable {
+    /// `bld-…`, unique.
     public var buildId: String
+    /// The account that started it.
     public var account: String
+    /// Pending, running, succeeded or failed.
     public var state: BuildState
     /// The outermost layer's template hash, once known.
     public var templateHash: String?
+    /// Why it failed, for a person.
     public var failureReason: String?
+    /// The phases it will go through, as planned at its start.
     public var plannedPhases: [String]
+    /// The phases it went through so far, in order.
     public var phases: [BuildPhase]
+    /// The layers it materialized so far, innermost first.
     public var layers: [LayerResult]
     /// The resulting snapshot (the outermost layer's).
     public var snapshotId: String?
     /// The build VM while one runs.
     public var buildVM: String?
+    /// What it builds.
     public var recipe: BuildRecipe
+    /// When it started, Unix seconds.
     public var startedAt: Double
+    /// When its record last changed, Unix seconds.
     public var updatedAt: Double
+    /// When it finished, Unix seconds.
     public var finishedAt: Double?
     /// Set when a restart interrupted the build (its snapshot state is `lost`).
     public var interrupted: Bool?
@@ -68,17 +88,22 @@ public struct BuildRecord: Codable, Sendable {
     }
 }
 
+/// What a build service is made with.
 public struct BuildServiceOptions: Sendable {
     /// Where the build database lives.
     public var directory: String
+    /// A build VM's vCPUs when its recipe names none.
     public var defaultVCPUs = 2
+    /// A build VM's guest RAM in MiB when its recipe names none.
     public var defaultMemoryMiB = 512
     /// Each step's limit (apt installs can be slow).
     public var stepTimeout: Duration = .seconds(1800)
     /// How long a build VM's agent may take to answer after boot.
     public var bootTimeout: Duration = .seconds(120)
+    /// Where the service logs (label `furcate.builds`).
     public var logger = Logger(label: "furcate.builds")
 
+    /// Options keeping the build database in `directory`; the rest take the defaults above.
     public init(directory: String) { self.directory = directory }
 }
 
@@ -86,8 +111,11 @@ public struct BuildServiceOptions: Sendable {
 /// hash, identical concurrent requests share one build, and a restart marks interrupted builds
 /// failed (never "succeeded").
 public actor BuildService {
+    /// Pulls the images recipes start from.
     public nonisolated let images: ImageService
+    /// Runs the build VMs and keeps their snapshots.
     public nonisolated let vms: VMService
+    /// What the service was made with.
     public nonisolated let options: BuildServiceOptions
     private let db: BuildDatabase
     private var records: [String: BuildRecord] = [:]
@@ -97,6 +125,8 @@ public actor BuildService {
     /// Outer template hash (or recipe identity) → running build, to share identical requests.
     private var inflight: [BuildRecipe: String] = [:]
 
+    /// Opens (creating) the build database.
+    /// - Throws: `.io` when it cannot be used.
     public init(images: ImageService, vms: VMService, options: BuildServiceOptions) throws {
         self.images = images
         self.vms = vms
@@ -130,11 +160,14 @@ public actor BuildService {
         return out
     }
 
+    /// Build `id`'s record.
+    /// - Throws: `.notFound` for an unknown id.
     public func record(_ id: String) throws -> BuildRecord {
         guard let r = records[id] else { throw FurcateError(.notFound, "no build \(id.prefix(60))") }
         return r
     }
 
+    /// The builds of `account` (every account's when nil), oldest first.
     public func list(account: String? = nil) -> [BuildRecord] {
         records.values.filter { account == nil || $0.account == account }.sorted { $0.startedAt < $1.startedAt }
     }

@@ -6,10 +6,15 @@ import FurcateCore
 /// values are substituted (`$NAME`, `${NAME}`, `${NAME:-default}`); LABEL, SHELL, CMD and
 /// ENTRYPOINT are kept as the image's metadata. COPY and ADD need a context and fail clearly.
 public struct Dockerfile: Sendable {
+    /// What the Dockerfile builds, as a recipe.
     public var recipe: BuildRecipe
+    /// LABEL pairs, kept as the image's metadata.
     public var labels: [String: String] = [:]
+    /// CMD, kept as the image's metadata.
     public var cmd: [String]?
+    /// ENTRYPOINT, kept as the image's metadata.
     public var entrypoint: [String]?
+    /// The last USER, kept as the image's metadata.
     public var user: String?
 
     /// - Throws: `.invalidArgument` naming the line and the problem.

@@ -8,30 +8,54 @@ import GuestAgentProtocol
 /// the snapshot's contents (idle timeout, ready signal) are decoded for the API to apply to VMs
 /// made from it; they are not part of the build. Exposed `ports` are refused (not supported).
 public final class FreestyleSnapshotSpec: Codable, Sendable {
-    public struct BaseImage: Codable, Sendable { public var dockerfileContent: String }
+    /// A base built from a Dockerfile (without a context).
+    public struct BaseImage: Codable, Sendable {
+        /// The Dockerfile's text.
+        public var dockerfileContent: String
+    }
+    /// A file written into the snapshot (`additionalFiles`).
     public struct File: Codable, Sendable {
+        /// The file's content, as `encoding` says.
         public var content: String
+        /// `utf8` (the default) or `base64`.
         public var encoding: String?
+        /// Made executable (mode 0755); nil: false.
         public var executable: Bool?
     }
+    /// A repository cloned into the snapshot.
     public struct GitRepository: Codable, Sendable {
+        /// The repository's URL.
         public var repo: String
+        /// Where in the guest it is cloned.
         public var path: String
+        /// The revision checked out; nil: the default branch.
         public var rev: String?
     }
+    /// `git config user.*`, written into /etc/gitconfig.
     public struct GitUser: Codable, Sendable {
+        /// `user.name`.
         public var name: String?
+        /// `user.email`.
         public var email: String?
+        /// `user.signingkey`.
         public var signingkey: String?
     }
-    public struct GitConfig: Codable, Sendable { public var user: GitUser? }
+    /// The system-wide git configuration.
+    public struct GitConfig: Codable, Sendable {
+        /// The `[user]` section.
+        public var user: GitUser?
+    }
+    /// Repositories and git configuration of the snapshot.
     public struct GitOptions: Codable, Sendable {
+        /// Repositories cloned, in order.
         public var repos: [GitRepository]?
         /// System-wide git configuration, written to `/etc/gitconfig`; required (`{}` sets
         /// nothing), as the document says.
         public var config: GitConfig
     }
+    /// Systemd units of the snapshot (services, run by the agent where systemd is not the init).
     public struct Systemd: Codable, Sendable {
+        /// The units, created (and enabled) in order.
         public var services: [ServiceSpec]?
 
         private struct Key: CodingKey {
@@ -46,11 +70,15 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
 
         private enum CodingKeys: String, CodingKey { case services, patchedServices }
 
+        /// Encodes the services (the document's shape).
         public func encode(to encoder: any Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encodeIfPresent(services, forKey: .services)
         }
 
+        /// Decodes `services`, refusing unit fields the agent does not honour and a non-null
+        /// `patchedServices`.
+        /// - Throws: `DecodingError` naming the field.
         public init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             if c.contains(.patchedServices), try !c.decodeNil(forKey: .patchedServices) {
@@ -82,29 +110,51 @@ public final class FreestyleSnapshotSpec: Codable, Sendable {
             }
         }
     }
+    /// A guest port exposed on the host (refused: not supported).
     public struct PortMapping: Codable, Sendable {
+        /// The port exposed.
         public var port: Int
+        /// The guest port it reaches.
         public var targetPort: Int
     }
 
+    /// The inner layer this one is built over.
     public let snapshot: FreestyleSnapshotSpec?
+    /// An existing snapshot this layer is built over.
     public let snapshotId: String?
+    /// A Dockerfile this layer is built over.
     public let baseImage: BaseImage?
+    /// The rootfs size in GiB (1 to 16).
     public let rootfsSizeGb: Int?
+    /// Guest RAM in GiB (1 to 8) of the build VM and the VMs made from the snapshot.
     public let memSizeGb: Int?
+    /// vCPUs (1 to 8) of the build VM and the VMs made from the snapshot.
     public let vcpuCount: Int?
+    /// The working directory commands run in, in VMs made from the snapshot.
     public let workdir: String?
+    /// Systemd units.
     public let systemd: Systemd?
+    /// Users added, after the groups.
     public let users: [UserSpec]?
+    /// Groups added.
     public let groups: [GroupSpec]?
+    /// Files written, by absolute path.
     public let additionalFiles: [String: File]?
+    /// Repositories and git configuration.
     public let git: GitOptions?
+    /// Debian packages installed first.
     public let aptDeps: [String]?
+    /// Makes otherwise identical specs build separately (not cached together).
     public let discriminator: String?
+    /// Build even when a cached snapshot exists.
     public let skipCache: Bool?
+    /// The idle timeout of VMs made from the snapshot (not part of the build).
     public let idleTimeoutSeconds: Int?
+    /// Whether creating a VM from it waits for its agent (not part of the build).
     public let waitForReadySignal: Bool?
+    /// How long that wait may be, in seconds (not part of the build).
     public let readySignalTimeoutSeconds: Int?
+    /// Exposed guest ports: refused when given (not supported).
     public let ports: [PortMapping]?
 
     /// Whether this layer describes contents of its own (files, users, services, packages,

@@ -14,42 +14,62 @@ import VMService
 /// the library in the same run, and `wrk` on `GET /v1/vms` with many VM records against the
 /// same request for an account with none.
 public struct APIBenchReport: Codable, Sendable {
+    /// KVM or TCG, as the run used.
     public var accelerator: String
+    /// Forks made over each path.
     public var forkCount: Int
     /// `POST /v1/vms/{id}/fork {"count":1}`, request to response.
     public var httpForkP50Millis: Double
+    /// The same, 99th percentile.
     public var httpForkP99Millis: Double
     /// `VMService.fork(id, count: 1, newIdentity: true)`, the same work without HTTP.
     public var libraryForkP50Millis: Double
+    /// The same, 99th percentile.
     public var libraryForkP99Millis: Double
     /// HTTP p50 / library p50.
     public var forkOverheadRatio: Double
     /// Forks (of both paths) whose guest agent answered afterwards.
     public var forksVerified: Int
+    /// VMs the listing account owns during the wrk run.
     public var records: Int
+    /// How long wrk ran against each account.
     public var wrkSeconds: Int
+    /// wrk's connections.
     public var wrkConnections: Int
+    /// `GET /v1/vms` requests per second with `records` VMs.
     public var listRequestsPerSecond: Double
+    /// Their 99th-percentile latency.
     public var listP99Millis: Double
+    /// Non-2xx answers and socket errors wrk counted.
     public var listErrors: Int
     /// The baseline: the same request by an account with no VMs.
     public var emptyListRequestsPerSecond: Double
+    /// Its 99th-percentile latency.
     public var emptyListP99Millis: Double
     /// list / empty list requests per second.
     public var listThroughputRatio: Double
+    /// The whole run's wall time.
     public var seconds = 0.0
 }
 
 /// `furcate bench api`: needs root, QEMU, the guest artifacts and `wrk`.
 public struct APIBenchmark: Sendable {
+    /// Where the run keeps its store, mount and data (removed afterwards).
     public var workDir: String
+    /// The guest kernel, initramfs and test rootfs.
     public var guestDir: String
+    /// Forks made over each path.
     public var forkCount: Int
+    /// VMs the listing account owns.
     public var records: Int
+    /// How long wrk runs against each account.
     public var wrkSeconds: Int
+    /// wrk's connections.
     public var wrkConnections = 8
+    /// Called with a line for each step.
     public var progress: @Sendable (String) -> Void
 
+    /// A run with the given settings; the rest take the defaults above.
     public init(
         workDir: String, guestDir: String, forkCount: Int = 20, records: Int = 1000, wrkSeconds: Int = 5,
         progress: @escaping @Sendable (String) -> Void
@@ -71,6 +91,8 @@ public struct APIBenchmark: Sendable {
         throw FurcateError(.notFound, "bench api needs wrk (apt-get install wrk)")
     }
 
+    /// Runs the benchmark.
+    /// - Throws: when a facility it needs is missing (root, QEMU, wrk) or a step fails.
     public func run() async throws -> APIBenchReport {
         let wrk = try Self.wrkPath()
         var (r, seconds) = try await VMBenchEnvironment.run(

@@ -12,33 +12,48 @@ import VMService
 /// run — the same command through the serial debug shell, and the same file bytes written
 /// and read by a local process.
 public struct AgentBenchReport: Codable, Sendable {
+    /// KVM or TCG, as the run used.
     public var accelerator: String
+    /// Round trips measured per path.
     public var execCount: Int
     /// Round trip of `true` through the agent (spawn, wait, reply).
     public var agentExecP50Millis: Double
+    /// The same, 99th percentile.
     public var agentExecP99Millis: Double
     /// The same through the debug shell on the serial port (a shell builtin: no spawn).
     public var shellExecP50Millis: Double
+    /// The same, 99th percentile.
     public var shellExecP99Millis: Double
     /// A no-op request (ping): the protocol's own round trip.
     public var agentPingP50Millis: Double
+    /// The file written and read through the agent, MiB.
     public var fileMiB: Int
+    /// Its write throughput through the agent.
     public var agentWriteMBps: Double
+    /// Its read throughput through the agent.
     public var agentReadMBps: Double
     /// The same bytes in 4 MiB pwrite/pread calls by this process on a local file.
     public var localWriteMBps: Double
+    /// The same read by this process.
     public var localReadMBps: Double
+    /// The whole run's wall time.
     public var seconds = 0.0
 }
 
 /// `furcate bench agent`: needs root, QEMU and the guest artifacts (with the agent).
 public struct AgentBenchmark: Sendable {
+    /// Where the run keeps its store, mount and data (removed afterwards).
     public var workDir: String
+    /// The guest kernel, initramfs and test rootfs.
     public var guestDir: String
+    /// Round trips measured per path.
     public var execCount: Int
+    /// The file written and read, MiB.
     public var fileMiB: Int
+    /// Called with a line for each step.
     public var progress: @Sendable (String) -> Void
 
+    /// A run with the given settings.
     public init(
         workDir: String, guestDir: String, execCount: Int = 200, fileMiB: Int = 64,
         progress: @escaping @Sendable (String) -> Void
@@ -50,6 +65,8 @@ public struct AgentBenchmark: Sendable {
         self.progress = progress
     }
 
+    /// Runs the benchmark.
+    /// - Throws: when a facility it needs is missing (root, QEMU, the agent) or a step fails.
     public func run() async throws -> AgentBenchReport {
         var (r, seconds) = try await VMBenchEnvironment.run(
             workDir: workDir, guestDir: guestDir, name: "agent", configure: { $0.defaultMemoryMiB = 512 }

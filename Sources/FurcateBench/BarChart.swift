@@ -4,12 +4,16 @@ import Foundation
 /// each bar labelled with its value, on a linear or a log scale — what `furcate bench … --plot`
 /// writes, with no dependency beyond text.
 public struct BarChart: Sendable {
+    /// One bar.
     public struct Bar: Sendable {
+        /// Written under the bar.
         public var label: String
+        /// Its length, in the chart's unit.
         public var value: Double
         /// The subject's bars are drawn in the accent colour, baselines in grey.
         public var isBaseline: Bool
 
+        /// A bar of `value` labelled `label`; `baseline` draws it grey.
         public init(_ label: String, _ value: Double, baseline: Bool = false) {
             self.label = label
             self.value = value
@@ -17,22 +21,30 @@ public struct BarChart: Sendable {
         }
     }
 
+    /// Bars drawn together under one title.
     public struct Group: Sendable {
+        /// Written above the group.
         public var title: String
+        /// The bars, top to bottom.
         public var bars: [Bar]
 
+        /// A group of `bars` titled `title`.
         public init(_ title: String, _ bars: [Bar]) {
             self.title = title
             self.bars = bars
         }
     }
 
+    /// The chart's title.
     public var title: String
+    /// The values' unit, written on the axis.
     public var unit: String
     /// Log scale (values spanning orders of magnitude: a fork against a cold boot).
     public var logScale: Bool
+    /// The groups, top to bottom.
     public var groups: [Group]
 
+    /// A chart of `groups`.
     public init(title: String, unit: String, logScale: Bool = false, groups: [Group]) {
         self.title = title
         self.unit = unit

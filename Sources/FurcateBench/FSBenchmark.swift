@@ -10,39 +10,56 @@ import StoreFS
 /// Results of `furcate bench fs`: fio on a store file through the mount, on tmpfs and on ext4
 /// (the filesystem holding the store), in one run.
 public struct FSBenchReport: Codable, Sendable {
+    /// One fio job on one target.
     public struct Job: Codable, Sendable {
         /// mount, tmpfs or ext4.
         public var target: String
         /// e.g. "randread 4k psync cold".
         public var job: String
+        /// Throughput, MB/s.
         public var mbps: Double
+        /// Median completion latency.
         public var latencyP50Micros: Double
+        /// 99th-percentile completion latency.
         public var latencyP99Micros: Double
     }
+    /// The mount against one baseline on one job.
     public struct Ratio: Codable, Sendable {
+        /// The fio job.
         public var job: String
         /// mount / baseline throughput.
         public var ratio: Double
+        /// tmpfs or ext4.
         public var baseline: String
+        /// The ratio the mount is meant to reach.
         public var goal: Double
     }
+    /// The test file's size.
     public var fileBytes: UInt64
+    /// How long each fio job ran.
     public var secondsPerJob: Int
+    /// Every job on every target.
     public var jobs: [Job] = []
+    /// The mount against each baseline.
     public var ratios: [Ratio] = []
+    /// The whole run's wall time.
     public var seconds = 0.0
 }
 
 /// `furcate bench fs`: needs root (mount, drop_caches) and fio.
 public struct FSBenchmark {
+    /// Where the run keeps its store, mount and files (removed afterwards).
     public var workDir: String
+    /// Shorter jobs and a smaller file.
     public var quick: Bool
     /// The furcate executable that serves the mount.
     public var furcate: String
     /// Extra `furcate mount` flags (e.g. --writeback-cache) to measure a setting.
     public var mountFlags: [String]
+    /// Called with a line for each step.
     public var progress: (String) -> Void
 
+    /// A run with the given settings.
     public init(
         workDir: String, quick: Bool, furcate: String, mountFlags: [String] = [], progress: @escaping (String) -> Void
     ) {
@@ -72,6 +89,8 @@ public struct FSBenchmark {
         return s
     }
 
+    /// Runs the benchmark.
+    /// - Throws: when a facility it needs is missing (root, fio) or a step fails.
     public func run() throws -> FSBenchReport {
         guard geteuid() == 0 else {
             throw FurcateError(.notPermitted, "bench fs needs root (it mounts and drops caches)")

@@ -13,16 +13,23 @@ import VMService
 /// Results of `furcate bench fork`: a base VM forked N ways per memory mode, against a cold
 /// boot of the same VM measured in the same run.
 public struct ForkBenchReport: Codable, Sendable {
+    /// One step's latency over the forks measured.
     public struct Phase: Codable, Sendable {
+        /// The step.
         public var name: String
+        /// Its median.
         public var p50Millis: Double
+        /// Its 99th percentile.
         public var p99Millis: Double
     }
+    /// The figures of one memory mode.
     public struct Mode: Codable, Sendable {
         /// "a" (each fork's RAM its own store file, shared mapping) or "b" (forks map the
         /// snapshot's memory privately).
         public var memoryMode: String
+        /// Forks of the N-way fork.
         public var count: Int
+        /// QEMUs the warm pool kept waiting.
         public var warmPool: Int
         /// The one snapshot of the running parent a fork takes.
         public var snapshotMillis: Double
@@ -36,6 +43,7 @@ public struct ForkBenchReport: Codable, Sendable {
         /// Host memory per idle fork: PSS of the whole QEMU process, and of the guest RAM
         /// mapping alone (page cache shares divided among mappers + private copies).
         public var pssPerForkMiB: Double
+        /// The same for the guest RAM mapping alone.
         public var ramPssPerForkMiB: Double
         /// Anonymous guest RAM pages of each fork: the pages it copied on write (mode b). In
         /// mode a a fork's RAM is its own file, so all of its RAM PSS is its own.
@@ -53,11 +61,16 @@ public struct ForkBenchReport: Codable, Sendable {
         /// the next; with a warm pool, each starts once a pooled QEMU waits again): fork end to
         /// end, the restore step (migrate-incoming + resume) and its parts.
         public var rounds: Int = 0
+        /// The sequential forks' steps (see `rounds`).
         public var sequential: [Phase] = []
     }
+    /// KVM or TCG, as the run used.
     public var accelerator: String
+    /// Each VM's guest RAM in MiB.
     public var memoryMiB: Int
+    /// Block size of the memory files.
     public var memoryBlockSize: Int
+    /// What one fork writes to its tmpfs.
     public var guestWriteMiB: Int
     /// Baseline: cold boot of the same image to its first guest response.
     public var coldBootMillis: Double
@@ -68,17 +81,25 @@ public struct ForkBenchReport: Codable, Sendable {
     public var firstSnapshotMillis: Double = 0
     /// How long the base VM ran on after it first answered, before that snapshot.
     public var settleSeconds = 0
+    /// One entry per memory mode measured.
     public var modes: [Mode] = []
+    /// The whole run's wall time.
     public var seconds = 0.0
 }
 
 /// `furcate bench fork`: needs root (it mounts the store), QEMU and the guest artifacts.
 public struct ForkBenchmark: Sendable {
+    /// Where the run keeps its store, mount and data (removed afterwards).
     public var workDir: String
+    /// The guest kernel, initramfs and test rootfs.
     public var guestDir: String
+    /// Forks of the N-way fork.
     public var count: Int
+    /// The memory modes measured, in order.
     public var modes: [MemoryMode]
+    /// Each VM's guest RAM in MiB.
     public var memoryMiB: Int
+    /// QEMUs the warm pool keeps waiting.
     public var warmPool: Int
     /// Block size of memory files (nil: the service's default).
     public var memoryBlockSize: Int?
@@ -89,8 +110,10 @@ public struct ForkBenchmark: Sendable {
     /// configuration, ext4's bitmap prefetch) has every fork go on with that work, each into
     /// pages of its own — a warmed VM has done it.
     public var settleSeconds = 10
+    /// Called with a line for each step.
     public var progress: @Sendable (String) -> Void
 
+    /// A run with the given settings; the rest take the defaults above.
     public init(
         workDir: String, guestDir: String, count: Int, modes: [MemoryMode], memoryMiB: Int = 512, warmPool: Int = 0,
         progress: @escaping @Sendable (String) -> Void
@@ -109,6 +132,8 @@ public struct ForkBenchmark: Sendable {
         DataLayout().guest
     }
 
+    /// Runs the benchmark.
+    /// - Throws: when a facility it needs is missing (root, QEMU, the guest artifacts) or a step fails.
     public func run() async throws -> ForkBenchReport {
         let t0 = ContinuousClock.now
         let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "fork") { opts in

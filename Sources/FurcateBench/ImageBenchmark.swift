@@ -19,37 +19,62 @@ import VMService
 ///   into a store of its own.
 /// - Compression of a VM snapshot's memory for zstd and lz4 levels, against the store's default.
 public struct ImageBenchmark: Sendable {
+    /// One image's pull against the naive pipeline.
     public struct PullFigures: Codable, Sendable {
+        /// The image pulled.
         public var image: String
+        /// Its layers.
         public var layers: Int
+        /// Its unpacked content.
         public var contentBytes: UInt64
+        /// The rootfs built for it.
         public var diskBytes: UInt64
+        /// Furcate's pull + rootfs build.
         public var furcateSeconds: Double
+        /// tar -x of each layer + mkfs.ext4 -d of the same size.
         public var baselineSeconds: Double
+        /// Furcate over the baseline (lower is better).
         public var ratio: Double
     }
+    /// Two images sharing a base layer, in one store and apart.
     public struct DedupFigures: Codable, Sendable {
+        /// Store bytes of image A pulled alone.
         public var aloneBytesA: UInt64
+        /// Store bytes of image B pulled alone.
         public var aloneBytesB: UInt64
+        /// Store bytes of both pulled into one store.
         public var togetherBytes: UInt64
         /// (A alone + B alone) / together.
         public var ratio: Double
     }
+    /// One codec on a snapshot's memory.
     public struct CompressionFigures: Codable, Sendable {
+        /// The codec (`zstd:N`, `lz4:N`).
         public var codec: String
+        /// The memory's bytes as stored with it.
         public var storedBytes: UInt64
+        /// Uncompressed over stored bytes.
         public var ratio: Double
+        /// How long recompressing took.
         public var seconds: Double
+        /// Uncompressed MB per second of that.
         public var mbPerSecond: Double
         /// ratio / the store default's ratio.
         public var ratioVsDefault: Double
     }
+    /// Everything the run measured.
     public struct Report: Codable, Sendable {
+        /// One entry per image pulled.
         public var pulls: [PullFigures] = []
+        /// The dedup figures, when both images were pulled.
         public var dedup: DedupFigures?
+        /// The snapshot memory's distinct bytes, uncompressed.
         public var memoryUncompressedBytes: UInt64 = 0
+        /// The store's default codec, the compression baseline.
         public var defaultCodec = ""
+        /// One entry per codec measured.
         public var compression: [CompressionFigures] = []
+        /// The whole run's wall time.
         public var seconds = 0.0
     }
 
@@ -58,6 +83,8 @@ public struct ImageBenchmark: Sendable {
     let skipCompression: Bool
     let log: @Sendable (String) -> Void
 
+    /// A run keeping its files in `workDir`, with the guest artifacts of `guestDir`; `skipCompression` leaves the
+    /// compression part out.
     public init(
         workDir: String, guestDir: String, skipCompression: Bool = false, log: @escaping @Sendable (String) -> Void
     ) {
@@ -67,6 +94,8 @@ public struct ImageBenchmark: Sendable {
         self.log = log
     }
 
+    /// Runs the benchmark.
+    /// - Throws: when a facility it needs is missing or a step fails.
     public func run() async throws -> Report {
         let start = Date()
         let root = workDir + "/furcate-bench-image-\(getpid())"

@@ -11,59 +11,97 @@ import FurcateCore
 
 /// Results of `furcate bench store`; every field is printed and in the JSON.
 public struct StoreBenchReport: Codable, Sendable {
+    /// Clone and snapshot of one file size.
     public struct CloneTiming: Codable, Sendable {
+        /// The file cloned.
         public var fileBytes: UInt64
+        /// Its blocks.
         public var blocks: Int
+        /// Clone, median.
         public var cloneMillisP50: Double
+        /// Clone, 99th percentile.
         public var cloneMillisP99: Double
+        /// Snapshot, median.
         public var snapshotMillisP50: Double
+        /// Snapshot, 99th percentile.
         public var snapshotMillisP99: Double
     }
+    /// One I/O pattern on a store file against a plain file.
     public struct IOThroughput: Codable, Sendable {
+        /// The pattern (`sequential write + fsync`, …), in 4 KiB calls.
         public var pattern: String
+        /// The store file's throughput.
         public var storeMBps: Double
+        /// A plain file's on the same filesystem.
         public var plainFileMBps: Double
+        /// Store over plain file.
         public var ratio: Double
     }
+    /// One codec on sample data.
     public struct CodecThroughput: Codable, Sendable {
+        /// The codec.
         public var codec: String
+        /// The block size it compressed.
         public var blockSize: Int
+        /// Compression, MB/s of input.
         public var compressMBps: Double
+        /// Decompression, MB/s of output.
         public var decompressMBps: Double
+        /// Input bytes over compressed bytes.
         public var ratio: Double
     }
+    /// How the store grows as clones of a file are written to.
     public struct Growth: Codable, Sendable {
+        /// The file cloned.
         public var baseFileBytes: UInt64
+        /// Clones made.
         public var clones: Int
+        /// 4 KiB pages each clone writes.
         public var pagesDirtiedPerClone: Int
+        /// Blocks those writes dirtied, all clones together.
         public var blocksDirtied: Int
+        /// Those blocks' bytes.
         public var dirtiedBytesAtBlockGranularity: UInt64
+        /// How much the store grew.
         public var storeGrowthBytes: UInt64
         /// storeGrowthBytes / dirtiedBytesAtBlockGranularity; goal ≤ 1.5.
         public var growthRatio: Double
     }
+    /// Shorter runs and smaller files.
     public var quick: Bool
+    /// The filesystem holding the store (the plain files' too).
     public var filesystemOf: String
+    /// One entry per file size.
     public var clone: [CloneTiming] = []
     /// clone p50 of the largest file / clone p50 of the smallest; goal ≤ 2.
     public var cloneFlatness = 0.0
+    /// One entry per I/O pattern.
     public var io: [IOThroughput] = []
+    /// SHA-256 throughput in MB/s, by block size.
     public var hashMBps: [String: Double] = [:]
+    /// One entry per codec and block size.
     public var codecs: [CodecThroughput] = []
+    /// The growth figures, when that part ran.
     public var growth: Growth?
+    /// The whole run's wall time.
     public var seconds = 0.0
 }
 
 /// `furcate bench store`.
 public struct StoreBenchmark {
+    /// Where the run keeps its store and files (removed afterwards).
     public var workDir: String
+    /// Shorter runs and smaller files.
     public var quick: Bool
     /// The parts to run (`codecs`, `clone`, `io`, `growth`); all when empty.
     public var only: Set<String>
+    /// Called with a line for each step.
     public var progress: (String) -> Void
 
+    /// The parts a run may be limited to.
     public static let parts = ["codecs", "clone", "io", "growth"]
 
+    /// A run with the given settings.
     public init(workDir: String, quick: Bool, only: Set<String> = [], progress: @escaping (String) -> Void) {
         self.workDir = workDir
         self.quick = quick
@@ -116,6 +154,8 @@ public struct StoreBenchmark {
         return out
     }
 
+    /// Runs the benchmark (the parts of `only`, every part when empty).
+    /// - Throws: when a step fails.
     public func run() throws -> StoreBenchReport {
         let t0 = Self.now()
         var r = StoreBenchReport(quick: quick, filesystemOf: workDir)

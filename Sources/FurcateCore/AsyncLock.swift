@@ -9,6 +9,7 @@ public final class AsyncLock: Sendable {
     }
     private let state = Mutex(State())
 
+    /// An unlocked lock.
     public init() {}
 
     /// Runs `body` holding the lock, inheriting the caller's isolation.

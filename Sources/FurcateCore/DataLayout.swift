@@ -12,8 +12,10 @@ import Foundation
 /// installed once, next to the executable (`PREFIX/share/furcate/guest` for
 /// `PREFIX/bin/furcate`, as scripts/setup.sh installs them), and found whatever `--data` says.
 public struct DataLayout: Sendable {
+    /// The data directory (`--data`).
     public let root: String
 
+    /// The layout under `root`; nil: `defaultRoot`.
     public init(_ root: String? = nil) {
         self.root = root ?? Self.defaultRoot
     }
@@ -26,9 +28,13 @@ public struct DataLayout: Sendable {
         return NSHomeDirectory() + "/.local/share/furcate"
     }
 
+    /// The block store's directory.
     public var store: String { root + "/store" }
+    /// The image service's directory: downloaded blobs, scratch space, the image database.
     public var images: String { root + "/images" }
+    /// VMService's data directory: its database and each VM's run directory (sockets, logs).
     public var vms: String { root + "/vms" }
+    /// Where `serve` mounts the store.
     public var mountpoint: String { root + "/mnt" }
     /// Guest artifacts: `$FURCATE_GUEST_DIR` when set; else the installation's
     /// (`PREFIX/share/furcate/guest`) when it holds an agent; else DIR/guest (a build run from
@@ -64,6 +70,8 @@ public struct DataLayout: Sendable {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             ?? (CommandLine.arguments.first ?? "")
     }
+    /// The static guest agent injected into images.
     public var agent: String { guest + "/furcate-agent" }
+    /// The API key database.
     public var keys: String { root + "/keys.sqlite" }
 }

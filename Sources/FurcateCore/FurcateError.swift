@@ -12,8 +12,11 @@
 public struct FurcateError: Error, CustomStringConvertible, Sendable {
     /// A stable, machine-readable error kind.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code as it appears in logs and API bodies (`not_found`).
         public let rawValue: String
+        /// A code of that spelling; codes are equal when their spellings are.
         public init(_ rawValue: String) { self.rawValue = rawValue }
+        /// The raw value.
         public var description: String { rawValue }
 
         /// A named object does not exist.
@@ -55,7 +58,9 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         public static let overCapacity = Code("over_capacity")
     }
 
+    /// What kind of failure this is; callers branch on it.
     public var code: Code
+    /// One line saying what failed and why, for a person.
     public var message: String
     /// The file or store path concerned, when there is one.
     public var path: String?
@@ -68,6 +73,7 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
     /// The underlying error, when this one wraps another.
     public var underlying: (any Error & Sendable)?
 
+    /// An error of `code` with its message and whatever context applies.
     public init(
         _ code: Code, _ message: String, path: String? = nil, offset: UInt64? = nil,
         operation: String? = nil, errno: Int32? = nil, underlying: (any Error & Sendable)? = nil
@@ -145,11 +151,15 @@ public func syscall<T: FixedWidthInteger>(
 
 /// The text of a foreign error that is not itself `Sendable`, kept as a `FurcateError`'s cause.
 public struct UnderlyingMessage: Error, Sendable, CustomStringConvertible {
+    /// The foreign error as text.
     public let description: String
+    /// The text of `error`.
     public init(_ error: any Error) { description = String(describing: error) }
+    /// A given text.
     public init(_ text: String) { description = text }
 }
 
 /// `lseek` whence values Glibc's module does not export (they need _GNU_SOURCE); Linux ABI.
 public let SEEK_DATA_LINUX: Int32 = 3
+/// `lseek` whence: the next hole at or after the offset.
 public let SEEK_HOLE_LINUX: Int32 = 4

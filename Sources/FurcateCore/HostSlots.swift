@@ -14,8 +14,11 @@ import Synchronization
 /// (FIFO) and only as many as there are slots look for a free lock file, polling every 20 ms
 /// while other processes hold them all.
 public final class HostSlots: Sendable {
+    /// Where the lock files are.
     public let directory: String
+    /// The limit's name: lock files are `NAME-K.lock`.
     public let name: String
+    /// How many holders the host allows at once.
     public let count: Int
     private let local: AsyncSemaphore
 
@@ -100,6 +103,7 @@ public final class AsyncSemaphore: Sendable {
     }
     private let state: Mutex<State>
 
+    /// A semaphore with `width` holders at once.
     public init(width: Int) { state = Mutex(State(free: width)) }
 
     /// Waits for a unit. - Throws: `CancellationError` when cancelled while waiting (no unit taken).

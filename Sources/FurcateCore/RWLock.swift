@@ -12,6 +12,7 @@ public final class RWLock: @unchecked Sendable {
     // SAFETY: the rwlock lives in its own heap allocation that never moves, as pthread requires.
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
+    /// An unlocked lock.
     public init() {
         lock = .allocate(capacity: 1)
         lock.initialize(to: pthread_rwlock_t())

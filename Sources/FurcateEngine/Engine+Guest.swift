@@ -12,7 +12,9 @@ public enum GuestFile: Sendable, Equatable {
 
 /// A command's output as a terminal showed it (stdout and stderr together) and its status.
 public struct TerminalExecResult: Sendable, Equatable {
+    /// What the terminal showed while the command ran.
     public var output: String
+    /// The command's exit status.
     public var status: Int
 }
 

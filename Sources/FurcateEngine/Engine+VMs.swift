@@ -14,14 +14,18 @@ public enum VMSource: Sendable, Equatable {
 
 /// A VM to make for an account.
 public struct NewVM: Sendable {
+    /// The account the VM will belong to.
     public var account: String
     /// What VMService boots (an image) or restores (a snapshot, from `Engine.bootable`).
     public var machine: CreateVMRequest
+    /// The name its owner gives it, if any.
     public var name: String?
+    /// Its persistence, lifetime and idle timeout.
     public var policy: VMPolicy
     /// Variables set in the guest's environment before the VM is handed over.
     public var environment: [String: String]?
 
+    /// A VM of `machine` for `account`.
     public init(
         account: String, machine: CreateVMRequest, name: String? = nil, policy: VMPolicy,
         environment: [String: String]? = nil

@@ -11,10 +11,15 @@ import VMService
 /// The engine's services and what it keeps about accounts: who owns what, snapshot records,
 /// VM policies.
 public struct Engine: Sendable {
+    /// VMs, snapshots and forks.
     public let vms: VMService
+    /// Images pulled into the store.
     public let images: ImageService
+    /// Builds of recipes into snapshots, cached by template hash.
     public let builds: BuildService
+    /// API keys per account.
     public let keys: KeyStore
+    /// Who owns each VM, snapshot and build, and the snapshot records.
     public let owners: OwnerStore
     /// The default image's rootfs tarball (Debian 12 with systemd).
     public let defaultImage: String
@@ -23,6 +28,7 @@ public struct Engine: Sendable {
     /// A VM's idle timeout when its request names none (Freestyle's documented 300 s); 0: none.
     public var defaultIdleTimeoutSeconds = 300
 
+    /// An engine over these services; `quotaBytes` is each account's storage quota (nil: none).
     public init(
         vms: VMService, images: ImageService, builds: BuildService, keys: KeyStore, owners: OwnerStore,
         defaultImage: String,

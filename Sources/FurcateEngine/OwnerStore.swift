@@ -40,6 +40,7 @@ public enum SnapshotPersistence: Codable, Sendable, Equatable {
         }
     }
 
+    /// Encodes `{"type": …}` (with `priority` for sticky), the shape `init(from:)` reads.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: Keys.self)
         switch self {
@@ -68,26 +69,40 @@ public enum Account {
 /// succeeds. Builds may share a target (template-hash cache), so deleting a record frees the
 /// bytes only when no other live record points at them.
 public struct SnapshotRecord: Codable, Sendable {
+    /// The API's snapshot id (`sc-…`).
     public var id: String
+    /// The account that owns it.
     public var account: String
+    /// The name its owner gave it.
     public var name: String?
+    /// The VMService snapshot holding its bytes, for one taken of a VM (a build's is its build's).
     public var target: String?
+    /// The build making it, for one made from a recipe.
     public var buildId: String?
+    /// The VM it was taken of.
     public var sourceVmId: String?
     /// The OCI image an InstaVM snapshot was built from.
     public var ociImage: String?
+    /// vCPUs its VMs get, as asked when it was built.
     public var vcpus: Int?
+    /// Guest RAM its VMs get, in MiB, as asked when it was built.
     public var memoryMiB: Int?
     /// InstaVM's `type` (nil: user).
     public var kind: SnapshotKind?
+    /// Whether it may be evicted under the storage quota (sticky) or is kept (persistent).
     public var persistence: SnapshotPersistence
+    /// Soft-deleted: hidden from lists; its bytes go once nothing uses them.
     public var deleted: Bool
+    /// When it was recorded, Unix seconds.
     public var createdAt: Double
+    /// When it last changed, Unix seconds.
     public var updatedAt: Double
+    /// When a VM was last made from it (the eviction order under a quota).
     public var lastUsedAt: Double?
     /// The idle timeout its spec gave VMs made from it (Freestyle `idleTimeoutSeconds`).
     public var idleTimeoutSeconds: Int?
 
+    /// A persistent record of `id` for `account`, made now.
     public init(id: String, account: String, target: String? = nil, buildId: String? = nil, sourceVmId: String? = nil) {
         self.id = id
         self.account = account
@@ -128,6 +143,8 @@ public final class OwnerStore: Sendable {
     }
     private let cache: Mutex<Cache>
 
+    /// Opens (creating) the owner database at `path`.
+    /// - Throws: `.io` naming the database.
     public init(path: String) throws {
         db = try RecordDatabase(
             path: path, what: "owner",
@@ -141,6 +158,7 @@ public final class OwnerStore: Sendable {
         cache = Mutex(c)
     }
 
+    /// Records `account` as the owner of resource `id`, with its name.
     public func set(_ id: String, account: String, name: String? = nil) throws {
         let o = Owner(account: account, name: name)
         try db.save(Self.table, key: id, o)
@@ -154,9 +172,11 @@ public final class OwnerStore: Sendable {
             return r
         }
     }
+    /// The account owning resource `id`, if any.
     public func owner(_ id: String) -> String? { cache.withLock { $0.owners[id]?.account } }
     /// A resource's name, if it was given one.
     public func name(_ id: String) -> String? { cache.withLock { $0.owners[id]?.name } }
+    /// Forgets resource `id`'s owner; an unknown id is no error.
     public func remove(_ id: String) throws {
         try db.delete(Self.table, key: id)
         cache.withLock { $0.set(id, nil) }
@@ -174,6 +194,7 @@ public final class OwnerStore: Sendable {
         try remove(id)
     }
 
+    /// The snapshot record `id`, deleted or not.
     public func snapshot(_ id: String) throws -> SnapshotRecord? {
         try db.get(Self.snapshotTable, key: id, as: SnapshotRecord.self)
     }

@@ -7,18 +7,24 @@ import VMService
 /// A snapshot record with its live state: building, ready, failed, lost — from its build, or
 /// from whether its bytes still exist.
 public struct ResolvedSnapshot: Sendable {
+    /// The stored record.
     public var record: SnapshotRecord
+    /// Building, ready, failed, cancelled or lost.
     public var state: SnapshotStateTag
     /// The VMService snapshot holding the bytes, once ready.
     public var target: String?
+    /// Why it failed or was lost.
     public var failureReason: String?
+    /// The build making it, for one made from a recipe.
     public var build: BuildRecord?
+    /// The VMService snapshot's details, once ready.
     public var info: SnapshotInfo?
 }
 
 /// The snapshot catalogue every dialect shares: records made from VM snapshots and from builds,
 /// resolution of an API id to usable bytes, soft deletion.
 extension Engine {
+    /// The record with its live state: from its build, or lost when its bytes are gone.
     public func resolve(_ s: SnapshotRecord) async -> ResolvedSnapshot {
         var r = ResolvedSnapshot(record: s, state: .ready, target: s.target)
         if let b = s.buildId, let build = try? await builds.record(b) {

@@ -64,6 +64,7 @@ public enum VMPersistence: Codable, Sendable, Equatable {
         }
     }
 
+    /// Encodes `{"type": …}` (with `deleteEvent` for ephemeral), the shape `init(from:)` reads.
     public func encode(to encoder: any Encoder) throws {
         switch self {
         case .persistent: try SnapshotPersistence.persistent.encode(to: encoder)
@@ -78,6 +79,7 @@ public enum VMPersistence: Codable, Sendable, Equatable {
 
 /// What the engine keeps about an account's VM beyond VMService's record, persisted with it.
 public struct VMPolicy: Codable, Sendable, Equatable {
+    /// Sticky (evictable under a quota), ephemeral (deleted when it stops) or persistent.
     public var persistence: VMPersistence
     /// Seconds without API activity after which a running VM is suspended (ephemeral ones are
     /// deleted). Nil or 0: never.
@@ -85,6 +87,7 @@ public struct VMPolicy: Codable, Sendable, Equatable {
     /// When the VM is deleted whatever it does (InstaVM's `vm_lifetime_seconds`), Unix seconds.
     public var expiresAt: Double?
 
+    /// A policy with the given fields; nil ones mean none.
     public init(persistence: VMPersistence = .sticky, idleTimeoutSeconds: Int? = nil, expiresAt: Double? = nil) {
         self.persistence = persistence
         self.idleTimeoutSeconds = idleTimeoutSeconds
@@ -118,13 +121,16 @@ public actor VMPolicies {
     public var quotaBytes: UInt64?
     let logger = Logger(label: "furcate.engine.policies")
 
+    /// The policies of the VMs in `owners`, under a quota of `quotaBytes` per account (nil: none).
     public init(owners: OwnerStore, quotaBytes: UInt64? = nil) {
         self.owners = owners
         self.quotaBytes = quotaBytes
     }
 
+    /// Sets the per-account storage quota (nil: none).
     public func setQuota(_ bytes: UInt64?) { quotaBytes = bytes }
 
+    /// Sets VM `id`'s policy and counts it as activity.
     public func set(_ id: String, _ policy: VMPolicy) throws {
         try owners.savePolicy(id, policy)
         _ = try loaded()
@@ -132,6 +138,7 @@ public actor VMPolicies {
         touch(id)
     }
 
+    /// VM `id`'s policy, if it has one.
     public func policy(_ id: String) throws -> VMPolicy? { try loaded()[id] }
 
     /// Every VM's policy, by id.
@@ -144,6 +151,7 @@ public actor VMPolicies {
         return all
     }
 
+    /// Forgets VM `id`'s policy and activity.
     public func remove(_ id: String) throws {
         try owners.removePolicy(id)
         cache?[id] = nil
@@ -160,6 +168,7 @@ public actor VMPolicies {
         touch(id)
     }
 
+    /// Ends one request on VM `id` (see `begin`).
     public func end(_ id: String) {
         inFlight[id] = max(0, (inFlight[id] ?? 1) - 1)
         touch(id)
@@ -280,11 +289,13 @@ public struct PolicyService: Service {
     let engine: Engine
     let interval: Duration
 
+    /// A service ticking `engine`'s policies every `interval`.
     public init(engine: Engine, interval: Duration = .seconds(5)) {
         self.engine = engine
         self.interval = interval
     }
 
+    /// Ticks until cancelled or the service group shuts down.
     public func run() async throws {
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             await engine.policies.tick(engine: engine)

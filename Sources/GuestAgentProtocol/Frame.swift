@@ -17,6 +17,7 @@
 /// `id` pairs a response with its request; the host picks it, unique among its requests in
 /// flight. A reader never allocates more than `maxPayload` for one frame.
 public struct Frame: Sendable, Equatable {
+    /// What a frame carries.
     public enum Kind: UInt8, Sendable {
         case request = 1
         /// The one final answer to a request (it ends a stream).
@@ -25,13 +26,18 @@ public struct Frame: Sendable, Equatable {
         case event = 3
     }
 
+    /// The first two bytes of every frame: "FA".
     public static let magic: (UInt8, UInt8) = (0x46, 0x41)  // "FA"
+    /// The protocol version both sides speak; a frame of another is refused.
     public static let version: UInt8 = 1
+    /// Bytes before the payload: magic, version, kind and flags, id, payload length.
     public static let headerSize = 12
     /// Largest payload either side accepts (a file chunk is at most 4 MiB before base64).
     public static let maxPayload = 16 << 20
 
+    /// Request, response or stream event.
     public var kind: Kind
+    /// The request this frame belongs to.
     public var id: UInt32
     /// The JSON message.
     public var payload: [UInt8]
@@ -42,6 +48,7 @@ public struct Frame: Sendable, Equatable {
     /// `json length u32 LE | json | attachment`.
     static let attachmentFlag: UInt8 = 0x80
 
+    /// A frame of `kind` for request `id`, with its JSON payload and optional binary attachment.
     public init(kind: Kind, id: UInt32, payload: [UInt8], attachment: [UInt8] = []) {
         self.kind = kind
         self.id = id
@@ -69,6 +76,7 @@ public struct Frame: Sendable, Equatable {
 /// Why a byte stream is not a valid frame sequence. The stream cannot be resynchronized after
 /// one: the reader closes it.
 public struct FrameError: Error, Sendable, CustomStringConvertible {
+    /// What is wrong, with the offending value.
     public var description: String
 }
 
@@ -76,6 +84,7 @@ public struct FrameError: Error, Sendable, CustomStringConvertible {
 public struct FrameDecoder: Sendable {
     private var buffer: [UInt8] = []
 
+    /// A decoder with an empty buffer.
     public init() {}
 
     /// Adds bytes read from the stream.

@@ -81,18 +81,25 @@ public enum AgentRequest: Sendable, Equatable {
 /// `exec` lines run one after another through `/bin/sh -c`; in `service` mode the last one is
 /// the long-running main process.
 public struct ServiceSpec: Codable, Sendable, Hashable {
+    /// The unit's name: 1-64 of a-z 0-9 - _ . (see `problem`).
     public var name: String
     /// "oneshot" or "service".
     public var mode: String
+    /// Command lines run in order through `/bin/sh -c`; in `service` mode the last is the main process.
     public var exec: [String]
+    /// Variables added to the agent's environment for these commands.
     public var env: [String: String]?
+    /// The user the commands run as (name or uid in the guest); nil: root.
     public var user: String?
+    /// The group they run as; nil: the user's primary group.
     public var group: String?
+    /// The working directory of the commands.
     public var workdir: String?
     /// Ordering only: when started together, these start first.
     public var after: [String]?
     /// Started first; if one fails to start, this one fails; if one stops, this one is stopped.
     public var requires: [String]?
+    /// Whether and how a `service` is restarted when its main process ends.
     public var restartPolicy: RestartPolicy?
     /// How long a oneshot may run, and how long a stop waits before SIGKILL.
     public var timeoutSec: Int?
@@ -103,6 +110,7 @@ public struct ServiceSpec: Codable, Sendable, Hashable {
     /// Started whenever the agent starts (default true).
     public var enable: Bool?
 
+    /// A unit with every field given; nil fields take the defaults documented on each.
     public init(
         name: String, mode: String, exec: [String], env: [String: String]? = nil, user: String? = nil,
         group: String? = nil, workdir: String? = nil, after: [String]? = nil, requires: [String]? = nil,
@@ -126,11 +134,16 @@ public struct ServiceSpec: Codable, Sendable, Hashable {
     }
 }
 
+/// A group the agent adds to the guest's /etc/group, as a build or the API asks.
 public struct GroupSpec: Codable, Sendable, Hashable {
+    /// The group's name.
     public var name: String
+    /// Its gid; nil: the lowest free one of its range.
     public var gid: UInt32?
+    /// A system group (gid from 100-999 rather than 1000-59999); nil: false.
     public var system: Bool?
 
+    /// A group with the given fields; nil ones take the defaults documented on each.
     public init(name: String, gid: UInt32? = nil, system: Bool? = nil) {
         self.name = name
         self.gid = gid
@@ -138,15 +151,26 @@ public struct GroupSpec: Codable, Sendable, Hashable {
     }
 }
 
+/// A user the agent adds to the guest's /etc/passwd (with a primary group of its name), as a
+/// build or the API asks.
 public struct UserSpec: Codable, Sendable, Hashable {
+    /// The login name.
     public var name: String
+    /// Its uid; nil: the lowest free one of its range.
     public var uid: UInt32?
+    /// The comment field of /etc/passwd (a full name).
     public var gecos: String?
+    /// Supplementary groups, which must exist.
     public var groups: [String]?
+    /// The home directory; nil: /home/NAME (created), or `/` for a system user.
     public var home: String?
+    /// The login shell; nil: /bin/bash where it exists, else /bin/sh (/usr/sbin/nologin for a system
+    /// user).
     public var shell: String?
+    /// A system user (uid from 100-999, no home directory made); nil: false.
     public var system: Bool?
 
+    /// A user with the given fields; nil ones take the defaults documented on each.
     public init(
         name: String, uid: UInt32? = nil, gecos: String? = nil, groups: [String]? = nil, home: String? = nil,
         shell: String? = nil, system: Bool? = nil
@@ -163,13 +187,16 @@ public struct UserSpec: Codable, Sendable, Hashable {
 
 /// Freestyle's `TerminalSession`, plus the pid.
 public struct TerminalInfo: Codable, Sendable, Equatable {
+    /// The terminal's name, unique in the guest.
     public var name: String
     /// running or exited
     public var status: String
     /// Seconds since 1970.
     public var created: Int64
+    /// The pid of the program it runs, while it runs.
     public var pid: Int32?
 
+    /// A terminal as the agent reports it.
     public init(name: String, status: String, created: Int64, pid: Int32?) {
         self.name = name
         self.status = status
@@ -179,7 +206,9 @@ public struct TerminalInfo: Codable, Sendable, Equatable {
 }
 
 extension ServiceSpec {
+    /// The modes a unit may have.
     public static let modes = ["oneshot", "service"]
+    /// The restart policies a unit may have (systemd's `Restart=` values the supervisor honours).
     public static let restartPolicies = ["no", "on-failure", "always", "on-abnormal"]
 
     /// What makes this unit unacceptable wherever it is given — the API, a build recipe, the
@@ -210,11 +239,16 @@ extension ServiceSpec {
 
 /// Freestyle's `SystemdRestartPolicy`: "no", "on-failure", "always", "on-abnormal".
 public struct RestartPolicy: Codable, Sendable, Hashable {
+    /// "no", "on-failure", "always" or "on-abnormal".
     public var policy: String
+    /// Seconds to wait before a restart (at most 3600); nil: 0.
     public var restartSec: Int?
+    /// Restarts allowed within `startLimitIntervalSec` before the unit fails; nil: 5.
     public var startLimitBurst: Int?
+    /// The window for `startLimitBurst`, in seconds; nil: 10.
     public var startLimitIntervalSec: Int?
 
+    /// A policy with the given fields; nil ones take the defaults documented on each.
     public init(policy: String, restartSec: Int? = nil, startLimitBurst: Int? = nil, startLimitIntervalSec: Int? = nil)
     {
         self.policy = policy
@@ -226,18 +260,26 @@ public struct RestartPolicy: Codable, Sendable, Hashable {
 
 /// Freestyle's `SystemdServiceStatus`, plus what the supervisor knows.
 public struct ServiceStatus: Codable, Sendable, Equatable {
+    /// The unit's name.
     public var name: String
     /// active, activating, inactive, failed
     public var activeState: String
     /// running, exited, dead, failed, auto-restart, start
     public var subState: String
+    /// "loaded", or "not-found" for a unit that does not exist.
     public var loadState: String
+    /// What the unit is, in a few words.
     public var description: String
+    /// The main process while it runs.
     public var mainPID: Int32?
+    /// How many times it was restarted since the agent started it.
     public var restarts: Int
+    /// The main process's exit code the last time it ended with one.
     public var lastExitCode: Int32?
+    /// The signal that ended the main process last, if one did.
     public var lastSignal: Int32?
 
+    /// A status with every field given.
     public init(
         name: String, activeState: String, subState: String, loadState: String, description: String,
         mainPID: Int32?, restarts: Int, lastExitCode: Int32?, lastSignal: Int32?
@@ -265,14 +307,20 @@ public enum AgentEvent: Codable, Sendable, Equatable {
 
 /// Memory and CPU of the guest, from /proc.
 public struct StatsSample: Codable, Sendable, Equatable {
+    /// The guest's memory (MemTotal).
     public var memoryTotalBytes: UInt64
+    /// Memory the guest could use without swapping (MemAvailable).
     public var memoryAvailableBytes: UInt64
     /// Busy share of all CPUs since the previous sample, 0...1 (0 in the first).
     public var cpuBusy: Double
+    /// Online CPUs in the guest.
     public var cpus: Int
+    /// The one-minute load average.
     public var load1: Double
+    /// Seconds since the guest booted.
     public var uptimeSeconds: Double
 
+    /// A sample with every field given.
     public init(
         memoryTotalBytes: UInt64, memoryAvailableBytes: UInt64, cpuBusy: Double, cpus: Int, load1: Double,
         uptimeSeconds: Double
@@ -288,11 +336,15 @@ public struct StatsSample: Codable, Sendable, Equatable {
 
 /// A program to run: `argv`, or a `command` for `/bin/sh -c`.
 public struct ExecRequest: Codable, Sendable, Equatable {
+    /// The program and its arguments, run without a shell.
     public var argv: [String]?
+    /// A command line for `/bin/sh -c` (when `argv` is nil).
     public var command: String?
     /// Added to (and overriding) the agent's environment.
     public var env: [String: String]?
+    /// The working directory; nil: the image's working directory, else `/`.
     public var cwd: String?
+    /// Bytes written to the program's stdin, which is then closed; nil: none.
     public var stdin: Data?
     /// Killed (SIGKILL, whole process group) after this long; nil: no limit.
     public var timeoutMs: Int?
@@ -303,6 +355,7 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     /// nil: root. (Added in agent protocol 1 without a version bump: older agents ignore it.)
     public var user: String?
 
+    /// A request with the given fields; nil ones take the defaults documented on each.
     public init(
         argv: [String]? = nil, command: String? = nil, env: [String: String]? = nil, cwd: String? = nil,
         stdin: Data? = nil, timeoutMs: Int? = nil, maxOutputBytes: Int? = nil, user: String? = nil
@@ -318,16 +371,24 @@ public struct ExecRequest: Codable, Sendable, Equatable {
     }
 }
 
+/// How a program run by `exec` ended and what it wrote.
 public struct ExecResult: Codable, Sendable, Equatable {
     /// The exit code, or nil when a signal ended it.
     public var exitCode: Int32?
+    /// The signal that ended it, or nil when it exited.
     public var signal: Int32?
+    /// What it wrote to stdout, up to the request's `maxOutputBytes`.
     public var stdout: Data
+    /// What it wrote to stderr, up to the request's `maxOutputBytes`.
     public var stderr: Data
+    /// Whether stdout or stderr was cut at `maxOutputBytes`.
     public var truncated: Bool
+    /// Whether it was killed at the request's `timeoutMs`.
     public var timedOut: Bool
+    /// Wall time from start to exit.
     public var durationMs: Int
 
+    /// A result with every field given.
     public init(
         exitCode: Int32?, signal: Int32?, stdout: Data, stderr: Data, truncated: Bool, timedOut: Bool, durationMs: Int
     ) {
@@ -346,13 +407,20 @@ public enum FileKind: String, Codable, Sendable {
     case file, directory, symlink, other
 }
 
+/// A directory entry or a path's metadata (`lstat`: a link is not followed).
 public struct FileStat: Codable, Sendable, Equatable {
+    /// The entry's name (its last path component).
     public var name: String
+    /// File, directory, symlink or other.
     public var kind: FileKind
+    /// Size in bytes.
     public var size: UInt64
+    /// Permission bits and file type, as `st_mode`.
     public var mode: UInt32
+    /// Last modification, Unix seconds.
     public var modifiedEpochSeconds: Int64
 
+    /// An entry with every field given.
     public init(name: String, kind: FileKind, size: UInt64, mode: UInt32, modifiedEpochSeconds: Int64) {
         self.name = name
         self.kind = kind
@@ -364,9 +432,12 @@ public struct FileStat: Codable, Sendable, Equatable {
 
 /// A log line and when it was written (Unix seconds).
 public struct LogEntry: Codable, Sendable, Equatable {
+    /// Unix seconds.
     public var time: Double
+    /// The line, without its newline.
     public var text: String
 
+    /// An entry with both fields given.
     public init(time: Double, text: String) {
         self.time = time
         self.text = text
@@ -395,14 +466,18 @@ public enum AgentResponse: Sendable, Equatable {
 /// A failed request: a stable code (`not_found`, `permission_denied`, `invalid_argument`,
 /// `exists`, `io`, `busy`, `unsupported`) and a message naming the path or operation.
 public struct AgentError: Error, Codable, Sendable, Equatable, CustomStringConvertible {
+    /// A stable code: not_found, permission_denied, invalid_argument, exists, io, busy, unsupported.
     public var code: String
+    /// What failed, naming the path or operation.
     public var message: String
 
+    /// An error with both fields given.
     public init(code: String, message: String) {
         self.code = code
         self.message = message
     }
 
+    /// `code: message`.
     public var description: String { "\(code): \(message)" }
 }
 
@@ -415,6 +490,8 @@ extension AgentRequest: Codable {
             graceSeconds, since
     }
 
+    /// Decodes the wire form `{"op": NAME, ...members}`.
+    /// - Throws: `DecodingError` for an unknown op or a missing member.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: K.self)
         switch try c.decode(String.self, forKey: .op) {
@@ -497,6 +574,7 @@ extension AgentRequest: Codable {
         }
     }
 
+    /// Encodes the wire form `{"op": NAME, ...members}`.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: K.self)
         switch self {
@@ -617,6 +695,8 @@ extension AgentResponse: Codable {
             lines, logs, terminal, terminals
     }
 
+    /// Decodes the wire form `{"kind": NAME, ...members}`.
+    /// - Throws: `DecodingError` for an unknown kind or a missing member.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: K.self)
         switch try c.decode(String.self, forKey: .kind) {
@@ -643,6 +723,7 @@ extension AgentResponse: Codable {
         }
     }
 
+    /// Encodes the wire form `{"kind": NAME, ...members}`.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: K.self)
         switch self {

@@ -61,6 +61,7 @@ extension AgentClient {
             timeout: timeout, "writeFile")
     }
 
+    /// Makes a directory in the guest (with its missing parents when `parents`).
     public func makeDirectory(_ path: String, parents: Bool = true) async throws {
         try await expectOK(.mkdir(path: path, parents: parents), "mkdir")
     }
@@ -89,8 +90,13 @@ extension AgentClient {
 
     // MARK: system
 
+    /// Adds a group to the guest; one of that name already there is left as it is.
+    /// - Throws: `AgentError` `exists` when the gid asked for is taken.
     public func addGroup(_ group: GroupSpec) async throws { _ = try await request(.addGroup(group)) }
 
+    /// Adds a user (and a primary group of its name) to the guest; one of that name already there
+    /// is left as it is.
+    /// - Throws: `AgentError` `exists` when the uid asked for is taken.
     public func addUser(_ user: UserSpec) async throws { _ = try await request(.addUser(user)) }
 
     /// Asks the guest to power off: the agent syncs and has the image's init power off, and
@@ -101,6 +107,7 @@ extension AgentClient {
 
     // MARK: services
 
+    /// Every service the guest's supervisor (or systemd) knows, with its state.
     public func services() async throws -> [ServiceStatus] {
         try await expect(.serviceList, "serviceList") { if case .services(let l) = $0 { l } else { nil } }
     }
@@ -112,6 +119,7 @@ extension AgentClient {
         }
     }
 
+    /// Creates a service and, with `start`, starts it, waiting up to `timeout`.
     public func createService(_ spec: ServiceSpec, start: Bool = true, timeout: Duration = .seconds(120)) async throws {
         _ = try await request(.serviceCreate(spec, start: start), timeout: timeout)
     }
@@ -121,6 +129,7 @@ extension AgentClient {
         _ = try await request(.serviceControl(name: name, action: action), timeout: timeout)
     }
 
+    /// A service's last `lines` log lines (all when nil), those after `since` (Unix seconds) only.
     public func serviceLogs(_ name: String, lines: Int?, since: Double? = nil) async throws -> ServiceLogs {
         try await expect(.serviceLogs(name: name, lines: lines, since: since), "serviceLogs") {
             switch $0 {
@@ -133,18 +142,23 @@ extension AgentClient {
 
     // MARK: terminals
 
+    /// The guest's terminals.
     public func terminals() async throws -> [TerminalInfo] {
         try await expect(.terminalList, "terminalList") { if case .terminals(let t) = $0 { t } else { nil } }
     }
 
+    /// Opens a terminal of `cols`×`rows` running `command` (`/bin/sh` when nil).
+    /// - Throws: `AgentError` `exists` when one of that name is open.
     public func createTerminal(_ name: String, command: [String]? = nil, cols: Int = 80, rows: Int = 24) async throws {
         _ = try await request(.terminalCreate(name: name, command: command, cols: cols, rows: rows))
     }
 
+    /// Writes `data` to a terminal as if typed.
     public func terminalInput(_ name: String, _ data: Data) async throws {
         _ = try await request(.terminalInput(name: name, data: data))
     }
 
+    /// Closes a terminal, ending what runs in it.
     public func closeTerminal(_ name: String) async throws { _ = try await request(.terminalClose(name: name)) }
 
     /// The terminal's raw output (escape sequences and all). - Throws: `.notFound`.

@@ -24,14 +24,18 @@ public enum Accelerator: String, Sendable, Codable {
 /// Everything QEMU needs to start one microVM. Two machines restored from the same device
 /// state must be started from configs that differ only in paths.
 public struct MachineConfig: Sendable, Codable, Equatable {
+    /// Virtual CPUs.
     public var vcpus: Int = 1
+    /// Guest RAM in MiB.
     public var memoryMiB: Int = 256
     /// The file backing guest RAM (`memory-backend-file`).
     public var memoryPath: String
     /// true: MAP_SHARED — guest writes reach the file (mode a). false: MAP_PRIVATE — the file
     /// is a read-only base and guest writes stay in anonymous memory (mode b).
     public var memoryShared: Bool = true
+    /// The guest kernel (bzImage).
     public var kernel: String
+    /// The initramfs the kernel boots first.
     public var initrd: String
     /// Extra kernel parameters after Furcate's own.
     public var kernelArgs: String = ""
@@ -46,6 +50,7 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     public var qmpSocket: String
     /// The guest's serial console is appended here.
     public var consoleLog: String
+    /// KVM, or TCG's emulation where KVM cannot run a guest.
     public var accelerator: Accelerator = .tcg
     /// A virtio-net NIC on QEMU's user-mode network (slirp: outbound TCP/UDP through the host's
     /// own network, no privileges, no bridge). The initramfs configures it from `furcate.net=`.
@@ -61,9 +66,12 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     public static let shellName = "furcate.shell"
     /// Slirp's fixed addresses: the guest, the host as seen from the guest, the DNS forwarder.
     public static let guestAddress = "10.0.2.15/24"
+    /// The host as slirp shows it to the guest: its default route.
     public static let gateway = "10.0.2.2"
+    /// Slirp's DNS forwarder.
     public static let nameserver = "10.0.2.3"
 
+    /// A machine with its files; everything else takes the defaults above.
     public init(
         memoryPath: String, kernel: String, initrd: String, rootDisk: String,
         channelSocket: String, qmpSocket: String, consoleLog: String

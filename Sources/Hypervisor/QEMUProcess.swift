@@ -15,8 +15,11 @@ import Synchronization
 /// an empty signal mask (the parent blocks termination signals for its FUSE server; QEMU must
 /// not inherit that), stdout/stderr appended to a per-VM log. A dedicated thread reaps it.
 public final class QEMUProcess: Sendable {
+    /// QEMU's process id.
     public let pid: pid_t
+    /// The machine it was started with.
     public let config: MachineConfig
+    /// Its QMP connection, open once `spawn` returns.
     public let qmp: QMPClient
     /// QEMU's own stdout/stderr.
     public let logPath: String

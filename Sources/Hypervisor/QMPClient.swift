@@ -29,6 +29,7 @@ public final class QMPClient: Sendable {
         var closed: (any Error & Sendable)?
     }
 
+    /// The QMP socket's path.
     public let path: String
     private let fd: Int32
     private let state = Mutex(State())

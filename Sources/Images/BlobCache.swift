@@ -9,16 +9,21 @@ import FurcateCore
 /// `blobs/` directory. A blob appears under its name only once its digest and size checked out;
 /// a download in progress is `<hex>.partial` and a later pull resumes it.
 public struct BlobCache: Sendable {
+    /// The cache's directory; blobs are under `sha256/`.
     public let directory: String
 
+    /// A cache in `directory`, created if missing.
+    /// - Throws: when the directory cannot be made.
     public init(directory: String) throws {
         self.directory = directory
         try FileManager.default.createDirectory(atPath: directory + "/sha256", withIntermediateDirectories: true)
     }
 
+    /// Where blob `d` is (or will be) kept.
     public func path(_ d: Digest) -> String { directory + "/sha256/" + d.hex }
     func partialPath(_ d: Digest) -> String { path(d) + ".partial" }
 
+    /// Whether blob `d` is complete in the cache.
     public func contains(_ d: Digest) -> Bool { access(path(d), R_OK) == 0 }
 
     /// A small blob (manifest, config) read whole; `limit` guards against a huge one.
@@ -66,6 +71,7 @@ public struct BlobCache: Sendable {
         try w.commit(size: size, what: what)
     }
 
+    /// Removes blob `d` and any partial download of it.
     public func remove(_ d: Digest) {
         unlink(path(d))
         unlink(partialPath(d))

@@ -10,6 +10,8 @@ public struct Digest: Hashable, Sendable, Codable, CustomStringConvertible, Comp
     /// The 64 hex digits.
     public let hex: String
 
+    /// Parses `sha256:` and 64 hex digits.
+    /// - Throws: `.invalidArgument` for anything else (another algorithm included).
     public init(parsing s: String) throws {
         guard s.hasPrefix("sha256:") else {
             throw FurcateError(
@@ -33,16 +35,20 @@ public struct Digest: Hashable, Sendable, Codable, CustomStringConvertible, Comp
         hex = h.finalize().map { String(byte: $0) }.joined()
     }
 
+    /// `sha256:HEX`.
     public var description: String { "sha256:" + hex }
     /// The first 12 hex digits, as `docker images` shows them.
     public var short: String { String(hex.prefix(12)) }
 
+    /// Orders digests by their hex digits.
     public static func < (a: Digest, b: Digest) -> Bool { a.hex < b.hex }
 
+    /// Decodes the `sha256:HEX` string.
     public init(from decoder: any Decoder) throws {
         try self.init(parsing: try decoder.singleValueContainer().decode(String.self))
     }
 
+    /// Encodes the `sha256:HEX` string.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.singleValueContainer()
         try c.encode(description)

@@ -14,6 +14,8 @@ public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
     case dockerArchive(path: String)
     case rootfsTar(path: String)
 
+    /// Parses a reference in one of the forms above.
+    /// - Throws: `.invalidArgument` for one that fits none of them.
     public init(parsing s: String) throws {
         if s.hasPrefix("oci:") {
             let rest = String(s.dropFirst(4))
@@ -41,6 +43,7 @@ public enum ImageReference: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The reference as it is typed (`oci:DIR:TAG`, a registry reference normalised).
     public var description: String {
         switch self {
         case .registry(let r): return r.description
@@ -58,9 +61,13 @@ public struct RegistryReference: Hashable, Sendable, CustomStringConvertible {
     public let domain: String
     /// The repository path (`library/python`).
     public let repository: String
+    /// The tag, if one was given.
     public let tag: String?
+    /// The manifest digest, if one was given (`@sha256:…`).
     public let digest: Digest?
 
+    /// Parses `[HOST[:PORT]/]PATH[:TAG][@DIGEST]`, normalised as Docker does.
+    /// - Throws: `.invalidArgument` naming what is wrong.
     public init(parsing input: String) throws {
         var s = Substring(input)
         guard !s.isEmpty, s.utf8.count <= 512 else {
@@ -131,6 +138,7 @@ public struct RegistryReference: Hashable, Sendable, CustomStringConvertible {
     /// What a manifest request names: the digest when pinned, else the tag.
     public var manifestReference: String { digest?.description ?? tag ?? "latest" }
 
+    /// `DOMAIN/REPOSITORY[:TAG][@DIGEST]`.
     public var description: String {
         domain + "/" + repository + (tag.map { ":" + $0 } ?? "") + (digest.map { "@" + $0.description } ?? "")
     }

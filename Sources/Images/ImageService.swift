@@ -17,8 +17,11 @@ public struct ImageRecord: Codable, Sendable, Hashable {
     public var references: [String]
     /// The manifest digest (for a docker-archive, the config digest: the archive has no manifest).
     public var digest: Digest
+    /// The image configuration's digest.
     public var configDigest: Digest
+    /// What the image says about itself (env, workdir, user, cmd, …).
     public var config: ImageConfig
+    /// How many layers it has.
     public var layers: Int
     /// Compressed layer bytes (what was downloaded).
     public var compressedBytes: Int64
@@ -26,6 +29,7 @@ public struct ImageRecord: Codable, Sendable, Hashable {
     public var contentBytes: UInt64
     /// The ext4 filesystem's size.
     public var diskBytes: UInt64
+    /// When its rootfs was built, Unix seconds.
     public var createdAt: Double
 }
 
@@ -43,6 +47,7 @@ public enum PullEvent: Sendable {
     case reused
 }
 
+/// What an image service is made with.
 public struct ImageServiceOptions: Sendable {
     /// Where blobs, scratch space and the image database live.
     public var directory: String
@@ -52,9 +57,13 @@ public struct ImageServiceOptions: Sendable {
     public var insecureRegistries: Set<String> = []
     /// The automatic disk size's floor and every disk's ceiling (InstaVM: 3 GB and 16 GB).
     public var minimumDiskBytes: UInt64 = 3 << 30
+    /// The largest rootfs any pull may build.
     public var maximumDiskBytes: UInt64 = 16 << 30
+    /// Where the service logs (label `furcate.images`).
     public var logger = Logger(label: "furcate.images")
 
+    /// Options keeping blobs and the image database in `directory`, injecting the agent at `agentPath` (nil: none); the
+    /// rest take the defaults above.
     public init(directory: String, agentPath: String?) {
         self.directory = directory
         self.agentPath = agentPath
@@ -64,7 +73,9 @@ public struct ImageServiceOptions: Sendable {
 /// Pulls images and builds their rootfs files in the store; one per (digest, disk size), shared
 /// by every pull that resolves to it. Work runs on threads of its own, never on the actor.
 public actor ImageService {
+    /// The store the rootfs files go into.
     public nonisolated let store: BlockStore
+    /// What the service was made with.
     public nonisolated let options: ImageServiceOptions
     let cache: BlobCache
     private let db: ImageDatabase
@@ -73,6 +84,9 @@ public actor ImageService {
     private var fetching: [Digest: Task<Void, any Error>] = [:]
     static let tmpPrefix = "image-tmp-"
 
+    /// Opens (creating) the image directory and database, and removes what interrupted pulls
+    /// left (scratch directories, half-imported store files).
+    /// - Throws: when the directory or database cannot be used.
     public init(store: BlockStore, options: ImageServiceOptions) throws {
         self.store = store
         self.options = options
@@ -92,6 +106,7 @@ public actor ImageService {
         }
     }
 
+    /// Every image built, oldest first.
     public func list() -> [ImageRecord] { records.values.sorted { $0.createdAt < $1.createdAt } }
 
     /// An image by store file name, digest (full or a 12+ digit prefix) or a reference it was

@@ -3,12 +3,19 @@ import FurcateCore
 
 /// The OCI and Docker media types Furcate reads.
 public enum MediaType {
+    /// An OCI image index (a manifest per platform).
     public static let ociIndex = "application/vnd.oci.image.index.v1+json"
+    /// An OCI image manifest.
     public static let ociManifest = "application/vnd.oci.image.manifest.v1+json"
+    /// An OCI image configuration.
     public static let ociConfig = "application/vnd.oci.image.config.v1+json"
+    /// A Docker manifest list (a manifest per platform).
     public static let dockerList = "application/vnd.docker.distribution.manifest.list.v2+json"
+    /// A Docker image manifest, schema 2.
     public static let dockerManifest = "application/vnd.docker.distribution.manifest.v2+json"
+    /// A Docker schema 1 manifest (deprecated; refused with a message saying so).
     public static let dockerSchema1 = "application/vnd.docker.distribution.manifest.v1+json"
+    /// A signed Docker schema 1 manifest (refused likewise).
     public static let dockerSchema1Signed = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
     /// What a manifest request accepts, most specific first.
@@ -16,18 +23,27 @@ public enum MediaType {
     static func isIndex(_ t: String?) -> Bool { t == ociIndex || t == dockerList }
 }
 
+/// What an image of an index was built for.
 public struct Platform: Codable, Hashable, Sendable {
+    /// The CPU architecture (`amd64`, `arm64`).
     public var architecture: String
+    /// The operating system (`linux`).
     public var os: String
+    /// The CPU variant (`v8`), if any.
     public var variant: String?
 }
 
 /// A content descriptor: what a blob is, its digest and size.
 public struct Descriptor: Codable, Hashable, Sendable {
+    /// The blob's media type.
     public var mediaType: String?
+    /// The blob's digest.
     public var digest: Digest
+    /// The blob's size in bytes.
     public var size: Int64
+    /// The platform, for a manifest in an index.
     public var platform: Platform?
+    /// Free-form key/value annotations.
     public var annotations: [String: String]?
 }
 
@@ -48,14 +64,22 @@ struct ImageManifest: Codable {
 
 /// The parts of an image configuration a VM uses. Unknown fields are ignored.
 public struct ImageConfig: Codable, Hashable, Sendable {
+    /// `NAME=VALUE` environment entries.
     public var env: [String]?
+    /// The directory commands run in.
     public var workingDir: String?
+    /// The user commands run as.
     public var user: String?
+    /// The default command.
     public var cmd: [String]?
+    /// The entrypoint.
     public var entrypoint: [String]?
+    /// Free-form labels.
     public var labels: [String: String]?
+    /// Ports the image says it listens on (`80/tcp`).
     public var exposedPorts: [String]?
 
+    /// A configuration with the given fields.
     public init(
         env: [String]? = nil, workingDir: String? = nil, user: String? = nil, cmd: [String]? = nil,
         entrypoint: [String]? = nil

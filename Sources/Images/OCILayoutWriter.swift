@@ -6,8 +6,11 @@ import FurcateCore
 public enum OCILayoutWriter {
     /// One layer: its blob (compressed or not) and the digest of its uncompressed tar.
     public struct Layer: Sendable {
+        /// The layer blob as stored (tar, maybe gzip-compressed).
         public var blob: [UInt8]
+        /// The digest of its uncompressed tar.
         public var diffID: Digest
+        /// A layer of `blob` whose uncompressed tar has digest `diffID`.
         public init(blob: [UInt8], diffID: Digest) {
             self.blob = blob
             self.diffID = diffID

@@ -9,8 +9,11 @@ import Synchronization
 /// Credentials for a private registry (Freestyle's `DockerCredentials`: username and password,
 /// or a token as the password).
 public struct RegistryCredentials: Sendable, Hashable {
+    /// The user name.
     public var username: String
+    /// The password, or a token.
     public var password: String
+    /// Credentials of `username` and `password`.
     public init(username: String, password: String) {
         self.username = username
         self.password = password

@@ -6,11 +6,16 @@ import GRDB
 
 /// A table of JSON records under string keys, with optional extra columns written beside them.
 public struct RecordTable: Sendable {
+    /// The SQL table's name.
     public let name: String
+    /// Its primary key column.
     public let key: String
+    /// The column holding the record's JSON.
     public let value: String
+    /// Further columns, filled from `save`'s `extra` in this order (for indexes and queries).
     public let extra: [String]
 
+    /// A table named `name` with its key, record and extra columns.
     public init(_ name: String, key: String = "id", value: String = "record", extra: [String] = []) {
         self.name = name
         self.key = key
@@ -19,7 +24,9 @@ public struct RecordTable: Sendable {
     }
 }
 
+/// A SQLite database (WAL, via GRDB) of `RecordTable`s: records saved and read as JSON.
 public final class RecordDatabase: Sendable {
+    /// The connection pool; readers run beside the one writer.
     public let pool: DatabasePool
     /// What the database holds, for error messages ("VM", "image", "build").
     let what: String
@@ -53,6 +60,7 @@ public final class RecordDatabase: Sendable {
         try write { try $0.execute(sql: sql, arguments: arguments) }
     }
 
+    /// Deletes the record under `key`; a missing one is no error.
     public func delete(_ t: RecordTable, key: String) throws {
         try write { try $0.execute(sql: "DELETE FROM \(t.name) WHERE \(t.key) = ?", arguments: [key]) }
     }

@@ -36,8 +36,10 @@ public struct MountOptions: Sendable {
     /// `max_ratio`; the kernel gives a FUSE mount 1). Dirty pages here are mostly guest RAM
     /// written through MAP_SHARED. nil leaves the kernel's value.
     public var maxDirtyRatio: Int? = 20
+    /// Where the server logs (label `furcate.fs`).
     public var logger = Logger(label: "furcate.fs")
 
+    /// The defaults documented on each option.
     public init() {}
 }
 
@@ -46,7 +48,9 @@ public final class StoreFS: @unchecked Sendable {
     // SAFETY (@unchecked): `session` and `device` are set once in `run` before the signal thread
     // starts and `ready` is called, and read-only afterwards; everything else is immutable or
     // thread-safe (the store).
+    /// The store served.
     public let store: BlockStore
+    /// Where it is mounted.
     public let mountpoint: String
     let options: MountOptions
     var session: OpaquePointer?
@@ -74,6 +78,7 @@ public final class StoreFS: @unchecked Sendable {
     /// Open handles per file inode, and which of those files were unlinked while open.
     let handles = Mutex(OpenHandles())
 
+    /// A server of `store` at `mountpoint`; nothing is mounted until it runs.
     public init(store: BlockStore, mountpoint: String, options: MountOptions = MountOptions()) {
         self.store = store
         self.mountpoint = mountpoint
@@ -438,6 +443,7 @@ extension StoreFS {
 
 /// A StoreFS served on its own thread; `stop()` unmounts and waits for the server to finish.
 public final class BackgroundMount: Sendable {
+    /// The server, mounted on its own thread.
     public let fs: StoreFS
     private let ready = DispatchSemaphore(value: 0)
     private let finished = DispatchSemaphore(value: 0)
@@ -473,6 +479,7 @@ public final class BackgroundMount: Sendable {
         public var aborted = false
     }
 
+    /// How long `stop` serves files still open before aborting the connection.
     public static let defaultGrace: Duration = .seconds(30)
 
     /// Unmounts and waits until the server has synced and returned. With files still open the

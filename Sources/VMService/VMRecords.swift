@@ -8,9 +8,13 @@ import RecordStore
 public struct VMInfo: Sendable, Codable, Equatable {
     /// 20 lowercase alphanumerics.
     public var id: String
+    /// Where it is in its lifecycle (`VMState`'s transition table).
     public var state: VMState
+    /// Guest RAM in MiB.
     public var memoryMiB: Int
+    /// Virtual CPUs.
     public var vcpus: Int
+    /// Whether its RAM is the shared memory file (a) or private over a read-only base (b).
     public var memoryMode: MemoryMode
     /// The snapshot it was forked or restored from, if any.
     public var parentSnapshot: String?
@@ -22,6 +26,7 @@ public struct VMInfo: Sendable, Codable, Equatable {
     public var resumeOnStart: Bool
     /// Running, with its vCPUs paused (`pause`); a snapshot leaves it paused.
     public var paused: Bool = false
+    /// When it was made, Unix seconds.
     public var createdAt: Double
     /// The store file its root disk is (`vm-ID.disk`).
     public var diskFile: String { "vm-\(id).disk" }
@@ -34,27 +39,36 @@ public struct VMInfo: Sendable, Codable, Equatable {
 public struct SnapshotInfo: Sendable, Codable, Equatable {
     /// `sc-` and 20 lowercase alphanumerics.
     public var id: String
+    /// The VM it was taken of.
     public var vmID: String
+    /// The VM's guest RAM in MiB; a restore gets the same.
     public var memoryMiB: Int
+    /// The VM's vCPUs; a restore gets the same.
     public var vcpus: Int
     /// Bytes of device state (the migration stream; without RAM unless `ramInStream`).
     public var deviceStateBytes: Int
     /// The migration stream carries the RAM itself and there is no memory file: a snapshot of
     /// a VM whose RAM was private (mode b), where QEMU cannot leave RAM out of the stream.
     public var ramInStream: Bool = false
+    /// When it was taken, Unix seconds.
     public var createdAt: Double
     /// Memory compression asked for (hypeman's model); nil: never asked.
     public var compression: SnapshotCompression?
     /// nil is `none`.
     public var compressionState: CompressionState?
+    /// Why the last compression failed, when `compressionState` is `error`.
     public var compressionError: String?
     /// The memory payload's distinct blocks, raw and as stored, after the last compression.
     public var uncompressedSizeBytes: UInt64?
+    /// The memory payload's distinct blocks as stored, after the last compression.
     public var compressedSizeBytes: UInt64?
     /// The store file holding the guest RAM: the memory file, or the stream when it carries RAM.
     public var memoryPayloadFile: String { ramInStream ? stateFile : memoryFile }
+    /// The store snapshot of the guest RAM (when not in the stream).
     public var memoryFile: String { "\(id).mem" }
+    /// The store snapshot of the root disk.
     public var diskFile: String { "\(id).disk" }
+    /// The store snapshot of QEMU's device state (the migration stream).
     public var stateFile: String { "\(id).state" }
     /// A writable clone of the memory that mode-b forks map privately (QEMU opens its
     /// memory file read-write even when it maps it privately; store snapshots are read-only).
@@ -64,10 +78,14 @@ public struct SnapshotInfo: Sendable, Codable, Equatable {
 /// Snapshot memory compression (hypeman's `SnapshotCompressionConfig`): zstd levels 1–19
 /// (default 1) or lz4 levels 0–9 (default 0; 1–9 use LZ4 HC).
 public struct SnapshotCompression: Codable, Sendable, Equatable {
+    /// Whether memory is to be compressed at all.
     public var enabled: Bool
+    /// `zstd` or `lz4`; nil: zstd.
     public var algorithm: String?
+    /// The codec's level; nil: its default.
     public var level: Int?
 
+    /// A compression setting; `validate` checks it.
     public init(enabled: Bool, algorithm: String? = nil, level: Int? = nil) {
         self.enabled = enabled
         self.algorithm = algorithm
@@ -97,6 +115,7 @@ public struct SnapshotCompression: Codable, Sendable, Equatable {
     }
 }
 
+/// Where a snapshot's memory compression stands; nil on a snapshot is `none`.
 public enum CompressionState: String, Codable, Sendable {
     case none, compressing, compressed, error
 }

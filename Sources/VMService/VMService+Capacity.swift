@@ -8,14 +8,18 @@ import Hypervisor
 /// The guest vCPUs and guest memory a host admits at once, over every VM with a process
 /// (starting, running, suspending) and every one being made. nil: no limit on that resource.
 public struct VMCapacity: Sendable, Equatable {
+    /// vCPUs of the VMs admitted at once.
     public var vcpus: Int?
+    /// Guest RAM of the VMs admitted at once, in MiB.
     public var memoryMiB: Int?
 
+    /// A limit of `vcpus` and `memoryMiB`; nil: none on that resource.
     public init(vcpus: Int?, memoryMiB: Int?) {
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
     }
 
+    /// No limit on anything.
     public static let unlimited = VMCapacity(vcpus: nil, memoryMiB: nil)
 
     /// vCPUs per host core: 16 under KVM, where an idle vCPU costs next to nothing (OpenStack's
@@ -41,8 +45,11 @@ public struct VMCapacity: Sendable, Equatable {
 
     /// What one VM asks of the host.
     public struct Demand: Sendable, Equatable {
+        /// Virtual CPUs.
         public var vcpus: Int
+        /// Guest RAM in MiB.
         public var memoryMiB: Int
+        /// A demand of `vcpus` and `memoryMiB`.
         public init(vcpus: Int, memoryMiB: Int) {
             self.vcpus = vcpus
             self.memoryMiB = memoryMiB

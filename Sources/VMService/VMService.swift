@@ -24,10 +24,13 @@ public struct VMServiceOptions: Sendable {
     public var mountpoint: String
     /// `vmlinuz` and `initrd.img` (scripts/guest-artifacts.sh).
     public var guestDirectory: String
+    /// KVM where it can run a guest, else TCG.
     public var accelerator: Accelerator = .detect()
     /// Memory mode of forks (a boot is always mode a: a fresh VM has no base to share).
     public var forkMemoryMode: MemoryMode = .shared
+    /// Guest RAM of a boot that names none.
     public var defaultMemoryMiB = 256
+    /// vCPUs of a boot that names none.
     public var defaultVCPUs = 1
     /// Block size of memory files. Guests dirty RAM in 4 KiB pages; see docs/BENCHMARKS.md.
     public var memoryBlockSize = 64 << 10
@@ -62,8 +65,12 @@ public struct VMServiceOptions: Sendable {
     public var startTimeout: Duration = .seconds(20)
     /// The QEMU binary (default: `FURCATE_QEMU`, else qemu-system-x86_64 on the usual paths).
     public var qemuBinary: String = QEMUProcess.binary
+    /// Where the service logs (label `furcate.vm`).
     public var logger = Logger(label: "furcate.vm")
 
+    /// Options for a service keeping its data in `dataDirectory`, with the store mounted at
+    /// `mountpoint` and the kernel and initramfs in `guestDirectory`; the rest take the defaults
+    /// above.
     public init(dataDirectory: String, mountpoint: String, guestDirectory: String) {
         self.dataDirectory = dataDirectory
         self.mountpoint = mountpoint
@@ -77,11 +84,14 @@ public struct CreateVMRequest: Sendable {
     public var image: String?
     /// Restore this snapshot instead of booting an image.
     public var snapshot: String?
+    /// Guest RAM; nil: the image boot's default, or the snapshot's.
     public var memoryMiB: Int?
+    /// vCPUs; nil: the image boot's default, or the snapshot's.
     public var vcpus: Int?
     /// Memory mode of a restore (nil: the service's fork default).
     public var memoryMode: MemoryMode?
 
+    /// A boot of `image`, or with `snapshot` a restore of it.
     public init(
         image: String? = nil, snapshot: String? = nil, memoryMiB: Int? = nil, vcpus: Int? = nil,
         memoryMode: MemoryMode? = nil
@@ -97,28 +107,37 @@ public struct CreateVMRequest: Sendable {
 /// How long each step of one restore took (fork and resume report them; the benchmark
 /// aggregates them).
 public struct RestoreTiming: Sendable, Codable {
+    /// Cloning the snapshot's files in the store.
     public var storeClone: Duration = .zero
+    /// Starting QEMU (or taking a warm one from the pool) until QMP answers.
     public var spawn: Duration = .zero
     /// Device state in, up to QEMU's MIGRATION `completed` event; QEMU starts the guest just
     /// before that event.
     public var migrateIncoming: Duration = .zero
     /// A QMP `cont`: only for streams saved with the paused run state (earlier versions).
     public var resume: Duration = .zero
+    /// The whole restore.
     public var total: Duration { storeClone + spawn + migrateIncoming + resume }
 }
 
 /// The result of a fork: the new VMs, the snapshot they came from, and their timings.
 public struct ForkResult: Sendable {
+    /// The snapshot the forks were restored from.
     public var snapshot: SnapshotInfo
+    /// How long taking that snapshot took.
     public var snapshotDuration: Duration
+    /// The forks, in order.
     public var vms: [VMInfo]
+    /// Each fork's restore, in the same order.
     public var timings: [RestoreTiming]
 }
 
 /// The VM lifecycle service. Operations on one VM are serialized (an `AsyncLock` per VM);
 /// operations on different VMs run concurrently.
 public actor VMService {
+    /// The store VMs' disks and memory live in.
     public nonisolated let store: BlockStore
+    /// What the service was made with.
     public nonisolated let options: VMServiceOptions
     let db: VMDatabase
     var vms: [String: VMInfo] = [:] {
@@ -189,6 +208,7 @@ public actor VMService {
         return vm
     }
 
+    /// Every VM, oldest first.
     public func list() -> [VMInfo] {
         if let listed { return listed }
         let sorted = vms.values.sorted { ($0.createdAt, $0.id) < ($1.createdAt, $1.id) }
@@ -202,6 +222,7 @@ public actor VMService {
         return s
     }
 
+    /// Every snapshot, oldest first.
     public func listSnapshots() -> [SnapshotInfo] { snapshots.values.sorted { $0.createdAt < $1.createdAt } }
 
     /// The QEMU process of a running VM (tests and benchmarks look at it).

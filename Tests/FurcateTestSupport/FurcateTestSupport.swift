@@ -10,7 +10,9 @@ import FurcateCore
 
 /// A fresh temporary directory, removed when the value is dropped.
 public final class TempDir {
+    /// The directory's path.
     public let path: String
+    /// Makes a directory `furcate-LABEL-XXXXXX` under the temporary directory.
     public init(_ label: String = "t") {
         var template = Array("\(NSTemporaryDirectory())/furcate-\(label)-XXXXXX".utf8CString)
         guard let p = template.withUnsafeMutableBufferPointer({ $0.baseAddress.flatMap(mkdtemp) }) else {
@@ -19,6 +21,7 @@ public final class TempDir {
         path = String(cString: p)
     }
     deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// The path of `name` inside the directory.
     public func sub(_ name: String) -> String { path + "/" + name }
 }
 
