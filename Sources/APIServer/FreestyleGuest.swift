@@ -11,8 +11,7 @@ extension FreestyleRoutes {
     struct ServiceList: ResponseCodable { var services: [ServiceListItem] }
     struct CreateServiceResponse: ResponseCodable {
         var success: Bool
-        var message: String
-        var serviceName: String
+        var message, serviceName: String
     }
     struct DeleteServiceResponse: ResponseCodable {
         var success: Bool
@@ -24,10 +23,8 @@ extension FreestyleRoutes {
         var restarts: Int
     }
     struct LogItem: Codable {
-        var message: String
-        var timestamp: String
-        var priority: String?
-        var unit: String?
+        var message, timestamp: String
+        var priority, unit: String?
     }
     struct LogsResponse: ResponseCodable { var logs: [LogItem] }
     struct BatchRequest: Decodable {
@@ -41,8 +38,7 @@ extension FreestyleRoutes {
     }
     struct BatchResponse: ResponseCodable { var results: [BatchResult] }
     struct TerminalSession: Codable {
-        var name: String
-        var status: String
+        var name, status: String
         var created: String?
     }
     struct TerminalList: ResponseCodable { var terminals: [TerminalSession] }
@@ -57,10 +53,7 @@ extension FreestyleRoutes {
         var rootfsSizeGb: Int
         var message: String
     }
-    struct OptimizeResponse: ResponseCodable {
-        var id: String
-        var message: String
-    }
+    struct OptimizeResponse: ResponseCodable { var id, message: String }
 
     /// Service and terminal names as the guest takes them.
     static func guestName(_ ctx: APIContext, _ param: String, what: String) throws -> String {
@@ -187,13 +180,13 @@ extension FreestyleRoutes {
             let vm = try await ownedVM(ctx)
             let body = try RequestBodies.decode(ResizeVmRequest.self, from: try await req.body.collect(upTo: 1 << 16))
             let gb = body.rootfsSizeGb ?? 0  // validated: present, 1 to 16
-            let r = try await engine.vms.resizeDisk(vm.id, to: UInt64(gb) << 30)
+            let r = try await engine.resizeDisk(vm, to: UInt64(gb) << 30)
             return ResizeResponse(
                 id: vm.id, rootfsSizeGb: gb, message: "disk \(r.oldBytes >> 20) MiB → \(gb << 10) MiB; \(r.filesystem)")
         }
         v1.post("vms/{vm_id}/optimize") { _, ctx in
             let vm = try await ownedVM(ctx)
-            let r = try await engine.vms.optimize(vm.id)
+            let r = try await engine.optimize(vm)
             return OptimizeResponse(id: vm.id, message: r)
         }
     }

@@ -105,8 +105,7 @@ extension FreestyleRoutes {
         .union(layerFields).union(VMSettings.fields)
         static var documentedFields: Set<String> { FreestyleRoutes.documentFields["CreateVmRequest"] ?? [] }
 
-        var snapshotId: String?
-        var name: String?
+        var snapshotId, name: String?
         var dockerCredentials: DockerCredentials?
         var persistence: VMPersistence
         var spec: VmSpec?
@@ -116,8 +115,7 @@ extension FreestyleRoutes {
         var contents: FreestyleSnapshotSpec?
 
         private struct Fields: Decodable {
-            var snapshotId: String?
-            var name: String?
+            var snapshotId, name: String?
             var dockerCredentials: DockerCredentials?
             var persistence: PersistenceField?
             var spec: VmSpec?
@@ -190,9 +188,7 @@ extension FreestyleRoutes {
 
     /// Freestyle's DockerCredentials: all three fields, strings.
     struct DockerCredentials: Decodable {
-        var registry: String
-        var username: String
-        var password: String
+        var registry, username, password: String
         var registryCredentials: RegistryCredentials { RegistryCredentials(username: username, password: password) }
     }
 
@@ -259,9 +255,7 @@ extension FreestyleRoutes {
 
     struct ResizeVmRequest: JSONBody {
         static let fields: Set<String> = ["rootfsSizeGb", "memSizeGb", "vcpuCount"]
-        var rootfsSizeGb: Int?
-        var memSizeGb: Int?
-        var vcpuCount: Int?
+        var rootfsSizeGb, memSizeGb, vcpuCount: Int?
 
         func validate() throws {
             guard memSizeGb == nil, vcpuCount == nil else {

@@ -15,11 +15,9 @@ struct FreestyleRoutes: Sendable {
         var id: String
         var name: String?
         var state: String
-        var createdAt: String?
-        var snapshotId: String?
+        var createdAt, snapshotId: String?
         var persistence: VMPersistence?
-        var deleted: Bool
-        var createdDeclaratively: Bool
+        var deleted, createdDeclaratively: Bool
     }
     struct ListVmsResponse: ResponseCodable {
         var vms: [VmInfo]
@@ -29,20 +27,17 @@ struct FreestyleRoutes: Sendable {
     struct CreateVmResponse: ResponseCodable {
         var id: String
         var domains: [String]
-        var consoleUrl: String?
-        var snapshotId: String?
+        var consoleUrl, snapshotId: String?
     }
     struct GetVmResponse: ResponseCodable {
         var id: String
         var name: String?
         var state: String
-        var createdAt: String?
-        var snapshotId: String?
+        var createdAt, snapshotId: String?
     }
     struct IdResponse: ResponseCodable { var id: String }
     struct ExecAwaitVmResponse: ResponseCodable {
-        var stdout: String?
-        var stderr: String?
+        var stdout, stderr: String?
         var statusCode: Int?
     }
 
@@ -55,36 +50,17 @@ struct FreestyleRoutes: Sendable {
         var vmId: String
         var forks: [ForkedVmResponse]
     }
-    struct SnapshotVmResponse: ResponseCodable {
-        var snapshotId: String
-        var sourceVmId: String
-    }
-    struct StopVmResponse: ResponseCodable {
-        var vmId: String
-        var vmInstanceId: String
-    }
-    struct SuspendVmResponse: ResponseCodable {
-        var id: String
-        var vmInstanceId: String
-        var snapshotLayerId: String
-    }
+    struct SnapshotVmResponse: ResponseCodable { var snapshotId, sourceVmId: String }
+    struct StopVmResponse: ResponseCodable { var vmId, vmInstanceId: String }
+    struct SuspendVmResponse: ResponseCodable { var id, vmInstanceId, snapshotLayerId: String }
     struct StartedVmResponse: ResponseCodable {
         var id: String
         var domains: [String]
     }
-    struct WaitVmResponse: ResponseCodable {
-        var id: String
-        var exitStatus: String
-    }
+    struct WaitVmResponse: ResponseCodable { var id, exitStatus: String }
 
-    struct FileInfo: Codable {
-        var name: String
-        var kind: String
-    }
-    struct FileContent: ResponseCodable {
-        var content: String
-        var encoding: String
-    }
+    struct FileInfo: Codable { var name, kind: String }
+    struct FileContent: ResponseCodable { var content, encoding: String }
     struct DirectoryListing: ResponseCodable { var files: [FileInfo] }
     struct WriteFileRequest: Decodable {
         var content: String
@@ -102,20 +78,17 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/snapshot") { req, ctx in try await snapshot(req, ctx) }
         v1.post("vms/{vm_id}/stop") { _, ctx in
             let vm = try await ownedVM(ctx)
-            guard vm.state == .running else {
-                throw APIError(.badRequest, "VM_NOT_RUNNING", "VM \(vm.id) is \(vm.state.rawValue), not running")
-            }
-            _ = try await engine.vms.stop(vm.id)
+            _ = try await engine.stop(vm)
             return StopVmResponse(vmId: vm.id, vmInstanceId: vm.id)
         }
         v1.post("vms/{vm_id}/kill") { _, ctx in
             let vm = try await ownedVM(ctx)
-            _ = try await engine.vms.kill(vm.id)
+            _ = try await engine.kill(vm)
             return IdResponse(id: vm.id)
         }
         v1.post("vms/{vm_id}/suspend") { _, ctx in
             let vm = try await ownedVM(ctx)
-            let s = try await engine.vms.suspend(vm.id)
+            let s = try await engine.suspend(vm)
             return SuspendVmResponse(
                 id: vm.id, vmInstanceId: vm.id, snapshotLayerId: "sl-" + (s.suspendedSnapshot ?? "").dropFirst(3))
         }
@@ -127,10 +100,7 @@ struct FreestyleRoutes: Sendable {
         v1.post("vms/{vm_id}/await") { _, ctx in
             let vm = try await ownedVM(ctx)
             // Only a running VM has an exit to wait for; any other answers its state at once.
-            guard vm.state == .running || vm.state == .starting else {
-                return WaitVmResponse(id: vm.id, exitStatus: vm.state.rawValue)
-            }
-            let done = try await engine.vms.awaitExit(vm.id, timeout: .seconds(3600))
+            let done = try await engine.awaitExit(vm, timeout: .seconds(3600))
             return WaitVmResponse(id: vm.id, exitStatus: done.state.rawValue)
         }
     }
@@ -141,7 +111,7 @@ struct FreestyleRoutes: Sendable {
     func awaitReady(_ id: String, _ settings: VMSettings) async throws {
         guard settings.waitForReadySignal ?? true else { return }
         let seconds = settings.readySignalTimeoutSeconds.flatMap { $0 > 0 ? $0 : nil } ?? 120
-        do { _ = try await engine.vms.agent(id, timeout: .seconds(seconds)) } catch let e as FurcateError
+        do { try await engine.awaitReady(id, timeout: .seconds(seconds)) } catch let e as FurcateError
             where e.code == .timedOut
         {
             throw APIError(
@@ -224,18 +194,10 @@ struct FreestyleRoutes: Sendable {
     func start(_ req: Request, _ ctx: APIContext) async throws -> StartedVmResponse {
         let vm = try await ownedVM(ctx)
         let settings = try RequestBodies.decode(VMSettings.self, from: try await req.body.collect(upTo: 1 << 20))
-        switch vm.state {
-        case .running: break
-        case .suspended: _ = try await engine.vms.resume(vm.id)
-        default:
-            throw APIError(
-                .badRequest, "VM_NOT_STARTABLE", "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again"
-            )
+        do { _ = try await engine.resume(vm) } catch let e as FurcateError where e.code == .invalidState {
+            throw APIError(.badRequest, "VM_NOT_STARTABLE", e.message)
         }
-        if let idle = settings.idleTimeoutSeconds, var p = try await engine.policies.policy(vm.id) {
-            p.idleTimeoutSeconds = idle
-            try await engine.policies.set(vm.id, p)
-        }
+        if let idle = settings.idleTimeoutSeconds { try await engine.setIdleTimeout(vm.id, seconds: idle) }
         try await awaitReady(vm.id, settings)
         return StartedVmResponse(id: vm.id, domains: [])
     }
@@ -276,12 +238,7 @@ struct FreestyleRoutes: Sendable {
             throw APIError(.badRequest, "BAD_REQUEST", "includeDeleted must be true or false")
         }
         let search = q["search"].map { String($0).lowercased() }
-        var mine: [VmInfo] = []
-        let owned = engine.owners.owned(by: ctx.account)
-        let policies = try await engine.policies.all()
-        for vm in await engine.vms.list() {
-            if let name = owned[vm.id] { mine.append(info(vm, name: name, policy: policies[vm.id])) }
-        }
+        let mine = try await engine.vms(of: ctx.account).map { info($0.vm, name: $0.name, policy: $0.policy) }
         func count(_ s: VMState) -> Int { mine.filter { $0.state == s.rawValue }.count }
         let shown = mine.filter { vm in
             let found =

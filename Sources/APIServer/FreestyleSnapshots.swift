@@ -9,26 +9,20 @@ import VMService
 /// Freestyle's snapshots and builds: `/v1/vms/snapshots…`, `/v1/vms/builds…`, `/v1/vms/{id}/build`.
 extension FreestyleRoutes {
     struct SnapshotInfoResponse: ResponseCodable {
-        var snapshotId: String
-        var state: String
-        var sourceVmId: String?
-        var accountId: String?
+        var snapshotId, state: String
+        var sourceVmId, accountId: String?
         var createdAt: String
         var name: String?
         var failed, cancelled, lost: Bool
         var failureReason: String?
         var deleted: Bool
         var snapshotPersistence: SnapshotPersistence
-        var buildId: String?
-        var templateHash: String?
-        var vcpuCount: Int?
-        var memSizeMib: Int?
-        var rootfsSizeMb: Int?
+        var buildId, templateHash: String?
+        var vcpuCount, memSizeMib, rootfsSizeMb: Int?
         // hypeman's fields (seed 003), where the dialect allows extra properties.
         var compression: SnapshotCompression?
         var compressionState: String?
-        var compressedSizeBytes: UInt64?
-        var uncompressedSizeBytes: UInt64?
+        var compressedSizeBytes, uncompressedSizeBytes: UInt64?
     }
     struct ListSnapshotsResponse: ResponseCodable {
         var snapshots: [SnapshotInfoResponse]
@@ -41,11 +35,8 @@ extension FreestyleRoutes {
         var name: String?
     }
     struct BuildRecordResponse: ResponseCodable {
-        var buildId: String
-        var accountId: String
-        var state: String
-        var templateHash: String?
-        var failureReason: String?
+        var buildId, accountId, state: String
+        var templateHash, failureReason: String?
         var plannedPhases: [String]
         var startedAt: String
         var finishedAt: String?
@@ -53,9 +44,7 @@ extension FreestyleRoutes {
         var snapshotId: String?
     }
     struct BuildPhaseResponse: Codable {
-        var phaseId: String
-        var buildId: String
-        var name: String
+        var phaseId, buildId, name: String
         var snapshotId: String?
         var startedAt: String
     }
@@ -161,7 +150,7 @@ extension FreestyleRoutes {
             try flag("includeDeleted"), try flag("includeFailed"), try flag("includeBuilding")
         )
         var all: [ResolvedSnapshot] = []
-        for s in try engine.owners.snapshots() where s.account == ctx.account { all.append(await engine.resolve(s)) }
+        for s in try engine.snapshots(of: ctx.account) { all.append(await engine.resolve(s)) }
         func count(_ t: SnapshotStateTag) -> Int { all.filter { !$0.record.deleted && $0.state == t }.count }
         let shown = all.filter {
             $0.record.deleted

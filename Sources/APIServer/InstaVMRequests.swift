@@ -47,8 +47,7 @@ extension InstaVMRoutes {
         static let fields: Set<String> = ["oci_image", "name", "vcpu_count", "memory_mb", "build_args", "type"]
         var oci_image: String
         var name: String?
-        var vcpu_count: Int?
-        var memory_mb: Int?
+        var vcpu_count, memory_mb: Int?
         var build_args: BuildArgs?
         var type: SnapshotKind?
 
@@ -107,9 +106,7 @@ extension InstaVMRoutes {
 
     /// What a new VM or session takes (VMCreateRequest, and the session's body).
     struct NewVMRequest: Decodable {
-        var vm_lifetime_seconds: Int?
-        var memory_mb: Int?
-        var vcpu_count: Int?
+        var vm_lifetime_seconds, memory_mb, vcpu_count: Int?
         var env: [String: String]?
         var metadata: [String: JSONValue]?
         var snapshot_id: String?
@@ -128,8 +125,14 @@ extension InstaVMRoutes {
         }
     }
 
+    /// A body that is a `NewVMRequest` with fields of its own beside it, in the same object.
+    protocol NewVMBody: JSONBody {
+        associatedtype Own: Decodable
+        init(own: Own, vm: NewVMRequest)
+    }
+
     /// VMCreateRequest.
-    struct CreateVMRequest: JSONBody {
+    struct CreateVMRequest: NewVMBody {
         static let fields: Set<String> = [
             "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id",
             "snapshot_on_terminate", "auto_suspend", "auto_resume",
@@ -138,17 +141,12 @@ extension InstaVMRoutes {
         static let documentedFields: Set<String> = [
             "egress_policy", "snapshot_name", "share", "custom_domain", "image_variant", "volumes", "vault_ids",
         ]
-        var session_id: String?
+        struct Own: Decodable { var session_id: String? }
+        var own: Own
         var vm: NewVMRequest
 
-        init(from decoder: any Decoder) throws {
-            struct Session: Decodable { var session_id: String? }
-            session_id = try Session(from: decoder).session_id
-            vm = try NewVMRequest(from: decoder)
-        }
-
         func validate() throws {
-            guard session_id == nil else {
+            guard own.session_id == nil else {
                 throw FieldProblem(
                     ["session_id"],
                     .notSupported("attaching a VM to an existing session is not supported; omit session_id"))
@@ -158,21 +156,16 @@ extension InstaVMRoutes {
     }
 
     /// The session's body: the SDK sends its key here, not in a header.
-    struct StartSessionRequest: JSONBody {
+    struct StartSessionRequest: NewVMBody {
         static let fields: Set<String> = [
             "api_key", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env",
         ]
-        var api_key: String?
+        struct Own: Decodable { var api_key: String? }
+        var own: Own
         var vm: NewVMRequest
 
-        init(from decoder: any Decoder) throws {
-            struct Key: Decodable { var api_key: String? }
-            api_key = try Key(from: decoder).api_key
-            vm = try NewVMRequest(from: decoder)
-        }
-
         func validate() throws {
-            try FieldProblem.check(api_key, "api_key", max: 256)
+            try FieldProblem.check(own.api_key, "api_key", max: 256)
             try vm.validate()
         }
     }
@@ -180,8 +173,7 @@ extension InstaVMRoutes {
     /// ExecuteRequest.
     struct ExecuteRequest: JSONBody {
         static let fields: Set<String> = ["command", "session_id", "language", "timeout"]
-        var command: String
-        var session_id: String
+        var command, session_id: String
         var language: String?
         var timeout: Int?
 
@@ -202,5 +194,12 @@ extension InstaVMRoutes {
             try FieldProblem.check(timeout, "timeout", in: 1...86_400)
             _ = try argv
         }
+    }
+}
+
+extension InstaVMRoutes.NewVMBody {
+    /// Both parts from the one object: its own fields and the new VM's.
+    init(from decoder: any Decoder) throws {
+        self.init(own: try Own(from: decoder), vm: try InstaVMRoutes.NewVMRequest(from: decoder))
     }
 }

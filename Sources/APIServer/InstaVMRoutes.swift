@@ -12,8 +12,7 @@ import VMService
 struct InstaVMError: HTTPResponseError {
     struct Item: Codable {
         var loc: [String]
-        var msg: String
-        var type: String
+        var msg, type: String
     }
     let status: HTTPResponse.Status
     let message: String
@@ -56,67 +55,48 @@ struct InstaVMRoutes: Sendable {
     let engine: Engine
 
     struct SnapshotInfo: ResponseCodable {
-        var id: String
-        var snapshot_id: String
+        var id, snapshot_id: String
         var name: String?
         var status: String
         var source_vm_id: String?
-        var snapshot_type: String
-        var type: String
+        var snapshot_type, type: String
         var oci_image: String?
-        var vcpu_count: Int?
-        var memory_mb: Int?
+        var vcpu_count, memory_mb: Int?
         var size_bytes: Int
         var is_public: Bool
         var last_error: String?
-        var created_at: String
-        var updated_at: String
+        var created_at, updated_at: String
         // hypeman's fields (seed 003).
         var compression_state: String?
-        var compressed_size_bytes: UInt64?
-        var uncompressed_size_bytes: UInt64?
+        var compressed_size_bytes, uncompressed_size_bytes: UInt64?
     }
     struct VMCreateResponse: ResponseCodable {
         var vm_id: String?
-        var session_id: String
-        var status: String
-        var share: [String: String]?
-        var custom_domain: [String: String]?
+        var session_id, status: String
+        var share, custom_domain: [String: String]?
         var env_status: String
         var env_error: String?
     }
     struct VMRecord: ResponseCodable {
-        var vm_id: String
-        var session_id: String
-        var status: String
-        var created_at: String
+        var vm_id, session_id, status, created_at: String
         var snapshot_id: String?
-        var memory_mb: Int
-        var vcpu_count: Int
+        var memory_mb, vcpu_count: Int
         var expires_at: String?
     }
-    struct StatusResponse: ResponseCodable {
-        var status: String
-        var vm_id: String
-    }
+    struct StatusResponse: ResponseCodable { var status, vm_id: String }
     struct UploadResponse: ResponseCodable {
-        var status: String
-        var remote_path: String
+        var status, remote_path: String
         var size: Int
     }
     struct DownloadResponse: ResponseCodable {
-        var status: String
-        var filename: String
-        var content: String
+        var status, filename, content: String
         var size: Int
     }
     struct ExecuteResponse: ResponseCodable {
-        var stdout: String
-        var stderr: String
+        var stdout, stderr: String
         var exit_code: Int
         var execution_time: Double
-        var session_id: String
-        var status: String
+        var session_id, status: String
     }
 
     func register(on g: RouterGroup<APIContext>) {
@@ -137,8 +117,8 @@ struct InstaVMRoutes: Sendable {
                 throw InstaVMError.invalid(["query", "type"], "type must be user or system")
             }
             var out: [SnapshotInfo] = []
-            for s in try engine.owners.snapshots()
-            where s.account == ctx.account && !s.deleted && (type == nil || (s.kind ?? .user).rawValue == type) {
+            for s in try engine.snapshots(of: ctx.account)
+            where !s.deleted && (type == nil || (s.kind ?? .user).rawValue == type) {
                 out.append(await info(await engine.resolve(s)))
             }
             return out
@@ -176,7 +156,7 @@ struct InstaVMRoutes: Sendable {
         }
         g.post("v1/vms/{id}/suspend") { _, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
-            let s = try await engine.vms.suspend(vm.id)
+            let s = try await engine.suspend(vm)
             return StatusResponse(status: Self.status(s.state), vm_id: vm.id)
         }
         g.post("v1/vms/{id}/resume") { _, ctx in
@@ -185,7 +165,7 @@ struct InstaVMRoutes: Sendable {
                 throw InstaVMError(
                     status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not suspended", items: nil)
             }
-            let (r, _) = try await engine.vms.resume(vm.id)
+            let r = try await engine.resume(vm)
             return StatusResponse(status: Self.status(r.state), vm_id: vm.id)
         }
     }
@@ -239,8 +219,7 @@ struct InstaVMRoutes: Sendable {
 
     func listVMs(_ ctx: APIContext) async throws -> [VMRecord] {
         var out: [VMRecord] = []
-        let owned = engine.owners.owned(by: ctx.account)
-        for vm in await engine.vms.list() where owned[vm.id] != nil { out.append(await record(vm)) }
+        for o in try await engine.vms(of: ctx.account) { out.append(await record(o.vm)) }
         return out
     }
 
@@ -252,8 +231,7 @@ struct InstaVMRoutes: Sendable {
         case .ready: status = "ready"
         case .failed, .cancelled, .lost: status = "failed"
         }
-        var size: UInt64 = 0
-        if r.state == .ready, let target = r.target { size = (try? await engine.vms.snapshotStoredBytes(target)) ?? 0 }
+        let size = await engine.storedBytes(r)
         return SnapshotInfo(
             id: s.id, snapshot_id: s.id, name: s.name, status: status, source_vm_id: s.sourceVmId,
             snapshot_type: s.ociImage != nil ? "oci" : "vm",
@@ -302,7 +280,7 @@ struct InstaVMRoutes: Sendable {
         } catch let e as FurcateError where e.code == .invalidState {
             throw InstaVMError(status: .conflict, message: e.message, items: nil)
         }
-        let snap = try await engine.vms.snapshotInfo(target)
+        let snap = try await engine.machine(of: target)
         if let memory, memory != snap.memoryMiB {
             throw InstaVMError.invalid(
                 ["body", "memory_mb"],
@@ -334,7 +312,7 @@ struct InstaVMRoutes: Sendable {
         // The SDK sends its key in the body here, not in a header.
         var ctx = ctx
         if ctx.key == nil {
-            guard let secret = body.api_key, let key = try engine.keys.authenticate(secret) else {
+            guard let secret = body.own.api_key, let key = try engine.keys.authenticate(secret) else {
                 throw InstaVMError(status: .unauthorized, message: "Invalid API key", items: nil)
             }
             ctx.key = key
@@ -386,8 +364,7 @@ struct InstaVMRoutes: Sendable {
     func upload(_ req: Request, _ ctx: APIContext) async throws -> UploadResponse {
         struct Form: Decodable {
             var file: Data
-            var remote_path: String
-            var session_id: String
+            var remote_path, session_id: String
             var recursive: String?
         }
         guard let type = req.headers[.contentType], type.lowercased().hasPrefix("multipart/form-data"),
@@ -423,10 +400,7 @@ struct InstaVMRoutes: Sendable {
     }
 
     func download(_ req: Request, _ ctx: APIContext) async throws -> DownloadResponse {
-        struct Form: Decodable {
-            var filename: String
-            var session_id: String
-        }
+        struct Form: Decodable { var filename, session_id: String }
         let body = try await req.body.collect(upTo: 1 << 16)
         let form: Form
         do { form = try URLEncodedFormDecoder().decode(Form.self, from: String(buffer: body)) } catch {

@@ -93,8 +93,17 @@ import VMService
             let named = try await e.snapshot(vm, account: "a", name: "kept", persistence: .persistent, kind: .user)
             #expect(try e.owners.snapshot(named.id)?.persistence == .persistent)
 
+            // The account's VMs with their names and policies; another account has none.
+            let listed = try await e.vms(of: "a")
+            #expect(Set(listed.map(\.vm.id)) == Set([vm.id] + forks.map(\.id)))
+            #expect(listed.first { $0.vm.id == vm.id }?.name == "parent")
+            #expect(listed.allSatisfy { $0.policy == policy })
+            #expect(try await e.vms(of: "b").isEmpty)
+            try await e.setIdleTimeout(vm.id, seconds: 7)
+            #expect(try await e.policies.policy(vm.id)?.idleTimeoutSeconds == 7)
+
             // A suspended VM: InstaVM's rule refuses, Freestyle's wakes it.
-            let suspended = try await e.vms.suspend(forks[0].id)
+            let suspended = try await e.suspend(forks[0])
             do {
                 _ = try await e.guest(suspended, wake: .requireRunning)
                 Issue.record("a suspended VM was handed out")
@@ -102,7 +111,24 @@ import VMService
                 #expect(err.code == .vmNotRunning, "\(err)")
             }
             _ = try await e.guest(suspended, wake: .resumeSuspended)
-            #expect(try await e.vms.info(forks[0].id).state == .running)
+            let woken = try await e.vms.info(forks[0].id)
+            #expect(woken.state == .running)
+            // Resuming a running VM leaves it as it is; a stopped one neither stops nor starts
+            // again, each misuse with its own code.
+            #expect(try await e.resume(woken).state == .running)
+            let stopped = try await e.kill(woken)
+            #expect(stopped.state == .stopped)
+            for (what, call, code) in [
+                ("stop", { _ = try await e.stop(stopped) }, FurcateError.Code.vmNotRunning),
+                ("resume", { _ = try await e.resume(stopped) }, .invalidState),
+            ] as [(String, () async throws -> Void, FurcateError.Code)] {
+                do {
+                    try await call()
+                    Issue.record("\(what) of a stopped VM succeeded")
+                } catch let err as FurcateError {
+                    #expect(err.code == code, "\(what): \(err)")
+                }
+            }
 
             // Forgetting a VM drops its record, owner, policy and runtime.
             try await e.forgetVM(forks[1].id)
