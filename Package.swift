@@ -159,7 +159,7 @@ let package = Package(
         .target(
             name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"],
             path: "Tests/FurcateTestSupport"),
-        .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore"]),
+        .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "FurcateBenchTests", dependencies: ["FurcateBench"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(

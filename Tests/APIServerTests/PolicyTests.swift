@@ -216,9 +216,14 @@ import VMService
                     client, .post, "/v1/vms/\(vm)/systemd/services", a,
                     #"{"name":"svc","mode":"service","exec":["sleep 1000"]}"#)
                 #expect(svc.status == .ok, "\(String(buffer: svc.body))")
-                _ = try await call(
+                let wrote = try await call(
                     client, .post, "/v1/vms/\(vm)/exec-await", a,
-                    #"{"command":"echo mine > /root/mine","terminal":"t"}"#)
+                    #"{"command":"echo mine > /root/mine && cat /root/mine","terminal":"t"}"#)
+                // A fresh-clone CI run found no /root/mine later; this says what the terminal did.
+                #expect(
+                    wrote.status == .ok && json(wrote)["statusCode"] as? Int == 0
+                        && json(wrote)["stdout"] as? String == "mine\n", "\(wrote.status) \(String(buffer: wrote.body))"
+                )
 
                 step("cross-account: account b on every route")
                 var checked = 0

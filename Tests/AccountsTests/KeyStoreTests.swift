@@ -4,7 +4,7 @@ import FurcateCore
 import FurcateTestSupport
 import Testing
 
-@Suite struct KeyStoreTests {
+@Suite(.ownThread) struct KeyStoreTests {
     @Test func keysAuthenticateAndAreStoredHashed() throws {
         let t = TempDir("keys")
         let store = try KeyStore(path: t.sub("keys.sqlite"))
@@ -51,7 +51,7 @@ import Testing
 }
 
 /// `furcate keys create|ls|rm --data DIR`.
-@Suite struct KeysCommandTests {
+@Suite(.ownThread) struct KeysCommandTests {
     @Test func createListRevoke() throws {
         let t = TempDir("keys-cli")
         let out = try runCommand([furcateBinary, "keys", "create", "--data", t.path, "--account", "team-a"])

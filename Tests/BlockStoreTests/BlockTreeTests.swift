@@ -1,10 +1,11 @@
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @testable import BlockStore
 
 /// The radix tree against a dictionary model, with nodes kept in memory.
-@Suite struct BlockTreeTests {
+@Suite(.ownThread) struct BlockTreeTests {
     final class Nodes: @unchecked Sendable {
         var map: [BlockID: TreeNode] = [:]
         var tree: BlockTree {

@@ -10,7 +10,7 @@ import Testing
 #endif
 
 /// The `furcate store` contract: exit status and one line on stderr that says what and where.
-@Suite struct CLITests {
+@Suite(.ownThread) struct CLITests {
     @Test func roundTripKeepsHolesAndContents() throws {
         let dir = TempDir("cli")
         let store = dir.sub("s")
@@ -79,7 +79,7 @@ import Testing
 }
 
 /// `furcate doctor` names every check, and fails (one line on stderr) on what stops serve.
-@Suite struct DoctorTests {
+@Suite(.ownThread) struct DoctorTests {
     struct Check: Decodable {
         var name: String
         var level: String

@@ -10,7 +10,7 @@ import Testing
 #endif
 
 /// SIGKILLs a writer process at random moments; every state it reported durable must survive.
-@Suite(.serialized) struct CrashTests {
+@Suite(.serialized, .ownThread) struct CrashTests {
     static let rounds = Int(ProcessInfo.processInfo.environment["FURCATE_CRASH_ROUNDS"] ?? "") ?? 50
 
     /// Opens the store once the killed writer's lock is gone. Seen once in CI with other suites

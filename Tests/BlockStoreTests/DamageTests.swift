@@ -10,7 +10,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite struct DamageTests {
+@Suite(.ownThread) struct DamageTests {
     /// Flips bytes in the middle of the payload of the record holding block `id`.
     func corrupt(_ s: BlockStore, _ id: BlockID) throws {
         let loc = try #require(try s.index.read("t") { db in try s.index.location(db, id) })

@@ -6,7 +6,7 @@ import Testing
 
 @testable import BlockStore
 
-@Suite struct GCTests {
+@Suite(.ownThread) struct GCTests {
     @Test func freesOnlyWhatNothingReferences() throws {
         let (tmp, s) = try makeStore(blockSize: 4096)
         defer { withExtendedLifetime(tmp) {} }

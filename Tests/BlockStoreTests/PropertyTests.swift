@@ -7,7 +7,7 @@ import Testing
 
 /// Random sequences of every store operation over many files, checked against a trivial
 /// in-memory model after each step.
-@Suite struct PropertyTests {
+@Suite(.ownThread) struct PropertyTests {
     enum Op: CustomStringConvertible {
         case write(String, UInt64, Int, UInt64)
         case truncate(String, UInt64)

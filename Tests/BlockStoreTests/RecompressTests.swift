@@ -7,7 +7,7 @@ import Testing
 
 /// Recompression re-encodes a file's blocks in place of the old records: same bytes for every
 /// file sharing them, smaller (or differently encoded) storage, a clean fsck after GC.
-@Suite struct RecompressTests {
+@Suite(.ownThread) struct RecompressTests {
     /// Text-like data that compresses well but not trivially.
     func compressible(_ n: Int, seed: UInt64) -> [UInt8] {
         var rng = SplitMix64(seed: seed)

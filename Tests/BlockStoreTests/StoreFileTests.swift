@@ -6,7 +6,7 @@ import Testing
 
 @testable import BlockStore
 
-@Suite struct StoreFileTests {
+@Suite(.ownThread) struct StoreFileTests {
     @Test(arguments: [4096, 65536, 1 << 20])
     func readsBackWritesAtAnyOffsetAndLength(blockSize: Int) throws {
         let (tmp, s) = try makeStore(blockSize: blockSize)
@@ -217,7 +217,7 @@ import Testing
     }
 }
 
-@Suite struct PersistenceTests {
+@Suite(.ownThread) struct PersistenceTests {
     @Test func syncedStateSurvivesReopen() throws {
         let dir = TempDir()
         let path = dir.sub("s")

@@ -1,5 +1,6 @@
 import Foundation
 import FurcateCore
+import FurcateTestSupport
 import Testing
 
 @Suite struct ByteSizeTests {
@@ -46,7 +47,7 @@ import Testing
     }
 }
 
-@Suite struct ProcessStartTests {
+@Suite(.ownThread) struct ProcessStartTests {
     /// Started from a Swift concurrency thread (which blocks nearly every signal), a child still
     /// starts with no signal blocked: `terminate()` and `timeout` reach it.
     @Test func aChildStartsWithNoSignalBlocked() async throws {

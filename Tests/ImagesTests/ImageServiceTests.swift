@@ -60,7 +60,7 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
     }
 }
 
-@Suite struct ImageServiceTests {
+@Suite(.ownThread) struct ImageServiceTests {
     @Test func anOCILayoutBecomesAnExt4RootfsOnce() async throws {
         let h = try ImageHarness()
         let lay = h.tmp.sub("layout")
@@ -166,7 +166,7 @@ func errorOf(_ body: () async throws -> Void) async -> FurcateError? {
     }
 }
 
-@Suite(.enabled(if: registryAvailable)) struct RegistryPullTests {
+@Suite(.enabled(if: registryAvailable), .ownThread) struct RegistryPullTests {
     @Test func anonymousPullAndErrors() async throws {
         let reg = try TestRegistry()
         let h = try ImageHarness()
@@ -259,7 +259,7 @@ final class EventLog: @unchecked Sendable {
 }
 
 /// `furcate image pull|ls|rm --data DIR` as a user runs them.
-@Suite struct ImageCommandTests {
+@Suite(.ownThread) struct ImageCommandTests {
     @Test(.enabled(if: FileManager.default.isReadableFile(atPath: guestDir + "/furcate-agent")))
     func pullListRemove() throws {
         let t = TempDir("cli")

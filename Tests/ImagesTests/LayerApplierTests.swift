@@ -12,7 +12,7 @@ import Testing
 
 /// Layers applied to a directory: whiteouts, opaque directories, links, ownership, refusal of
 /// path traversal, symlinks that would lead outside the root.
-@Suite struct LayerApplierTests {
+@Suite(.ownThread) struct LayerApplierTests {
     /// Applies layers (written to files) to a fresh root; returns the root's TempDir.
     func apply(_ layers: [TestImage.Layer]) throws -> TempDir {
         let t = TempDir("apply")

@@ -11,7 +11,7 @@ import Testing
     import Glibc
 #endif
 
-@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized, .ownThread)
 struct StoreFSTests {
     @Test func namespaceBehavesLikeALocalFilesystem() throws {
         let m = try Mounted { s in
@@ -276,7 +276,7 @@ struct StoreFSTests {
 
 /// The Debian cloud kernel and a busybox initramfs boot under QEMU (TCG) with guest RAM as
 /// `memory-backend-file,share=on` on a store file in the mount.
-@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"))
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .ownThread)
 struct QEMUSmokeTests {
     static let guestDir =
         ProcessInfo.processInfo.environment["FURCATE_GUEST_DIR"]
@@ -323,7 +323,7 @@ struct QEMUSmokeTests {
     }
 }
 
-@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized, .ownThread)
 struct StoreFSErrorTests {
     /// A damaged block reads as EIO through the mount (never wrong data); the rest still reads.
     @Test func damagedBlockIsEIOThroughTheMount() throws {
@@ -384,7 +384,7 @@ struct StoreFSErrorTests {
     }
 }
 
-@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized, .ownThread)
 struct StoreFSCoherenceTests {
     /// POSIX: an unlinked file stays readable and writable through handles opened before, is
     /// gone from the directory at once, and is deleted from the store when the last handle closes.
@@ -469,7 +469,7 @@ struct StoreFSCoherenceTests {
 }
 
 /// Ending a mount whose files are still open: it never waits without bound.
-@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized)
+@Suite(.enabled(if: fuseAvailable, "needs root and /dev/fuse"), .serialized, .ownThread)
 struct StoreFSEndingTests {
     /// SIGTERM with a file still open unmounts lazily and keeps serving it; a second SIGTERM
     /// aborts the connection: the holder gets an error, and the server syncs what was written
