@@ -64,14 +64,43 @@ final class RegistryClient: Sendable {
         return (body, digest, OCIDecode.mediaType(of: body, header: resp.headers.first(name: "Content-Type")))
     }
 
+    /// Attempts at one blob when its download breaks off (the connection drops, or the
+    /// registry sends nothing for a minute); each later one resumes where the last ended.
+    static let downloadAttempts = 3
+
     /// Downloads a blob into the cache, resuming a partial download with a range request. A
-    /// resumed download that fails its digest check (a damaged partial file) starts over once.
+    /// download that breaks off is resumed, up to `downloadAttempts` in all; a resumed download
+    /// that fails its digest check (a damaged partial file) starts over once.
+    /// - Throws: `.unavailable` naming the blob and the registry once every attempt broke off.
     func blob(_ d: Descriptor, into cache: BlobCache, what: String, progress: @Sendable (UInt64) -> Void) async throws {
-        do {
-            try await download(d, into: cache, what: what, resume: true, progress: progress)
-        } catch let e as FurcateError where e.code == .damaged && e.message.contains("resumed") {
-            logger.warning("a resumed download failed its check; starting over", metadata: ["blob": "\(d.digest)"])
-            try await download(d, into: cache, what: what, resume: false, progress: progress)
+        var attempt = 1
+        while true {
+            do {
+                do {
+                    try await download(d, into: cache, what: what, resume: true, progress: progress)
+                } catch let e as FurcateError where e.code == .damaged && e.message.contains("resumed") {
+                    logger.warning(
+                        "a resumed download failed its check; starting over", metadata: ["blob": "\(d.digest)"])
+                    try await download(d, into: cache, what: what, resume: false, progress: progress)
+                }
+                return
+            } catch {
+                // A broken transfer (the client's own errors, or the registry unreachable or
+                // answering 5xx) is worth resuming; anything the registry said no to is not.
+                let broken = error is HTTPClientError || (error as? FurcateError)?.code == .unavailable
+                guard broken, attempt < Self.downloadAttempts else {
+                    if error is FurcateError { throw error }
+                    throw FurcateError(
+                        .unavailable,
+                        "downloading \(what) (\(d.digest)) from registry \(ref.domain) broke off after \(attempt) "
+                            + "attempt(s): \(error)", underlying: UnderlyingMessage(error))
+                }
+                logger.warning(
+                    "a download broke off; resuming it",
+                    metadata: ["blob": "\(d.digest)", "attempt": "\(attempt)", "error": "\(error)"])
+                try await Task.sleep(for: .seconds(attempt))
+                attempt += 1
+            }
         }
     }
 
