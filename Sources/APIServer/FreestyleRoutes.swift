@@ -18,6 +18,8 @@ struct FreestyleRoutes: Sendable {
         var createdAt, snapshotId: String?
         var persistence: VMPersistence?
         var deleted, createdDeclaratively: Bool
+        /// Furcate's: why a lost VM was lost, and what was kept.
+        var lostReason: String?
     }
     struct ListVmsResponse: ResponseCodable {
         var vms: [VmInfo]
@@ -34,6 +36,8 @@ struct FreestyleRoutes: Sendable {
         var name: String?
         var state: String
         var createdAt, snapshotId: String?
+        /// Furcate's: why a lost VM was lost, and what was kept.
+        var lostReason: String?
     }
     struct IdResponse: ResponseCodable { var id: String }
     struct ExecAwaitVmResponse: ResponseCodable {
@@ -194,7 +198,7 @@ struct FreestyleRoutes: Sendable {
     func start(_ req: Request, _ ctx: APIContext) async throws -> StartedVmResponse {
         let vm = try await ownedVM(ctx)
         let settings = try RequestBodies.decode(VMSettings.self, from: try await req.body.collect(upTo: 1 << 20))
-        do { _ = try await engine.resume(vm) } catch let e as FurcateError where e.code == .invalidState {
+        do { _ = try await engine.start(vm) } catch let e as FurcateError where e.code == .invalidState {
             throw APIError(.badRequest, "VM_NOT_STARTABLE", e.message)
         }
         if let idle = settings.idleTimeoutSeconds { try await engine.setIdleTimeout(vm.id, seconds: idle) }
@@ -215,7 +219,7 @@ struct FreestyleRoutes: Sendable {
         VmInfo(
             id: vm.id, name: name, state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
             snapshotId: vm.parentSnapshot,
-            persistence: policy?.persistence, deleted: false, createdDeclaratively: false)
+            persistence: policy?.persistence, deleted: false, createdDeclaratively: false, lostReason: vm.lostReason)
     }
 
     /// `limit`/`offset` (paging, after filters), `vmState`, `search` (in ids and names),
@@ -292,7 +296,7 @@ struct FreestyleRoutes: Sendable {
         let vm = try await ownedVM(ctx)
         return GetVmResponse(
             id: vm.id, name: engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
-            snapshotId: vm.parentSnapshot)
+            snapshotId: vm.parentSnapshot, lostReason: vm.lostReason)
     }
 
     func delete(_ ctx: APIContext) async throws -> IdResponse {

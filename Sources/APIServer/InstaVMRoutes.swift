@@ -82,6 +82,8 @@ struct InstaVMRoutes: Sendable {
         var snapshot_id: String?
         var memory_mb, vcpu_count: Int
         var expires_at: String?
+        /// Furcate's: why a failed (lost) VM failed, and what was kept.
+        var last_error: String?
     }
     struct StatusResponse: ResponseCodable { var status, vm_id: String }
     struct UploadResponse: ResponseCodable {
@@ -161,11 +163,11 @@ struct InstaVMRoutes: Sendable {
         }
         g.post("v1/vms/{id}/resume") { _, ctx in
             let vm = try await ownedVM(try ctx.parameters.require("id"), ctx)
-            guard vm.state == .suspended else {
-                throw InstaVMError(
-                    status: .conflict, message: "VM \(vm.id) is \(Self.status(vm.state)), not suspended", items: nil)
+            // A suspended VM resumes; a stopped or failed (lost) one boots again from its disk.
+            guard vm.state != .running else {
+                throw InstaVMError(status: .conflict, message: "VM \(vm.id) is running, not suspended", items: nil)
             }
-            let r = try await engine.resume(vm)
+            let r = try await engine.start(vm)
             return StatusResponse(status: Self.status(r.state), vm_id: vm.id)
         }
     }
@@ -214,7 +216,8 @@ struct InstaVMRoutes: Sendable {
             vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state),
             created_at: FreestyleRoutes.iso(vm.createdAt),
             snapshot_id: vm.parentSnapshot, memory_mb: vm.memoryMiB, vcpu_count: vm.vcpus,
-            expires_at: (try? await engine.policies.policy(vm.id))??.expiresAt.map(FreestyleRoutes.iso))
+            expires_at: (try? await engine.policies.policy(vm.id))??.expiresAt.map(FreestyleRoutes.iso),
+            last_error: vm.lostReason)
     }
 
     func listVMs(_ ctx: APIContext) async throws -> [VMRecord] {

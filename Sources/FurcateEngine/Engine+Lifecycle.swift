@@ -46,15 +46,19 @@ extension Engine {
     /// - Throws: `.invalidState` from VMService's transition table when it is not running.
     public func suspend(_ vm: VMInfo) async throws -> VMInfo { try await vms.suspend(vm.id) }
 
-    /// Resumes a suspended VM; a running one is left as it is.
-    /// - Throws: `.invalidState` for any other state ("only a suspended VM starts again").
-    public func resume(_ vm: VMInfo) async throws -> VMInfo {
+    /// Runs a VM again: a suspended one resumes (memory and all), a stopped or lost one boots
+    /// again from its disk (a cold boot: what was only in its memory is gone); a running one is
+    /// left as it is.
+    /// - Throws: `.invalidState` for a VM on its way somewhere (starting, suspending,
+    ///   building); `.notFound` when a stopped or lost VM's disk is gone.
+    public func start(_ vm: VMInfo) async throws -> VMInfo {
         switch vm.state {
         case .running: return vm
         case .suspended: return try await vms.resume(vm.id).0
-        default:
+        case .stopped, .lost: return try await vms.start(vm.id)
+        case .starting, .suspending, .building:
             throw FurcateError(
-                .invalidState, "VM \(vm.id) is \(vm.state.rawValue); only a suspended VM starts again")
+                .invalidState, "VM \(vm.id) is \(vm.state.rawValue); start it once that is over", operation: "start")
         }
     }
 

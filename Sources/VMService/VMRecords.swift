@@ -26,6 +26,8 @@ public struct VMInfo: Sendable, Codable, Equatable {
     public var resumeOnStart: Bool
     /// Running, with its vCPUs paused (`pause`); a snapshot leaves it paused.
     public var paused: Bool = false
+    /// While lost: why, and what was kept (its disk; never its memory).
+    public var lostReason: String?
     /// When it was made, Unix seconds.
     public var createdAt: Double
     /// The store file its root disk is (`vm-ID.disk`).

@@ -354,28 +354,83 @@ public actor VMService {
             createdAt: Date().timeIntervalSince1970)
         do {
             try store.clone(image, to: vm.diskFile)
-            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
-            try mem.truncate(to: UInt64(memoryMiB) << 20)
-            let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
-            try await p.resume()
-            vm.pid = p.pid
-            try setState(&vm, .running)
-            let v = vm
-            instances[vm.id]?.readiness = GuestReadiness(
-                task: Task {
-                    defer { slot.release() }
-                    return await self.readyGuest(v, .boot, timeout: self.options.bootTimeout)
-                }, work: .boot)
+            try await coldBoot(&vm, slot: slot)
             logger.info(
                 "booted",
                 metadata: [
-                    "vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(p.pid)", "vm.boot_slot": "\(slot.index)",
+                    "vm.id": "\(vm.id)", "vm.image": "\(image)", "vm.pid": "\(vm.pid ?? 0)",
+                    "vm.boot_slot": "\(slot.index)",
                 ])
             return vm
         } catch {
             slot.release()
             await discardFailed(vm)
             throw error
+        }
+    }
+
+    /// Boots `vm` (state `starting`) from its disk file with new, empty RAM and records it
+    /// running; the boot slot is released once its agent first answers. The caller undoes
+    /// what is left when this throws (and releases the slot then).
+    private func coldBoot(_ vm: inout VMInfo, slot: HostSlots.Slot) async throws {
+        let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
+        try mem.truncate(to: UInt64(vm.memoryMiB) << 20)
+        let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
+        try await p.resume()
+        vm.pid = p.pid
+        try setState(&vm, .running)
+        let v = vm
+        instances[vm.id]?.readiness = GuestReadiness(
+            task: Task {
+                defer { slot.release() }
+                return await self.readyGuest(v, .boot, timeout: self.options.bootTimeout)
+            }, work: .boot)
+    }
+
+    // MARK: start
+
+    /// Boots a stopped or lost VM again from its own disk. A cold boot: what the guest had
+    /// written to its disk is there, what was only in its memory is not; its memory is new
+    /// (mode a). Returns once it runs, as a boot does (its agent answers a little later).
+    /// - Throws: `.invalidState` for a VM that is neither stopped nor lost (a suspended one
+    ///   resumes instead); `.notFound` when its disk is gone; `.overCapacity`; QEMU's errors —
+    ///   then the VM is as it was, disk included.
+    public func start(_ id: String) async throws -> VMInfo {
+        try await withVM(id) {
+            var vm = try info(id)
+            let before = vm
+            guard vm.state == .stopped || vm.state == .lost else {
+                throw FurcateError(
+                    .invalidState,
+                    "VM \(id) is \(vm.state.rawValue); only a stopped or lost VM boots again (a suspended one resumes)",
+                    operation: "start")
+            }
+            guard try store.exists(vm.diskFile) else {
+                throw FurcateError(.notFound, "VM \(id) has no disk left to boot from", operation: "start")
+            }
+            let demand = VMCapacity.Demand(vcpus: vm.vcpus, memoryMiB: vm.memoryMiB)
+            try admit(demand, operation: "starting a VM")
+            defer { settle(demand) }
+            let slot = try await bootSlots.acquire()
+            try? store.delete(vm.memoryFile)  // a lost VM's RAM: moot once it boots afresh
+            vm.memoryMode = .shared
+            vm.lostReason = nil
+            vm.paused = false
+            do {
+                try setState(&vm, .starting)
+                try await coldBoot(&vm, slot: slot)
+            } catch {
+                slot.release()
+                if let p = instances[id]?.process { await end(id, p, graceful: false) }
+                try? store.delete(vm.memoryFile)
+                var back = before
+                back.pid = nil
+                if back.state == .lost { back.lostReason = "starting it again failed (\(error)); its disk is kept" }
+                try? record(back)
+                throw error
+            }
+            logger.info("started from its disk", metadata: ["vm.id": "\(id)", "vm.pid": "\(vm.pid ?? 0)"])
+            return vm
         }
     }
 
@@ -839,6 +894,7 @@ public actor VMService {
             vm.pid = nil
             vm.paused = false
             vm.resumeOnStart = false
+            vm.lostReason = nil
             try setState(&vm, .stopped)
             return vm
         }
@@ -888,6 +944,9 @@ public actor VMService {
             case .running, .starting, .suspending, .building:
                 if let pid = vm.pid, instances[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
                 vm.pid = nil
+                vm.lostReason =
+                    "the server stopped without suspending it, so its memory is gone; its disk is kept as the store"
+                    + " last had it, and start boots it again"
                 try? setState(&vm, .lost)
                 logger.warning("VM lost across a restart", metadata: ["vm.id": "\(vm.id)"])
             case .suspended where vm.resumeOnStart:
@@ -1011,12 +1070,25 @@ public actor VMService {
         guard var vm = vms[id], vm.state == .running else { return }
         let clean = status & 0x7f == 0 && (status >> 8) & 0xff == 0
         vm.pid = nil
+        if !clean { vm.lostReason = Self.lostReason(exitStatus: status) }
         try? setState(&vm, clean ? .stopped : .lost)
         cleanRunDirectory(id)
         if clean { try? store.delete(vm.memoryFile) }
         logger.warning(
             "QEMU exited by itself",
             metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
+    }
+
+    /// Why a VM whose QEMU ended with wait status `status` by itself is lost, and what it kept.
+    static func lostReason(exitStatus status: Int32) -> String {
+        let signal = status & 0x7f
+        let how =
+            signal == 0
+            ? "QEMU exited with status \((status >> 8) & 0xff)"
+            : signal == SIGKILL
+                ? "QEMU was killed (SIGKILL: the kernel's OOM killer, or another process)"
+                : "QEMU ended on signal \(signal)"
+        return how + "; its memory is gone, its disk keeps what the guest had written, and start boots it again"
     }
 
     /// The one way a VM's runtime ends: its instance leaves the table and its agent connection

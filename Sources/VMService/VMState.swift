@@ -15,7 +15,8 @@ public enum VMState: String, Sendable, Codable, CaseIterable {
     /// No process; stopped or killed. Its disk remains until the VM is deleted.
     case stopped
     /// Its process vanished unexpectedly (crashed, killed from outside, or the server
-    /// restarted under it). Only stop/kill and delete apply.
+    /// restarted under it): its memory is gone, its disk is kept (`VMInfo.lostReason` says
+    /// why). Start boots it again from that disk; stop/kill make it stopped.
     case lost
 
     /// The transition table: `to` states reachable from each state. A transition not listed
@@ -27,7 +28,7 @@ public enum VMState: String, Sendable, Codable, CaseIterable {
         .suspending: [.suspended, .running, .lost, .stopped],
         .suspended: [.starting, .stopped, .lost],
         .stopped: [.starting],
-        .lost: [.stopped],
+        .lost: [.stopped, .starting],
     ]
 
     /// True when `self → to` is a legal transition.

@@ -235,7 +235,8 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(json(afterFork)["totalCount"] as? Int == 3)
                 let f0 = forks[0]
                 let forkExec = try await call(
-                    client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"hostname"}"#)
+                    client, .post, "/v1/vms/\(f0)/exec-await", h.keyA,
+                    #"{"command":"echo synced > /root/fork-marker && sync && hostname"}"#)
                 #expect(
                     (json(forkExec)["stdout"] as? String)?.hasPrefix(f0) == true,
                     "a fork gets its own identity: \(String(buffer: forkExec.body))")
@@ -258,6 +259,18 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(killed.status == .ok)
                 #expect(
                     json(try await call(client, .get, "/v1/vms/\(forks[1])", h.keyA))["state"] as? String == "stopped")
+                // A stopped VM boots again from its disk: by Freestyle's start, or InstaVM's resume.
+                let restarted = try await call(client, .post, "/v1/vms/\(f0)/start", h.keyA, "{}")
+                #expect(restarted.status == .ok, "\(String(buffer: restarted.body))")
+                let rebooted = try await call(
+                    client, .post, "/v1/vms/\(f0)/exec-await", h.keyA, #"{"command":"cat /root/fork-marker"}"#)
+                #expect(json(rebooted)["stdout"] as? String == "synced\n", "\(String(buffer: rebooted.body))")
+                let resumed = try await call(client, .post, "/instavm/v1/vms/\(forks[1])/resume", h.keyA)
+                #expect(
+                    resumed.status == .ok && json(resumed)["status"] as? String == "running",
+                    "\(String(buffer: resumed.body))")
+                let runningAgain = try await call(client, .post, "/instavm/v1/vms/\(forks[1])/resume", h.keyA)
+                #expect(runningAgain.status == .conflict, "\(String(buffer: runningAgain.body))")
 
                 let deleted = try await call(client, .delete, "/v1/vms/\(id)", h.keyA)
                 #expect(deleted.status == .ok)

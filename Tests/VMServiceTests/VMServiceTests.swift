@@ -651,6 +651,44 @@ struct VMServiceTests {
         }
     }
 
+    /// A VM whose QEMU was killed from outside (as the kernel's OOM killer would) is lost with
+    /// the reason, keeps its disk, and starts again from it: what the guest synced is there,
+    /// what was only in its memory (its tmpfs) is not. A running VM is not started again; a
+    /// stopped one starts the same way.
+    @Test(.timeLimit(.minutes(5))) func aLostVMBootsAgainFromItsDisk() async throws {
+        await withHarness { _, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            try await guest(sh, "echo synced > /root/kept && sync && echo volatile > /tmp/mem-marker")
+            let p = try #require(await svc.process(vm.id))
+            Glibc.kill(p.pid, SIGKILL)
+            let deadline = ContinuousClock.now + .seconds(60)
+            while try await svc.info(vm.id).state != .lost {
+                guard ContinuousClock.now < deadline else { throw FurcateError(.timedOut, "the VM lost within 60 s") }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            let lost = try await svc.info(vm.id)
+            #expect(lost.lostReason?.contains("SIGKILL") == true, "\(lost.lostReason ?? "no reason")")
+            #expect(lost.lostReason?.contains("start boots it again") == true)
+
+            let started = try await svc.start(vm.id)
+            #expect(started.state == .running && started.lostReason == nil && started.memoryMode == .shared)
+            let sh2 = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            #expect(try await guest(sh2, "cat /root/kept") == "synced")
+            #expect(try await guest(sh2, "cat /tmp/mem-marker 2>/dev/null || echo gone") == "gone")
+            do {
+                _ = try await svc.start(vm.id)
+                Issue.record("a running VM was started again")
+            } catch let e as FurcateError {
+                #expect(e.code == .invalidState, "\(e)")
+            }
+            _ = try await svc.kill(vm.id)
+            #expect(try await svc.start(vm.id).state == .running)
+            let sh3 = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            #expect(try await guest(sh3, "cat /root/kept") == "synced")
+        }
+    }
+
     /// A corrupt device-state file fails the restore with a clear error; nothing of the new
     /// VM is left (no record, no process, no store file) and the snapshot stays usable.
     @Test(.timeLimit(.minutes(5))) func corruptDeviceStateFailsTheRestoreCleanly() async throws {
@@ -730,7 +768,9 @@ struct VMServiceTests {
             let stale = try #require(await h.service.process(a.id)?.pid)
             try h.restart()
             #expect(await h.service.recover().isEmpty)
-            #expect(try await h.service.info(a.id).state == .lost)
+            let lostA = try await h.service.info(a.id)
+            #expect(lostA.state == .lost)
+            #expect(lostA.lostReason?.contains("server stopped without suspending it") == true)
             #expect(try await h.service.info(b.id).state == .suspended)
             for f in forks { _ = try await h.service.kill(f) }
             try await Task.sleep(for: .milliseconds(200))

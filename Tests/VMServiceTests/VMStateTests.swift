@@ -49,6 +49,7 @@ struct VMStateTests {
         #expect(!VMState.stopped.canTransition(to: .running))
         #expect(!VMState.suspended.canTransition(to: .running))  // a resume goes through starting
         #expect(!VMState.lost.canTransition(to: .running))
+        #expect(VMState.lost.canTransition(to: .starting))  // a cold boot from its disk
         // Every state but stopped can be stopped; nothing is reachable from nowhere.
         for s in VMState.allCases where s != .stopped { #expect(s.canTransition(to: .stopped), "\(s)") }
         for s in VMState.allCases { #expect(VMState.transitions[s] != nil, "\(s) has no row") }
