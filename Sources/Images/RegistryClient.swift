@@ -85,9 +85,11 @@ final class RegistryClient: Sendable {
                 }
                 return
             } catch {
-                // A broken transfer (the client's own errors, or the registry unreachable or
-                // answering 5xx) is worth resuming; anything the registry said no to is not.
-                let broken = error is HTTPClientError || (error as? FurcateError)?.code == .unavailable
+                // A broken transfer (any error of the HTTP stack — a client timeout, a body the
+                // connection cut short — or the registry unreachable or answering 5xx) is worth
+                // resuming; what the registry or the disk said no to, or a cancelled pull, is not.
+                let broken =
+                    (error as? FurcateError).map { $0.code == .unavailable } ?? !(error is CancellationError)
                 guard broken, attempt < Self.downloadAttempts else {
                     if error is FurcateError { throw error }
                     throw FurcateError(

@@ -290,6 +290,26 @@ final class EventLog: @unchecked Sendable {
 extension RegistryPullTests {
     /// A download cut short leaves `<hex>.partial`; the next pull asks the registry for the rest
     /// (HTTP range) and the digest still checks out. A damaged partial file costs one restart.
+    /// A download the network breaks off mid-blob (a proxy closes the connection after 64 KiB
+    /// of answers) is resumed within the same pull, and the image is whole.
+    @Test func aDownloadBrokenOffMidBlobIsResumed() async throws {
+        let reg = try TestRegistry()
+        let h = try ImageHarness()
+        let lay = h.tmp.sub("layout")
+        try TestImage.twoLayerLayout(lay)
+        try reg.push(layout: lay, tag: "1", as: "test/cut:1")
+        let biggest =
+            try FileManager.default.contentsOfDirectory(atPath: lay + "/blobs/sha256").map {
+                try bytes(lay + "/blobs/sha256/" + $0).count
+            }.max() ?? 0
+        try #require(biggest > 128 << 10, "the test image needs a blob larger than the cut (\(biggest) bytes)")
+        let proxy = try CuttingProxy(to: reg.port, cutAfter: 64 << 10)
+        defer { proxy.stop() }
+        let r = try await h.service.pull("127.0.0.1:\(proxy.port)/test/cut:1")
+        #expect(proxy.didCut, "the proxy never broke a connection off: the test tested nothing")
+        #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
+    }
+
     @Test func interruptedDownloadsResume() async throws {
         let reg = try TestRegistry()
         let h = try ImageHarness()
