@@ -932,17 +932,22 @@ public actor VMService {
 
     // MARK: server lifecycle
 
-    /// At start: VMs whose QEMU belonged to a previous server are lost (their RAM lived on
-    /// that server's mount; a leftover process is killed), and VMs suspended at its shutdown
-    /// are resumed. Returns the ids resumed.
+    /// At start: every QEMU a previous server left running for this data directory is ended
+    /// (a VM's, whose RAM lived on that server's mount, and a pooled one, which no record
+    /// names); VMs whose QEMU belonged to a previous server are lost, and VMs suspended at its
+    /// shutdown are resumed. Returns the ids resumed.
     @discardableResult
     public func recover() async -> [String] {
+        for (pid, id) in leftoverQEMUs() where instances[id] == nil {
+            Glibc.kill(pid, SIGKILL)
+            logger.warning(
+                "ended a QEMU a previous server left running", metadata: ["vm.id": "\(id)", "vm.pid": "\(pid)"])
+        }
         removeOrphanFiles()
         var resumed: [String] = []
         for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) {
             switch vm.state {
             case .running, .starting, .suspending, .building:
-                if let pid = vm.pid, instances[vm.id] == nil, Self.isQEMU(pid) { Glibc.kill(pid, SIGKILL) }
                 vm.pid = nil
                 vm.lostReason =
                     "the server stopped without suspending it, so its memory is gone; its disk is kept as the store"
@@ -1164,8 +1169,20 @@ public actor VMService {
     }
 
     /// True when `pid` runs a QEMU (so a stale pid from the database is not someone else's).
-    static func isQEMU(_ pid: Int32) -> Bool {
-        let comm = readWholeFile("/proc/\(pid)/comm") ?? ""
-        return comm.hasPrefix("qemu")
+    /// The QEMUs running for this data directory, with the VM (or pool entry) each is for:
+    /// found by their command lines, which name their run directories (`-qmp unix:RUN/ID/…`).
+    /// A recorded pid alone could by now be an unrelated process; a pooled QEMU's is recorded
+    /// nowhere.
+    public nonisolated func leftoverQEMUs() -> [(pid: Int32, id: String)] {
+        let runRoot = runDirectory("")
+        var found: [(pid: Int32, id: String)] = []
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = Int32(entry), (readWholeFile("/proc/\(pid)/comm") ?? "").hasPrefix("qemu"),
+                let cmdline = readWholeFile("/proc/\(pid)/cmdline"), let at = cmdline.range(of: runRoot)
+            else { continue }
+            let id = cmdline[at.upperBound...].prefix { $0 != "/" && $0 != "\0" && $0 != "," }
+            if id.count == 20 { found.append((pid, String(id))) }
+        }
+        return found
     }
 }

@@ -651,6 +651,40 @@ struct VMServiceTests {
         }
     }
 
+    /// A server that died leaves its pooled QEMUs running with no record of them: the next
+    /// start finds them by their command lines and ends them, with their files.
+    @Test(.timeLimit(.minutes(5))) func aDeadServersPooledQEMUsAreEndedAtTheNextStart() async throws {
+        await withHarness(warmPool: 1) { h, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            _ = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            let snap = try await svc.snapshot(vm.id)
+            _ = try await svc.create(CreateVMRequest(snapshot: snap.id))  // sends the pool refilling
+            let deadline = ContinuousClock.now + .seconds(120)
+            while await svc.poolCount() < 1 {
+                guard ContinuousClock.now < deadline else { throw FurcateError(.timedOut, "the pool refilled") }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            let known = Set(await svc.list().map(\.id))
+            var pooled: [Int32] = []
+            for id in await svc.instanceIDs() where !known.contains(id) {
+                if let p = await svc.process(id) { pooled.append(p.pid) }
+            }
+            try #require(!pooled.isEmpty, "no pooled QEMU to leave behind")
+            #expect(Set(svc.leftoverQEMUs().map(\.pid)).isSuperset(of: pooled))
+
+            try h.restart()  // the old service is gone without shutting down, as a killed server is
+            _ = await h.service.recover()
+            let ended = ContinuousClock.now + .seconds(30)
+            while pooled.contains(where: processExists), ContinuousClock.now < ended {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(!pooled.contains(where: processExists), "pooled QEMUs \(pooled) outlived their server")
+            #expect(h.service.leftoverQEMUs().isEmpty)
+            let names = try h.store.list().map(\.name).filter { $0.hasPrefix("vm-") }
+            #expect(names.allSatisfy { known.contains(String($0.dropFirst(3).prefix(20))) }, "\(names)")
+        }
+    }
+
     /// A VM whose QEMU was killed from outside (as the kernel's OOM killer would) is lost with
     /// the reason, keeps its disk, and starts again from it: what the guest synced is there,
     /// what was only in its memory (its tmpfs) is not. A running VM is not started again; a

@@ -95,6 +95,22 @@ def check(cond, what):
     print("ok:", what.split("\n")[0][:160])
 
 
+def furcate_processes(root):
+    """Processes whose command line names a path under root (QEMUs name their files there)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if root in cmd:
+            found.append(f"{pid}: {cmd[:160]}")
+    return found
+
+
 def main():
     furcate = os.path.abspath(sys.argv[1])
     tmp = tempfile.mkdtemp(prefix="fsdk-", dir="/tmp")
@@ -201,9 +217,24 @@ def main():
         except requests.exceptions.HTTPError as e:
             check(e.response.status_code == 404, "a deleted snapshot answers 404")
 
-        # Shut down cleanly: SIGTERM, and the server exits.
+        # A graceful stop leaves nothing running that the next start does not take up again. A
+        # new session just before SIGTERM (its restore sends the warm pool refilling while the
+        # server stops): the VM is suspended into the store, no QEMU (the VM's or a pooled one)
+        # outlives the server, and the next server resumes the VM with its memory.
+        last = InstaVM(key, base_url=base, timeout=600)
+        last.execute("echo kept-in-memory > /tmp/marker")
+        check(furcate_processes(tmp + "/data"), "the check below sees the server's QEMUs while it runs")
         serve.send_signal(signal.SIGTERM)
-        check(serve.wait(timeout=120) == 0, "furcate serve exits 0 on SIGTERM")
+        check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM")
+        check(not furcate_processes(tmp + "/data"), f"nothing outlives a graceful stop: {furcate_processes(tmp + '/data')}")
+        serve = subprocess.Popen([furcate, "serve", "--port", str(port)], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        procs.append(serve)
+        wait_port(port, serve, "furcate serve (again)", seconds=300)
+        out = last.execute("cat /tmp/marker")
+        check(out.get("stdout") == "kept-in-memory\n", f"the next server resumed the VM, memory and all: {out}")
+        serve.send_signal(signal.SIGTERM)
+        check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM again")
+        check(not furcate_processes(tmp + "/data"), f"nothing outlives the second stop: {furcate_processes(tmp + '/data')}")
         print("instavm SDK: all checks passed")
     except requests.exceptions.HTTPError as e:
         print(f"HTTP {e.response.status_code} from {e.request.method} {e.request.url}: {e.response.text}")
