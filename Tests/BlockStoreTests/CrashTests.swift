@@ -47,13 +47,18 @@ import Testing
             p.standardOutput = FileHandle(forWritingAtPath: outPath)
             p.standardError = FileHandle.nullDevice
             try p.runWithSignalsUnblocked()
-            let deadline = Date().addingTimeInterval(20)
-            while Date() < deadline,
-                !(((try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "").contains("ready"))
-            {
-                usleep(2000)
+            // The kill lands after a random number of the writer's sync points (0 to 4: then in
+            // the middle of the work after it), counted from what it reported, not after a
+            // guessed time: a fresh-clone CI run on a loaded host killed writers 0-400 ms after
+            // they were ready and found them at 12 sync points in 50 rounds.
+            let target = Int(rng.next() % 5)
+            let deadline = Date().addingTimeInterval(120)
+            func reported() -> (ready: Bool, synced: Int) {
+                let out = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+                return (out.contains("ready"), out.split(separator: "\n").filter { $0.hasPrefix("synced ") }.count)
             }
-            usleep(useconds_t(rng.next() % 400_000))
+            while Date() < deadline, p.isRunning, !(reported().ready && reported().synced >= target) { usleep(2000) }
+            usleep(useconds_t(rng.next() % 50_000))
             kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
             let out = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""

@@ -304,8 +304,12 @@ struct QEMUSmokeTests {
         try #require(fd >= 0)
         #expect(ftruncate(fd, 256 << 20) == 0)
         close(fd)
+        // At most 120 s of CPU time for QEMU (a boot hung in TCG spins), not of wall time: on
+        // a loaded 2-core host a fresh-clone CI run's boot ran past a 120 s wall bound. The wall
+        // bound stays for a QEMU that hangs without spinning.
         let (rc, out) = try sh([
-            "timeout", "120", Self.qemu, "-machine", "microvm,accel=tcg,memory-backend=mem", "-m", "256M",
+            "timeout", "900", "prlimit", "--cpu=120", Self.qemu, "-machine", "microvm,accel=tcg,memory-backend=mem",
+            "-m", "256M",
             "-object", "memory-backend-file,id=mem,size=256M,mem-path=\(ram),share=on",
             "-kernel", Self.guestDir + "/vmlinuz", "-initrd", Self.guestDir + "/smoke-initrd.img",
             // tsc_early_khz: measured, microvm under TCG otherwise hangs in TSC calibration half the time.
