@@ -288,16 +288,21 @@ final class EventLog: @unchecked Sendable {
 }
 
 extension RegistryPullTests {
-    /// A download cut short leaves `<hex>.partial`; the next pull asks the registry for the rest
-    /// (HTTP range) and the digest still checks out. A damaged partial file costs one restart.
-    /// A download the network breaks off mid-blob (a proxy closes the connection after 64 KiB
-    /// of answers) is resumed within the same pull, and the image is whole.
-    @Test func aDownloadBrokenOffMidBlobIsResumed() async throws {
+    /// A registry on loopback holding the two-layer test image as `REPO:1`, an image service,
+    /// and the image's OCI layout.
+    func twoLayerImage(_ repo: String) throws -> (TestRegistry, ImageHarness, String) {
         let reg = try TestRegistry()
         let h = try ImageHarness()
         let lay = h.tmp.sub("layout")
         try TestImage.twoLayerLayout(lay)
-        try reg.push(layout: lay, tag: "1", as: "test/cut:1")
+        try reg.push(layout: lay, tag: "1", as: repo + ":1")
+        return (reg, h, lay)
+    }
+
+    /// A download the network breaks off mid-blob (a proxy closes the connection after 64 KiB
+    /// of answers) is resumed within the same pull, and the image is whole.
+    @Test func aDownloadBrokenOffMidBlobIsResumed() async throws {
+        let (reg, h, lay) = try twoLayerImage("test/cut")
         let biggest =
             try FileManager.default.contentsOfDirectory(atPath: lay + "/blobs/sha256").map {
                 try bytes(lay + "/blobs/sha256/" + $0).count
@@ -310,12 +315,10 @@ extension RegistryPullTests {
         #expect(try h.debugfs(r, "cat /data/hello").contains("hello from layer two"))
     }
 
+    /// A download cut short leaves `<hex>.partial`; the next pull asks the registry for the rest
+    /// (HTTP range) and the digest still checks out. A damaged partial file costs one restart.
     @Test func interruptedDownloadsResume() async throws {
-        let reg = try TestRegistry()
-        let h = try ImageHarness()
-        let lay = h.tmp.sub("layout")
-        try TestImage.twoLayerLayout(lay)
-        try reg.push(layout: lay, tag: "1", as: "test/resume:1")
+        let (reg, h, lay) = try twoLayerImage("test/resume")
         // The biggest blob (the busybox layer), cut in half, as a killed pull would leave it.
         let blobs = try FileManager.default.contentsOfDirectory(atPath: lay + "/blobs/sha256")
         let sizes = try blobs.map { ($0, try bytes(lay + "/blobs/sha256/" + $0)) }
