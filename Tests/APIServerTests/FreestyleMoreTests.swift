@@ -27,6 +27,13 @@ func json(_ r: Reply) -> [String: Any] {
 /// Sends a JSON body as account `key` to the test server. Through AsyncHTTPClient with a
 /// 5-minute limit: HummingbirdTesting's live client gives up after 20 s without a byte, which a
 /// snapshot under CI load (other suites' VMs and I/O on 2 cores) once exceeded.
+/// The client of the API tests: a request may wait as long as its 300 s deadline without a
+/// byte (a cold boot answering once its agent does, on a loaded TCG host), where the shared
+/// client's read timeout cut one off in a fresh-clone CI run.
+let testHTTPClient = HTTPClient(
+    eventLoopGroupProvider: .singleton,
+    configuration: HTTPClient.Configuration(timeout: .init(connect: .seconds(10), read: .seconds(300))))
+
 func call(
     _ client: some TestClientProtocol, _ method: HTTPRequest.Method, _ uri: String, _ key: String, _ body: String? = nil
 ) async throws -> Reply {
@@ -36,7 +43,7 @@ func call(
     req.headers.add(name: "Authorization", value: "Bearer " + key)
     req.headers.add(name: "Content-Type", value: "application/json")
     if let body { req.body = .bytes(ByteBuffer(string: body)) }
-    let response = try await HTTPClient.shared.execute(req, timeout: .seconds(300))
+    let response = try await testHTTPClient.execute(req, timeout: .seconds(300))
     var headers = HTTPFields()
     for (name, value) in response.headers {
         if let n = HTTPField.Name(name) { headers.append(HTTPField(name: n, value: value)) }
