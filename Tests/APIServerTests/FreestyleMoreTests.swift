@@ -267,15 +267,20 @@ func step(_ what: String) {
                     (json(try await call(client, .get, "/v1/vms/\(id)/systemd/services", a))["services"]
                     as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(names == ["ticker"])
-                try await Task.sleep(for: .seconds(1))
+                // Three ticks take 0.6 s of the guest's time, more on a loaded TCG host: wait for
+                // them rather than guess (one fresh-clone CI run had two after 1 s).
+                let logs: [[String: Any]] =
+                    try await eventually {
+                        let got =
+                            json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))[
+                                "logs"] as? [[String: Any]] ?? []
+                        return got.count >= 3 ? got : nil
+                    } ?? []
                 let status = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
                 let statusLogs = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs", a)
                 #expect(
                     json(status)["activeState"] as? String == "active",
                     "\(String(buffer: status.body)) \(String(buffer: statusLogs.body))")
-                let logs =
-                    json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/logs?lines=3", a))["logs"]
-                    as? [[String: Any]] ?? []
                 #expect(
                     logs.count == 3 && logs.allSatisfy { ($0["message"] as? String)?.hasSuffix("tick") == true },
                     "\(logs)")
@@ -312,10 +317,11 @@ func step(_ what: String) {
                     json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"]
                         as? String != "active")
                 _ = try await call(client, .post, "/v1/vms/\(id)/systemd/start", a, #"{"services":[{"id":"ticker"}]}"#)
-                try await Task.sleep(for: .milliseconds(500))
-                #expect(
+                let restarted = try await eventually {
                     json(try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a))["activeState"]
-                        as? String == "active")
+                        as? String == "active" ? true : nil
+                }
+                #expect(restarted == true, "the ticker did not become active again after start")
                 #expect(try await call(client, .delete, "/v1/vms/\(id)/systemd/services/ticker", a).status == .ok)
                 let goneSvc = try await call(client, .get, "/v1/vms/\(id)/systemd/services/ticker/status", a)
                 #expect(goneSvc.status == .notFound && json(goneSvc)["error"] as? String == "SERVICE_NOT_FOUND")
@@ -326,14 +332,18 @@ func step(_ what: String) {
                 _ = try await h.engine.vms.agent(id).request(
                     .terminalCreate(
                         name: "t1", command: ["/bin/sh", "-c", "echo term-out; sleep 30"], cols: 80, rows: 24))
-                try await Task.sleep(for: .milliseconds(500))
                 let terms =
                     (json(try await call(client, .get, "/v1/vms/\(id)/terminals", a))["terminals"] as? [[String: Any]]
                     ?? []).compactMap { $0["name"] as? String }
                 #expect(terms == ["t1"])
-                let tlogs =
-                    json(try await call(client, .get, "/v1/vms/\(id)/terminals/t1/logs", a))["logs"] as? [[String: Any]]
-                    ?? []
+                // The shell's echo lands when the guest gets to it: wait for it.
+                var tlogs: [[String: Any]] = []
+                _ = try await eventually {
+                    tlogs =
+                        json(try await call(client, .get, "/v1/vms/\(id)/terminals/t1/logs", a))["logs"]
+                        as? [[String: Any]] ?? []
+                    return tlogs.contains { ($0["line"] as? String)?.contains("term-out") == true } ? true : nil
+                }
                 #expect(tlogs.contains { ($0["line"] as? String)?.contains("term-out") == true }, "\(tlogs)")
                 let xterm = try await call(client, .get, "/v1/vms/\(id)/terminals/t1/xterm-256color", a)
                 #expect((json(xterm)["output"] as? String)?.contains("term-out") == true)
