@@ -33,7 +33,7 @@ let package = Package(
         // Leaf: the shared error type, locks, sizes, name checks.
         .target(
             name: "FurcateCore",
-            dependencies: [.product(name: "Logging", package: "swift-log")]
+            dependencies: ["CSpawn", .product(name: "Logging", package: "swift-log")]
         ),
         // Content-addressed copy-on-write block store.
         .target(
@@ -49,6 +49,12 @@ let package = Package(
         .target(
             name: "StoreFS",
             dependencies: ["FurcateCore", "BlockStore", "CFuse", .product(name: "Logging", package: "swift-log")]
+        ),
+        // The storage process's control socket: StoreAccess served over it and a client for it,
+        // and how `furcate serve` finds, starts and watches that process.
+        .target(
+            name: "StoreServer",
+            dependencies: ["FurcateCore", "BlockStore", "CSpawn", .product(name: "Logging", package: "swift-log")]
         ),
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
         .target(
@@ -145,9 +151,9 @@ let package = Package(
         .executableTarget(
             name: "furcate",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "FurcateBench", "Hypervisor", "VMService", "Images", "Builds",
-                "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer",
-                "CSpawn",
+                "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "FurcateBench", "Hypervisor", "VMService",
+                "Images",
+                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -171,6 +177,8 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
         ),
+        .testTarget(
+            name: "StoreServerTests", dependencies: ["StoreServer", "BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "BlockStoreTests", dependencies: ["BlockStore", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "GuestAgentTests",

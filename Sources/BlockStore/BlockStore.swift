@@ -339,6 +339,13 @@ public final class BlockStore: Sendable {
         guard dst.kind == .file else {
             throw FurcateError(.notPermitted, "'\(dst.name)' is a snapshot and cannot be changed")
         }
+        // A tree's block ids mean blocks of its file's size: another size would read garbage.
+        guard dst.blockSize == src.blockSize else {
+            throw FurcateError(
+                .invalidArgument,
+                "'\(dst.name)' has \(dst.blockSize)-byte blocks and '\(src.name)' \(src.blockSize)-byte ones: contents move only between files of one block size"
+            )
+        }
         try namespace.withLock { _ in
             let (root, size) = try src.committedState()
             try dst.replace(root: root, size: size)

@@ -1,4 +1,6 @@
 #define _GNU_SOURCE
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <unistd.h>
@@ -10,4 +12,8 @@ int cspawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd) {
 
 int cspawn_pipe_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
+}
+
+int cspawn_pidfd_open(int pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
 }

@@ -6,6 +6,7 @@ import Foundation
 ///     DIR/images   image blobs, scratch space, the image database
 ///     DIR/vms      the VM database, run directories (sockets, logs)
 ///     DIR/mnt      the store's FUSE mount
+///     DIR/store.sock, DIR/store.log  the storage process's control socket and log
 ///     DIR/keys.sqlite  API keys (hashed)
 ///
 /// The guest artifacts (kernel, initramfs, agent, the default image) are not data: they are
@@ -65,8 +66,13 @@ public struct DataLayout: Sendable {
         return (bin as NSString).deletingLastPathComponent + "/share/furcate/guest"
     }
 
+    /// The storage process's control socket (`furcate store serve`).
+    public var storeSocket: String { root + "/store.sock" }
+    /// The storage process's log (its stdout and stderr).
+    public var storeLog: String { root + "/store.log" }
+
     /// This process's executable, links resolved.
-    static var executable: String {
+    public static var executable: String {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             ?? (CommandLine.arguments.first ?? "")
     }

@@ -62,6 +62,28 @@ public final class QEMUProcess: Sendable {
         return QEMUProcess(pid: pid, config: config, qmp: qmp, logPath: logPath, exit: exit)
     }
 
+    /// Takes over a QEMU a previous server started (and left running when it crashed or was
+    /// stopped with its VMs kept running): its QMP socket accepts a new client once the old
+    /// one is gone. Its exit is seen through a pidfd; only its parent could read its status,
+    /// so `exitStatus` is then 0 when QEMU announced a guest-initiated shutdown, else
+    /// `QEMUProcess.unknownExit`.
+    /// - Throws: `.notFound` when `pid` is not running, `.timedOut`/`.io` when its QMP does not answer.
+    public static func adopt(pid: pid_t, config: MachineConfig, logPath: String, timeout: Duration = .seconds(10))
+        async throws -> QEMUProcess
+    {
+        let watch = try ExitWatch(pid)
+        let qmp = try await QMPClient(path: config.qmpSocket, deadline: .after(timeout)) { !watch.hasExited }
+        let exit = ExitTracker(watching: watch) {
+            guard let e = qmp.takeEvent(named: "SHUTDOWN") else { return unknownExit }
+            return e["data"]?["guest"]?.bool == true ? 0 : unknownExit
+        }
+        return QEMUProcess(pid: pid, config: config, qmp: qmp, logPath: logPath, exit: exit)
+    }
+
+    /// The exit status of an adopted QEMU that ended other than by a guest-initiated shutdown
+    /// (how, only its parent could tell).
+    public static let unknownExit: Int32 = -1
+
     private init(pid: pid_t, config: MachineConfig, qmp: QMPClient, logPath: String, exit: ExitTracker) {
         self.pid = pid
         self.config = config
@@ -104,45 +126,14 @@ public final class QEMUProcess: Sendable {
     // MARK: spawning
 
     private static func spawn(_ exe: String, _ args: [String], logPath: String) throws -> pid_t {
-        let argv: [UnsafeMutablePointer<CChar>?] = ([exe] + args).map { strdup($0) } + [nil]
-        defer { for a in argv { free(a) } }
-        let envp: [UnsafeMutablePointer<CChar>?] = [
-            strdup("PATH=/usr/local/bin:/usr/bin:/bin"), strdup("LANG=C.UTF-8"), nil,
-        ]
-        defer { for e in envp { free(e) } }
-
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        // POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSID (glibc values).
-        posix_spawnattr_setflags(&attr, Int16(0x04 | 0x08 | 0x80))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for s in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // Nothing else of ours: descriptors opened without O_CLOEXEC (the HTTP server's accepted
-        // connections among them) would otherwise live as long as the VM, holding connections
-        // open after the server closed them.
-        cspawn_addclosefrom(&actions, 3)
-
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, exe, &actions, &attr, argv, envp)
-        guard rc == 0 else {
+        do {
+            return try spawnDetached(
+                exe, args, environment: ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"], logPath: logPath)
+        } catch let e as FurcateError {
             throw FurcateError(
-                rc == ENOENT ? .notFound : .io, "cannot start QEMU (install qemu-system-x86 or set FURCATE_QEMU)",
-                path: exe, operation: "posix_spawn", errno: rc)
+                e.code, "cannot start QEMU (install qemu-system-x86 or set FURCATE_QEMU)", path: exe,
+                operation: "posix_spawn", errno: e.errno)
         }
-        return pid
     }
 
     /// The last lines of QEMU's log, for error messages.
@@ -160,19 +151,31 @@ final class ExitTracker: Sendable {
     }
     private let state = Mutex(State())
 
+    /// A process this one did not start: `status` says what its end means once its pidfd fires.
+    init(watching watch: ExitWatch, status: @escaping @Sendable () -> Int32) {
+        Task.detached { [self] in
+            await watch.wait()
+            finish(status())
+        }
+    }
+
     init(_ pid: pid_t) {
         let t = Thread { [self] in
             var status: Int32 = 0
             while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-            let waiters = state.withLock { st -> [CheckedContinuation<Int32, Never>] in
-                st.status = status
-                defer { st.waiters.removeAll() }
-                return st.waiters
-            }
-            for w in waiters { w.resume(returning: status) }
+            finish(status)
         }
         t.name = "qemu-reaper-\(pid)"
         t.start()
+    }
+
+    private func finish(_ status: Int32) {
+        let waiters = state.withLock { st -> [CheckedContinuation<Int32, Never>] in
+            st.status = status
+            defer { st.waiters.removeAll() }
+            return st.waiters
+        }
+        for w in waiters { w.resume(returning: status) }
     }
 
     var status: Int32? { state.withLock { $0.status } }

@@ -74,7 +74,7 @@ public struct ImageServiceOptions: Sendable {
 /// by every pull that resolves to it. Work runs on threads of its own, never on the actor.
 public actor ImageService {
     /// The store the rootfs files go into.
-    public nonisolated let store: BlockStore
+    public nonisolated let store: any StoreAccess
     /// What the service was made with.
     public nonisolated let options: ImageServiceOptions
     let cache: BlobCache
@@ -87,7 +87,7 @@ public actor ImageService {
     /// Opens (creating) the image directory and database, and removes what interrupted pulls
     /// left (scratch directories, half-imported store files).
     /// - Throws: when the directory or database cannot be used.
-    public init(store: BlockStore, options: ImageServiceOptions) throws {
+    public init(store: any StoreAccess, options: ImageServiceOptions) throws {
         self.store = store
         self.options = options
         try FileManager.default.createDirectory(atPath: options.directory + "/tmp", withIntermediateDirectories: true)
@@ -98,9 +98,9 @@ public actor ImageService {
         for d in (try? FileManager.default.contentsOfDirectory(atPath: options.directory + "/tmp")) ?? [] {
             try? FileManager.default.removeItem(atPath: options.directory + "/tmp/" + d)
         }
-        for f in (try? store.list()) ?? [] where f.name.hasPrefix(Self.tmpPrefix) { try? store.delete(f.name) }
+        for f in (try? store.listFiles()) ?? [] where f.name.hasPrefix(Self.tmpPrefix) { try? store.deleteFile(f.name) }
         // A record whose store file is gone (deleted behind our back) is dropped.
-        for (name, _) in records where (try? store.exists(name)) != true {
+        for (name, _) in records where (try? store.fileExists(name)) != true {
             records[name] = nil
             try? db.delete(name)
         }
@@ -128,7 +128,7 @@ public actor ImageService {
     /// Deletes an image's rootfs snapshot and record (VMs already made from it keep their disks).
     public func delete(_ key: String) throws {
         let r = try image(key)
-        if try store.exists(r.storeFile) { try store.delete(r.storeFile) }
+        if try store.fileExists(r.storeFile) { try store.deleteFile(r.storeFile) }
         try db.delete(r.storeFile)
         records[r.storeFile] = nil
     }
@@ -154,7 +154,7 @@ public actor ImageService {
         let resolved = try await source.resolve()
         progress(.resolved(digest: resolved.manifestDigest, layerSizes: resolved.layers.map(\.size)))
         let name = "image-" + resolved.manifestDigest.hex + (diskBytes.map { "-\($0 >> 20)m" } ?? "")
-        if var r = records[name], (try? store.exists(name)) == true {
+        if var r = records[name], (try? store.fileExists(name)) == true {
             progress(.reused)
             if !r.references.contains(ref.description) {
                 r.references.append(ref.description)
@@ -254,16 +254,12 @@ public actor ImageService {
             progress(.importing)
             let tmpName = Self.tmpPrefix + String(UInt64.random(in: 0...UInt64.max), radix: 36)
             do {
-                let f = try store.createFile(tmpName)
-                let fd = open(ext4, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else { throw FurcateError.system("open", errno: errno, path: ext4) }
-                defer { close(fd) }
-                try FileTransfer.importFile(fd: fd, path: ext4, into: f)
-                if try store.exists(name) { try store.delete(name) }
-                try store.snapshot(tmpName, as: name)
-                try store.delete(tmpName)
+                try store.importFile(tmpName, fromHostPath: ext4)
+                if try store.fileExists(name) { try store.deleteFile(name) }
+                try store.snapshotFile(tmpName, as: name)
+                try store.deleteFile(tmpName)
             } catch {
-                try? store.delete(tmpName)
+                try? store.deleteFile(tmpName)
                 throw error
             }
             return ImageRecord(

@@ -22,7 +22,7 @@ extension VMService {
     @discardableResult
     public func setSnapshotCompression(_ id: String, _ c: SnapshotCompression) async throws -> SnapshotInfo {
         var s = try snapshotInfo(id)
-        let codec = try c.codec(fallback: store.defaultCodec)
+        let codec = try c.codec(fallback: try store.defaultCodec)
         await stopCompression(id)
         s.compression = c
         s.compressionState = .compressing
@@ -37,7 +37,7 @@ extension VMService {
             do {
                 result = .success(
                     try await onThread("compress-\(id)") {
-                        try store.recompress(file, codec: codec) { flag.isCancelled }
+                        try store.recompressFile(file, codec: codec) { flag.isCancelled }
                     })
             } catch {
                 result = .failure(error)

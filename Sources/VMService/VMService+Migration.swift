@@ -9,13 +9,16 @@ import Hypervisor
 
 // Device state moves between QEMU and the store over a unix socket in the VM's run
 // directory: QEMU writes its migration stream to us (snapshot) or reads it from us (restore),
-// and we move the bytes straight between the socket and a store file through the store API.
-// No helper process (QEMU's `exec:` would fork a shell and `cat` per snapshot and restore,
-// and need the sandbox to allow spawning), and no round trip through the FUSE mount.
+// and we move the bytes between the socket and the store file through the mount (the store
+// itself may live in another process: see StoreAccess). No helper process: QEMU's `exec:`
+// would fork a shell and `cat` per snapshot and restore, and need the sandbox to allow it.
 extension VMService {
-    /// Has QEMU migrate to a socket we listen on and writes the stream into `file`.
-    /// Returns the stream's length. The caller has stopped the VM and set capabilities.
-    func saveStream(_ p: QEMUProcess, _ vm: VMInfo, into file: StoreFile) async throws -> Int {
+    /// Has QEMU migrate to a socket we listen on and writes the stream into the new store
+    /// file `name` (made here, synced when the stream ends). Returns the stream's length. The
+    /// caller has stopped the VM and set capabilities.
+    func saveStream(_ p: QEMUProcess, _ vm: VMInfo, into name: String) async throws -> Int {
+        try store.makeFile(name, blockSize: nil, size: 0)
+        let file = try MountedFile(path(file: name), writable: true)
         let sock = runDirectory(vm.id) + "/migrate.sock"
         let listener = try UnixSocket.listen(sock)
         defer {
@@ -48,7 +51,8 @@ extension VMService {
     }
 
     /// Has a QEMU waiting in `-incoming defer` listen on a socket and sends it `file`.
-    func loadStream(_ p: QEMUProcess, _ vm: VMInfo, from file: StoreFile) async throws {
+    func loadStream(_ p: QEMUProcess, _ vm: VMInfo, from name: String) async throws {
+        let file = try MountedFile(path(snapshot: name), writable: false)
         let sock = runDirectory(vm.id) + "/migrate.sock"
         unlink(sock)
         defer { unlink(sock) }
@@ -57,7 +61,7 @@ extension VMService {
         try await onThread("migrate-out-\(vm.id)") {
             let fd = try UnixSocket.connect(sock, deadline: .now + .seconds(10), alive: alive)
             defer { close(fd) }
-            let size = file.size
+            let size = try file.size()
             let chunk = 1 << 20
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
             defer { buf.deallocate() }
@@ -74,4 +78,41 @@ extension VMService {
         }
         try await waitForIncoming(p, vm.id)
     }
+}
+
+/// A store file opened through the mount, for moving a device-state stream.
+final class MountedFile: Sendable {
+    let fd: Int32
+    let path: String
+
+    init(_ path: String, writable: Bool) throws {
+        self.path = path
+        fd = try syscall("open", path: path) { open(path, (writable ? O_WRONLY : O_RDONLY) | O_CLOEXEC) }
+    }
+
+    deinit { close(fd) }
+
+    func write(_ chunk: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        var done = 0
+        while done < chunk.count {
+            let n = try syscall("pwrite", path: path) {
+                pwrite(
+                    fd, UnsafeRawBufferPointer(rebasing: chunk[done...]).baseAddress, chunk.count - done,
+                    off_t(offset) + off_t(done))
+            }
+            done += n
+        }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        try syscall("pread", path: path) { pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    func size() throws -> UInt64 {
+        var st = stat()
+        _ = try syscall("fstat", path: path) { fstat(fd, &st) }
+        return UInt64(st.st_size)
+    }
+
+    func sync() throws { _ = try syscall("fsync", path: path) { fsync(fd) } }
 }

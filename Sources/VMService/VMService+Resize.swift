@@ -16,7 +16,7 @@ extension VMService {
                 throw FurcateError(
                     .invalidState, "VM \(id) is \(vm.state.rawValue); only a running VM's disk is resized")
             }
-            let old = try store.file(vm.diskFile).size
+            let old = try store.fileSize(vm.diskFile)
             guard bytes >= old else {
                 throw FurcateError(
                     .invalidArgument, "the disk is \(old >> 20) MiB; it can grow, not shrink (asked \(bytes >> 20) MiB)"
@@ -70,17 +70,7 @@ extension VMService {
     }
 
     /// Bytes of `name` that hold data (not holes).
-    func allocatedBytes(_ name: String) throws -> UInt64 {
-        let f = try store.file(name)
-        var total: UInt64 = 0
-        var at: UInt64 = 0
-        while let start = try f.nextData(from: at) {
-            let end = try f.nextHole(from: start)
-            total += end - start
-            at = end
-        }
-        return total
-    }
+    func allocatedBytes(_ name: String) throws -> UInt64 { try store.allocatedBytes(name) }
 }
 
 extension VMService {
@@ -88,7 +78,7 @@ extension VMService {
     public func snapshotStoredBytes(_ id: String) throws -> UInt64 {
         let s = try snapshotInfo(id)
         var total: UInt64 = 0
-        for f in [s.memoryFile, s.diskFile, s.stateFile] where (try? store.exists(f)) == true {
+        for f in [s.memoryFile, s.diskFile, s.stateFile] where (try? store.fileExists(f)) == true {
             total += try allocatedBytes(f)
         }
         return total
@@ -99,7 +89,9 @@ extension VMService {
     public func vmStoredBytes(_ id: String) throws -> UInt64 {
         let vm = try info(id)
         var total: UInt64 = 0
-        for f in [vm.diskFile, vm.memoryFile] where (try? store.exists(f)) == true { total += try allocatedBytes(f) }
+        for f in [vm.diskFile, vm.memoryFile] where (try? store.fileExists(f)) == true {
+            total += try allocatedBytes(f)
+        }
         if let s = vm.suspendedSnapshot { total += (try? snapshotStoredBytes(s)) ?? 0 }
         return total
     }

@@ -36,7 +36,7 @@ extension VMService {
     /// The pool a restore of `snap` in `mode` takes from, if any: mode a, RAM not in the stream.
     func poolShape(for snap: SnapshotInfo, mode: MemoryMode) -> PoolShape? {
         guard options.warmPoolSize > 0, mode == .shared, !snap.ramInStream,
-            let disk = try? store.file(snap.diskFile).size
+            let disk = try? store.fileSize(snap.diskFile)
         else {
             return nil
         }
@@ -92,9 +92,8 @@ extension VMService {
             parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
             createdAt: Date().timeIntervalSince1970)
         do {
-            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
-            try mem.truncate(to: UInt64(shape.memoryMiB) << 20)
-            try store.createFile(vm.diskFile).truncate(to: shape.diskBytes)
+            try store.makeFile(vm.memoryFile, blockSize: options.memoryBlockSize, size: UInt64(shape.memoryMiB) << 20)
+            try store.makeFile(vm.diskFile, blockSize: nil, size: shape.diskBytes)
             let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: true)
             return PoolEntry(id: vm.id, process: p)
         } catch {
@@ -115,18 +114,18 @@ extension VMService {
     private func discardPooled(_ e: PoolEntry) async {
         await e.process.kill()
         tearDown(e.id)
-        for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.delete(f) }
+        for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.deleteFile(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(e.id))
     }
 
     /// Store files named for VMs the database does not know: pool entries or half-made VMs of
     /// a server that died. Removed at start.
     func removeOrphanFiles() {
-        guard let names = try? store.list().map(\.name) else { return }
+        guard let names = try? store.listFiles().map(\.name) else { return }
         for n in names where n.hasPrefix("vm-") {
             let id = String(n.dropFirst(3).prefix(20))
             if vms[id] == nil {
-                try? store.delete(n)
+                try? store.deleteFile(n)
                 try? FileManager.default.removeItem(atPath: runDirectory(id))
             }
         }

@@ -136,7 +136,7 @@ public struct ForkResult: Sendable {
 /// operations on different VMs run concurrently.
 public actor VMService {
     /// The store VMs' disks and memory live in.
-    public nonisolated let store: BlockStore
+    public nonisolated let store: any StoreAccess
     /// What the service was made with.
     public nonisolated let options: VMServiceOptions
     let db: VMDatabase
@@ -171,7 +171,7 @@ public actor VMService {
 
     /// Opens (or creates) the VM database in `options.dataDirectory`.
     /// - Throws: `.io` when the data directory or database cannot be used.
-    public init(store: BlockStore, options: VMServiceOptions) throws {
+    public init(store: any StoreAccess, options: VMServiceOptions) throws {
         self.store = store
         self.options = options
         capacity = options.capacity ?? .host(accelerator: options.accelerator)
@@ -342,7 +342,7 @@ public actor VMService {
         guard (1...64).contains(vcpus) else {
             throw FurcateError(.invalidArgument, "vCPUs must be 1 to 64, not \(vcpus)")
         }
-        _ = try store.file(image)  // .notFound before anything is made
+        _ = try store.fileSize(image)  // .notFound before anything is made
         let demand = VMCapacity.Demand(vcpus: vcpus, memoryMiB: memoryMiB)
         try admit(demand, operation: "booting a VM")
         defer { settle(demand) }
@@ -353,7 +353,7 @@ public actor VMService {
             parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
             createdAt: Date().timeIntervalSince1970)
         do {
-            try store.clone(image, to: vm.diskFile)
+            try store.cloneFile(image, to: vm.diskFile)
             try await coldBoot(&vm, slot: slot)
             logger.info(
                 "booted",
@@ -373,8 +373,7 @@ public actor VMService {
     /// running; the boot slot is released once its agent first answers. The caller undoes
     /// what is left when this throws (and releases the slot then).
     private func coldBoot(_ vm: inout VMInfo, slot: HostSlots.Slot) async throws {
-        let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
-        try mem.truncate(to: UInt64(vm.memoryMiB) << 20)
+        try store.makeFile(vm.memoryFile, blockSize: options.memoryBlockSize, size: UInt64(vm.memoryMiB) << 20)
         let p = try await launch(vm, memoryPath: path(file: vm.memoryFile), shared: true, incoming: false)
         try await p.resume()
         vm.pid = p.pid
@@ -405,14 +404,14 @@ public actor VMService {
                     "VM \(id) is \(vm.state.rawValue); only a stopped or lost VM boots again (a suspended one resumes)",
                     operation: "start")
             }
-            guard try store.exists(vm.diskFile) else {
+            guard try store.fileExists(vm.diskFile) else {
                 throw FurcateError(.notFound, "VM \(id) has no disk left to boot from", operation: "start")
             }
             let demand = VMCapacity.Demand(vcpus: vm.vcpus, memoryMiB: vm.memoryMiB)
             try admit(demand, operation: "starting a VM")
             defer { settle(demand) }
             let slot = try await bootSlots.acquire()
-            try? store.delete(vm.memoryFile)  // a lost VM's RAM: moot once it boots afresh
+            try? store.deleteFile(vm.memoryFile)  // a lost VM's RAM: moot once it boots afresh
             vm.memoryMode = .shared
             vm.lostReason = nil
             vm.paused = false
@@ -422,7 +421,7 @@ public actor VMService {
             } catch {
                 slot.release()
                 if let p = instances[id]?.process { await end(id, p, graceful: false) }
-                try? store.delete(vm.memoryFile)
+                try? store.deleteFile(vm.memoryFile)
                 var back = before
                 back.pid = nil
                 if back.state == .lost { back.lostReason = "starting it again failed (\(error)); its disk is kept" }
@@ -524,22 +523,22 @@ public actor VMService {
         var made: [String] = []
         do {
             try await p.pause()
-            if try store.exists(tmpState) { try store.delete(tmpState) }
+            if try store.fileExists(tmpState) { try store.deleteFile(tmpState) }
             try await p.prepareMigration(ignoreShared: !snap.ramInStream)
-            snap.deviceStateBytes = try await saveStream(p, vm, into: store.createFile(tmpState))
+            snap.deviceStateBytes = try await saveStream(p, vm, into: tmpState)
             if !snap.ramInStream {
                 // RAM pages the guest dirtied live in the kernel's page cache of the mount:
                 // fsync writes them back through FUSE into the store file and syncs it.
                 try fsyncThroughMount(path(file: vm.memoryFile))
-                try store.snapshot(vm.memoryFile, as: snap.memoryFile)
+                try store.snapshotFile(vm.memoryFile, as: snap.memoryFile)
                 made.append(snap.memoryFile)
             }
             try fsyncThroughMount(path(file: vm.diskFile))
-            try store.snapshot(vm.diskFile, as: snap.diskFile)
+            try store.snapshotFile(vm.diskFile, as: snap.diskFile)
             made.append(snap.diskFile)
-            try store.snapshot(tmpState, as: snap.stateFile)
+            try store.snapshotFile(tmpState, as: snap.stateFile)
             made.append(snap.stateFile)
-            try store.delete(tmpState)
+            try store.deleteFile(tmpState)
             try db.save(snap)
             snapshots[snap.id] = snap
             if resume { try? await p.resume() }  // a dead QEMU is seen by its exit watcher
@@ -552,7 +551,7 @@ public actor VMService {
                 ])
             return snap
         } catch {
-            for f in made + [tmpState] { try? store.delete(f) }
+            for f in made + [tmpState] { try? store.deleteFile(f) }
             if resume { try? await p.resume() }  // a failed snapshot leaves the VM running
             throw error
         }
@@ -673,18 +672,17 @@ public actor VMService {
         }
         if let pooled {
             // A waiting QEMU has these two files open, empty: give them the snapshot's contents.
-            try store.replaceContents(of: store.file(vm.diskFile), with: store.file(snap.diskFile))
-            try store.replaceContents(of: store.file(vm.memoryFile), with: store.file(snap.memoryFile))
+            try store.replaceFileContents(of: vm.diskFile, with: snap.diskFile)
+            try store.replaceFileContents(of: vm.memoryFile, with: snap.memoryFile)
             t.storeClone = lap()
             return try await finishRestore(&vm, snap, pooled.process, t, lap, newIdentity: newIdentity)
         }
-        try store.clone(snap.diskFile, to: vm.diskFile)
+        try store.cloneFile(snap.diskFile, to: vm.diskFile)
         let memoryPath: String
         if snap.ramInStream {
             // The stream fills a fresh (sparse) memory file; no base to map privately.
             vm.memoryMode = .shared
-            let mem = try store.createFile(vm.memoryFile, blockSize: options.memoryBlockSize)
-            try mem.truncate(to: UInt64(vm.memoryMiB) << 20)
+            try store.makeFile(vm.memoryFile, blockSize: options.memoryBlockSize, size: UInt64(vm.memoryMiB) << 20)
             memoryPath = path(file: vm.memoryFile)
         } else {
             memoryPath = try await memoryForRestore(vm, snap)
@@ -702,7 +700,7 @@ public actor VMService {
     ) async throws -> RestoreTiming {
         var t = timing
         try await p.prepareMigration(ignoreShared: !snap.ramInStream)
-        try await loadStream(p, vm, from: store.file(snap.stateFile))
+        try await loadStream(p, vm, from: snap.stateFile)
         t.migrateIncoming = lap()
         // QEMU resumed the guest as the load completed (RESUME comes before the MIGRATION
         // `completed` event), unless the stream says the VM was paused when it was saved.
@@ -779,12 +777,12 @@ public actor VMService {
     private func memoryForRestore(_ vm: VMInfo, _ snap: SnapshotInfo) async throws -> String {
         switch vm.memoryMode {
         case .shared:
-            try store.clone(snap.memoryFile, to: vm.memoryFile)
+            try store.cloneFile(snap.memoryFile, to: vm.memoryFile)
             return path(file: vm.memoryFile)
         case .privateBase:
             try await baseLock.withLock {
-                if try !store.exists(snap.privateBaseFile) {
-                    try store.clone(snap.memoryFile, to: snap.privateBaseFile)
+                if try !store.fileExists(snap.privateBaseFile) {
+                    try store.cloneFile(snap.memoryFile, to: snap.privateBaseFile)
                 }
             }
             return path(file: snap.privateBaseFile)
@@ -826,8 +824,8 @@ public actor VMService {
                 throw error
             }
             await end(id, p, graceful: false)
-            try? store.delete(vm.memoryFile)
-            try? store.delete(vm.diskFile)
+            try? store.deleteFile(vm.memoryFile)
+            try? store.deleteFile(vm.diskFile)
             vm.suspendedSnapshot = snap.id
             vm.pid = nil
             try setState(&vm, .suspended)
@@ -857,8 +855,8 @@ public actor VMService {
                 return (vm, t)
             } catch {
                 if let p = instances[id]?.process { await end(id, p, graceful: false) }
-                try? store.delete(vm.memoryFile)
-                try? store.delete(vm.diskFile)
+                try? store.deleteFile(vm.memoryFile)
+                try? store.deleteFile(vm.diskFile)
                 vm.pid = nil
                 try? setState(&vm, .suspended)
                 throw error
@@ -886,11 +884,11 @@ public actor VMService {
             if let p = instances[id]?.process { await end(id, p, graceful: graceful) }
             if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] {
                 // A suspended VM's disk lives in its snapshot: keep it as the stopped disk.
-                if try !store.exists(vm.diskFile) { try store.clone(snap.diskFile, to: vm.diskFile) }
+                if try !store.fileExists(vm.diskFile) { try store.cloneFile(snap.diskFile, to: vm.diskFile) }
                 try? deleteSnapshotFiles(snap)
                 vm.suspendedSnapshot = nil
             }
-            try? store.delete(vm.memoryFile)
+            try? store.deleteFile(vm.memoryFile)
             vm.pid = nil
             vm.paused = false
             vm.resumeOnStart = false
@@ -907,7 +905,7 @@ public actor VMService {
             let vm = try info(id)
             if let p = instances[id]?.process { await end(id, p, graceful: false) }
             if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] { try? deleteSnapshotFiles(snap) }
-            for f in [vm.memoryFile, vm.diskFile] where (try? store.exists(f)) == true { try store.delete(f) }
+            for f in [vm.memoryFile, vm.diskFile] where (try? store.fileExists(f)) == true { try store.deleteFile(f) }
             try? FileManager.default.removeItem(atPath: runDirectory(id))
             try db.deleteVM(id)
             vms[id] = nil
@@ -923,8 +921,8 @@ public actor VMService {
     }
 
     private func deleteSnapshotFiles(_ s: SnapshotInfo) throws {
-        for f in [s.memoryFile, s.diskFile, s.stateFile, s.privateBaseFile] where (try? store.exists(f)) == true {
-            try store.delete(f)
+        for f in [s.memoryFile, s.diskFile, s.stateFile, s.privateBaseFile] where (try? store.fileExists(f)) == true {
+            try store.deleteFile(f)
         }
         try db.deleteSnapshot(s.id)
         snapshots[s.id] = nil
@@ -932,26 +930,43 @@ public actor VMService {
 
     // MARK: server lifecycle
 
-    /// At start: every QEMU a previous server left running for this data directory is ended
-    /// (a VM's, whose RAM lived on that server's mount, and a pooled one, which no record
-    /// names); VMs whose QEMU belonged to a previous server are lost, and VMs suspended at its
-    /// shutdown are resumed. Returns the ids resumed.
+    /// At start: a VM recorded running whose QEMU a previous server left running (it crashed,
+    /// or stopped with its VMs kept running) is taken over, still running; every other QEMU
+    /// left for this data directory is ended (a pooled one, which no record names, or one
+    /// whose VM was mid-operation); VMs whose QEMU is gone or was ended are lost, and VMs
+    /// suspended at a graceful shutdown are resumed. Returns the ids resumed or taken over.
     @discardableResult
     public func recover() async -> [String] {
-        for (pid, id) in leftoverQEMUs() where instances[id] == nil {
+        let leftovers = leftoverQEMUs()
+        var resumed: [String] = []
+        for vm in vms.values where vm.state == .running && instances[vm.id] == nil {
+            guard let pid = vm.pid, leftovers.contains(where: { $0.pid == pid && $0.id == vm.id }) else { continue }
+            do {
+                try await adopt(vm, pid: pid)
+                resumed.append(vm.id)
+                logger.notice("took over a running VM", metadata: ["vm.id": "\(vm.id)", "vm.pid": "\(pid)"])
+            } catch {
+                logger.error(
+                    "cannot take over a running VM's QEMU; ending it",
+                    metadata: ["vm.id": "\(vm.id)", "vm.pid": "\(pid)", "error": "\(error)"])
+            }
+        }
+        for (pid, id) in leftovers where instances[id] == nil {
             Glibc.kill(pid, SIGKILL)
             logger.warning(
                 "ended a QEMU a previous server left running", metadata: ["vm.id": "\(id)", "vm.pid": "\(pid)"])
         }
         removeOrphanFiles()
-        var resumed: [String] = []
-        for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) {
+        for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) where instances[vm.id] == nil {
             switch vm.state {
             case .running, .starting, .suspending, .building:
                 vm.pid = nil
                 vm.lostReason =
-                    "the server stopped without suspending it, so its memory is gone; its disk is kept as the store"
-                    + " last had it, and start boots it again"
+                    vm.state == .running
+                    ? "its QEMU was gone when the server started again, so its memory is gone; its disk keeps what"
+                        + " the guest had written, and start boots it again"
+                    : "the server stopped while it was \(vm.state.rawValue), so its memory is gone; its disk is kept"
+                        + " as the store last had it, and start boots it again"
                 try? setState(&vm, .lost)
                 logger.warning("VM lost across a restart", metadata: ["vm.id": "\(vm.id)"])
             case .suspended where vm.resumeOnStart:
@@ -966,6 +981,39 @@ public actor VMService {
             }
         }
         return resumed
+    }
+
+    /// Lets go of every running VM without ending it, for the next server to take over
+    /// (`furcate serve --keep-vms-running`): pooled QEMUs are ended (nobody would adopt them),
+    /// then each VM's agent and QMP connections close and its exit stops being watched here.
+    /// Running VMs stay recorded running with their pids.
+    public func detachAll() async {
+        poolGate = .closed
+        await drainWarmPool()
+        for id in Array(instances.keys) {
+            guard let instance = tearDown(id) else { continue }
+            instance.process.qmp.close()
+            logger.info("left running for the next server", metadata: ["vm.id": "\(id)"])
+        }
+    }
+
+    /// The storage process serving every VM's disk and RAM ended (`reason` says how): each
+    /// QEMU left is ended (its files are gone from under it) and its VM is lost, keeping its
+    /// disk as the store last synced it; start boots it again once a storage process runs.
+    /// Pooled QEMUs are ended too.
+    public func storageEnded(_ reason: String) async {
+        await drainWarmPool()
+        for (id, instance) in instances {
+            tearDown(id)
+            await instance.process.kill()
+            cleanRunDirectory(id)
+            guard var vm = vms[id], vm.state == .running else { continue }
+            vm.pid = nil
+            vm.lostReason =
+                reason + "; its memory is gone, its disk keeps what the guest had synced, and start boots it again"
+            try? setState(&vm, .lost)
+            logger.error("VM lost with the storage process", metadata: ["vm.id": "\(id)"])
+        }
     }
 
     /// Graceful server shutdown: every running VM is suspended (so its RAM, disk and device
@@ -1014,9 +1062,9 @@ public actor VMService {
             id: VMID.newVM(), state: .stopped, memoryMiB: s.memoryMiB, vcpus: s.vcpus, memoryMode: .shared,
             parentSnapshot: s.id,
             suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
-        try store.clone(s.diskFile, to: vm.diskFile)
+        try store.cloneFile(s.diskFile, to: vm.diskFile)
         do { try record(vm) } catch {
-            try? store.delete(vm.diskFile)
+            try? store.deleteFile(vm.diskFile)
             throw error
         }
         return vm
@@ -1038,10 +1086,9 @@ public actor VMService {
     nonisolated func path(file name: String) -> String { options.mountpoint + "/files/" + name }
     nonisolated func path(snapshot name: String) -> String { options.mountpoint + "/snapshots/" + name }
 
-    /// Spawns QEMU for `vm` and watches for its exit.
-    func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
+    /// The machine `vm` runs as: its files, sockets and shape.
+    nonisolated func machineConfig(_ vm: VMInfo, memoryPath: String, shared: Bool) -> MachineConfig {
         let run = runDirectory(vm.id)
-        try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var config = MachineConfig(
             memoryPath: memoryPath, kernel: options.guestDirectory + "/vmlinuz",
             initrd: options.guestDirectory + "/initrd.img",
@@ -1053,18 +1100,48 @@ public actor VMService {
         config.accelerator = options.accelerator
         if options.debugShell { config.shellSocket = run + "/shell.sock" }
         config.network = options.network
+        return config
+    }
+
+    /// Spawns QEMU for `vm` and watches for its exit.
+    func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
+        let run = runDirectory(vm.id)
+        try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        let config = machineConfig(vm, memoryPath: memoryPath, shared: shared)
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }
         let p = try await QEMUProcess.launch(
             config, incoming: incoming, binary: options.qemuBinary, logPath: run + "/qemu.log",
             readyTimeout: options.startTimeout)
-        instances[vm.id] = VMInstance(process: p)
+        watch(vm.id, p)
+        return p
+    }
+
+    /// `p` becomes `id`'s runtime; its exit is seen by `processExited`.
+    private func watch(_ id: String, _ p: QEMUProcess) {
+        instances[id] = VMInstance(process: p)
         Task { [weak self] in
             let status = await p.waitForExit()
-            await self?.processExited(vm.id, p, status: status)
+            await self?.processExited(id, p, status: status)
         }
-        return p
+    }
+
+    /// Takes over the QEMU (pid `pid`) a previous server left running for `vm`: QMP again,
+    /// the guest running (a crash mid-snapshot or mid-suspend left it paused), the agent
+    /// reconnected on first use. The guest's RAM and disk never left the storage process.
+    private func adopt(_ vm: VMInfo, pid: Int32) async throws {
+        // The sockets and shape are what a running QEMU is driven by; its memory file stays
+        // whatever it mapped at its start.
+        let config = machineConfig(vm, memoryPath: path(file: vm.memoryFile), shared: vm.memoryMode == .shared)
+        let p = try await QEMUProcess.adopt(pid: pid, config: config, logPath: runDirectory(vm.id) + "/qemu.log")
+        do {
+            if try await p.runStatus() != "running" { try await p.resume() }
+        } catch {
+            await p.kill()
+            throw error
+        }
+        watch(vm.id, p)
     }
 
     /// A QEMU exited. When nobody ended it on purpose, its VM is stopped (the guest powered
@@ -1078,7 +1155,7 @@ public actor VMService {
         if !clean { vm.lostReason = Self.lostReason(exitStatus: status) }
         try? setState(&vm, clean ? .stopped : .lost)
         cleanRunDirectory(id)
-        if clean { try? store.delete(vm.memoryFile) }
+        if clean { try? store.deleteFile(vm.memoryFile) }
         logger.warning(
             "QEMU exited by itself",
             metadata: ["vm.id": "\(id)", "vm.state": "\(vm.state.rawValue)", "qemu.status": "\(status)"])
@@ -1088,11 +1165,13 @@ public actor VMService {
     static func lostReason(exitStatus status: Int32) -> String {
         let signal = status & 0x7f
         let how =
-            signal == 0
-            ? "QEMU exited with status \((status >> 8) & 0xff)"
-            : signal == SIGKILL
-                ? "QEMU was killed (SIGKILL: the kernel's OOM killer, or another process)"
-                : "QEMU ended on signal \(signal)"
+            status == QEMUProcess.unknownExit
+            ? "QEMU ended (it was taken over from a previous server, so how is not known)"
+            : signal == 0
+                ? "QEMU exited with status \((status >> 8) & 0xff)"
+                : signal == SIGKILL
+                    ? "QEMU was killed (SIGKILL: the kernel's OOM killer, or another process)"
+                    : "QEMU ended on signal \(signal)"
         return how + "; its memory is gone, its disk keeps what the guest had written, and start boots it again"
     }
 
@@ -1148,7 +1227,7 @@ public actor VMService {
     /// Removes everything a failed create or restore made.
     func discardFailed(_ vm: VMInfo) async {
         if let p = instances[vm.id]?.process { await end(vm.id, p, graceful: false) }
-        for f in [vm.memoryFile, vm.diskFile] { try? store.delete(f) }
+        for f in [vm.memoryFile, vm.diskFile] { try? store.deleteFile(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
         try? db.deleteVM(vm.id)
         vms[vm.id] = nil

@@ -9,6 +9,7 @@ import FurcateEngine
 import GuestAgentProtocol
 import Images
 import StoreFS
+import StoreServer
 import Synchronization
 import VMService
 
@@ -16,12 +17,19 @@ import VMService
     import Glibc
 #endif
 
-/// The engine in this process, over a data directory: store, mount, images, VMs, builds.
-/// (`furcate serve` runs the same parts as services.)
+/// Where a `LocalEngine`'s store lives.
+enum StoreHost {
+    /// In this process, with its mount on a thread of ours (the CLI's one-shot commands).
+    case inProcess(BlockStore, BackgroundMount)
+    /// In the data directory's storage process (`furcate serve`): it outlives this one.
+    case storageProcess(StorageProcess)
+}
+
+/// The engine over a data directory: store, mount, images, VMs, builds. (`furcate serve` runs
+/// the same parts as services, with the store in the storage process.)
 final class LocalEngine: @unchecked Sendable {
     let layout: DataLayout
-    let store: BlockStore
-    let mount: BackgroundMount
+    let host: StoreHost
     let images: ImageService
     let vms: VMService
     let builds: BuildService
@@ -29,7 +37,12 @@ final class LocalEngine: @unchecked Sendable {
     /// - Parameter warmPool: QEMUs kept waiting per machine shape (0: none).
     /// - Parameter capacity: guest vCPUs and memory admitted at once (nil: the host's default).
     /// - Parameter concurrentBoots: cold boots at once on the host (nil: the host's default).
-    init(_ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil) throws {
+    /// - Parameter storageProcess: use (starting it when none runs) the data directory's
+    ///   storage process instead of opening the store here.
+    init(
+        _ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil,
+        storageProcess: Bool = false
+    ) throws {
         guard geteuid() == 0 else {
             throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root")
         }
@@ -41,14 +54,29 @@ final class LocalEngine: @unchecked Sendable {
                 "no guest agent in \(l.guestCandidates.joined(separator: " or ")): run scripts/setup.sh first "
                     + "(or set FURCATE_GUEST_DIR to where the guest artifacts are)")
         }
-        store = try data.openOrCreateStore()
-        do {
-            try FileManager.default.createDirectory(atPath: l.mountpoint, withIntermediateDirectories: true)
-            mount = try StoreFS(store: store, mountpoint: l.mountpoint).startInBackground()
-        } catch {
-            store.close()
-            throw error
+        try FileManager.default.createDirectory(atPath: l.root, withIntermediateDirectories: true)
+        if storageProcess {
+            // The data directory on its command line: `ps` (and the tests) see whose it is.
+            let args = ["store", "serve", "--data", l.root]
+            host = .storageProcess(
+                try StorageProcess.attachOrStart(
+                    socketPath: l.storeSocket, executable: DataLayout.executable, arguments: args,
+                    logPath: l.storeLog))
+        } else {
+            let store = try data.openOrCreateStore()
+            do {
+                try FileManager.default.createDirectory(atPath: l.mountpoint, withIntermediateDirectories: true)
+                host = .inProcess(store, try StoreFS(store: store, mountpoint: l.mountpoint).startInBackground())
+            } catch {
+                store.close()
+                throw error
+            }
         }
+        let store: any StoreAccess =
+            switch host {
+            case .inProcess(let s, _): s
+            case .storageProcess(let p): p.client
+            }
         do {
             images = try ImageService(
                 store: store, options: ImageServiceOptions(directory: l.images, agentPath: l.agent))
@@ -60,8 +88,7 @@ final class LocalEngine: @unchecked Sendable {
             builds = try BuildService(
                 images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {
-            mount.stop()
-            store.close()
+            Self.release(host, stopStorage: false)
             throw error
         }
     }
@@ -75,11 +102,27 @@ final class LocalEngine: @unchecked Sendable {
             defaultImage: layout.guest + "/debian-12-systemd.tar", quotaBytes: quotaBytes)
     }
 
-    /// Ends VMs this process started, unmounts, closes the store.
-    func close(deleting vmIDs: [String]) async {
+    /// Ends VMs this process started, then unmounts and closes the store (in this process) or
+    /// lets go of the storage process (stopping it when `stopStorage`: it then unmounts and
+    /// closes the store itself).
+    func close(deleting vmIDs: [String], stopStorage: Bool = true) async {
         for id in vmIDs { try? await vms.delete(id) }
-        mount.stop()
-        store.close()
+        if case .storageProcess(let p) = host, stopStorage {
+            await p.stop()
+            return
+        }
+        Self.release(host, stopStorage: false)
+    }
+
+    private static func release(_ host: StoreHost, stopStorage: Bool) {
+        switch host {
+        case .inProcess(let store, let mount):
+            mount.stop()
+            store.close()
+        case .storageProcess(let p):
+            if stopStorage { try? p.client.shutdown() }
+            p.client.disconnect()
+        }
     }
 
     /// SIGINT/SIGTERM end the command cleanly (VMs deleted, store unmounted) with status 130.

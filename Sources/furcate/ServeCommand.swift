@@ -6,6 +6,7 @@ import FurcateCore
 import FurcateEngine
 import Logging
 import ServiceLifecycle
+import StoreServer
 import VMService
 
 /// `furcate serve`: the engine over a data directory and the HTTP API, until SIGTERM/SIGINT.
@@ -49,6 +50,12 @@ struct ServeCommand: ParsableCommand {
             "Cold boots under way at once on this host, shared with every other furcate process; later ones wait their turn (default: one per core under TCG, two under KVM)."
     )
     var concurrentBoots: Int?
+    @Flag(
+        name: .customLong("keep-vms-running"),
+        help:
+            "At SIGTERM/SIGINT leave running VMs running, and the storage process serving their files, for the next furcate serve to take over (an upgrade without stopping VMs); default: suspend them into the store and stop the storage process."
+    )
+    var keepVMsRunning = false
 
     func validate() throws {
         guard (1...65535).contains(port) else { throw ValidationError("--port must be 1 to 65535, not \(port)") }
@@ -78,10 +85,11 @@ struct ServeCommand: ParsableCommand {
         var capacity = VMCapacity.host(accelerator: .detect())
         if let v = maxVCPUs { capacity.vcpus = v }
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
-        let concurrentBoots = concurrentBoots
+        let (concurrentBoots, keep) = (concurrentBoots, keepVMsRunning)
         try runBlocking { [capacity] in
             let logger = Logger(label: "furcate.serve")
-            let engine = try LocalEngine(data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots)
+            let engine = try LocalEngine(
+                data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots, storageProcess: true)
             let l = engine.layout
             let group: ServiceGroup
             do {
@@ -104,14 +112,20 @@ struct ServeCommand: ParsableCommand {
                 FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")
                 // Stopped in reverse order at SIGTERM/SIGINT: the HTTP server, the policies, the
                 // warm pool, the VMs (running ones are suspended into the store and resumed by the
-                // next `furcate serve`), then the mount and the store.
-                let services: [any Service] = [
-                    EnginePart(name: "store") { await engine.close(deleting: []) },
-                    EnginePart(name: "vms") { await engine.vms.shutdown() },
+                // next `furcate serve`; with --keep-vms-running they go on running), then the
+                // storage process (left serving with --keep-vms-running).
+                var services: [any Service] = [
+                    EnginePart(name: "store") { await engine.close(deleting: [], stopStorage: !keep) },
+                    EnginePart(name: "vms") {
+                        if keep { await engine.vms.detachAll() } else { await engine.vms.shutdown() }
+                    },
                     EnginePart(name: "warm-pool") { await engine.vms.drainWarmPool() },
                     PolicyService(engine: api),
                     app,
                 ]
+                if case .storageProcess(let storage) = engine.host {
+                    services.append(StorageWatch(storage: storage, vms: engine.vms, logger: logger))
+                }
                 group = ServiceGroup(
                     configuration: .init(
                         services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
@@ -134,5 +148,31 @@ struct EnginePart: Service {
     func run() async throws {
         try? await gracefulShutdown()
         await stop()
+    }
+}
+
+/// Watches the storage process while the server runs: when it ends (killed, crashed), the VMs
+/// on its files are lost (reported, restartable from their last synced disk) and a new one is
+/// started, so that start boots them again. Ends at graceful shutdown.
+struct StorageWatch: Service {
+    let storage: StorageProcess
+    let vms: VMService
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            do { try await cancelWhenGracefulShutdown { try await storage.waitForExit() } } catch { return }
+            guard !Task.isShuttingDownGracefully, storage.hasExited else { return }
+            let pid = storage.pid
+            logger.error("the storage process ended; its VMs are lost", metadata: ["storage.pid": "\(pid)"])
+            await vms.storageEnded("the storage process (pid \(pid)) serving its files ended")
+            do {
+                try storage.restart()
+                logger.notice("started a new storage process", metadata: ["storage.pid": "\(storage.pid)"])
+            } catch {
+                logger.critical("cannot start a new storage process", metadata: ["error": "\(error)"])
+                throw error
+            }
+        }
     }
 }

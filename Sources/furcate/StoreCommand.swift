@@ -14,7 +14,7 @@ struct StoreCommand: ParsableCommand {
         abstract: "Create, fill, inspect and repair a block store.",
         subcommands: [
             Init.self, Put.self, Get.self, Clone.self, Snapshot.self, List.self, Remove.self, GC.self, Fsck.self,
-            Stats.self, CrashWriter.self,
+            Stats.self, CrashWriter.self, Serve.self,
         ]
     )
 }

@@ -4,6 +4,7 @@ import FurcateCore
 import FurcateTestSupport
 import GuestAgentProtocol
 import Hypervisor
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -350,7 +351,30 @@ final class HostAgent {
         let a = try HostAgent()
         let dir = TempDir("watch")
         let (id, items) = try a.client.stream(.watch(path: dir.path, recursive: true))
-        try await Task.sleep(for: .milliseconds(300))  // watches in place
+        // Events are gathered as they come; each step waits for the event that shows the watch
+        // saw the step before (a fixed 300 ms missed the first files in a loaded CI run).
+        let seen = LockedSet()
+        let reader = Task { () -> AgentResponse? in
+            var end: AgentResponse?
+            for try await item in items {
+                switch item {
+                case .event(.file(let path, let change, _)): seen.insert("\(change) \(path)")
+                case .event: break
+                case .end(let r): end = r
+                }
+            }
+            return end
+        }
+        func saw(_ want: String) async throws -> Bool {
+            try await eventually(within: .seconds(30), every: .milliseconds(20)) {
+                seen.contains(want) ? true : nil
+            } == true
+        }
+        let probe = dir.sub("probe")
+        _ = try await eventually(within: .seconds(30)) {  // the watch is in place once it sees a file made
+            try Data("p".utf8).write(to: URL(fileURLWithPath: probe))
+            return seen.contains("create \(probe)") || seen.contains("modify \(probe)") ? true : nil
+        }
         let f = dir.sub("f")
         try Data("1".utf8).write(to: URL(fileURLWithPath: f))
         let h = try FileHandle(forWritingTo: URL(fileURLWithPath: f))
@@ -358,25 +382,22 @@ final class HostAgent {
         try h.write(contentsOf: Data("2".utf8))
         try h.close()
         try FileManager.default.createDirectory(atPath: dir.sub("sub"), withIntermediateDirectories: false)
-        try await Task.sleep(for: .milliseconds(300))  // the new directory gets its watch
-        try Data("x".utf8).write(to: URL(fileURLWithPath: dir.sub("sub/inner")))
-        try FileManager.default.removeItem(atPath: f)
-        try await Task.sleep(for: .milliseconds(500))
-        try await a.client.cancel(id)
-        var seen: Set<String> = []
-        var end: AgentResponse?
-        for try await item in items {
-            switch item {
-            case .event(.file(let path, let change, _)): seen.insert("\(change) \(path)")
-            case .event: break
-            case .end(let r): end = r
-            }
+        _ = try await saw("create \(dir.sub("sub"))")
+        // The new directory gets its watch after its create event: write into it until seen.
+        _ = try await eventually(within: .seconds(30)) {
+            try Data("x".utf8).write(to: URL(fileURLWithPath: dir.sub("sub/inner")))
+            return seen.contains("create \(dir.sub("sub/inner"))") ? true : nil
         }
+        try FileManager.default.removeItem(atPath: f)
+        _ = try await saw("delete \(f)")
+        try await a.client.cancel(id)
+        let end = try await reader.value
         #expect(end == .ok)
+        let all = seen.all
         for want in [
             "create \(f)", "modify \(f)", "delete \(f)", "create \(dir.sub("sub"))", "create \(dir.sub("sub/inner"))",
         ] {
-            #expect(seen.contains(want), "missing '\(want)' in \(seen.sorted())")
+            #expect(all.contains(want), "missing '\(want)' in \(all.sorted())")
         }
     }
 
@@ -657,4 +678,12 @@ func isRunning(_ pid: Int32) -> Bool {
         guard case .error(let t) = taken else { Issue.record("a taken uid was accepted"); return }
         #expect(t.code == "exists")
     }
+}
+
+/// Strings gathered on one task and read on another.
+final class LockedSet: Sendable {
+    private let items = Mutex<Set<String>>([])
+    func insert(_ s: String) { _ = items.withLock { $0.insert(s) } }
+    func contains(_ s: String) -> Bool { items.withLock { $0.contains(s) } }
+    var all: Set<String> { items.withLock { $0 } }
 }

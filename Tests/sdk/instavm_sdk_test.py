@@ -58,7 +58,7 @@ def busybox_layout(layout, busybox="/bin/busybox"):
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             t.addfile(info)
         t.add(busybox, arcname="bin/busybox")
-        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat"]:
+        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat", "mount", "kill"]:
             info = tarfile.TarInfo("bin/" + applet)
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             t.addfile(info)
@@ -232,6 +232,24 @@ def main():
         wait_port(port, serve, "furcate serve (again)", seconds=300)
         out = last.execute("cat /tmp/marker")
         check(out.get("stdout") == "kept-in-memory\n", f"the next server resumed the VM, memory and all: {out}")
+
+        # kill -9 of the server: the VM runs on in its QEMU, its disk and RAM served by the
+        # storage process, and the next server takes it over: a value in a tmpfs and a process
+        # started before the crash are still there.
+        out = last.execute("mkdir -p /run/t && mount -t tmpfs tmpfs /run/t && echo in-tmpfs > /run/t/v && "
+                           "(sleep 100000 > /dev/null 2>&1 & echo $! > /run/t/pid)")
+        check(out.get("exit_code", 0) == 0, f"a tmpfs value and a background process: {out}")
+        qemus = sorted(p.split(":")[0] for p in furcate_processes(tmp + "/data") if "qemu" in p)
+        serve.send_signal(signal.SIGKILL)
+        serve.wait(timeout=60)
+        check(furcate_processes(tmp + "/data"), "the VMs' QEMUs and the storage process outlive kill -9 of the server")
+        serve = subprocess.Popen([furcate, "serve", "--port", str(port)], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        procs.append(serve)
+        wait_port(port, serve, "furcate serve (after kill -9)", seconds=300)
+        out = last.execute("cat /run/t/v; kill -0 $(cat /run/t/pid) && echo alive")
+        check(out.get("stdout") == "in-tmpfs\nalive\n", f"the next server took the VM over, running, memory intact: {out}")
+        after = sorted(p.split(":")[0] for p in furcate_processes(tmp + "/data") if "qemu" in p)
+        check(set(after) <= set(qemus), f"no QEMU was started again for it: {qemus} then {after}")
         serve.send_signal(signal.SIGTERM)
         check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM again")
         check(not furcate_processes(tmp + "/data"), f"nothing outlives the second stop: {furcate_processes(tmp + '/data')}")

@@ -7,3 +7,7 @@
 int cspawn_addclosefrom(posix_spawn_file_actions_t *actions, int lowfd);
 /// pipe2(fds, O_CLOEXEC): a pipe no program started meanwhile inherits.
 int cspawn_pipe_cloexec(int fds[2]);
+/// pidfd_open(pid, 0): a descriptor that becomes readable when `pid` exits, for a process this
+/// one did not start (a QEMU or storage process a previous server left running). -1 and errno
+/// on failure.
+int cspawn_pidfd_open(int pid);
