@@ -88,7 +88,7 @@ final class LocalEngine: @unchecked Sendable {
             builds = try BuildService(
                 images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
         } catch {
-            Self.release(host, stopStorage: false)
+            Self.release(host)
             throw error
         }
     }
@@ -111,16 +111,15 @@ final class LocalEngine: @unchecked Sendable {
             await p.stop()
             return
         }
-        Self.release(host, stopStorage: false)
+        Self.release(host)
     }
 
-    private static func release(_ host: StoreHost, stopStorage: Bool) {
+    private static func release(_ host: StoreHost) {
         switch host {
         case .inProcess(let store, let mount):
             mount.stop()
             store.close()
         case .storageProcess(let p):
-            if stopStorage { try? p.client.shutdown() }
             p.client.disconnect()
         }
     }
