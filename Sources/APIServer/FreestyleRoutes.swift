@@ -31,14 +31,6 @@ struct FreestyleRoutes: Sendable {
         var domains: [String]
         var consoleUrl, snapshotId: String?
     }
-    struct GetVmResponse: ResponseCodable {
-        var id: String
-        var name: String?
-        var state: String
-        var createdAt, snapshotId: String?
-        /// Furcate's: why a lost VM was lost, and what was kept.
-        var lostReason: String?
-    }
     struct IdResponse: ResponseCodable { var id: String }
     struct ExecAwaitVmResponse: ResponseCodable {
         var stdout, stderr: String?
@@ -292,11 +284,10 @@ struct FreestyleRoutes: Sendable {
         return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
     }
 
-    func get(_ ctx: APIContext) async throws -> GetVmResponse {
+    /// The document's `GetVmResponse`, rendered as the list's `VmInfo` (a superset of it).
+    func get(_ ctx: APIContext) async throws -> VmInfo {
         let vm = try await ownedVM(ctx)
-        return GetVmResponse(
-            id: vm.id, name: engine.owners.name(vm.id), state: vm.state.rawValue, createdAt: Self.iso(vm.createdAt),
-            snapshotId: vm.parentSnapshot, lostReason: vm.lostReason)
+        return info(vm, name: engine.owners.name(vm.id), policy: try await engine.policies.policy(vm.id))
     }
 
     func delete(_ ctx: APIContext) async throws -> IdResponse {
