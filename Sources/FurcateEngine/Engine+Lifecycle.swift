@@ -103,3 +103,26 @@ extension Engine {
         return (try? await vms.snapshotStoredBytes(t)) ?? 0
     }
 }
+
+/// What a new server does before it serves: the records of operations the last one did not
+/// finish are made whole or removed.
+extension Engine {
+    /// Deletes every VM no account owns: one an operation had made in VMService but not yet
+    /// recorded as its account's when the last server died (a create's or a fork's; a build's
+    /// VMs are ended by `BuildService.recover`, which runs first). Call it once VMService and
+    /// the builds have recovered and before serving, when no operation is under way.
+    /// - Returns: the ids deleted.
+    public func removeUnownedVMs() async -> [String] {
+        var removed: [String] = []
+        for vm in await vms.list() where owners.owner(vm.id) == nil {
+            do {
+                try await vms.delete(vm.id)
+                try await policies.remove(vm.id)
+                removed.append(vm.id)
+            } catch {
+                continue  // left for the next start; it is not listed to any account meanwhile
+            }
+        }
+        return removed
+    }
+}

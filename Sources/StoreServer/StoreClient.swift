@@ -67,6 +67,14 @@ public final class StoreClient: StoreAccess {
         }) { close(fd) }
     }
 
+    /// `BlockStore.fsck`, run by the storage process on the store it holds (the VMs it serves
+    /// go on meanwhile).
+    public func fsck(repair: Bool) throws -> FsckReport {
+        let r = try call(.fsck(repair: repair))
+        guard case .fsck(let report) = r else { throw unexpected(r, .fsck(repair: repair)) }
+        return report
+    }
+
     /// Asks the storage process to unmount, close the store and exit; returns once it answered.
     public func shutdown() throws { _ = try call(.shutdown) }
 

@@ -143,6 +143,7 @@ public final class StoreServer: Sendable {
         case .recompress(let n, let codec):
             let c = try Codec(parsing: codec)
             return .stats(try store.recompressFile(n, codec: c) { Self.peerClosed(fd) })
+        case .fsck(let repair): return .fsck(try store.fsck(repair: repair))
         case .shutdown: return .ok
         }
     }

@@ -39,6 +39,9 @@ public enum StoreCall: Codable, Sendable, Equatable {
     case compressionStats(String)
     /// Re-encodes a file's blocks; cancelled when the caller closes the connection.
     case recompress(String, codec: String)
+    /// Verifies every reachable node and block (with `repair`, quarantines damaged ones):
+    /// answered with `.fsck` once the whole store was read.
+    case fsck(repair: Bool)
     /// Unmount, close the store and exit (the reply comes first).
     case shutdown
 }
@@ -104,6 +107,8 @@ public enum StoreReply: Codable, Sendable, Equatable {
     case codec(String)
     /// Who answered.
     case hello(StoreHello)
+    /// What fsck found.
+    case fsck(FsckReport)
     /// The call failed.
     case failed(WireError)
 }

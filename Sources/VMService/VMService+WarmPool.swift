@@ -129,5 +129,11 @@ extension VMService {
                 try? FileManager.default.removeItem(atPath: runDirectory(id))
             }
         }
+        // A snapshot's files are made before its record: a server that died between the two
+        // left files no record names.
+        for n in names where n.hasPrefix("sc-") {
+            let id = String(n.prefix { $0 != "." })
+            if snapshots[id] == nil { try? store.deleteFile(n) }
+        }
     }
 }

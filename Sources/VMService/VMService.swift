@@ -59,6 +59,9 @@ public struct VMServiceOptions: Sendable {
     public var bootTimeout: Duration = .seconds(120)
     /// QEMUs kept waiting per machine shape so a mode-a restore skips process start (0: none).
     public var warmPoolSize = 0
+    /// The memory compression every new snapshot (not a suspend's) gets in the background
+    /// (nil: none); `setSnapshotCompression` changes one snapshot's.
+    public var snapshotCompression: SnapshotCompression?
     /// Guest vCPUs and memory admitted at once (nil: `VMCapacity.host` for `accelerator`).
     public var capacity: VMCapacity?
     /// How long QEMU may take to answer QMP after spawn.
@@ -440,7 +443,7 @@ public actor VMService {
     /// - Throws: `.invalidState` unless running; `.hypervisor` when QEMU fails (the VM is
     ///   resumed and nothing of the snapshot is left).
     public func snapshot(_ id: String) async throws -> SnapshotInfo {
-        try await withVM(id) {
+        let s = try await withVM(id) {
             let vm = try info(id)
             guard vm.state == .running, let p = instances[id]?.process else {
                 throw FurcateError(
@@ -449,6 +452,8 @@ public actor VMService {
             if !vm.paused { await primeForForks(id, p) }
             return try await takeSnapshot(vm, p, resume: !vm.paused)
         }
+        guard let c = options.snapshotCompression, c.enabled else { return s }
+        return try await setSnapshotCompression(s.id, c)
     }
 
     /// Before the first snapshot of a booted VM whose agent is connected, the agent does once
@@ -514,9 +519,11 @@ public actor VMService {
     /// Mode a: RAM is a shared store file, left out of the stream (x-ignore-shared) and
     /// snapshotted in O(1). Mode b: RAM is private to QEMU, which cannot leave it out: the
     /// stream carries every non-zero page and the snapshot has no memory file.
-    private func takeSnapshot(_ vm: VMInfo, _ p: QEMUProcess, resume: Bool) async throws -> SnapshotInfo {
+    private func takeSnapshot(_ vm: VMInfo, _ p: QEMUProcess, resume: Bool, id: String = VMID.newSnapshot())
+        async throws -> SnapshotInfo
+    {
         var snap = SnapshotInfo(
-            id: VMID.newSnapshot(), vmID: vm.id, memoryMiB: vm.memoryMiB, vcpus: vm.vcpus, deviceStateBytes: 0,
+            id: id, vmID: vm.id, memoryMiB: vm.memoryMiB, vcpus: vm.vcpus, deviceStateBytes: 0,
             createdAt: Date().timeIntervalSince1970)
         snap.ramInStream = vm.memoryMode == .privateBase
         let tmpState = "vm-\(vm.id).state-tmp"
@@ -816,10 +823,15 @@ public actor VMService {
             var vm = try info(id)
             try vm.state.checkTransition(to: .suspending, vm: id, operation: "suspend")
             guard let p = instances[id]?.process else { throw FurcateError(.invalidState, "VM \(id) has no process") }
+            // The snapshot's id is recorded first: a server that dies meanwhile lets the next one
+            // tell a suspend that saved the VM (its snapshot is recorded) from one that did not.
+            let sid = VMID.newSnapshot()
+            vm.suspendedSnapshot = sid
             try setState(&vm, .suspending)
             let snap: SnapshotInfo
-            do { snap = try await takeSnapshot(vm, p, resume: false) } catch {
+            do { snap = try await takeSnapshot(vm, p, resume: false, id: sid) } catch {
                 try? await p.resume()
+                vm.suspendedSnapshot = nil
                 try setState(&vm, .running)
                 throw error
             }
@@ -939,6 +951,15 @@ public actor VMService {
     public func recover() async -> [String] {
         let leftovers = leftoverQEMUs()
         var resumed: [String] = []
+        // A suspend the last server did not finish, its QEMU still running: the VM runs on (its
+        // half-made snapshot goes), taken over below like any running VM.
+        for var vm in vms.values where vm.state == .suspending && instances[vm.id] == nil {
+            guard let pid = vm.pid, leftovers.contains(where: { $0.pid == pid && $0.id == vm.id }) else { continue }
+            if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] { try? deleteSnapshotFiles(snap) }
+            vm.suspendedSnapshot = nil
+            try? setState(&vm, .running)
+            logger.notice("a suspend was cut off by the server's end; the VM runs on", metadata: ["vm.id": "\(vm.id)"])
+        }
         for vm in vms.values where vm.state == .running && instances[vm.id] == nil {
             guard let pid = vm.pid, leftovers.contains(where: { $0.pid == pid && $0.id == vm.id }) else { continue }
             do {
@@ -957,8 +978,33 @@ public actor VMService {
                 "ended a QEMU a previous server left running", metadata: ["vm.id": "\(id)", "vm.pid": "\(pid)"])
         }
         removeOrphanFiles()
+        // A compression the last server did not finish starts again (the blocks it had
+        // re-encoded keep their new encoding; the rest are read as they were).
+        for s in snapshots.values.sorted(by: { $0.createdAt < $1.createdAt })
+        where s.compressionState == .compressing {
+            guard let c = s.compression else { continue }
+            do {
+                try await setSnapshotCompression(s.id, c)
+                logger.notice("started an unfinished snapshot compression again", metadata: ["snapshot.id": "\(s.id)"])
+            } catch {
+                logger.error(
+                    "cannot start a snapshot compression again",
+                    metadata: ["snapshot.id": "\(s.id)", "error": "\(error)"])
+            }
+        }
         for var vm in vms.values.sorted(by: { $0.createdAt < $1.createdAt }) where instances[vm.id] == nil {
             switch vm.state {
+            case .suspending where vm.suspendedSnapshot.flatMap({ snapshots[$0] }) != nil,
+                .starting where vm.suspendedSnapshot.flatMap({ snapshots[$0] }) != nil:
+                // A suspend that had saved the VM (its snapshot is recorded), or a resume cut off
+                // before it finished: the VM is suspended in that snapshot, which is whole (a
+                // resume deletes it only after recording the VM running).
+                let cut = vm.state == .suspending ? "suspend" : "resume"
+                for f in [vm.memoryFile, vm.diskFile] { try? store.deleteFile(f) }
+                vm.pid = nil
+                try? setState(&vm, .suspended)
+                logger.notice(
+                    "a \(cut) was cut off by the server's end; the VM is suspended", metadata: ["vm.id": "\(vm.id)"])
             case .running, .starting, .suspending, .building:
                 vm.pid = nil
                 vm.lostReason =

@@ -41,7 +41,7 @@ final class LocalEngine: @unchecked Sendable {
     ///   storage process instead of opening the store here.
     init(
         _ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil,
-        storageProcess: Bool = false
+        storageProcess: Bool = false, snapshotCompression: SnapshotCompression? = nil
     ) throws {
         guard geteuid() == 0 else {
             throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root")
@@ -84,6 +84,7 @@ final class LocalEngine: @unchecked Sendable {
             vmOptions.warmPoolSize = warmPool
             vmOptions.capacity = capacity
             vmOptions.concurrentBoots = concurrentBoots
+            vmOptions.snapshotCompression = snapshotCompression
             vms = try VMService(store: store, options: vmOptions)
             builds = try BuildService(
                 images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))
@@ -195,29 +196,16 @@ struct BuildCommand: ParsableCommand {
                             ) { $1 }))
                 }
                 steps += run.map { .run(command: $0) }
-                var recipe: BuildRecipe
-                if image == "default" {
-                    recipe = BuildRecipe(
-                        base: .recipe(
-                            BuildService.defaultImageRecipe(
-                                rootfsTarball: engine.layout.guest + "/debian-12-systemd.tar")), steps: steps)
-                } else {
-                    recipe = BuildRecipe(base: .image(image), steps: steps, memoryMiB: memory)
+                let cases = try engine.engine()
+                let recipe = cases.localRecipe(
+                    base: image == "default" ? .defaultImage : .image(image), steps: steps, memoryMiB: memory,
+                    skipCache: skipCache)
+                let r = try await cases.buildLocally(recipe) { started in
+                    FileHandleStderr.write(
+                        "build \(started.buildId): \(started.plannedPhases.joined(separator: " → "))\n")
+                } phaseEnded: { p in
+                    FileHandleStderr.write("  \(p.name)\(p.snapshotId.map { " (\($0))" } ?? "")\n")
                 }
-                recipe.skipCache = skipCache
-                let started = try await engine.builds.start(recipe)
-                FileHandleStderr.write("build \(started.buildId): \(started.plannedPhases.joined(separator: " → "))\n")
-                var shown = 0
-                while true {
-                    let r = try await engine.builds.record(started.buildId)
-                    for p in r.phases.dropFirst(shown) {
-                        FileHandleStderr.write("  \(p.name)\(p.snapshotId.map { " (\($0))" } ?? "")\n")
-                    }
-                    shown = r.phases.count
-                    if r.state == .succeeded || r.state == .failed { break }
-                    try await Task.sleep(for: .milliseconds(200))
-                }
-                let r = try await engine.builds.wait(started.buildId)
                 await engine.close(deleting: [])
                 if json { try printJSON(r) }
                 guard r.state == .succeeded, let snap = r.snapshotId else {

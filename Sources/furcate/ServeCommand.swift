@@ -1,6 +1,7 @@
 import APIServer
 import Accounts
 import ArgumentParser
+import BlockStore
 import Foundation
 import FurcateCore
 import FurcateEngine
@@ -50,6 +51,12 @@ struct ServeCommand: ParsableCommand {
             "Cold boots under way at once on this host, shared with every other furcate process; later ones wait their turn (default: one per core under TCG, two under KVM)."
     )
     var concurrentBoots: Int?
+    @Option(
+        name: .customLong("snapshot-compression"),
+        help:
+            "Compress the memory of every new snapshot in the background: none, zstd, zstd:LEVEL (1-19) or lz4 (default: none)."
+    )
+    var snapshotCompression = "none"
     @Flag(
         name: .customLong("keep-vms-running"),
         help:
@@ -72,9 +79,33 @@ struct ServeCommand: ParsableCommand {
         if let b = concurrentBoots, !(1...1024).contains(b) {
             throw ValidationError("--concurrent-boots must be 1 to 1024, not \(b)")
         }
+        do { _ = try Self.compression(snapshotCompression) } catch let e as FurcateError {
+            throw ValidationError("--snapshot-compression: \(e.message)")
+        }
         if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) {
             throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)")
         }
+    }
+
+    /// `--snapshot-compression`'s setting (nil for none).
+    /// - Throws: `.invalidArgument` naming what is wrong.
+    static func compression(_ spelling: String) throws -> SnapshotCompression? {
+        let parts = spelling.split(separator: ":", maxSplits: 1).map(String.init)
+        guard let algorithm = parts.first, ["none", "zstd", "lz4"].contains(algorithm) else {
+            throw FurcateError(.invalidArgument, "'\(spelling)' is not none, zstd, zstd:LEVEL or lz4")
+        }
+        if algorithm == "none" {
+            guard parts.count == 1 else { throw FurcateError(.invalidArgument, "none takes no level") }
+            return nil
+        }
+        var level: Int?
+        if parts.count == 2 {
+            guard let l = Int(parts[1]) else { throw FurcateError(.invalidArgument, "'\(parts[1])' is not a level") }
+            level = l
+        }
+        let c = SnapshotCompression(enabled: true, algorithm: algorithm, level: level)
+        _ = try c.codec(fallback: .default)
+        return c
     }
 
     func run() throws {
@@ -86,16 +117,26 @@ struct ServeCommand: ParsableCommand {
         if let v = maxVCPUs { capacity.vcpus = v }
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
         let (concurrentBoots, keep) = (concurrentBoots, keepVMsRunning)
+        let compression = try Self.compression(snapshotCompression)
         try runBlocking { [capacity] in
             let logger = Logger(label: "furcate.serve")
             let engine = try LocalEngine(
-                data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots, storageProcess: true)
+                data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots, storageProcess: true,
+                snapshotCompression: compression)
             let l = engine.layout
             let group: ServiceGroup
             do {
                 let recovered = await engine.vms.recover()
                 let interrupted = await engine.builds.recover()
                 var api = try engine.engine(quotaBytes: quota)
+                let unowned = await api.removeUnownedVMs()
+                for id in unowned {
+                    logger.warning(
+                        "deleted a VM no account owned (its operation was cut off)", metadata: ["vm.id": "\(id)"])
+                }
+                for id in interrupted {
+                    logger.warning("a build was interrupted by the server's end", metadata: ["build.id": "\(id)"])
+                }
                 if let path = try api.keys.bootstrapAdmin(secretPath: l.root + "/admin-key") {
                     FileHandleStderr.write(
                         "furcate: created the first API key (account admin); its secret is in \(path)\n")
@@ -106,7 +147,8 @@ struct ServeCommand: ParsableCommand {
                     "serving",
                     metadata: [
                         "address": "\(host):\(port)", "data": "\(l.root)", "vms.resumed": "\(recovered.count)",
-                        "builds.interrupted": "\(interrupted.count)", "capacity.vcpus": "\(capacity.vcpus ?? 0)",
+                        "builds.interrupted": "\(interrupted.count)", "vms.unowned_removed": "\(unowned.count)",
+                        "capacity.vcpus": "\(capacity.vcpus ?? 0)",
                         "capacity.memory_mib": "\(capacity.memoryMiB ?? 0)",
                     ])
                 FileHandleStderr.write("furcate: serving http://\(host):\(port) (data \(l.root))\n")

@@ -3,6 +3,7 @@ import BlockStore
 import Foundation
 import FurcateCore
 import Logging
+import StoreServer
 
 #if canImport(Glibc)
     import Glibc
@@ -205,32 +206,52 @@ extension StoreCommand {
 
     struct Fsck: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Verify every reachable block; --repair quarantines damaged ones.")
-        @Argument var dir: String
+            abstract: "Verify every reachable block; --repair quarantines damaged ones.",
+            discussion:
+                "A store that a storage process holds (furcate serve's, DATA/store) is checked by that process, its VMs running on."
+        )
+        @Argument(help: "Store directory (default: the data directory's store).") var dir: String?
+        @OptionGroup var data: DataOption
         @Flag(help: "Move damaged blocks to quarantine.") var repair = false
         @Flag var json = false
 
         func run() throws {
-            try withStore(dir) { store in
-                let r = try store.fsck(repair: repair)
-                if json {
-                    try printJSON(r)
-                } else {
-                    print(
-                        "checked \(r.files) files, \(r.nodesChecked) nodes, \(r.blocksChecked) blocks (\(ByteSize.format(r.bytesChecked)))"
-                    )
-                    for d in r.damage { print("damaged: \(d.file) offset \(d.offset): \(d.reason)") }
-                    for p in r.problems { print("problem: \(p)") }
-                    if r.quarantined > 0 { print("quarantined \(r.quarantined) blocks") }
-                    print(
-                        r.clean ? "clean" : "DAMAGED: \(r.damage.count) damaged extents, \(r.problems.count) problems")
+            let dir = dir ?? data.layout.store
+            try reportingErrors {
+                let r: FsckReport
+                do {
+                    let store = try openStore(dir)
+                    defer { store.close() }
+                    r = try store.fsck(repair: repair)
+                } catch let e as FurcateError where e.code == .busy {
+                    // Held: by the storage process serving DIR/.. (DataLayout's store.sock), or by
+                    // something else, which the store's own error names.
+                    let root = ((dir as NSString).standardizingPath as NSString).deletingLastPathComponent
+                    let socket = root + "/store.sock"
+                    guard FileManager.default.fileExists(atPath: socket) else { throw e }
+                    r = try StoreClient(socketPath: socket).fsck(repair: repair)
                 }
-                if !r.clean {
-                    FileHandleStderr.write(
-                        "furcate: store \(dir) is damaged: \(r.damage.count) damaged extents, \(r.problems.count) problems\n"
-                    )
-                    throw ExitCode(1)
-                }
+                try report(r, dir: dir)
+            }
+        }
+
+        private func report(_ r: FsckReport, dir: String) throws {
+            if json {
+                try printJSON(r)
+            } else {
+                print(
+                    "checked \(r.files) files, \(r.nodesChecked) nodes, \(r.blocksChecked) blocks (\(ByteSize.format(r.bytesChecked)))"
+                )
+                for d in r.damage { print("damaged: \(d.file) offset \(d.offset): \(d.reason)") }
+                for p in r.problems { print("problem: \(p)") }
+                if r.quarantined > 0 { print("quarantined \(r.quarantined) blocks") }
+                print(r.clean ? "clean" : "DAMAGED: \(r.damage.count) damaged extents, \(r.problems.count) problems")
+            }
+            if !r.clean {
+                FileHandleStderr.write(
+                    "furcate: store \(dir) is damaged: \(r.damage.count) damaged extents, \(r.problems.count) problems\n"
+                )
+                throw ExitCode(1)
             }
         }
     }
