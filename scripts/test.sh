@@ -26,4 +26,7 @@ run_with_deadline "${FURCATE_TEST_DEADLINE:-1500}" swift test --skip-build
 # The API against real clients: the official instavm Python SDK, and schemathesis on
 # /openapi.json (both from PyPI, in virtualenvs outside the checkout).
 run_with_deadline 900 scripts/test-sdk.sh .build/debug/furcate
+# kill -9 of the server at random moments of each kind of operation (FURCATE_FAULT_POINTS per
+# kind, default 20), and the checks of what the next server kept.
+run_with_deadline "${FURCATE_FAULT_DEADLINE:-900}" scripts/test-sdk.sh .build/debug/furcate Tests/sdk/fault_matrix.py
 run_with_deadline 1200 scripts/test-openapi.sh .build/debug/furcate

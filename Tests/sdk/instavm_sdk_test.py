@@ -5,110 +5,17 @@ skopeo, and a `furcate serve` on a fresh data directory. Usage:
     python instavm_sdk_test.py PATH/TO/furcate
 Exits non-zero on the first failed check, printing what differed.
 """
-import gzip
-import hashlib
-import io
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
 import requests
 from instavm import InstaVM
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, what, seconds=60):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not listen on {port} within {seconds} s")
-
-
-def blob(layout, data):
-    digest = hashlib.sha256(data).hexdigest()
-    with open(os.path.join(layout, "blobs", "sha256", digest), "wb") as f:
-        f.write(data)
-    return "sha256:" + digest
-
-
-def busybox_layout(layout, busybox="/bin/busybox"):
-    """An OCI image layout: one layer with busybox as /bin/busybox and its applets as links."""
-    os.makedirs(os.path.join(layout, "blobs", "sha256"))
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as t:
-        for d in ["bin", "tmp", "root", "etc"]:
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            t.addfile(info)
-        t.add(busybox, arcname="bin/busybox")
-        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat", "mount", "kill"]:
-            info = tarfile.TarInfo("bin/" + applet)
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            t.addfile(info)
-        motd = b"built for the instavm SDK test\n"
-        info = tarfile.TarInfo("etc/motd")
-        info.size = len(motd)
-        t.addfile(info, io.BytesIO(motd))
-    diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
-    layer = gzip.compress(raw.getvalue())
-    layer_digest = blob(layout, layer)
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin", "SDK_TEST=1"], "WorkingDir": "/root"},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    }).encode()
-    config_digest = blob(layout, config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": len(layer)}],
-    }).encode()
-    manifest_digest = blob(layout, manifest)
-    with open(os.path.join(layout, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": len(manifest),
-            "annotations": {"org.opencontainers.image.ref.name": "1"}}]}, f)
-    with open(os.path.join(layout, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-
-
-def check(cond, what):
-    if not cond:
-        raise SystemExit("FAILED: " + what)
-    print("ok:", what.split("\n")[0][:160])
-
-
-def furcate_processes(root):
-    """Processes whose command line names a path under root (QEMUs name their files there)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if root in cmd:
-            found.append(f"{pid}: {cmd[:160]}")
-    return found
+from harness import check, clean_up, free_port, furcate_processes, push_busybox, start_registry, wait_port
 
 
 def main():
@@ -117,17 +24,7 @@ def main():
     procs = []
     try:
         # A registry with the test image.
-        reg_port = free_port()
-        with open(os.path.join(tmp, "registry.yml"), "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp}/registry\n"
-                    f"http:\n  addr: 127.0.0.1:{reg_port}\n")
-        registry = subprocess.Popen(["docker-registry", "serve", os.path.join(tmp, "registry.yml")],
-                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "registry.log"), "w"))
-        procs.append(registry)
-        wait_port(reg_port, registry, "docker-registry")
-        busybox_layout(os.path.join(tmp, "layout"))
-        image = f"127.0.0.1:{reg_port}/sdk/busybox:1"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{tmp}/layout:1", f"docker://{image}"], check=True)
+        image = push_busybox(tmp, start_registry(tmp, procs), "sdk/busybox")
 
         # furcate serve on a fresh data directory.
         port = free_port()
@@ -250,6 +147,29 @@ def main():
         check(out.get("stdout") == "in-tmpfs\nalive\n", f"the next server took the VM over, running, memory intact: {out}")
         after = sorted(p.split(":")[0] for p in furcate_processes(tmp + "/data") if "qemu" in p)
         check(set(after) <= set(qemus), f"no QEMU was started again for it: {qemus} then {after}")
+
+        # kill -9 of the storage process: the VM's disk and RAM were served by it, so the VM is
+        # lost, saying why; its disk as last synced is kept, and resume boots it again from it
+        # (the tmpfs is gone with the memory). A new storage process serves the store meanwhile.
+        out = last.execute("echo synced-before > /root/synced && sync")
+        check(out.get("exit_code", 0) == 0, f"a synced file: {out}")
+        storage = [int(p.split(":")[0]) for p in furcate_processes(tmp + "/data") if " store serve " in p]
+        check(len(storage) == 1, f"one storage process: {furcate_processes(tmp + '/data')}")
+        os.kill(storage[0], signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            record = last.vms.get(last.session_id)
+            if record.get("status") == "failed":
+                break
+            time.sleep(0.5)
+        check(record.get("status") == "failed" and "storage process" in (record.get("last_error") or ""),
+              f"the VM is lost, saying why: {record}")
+        check(not [p for p in furcate_processes(tmp + "/data") if "qemu" in p],
+              f"its QEMU was ended: {furcate_processes(tmp + '/data')}")
+        r = requests.post(f"{base}/v1/vms/{last.session_id}/resume", headers={"X-API-Key": key}, timeout=600)
+        check(r.status_code == 200, f"resume of the lost VM boots it again: {r.status_code} {r.text}")
+        out = last.execute("cat /root/synced; cat /run/t/v 2>/dev/null || echo no-tmpfs")
+        check(out.get("stdout") == "synced-before\nno-tmpfs\n", f"booted again from its synced disk: {out}")
         serve.send_signal(signal.SIGTERM)
         check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM again")
         check(not furcate_processes(tmp + "/data"), f"nothing outlives the second stop: {furcate_processes(tmp + '/data')}")
@@ -258,19 +178,7 @@ def main():
         print(f"HTTP {e.response.status_code} from {e.request.method} {e.request.url}: {e.response.text}")
         raise
     finally:
-        if sys.exc_info()[0] is not None and os.path.exists(os.path.join(tmp, "serve.log")):
-            print("--- furcate serve log (last 60 lines) ---")
-            print("".join(open(os.path.join(tmp, "serve.log")).readlines()[-60:]))
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        subprocess.run(["umount", "-l", os.path.join(tmp, "data", "mnt")], stderr=subprocess.DEVNULL)
-        shutil.rmtree(tmp, ignore_errors=True)
-
+        clean_up(tmp, procs, failed=sys.exc_info()[0] is not None)
 
 if __name__ == "__main__":
     main()
