@@ -158,9 +158,9 @@ class Matrix:
         self.build(self.image_of(self.round), "true")
 
     def op_suspend_resume(self):
+        # Cut off anywhere in the two, the parent is suspended or running (never lost).
         self.confirmed.vms[self.parent] = {"running", "suspended"}
         self.srv.call("POST", f"/v1/vms/{self.parent}/suspend")
-        self.confirmed.vms[self.parent] = {"suspended", "running"}
         self.srv.call("POST", f"/v1/vms/{self.parent}/start", {}, timeout=600)
         self.confirmed.vms[self.parent] = {"running"}
 
@@ -228,7 +228,6 @@ class Matrix:
             check(v["state"] in states, f"{what}: VM {vm} is {v['state']}, one of {sorted(states)} ({v})")
             if v["state"] == "suspended":
                 srv.call("POST", f"/v1/vms/{vm}/start", {}, timeout=600)
-                v["state"] = "running"
             c.vms[vm] = {"running"}
             out = srv.exec(vm, "cat /root/who 2>/dev/null || echo fork")
             check(out.get("statusCode", 0) == 0, f"{what}: VM {vm} answers exec: {out}")
@@ -312,7 +311,6 @@ def main():
     rng = random.Random(seed)
     tmp = tempfile.mkdtemp(prefix="ffault-", dir="/tmp")
     procs = []
-
     started = time.time()
     try:
         registry = start_registry(tmp, procs)
