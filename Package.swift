@@ -140,8 +140,8 @@ let package = Package(
         .target(
             name: "FurcateBench",
             dependencies: [
-                "FurcateCore", "BlockStore", "StoreFS", "Hypervisor", "VMService", "GuestAgentProtocol", "Images",
-                "Builds", "Accounts", "FurcateEngine", "APIServer",
+                "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "Hypervisor", "VMService", "GuestAgentProtocol",
+                "Images", "Builds", "Accounts", "FurcateEngine", "APIServer",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -66,6 +66,9 @@ public struct ForkBenchReport: Codable, Sendable {
     }
     /// KVM or TCG, as the run used.
     public var accelerator: String
+    /// Where the store lived: "process" (a storage process, as `furcate serve` has it) or
+    /// "local" (in the benchmark's process).
+    public var storeHost = BenchStoreHost.local.rawValue
     /// Each VM's guest RAM in MiB.
     public var memoryMiB: Int
     /// Block size of the memory files.
@@ -110,6 +113,8 @@ public struct ForkBenchmark: Sendable {
     /// configuration, ext4's bitmap prefetch) has every fork go on with that work, each into
     /// pages of its own — a warmed VM has done it.
     public var settleSeconds = 10
+    /// Where the store lives.
+    public var storeHost = BenchStoreHost.local
     /// Called with a line for each step.
     public var progress: @Sendable (String) -> Void
 
@@ -136,7 +141,8 @@ public struct ForkBenchmark: Sendable {
     /// - Throws: when a facility it needs is missing (root, QEMU, the guest artifacts) or a step fails.
     public func run() async throws -> ForkBenchReport {
         let t0 = ContinuousClock.now
-        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "fork") { opts in
+        let env = try VMBenchEnvironment(workDir: workDir, guestDir: guestDir, name: "fork", storeHost: storeHost) {
+            opts in
             opts.defaultMemoryMiB = memoryMiB
             opts.warmPoolSize = warmPool
             // N TCG guests restored at once on a small host take longer than the service's 10 s
@@ -152,6 +158,7 @@ public struct ForkBenchmark: Sendable {
             accelerator: opts.accelerator.rawValue, memoryMiB: memoryMiB, memoryBlockSize: opts.memoryBlockSize,
             guestWriteMiB: writeMiB, coldBootMillis: 0,
             coldBootGuestWriteMBps: 0)
+        report.storeHost = storeHost.rawValue
         do {
             progress("cold boot (baseline)")
             let b0 = ContinuousClock.now

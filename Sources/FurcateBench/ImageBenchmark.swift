@@ -193,13 +193,13 @@ public struct ImageBenchmark: Sendable {
             let file = snap.memoryPayloadFile
             let base = try env.store.compressionStats(file)
             r.memoryUncompressedBytes = base.uncompressedBytes
-            r.defaultCodec = env.store.defaultCodec.description
+            r.defaultCodec = try env.store.defaultCodec.description
             let defaultRatio = base.ratio
             for codec in [
                 Codec.lz4, .lz4hc(level: 9), .zstd(level: 1), .zstd(level: 3), .zstd(level: 9), .zstd(level: 19),
             ] {
                 log("compression: \(codec)")
-                let store = env.store
+                guard let store = env.localStore else { throw FurcateError(.invalidState, "no local store") }
                 let t0 = Date()
                 let st = try await onThread("recompress") { try store.recompress(file, codec: codec) }
                 let secs = Date().timeIntervalSince(t0)

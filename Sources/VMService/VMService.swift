@@ -62,6 +62,11 @@ public struct VMServiceOptions: Sendable {
     /// The memory compression every new snapshot (not a suspend's) gets in the background
     /// (nil: none); `setSnapshotCompression` changes one snapshot's.
     public var snapshotCompression: SnapshotCompression?
+    /// Free space a snapshot leaves on the store's filesystem for the running VMs' own writes:
+    /// a snapshot that could take the filesystem below it is refused before it writes
+    /// anything (`.diskFull`). Without the floor, one snapshot's write-back of guest RAM can
+    /// take the last bytes, and every VM whose next disk write then fails is paused by QEMU.
+    public var snapshotReserveBytes: UInt64 = 64 << 20
     /// Guest vCPUs and memory admitted at once (nil: `VMCapacity.host` for `accelerator`).
     public var capacity: VMCapacity?
     /// How long QEMU may take to answer QMP after spawn.
@@ -530,6 +535,7 @@ public actor VMService {
         var made: [String] = []
         do {
             try await p.pause()
+            try checkRoom(forSnapshotOf: vm, pid: p.pid, ramInStream: snap.ramInStream)
             if try store.fileExists(tmpState) { try store.deleteFile(tmpState) }
             try await p.prepareMigration(ignoreShared: !snap.ramInStream)
             snap.deviceStateBytes = try await saveStream(p, vm, into: tmpState)
@@ -1277,6 +1283,45 @@ public actor VMService {
         try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
         try? db.deleteVM(vm.id)
         vms[vm.id] = nil
+    }
+
+    /// Refuses a snapshot of the (paused) `vm` that could take the store's filesystem below
+    /// `snapshotReserveBytes`: what it may write is the guest RAM pages the kernel holds dirty
+    /// for the memory file (shared memory), or the whole guest RAM (a stream that carries
+    /// RAM), counted uncompressed.
+    /// - Throws: `.diskFull` naming both figures.
+    private nonisolated func checkRoom(forSnapshotOf vm: VMInfo, pid: Int32, ramInStream: Bool) throws {
+        var st = statvfs()
+        guard statvfs(options.mountpoint, &st) == 0 else { return }  // the write itself will say
+        let free = UInt64(st.f_bavail) * UInt64(st.f_frsize)
+        let needed =
+            ramInStream
+            ? UInt64(vm.memoryMiB) << 20 : Self.dirtyBytes(pid: pid, mapping: "/files/" + vm.memoryFile)
+        guard free < needed + options.snapshotReserveBytes else { return }
+        throw FurcateError(
+            .diskFull,
+            "disk full: the store's filesystem has \(ByteSize.format(free)) free; a snapshot of VM \(vm.id) may "
+                + "write \(ByteSize.format(needed)) of guest memory and must leave \(ByteSize.format(options.snapshotReserveBytes)) "
+                + "for the running VMs; free space (delete snapshots or VMs) and try again",
+            path: options.mountpoint)
+    }
+
+    /// Dirty bytes of the mappings of process `pid` whose path contains `mapping` (from
+    /// /proc/PID/smaps); zero when it cannot be read.
+    static func dirtyBytes(pid: Int32, mapping: String) -> UInt64 {
+        guard let text = readWholeFile("/proc/\(pid)/smaps") else { return 0 }
+        var dirty: UInt64 = 0, inside = false
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard let key = fields.first else { continue }
+            if !key.hasSuffix(":") {  // a mapping's header line
+                inside = line.contains(mapping)
+                continue
+            }
+            guard inside, fields.count > 1, let kib = UInt64(fields[1]) else { continue }
+            if key == "Shared_Dirty:" || key == "Private_Dirty:" { dirty += kib << 10 }
+        }
+        return dirty
     }
 
     private nonisolated func fsyncThroughMount(_ path: String) throws {

@@ -8,7 +8,7 @@ import VMService
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench", abstract: "System benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Store.self, FS.self, Fork.self, Agent.self, Image.self, API.self])
+        subcommands: [Store.self, FS.self, Fork.self, Adopt.self, Agent.self, Image.self, API.self])
 
     struct API: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -158,6 +158,11 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Also draw the figure against its baseline as SVG into this file.") var plot: String?
         @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle =
             10
+        @Option(
+            help:
+                "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
+        )
+        var storeHost: BenchStoreHost = .process
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
@@ -165,6 +170,7 @@ struct BenchCommand: ParsableCommand {
             bootstrapOnce
             let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot) =
                 (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot)
+            let storeHost = storeHost
             try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
@@ -204,11 +210,12 @@ struct BenchCommand: ParsableCommand {
                 b.memoryBlockSize = bs
                 b.rounds = rounds
                 b.settleSeconds = settle
+                b.storeHost = storeHost
                 let r = try await b.run()
                 if let plot { try writePlot(r.chart, to: plot) }
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print(
-                    "accelerator \(r.accelerator), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
+                    "accelerator \(r.accelerator), store in \(r.storeHost == "process" ? "a storage process" : "this process"), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
                 )
                 print(
                     "baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s"
@@ -248,6 +255,61 @@ struct BenchCommand: ParsableCommand {
                             "    \(p.name.rightPad(22)) p50 \(f2(p.p50Millis).leftPad(8)) ms   p99 \(f2(p.p99Millis).leftPad(8)) ms"
                         )
                     }
+                }
+                print("total \(f1(r.seconds)) s")
+            }
+        }
+    }
+
+    struct Adopt: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "adopt",
+            abstract:
+                "A new server taking over N running VMs vs resuming N suspended ones, until all answer; needs root, QEMU and the guest artifacts."
+        )
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Option(help: "The numbers of running VMs, comma-separated (each a round).") var counts = "1,8,32"
+        @Option(help: "Guest memory in MiB.") var memory = 256
+        @Option(
+            help:
+                "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
+        )
+        var storeHost: BenchStoreHost = .process
+        @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
+        @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
+
+        func parsedCounts() throws -> [Int] {
+            let parts = counts.split(separator: ",", omittingEmptySubsequences: false)
+            let ns = parts.compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+            guard !ns.isEmpty, ns.count == parts.count, ns.allSatisfy({ (1...200).contains($0) }) else {
+                throw ValidationError("--counts must be numbers from 1 to 200 separated by commas, not '\(counts)'")
+            }
+            return ns
+        }
+
+        func validate() throws {
+            _ = try parsedCounts()
+            guard (64...65536).contains(memory) else { throw ValidationError("--memory must be 64 to 65536 MiB") }
+        }
+
+        func run() throws {
+            bootstrapOnce
+            var b = AdoptBenchmark(workDir: dir, guestDir: guest, counts: try parsedCounts(), memoryMiB: memory) {
+                FileHandleStderr.write("bench: \($0)\n")
+            }
+            b.storeHost = storeHost
+            let (json, bench) = (json, b)
+            try runBlocking {
+                let r = try await bench.run()
+                if json { return try printJSON(r, snakeCase: true) }
+                print(
+                    "accelerator \(r.accelerator), store in \(r.storeHost == "process" ? "a storage process" : "this process"), guest memory \(r.memoryMiB) MiB"
+                )
+                print("until all N answer with the value in their memory (ms): takeover vs resume from suspend")
+                for x in r.rounds {
+                    print(
+                        "  N=\(String(x.count).leftPad(3))  takeover \(f1(x.adoptMillis).leftPad(9)) (recover \(f1(x.adoptRecoverMillis)))  resume \(f1(x.resumeMillis).leftPad(9))  ratio \(f2(x.ratio))  (the stop's suspend took \(f1(x.suspendMillis)))"
+                    )
                 }
                 print("total \(f1(r.seconds)) s")
             }
@@ -379,3 +441,5 @@ func writePlot(_ chart: BarChart, to path: String) throws {
     }
     FileHandleStderr.write("bench: figure written to \(path)\n")
 }
+
+extension BenchStoreHost: ExpressibleByArgument {}

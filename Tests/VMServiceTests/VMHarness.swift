@@ -45,11 +45,16 @@ final class VMHarness: @unchecked Sendable {
     private(set) var service: VMService
     var mountpoint: String { tmp.sub("mnt") }
 
-    init(warmPool: Int = 0, configure: @escaping @Sendable (inout VMServiceOptions) -> Void = { _ in }) throws {
+    /// - Parameter storeDirectory: where the store is created (default: in the harness's
+    ///   temporary directory).
+    init(
+        warmPool: Int = 0, storeDirectory: String? = nil,
+        configure: @escaping @Sendable (inout VMServiceOptions) -> Void = { _ in }
+    ) throws {
         self.warmPool = warmPool
         self.configure = configure
         try FileManager.default.createDirectory(atPath: tmp.sub("mnt"), withIntermediateDirectories: true)
-        store = try BlockStore.create(at: tmp.sub("store"))
+        store = try BlockStore.create(at: storeDirectory ?? tmp.sub("store"))
         let rootfs = try store.createFile("rootfs")
         let fd = open(guestDir + "/test-rootfs.ext4", O_RDONLY)
         defer { close(fd) }

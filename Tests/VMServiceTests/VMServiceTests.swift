@@ -840,6 +840,67 @@ struct VMServiceTests {
             #expect(try await h.service.kill(a.id).state == .stopped)
         }
     }
+
+    /// The filesystem holding the store fills up while a running VM is snapshotted: the
+    /// snapshot fails saying the disk is full, the VM runs on with its memory as it was, the
+    /// store checks clean, and once the VM is deleted and the store collected the space is
+    /// back (and a snapshot of a new VM succeeds).
+    @Test(.timeLimit(.minutes(5))) func aSnapshotIntoAFullStoreFailsCleanlyAndTheVMRunsOn() async throws {
+        let dir = TempDir("fullstore")
+        let fs = dir.sub("fs")
+        try FileManager.default.createDirectory(atPath: fs, withIntermediateDirectories: true)
+        try #require(
+            mount("tmpfs", fs, "tmpfs", 0, "size=192m") == 0, "mount tmpfs: \(String(cString: strerror(errno)))")
+        defer { umount2(fs, Int32(MNT_DETACH)) }
+        func freeBytes() -> UInt64 {
+            var st = statvfs()
+            return statvfs(fs, &st) == 0 ? UInt64(st.f_bavail) * UInt64(st.f_frsize) : 0
+        }
+        let h = try VMHarness(storeDirectory: fs + "/store")
+        do {
+            let freeAtStart = freeBytes()
+            let svc = h.service
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            // A first snapshot writes back what the boot dirtied; the one measured below has
+            // only the guest's new random bytes to write.
+            try await svc.deleteSnapshot(svc.snapshot(vm.id).id)
+            let sum = try await guest(sh, "head -c 40000000 /dev/urandom > /tmp/r && sha256sum /tmp/r")
+            // Leave 8 MiB: far less than the 40 MB of incompressible guest RAM to write.
+            let filler = fs + "/filler"
+            let fd = open(filler, O_CREAT | O_WRONLY, 0o600)
+            try #require(fd >= 0)
+            let fill = Int(freeBytes()) - (8 << 20)
+            try #require(fill > 0 && posix_fallocate(fd, 0, fill) == 0, "fill the tmpfs")
+            close(fd)
+            do {
+                let s = try await svc.snapshot(vm.id)
+                Issue.record("a snapshot into a full store succeeded: \(s.id)")
+            } catch let e as FurcateError {
+                #expect(e.code == .diskFull, "\(e)")
+                #expect(e.description.contains("disk full"), "\(e)")
+            }
+            #expect(try await svc.info(vm.id).state == .running)
+            #expect(await svc.listSnapshots().isEmpty, "no half-made snapshot is listed")
+            let qemu = try #require(await svc.process(vm.id))
+            #expect(try await qemu.runStatus() == "running", "not paused by a disk error")
+            #expect(try await guest(sh, "sha256sum /tmp/r") == sum, "the guest's memory is as it was")
+            // Room again: the same snapshot now succeeds, and the VM still runs.
+            try FileManager.default.removeItem(atPath: filler)
+            let snap = try await svc.snapshot(vm.id)
+            #expect(try await guest(sh, "sha256sum /tmp/r") == sum)
+            let report = try h.store.fsck()
+            #expect(report.clean, "\(report.problems)")
+            // Delete and collect: the space comes back.
+            try await svc.deleteSnapshot(snap.id)
+            try await svc.delete(vm.id)
+            _ = try h.store.gc()
+            #expect(freeBytes() + (4 << 20) >= freeAtStart, "free \(freeBytes()) of \(freeAtStart) at the start")
+        } catch {
+            Issue.record(error)
+        }
+        await h.tearDown()
+    }
 }
 
 /// Replaces a snapshot's device state with damaged bytes of the same length; returns the good ones.
