@@ -1049,6 +1049,15 @@ public actor VMService {
         }
     }
 
+    /// Lets go of every QEMU, pooled ones included, ending none and saying nothing: what this
+    /// process's death leaves behind (its connections closed, nothing else). For tests of a
+    /// server that died; a real one's kernel closes the same connections.
+    public func abandonAll() {
+        poolGate = .closed
+        pool.removeAll()
+        for id in Array(instances.keys) { tearDown(id)?.process.qmp.close() }
+    }
+
     /// The storage process serving every VM's disk and RAM ended (`reason` says how): each
     /// QEMU left is ended (its files are gone from under it) and its VM is lost, keeping its
     /// disk as the store last synced it; start boots it again once a storage process runs.
