@@ -56,6 +56,8 @@ let package = Package(
             name: "StoreServer",
             dependencies: ["FurcateCore", "BlockStore", "CSpawn", .product(name: "Logging", package: "swift-log")]
         ),
+        // VM networks: a namespace, veth pair and tap per VM, the policy in nftables (ip, nft).
+        .target(name: "VMNetwork", dependencies: ["FurcateCore"]),
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
         .target(
             name: "Hypervisor",
@@ -167,6 +169,7 @@ let package = Package(
             path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "FurcateBenchTests", dependencies: ["FurcateBench"]),
+        .testTarget(name: "VMNetworkTests", dependencies: ["VMNetwork", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "FurcateCore", "FurcateTestSupport"]),
         .testTarget(
             name: "APIServerTests",

@@ -23,6 +23,9 @@ FURCATE_PACKAGES=(
   apache2-utils     # image tests: htpasswd for the registry's basic auth
   zstd              # image tests: zstd-compressed layers
   mmdebstrap        # the default Debian 12 image (scripts/guest-artifacts.sh)
+  iproute2          # VM networks: namespaces, veth pairs, taps (ip)
+  nftables          # VM networks: isolation and egress policy (nft)
+  curl              # network tests: reaching servers from inside a VM's namespace
 )
 
 install_packages() {

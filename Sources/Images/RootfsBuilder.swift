@@ -148,23 +148,6 @@ public enum RootfsBuilder {
 
     /// Runs a tool from PATH; a failure carries its stderr.
     public static func runTool(_ tool: String, _ args: [String]) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = [tool] + args
-        let errPipe = Pipe()
-        p.standardError = errPipe
-        p.standardOutput = FileHandle.nullDevice
-        do { try p.runWithSignalsUnblocked() } catch {
-            throw FurcateError(
-                .notFound, "cannot run \(tool) (install e2fsprogs)", underlying: UnderlyingMessage(error))
-        }
-        let err = errPipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            let msg = String(decoding: err, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            let full = msg.contains("No space left") || msg.contains("Could not allocate")
-            throw FurcateError(
-                full ? .diskFull : .io, "\(tool) failed (status \(p.terminationStatus)): \(msg.suffix(600))")
-        }
+        try HostTool.run(tool, args, package: "e2fsprogs")
     }
 }

@@ -1,0 +1,37 @@
+// What a VM's guest may reach, as the kernel firewall enforces it (the per-VM chain of the
+// host's table, NetworkHost+Rules.swift).
+import FurcateCore
+
+/// Where a VM's connections may go. The host itself (loopback and every address of its own)
+/// and other VMs are never reachable; the ranges of `IPv4Network.blockedByDefault` only when
+/// `allowedNetworks` names them.
+public struct EgressPolicy: Codable, Sendable, Equatable {
+    /// Public addresses (everything not blocked by default) are reachable.
+    public var allowPublic: Bool
+    /// When set, public addresses are reachable on these TCP/UDP destination ports only.
+    public var publicPorts: [UInt16]?
+    /// Networks reachable on any port whatever the rest says, private ranges included.
+    public var allowedNetworks: [IPv4Network]
+
+    /// A policy; the defaults let a guest reach the public internet and nothing private.
+    public init(allowPublic: Bool = true, publicPorts: [UInt16]? = nil, allowedNetworks: [IPv4Network] = []) {
+        self.allowPublic = allowPublic
+        self.publicPorts = publicPorts
+        self.allowedNetworks = allowedNetworks
+    }
+
+    /// The public internet, nothing private.
+    public static let allowPublicInternet = EgressPolicy()
+    /// Nothing at all.
+    public static let denyAll = EgressPolicy(allowPublic: false)
+
+    /// - Throws: `.invalidArgument` for port 0 or an empty port list.
+    public func validate() throws {
+        if let ports = publicPorts {
+            guard !ports.isEmpty else {
+                throw FurcateError(.invalidArgument, "publicPorts is empty: leave it out for any port, or deny public")
+            }
+            guard !ports.contains(0) else { throw FurcateError(.invalidArgument, "port 0 is not a destination port") }
+        }
+    }
+}
