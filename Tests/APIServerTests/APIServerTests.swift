@@ -31,10 +31,7 @@ let apiVMUnavailable: String? = {
     }
     return nil
 }()
-let apiVMAvailable: Bool = {
-    if let why = apiVMUnavailable { print("skipping API VM tests: \(why)") }
-    return apiVMUnavailable == nil
-}()
+let apiVMAvailable = facilityAvailable("API VM tests", unavailable: apiVMUnavailable)
 
 /// The engine over a temporary directory (store, mount, services), keys for two accounts, and a
 /// snapshot of the test rootfs owned by account a.

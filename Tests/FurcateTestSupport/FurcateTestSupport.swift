@@ -74,3 +74,16 @@ public func runCommand(_ args: [String], env: [String: String]? = nil) throws ->
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }
+
+/// Whether tests that need a facility (root, FUSE, QEMU, a registry, …) run: yes when it is
+/// there; when `unavailable` says why it is not, no — except in CI (`CI=true`, which `.ci/run`
+/// sets), where every facility must be there: the tests run anyway and fail saying what broke.
+public func facilityAvailable(_ what: String, unavailable: String?) -> Bool {
+    guard let why = unavailable else { return true }
+    if ProcessInfo.processInfo.environment["CI"] == "true" {
+        print("CI: running \(what) although \(why): in CI they must not be skipped")
+        return true
+    }
+    print("skipping \(what): \(why)")
+    return false
+}

@@ -25,10 +25,7 @@ let bootUnavailable: String? = {
     return nil
 }()
 
-let bootAvailable: Bool = {
-    if let why = bootUnavailable { print("skipping image boot tests: \(why)") }
-    return bootUnavailable == nil
-}()
+let bootAvailable = facilityAvailable("image boot tests", unavailable: bootUnavailable)
 
 /// An image pushed to a registry, pulled, booted: the agent (injected at import, the init of an
 /// image without one) proves the layers were applied and the image's Env is set.

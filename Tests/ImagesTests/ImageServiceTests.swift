@@ -243,10 +243,7 @@ extension RegistryPullTests {
     }
 }
 
-let registryAvailable: Bool = {
-    if let why = TestRegistry.unavailable { print("skipping registry tests: \(why)") }
-    return TestRegistry.unavailable == nil
-}()
+let registryAvailable = facilityAvailable("registry tests", unavailable: TestRegistry.unavailable)
 
 /// Pull events as their case names, for checks that a phase happened.
 final class EventLog: @unchecked Sendable {

@@ -16,10 +16,7 @@ let fuseUnavailable: String? = {
     return nil
 }()
 
-let fuseAvailable: Bool = {
-    if let why = fuseUnavailable { print("skipping FUSE tests: \(why)") }
-    return fuseUnavailable == nil
-}()
+let fuseAvailable = facilityAvailable("FUSE tests", unavailable: fuseUnavailable)
 
 /// A store mounted by a real `furcate mount --foreground` child process.
 final class Mounted {

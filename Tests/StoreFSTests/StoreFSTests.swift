@@ -291,10 +291,7 @@ struct QEMUSmokeTests {
         return nil
     }
 
-    static let available: Bool = {
-        if let why = unavailable { print("skipping QEMU smoke test: \(why)") }
-        return unavailable == nil
-    }()
+    static let available = facilityAvailable("the QEMU smoke test", unavailable: unavailable)
 
     @Test(.enabled(if: available, "needs qemu-system-x86_64 and the guest artifacts"))
     func guestBootsWithItsRAMOnAStoreFile() throws {

@@ -62,7 +62,7 @@ import Testing
 /// Real namespaces, veth pairs, taps and nftables. The checks run from inside a VM's namespace
 /// (the guest side comes with QEMU in the VM tests); the "internet" is a namespace of the
 /// test's own on 198.51.100.0/24, with a private and a link-local address routed to it.
-@Suite(.enabled(if: NetworkFixture.unavailable == nil, "\(NetworkFixture.unavailable ?? "")"), .serialized)
+@Suite(.enabled(if: networkAvailable, "needs root, ip, nft, curl and python3"), .serialized)
 struct NetworkHostTests {
     @Test(.timeLimit(.minutes(3))) func isolationAndPolicyAreEnforcedAndNothingIsLeft() throws {
         let f = try NetworkFixture()
@@ -116,6 +116,8 @@ struct NetworkHostTests {
         #expect(!(try h.tableExists()))
     }
 }
+
+let networkAvailable = facilityAvailable("network tests", unavailable: NetworkFixture.unavailable)
 
 /// The test's "internet" namespace, a server on the host, and a NetworkHost with a tag and a
 /// pool of the test's own.

@@ -28,10 +28,7 @@ let vmUnavailable: String? = {
     return nil
 }()
 
-let vmAvailable: Bool = {
-    if let why = vmUnavailable { print("skipping VM tests: \(why)") }
-    return vmUnavailable == nil
-}()
+let vmAvailable = facilityAvailable("VM tests", unavailable: vmUnavailable)
 
 /// A store mounted in this process (as `furcate serve` does), the test rootfs imported as the
 /// file `rootfs`, and a VM service over it. `restart()` replaces the service as a restarted
