@@ -87,7 +87,7 @@ let package = Package(
         .target(
             name: "VMService",
             dependencies: [
-                "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol", "RecordStore",
+                "FurcateCore", "BlockStore", "Hypervisor", "GuestAgentProtocol", "RecordStore", "VMNetwork",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -165,7 +165,7 @@ let package = Package(
         ),
         // Helpers shared by the test targets (temp dirs, the built binary).
         .target(
-            name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn"],
+            name: "FurcateTestSupport", dependencies: ["FurcateCore", "StoreFS", "CSpawn", "VMNetwork"],
             path: "Tests/FurcateTestSupport"),
         .testTarget(name: "FurcateCoreTests", dependencies: ["FurcateCore", "FurcateTestSupport"]),
         .testTarget(name: "FurcateBenchTests", dependencies: ["FurcateBench"]),

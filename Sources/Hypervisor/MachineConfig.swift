@@ -56,6 +56,10 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     /// own network, no privileges, no bridge). The initramfs configures it from `furcate.net=`.
     /// Part of the machine: a restore must have it exactly when the snapshot's machine had it.
     public var network = false
+    /// With `network`: the network namespace QEMU runs in, its NIC on the namespace's tap
+    /// device (VMNetwork) instead of user-mode networking. The guest sees the same NIC and
+    /// addresses either way, so a snapshot restores on either.
+    public var netNamespace: String?
     /// TCG's translation cache in MiB: QEMU's default (1 GiB) would let a hundred idle forks
     /// reserve far more than they use.
     public var tcgCacheMiB: Int = 64
@@ -84,6 +88,9 @@ public struct MachineConfig: Sendable, Codable, Equatable {
         self.qmpSocket = qmpSocket
         self.consoleLog = consoleLog
     }
+
+    /// The tap device of a VM's network namespace.
+    public static let tapDevice = "tap0"
 
     /// The kernel command line. `tsc_early_khz`: measured, a microvm under TCG otherwise hangs
     /// in early TSC calibration about half the time.
@@ -130,7 +137,9 @@ public struct MachineConfig: Sendable, Codable, Equatable {
             ]
         }
         if network {
-            a += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+            let backend =
+                netNamespace == nil ? "user,id=net0" : "tap,id=net0,ifname=\(Self.tapDevice),script=no,downscript=no"
+            a += ["-netdev", backend, "-device", "virtio-net-device,netdev=net0"]
         }
         a += [
             "-device", "virtio-rng-device",

@@ -46,7 +46,14 @@ public final class QEMUProcess: Sendable {
         unlink(config.qmpSocket)
         unlink(config.channelSocket)
         if let shell = config.shellSocket { unlink(shell) }
-        let pid = try spawn(binary, config.arguments(incoming: incoming), logPath: logPath)
+        let pid: pid_t
+        if let ns = config.netNamespace {
+            // `ip netns exec` joins the namespace and execs QEMU: the pid stays QEMU's.
+            pid = try spawn(
+                Self.ipTool, ["netns", "exec", ns, binary] + config.arguments(incoming: incoming), logPath: logPath)
+        } else {
+            pid = try spawn(binary, config.arguments(incoming: incoming), logPath: logPath)
+        }
         let exit = ExitTracker(pid)
         let qmp: QMPClient
         do {
@@ -135,6 +142,10 @@ public final class QEMUProcess: Sendable {
                 operation: "posix_spawn", errno: e.errno)
         }
     }
+
+    /// iproute2's `ip`, which starts QEMU in a VM's network namespace.
+    static let ipTool: String =
+        ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { access($0, X_OK) == 0 } ?? "/usr/sbin/ip"
 
     /// The last lines of QEMU's log, for error messages.
     public static func logTail(_ path: String, lines: Int = 5) -> String {

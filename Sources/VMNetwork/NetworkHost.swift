@@ -55,6 +55,8 @@ public enum GuestAddressing {
     public static let resolver = IPv4Address(0x0a00_0203)  // 10.0.2.3
     /// Prefix length of the guest's network.
     public static let prefix = 24
+    /// The gateway's MAC address (locally administered), the same in every namespace.
+    public static let gatewayMAC = "02:66:63:00:00:02"
     /// The tap device QEMU opens in the namespace.
     public static let tap = "tap0"
     /// The namespace's end of the veth pair.
@@ -166,6 +168,8 @@ public struct NetworkHost: Sendable {
                 GuestAddressing.tap,
             ])
             try ip(["-n", p.namespace, "addr", "add", "\(GuestAddressing.resolver)/32", "dev", GuestAddressing.tap])
+            // One MAC address for every gateway: a fork's guest keeps its parent's ARP cache.
+            try ip(["-n", p.namespace, "link", "set", GuestAddressing.tap, "address", GuestAddressing.gatewayMAC])
             try ip(["-n", p.namespace, "link", "set", GuestAddressing.tap, "up"])
             try inNamespace(p, "nft", ["-f", "-"], input: HostRules.namespaceTable())
             try nft(HostRules.vmChain(p, policy: policy, host: self) + HostRules.vmJump(p, host: self))

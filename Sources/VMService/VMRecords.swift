@@ -28,6 +28,9 @@ public struct VMInfo: Sendable, Codable, Equatable {
     public var paused: Bool = false
     /// While lost: why, and what was kept (its disk; never its memory).
     public var lostReason: String?
+    /// Its place in the host's VM network pool (`VMServiceOptions.networks`): its namespace,
+    /// links and firewall chain, kept until it is deleted. Nil on user-mode networking.
+    public var networkIndex: Int?
     /// When it was made, Unix seconds.
     public var createdAt: Double
     /// The store file its root disk is (`vm-ID.disk`).

@@ -116,6 +116,7 @@ extension VMService {
         tearDown(e.id)
         for f in ["vm-\(e.id).mem", "vm-\(e.id).disk"] { try? store.deleteFile(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(e.id))
+        releaseNetwork(e.id)
     }
 
     /// Store files named for VMs the database does not know: pool entries or half-made VMs of

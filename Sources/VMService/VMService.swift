@@ -11,6 +11,7 @@ import FurcateCore
 import GuestAgentProtocol
 import Hypervisor
 import Logging
+import VMNetwork
 
 #if canImport(Glibc)
     import Glibc
@@ -43,6 +44,12 @@ public struct VMServiceOptions: Sendable {
     /// builds need for apt and pip). Service-wide, like `debugShell`: snapshots restore only
     /// into machines with the same devices.
     public var network = true
+    /// With `network`: give every VM a network of its own (VMNetwork: a namespace, a veth pair,
+    /// a tap device, the policy in nftables) instead of QEMU's user-mode network. Nil: user
+    /// mode.
+    public var networks: NetworkHost?
+    /// The egress policy of a VM network (with `networks`).
+    public var egress = EgressPolicy.allowPublicInternet
     /// How long the freshening of a restored VM (see `awaitFreshened`) waits for its agent, in
     /// time its QEMU could run (time spent waiting for a CPU on a loaded host does not count;
     /// see `Deadline`). An image without an agent still runs; the restore then logs that its
@@ -167,6 +174,10 @@ public actor VMService {
     var compressionJobs: [String: (task: Task<Void, Never>, cancel: CancelFlag)] = [:]
     /// Warm pool (VMService+WarmPool.swift).
     var pool: [PoolShape: [PoolEntry]] = [:]
+    /// The VM network of each VM and pooled QEMU (with `options.networks`), by id.
+    var networkIndexes: [String: Int] = [:]
+    /// Whether the host's table was made (by `recover`, or the first network's launch).
+    var networksPrepared = false
     var refilling: Set<PoolShape> = []
     /// Whether refills may start QEMUs: `drainWarmPool` stops them until `prewarm`,
     /// `shutdown` for good.
@@ -204,7 +215,10 @@ public actor VMService {
                 underlying: UnderlyingMessage(error))
         }
         db = try VMDatabase(path: options.dataDirectory + "/vms.sqlite")
-        for vm in try db.vms() { vms[vm.id] = vm }
+        for vm in try db.vms() {
+            vms[vm.id] = vm
+            if let i = vm.networkIndex { networkIndexes[vm.id] = i }
+        }
         for s in try db.snapshots() { snapshots[s.id] = s }
     }
 
@@ -925,6 +939,7 @@ public actor VMService {
             if let sid = vm.suspendedSnapshot, let snap = snapshots[sid] { try? deleteSnapshotFiles(snap) }
             for f in [vm.memoryFile, vm.diskFile] where (try? store.fileExists(f)) == true { try store.deleteFile(f) }
             try? FileManager.default.removeItem(atPath: runDirectory(id))
+            releaseNetwork(id)
             try db.deleteVM(id)
             vms[id] = nil
         }
@@ -955,6 +970,7 @@ public actor VMService {
     /// suspended at a graceful shutdown are resumed. Returns the ids resumed or taken over.
     @discardableResult
     public func recover() async -> [String] {
+        recoverNetworks()
         let leftovers = leftoverQEMUs()
         var resumed: [String] = []
         // A suspend the last server did not finish, its QEMU still running: the VM runs on (its
@@ -1132,6 +1148,8 @@ public actor VMService {
     }
 
     private func record(_ vm: VMInfo) throws {
+        var vm = vm
+        vm.networkIndex = networkIndexes[vm.id]
         try db.save(vm)
         vms[vm.id] = vm
     }
@@ -1168,7 +1186,8 @@ public actor VMService {
     func launch(_ vm: VMInfo, memoryPath: String, shared: Bool, incoming: Bool) async throws -> QEMUProcess {
         let run = runDirectory(vm.id)
         try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
-        let config = machineConfig(vm, memoryPath: memoryPath, shared: shared)
+        var config = machineConfig(vm, memoryPath: memoryPath, shared: shared)
+        if config.network, options.networks != nil { config.netNamespace = try ensureNetwork(vm.id).namespace }
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }
@@ -1290,6 +1309,7 @@ public actor VMService {
         if let p = instances[vm.id]?.process { await end(vm.id, p, graceful: false) }
         for f in [vm.memoryFile, vm.diskFile] { try? store.deleteFile(f) }
         try? FileManager.default.removeItem(atPath: runDirectory(vm.id))
+        releaseNetwork(vm.id)
         try? db.deleteVM(vm.id)
         vms[vm.id] = nil
     }

@@ -908,6 +908,47 @@ struct VMServiceTests {
         }
         await h.tearDown()
     }
+
+    /// A VM on a network of its own (VMNetwork, QEMU on the namespace's tap): the guest reaches
+    /// the test's internet and nothing of the host (not its loopback through the gateway, not
+    /// the host's end of the veth) nor link-local or private ranges; a fork gets a network of
+    /// its own and reaches the internet at once; deleting them removes their namespaces.
+    @Test(.timeLimit(.minutes(5)), .enabled(if: networkAvailable))
+    func aVMOnItsOwnNetworkReachesTheInternetAndNotTheHost() async throws {
+        try await NetworkFixture.with { f in await Self.ownNetwork(f) }
+    }
+
+    static func ownNetwork(_ f: NetworkFixture) async {
+        let net = f.host
+        await withHarness(configure: { $0.networks = net }) { _, svc in
+            let vm = try await svc.create(CreateVMRequest(image: "rootfs"))
+            let sh = try await svc.guestShell(vm.id, timeout: .seconds(60))
+            // busybox's nc (its static wget crashes resolving even an address): the body's line.
+            func fetch(_ target: String) -> String {
+                let hostPort = target.split(separator: ":").joined(separator: " ")
+                return "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 \(hostPort) 2>/dev/null | tail -n 1; echo"
+            }
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")) == "inet-8000")
+            let index = try #require(try await svc.info(vm.id).networkIndex)
+            let plan = try net.plan(index)
+            for target in [
+                "10.0.2.2:\(f.hostPort)", "\(plan.hostAddress):\(f.hostPort)", "169.254.169.254:8000",
+                "192.168.77.10:8000",
+            ] {
+                let out = try await guest(sh, fetch(target))
+                #expect(out.isEmpty, "\(target) answered: \(out)")
+            }
+            let fork = try await svc.fork(vm.id, count: 1).vms[0]
+            let fsh = try await svc.guestShell(fork.id, timeout: .seconds(60))
+            #expect(try await guest(fsh, fetch("198.51.100.10:8000")) == "inet-8000")
+            let forkIndex = try await svc.info(fork.id).networkIndex
+            #expect(forkIndex != nil && forkIndex != index)
+            #expect(try net.namespaces().count == 2)
+            try await svc.delete(fork.id)
+            try await svc.delete(vm.id)
+            #expect(try net.namespaces().isEmpty && net.hostLinks().isEmpty)
+        }
+    }
 }
 
 /// Replaces a snapshot's device state with damaged bytes of the same length; returns the good ones.
