@@ -155,7 +155,7 @@ let package = Package(
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "FurcateBench", "Hypervisor", "VMService",
                 "Images",
-                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn",
+                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn", "VMNetwork",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),

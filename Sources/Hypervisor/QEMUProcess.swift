@@ -48,9 +48,12 @@ public final class QEMUProcess: Sendable {
         if let shell = config.shellSocket { unlink(shell) }
         let pid: pid_t
         if let ns = config.netNamespace {
-            // `ip netns exec` joins the namespace and execs QEMU: the pid stays QEMU's.
+            // nsenter joins the network namespace only and execs QEMU (the pid stays QEMU's).
+            // Not `ip netns exec`: it also makes a new mount namespace, a copy of every mount of
+            // the host's, which kept other stores' FUSE mounts from ending when unmounted.
             pid = try spawn(
-                Self.ipTool, ["netns", "exec", ns, binary] + config.arguments(incoming: incoming), logPath: logPath)
+                Self.nsenterTool, ["--net=/run/netns/\(ns)", "--", binary] + config.arguments(incoming: incoming),
+                logPath: logPath)
         } else {
             pid = try spawn(binary, config.arguments(incoming: incoming), logPath: logPath)
         }
@@ -143,9 +146,9 @@ public final class QEMUProcess: Sendable {
         }
     }
 
-    /// iproute2's `ip`, which starts QEMU in a VM's network namespace.
-    static let ipTool: String =
-        ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { access($0, X_OK) == 0 } ?? "/usr/sbin/ip"
+    /// util-linux's `nsenter`, which starts QEMU in a VM's network namespace.
+    static let nsenterTool: String =
+        ["/usr/bin/nsenter", "/bin/nsenter", "/usr/sbin/nsenter"].first { access($0, X_OK) == 0 } ?? "/usr/bin/nsenter"
 
     /// The last lines of QEMU's log, for error messages.
     public static func logTail(_ path: String, lines: Int = 5) -> String {

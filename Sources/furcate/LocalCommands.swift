@@ -11,6 +11,7 @@ import Images
 import StoreFS
 import StoreServer
 import Synchronization
+import VMNetwork
 import VMService
 
 #if canImport(Glibc)
@@ -41,7 +42,8 @@ final class LocalEngine: @unchecked Sendable {
     ///   storage process instead of opening the store here.
     init(
         _ data: DataOption, warmPool: Int = 0, capacity: VMCapacity? = nil, concurrentBoots: Int? = nil,
-        storageProcess: Bool = false, snapshotCompression: SnapshotCompression? = nil
+        storageProcess: Bool = false, snapshotCompression: SnapshotCompression? = nil, networks: NetworkHost? = nil,
+        egress: EgressPolicy = .allowPublicInternet
     ) throws {
         guard geteuid() == 0 else {
             throw FurcateError(.notPermitted, "this command mounts the store and runs VMs: run it as root")
@@ -85,6 +87,8 @@ final class LocalEngine: @unchecked Sendable {
             vmOptions.capacity = capacity
             vmOptions.concurrentBoots = concurrentBoots
             vmOptions.snapshotCompression = snapshotCompression
+            vmOptions.networks = networks
+            vmOptions.egress = egress
             vms = try VMService(store: store, options: vmOptions)
             builds = try BuildService(
                 images: images, vms: vms, options: BuildServiceOptions(directory: l.root + "/builds"))

@@ -8,6 +8,7 @@ import FurcateEngine
 import Logging
 import ServiceLifecycle
 import StoreServer
+import VMNetwork
 import VMService
 
 /// `furcate serve`: the engine over a data directory and the HTTP API, until SIGTERM/SIGINT.
@@ -57,6 +58,17 @@ struct ServeCommand: ParsableCommand {
             "Compress the memory of every new snapshot in the background: none, zstd, zstd:LEVEL (1-19) or lz4 (default: none)."
     )
     var snapshotCompression = "none"
+    @Option(
+        name: .customLong("vm-network"),
+        help:
+            "Give every VM a network of its own, its host links numbered from this IPv4 pool (a /30 each, e.g. 10.231.0.0/16; it must not overlap the host's networks): guests then reach neither this host nor one another nor private ranges. Default: off (QEMU's user-mode network, where a guest reaches this host's loopback)."
+    )
+    var vmNetwork: String?
+    @Option(
+        help:
+            "With --vm-network: what guests may reach by default, allow (the public internet) or deny (nothing)."
+    )
+    var egress = "allow"
     @Flag(
         name: .customLong("keep-vms-running"),
         help:
@@ -81,6 +93,14 @@ struct ServeCommand: ParsableCommand {
         }
         do { _ = try Self.compression(snapshotCompression) } catch let e as FurcateError {
             throw ValidationError("--snapshot-compression: \(e.message)")
+        }
+        if let n = vmNetwork {
+            do { _ = try IPv4Network(parsing: n) } catch let e as FurcateError {
+                throw ValidationError("--vm-network: \(e.message)")
+            }
+        }
+        guard ["allow", "deny"].contains(egress) else {
+            throw ValidationError("--egress must be allow or deny, not '\(egress)'")
         }
         if let q = storageQuotaGb, !(1...(1 << 20)).contains(q) {
             throw ValidationError("--storage-quota-gb must be 1 to 1048576, not \(q)")
@@ -118,11 +138,17 @@ struct ServeCommand: ParsableCommand {
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
         let (concurrentBoots, keep) = (concurrentBoots, keepVMsRunning)
         let compression = try Self.compression(snapshotCompression)
+        let networks = try vmNetwork.map {
+            NetworkHost(
+                options: try NetworkOptions(
+                    pool: IPv4Network(parsing: $0), tag: NetworkOptions.tag(for: data.layout.root)))
+        }
+        let egress: EgressPolicy = egress == "deny" ? .denyAll : .allowPublicInternet
         try runBlocking { [capacity] in
             let logger = Logger(label: "furcate.serve")
             let engine = try LocalEngine(
                 data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots, storageProcess: true,
-                snapshotCompression: compression)
+                snapshotCompression: compression, networks: networks, egress: egress)
             let l = engine.layout
             let group: ServiceGroup
             do {
