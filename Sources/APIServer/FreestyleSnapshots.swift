@@ -67,9 +67,10 @@ extension FreestyleRoutes {
         }
         v1.patch("vms/snapshots/{snapshot_id}") { req, ctx in
             var s = try await ownedSnapshot(ctx).record
-            s.name = try RequestBodies.decode(
-                UpdateSnapshotRequest.self, from: try await req.body.collect(upTo: 1 << 20)
-            ).name
+            let body = try await req.body.collect(upTo: 1 << 20)
+            // The document requires a body here: none is not an empty update.
+            guard body.readableBytes > 0 else { throw FieldProblem([], .notAnObject) }
+            s.name = try RequestBodies.decode(UpdateSnapshotRequest.self, from: body).name
             s.updatedAt = Date().timeIntervalSince1970
             try engine.owners.saveSnapshot(s)
             return UpdateSnapshotResponse(snapshot_id: s.id, name: s.name)
