@@ -143,7 +143,7 @@ let package = Package(
             name: "FurcateBench",
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "Hypervisor", "VMService", "GuestAgentProtocol",
-                "Images", "Builds", "Accounts", "FurcateEngine", "APIServer",
+                "Images", "Builds", "Accounts", "FurcateEngine", "APIServer", "VMNetwork",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -4,6 +4,7 @@ import FurcateCore
 import GuestAgentProtocol
 import Hypervisor
 import StoreFS
+import VMNetwork
 import VMService
 
 #if canImport(Glibc)
@@ -69,6 +70,8 @@ public struct ForkBenchReport: Codable, Sendable {
     /// Where the store lived: "process" (a storage process, as `furcate serve` has it) or
     /// "local" (in the benchmark's process).
     public var storeHost = BenchStoreHost.local.rawValue
+    /// The VM network pool every VM's network came from ("" : QEMU's user-mode network).
+    public var vmNetwork = ""
     /// Each VM's guest RAM in MiB.
     public var memoryMiB: Int
     /// Block size of the memory files.
@@ -115,6 +118,9 @@ public struct ForkBenchmark: Sendable {
     public var settleSeconds = 10
     /// Where the store lives.
     public var storeHost = BenchStoreHost.local
+    /// When set, every VM gets a network of its own from this pool (VMNetwork), as
+    /// `furcate serve --vm-network` has it; nil: QEMU's user-mode network.
+    public var vmNetwork: IPv4Network?
     /// Called with a line for each step.
     public var progress: @Sendable (String) -> Void
 
@@ -145,6 +151,11 @@ public struct ForkBenchmark: Sendable {
             opts in
             opts.defaultMemoryMiB = memoryMiB
             opts.warmPoolSize = warmPool
+            if let pool = vmNetwork,
+                let o = try? NetworkOptions(pool: pool, tag: NetworkOptions.tag(for: workDir + "/bench"))
+            {
+                opts.networks = NetworkHost(options: o)
+            }
             // N TCG guests restored at once on a small host take longer than the service's 10 s
             // to answer their freshening; the benchmark reports how long it took instead.
             opts.agentTimeout = .seconds(max(10, 4 * count))
@@ -159,6 +170,7 @@ public struct ForkBenchmark: Sendable {
             guestWriteMiB: writeMiB, coldBootMillis: 0,
             coldBootGuestWriteMBps: 0)
         report.storeHost = storeHost.rawValue
+        report.vmNetwork = vmNetwork?.description ?? ""
         do {
             progress("cold boot (baseline)")
             let b0 = ContinuousClock.now

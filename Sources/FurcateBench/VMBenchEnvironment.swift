@@ -124,6 +124,7 @@ final class VMBenchEnvironment {
     func close() async {
         await service.drainWarmPool()
         for vm in await service.list() { try? await service.delete(vm.id) }
+        try? service.options.networks?.removeTable()
         mount?.stop()
         localStore?.close()
         await storage?.stop()

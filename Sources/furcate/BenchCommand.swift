@@ -3,6 +3,7 @@ import BlockStore
 import Foundation
 import FurcateBench
 import FurcateCore
+import VMNetwork
 import VMService
 
 struct BenchCommand: ParsableCommand {
@@ -163,11 +164,25 @@ struct BenchCommand: ParsableCommand {
                 "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
         )
         var storeHost: BenchStoreHost = .process
+        @Option(
+            help:
+                "Give every VM a network of its own from this IPv4 pool, as furcate serve --vm-network does (default: QEMU's user-mode network)."
+        )
+        var vmNetwork: String?
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
+        func validate() throws {
+            if let n = vmNetwork {
+                do { _ = try IPv4Network(parsing: n) } catch let e as FurcateError {
+                    throw ValidationError("--vm-network: \(e.message)")
+                }
+            }
+        }
+
         func run() throws {
             bootstrapOnce
+            let pool = try vmNetwork.map { try IPv4Network(parsing: $0) }
             let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot) =
                 (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot)
             let storeHost = storeHost
@@ -211,11 +226,12 @@ struct BenchCommand: ParsableCommand {
                 b.rounds = rounds
                 b.settleSeconds = settle
                 b.storeHost = storeHost
+                b.vmNetwork = pool
                 let r = try await b.run()
                 if let plot { try writePlot(r.chart, to: plot) }
                 if json { return try printJSON(r, snakeCase: true) }  // forks_verified, …
                 print(
-                    "accelerator \(r.accelerator), store in \(r.storeHost == "process" ? "a storage process" : "this process"), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
+                    "accelerator \(r.accelerator), store in \(r.storeHost == "process" ? "a storage process" : "this process"), network \(r.vmNetwork.isEmpty ? "user-mode" : "own namespaces from " + r.vmNetwork), guest memory \(r.memoryMiB) MiB in \(ByteSize.format(UInt64(r.memoryBlockSize))) store blocks"
                 )
                 print(
                     "baseline: cold boot to first guest response \(f1(r.coldBootMillis)) ms; guest write \(r.guestWriteMiB) MiB \(f1(r.coldBootGuestWriteMBps)) MB/s"
