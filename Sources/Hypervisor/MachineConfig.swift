@@ -21,6 +21,20 @@ public enum Accelerator: String, Sendable, Codable {
     }
 }
 
+/// A tap device in a network namespace (see `MachineConfig.netTap`).
+public struct NetTap: Sendable, Codable, Equatable {
+    /// The namespace's name (in /run/netns).
+    public var namespace: String
+    /// The tap device there.
+    public var device: String
+
+    /// The tap `device` in `namespace`.
+    public init(namespace: String, device: String) {
+        self.namespace = namespace
+        self.device = device
+    }
+}
+
 /// Everything QEMU needs to start one microVM. Two machines restored from the same device
 /// state must be started from configs that differ only in paths.
 public struct MachineConfig: Sendable, Codable, Equatable {
@@ -56,10 +70,10 @@ public struct MachineConfig: Sendable, Codable, Equatable {
     /// own network, no privileges, no bridge). The initramfs configures it from `furcate.net=`.
     /// Part of the machine: a restore must have it exactly when the snapshot's machine had it.
     public var network = false
-    /// With `network`: the network namespace QEMU runs in, its NIC on the namespace's tap
-    /// device (VMNetwork) instead of user-mode networking. The guest sees the same NIC and
+    /// With `network`: the network namespace QEMU runs in and the tap device there its NIC is
+    /// on (VMNetwork), instead of user-mode networking. The guest sees the same NIC and
     /// addresses either way, so a snapshot restores on either.
-    public var netNamespace: String?
+    public var netTap: NetTap?
     /// TCG's translation cache in MiB: QEMU's default (1 GiB) would let a hundred idle forks
     /// reserve far more than they use.
     public var tcgCacheMiB: Int = 64
@@ -88,9 +102,6 @@ public struct MachineConfig: Sendable, Codable, Equatable {
         self.qmpSocket = qmpSocket
         self.consoleLog = consoleLog
     }
-
-    /// The tap device of a VM's network namespace.
-    public static let tapDevice = "tap0"
 
     /// The kernel command line. `tsc_early_khz`: measured, a microvm under TCG otherwise hangs
     /// in early TSC calibration about half the time.
@@ -138,7 +149,7 @@ public struct MachineConfig: Sendable, Codable, Equatable {
         }
         if network {
             let backend =
-                netNamespace == nil ? "user,id=net0" : "tap,id=net0,ifname=\(Self.tapDevice),script=no,downscript=no"
+                netTap.map { "tap,id=net0,ifname=\($0.device),script=no,downscript=no" } ?? "user,id=net0"
             a += ["-netdev", backend, "-device", "virtio-net-device,netdev=net0"]
         }
         a += [

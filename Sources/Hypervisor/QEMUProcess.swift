@@ -47,7 +47,7 @@ public final class QEMUProcess: Sendable {
         unlink(config.channelSocket)
         if let shell = config.shellSocket { unlink(shell) }
         let pid: pid_t
-        if let ns = config.netNamespace {
+        if let ns = config.netTap?.namespace {
             // nsenter joins the network namespace only and execs QEMU (the pid stays QEMU's).
             // Not `ip netns exec`: it also makes a new mount namespace, a copy of every mount of
             // the host's, which kept other stores' FUSE mounts from ending when unmounted.

@@ -9,6 +9,7 @@
 //                     fcTAG-N 10.231.x.1/30   host: table inet furcate-TAG (policy per VM,
 //                               │              masquerade out of the host)
 //                            the host's routes
+import Foundation
 import FurcateCore
 
 /// Settings of a host's VM networks.
@@ -141,7 +142,7 @@ public struct NetworkHost: Sendable {
     public func attach(_ index: Int, policy: EgressPolicy) throws -> VMNetworkPlan {
         try policy.validate()
         let p = try plan(index)
-        if try namespaces().contains(p.namespace) {
+        if namespaceExists(p) {
             throw FurcateError(.exists, "the network namespace \(p.namespace) exists already")
         }
         do {
@@ -209,7 +210,7 @@ public struct NetworkHost: Sendable {
     @discardableResult
     public func removeLeftovers(keeping: Set<Int>) throws -> [Int] {
         var found = Set<Int>()
-        for n in try namespaces() where n.hasPrefix(namespacePrefix) {
+        for n in try namespaces() {
             if let i = Int(n.dropFirst(namespacePrefix.count)) { found.insert(i) }
         }
         for l in try hostLinks() { if let i = Int(l.dropFirst(linkPrefix.count)) { found.insert(i) } }
@@ -242,8 +243,14 @@ public struct NetworkHost: Sendable {
         }
     }
 
+    /// Whether the plan's namespace exists (its file in /run/netns: no process started, as
+    /// a launch asks on the restore path).
+    public func namespaceExists(_ p: VMNetworkPlan) -> Bool {
+        FileManager.default.fileExists(atPath: "/run/netns/" + p.namespace)
+    }
+
     private func removeNamespace(_ p: VMNetworkPlan) throws {
-        guard try namespaces().contains(p.namespace) else { return }
+        guard namespaceExists(p) else { return }
         try ip(["netns", "del", p.namespace])
     }
 

@@ -12,8 +12,7 @@ extension VMService {
         if !networksPrepared { recoverNetworks() }
         if let i = networkIndexes[id] {
             let p = try net.plan(i)
-            if try net.namespaces().contains(p.namespace) { return p }
-            return try net.attach(i, policy: options.egress)
+            return net.namespaceExists(p) ? p : try net.attach(i, policy: options.egress)
         }
         let used = Set(networkIndexes.values)
         guard let i = (0..<net.capacity).first(where: { !used.contains($0) }) else {
@@ -42,8 +41,7 @@ extension VMService {
         do {
             try net.prepare()
             let kept = Set(networkIndexes.values)
-            let present = Set(try net.namespaces())
-            for i in kept where present.contains(try net.plan(i).namespace) {
+            for i in kept where net.namespaceExists(try net.plan(i)) {
                 try net.restore(i, policy: options.egress)
             }
             let gone = try net.removeLeftovers(keeping: kept)

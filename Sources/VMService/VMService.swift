@@ -1187,7 +1187,9 @@ public actor VMService {
         let run = runDirectory(vm.id)
         try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var config = machineConfig(vm, memoryPath: memoryPath, shared: shared)
-        if config.network, options.networks != nil { config.netNamespace = try ensureNetwork(vm.id).namespace }
+        if config.network, options.networks != nil {
+            config.netTap = NetTap(namespace: try ensureNetwork(vm.id).namespace, device: GuestAddressing.tap)
+        }
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)
         }

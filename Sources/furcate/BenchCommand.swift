@@ -159,11 +159,7 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Also draw the figure against its baseline as SVG into this file.") var plot: String?
         @Option(help: "Seconds the base VM runs on after booting before it is snapshotted (0: at once).") var settle =
             10
-        @Option(
-            help:
-                "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
-        )
-        var storeHost: BenchStoreHost = .process
+        @OptionGroup var store: StoreHostOption
         @Option(
             help:
                 "Give every VM a network of its own from this IPv4 pool, as furcate serve --vm-network does (default: QEMU's user-mode network)."
@@ -185,7 +181,7 @@ struct BenchCommand: ParsableCommand {
             let pool = try vmNetwork.map { try IPv4Network(parsing: $0) }
             let (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot) =
                 (count, memoryMode, memory, warmPool, dir, guest, json, memoryBlockSize, rounds, settle, plot)
-            let storeHost = storeHost
+            let storeHost = store.storeHost
             try runBlocking {
                 let modes: [MemoryMode]
                 switch memoryMode {
@@ -286,11 +282,7 @@ struct BenchCommand: ParsableCommand {
         @Flag(help: "Print the report as JSON.") var json = false
         @Option(help: "The numbers of running VMs, comma-separated (each a round).") var counts = "1,8,32"
         @Option(help: "Guest memory in MiB.") var memory = 256
-        @Option(
-            help:
-                "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
-        )
-        var storeHost: BenchStoreHost = .process
+        @OptionGroup var store: StoreHostOption
         @Option(help: "Directory to hold the store (default: the current directory).") var dir: String = "."
         @Option(help: "Guest artifacts (scripts/guest-artifacts.sh).") var guest: String = ForkBenchmark.defaultGuestDir
 
@@ -313,7 +305,7 @@ struct BenchCommand: ParsableCommand {
             var b = AdoptBenchmark(workDir: dir, guestDir: guest, counts: try parsedCounts(), memoryMiB: memory) {
                 FileHandleStderr.write("bench: \($0)\n")
             }
-            b.storeHost = storeHost
+            b.storeHost = store.storeHost
             let (json, bench) = (json, b)
             try runBlocking {
                 let r = try await bench.run()
@@ -459,3 +451,11 @@ func writePlot(_ chart: BarChart, to path: String) throws {
 }
 
 extension BenchStoreHost: ExpressibleByArgument {}
+
+/// `--store-host`, shared by the VM benchmarks that can put the store in either place.
+struct StoreHostOption: ParsableArguments {
+    @Option(
+        help: "Where the store lives: process (a storage process, as furcate serve has it) or local (in this process)."
+    )
+    var storeHost: BenchStoreHost = .process
+}
