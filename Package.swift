@@ -58,6 +58,17 @@ let package = Package(
         ),
         // VM networks: a namespace, veth pair and tap per VM, the policy in nftables (ip, nft).
         .target(name: "VMNetwork", dependencies: ["FurcateCore"]),
+        // The HTTP ingress: a request's Host header names a VM's port; bytes are spliced through.
+        .target(
+            name: "Ingress",
+            dependencies: [
+                "FurcateCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // QEMU processes and QMP; knows files by path only (nothing of the store or HTTP).
         .target(
             name: "Hypervisor",
@@ -118,7 +129,7 @@ let package = Package(
             name: "FurcateEngine",
             dependencies: [
                 "FurcateCore", "VMService", "Builds", "Images", "Accounts", "RecordStore", "Hypervisor",
-                "GuestAgentProtocol",
+                "GuestAgentProtocol", "Ingress", "VMNetwork",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -155,7 +166,7 @@ let package = Package(
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "FurcateBench", "Hypervisor", "VMService",
                 "Images",
-                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn", "VMNetwork",
+                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn", "VMNetwork", "Ingress",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -175,7 +186,7 @@ let package = Package(
             name: "APIServerTests",
             dependencies: [
                 "APIServer", "FurcateEngine", "Accounts", "Builds", "Images", "VMService", "StoreFS", "BlockStore",
-                "Hypervisor", "FurcateCore", "FurcateTestSupport",
+                "Hypervisor", "FurcateCore", "FurcateTestSupport", "Ingress", "VMNetwork",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
@@ -193,7 +204,7 @@ let package = Package(
             name: "VMServiceTests",
             dependencies: [
                 "VMService", "Hypervisor", "GuestAgentProtocol", "StoreFS", "BlockStore", "FurcateCore",
-                "FurcateTestSupport",
+                "FurcateTestSupport", "VMNetwork",
             ]
         ),
         .testTarget(

@@ -22,7 +22,7 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
 fi
 work="$(mktemp -d /tmp/fst-XXXXXX)"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-FURCATE_DATA="$work/data" "$furcate" serve --port "$port" >"$work/serve.log" 2>&1 &
+FURCATE_DATA="$work/data" "$furcate" serve --port "$port" --ingress-port 0 >"$work/serve.log" 2>&1 &
 serve=$!
 cleanup() {
     kill -TERM "$serve" 2>/dev/null && wait "$serve" 2>/dev/null || true

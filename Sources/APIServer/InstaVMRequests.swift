@@ -111,8 +111,12 @@ extension InstaVMRoutes {
         var metadata: [String: JSONValue]?
         var snapshot_id: String?
         var snapshot_on_terminate, auto_suspend, auto_resume: Bool?
+        var egress_policy: EgressRequest?
+        var share: ShareRequest?
 
         func validate() throws {
+            try egress_policy?.validate()
+            try share?.validate()
             try FieldProblem.check(vm_lifetime_seconds, "vm_lifetime_seconds", in: 20...86_400)
             try FieldProblem.check(memory_mb, "memory_mb", in: 128...8192)
             try FieldProblem.check(vcpu_count, "vcpu_count", in: 1...8)
@@ -135,11 +139,11 @@ extension InstaVMRoutes {
     struct CreateVMRequest: NewVMBody {
         static let fields: Set<String> = [
             "session_id", "vm_lifetime_seconds", "memory_mb", "vcpu_count", "metadata", "env", "snapshot_id",
-            "snapshot_on_terminate", "auto_suspend", "auto_resume",
+            "snapshot_on_terminate", "auto_suspend", "auto_resume", "egress_policy", "share",
         ]
         /// The vendor's document (seed 001) and the SDK's other fields.
         static let documentedFields: Set<String> = [
-            "egress_policy", "snapshot_name", "share", "custom_domain", "image_variant", "volumes", "vault_ids",
+            "snapshot_name", "custom_domain", "image_variant", "volumes", "vault_ids",
         ]
         struct Own: Decodable { var session_id: String? }
         var own: Own

@@ -73,7 +73,8 @@ struct InstaVMRoutes: Sendable {
     struct VMCreateResponse: ResponseCodable {
         var vm_id: String?
         var session_id, status: String
-        var share, custom_domain: [String: String]?
+        var share: ShareResponse?
+        var custom_domain: [String: String]?
         var env_status: String
         var env_error: String?
     }
@@ -112,6 +113,7 @@ struct InstaVMRoutes: Sendable {
             try await deleteVM(vm.id)
             return StatusResponse(status: "deleted", vm_id: vm.id)
         }
+        registerNetwork(on: g)
         g.post("v1/snapshots") { req, ctx in try await createSnapshot(req, ctx) }
         g.get("v1/snapshots") { req, ctx in
             let type = req.uri.queryParameters["type"].map(String.init)
@@ -298,10 +300,15 @@ struct InstaVMRoutes: Sendable {
         }
         let policy = VMPolicy(
             persistence: .persistent, expiresAt: lifetime.map { Date().timeIntervalSince1970 + Double($0) })
-        let vm = try await engine.createVM(
-            NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env))
+        if new.share != nil { try requireIngress() }
+        var made = NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env)
+        made.machine.egress = try new.egress_policy?.policy
+        if let s = new.share { made.exposedPorts = [(s.port, s.is_public ?? false)] }
+        let vm = try await engine.createVM(made)
         return VMCreateResponse(
-            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state), env_status: env == nil ? "none" : "applied")
+            vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state),
+            share: engine.exposures(of: vm.id).first.map { ShareResponse($0, site: engine.ingress) },
+            env_status: env == nil ? "none" : "applied")
     }
 
     func createVM(_ req: Request, _ ctx: APIContext) async throws -> VMCreateResponse {

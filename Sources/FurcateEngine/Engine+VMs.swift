@@ -24,6 +24,8 @@ public struct NewVM: Sendable {
     public var policy: VMPolicy
     /// Variables set in the guest's environment before the VM is handed over.
     public var environment: [String: String]?
+    /// Guest ports the ingress forwards to, and whether each is public (`Engine.expose`).
+    public var exposedPorts: [(port: Int, isPublic: Bool)] = []
 
     /// A VM of `machine` for `account`.
     public init(
@@ -105,6 +107,7 @@ extension Engine {
             try owners.set(vm.id, account: r.account, name: r.name)
             if let env = r.environment, !env.isEmpty { try await vms.agent(vm.id).setEnvironment(env) }
             try await policies.set(vm.id, r.policy)
+            for e in r.exposedPorts { try expose(vm, port: e.port, isPublic: e.isPublic, account: r.account) }
         }
         return vm
     }
@@ -137,6 +140,7 @@ extension Engine {
                     try owners.set(f.id, account: account)
                     if let policy { try await policies.set(f.id, policy) }
                 }
+                try copyExposures(from: vm.id, to: r.vms, account: account)
                 let s = try recordVMSnapshot(r.snapshot, account: account, name: snapshotName) {
                     $0.kind = snapshotKind
                 }
@@ -165,6 +169,7 @@ extension Engine {
         try await vms.delete(id)
         try owners.remove(id)
         try await policies.remove(id)
+        try removeExposures(of: id)
     }
 
     /// The guest of a VM a request needs running; counts as the VM's activity.

@@ -27,6 +27,8 @@ public struct Engine: Sendable {
     public let policies: VMPolicies
     /// A VM's idle timeout when its request names none (Freestyle's documented 300 s); 0: none.
     public var defaultIdleTimeoutSeconds = 300
+    /// Where the ingress reaches VMs' exposed ports (nil: no ingress, nothing is exposed).
+    public var ingress: IngressSite?
 
     /// An engine over these services; `quotaBytes` is each account's storage quota (nil: none).
     public init(

@@ -123,6 +123,7 @@ public final class OwnerStore: Sendable {
     private static let table = RecordTable("owners")
     private static let snapshotTable = RecordTable("api_snapshots")
     private static let policyTable = RecordTable("vm_policies")
+    private static let exposureTable = RecordTable("exposures")
     struct Owner: Codable {
         var account: String
         /// A VM's name (Freestyle `name`).
@@ -142,6 +143,7 @@ public final class OwnerStore: Sendable {
         }
     }
     private let cache: Mutex<Cache>
+    private let exposureCache: Mutex<[String: Exposure]>
 
     /// Opens (creating) the owner database at `path`.
     /// - Throws: `.io` naming the database.
@@ -152,10 +154,13 @@ public final class OwnerStore: Sendable {
                 "CREATE TABLE owners (id TEXT PRIMARY KEY, record BLOB NOT NULL)",
                 "CREATE TABLE api_snapshots (id TEXT PRIMARY KEY, record BLOB NOT NULL)",
                 "CREATE TABLE vm_policies (id TEXT PRIMARY KEY, record BLOB NOT NULL)",
+                "CREATE TABLE exposures (id TEXT PRIMARY KEY, record BLOB NOT NULL)",
             ])
         var c = Cache()
         for (id, o) in try db.allKeyed(Self.table, as: Owner.self) { c.set(id, o) }
         cache = Mutex(c)
+        let exposed: [Exposure] = try db.all(Self.exposureTable)
+        exposureCache = Mutex(Dictionary(exposed.map { ($0.id, $0) }) { a, _ in a })
     }
 
     /// Records `account` as the owner of resource `id`, with its name.
@@ -204,6 +209,19 @@ public final class OwnerStore: Sendable {
         Dictionary(try db.allKeyed(Self.policyTable, as: VMPolicy.self)) { a, _ in a }
     }
     func removePolicy(_ id: String) throws { try db.delete(Self.policyTable, key: id) }
+
+    /// Records (or replaces) an exposed port.
+    func saveExposure(_ e: Exposure) throws {
+        try db.save(Self.exposureTable, key: e.id, e)
+        exposureCache.withLock { $0[e.id] = e }
+    }
+    /// Every exposed port (read once, written through: the ingress asks on every connection).
+    func exposures() -> [Exposure] { exposureCache.withLock { Array($0.values) } }
+    /// Forgets an exposed port; an unknown id is no error.
+    func removeExposure(_ id: String) throws {
+        try db.delete(Self.exposureTable, key: id)
+        _ = exposureCache.withLock { $0.removeValue(forKey: id) }
+    }
 
     /// Every snapshot record, oldest first.
     public func snapshots() throws -> [SnapshotRecord] { try db.all(Self.snapshotTable) }

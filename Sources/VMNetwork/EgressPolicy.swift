@@ -1,5 +1,5 @@
 // What a VM's guest may reach, as the kernel firewall enforces it (the per-VM chain of the
-// host's table, NetworkHost+Rules.swift).
+// host's table, HostRules.swift).
 import FurcateCore
 
 /// Where a VM's connections may go. The host itself (loopback and every address of its own)
@@ -25,13 +25,21 @@ public struct EgressPolicy: Codable, Sendable, Equatable {
     /// Nothing at all.
     public static let denyAll = EgressPolicy(allowPublic: false)
 
-    /// - Throws: `.invalidArgument` for port 0 or an empty port list.
+    /// Most networks a policy may name (each is one element of a kernel set).
+    public static let maxNetworks = 256
+
+    /// - Throws: `.invalidArgument` for port 0, an empty port list or too many networks.
     public func validate() throws {
         if let ports = publicPorts {
             guard !ports.isEmpty else {
                 throw FurcateError(.invalidArgument, "publicPorts is empty: leave it out for any port, or deny public")
             }
             guard !ports.contains(0) else { throw FurcateError(.invalidArgument, "port 0 is not a destination port") }
+        }
+        guard allowedNetworks.count <= Self.maxNetworks else {
+            throw FurcateError(
+                .invalidArgument,
+                "a policy names at most \(Self.maxNetworks) networks, not \(allowedNetworks.count)")
         }
     }
 }

@@ -2,7 +2,8 @@
 
 /// Renders the host's table, the per-VM chains and the namespace's table.
 enum HostRules {
-    /// The host's table: no VM reaches the host itself or another VM; what a VM's connections
+    /// The host's table: no VM reaches the host itself or another VM (only answers to the
+    /// host's own connections, the ingress's, come back); what a VM's connections
     /// may reach is its chain's verdict (jumped to through the `vms` map by its host link);
     /// everything from the pool leaving the host is masqueraded.
     static func baseTable(_ h: NetworkHost) -> String {
@@ -12,6 +13,7 @@ enum HostRules {
                 map vms { type ifname : verdict; }
                 chain input {
                     type filter hook input priority filter - 5; policy accept;
+                    iifname \(links) ct state established,related accept
                     iifname \(links) drop
                 }
                 chain forward {
@@ -75,7 +77,8 @@ enum HostRules {
     }
 
     /// The namespace's own table: the guest reaches its resolver and, through the uplink
-    /// (masqueraded), what the host's chain for it allows; nothing else of the namespace.
+    /// (masqueraded), what the host's chain for it allows; nothing else of the namespace. TCP
+    /// connections the host makes to the namespace's address (the ingress) go on to the guest.
     static func namespaceTable() -> String {
         let tap = "\"\(GuestAddressing.tap)\"", up = "\"\(GuestAddressing.uplink)\""
         return """
@@ -86,10 +89,15 @@ enum HostRules {
                     ct state established,related accept
                     iifname \(tap) ip daddr \(GuestAddressing.resolver) meta l4proto { tcp, udp } th dport 53 accept
                 }
+                chain prerouting {
+                    type nat hook prerouting priority dstnat; policy accept;
+                    iifname \(up) meta l4proto tcp dnat to \(GuestAddressing.guest)
+                }
                 chain forward {
                     type filter hook forward priority filter; policy drop;
                     iifname \(tap) oifname \(up) accept
                     iifname \(up) oifname \(tap) ct state established,related accept
+                    iifname \(up) oifname \(tap) ct status dnat accept
                 }
                 chain postrouting {
                     type nat hook postrouting priority srcnat; policy accept;

@@ -3,6 +3,7 @@ import Foundation
 import FurcateCore
 import Hypervisor
 import RecordStore
+import VMNetwork
 
 /// A VM as persisted (`vms` table) and reported.
 public struct VMInfo: Sendable, Codable, Equatable {
@@ -31,6 +32,9 @@ public struct VMInfo: Sendable, Codable, Equatable {
     /// Its place in the host's VM network pool (`VMServiceOptions.networks`): its namespace,
     /// links and firewall chain, kept until it is deleted. Nil on user-mode networking.
     public var networkIndex: Int?
+    /// What its guest may reach (on its own network); nil: the service's default
+    /// (`VMServiceOptions.egress`). Forks and restores get their snapshot's.
+    public var egress: EgressPolicy?
     /// When it was made, Unix seconds.
     public var createdAt: Double
     /// The store file its root disk is (`vm-ID.disk`).
@@ -57,6 +61,9 @@ public struct SnapshotInfo: Sendable, Codable, Equatable {
     public var ramInStream: Bool = false
     /// When it was taken, Unix seconds.
     public var createdAt: Double
+    /// The VM's egress policy when it was taken (nil: the service's default): what the VMs
+    /// restored from it start with.
+    public var egress: EgressPolicy?
     /// Memory compression asked for (hypeman's model); nil: never asked.
     public var compression: SnapshotCompression?
     /// nil is `none`.

@@ -5,21 +5,21 @@ import VMNetwork
 // its first launch until it is deleted (a pooled QEMU's becomes the VM's that takes it). The
 // VM record keeps its place in the pool, so that a restarted server finds it again.
 extension VMService {
-    /// The network of `id`, made now if it has none (with the service's egress policy).
+    /// The network of `id`, made now with `policy` if it has none.
     /// - Throws: `.overCapacity` when the pool is full; what `NetworkHost.attach` throws.
-    func ensureNetwork(_ id: String) throws -> VMNetworkPlan {
+    func ensureNetwork(_ id: String, policy: EgressPolicy) throws -> VMNetworkPlan {
         guard let net = options.networks else { throw FurcateError(.invalidState, "VM networks are off") }
         if !networksPrepared { recoverNetworks() }
         if let i = networkIndexes[id] {
             let p = try net.plan(i)
-            return net.namespaceExists(p) ? p : try net.attach(i, policy: options.egress)
+            return net.namespaceExists(p) ? p : try net.attach(i, policy: policy)
         }
         let used = Set(networkIndexes.values)
         guard let i = (0..<net.capacity).first(where: { !used.contains($0) }) else {
             throw FurcateError(
                 .overCapacity, "the VM network pool \(net.options.pool) is full (\(net.capacity) networks)")
         }
-        let p = try net.attach(i, policy: options.egress)
+        let p = try net.attach(i, policy: policy)
         networkIndexes[id] = i
         return p
     }
@@ -41,8 +41,8 @@ extension VMService {
         do {
             try net.prepare()
             let kept = Set(networkIndexes.values)
-            for i in kept where net.namespaceExists(try net.plan(i)) {
-                try net.restore(i, policy: options.egress)
+            for (id, i) in networkIndexes where net.namespaceExists(try net.plan(i)) {
+                try net.restore(i, policy: vms[id].map { egressPolicy($0) } ?? options.egress)
             }
             let gone = try net.removeLeftovers(keeping: kept)
             if !gone.isEmpty {
@@ -52,4 +52,62 @@ extension VMService {
             logger.error("cannot set the VM networks up again", metadata: ["error": "\(error)"])
         }
     }
+}
+
+// Egress policies: each VM's in its record (nil: the service's default), enforced by its
+// network's chain; a change is one nft transaction, in force for the next packet.
+extension VMService {
+    /// What `vm`'s guest may reach: its own policy, or the service's default.
+    public nonisolated func egressPolicy(_ vm: VMInfo) -> EgressPolicy { vm.egress ?? options.egress }
+
+    /// - Throws: `.invalidArgument` for a bad policy, `.unavailable` without VM networks
+    ///   (user-mode networking cannot enforce one).
+    nonisolated func checkEgress(_ policy: EgressPolicy) throws {
+        try policy.validate()
+        guard options.networks != nil else {
+            throw FurcateError(
+                .unavailable,
+                "this server runs guests on QEMU's user-mode network, which enforces no egress policy; start it with --vm-network to give each VM a network of its own")
+        }
+    }
+
+    /// Puts `vm`'s policy into its network's chain (when it has a network).
+    func applyEgress(_ vm: VMInfo) throws {
+        guard let net = options.networks, let i = networkIndexes[vm.id], net.namespaceExists(try net.plan(i)) else {
+            return
+        }
+        try net.setPolicy(i, policy: egressPolicy(vm))
+    }
+
+    /// Sets what a VM's guest may reach (nil: the service's default), in force at once on a
+    /// running VM; kept in its record, so suspend, resume, restarts and its snapshots keep it.
+    /// - Throws: `.notFound`, `.invalidArgument`, `.unavailable` without VM networks, `.io`
+    ///   when the firewall refuses (the record is then unchanged).
+    @discardableResult
+    public func setEgress(_ id: String, _ policy: EgressPolicy?) async throws -> VMInfo {
+        if let policy { try checkEgress(policy) } else { try checkEgress(options.egress) }
+        return try await withVM(id) {
+            var vm = try info(id)
+            let old = vm
+            vm.egress = policy
+            try applyEgress(vm)
+            do { try record(vm) } catch {
+                try? applyEgress(old)
+                throw error
+            }
+            return vm
+        }
+    }
+}
+
+extension VMService {
+    /// Where the host reaches `id`'s guest (TCP to this address goes on to the guest: the
+    /// ingress connects here); nil when it has no network of its own.
+    public func guestAddress(_ id: String) -> IPv4Address? {
+        guard let net = options.networks, let i = networkIndexes[id], let p = try? net.plan(i) else { return nil }
+        return p.namespaceAddress
+    }
+
+    /// Whether VMs get networks of their own (without, nothing reaches a guest's ports).
+    public nonisolated var hasVMNetworks: Bool { options.networks != nil }
 }

@@ -105,17 +105,21 @@ public struct CreateVMRequest: Sendable {
     public var vcpus: Int?
     /// Memory mode of a restore (nil: the service's fork default).
     public var memoryMode: MemoryMode?
+    /// What the guest may reach; nil: the snapshot's policy on a restore, the service's
+    /// default on a boot. Needs `VMServiceOptions.networks` (user-mode networking enforces none).
+    public var egress: EgressPolicy?
 
     /// A boot of `image`, or with `snapshot` a restore of it.
     public init(
         image: String? = nil, snapshot: String? = nil, memoryMiB: Int? = nil, vcpus: Int? = nil,
-        memoryMode: MemoryMode? = nil
+        memoryMode: MemoryMode? = nil, egress: EgressPolicy? = nil
     ) {
         self.image = image
         self.snapshot = snapshot
         self.memoryMiB = memoryMiB
         self.vcpus = vcpus
         self.memoryMode = memoryMode
+        self.egress = egress
     }
 }
 
@@ -338,11 +342,12 @@ public actor VMService {
     ///   `.notFound` (image or snapshot), `.io`/`.hypervisor`/`.timedOut` when QEMU fails —
     ///   then nothing of the VM is left behind.
     public func create(_ request: CreateVMRequest) async throws -> VMInfo {
+        if let e = request.egress { try checkEgress(e) }
         switch (request.image, request.snapshot) {
         case (let image?, nil):
             return try await boot(
                 image: image, memoryMiB: request.memoryMiB ?? options.defaultMemoryMiB,
-                vcpus: request.vcpus ?? options.defaultVCPUs)
+                vcpus: request.vcpus ?? options.defaultVCPUs, egress: request.egress)
         case (nil, let snap?):
             let s = try snapshotInfo(snap)
             if let m = request.memoryMiB, m != s.memoryMiB {
@@ -351,13 +356,13 @@ public actor VMService {
             }
             let mode = request.memoryMode ?? options.forkMemoryMode
             defer { refillPoolSoon(for: s, mode: mode) }
-            return try await restoreNew(s, mode: mode).0
+            return try await restoreNew(s, mode: mode, egress: request.egress).0
         default:
             throw FurcateError(.invalidArgument, "give either an image or a snapshot to create a VM from")
         }
     }
 
-    private func boot(image: String, memoryMiB: Int, vcpus: Int) async throws -> VMInfo {
+    private func boot(image: String, memoryMiB: Int, vcpus: Int, egress: EgressPolicy?) async throws -> VMInfo {
         guard (16...(1 << 20)).contains(memoryMiB) else {
             throw FurcateError(.invalidArgument, "memory must be 16 MiB to 1 TiB, not \(memoryMiB) MiB")
         }
@@ -374,6 +379,7 @@ public actor VMService {
             id: VMID.newVM(), state: .starting, memoryMiB: memoryMiB, vcpus: vcpus, memoryMode: .shared,
             parentSnapshot: nil, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
             createdAt: Date().timeIntervalSince1970)
+        vm.egress = egress
         do {
             try store.cloneFile(image, to: vm.diskFile)
             try await coldBoot(&vm, slot: slot)
@@ -545,6 +551,7 @@ public actor VMService {
             id: id, vmID: vm.id, memoryMiB: vm.memoryMiB, vcpus: vm.vcpus, deviceStateBytes: 0,
             createdAt: Date().timeIntervalSince1970)
         snap.ramInStream = vm.memoryMode == .privateBase
+        snap.egress = vm.egress
         let tmpState = "vm-\(vm.id).state-tmp"
         var made: [String] = []
         do {
@@ -665,7 +672,8 @@ public actor VMService {
     /// A new VM restored from `snap`.
     /// - Parameter admitted: `admit` counted it already (a fork admits all its VMs at once).
     private func restoreNew(
-        _ snap: SnapshotInfo, mode: MemoryMode, newIdentity: Bool = false, admitted: Bool = false
+        _ snap: SnapshotInfo, mode: MemoryMode, newIdentity: Bool = false, admitted: Bool = false,
+        egress: EgressPolicy? = nil
     ) async throws -> (VMInfo, RestoreTiming) {
         let demand = VMCapacity.Demand(vcpus: snap.vcpus, memoryMiB: snap.memoryMiB)
         if !admitted { try admit(demand, operation: "restoring snapshot \(snap.id)") }
@@ -676,6 +684,7 @@ public actor VMService {
             memoryMode: mode,
             parentSnapshot: snap.id, suspendedSnapshot: nil, pid: nil, resumeOnStart: false,
             createdAt: Date().timeIntervalSince1970)
+        vm.egress = egress ?? snap.egress
         do {
             let timing = try await restore(&vm, from: snap, pooled: pooled, newIdentity: newIdentity)
             return (vm, timing)
@@ -701,6 +710,8 @@ public actor VMService {
             // A waiting QEMU has these two files open, empty: give them the snapshot's contents.
             try store.replaceFileContents(of: vm.diskFile, with: snap.diskFile)
             try store.replaceFileContents(of: vm.memoryFile, with: snap.memoryFile)
+            // The pooled QEMU's network was made with the default policy: the VM's, before it runs.
+            if egressPolicy(vm) != options.egress { try applyEgress(vm) }
             t.storeClone = lap()
             return try await finishRestore(&vm, snap, pooled.process, t, lap, newIdentity: newIdentity)
         }
@@ -1135,10 +1146,11 @@ public actor VMService {
     /// - Throws: `.notFound` for an unknown snapshot.
     public func createStopped(fromSnapshot snapshot: String) throws -> VMInfo {
         let s = try snapshotInfo(snapshot)
-        let vm = VMInfo(
+        var vm = VMInfo(
             id: VMID.newVM(), state: .stopped, memoryMiB: s.memoryMiB, vcpus: s.vcpus, memoryMode: .shared,
             parentSnapshot: s.id,
             suspendedSnapshot: nil, pid: nil, resumeOnStart: false, createdAt: Date().timeIntervalSince1970)
+        vm.egress = s.egress
         try store.cloneFile(s.diskFile, to: vm.diskFile)
         do { try record(vm) } catch {
             try? store.deleteFile(vm.diskFile)
@@ -1147,7 +1159,7 @@ public actor VMService {
         return vm
     }
 
-    private func record(_ vm: VMInfo) throws {
+    func record(_ vm: VMInfo) throws {
         var vm = vm
         vm.networkIndex = networkIndexes[vm.id]
         try db.save(vm)
@@ -1188,7 +1200,8 @@ public actor VMService {
         try? FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var config = machineConfig(vm, memoryPath: memoryPath, shared: shared)
         if config.network, options.networks != nil {
-            config.netTap = NetTap(namespace: try ensureNetwork(vm.id).namespace, device: GuestAddressing.tap)
+            config.netTap = NetTap(
+                namespace: try ensureNetwork(vm.id, policy: egressPolicy(vm)).namespace, device: GuestAddressing.tap)
         }
         for f in [config.kernel, config.initrd] where access(f, R_OK) != 0 {
             throw FurcateError(.notFound, "guest artifact missing (run scripts/guest-artifacts.sh)", path: f)

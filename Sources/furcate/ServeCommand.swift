@@ -5,6 +5,7 @@ import BlockStore
 import Foundation
 import FurcateCore
 import FurcateEngine
+import Ingress
 import Logging
 import ServiceLifecycle
 import StoreServer
@@ -69,6 +70,18 @@ struct ServeCommand: ParsableCommand {
             "With --vm-network: what guests may reach by default, allow (the public internet) or deny (nothing)."
     )
     var egress = "allow"
+    @Option(
+        name: .customLong("ingress-port"),
+        help:
+            "Port of the HTTP ingress, on --host: http://{vm-id}-{port}.{public domain}:PORT/ reaches a VM's exposed port (Freestyle ports, InstaVM shares; needs --vm-network). 0: no ingress."
+    )
+    var ingressPort = 8081
+    @Option(
+        name: .customLong("public-domain"),
+        help:
+            "The domain VM host names end in (default localhost: *.localhost reaches this host in browsers and curl without DNS set-up)."
+    )
+    var publicDomain = "localhost"
     @Flag(
         name: .customLong("keep-vms-running"),
         help:
@@ -98,6 +111,19 @@ struct ServeCommand: ParsableCommand {
             do { _ = try IPv4Network(parsing: n) } catch let e as FurcateError {
                 throw ValidationError("--vm-network: \(e.message)")
             }
+        }
+        guard (0...65535).contains(ingressPort), ingressPort != port else {
+            throw ValidationError("--ingress-port must be 0 (none) or 1 to 65535 and not --port, not \(ingressPort)")
+        }
+        let labels = publicDomain.split(separator: ".", omittingEmptySubsequences: false)
+        guard publicDomain.utf8.count <= 200, !labels.isEmpty,
+            labels.allSatisfy({ l in
+                !l.isEmpty && l.count <= 63 && l.first != "-" && l.last != "-"
+                    && l.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+            })
+        else {
+            throw ValidationError(
+                "--public-domain must be a DNS name (letters, digits, hyphens, dots), not '\(publicDomain.prefix(80))'")
         }
         guard ["allow", "deny"].contains(egress) else {
             throw ValidationError("--egress must be allow or deny, not '\(egress)'")
@@ -133,6 +159,7 @@ struct ServeCommand: ParsableCommand {
         let (data, host, port, idleTimeout, quota, warmPool) = (
             data, host, port, idleTimeout, storageQuotaGb.map { UInt64($0) << 30 }, warmPool
         )
+        let (ingressPort, publicDomain) = (ingressPort, publicDomain.lowercased())
         var capacity = VMCapacity.host(accelerator: .detect())
         if let v = maxVCPUs { capacity.vcpus = v }
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
@@ -168,6 +195,7 @@ struct ServeCommand: ParsableCommand {
                         "furcate: created the first API key (account admin); its secret is in \(path)\n")
                 }
                 api.defaultIdleTimeoutSeconds = idleTimeout
+                if ingressPort != 0 { api.ingress = IngressSite(publicDomain: publicDomain, port: ingressPort) }
                 let app = APIServer.buildApplication(api, host: host, port: port, logger: logger)
                 logger.notice(
                     "serving",
@@ -191,6 +219,12 @@ struct ServeCommand: ParsableCommand {
                     PolicyService(engine: api),
                     app,
                 ]
+                if let site = api.ingress {
+                    services.append(
+                        IngressServer(
+                            options: IngressOptions(host: host, port: site.port),
+                            router: EngineIngressRouter(engine: api, site: site), logger: logger))
+                }
                 if case .storageProcess(let storage) = engine.host {
                     services.append(StorageWatch(storage: storage, vms: engine.vms, logger: logger))
                 }

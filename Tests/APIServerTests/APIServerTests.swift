@@ -12,6 +12,7 @@ import Hypervisor
 import Images
 import StoreFS
 import Testing
+import VMNetwork
 import VMService
 
 #if canImport(Glibc)
@@ -44,7 +45,7 @@ final class APIHarness: @unchecked Sendable {
     let keyB: String
     var snapshot = ""
 
-    init() throws {
+    init(networks: NetworkHost? = nil) throws {
         store = try BlockStore.create(at: tmp.sub("store"))
         let rootfs = try store.createFile("rootfs")
         let fd = open(guestDir + "/test-rootfs.ext4", O_RDONLY | O_CLOEXEC)
@@ -57,6 +58,7 @@ final class APIHarness: @unchecked Sendable {
         o.gracefulStopTimeout = .milliseconds(300)
         // The same limit on every host (the default grows with its cores and memory).
         o.capacity = VMCapacity(vcpus: 16, memoryMiB: 16 << 10)
+        o.networks = networks
         let vms = try VMService(store: store, options: o)
         let images = try ImageService(
             store: store,
@@ -89,8 +91,8 @@ final class APIHarness: @unchecked Sendable {
 
 /// Runs `body` with a fresh harness and tears it down even when `body` fails (a failed test
 /// otherwise left its QEMUs running and its store mounted).
-func withAPIHarness(_ body: (APIHarness) async throws -> Void) async throws {
-    let h = try APIHarness()
+func withAPIHarness(networks: NetworkHost? = nil, _ body: (APIHarness) async throws -> Void) async throws {
+    let h = try APIHarness(networks: networks)
     do { try await body(h) } catch {
         await h.tearDown()
         throw error

@@ -7,6 +7,7 @@ import Hypervisor
 import Synchronization
 import Testing
 import VMService
+import VMNetwork
 
 #if canImport(Glibc)
     import Glibc
@@ -912,7 +913,8 @@ struct VMServiceTests {
     /// A VM on a network of its own (VMNetwork, QEMU on the namespace's tap): the guest reaches
     /// the test's internet and nothing of the host (not its loopback through the gateway, not
     /// the host's end of the veth) nor link-local or private ranges; a fork gets a network of
-    /// its own and reaches the internet at once; deleting them removes their namespaces.
+    /// its own and reaches the internet at once; a policy change on the running VM holds at
+    /// once and its forks inherit it; deleting them removes their namespaces.
     @Test(.timeLimit(.minutes(5)), .enabled(if: networkAvailable))
     func aVMOnItsOwnNetworkReachesTheInternetAndNotTheHost() async throws {
         try await NetworkFixture.with { f in await Self.ownNetwork(f) }
@@ -945,6 +947,28 @@ struct VMServiceTests {
             #expect(forkIndex != nil && forkIndex != index)
             #expect(try net.namespaces().count == 2)
             try await svc.delete(fork.id)
+
+            // A policy change on the running VM is in force when the call returns (well within
+            // 1 s): only 192.168.77.10 (a private address, so only by name) and nothing public.
+            let t0 = ContinuousClock.now
+            let narrowed = EgressPolicy(allowPublic: false, allowedNetworks: [try IPv4Network(parsing: "192.168.77.10/32")])
+            try await svc.setEgress(vm.id, narrowed)
+            let took = ContinuousClock.now - t0
+            #expect(took < .seconds(1), "setEgress took \(took)")
+            #expect(try await guest(sh, fetch("192.168.77.10:8000")) == "inet-8000")
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")).isEmpty)
+            #expect(try await svc.info(vm.id).egress == narrowed)
+            // A fork inherits it, and so does a VM restored from its snapshot.
+            let heir = try await svc.fork(vm.id, count: 1).vms[0]
+            #expect(heir.egress == narrowed)
+            let hsh = try await svc.guestShell(heir.id, timeout: .seconds(60))
+            #expect(try await guest(hsh, fetch("192.168.77.10:8000")) == "inet-8000")
+            #expect(try await guest(hsh, fetch("198.51.100.10:8000")).isEmpty)
+            try await svc.delete(heir.id)
+            // Back to the service's default.
+            try await svc.setEgress(vm.id, nil)
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")) == "inet-8000")
+            #expect(try await guest(sh, fetch("192.168.77.10:8000")).isEmpty)
             try await svc.delete(vm.id)
             #expect(try net.namespaces().isEmpty && net.hostLinks().isEmpty)
         }

@@ -66,7 +66,7 @@ class Server:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [self.furcate, "serve", "--port", str(self.port), "--warm-pool", "0", "--idle-timeout", "0",
+            [self.furcate, "serve", "--port", str(self.port), "--ingress-port", "0", "--warm-pool", "0", "--idle-timeout", "0",
              "--snapshot-compression", "zstd:3"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.procs.append(self.proc)

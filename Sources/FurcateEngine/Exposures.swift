@@ -1,0 +1,191 @@
+// Exposed ports: what of a VM the ingress forwards to (Freestyle `ports`, InstaVM shares), and
+// the ingress's router over them. A request's Host `{vm-id}-{port}.{public domain}` names a
+// VM's exposed port (`{vm-id}.{public domain}` its first); a private one needs its owner's key.
+import Accounts
+import Foundation
+import FurcateCore
+import Ingress
+import VMService
+
+/// One port of one VM the ingress forwards to.
+public struct Exposure: Codable, Sendable, Equatable {
+    /// `sh-` and 20 lowercase alphanumerics (InstaVM's `share_id`).
+    public var id: String
+    /// The VM.
+    public var vmID: String
+    /// The guest's TCP port.
+    public var port: Int
+    /// Anyone may open it; otherwise only requests with a key of `account`.
+    public var isPublic: Bool
+    /// The VM's owner.
+    public var account: String
+    /// When it was made, Unix seconds.
+    public var createdAt: Double
+}
+
+/// Where the ingress is reached: the names it gives VMs' ports.
+public struct IngressSite: Sendable, Equatable {
+    /// The domain VM host names end in (`localhost`: every browser and curl resolve
+    /// `*.localhost` to this host without any DNS set-up).
+    public var publicDomain: String
+    /// The ingress's port as clients reach it.
+    public var port: Int
+    /// `http` or `https` (with a certificate).
+    public var scheme: String
+
+    /// A site; the domain is lowercased.
+    public init(publicDomain: String, port: Int, scheme: String = "http") {
+        self.publicDomain = publicDomain.lowercased()
+        self.port = port
+        self.scheme = scheme
+    }
+
+    /// The host name of a VM's port.
+    public func host(vm: String, port guestPort: Int) -> String { "\(vm)-\(guestPort).\(publicDomain)" }
+
+    /// The URL of a VM's port.
+    public func url(vm: String, port guestPort: Int) -> String {
+        let standard = (scheme == "http" && port == 80) || (scheme == "https" && port == 443)
+        return "\(scheme)://\(host(vm: vm, port: guestPort))\(standard ? "" : ":\(port)")/"
+    }
+
+    /// The VM and port a host name names, if it is one of this site's.
+    public func target(of host: String) -> (vm: String, port: Int?)? {
+        guard host.hasSuffix("." + publicDomain) else { return nil }
+        let label = host.dropLast(publicDomain.count + 1)
+        guard !label.contains(".") else { return nil }
+        let parts = label.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count <= 2, (try? VMID.validateVM(String(parts[0]))) != nil else { return nil }
+        guard parts.count == 2 else { return (String(parts[0]), nil) }
+        guard let p = Int(parts[1]), parts[1].allSatisfy(\.isNumber), (1...65535).contains(p) else { return nil }
+        return (String(parts[0]), p)
+    }
+}
+
+extension Engine {
+    /// Exposes a port of a VM through the ingress (the existing exposure of that port, its
+    /// visibility set, when there is one).
+    /// - Throws: `.invalidArgument` for a port outside 1-65535.
+    @discardableResult
+    public func expose(_ vm: VMInfo, port: Int, isPublic: Bool, account: String) throws -> Exposure {
+        guard (1...65535).contains(port) else {
+            throw FurcateError(.invalidArgument, "a port is 1 to 65535, not \(port)")
+        }
+        var e =
+            exposures(of: vm.id).first { $0.port == port }
+            ?? Exposure(
+                id: "sh-" + VMID.newVM(), vmID: vm.id, port: port, isPublic: isPublic, account: account,
+                createdAt: Date().timeIntervalSince1970)
+        e.isPublic = isPublic
+        try owners.saveExposure(e)
+        return e
+    }
+
+    /// A VM's exposed ports, lowest port first.
+    public func exposures(of vm: String) -> [Exposure] {
+        owners.exposures().filter { $0.vmID == vm }.sorted { $0.port < $1.port }
+    }
+
+    /// The exposure `id` if `account` owns it.
+    public func exposure(_ id: String, account: String) -> Exposure? {
+        owners.exposures().first { $0.id == id && $0.account == account }
+    }
+
+    /// Changes an exposure's visibility, or with `revoke` removes it.
+    public func updateExposure(_ e: Exposure, isPublic: Bool?, revoke: Bool) throws -> Exposure {
+        if revoke {
+            try owners.removeExposure(e.id)
+            return e
+        }
+        var n = e
+        if let isPublic { n.isPublic = isPublic }
+        try owners.saveExposure(n)
+        return n
+    }
+
+    /// Gives `forks` the exposed ports of `parent` (each its own URLs).
+    func copyExposures(from parent: String, to forks: [VMInfo], account: String) throws {
+        for e in exposures(of: parent) {
+            for f in forks { try expose(f, port: e.port, isPublic: e.isPublic, account: account) }
+        }
+    }
+
+    /// Forgets a VM's exposed ports.
+    func removeExposures(of vm: String) throws {
+        for e in exposures(of: vm) { try owners.removeExposure(e.id) }
+    }
+}
+
+/// The ingress's router: host name → exposed port of a VM → the address of its guest. A
+/// suspended VM is resumed first; a private port needs a key of the VM's owner (sent as
+/// `X-API-Key` or `Authorization: Bearer`, and never passed on to the guest).
+public struct EngineIngressRouter: IngressRouter {
+    let engine: Engine
+    let site: IngressSite
+
+    /// A router over `engine`'s exposures, for host names of `site`.
+    public init(engine: Engine, site: IngressSite) {
+        self.engine = engine
+        self.site = site
+    }
+
+    public func route(_ request: IngressRequest) async -> IngressRoute {
+        guard let (vmID, port) = site.target(of: request.host) else {
+            return .refuse(
+                status: 404, error: "NO_SUCH_HOST",
+                message:
+                    "'\(request.host.prefix(100))' names no VM: use {vm-id}-{port}.\(site.publicDomain) (or {vm-id}.\(site.publicDomain) for its first exposed port)"
+            )
+        }
+        let exposed = engine.exposures(of: vmID)
+        guard let owner = engine.owners.owner(vmID), let vm = try? await engine.vms.info(vmID) else {
+            return .refuse(status: 404, error: "VM_NOT_FOUND", message: "no VM \(vmID)")
+        }
+        guard let e = port.map({ p in exposed.first { $0.port == p } }) ?? exposed.first else {
+            let which = port.map { "port \($0)" } ?? "any port"
+            return .refuse(
+                status: 404, error: "PORT_NOT_EXPOSED",
+                message:
+                    "VM \(vmID) does not expose \(which) (exposed: \(exposed.map { String($0.port) }.joined(separator: ", ").nilIfEmpty ?? "none"))"
+            )
+        }
+        var drop: [String] = []
+        if !e.isPublic {
+            guard let account = authenticatedAccount(request), account == owner else {
+                return .refuse(
+                    status: 401, error: "UNAUTHORIZED",
+                    message: "port \(e.port) of VM \(vmID) is private: send its owner's API key as X-API-Key")
+            }
+            drop = ["x-api-key", "authorization"]
+        }
+        switch vm.state {
+        case .running, .starting: break
+        case .suspended:
+            do { _ = try await engine.vms.resume(vmID) } catch {
+                return .refuse(status: 502, error: "VM_NOT_RUNNING", message: "VM \(vmID) cannot be resumed: \(error)")
+            }
+        default:
+            return .refuse(
+                status: 502, error: "VM_NOT_RUNNING",
+                message: "VM \(vmID) is \(vm.state.rawValue); start it to reach its ports")
+        }
+        guard let address = await engine.vms.guestAddress(vmID) else {
+            return .refuse(
+                status: 502, error: "NO_VM_NETWORK",
+                message: "VM \(vmID) has no network of its own (the server runs without --vm-network), so nothing reaches its ports")
+        }
+        await engine.policies.touch(vmID)
+        return .forward(address: "\(address)", port: e.port, vm: vmID, dropHeaders: drop, closeAfter: !e.isPublic)
+    }
+
+    private func authenticatedAccount(_ r: IngressRequest) -> String? {
+        var secret = r.header("x-api-key")
+        if secret == nil, let a = r.header("authorization"), a.hasPrefix("Bearer ") { secret = String(a.dropFirst(7)) }
+        guard let secret, let key = try? engine.keys.authenticate(secret) else { return nil }
+        return key.account
+    }
+}
+
+extension String {
+    fileprivate var nilIfEmpty: String? { isEmpty ? nil : self }
+}
