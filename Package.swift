@@ -166,7 +166,8 @@ let package = Package(
             dependencies: [
                 "FurcateCore", "BlockStore", "StoreFS", "StoreServer", "FurcateBench", "Hypervisor", "VMService",
                 "Images",
-                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn", "VMNetwork", "Ingress",
+                "Builds", "GuestAgentProtocol", "Accounts", "FurcateEngine", "APIServer", "CSpawn", "VMNetwork",
+                "Ingress",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),

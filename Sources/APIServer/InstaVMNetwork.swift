@@ -43,7 +43,8 @@ extension InstaVMRoutes {
                     }
                 }
                 guard nets.count <= EgressPolicy.maxNetworks else {
-                    throw FieldProblem(["allowed_cidrs"], .invalid("allowed_cidrs names at most \(EgressPolicy.maxNetworks) networks"))
+                    throw FieldProblem(
+                        ["allowed_cidrs"], .invalid("allowed_cidrs names at most \(EgressPolicy.maxNetworks) networks"))
                 }
                 let (http, https) = (allow_http ?? true, allow_https ?? true)
                 return EgressPolicy(
@@ -133,7 +134,8 @@ extension InstaVMRoutes {
                 throw InstaVMError.invalid(["body", "vm_id"], "name the VM to share: vm_id or session_id")
             }
             let vm = try await ownedVM(id, ctx)
-            return ShareResponse(try share(vm, port: body.port, isPublic: body.is_public ?? false, ctx), site: engine.ingress)
+            return ShareResponse(
+                try share(vm, port: body.port, isPublic: body.is_public ?? false, ctx), site: engine.ingress)
         }
         g.patch("v1/shares/{id}") { req, ctx in
             let body = try RequestBodies.decode(ShareUpdate.self, from: try await req.body.collect(upTo: 1 << 16))
@@ -142,7 +144,8 @@ extension InstaVMRoutes {
                 throw InstaVMError(status: .notFound, message: "Share not found: \(id.prefix(40))", items: nil)
             }
             var r = ShareResponse(
-                try engine.updateExposure(e, isPublic: body.is_public, revoke: body.revoke ?? false), site: engine.ingress)
+                try engine.updateExposure(e, isPublic: body.is_public, revoke: body.revoke ?? false),
+                site: engine.ingress)
             if body.revoke == true { r.status = "revoked" }
             return r
         }
@@ -166,7 +169,8 @@ extension InstaVMRoutes {
         guard engine.ingress != nil, engine.vms.hasVMNetworks else {
             throw InstaVMError(
                 status: .serviceUnavailable,
-                message: "this server has no ingress for VM ports (start furcate serve with --vm-network and --ingress-port)",
+                message:
+                    "this server has no ingress for VM ports (start furcate serve with --vm-network and --ingress-port)",
                 items: nil)
         }
     }

@@ -129,6 +129,7 @@ public struct EngineIngressRouter: IngressRouter {
         self.site = site
     }
 
+    /// Where `request` goes: its VM's exposed port, or a refusal saying why not.
     public func route(_ request: IngressRequest) async -> IngressRoute {
         guard let (vmID, port) = site.target(of: request.host) else {
             return .refuse(
@@ -172,7 +173,9 @@ public struct EngineIngressRouter: IngressRouter {
         guard let address = await engine.vms.guestAddress(vmID) else {
             return .refuse(
                 status: 502, error: "NO_VM_NETWORK",
-                message: "VM \(vmID) has no network of its own (the server runs without --vm-network), so nothing reaches its ports")
+                message:
+                    "VM \(vmID) has no network of its own (the server runs without --vm-network), so nothing reaches its ports"
+            )
         }
         await engine.policies.touch(vmID)
         return .forward(address: "\(address)", port: e.port, vm: vmID, dropHeaders: drop, closeAfter: !e.isPublic)

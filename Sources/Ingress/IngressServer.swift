@@ -88,7 +88,11 @@ public final class IngressServer: Service, Sendable {
     public func port() async throws -> Int {
         try await withCheckedThrowingContinuation { c in
             bound.withLock { b in
-                if let ch = b.channel, let p = ch.localAddress?.port { c.resume(returning: p) } else { b.waiters.append(c) }
+                if let ch = b.channel, let p = ch.localAddress?.port {
+                    c.resume(returning: p)
+                } else {
+                    b.waiters.append(c)
+                }
             }
         }
     }
@@ -212,7 +216,7 @@ final class HeadReader: ChannelInboundHandler, RemovableChannelHandler, @uncheck
     typealias OutboundOut = ByteBuffer
 
     let server: IngressServer
-    var buffer: ByteBuffer?
+    var buffer = ByteBuffer()
     var routing = false
     var timeout: Scheduled<Void>?
 
@@ -227,12 +231,14 @@ final class HeadReader: ChannelInboundHandler, RemovableChannelHandler, @uncheck
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
-        if buffer == nil { buffer = bytes } else { buffer!.writeBuffer(&bytes) }
-        guard !routing, let b = buffer else { return }
+        buffer.writeBuffer(&bytes)
+        guard !routing else { return }
+        let b = buffer
         let view = b.readableBytesView
         guard let end = find(view, "\r\n\r\n") else {
             if b.readableBytes > server.options.maxHeadBytes {
-                respond(context, 431, "HEADER_TOO_LARGE", "the request head is over \(server.options.maxHeadBytes) bytes")
+                respond(
+                    context, 431, "HEADER_TOO_LARGE", "the request head is over \(server.options.maxHeadBytes) bytes")
             }
             return
         }
@@ -271,12 +277,13 @@ final class HeadReader: ChannelInboundHandler, RemovableChannelHandler, @uncheck
             guard server.admit(vm) else {
                 respond(
                     context, 503, "TOO_MANY_CONNECTIONS",
-                    "VM \(vm) has \(server.options.connectionsPerVM) open connections through the ingress; try again later")
+                    "VM \(vm) has \(server.options.connectionsPerVM) open connections through the ingress; try again later"
+                )
                 return
             }
             let server = self.server
             context.channel.closeFuture.whenComplete { _ in server.release(vm) }
-            var pending = buffer!
+            var pending = buffer
             pending.moveReaderIndex(forwardBy: headEnd)
             let rest = pending
             let head = renderHead(request, drop: drop, close: closeAfter, client: client)
@@ -292,10 +299,12 @@ final class HeadReader: ChannelInboundHandler, RemovableChannelHandler, @uncheck
                     switch result {
                     case .failure(let e):
                         server.logger.debug(
-                            "ingress cannot reach a guest", metadata: ["vm.id": "\(vm)", "port": "\(port)", "error": "\(e)"])
+                            "ingress cannot reach a guest",
+                            metadata: ["vm.id": "\(vm)", "port": "\(port)", "error": "\(e)"])
                         self.respond(
                             context, 502, "VM_PORT_UNREACHABLE",
-                            "nothing answers on port \(port) of VM \(vm) (is a server listening on 0.0.0.0:\(port) in the guest?)")
+                            "nothing answers on port \(port) of VM \(vm) (is a server listening on 0.0.0.0:\(port) in the guest?)"
+                        )
                     case .success(let outbound):
                         var first = outbound.allocator.buffer(capacity: head.utf8.count + rest.readableBytes)
                         first.writeString(head)
@@ -327,11 +336,17 @@ final class HeadReader: ChannelInboundHandler, RemovableChannelHandler, @uncheck
 
     private func respond(_ context: ChannelHandlerContext, _ status: Int, _ error: String, _ message: String) {
         let body = "{\"error\":\"\(error)\",\"message\":\(jsonString(message))}\n"
-        let reason = [400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 431:
-            "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"][status] ?? "Error"
+        let reason =
+            [
+                400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
+                431:
+                    "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+                504: "Gateway Timeout",
+            ][status] ?? "Error"
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 160)
         out.writeString(
-            "HTTP/1.1 \(status) \(reason)\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)")
+            "HTTP/1.1 \(status) \(reason)\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
+        )
         let ch = context.channel
         context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in ch.close(promise: nil) }
     }
@@ -355,7 +370,9 @@ func jsonString(_ s: String) -> String {
         case "\"": r += "\\\""
         case "\\": r += "\\\\"
         case "\n": r += "\\n"
-        case _ where u.value < 0x20: r += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16)
+        case _ where u.value < 0x20:
+            r +=
+                "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16)
         default: r.unicodeScalars.append(u)
         }
     }

@@ -67,7 +67,8 @@ extension VMService {
         guard options.networks != nil else {
             throw FurcateError(
                 .unavailable,
-                "this server runs guests on QEMU's user-mode network, which enforces no egress policy; start it with --vm-network to give each VM a network of its own")
+                "this server runs guests on QEMU's user-mode network, which enforces no egress policy; start it with --vm-network to give each VM a network of its own"
+            )
         }
     }
 

@@ -78,7 +78,9 @@ struct IngressClient {
         var tv = timeval(tv_sec: 20, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         guard ok == 0 else { throw FurcateError(.io, "cannot connect to the ingress on \(port)") }
         let t0 = ContinuousClock.now
@@ -103,7 +105,9 @@ struct IngressClient {
 
     /// A GET of `path` on `host`: the status code and the body.
     func get(_ host: String, _ path: String = "/", headers: [String] = []) throws -> (status: Int, body: String) {
-        let head = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\n" + headers.map { $0 + "\r\n" }.joined() + "Connection: close\r\n\r\n"
+        let head =
+            "GET \(path) HTTP/1.1\r\nHost: \(host)\r\n" + headers.map { $0 + "\r\n" }.joined()
+            + "Connection: close\r\n\r\n"
         let text = try exchange(head).text
         let status = Int(text.split(separator: " ").dropFirst().first ?? "") ?? 0
         let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
@@ -145,13 +149,17 @@ func webSocketFrame(_ text: String) -> [UInt8] {
                 let booted = try await eventually(within: .seconds(60)) {
                     let r = try await engine.guest(vm, wake: .requireRunning).exec(
                         ExecRequest(
-                            argv: ["/bin/sh", "-c", "grep -q ' /tmp tmpfs ' /proc/mounts && [ \"$(hostname)\" = furcate-test ]"],
+                            argv: [
+                                "/bin/sh", "-c",
+                                "grep -q ' /tmp tmpfs ' /proc/mounts && [ \"$(hostname)\" = furcate-test ]",
+                            ],
                             timeoutMs: 10_000))
                     return r.exitCode == 0 ? true : nil
                 }
                 #expect(booted == true)
                 let setup = try await engine.guest(vm, wake: .requireRunning).exec(
-                    ExecRequest(argv: ["/bin/sh", "-c", ingressGuestSetup, "setup", "parent-marker"], timeoutMs: 30_000))
+                    ExecRequest(
+                        argv: ["/bin/sh", "-c", ingressGuestSetup, "setup", "parent-marker"], timeoutMs: 30_000))
                 #expect(setup.exitCode == 0, "\(String(decoding: setup.stderr, as: UTF8.self))")
                 try engine.expose(vm, port: 8000, isPublic: true, account: "a")
                 try engine.expose(vm, port: 9000, isPublic: true, account: "a")
@@ -201,7 +209,9 @@ func webSocketFrame(_ text: String) -> [UInt8] {
                 #expect(try c.get(host).status == 401)
                 #expect(try c.get(host, headers: ["X-API-Key: \(h.keyB)"]).status == 401)
                 #expect(try c.get(host, headers: ["X-API-Key: \(h.keyA)"]).body == "parent-marker\n")
-                #expect(try await eventually(within: .seconds(10)) { ingress.openConnections(vm.id) == 0 ? true : nil } == true)
+                #expect(
+                    try await eventually(within: .seconds(10)) { ingress.openConnections(vm.id) == 0 ? true : nil }
+                        == true)
             }
         }
     }

@@ -6,8 +6,8 @@ import GuestAgentProtocol
 import Hypervisor
 import Synchronization
 import Testing
-import VMService
 import VMNetwork
+import VMService
 
 #if canImport(Glibc)
     import Glibc
@@ -951,7 +951,8 @@ struct VMServiceTests {
             // A policy change on the running VM is in force when the call returns (well within
             // 1 s): only 192.168.77.10 (a private address, so only by name) and nothing public.
             let t0 = ContinuousClock.now
-            let narrowed = EgressPolicy(allowPublic: false, allowedNetworks: [try IPv4Network(parsing: "192.168.77.10/32")])
+            let narrowed = EgressPolicy(
+                allowPublic: false, allowedNetworks: [try IPv4Network(parsing: "192.168.77.10/32")])
             try await svc.setEgress(vm.id, narrowed)
             let took = ContinuousClock.now - t0
             #expect(took < .seconds(1), "setEgress took \(took)")
