@@ -69,6 +69,8 @@ public struct APIError: HTTPResponseError {
         case .unavailable: return APIError(.badGateway, "UPSTREAM_UNAVAILABLE", e.message)
         case .diskFull: return APIError(.init(code: 507, reasonPhrase: "Insufficient Storage"), "DISK_FULL", e.message)
         case .overCapacity: return APIError(.tooManyRequests, "HOST_AT_CAPACITY", e.message)
+        case .exists: return APIError(.conflict, "CONFLICT", e.message)
+        case .notConfigured: return APIError(.conflict, "NOT_CONFIGURED", e.message)
         default: return APIError(.internalServerError, "INTERNAL_ERROR", e.message)
         }
     }

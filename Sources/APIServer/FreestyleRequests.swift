@@ -100,7 +100,8 @@ extension FreestyleRoutes {
             "workdir", "systemd", "users", "groups", "additionalFiles", "git", "aptDeps",
         ]
         static let fields = Set([
-            "snapshotId", "name", "dockerCredentials", "spec", "persistence", "template", "gitRepos",
+            "snapshotId", "name", "dockerCredentials", "spec", "persistence", "template", "gitRepos", "ports",
+            "domains",
         ])
         .union(layerFields).union(VMSettings.fields)
         static var documentedFields: Set<String> { FreestyleRoutes.documentFields["CreateVmRequest"] ?? [] }
@@ -110,20 +111,36 @@ extension FreestyleRoutes {
         var persistence: VMPersistence
         var spec: VmSpec?
         var settings: VMSettings
+        /// PortConfig: `port` (what clients use: 443 or 8081, the document's rule) reaches the
+        /// guest's `targetPort`; nil: 3000 on 443, as the document says; []: none.
+        var ports: [PortConfig]?
+        /// VmDomainConfig: a host name of the account's own for a guest port (default 443).
+        var domains: [DomainConfig]?
         /// The contents to build, when the request describes them: its own layer over `spec`
         /// or `snapshotId`, or `spec` alone.
         var contents: FreestyleSnapshotSpec?
+
+        struct PortConfig: Decodable {
+            var port, targetPort: Int
+        }
+        struct DomainConfig: Decodable {
+            var domain: String
+            var vmPort: Int?
+        }
 
         private struct Fields: Decodable {
             var snapshotId, name: String?
             var dockerCredentials: DockerCredentials?
             var persistence: PersistenceField?
             var spec: VmSpec?
+            var ports: [PortConfig]?
+            var domains: [DomainConfig]?
         }
 
         init(from decoder: any Decoder) throws {
             let f = try Fields(from: decoder)
             (snapshotId, name, dockerCredentials, spec) = (f.snapshotId, f.name, f.dockerCredentials, f.spec)
+            (ports, domains) = (f.ports, f.domains)
             persistence = f.persistence?.value ?? .sticky
             // The request's own settings, else its spec's outer layer's.
             settings = try VMSettings(from: decoder).over(f.spec?.settings)
@@ -138,6 +155,33 @@ extension FreestyleRoutes {
         func validate() throws {
             try checkName(name)
             try settings.validate()
+            for (i, p) in (ports ?? []).enumerated() {
+                guard [443, 8081].contains(p.port) else {
+                    throw FieldProblem(
+                        ["ports", "\(i)", "port"],
+                        .invalid("ports.\(i).port must be 443 or 8081 (the ports Freestyle exposes)"))
+                }
+                try FieldProblem.check(p.targetPort, "ports.\(i).targetPort", in: 1...65535)
+            }
+            guard (domains ?? []).count <= 16 else {
+                throw FieldProblem(["domains"], .invalid("a VM has at most 16 domains"))
+            }
+            for (i, d) in (domains ?? []).enumerated() {
+                do { _ = try Engine.checkDomain(d.domain) } catch let e as FurcateError {
+                    throw FieldProblem(["domains", "\(i)", "domain"], .invalid("domains.\(i).domain: \(e.message)"))
+                }
+                try FieldProblem.check(d.vmPort, "domains.\(i).vmPort", in: 1...65535)
+            }
+        }
+
+        /// What the VM exposes through the ingress.
+        var exposedPorts: [ExposedPort] {
+            (ports ?? [PortConfig(port: 443, targetPort: 3000)]).map {
+                ExposedPort(port: $0.targetPort, isPublic: true)
+            }
+                + (domains ?? []).map {
+                    ExposedPort(port: $0.vmPort ?? 443, isPublic: true, domain: $0.domain.lowercased())
+                }
         }
 
         /// The deprecated forms in today's: `template` (one layer, plus the VM's

@@ -121,7 +121,8 @@ struct FreestyleRoutes: Sendable {
         let body = try RequestBodies.decode(ForkVmRequest.self, from: try await req.body.collect(upTo: 1 << 20))
         let r = try await engine.fork(vm, account: ctx.account, count: body.count ?? 1)
         return ForkVmResponse(
-            vmId: vm.id, forks: r.forks.map { ForkedVmResponse(id: $0.id, domains: [], consoleUrl: nil) })
+            vmId: vm.id,
+            forks: r.forks.map { ForkedVmResponse(id: $0.id, domains: engine.hostNames(of: $0.id), consoleUrl: nil) })
     }
 
     func snapshot(_ req: Request, _ ctx: APIContext) async throws -> SnapshotVmResponse {
@@ -195,7 +196,7 @@ struct FreestyleRoutes: Sendable {
         }
         if let idle = settings.idleTimeoutSeconds { try await engine.setIdleTimeout(vm.id, seconds: idle) }
         try await awaitReady(vm.id, settings)
-        return StartedVmResponse(id: vm.id, domains: [])
+        return StartedVmResponse(id: vm.id, domains: engine.hostNames(of: vm.id))
     }
 
     /// The VM named in the path, if the caller's account owns it; else 404 as for a missing one.
@@ -279,9 +280,12 @@ struct FreestyleRoutes: Sendable {
         let policy = VMPolicy(
             persistence: body.persistence,
             idleTimeoutSeconds: settings.idleTimeoutSeconds ?? engine.defaultIdleTimeoutSeconds)
-        let vm = try await engine.createVM(NewVM(account: ctx.account, snapshot: snap, name: body.name, policy: policy))
+        var new = NewVM(account: ctx.account, snapshot: snap, name: body.name, policy: policy)
+        new.exposedPorts = body.exposedPorts
+        let vm = try await engine.createVM(new)
         try await awaitReady(vm.id, settings)
-        return CreateVmResponse(id: vm.id, domains: [], consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
+        return CreateVmResponse(
+            id: vm.id, domains: engine.hostNames(of: vm.id), consoleUrl: nil, snapshotId: shownSnapshot ?? snap)
     }
 
     /// The document's `GetVmResponse`, rendered as the list's `VmInfo` (a superset of it).

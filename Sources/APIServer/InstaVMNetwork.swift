@@ -138,11 +138,12 @@ extension InstaVMRoutes {
                 try share(vm, port: body.port, isPublic: body.is_public ?? false, ctx), site: engine.ingress)
         }
         g.patch("v1/shares/{id}") { req, ctx in
-            let body = try RequestBodies.decode(ShareUpdate.self, from: try await req.body.collect(upTo: 1 << 16))
+            // Another account's share is answered as a missing one, whatever the body.
             let id = try ctx.parameters.require("id")
             guard let e = engine.exposure(id, account: ctx.account) else {
                 throw InstaVMError(status: .notFound, message: "Share not found: \(id.prefix(40))", items: nil)
             }
+            let body = try RequestBodies.decode(ShareUpdate.self, from: try await req.body.collect(upTo: 1 << 16))
             var r = ShareResponse(
                 try engine.updateExposure(e, isPublic: body.is_public, revoke: body.revoke ?? false),
                 site: engine.ingress)
@@ -168,9 +169,9 @@ extension InstaVMRoutes {
     func requireIngress() throws {
         guard engine.ingress != nil, engine.vms.hasVMNetworks else {
             throw InstaVMError(
-                status: .serviceUnavailable,
+                status: .conflict,
                 message:
-                    "this server has no ingress for VM ports (start furcate serve with --vm-network and --ingress-port)",
+                    "this server has no ingress for VM ports (furcate serve runs with --vm-network off or --ingress-port 0)",
                 items: nil)
         }
     }

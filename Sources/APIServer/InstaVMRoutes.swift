@@ -303,7 +303,7 @@ struct InstaVMRoutes: Sendable {
         if new.share != nil { try requireIngress() }
         var made = NewVM(account: ctx.account, snapshot: target, policy: policy, environment: env)
         made.machine.egress = try new.egress_policy?.policy
-        if let s = new.share { made.exposedPorts = [(s.port, s.is_public ?? false)] }
+        if let s = new.share { made.exposedPorts = [ExposedPort(port: s.port, isPublic: s.is_public ?? false)] }
         let vm = try await engine.createVM(made)
         return VMCreateResponse(
             vm_id: vm.id, session_id: vm.id, status: Self.status(vm.state),

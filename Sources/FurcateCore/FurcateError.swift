@@ -56,6 +56,9 @@ public struct FurcateError: Error, CustomStringConvertible, Sendable {
         /// The host has no room for it now (VM capacity): nothing was made; it may succeed
         /// once other work ends.
         public static let overCapacity = Code("over_capacity")
+        /// This server is not set up for it (a feature left off at its start): the message
+        /// says which option turns it on.
+        public static let notConfigured = Code("not_configured")
     }
 
     /// What kind of failure this is; callers branch on it.

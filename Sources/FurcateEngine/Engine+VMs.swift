@@ -24,8 +24,8 @@ public struct NewVM: Sendable {
     public var policy: VMPolicy
     /// Variables set in the guest's environment before the VM is handed over.
     public var environment: [String: String]?
-    /// Guest ports the ingress forwards to, and whether each is public (`Engine.expose`).
-    public var exposedPorts: [(port: Int, isPublic: Bool)] = []
+    /// Guest ports the ingress forwards to (`Engine.expose`).
+    public var exposedPorts: [ExposedPort] = []
 
     /// A VM of `machine` for `account`.
     public init(
@@ -46,6 +46,23 @@ public struct NewVM: Sendable {
         self.init(
             account: account, machine: CreateVMRequest(snapshot: snapshot), name: name, policy: policy,
             environment: environment)
+    }
+}
+
+/// A guest port a new VM exposes through the ingress.
+public struct ExposedPort: Sendable, Equatable {
+    /// The guest's TCP port.
+    public var port: Int
+    /// Anyone may open it (else only requests with the owner's key).
+    public var isPublic: Bool
+    /// A host name of the owner's own for it, besides `{vm-id}-{port}.{public domain}`.
+    public var domain: String?
+
+    /// A port to expose.
+    public init(port: Int, isPublic: Bool, domain: String? = nil) {
+        self.port = port
+        self.isPublic = isPublic
+        self.domain = domain
     }
 }
 
@@ -107,7 +124,9 @@ extension Engine {
             try owners.set(vm.id, account: r.account, name: r.name)
             if let env = r.environment, !env.isEmpty { try await vms.agent(vm.id).setEnvironment(env) }
             try await policies.set(vm.id, r.policy)
-            for e in r.exposedPorts { try expose(vm, port: e.port, isPublic: e.isPublic, account: r.account) }
+            for e in r.exposedPorts {
+                try expose(vm, port: e.port, isPublic: e.isPublic, account: r.account, domain: e.domain)
+            }
         }
         return vm
     }

@@ -19,6 +19,9 @@ public struct Exposure: Codable, Sendable, Equatable {
     public var isPublic: Bool
     /// The VM's owner.
     public var account: String
+    /// A host name of the owner's own that reaches this port (Freestyle `domains`); it stays
+    /// with this VM (forks do not get it), and belongs to one VM of one account.
+    public var domain: String?
     /// When it was made, Unix seconds.
     public var createdAt: Double
 }
@@ -64,21 +67,54 @@ public struct IngressSite: Sendable, Equatable {
 
 extension Engine {
     /// Exposes a port of a VM through the ingress (the existing exposure of that port, its
-    /// visibility set, when there is one).
-    /// - Throws: `.invalidArgument` for a port outside 1-65535.
+    /// visibility set, when there is one), or with `domain` under a host name of its own.
+    /// - Throws: `.invalidArgument` for a port outside 1-65535 or a malformed domain,
+    ///   `.exists` for a domain another VM has.
     @discardableResult
-    public func expose(_ vm: VMInfo, port: Int, isPublic: Bool, account: String) throws -> Exposure {
+    public func expose(_ vm: VMInfo, port: Int, isPublic: Bool, account: String, domain: String? = nil) throws
+        -> Exposure
+    {
         guard (1...65535).contains(port) else {
             throw FurcateError(.invalidArgument, "a port is 1 to 65535, not \(port)")
         }
+        let domain = try domain.map { try Self.checkDomain($0) }
+        if let domain, let other = owners.exposures().first(where: { $0.domain == domain }), other.vmID != vm.id {
+            throw FurcateError(.exists, "the domain \(domain) belongs to another VM")
+        }
         var e =
-            exposures(of: vm.id).first { $0.port == port }
+            exposures(of: vm.id).first { $0.port == port && $0.domain == domain }
             ?? Exposure(
                 id: "sh-" + VMID.newVM(), vmID: vm.id, port: port, isPublic: isPublic, account: account,
-                createdAt: Date().timeIntervalSince1970)
+                domain: domain, createdAt: Date().timeIntervalSince1970)
         e.isPublic = isPublic
         try owners.saveExposure(e)
         return e
+    }
+
+    /// `domain` lowercased, if it is a DNS name of two or more labels.
+    /// - Throws: `.invalidArgument` saying what is wrong.
+    public static func checkDomain(_ domain: String) throws -> String {
+        let d = domain.lowercased()
+        let labels = d.split(separator: ".", omittingEmptySubsequences: false)
+        guard d.utf8.count <= 253, labels.count >= 2,
+            labels.allSatisfy({ l in
+                (1...63).contains(l.count) && l.first != "-" && l.last != "-"
+                    && l.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+            })
+        else {
+            throw FurcateError(
+                .invalidArgument,
+                "'\(domain.prefix(80))' is not a domain name (labels of letters, digits and hyphens, joined by dots)")
+        }
+        return d
+    }
+
+    /// The host names that reach a VM's exposed ports: its custom domains, then
+    /// `{vm-id}-{port}.{public domain}` for each port (none without an ingress).
+    public func hostNames(of vm: String) -> [String] {
+        let e = exposures(of: vm)
+        guard let site = ingress else { return e.compactMap(\.domain) }
+        return e.compactMap(\.domain) + Set(e.map(\.port)).sorted().map { site.host(vm: vm, port: $0) }
     }
 
     /// A VM's exposed ports, lowest port first.
@@ -103,9 +139,10 @@ extension Engine {
         return n
     }
 
-    /// Gives `forks` the exposed ports of `parent` (each its own URLs).
+    /// Gives `forks` the exposed ports of `parent` (each its own URLs; custom domains stay
+    /// with the parent).
     func copyExposures(from parent: String, to forks: [VMInfo], account: String) throws {
-        for e in exposures(of: parent) {
+        for e in exposures(of: parent) where e.domain == nil {
             for f in forks { try expose(f, port: e.port, isPublic: e.isPublic, account: account) }
         }
     }
@@ -131,6 +168,9 @@ public struct EngineIngressRouter: IngressRouter {
 
     /// Where `request` goes: its VM's exposed port, or a refusal saying why not.
     public func route(_ request: IngressRequest) async -> IngressRoute {
+        if let e = engine.owners.exposures().first(where: { $0.domain == request.host }) {
+            return await route(request, to: e)
+        }
         guard let (vmID, port) = site.target(of: request.host) else {
             return .refuse(
                 status: 404, error: "NO_SUCH_HOST",
@@ -139,7 +179,7 @@ public struct EngineIngressRouter: IngressRouter {
             )
         }
         let exposed = engine.exposures(of: vmID)
-        guard let owner = engine.owners.owner(vmID), let vm = try? await engine.vms.info(vmID) else {
+        guard engine.owners.owner(vmID) != nil else {
             return .refuse(status: 404, error: "VM_NOT_FOUND", message: "no VM \(vmID)")
         }
         guard let e = port.map({ p in exposed.first { $0.port == p } }) ?? exposed.first else {
@@ -149,6 +189,14 @@ public struct EngineIngressRouter: IngressRouter {
                 message:
                     "VM \(vmID) does not expose \(which) (exposed: \(exposed.map { String($0.port) }.joined(separator: ", ").nilIfEmpty ?? "none"))"
             )
+        }
+        return await route(request, to: e)
+    }
+
+    private func route(_ request: IngressRequest, to e: Exposure) async -> IngressRoute {
+        let vmID = e.vmID
+        guard let owner = engine.owners.owner(vmID), let vm = try? await engine.vms.info(vmID) else {
+            return .refuse(status: 404, error: "VM_NOT_FOUND", message: "no VM \(vmID)")
         }
         var drop: [String] = []
         if !e.isPublic {
@@ -174,7 +222,7 @@ public struct EngineIngressRouter: IngressRouter {
             return .refuse(
                 status: 502, error: "NO_VM_NETWORK",
                 message:
-                    "VM \(vmID) has no network of its own (the server runs without --vm-network), so nothing reaches its ports"
+                    "VM \(vmID) has no network of its own (the server runs with --vm-network off), so nothing reaches its ports"
             )
         }
         await engine.policies.touch(vmID)

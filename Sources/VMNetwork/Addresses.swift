@@ -134,3 +134,7 @@ public struct IPv4Network: Hashable, Sendable, Codable, CustomStringConvertible 
         "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
     ].compactMap { try? IPv4Network(parsing: $0) }
 }
+
+extension Array {
+    subscript(safe i: Int) -> Element? { indices.contains(i) ? self[i] : nil }
+}

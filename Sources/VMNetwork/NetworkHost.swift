@@ -112,6 +112,50 @@ public struct NetworkHost: Sendable {
             hostAddress: host, namespaceAddress: ns)
     }
 
+    /// Checks that this host can make VM networks: root, the tools, and a pool that overlaps
+    /// none of the host's routes or addresses.
+    /// - Throws: `.notPermitted` without root, `.notFound` for a missing tool, `.exists` for
+    ///   an overlap (naming the host's network).
+    public func checkHost() throws {
+        guard geteuid() == 0 else {
+            throw FurcateError(.notPermitted, "VM networks need root (network namespaces, veth pairs, nftables)")
+        }
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin").split(
+            separator: ":")
+        for (tool, package) in [
+            ("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux"), ("sysctl", "procps"),
+        ]
+        where !path.contains(where: { access("\($0)/\(tool)", X_OK) == 0 }) {
+            throw FurcateError(.notFound, "VM networks need \(tool) (install \(package))")
+        }
+        let routes = try ip(["-o", "-4", "route", "show", "table", "all"]) + (try ip(["-o", "-4", "addr", "show"]))
+        for line in routes.split(separator: "\n") {
+            let words = line.split(separator: " ")
+            // A route's destination is its first word; an address follows "inet".
+            let candidates = [words.first] + (words.firstIndex(of: "inet").map { [words[safe: $0 + 1]] } ?? [])
+            for w in candidates.compactMap({ $0 }) {
+                guard w.first?.isNumber == true, let n = try? IPv4Network(parsing: Self.networkOf(String(w))),
+                    n.prefix > 0, n.overlaps(options.pool)
+                else { continue }
+                // Our own links' routes (a previous server's) are ours to reuse.
+                if line.contains(" \(linkPrefix)") || line.contains(": \(linkPrefix)") { continue }
+                throw FurcateError(
+                    .exists,
+                    "the VM network pool \(options.pool) overlaps the host's network \(n) (\(line.prefix(120))); choose another with --vm-network"
+                )
+            }
+        }
+    }
+
+    /// "10.1.2.3/16" → "10.1.0.0/16" (an address with its prefix, as `ip addr` prints it).
+    static func networkOf(_ text: String) -> String {
+        let parts = text.split(separator: "/")
+        guard parts.count == 2, let a = IPv4Address(parts[0]), let p = Int(parts[1]), (0...32).contains(p) else {
+            return text
+        }
+        return "\(IPv4Address(a.value & IPv4Network.mask(p)))/\(p)"
+    }
+
     // MARK: the host's table
 
     /// Makes the host's table anew (an old one of the same tag, a dead server's, goes with

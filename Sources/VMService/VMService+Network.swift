@@ -32,6 +32,22 @@ extension VMService {
         }
     }
 
+    /// At a graceful stop: the networks of VMs without a QEMU go (each keeps its place in the
+    /// pool; its next launch makes the network again), and with none left the host's table:
+    /// nothing of the VM networks stays while no server runs.
+    func removeIdleNetworks() {
+        guard let net = options.networks else { return }
+        do {
+            for (id, i) in networkIndexes where instances[id] == nil { try net.detach(i) }
+            if networkIndexes.keys.allSatisfy({ instances[$0] == nil }) {
+                try net.removeTable()
+                networksPrepared = false
+            }
+        } catch {
+            logger.error("cannot remove the VM networks at stop", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// At start: the host's table made anew with the chains of the VMs that have networks,
     /// and every namespace and link of this host's tag that no VM holds removed (a dead
     /// server's pooled QEMUs, half-made VMs).
@@ -60,14 +76,14 @@ extension VMService {
     /// What `vm`'s guest may reach: its own policy, or the service's default.
     public nonisolated func egressPolicy(_ vm: VMInfo) -> EgressPolicy { vm.egress ?? options.egress }
 
-    /// - Throws: `.invalidArgument` for a bad policy, `.unavailable` without VM networks
+    /// - Throws: `.invalidArgument` for a bad policy, `.notConfigured` without VM networks
     ///   (user-mode networking cannot enforce one).
     nonisolated func checkEgress(_ policy: EgressPolicy) throws {
         try policy.validate()
         guard options.networks != nil else {
             throw FurcateError(
-                .unavailable,
-                "this server runs guests on QEMU's user-mode network, which enforces no egress policy; start it with --vm-network to give each VM a network of its own"
+                .notConfigured,
+                "this server runs guests on QEMU's user-mode network (--vm-network off), which enforces no egress policy; start it without --vm-network off to give each VM a network of its own"
             )
         }
     }
@@ -82,7 +98,7 @@ extension VMService {
 
     /// Sets what a VM's guest may reach (nil: the service's default), in force at once on a
     /// running VM; kept in its record, so suspend, resume, restarts and its snapshots keep it.
-    /// - Throws: `.notFound`, `.invalidArgument`, `.unavailable` without VM networks, `.io`
+    /// - Throws: `.notFound`, `.invalidArgument`, `.notConfigured` without VM networks, `.io`
     ///   when the firewall refuses (the record is then unchanged).
     @discardableResult
     public func setEgress(_ id: String, _ policy: EgressPolicy?) async throws -> VMInfo {

@@ -1118,6 +1118,7 @@ public actor VMService {
                 group.addTask { await self.suspendForShutdown(id) }
             }
         }
+        removeIdleNetworks()
     }
 
     private func suspendForShutdown(_ id: String) async {

@@ -62,18 +62,18 @@ struct ServeCommand: ParsableCommand {
     @Option(
         name: .customLong("vm-network"),
         help:
-            "Give every VM a network of its own, its host links numbered from this IPv4 pool (a /30 each, e.g. 10.231.0.0/16; it must not overlap the host's networks): guests then reach neither this host nor one another nor private ranges. Default: off (QEMU's user-mode network, where a guest reaches this host's loopback)."
+            "Every VM gets a network of its own, its host links numbered from this IPv4 pool (a /30 each; it must not overlap the host's networks): guests reach neither this host nor one another nor private ranges, and the ingress reaches their ports. Needs root, ip, nft and nsenter. off (the default for now): QEMU's user-mode network instead (no isolation from this host, no ingress, no egress policy)."
     )
-    var vmNetwork: String?
+    var vmNetwork = "off"
     @Option(
         help:
-            "With --vm-network: what guests may reach by default, allow (the public internet) or deny (nothing)."
+            "What guests may reach when their VM has no policy of its own: allow (the public internet) or deny (nothing)."
     )
     var egress = "allow"
     @Option(
         name: .customLong("ingress-port"),
         help:
-            "Port of the HTTP ingress, on --host: http://{vm-id}-{port}.{public domain}:PORT/ reaches a VM's exposed port (Freestyle ports, InstaVM shares; needs --vm-network). 0: no ingress."
+            "Port of the HTTP ingress, on --host: http://{vm-id}-{port}.{public domain}:PORT/ reaches a VM's exposed port (Freestyle ports, InstaVM shares). 0: no ingress."
     )
     var ingressPort = 8081
     @Option(
@@ -107,9 +107,9 @@ struct ServeCommand: ParsableCommand {
         do { _ = try Self.compression(snapshotCompression) } catch let e as FurcateError {
             throw ValidationError("--snapshot-compression: \(e.message)")
         }
-        if let n = vmNetwork {
-            do { _ = try IPv4Network(parsing: n) } catch let e as FurcateError {
-                throw ValidationError("--vm-network: \(e.message)")
+        if vmNetwork != "off" {
+            do { _ = try IPv4Network(parsing: vmNetwork) } catch let e as FurcateError {
+                throw ValidationError("--vm-network: \(e.message) (or off)")
             }
         }
         guard (0...65535).contains(ingressPort), ingressPort != port else {
@@ -165,13 +165,21 @@ struct ServeCommand: ParsableCommand {
         if let m = maxGuestMemoryGib { capacity.memoryMiB = m << 10 }
         let (concurrentBoots, keep) = (concurrentBoots, keepVMsRunning)
         let compression = try Self.compression(snapshotCompression)
-        let networks = try vmNetwork.map {
-            NetworkHost(
+        var networks: NetworkHost?
+        if vmNetwork != "off" {
+            let host = NetworkHost(
                 options: try NetworkOptions(
-                    pool: IPv4Network(parsing: $0), tag: NetworkOptions.tag(for: data.layout.root)))
+                    pool: IPv4Network(parsing: vmNetwork), tag: NetworkOptions.tag(for: data.layout.root)))
+            do { try host.checkHost() } catch let e as FurcateError {
+                throw FurcateError(
+                    e.code,
+                    "\(e.message); or start with --vm-network off to run guests on QEMU's user-mode network (they then reach this host's loopback, and nothing reaches their ports)"
+                )
+            }
+            networks = host
         }
         let egress: EgressPolicy = egress == "deny" ? .denyAll : .allowPublicInternet
-        try runBlocking { [capacity] in
+        try runBlocking { [capacity, networks] in
             let logger = Logger(label: "furcate.serve")
             let engine = try LocalEngine(
                 data, warmPool: warmPool, capacity: capacity, concurrentBoots: concurrentBoots, storageProcess: true,

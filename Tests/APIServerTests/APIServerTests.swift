@@ -124,12 +124,26 @@ func auth(_ key: String) -> HTTPFields {
                 #expect(wrong.status == .unauthorized)
 
                 // Fields not honoured yet are refused, not ignored.
-                let ports = try await call(
-                    client, .post, "/v1/vms", h.keyA,
-                    #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":443,"targetPort":3000}]}"#)
+                let recreate = try await call(
+                    client, .post, "/v1/vms", h.keyA, #"{"snapshotId":"\#(h.snapshot)","recreate":true}"#)
                 #expect(
-                    ports.status == .badRequest && json(ports)["error"] as? String == "UNSUPPORTED_FIELD",
-                    "\(String(buffer: ports.body))")
+                    recreate.status == .badRequest && json(recreate)["error"] as? String == "UNSUPPORTED_FIELD",
+                    "\(String(buffer: recreate.body))")
+                // Ports Freestyle does not expose, malformed domains: 400 naming the field.
+                let port80 = try await call(
+                    client, .post, "/v1/vms", h.keyA,
+                    #"{"snapshotId":"\#(h.snapshot)","ports":[{"port":80,"targetPort":3000}]}"#)
+                #expect(
+                    port80.status == .badRequest
+                        && (json(port80)["message"] as? String)?.contains("ports.0.port") == true,
+                    "\(String(buffer: port80.body))")
+                let badDomain = try await call(
+                    client, .post, "/v1/vms", h.keyA,
+                    #"{"snapshotId":"\#(h.snapshot)","domains":[{"domain":"no spaces.example","vmPort":3000}]}"#)
+                #expect(
+                    badDomain.status == .badRequest
+                        && (json(badDomain)["message"] as? String)?.contains("domains.0.domain") == true,
+                    "\(String(buffer: badDomain.body))")
                 // A VmSpec whose name is not a string is refused, not built (found by schemathesis).
                 let badSpec = try await call(client, .post, "/v1/vms", h.keyA, #"{"spec":{"snapshot":null,"name":{}}}"#)
                 #expect(

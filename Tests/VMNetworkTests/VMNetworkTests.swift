@@ -64,7 +64,7 @@ import Testing
 /// test's own on 198.51.100.0/24, with a private and a link-local address routed to it.
 @Suite(.enabled(if: networkAvailable, "needs root, ip, nft, curl and python3"), .serialized)
 struct NetworkHostTests {
-    @Test(.timeLimit(.minutes(3))) func isolationAndPolicyAreEnforcedAndNothingIsLeft() async throws {
+    @Test(.timeLimit(.minutes(10))) func isolationAndPolicyAreEnforcedAndNothingIsLeft() async throws {
         try await NetworkFixture.with { f in try Self.isolationAndPolicy(f) }
     }
 

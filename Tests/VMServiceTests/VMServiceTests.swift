@@ -915,7 +915,7 @@ struct VMServiceTests {
     /// the host's end of the veth) nor link-local or private ranges; a fork gets a network of
     /// its own and reaches the internet at once; a policy change on the running VM holds at
     /// once and its forks inherit it; deleting them removes their namespaces.
-    @Test(.timeLimit(.minutes(5)), .enabled(if: networkAvailable))
+    @Test(.timeLimit(.minutes(10)), .enabled(if: networkAvailable))
     func aVMOnItsOwnNetworkReachesTheInternetAndNotTheHost() async throws {
         try await NetworkFixture.with { f in await Self.ownNetwork(f) }
     }
