@@ -109,7 +109,10 @@ public final class NetworkFixture {
         try sh("ip route replace 192.168.77.10/32 via 198.51.100.10 dev \(inetLink)")
         try sh("ip route replace 169.254.169.254/32 via 198.51.100.10 dev \(inetLink)")
         for port in [8000, 8001] {
-            try serve(["ip", "netns", "exec", inet, "python3", "-c", Self.server, "0.0.0.0", "\(port)", "inet-\(port)"])
+            try serve([
+                "nsenter", "--net=/run/netns/\(inet)", "python3", "-c", Self.server, "0.0.0.0", "\(port)",
+                "inet-\(port)",
+            ])
         }
         try serve(["python3", "-c", Self.server, "0.0.0.0", "\(hostPort)", "host"])
     }
@@ -146,7 +149,7 @@ public final class NetworkFixture {
     public func get(from p: VMNetworkPlan, _ target: String) -> String? {
         guard
             let r = try? runCommand([
-                "ip", "netns", "exec", p.namespace, "curl", "-s", "--connect-timeout", "3", "-m", "15",
+                "nsenter", "--net=/run/netns/\(p.namespace)", "curl", "-s", "--connect-timeout", "3", "-m", "15",
                 "http://\(target)/",
             ]), r.status == 0
         else { return nil }
@@ -164,6 +167,9 @@ public final class NetworkFixture {
         http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
         """
 
+    /// Starts a test server (in a namespace through `nsenter --net` only: `ip netns exec` would
+    /// give it a copy of every mount of the host's, and other tests' FUSE mounts could then not
+    /// be unmounted while it runs).
     private func serve(_ argv: [String]) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -174,7 +180,7 @@ public final class NetworkFixture {
         servers.append(p)
         // Listening once a connection is accepted.
         let port = argv[argv.count - 2]
-        let inNS = argv.first == "ip" ? ["ip", "netns", "exec", inet] : []
+        let inNS = argv.first == "nsenter" ? ["nsenter", "--net=/run/netns/\(inet)"] : []
         for _ in 0..<50 {
             if (try? runCommand(inNS + ["curl", "-s", "-m", "1", "http://127.0.0.1:\(port)/"]))?.status == 0 { return }
             usleep(100_000)
