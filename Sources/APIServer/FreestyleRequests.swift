@@ -122,10 +122,31 @@ extension FreestyleRoutes {
 
         struct PortConfig: Decodable {
             var port, targetPort: Int
+
+            init(port: Int, targetPort: Int) { (self.port, self.targetPort) = (port, targetPort) }
+
+            private enum CodingKeys: String, CodingKey { case port, targetPort }
+
+            init(from decoder: any Decoder) throws {
+                try decoder.refuseFields(except: ["port", "targetPort"])
+                let c = try decoder.container(keyedBy: CodingKeys.self)
+                (port, targetPort) = (
+                    try c.decode(Int.self, forKey: .port), try c.decode(Int.self, forKey: .targetPort)
+                )
+            }
         }
         struct DomainConfig: Decodable {
             var domain: String
             var vmPort: Int?
+
+            private enum CodingKeys: String, CodingKey { case domain, vmPort }
+
+            init(from decoder: any Decoder) throws {
+                try decoder.refuseFields(except: ["domain", "vmPort"])
+                let c = try decoder.container(keyedBy: CodingKeys.self)
+                domain = try c.decode(String.self, forKey: .domain)
+                vmPort = try c.decodeIfPresent(Int.self, forKey: .vmPort)
+            }
         }
 
         private struct Fields: Decodable {

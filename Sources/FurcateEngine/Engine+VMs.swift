@@ -119,6 +119,7 @@ extension Engine {
     /// Makes a VM for its account with its name, policy and environment. A VM that cannot be
     /// given all of them is deleted again: nothing half-made stays.
     public func createVM(_ r: NewVM) async throws -> VMInfo {
+        for d in r.exposedPorts.compactMap(\.domain) { _ = try checkCustomDomain(d, for: nil) }
         let vm = try await vms.create(r.machine)
         try await completing([vm.id]) {
             try owners.set(vm.id, account: r.account, name: r.name)

@@ -52,6 +52,9 @@ public struct IngressSite: Sendable, Equatable {
         return "\(scheme)://\(host(vm: vm, port: guestPort))\(standard ? "" : ":\(port)")/"
     }
 
+    /// Whether `host` (lowercase) is the public domain or under it: the names of VMs' ports.
+    public func covers(_ host: String) -> Bool { host == publicDomain || host.hasSuffix("." + publicDomain) }
+
     /// The VM and port a host name names, if it is one of this site's.
     public func target(of host: String) -> (vm: String, port: Int?)? {
         guard host.hasSuffix("." + publicDomain) else { return nil }
@@ -77,10 +80,7 @@ extension Engine {
         guard (1...65535).contains(port) else {
             throw FurcateError(.invalidArgument, "a port is 1 to 65535, not \(port)")
         }
-        let domain = try domain.map { try Self.checkDomain($0) }
-        if let domain, let other = owners.exposures().first(where: { $0.domain == domain }), other.vmID != vm.id {
-            throw FurcateError(.exists, "the domain \(domain) belongs to another VM")
-        }
+        let domain = try domain.map { try checkCustomDomain($0, for: vm.id) }
         var e =
             exposures(of: vm.id).first { $0.port == port && $0.domain == domain }
             ?? Exposure(
@@ -89,6 +89,23 @@ extension Engine {
         e.isPublic = isPublic
         try owners.saveExposure(e)
         return e
+    }
+
+    /// `domain` lowercased, if a VM `vm` may have it: a DNS name that is neither under the
+    /// ingress's public domain (whose names are the VMs' own: a custom domain there would take
+    /// another VM's traffic) nor another VM's.
+    /// - Throws: `.invalidArgument` for a malformed or reserved name, `.exists` for one taken.
+    public func checkCustomDomain(_ domain: String, for vm: String?) throws -> String {
+        let d = try Self.checkDomain(domain)
+        if let site = ingress, site.covers(d) {
+            throw FurcateError(
+                .invalidArgument,
+                "\(d) is under \(site.publicDomain), whose names the server gives VMs' ports: use a domain of your own")
+        }
+        if let other = owners.exposures().first(where: { $0.domain == d }), other.vmID != vm {
+            throw FurcateError(.exists, "the domain \(d) belongs to another VM")
+        }
+        return d
     }
 
     /// `domain` lowercased, if it is a DNS name of two or more labels.
@@ -100,7 +117,9 @@ extension Engine {
             labels.allSatisfy({ l in
                 (1...63).contains(l.count) && l.first != "-" && l.last != "-"
                     && l.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
-            })
+            }),
+            // A top-level label of digits only makes an address, not a name (RFC 3696 2).
+            labels.last?.allSatisfy(\.isNumber) == false
         else {
             throw FurcateError(
                 .invalidArgument,
@@ -168,7 +187,8 @@ public struct EngineIngressRouter: IngressRouter {
 
     /// Where `request` goes: its VM's exposed port, or a refusal saying why not.
     public func route(_ request: IngressRequest) async -> IngressRoute {
-        if let e = engine.owners.exposures().first(where: { $0.domain == request.host }) {
+        // A name under the public domain is a VM's own, never a custom domain's.
+        if !site.covers(request.host), let e = engine.owners.exposures().first(where: { $0.domain == request.host }) {
             return await route(request, to: e)
         }
         guard let (vmID, port) = site.target(of: request.host) else {

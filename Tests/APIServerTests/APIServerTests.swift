@@ -144,6 +144,13 @@ func auth(_ key: String) -> HTTPFields {
                     badDomain.status == .badRequest
                         && (json(badDomain)["message"] as? String)?.contains("domains.0.domain") == true,
                     "\(String(buffer: badDomain.body))")
+                // Fields a port or domain object does not have are refused (found by schemathesis).
+                let extraField = try await call(
+                    client, .post, "/v1/vms", h.keyA,
+                    #"{"snapshotId":"\#(h.snapshot)","domains":[{"domain":"a.example","vmPort":1,"x":42}]}"#)
+                #expect(
+                    extraField.status == .badRequest && json(extraField)["error"] as? String == "UNSUPPORTED_FIELD",
+                    "\(String(buffer: extraField.body))")
                 // A VmSpec whose name is not a string is refused, not built (found by schemathesis).
                 let badSpec = try await call(client, .post, "/v1/vms", h.keyA, #"{"spec":{"snapshot":null,"name":{}}}"#)
                 #expect(

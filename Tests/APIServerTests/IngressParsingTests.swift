@@ -49,6 +49,7 @@ import Testing
         #expect(IngressSite(publicDomain: "x.test", port: 80).url(vm: vm, port: 1) == "http://\(vm)-1.x.test/")
         #expect(site.target(of: "\(vm)-3000.example.test")! == (vm, 3000))
         #expect(site.target(of: "\(vm).example.test")! == (vm, nil))
+        #expect(site.covers("example.test") && site.covers("a.b.example.test") && !site.covers("anexample.test"))
         for no in [
             "\(vm)-0.example.test", "\(vm)-65536.example.test", "\(vm)-3x.example.test", "short-3000.example.test",
             "a.\(vm)-3000.example.test", "\(vm)-3000.other.test", "example.test", "\(vm)-1-2.example.test",
@@ -59,7 +60,10 @@ import Testing
 
     @Test func domainsAreCheckedAndLowercased() throws {
         #expect(try Engine.checkDomain("App.Example.COM") == "app.example.com")
-        for bad in ["localhost", "a..b", "-a.b", "a-.b", "a b.c", "ä.de", String(repeating: "a", count: 64) + ".b"] {
+        for bad in [
+            "localhost", "a..b", "-a.b", "a-.b", "a b.c", "ä.de", "0.0", "app.123",
+            String(repeating: "a", count: 64) + ".b",
+        ] {
             #expect(throws: FurcateError.self, "\(bad)") { try Engine.checkDomain(bad) }
         }
     }

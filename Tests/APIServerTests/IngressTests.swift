@@ -133,8 +133,9 @@ func webSocketFrame(_ text: String) -> [UInt8] {
         try await NetworkFixture.with { f in
             try await withAPIHarness(networks: f.host) { h in
                 try await h.makeSnapshot()
-                let engine = h.engine
                 let site = IngressSite(publicDomain: "localhost", port: 0)
+                var engine = h.engine
+                engine.ingress = site
                 let ingress = IngressServer(
                     options: IngressOptions(host: "127.0.0.1", port: 0),
                     router: EngineIngressRouter(engine: engine, site: site), logger: Logger(label: "test.ingress"))
@@ -204,6 +205,11 @@ func webSocketFrame(_ text: String) -> [UInt8] {
                     try engine.expose(fork, port: 8000, isPublic: true, account: "a", domain: "app.example.test")
                 }
                 #expect(engine.hostNames(of: vm.id).first == "app.example.test")
+                // A name under the public domain would take another VM's traffic: refused.
+                #expect(throws: FurcateError.self) {
+                    try engine.expose(
+                        vm, port: 8000, isPublic: true, account: "a", domain: site.host(vm: fork.id, port: 8000))
+                }
 
                 // Clear refusals.
                 #expect(try c.get("nothing.example.org").status == 404)
