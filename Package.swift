@@ -56,8 +56,18 @@ let package = Package(
             name: "StoreServer",
             dependencies: ["FurcateCore", "BlockStore", "CSpawn", .product(name: "Logging", package: "swift-log")]
         ),
-        // VM networks: a namespace, veth pair and tap per VM, the policy in nftables (ip, nft).
-        .target(name: "VMNetwork", dependencies: ["FurcateCore"]),
+        // VM networks: a namespace, veth pair and tap per VM, the policy in nftables (ip, nft),
+        // and each guest's DNS resolver (NIO, sockets made inside the namespaces: CNetns).
+        .target(name: "CNetns"),
+        .target(
+            name: "VMNetwork",
+            dependencies: [
+                "FurcateCore", "CNetns",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The HTTP ingress: a request's Host header names a VM's port; bytes are spliced through.
         .target(
             name: "Ingress",

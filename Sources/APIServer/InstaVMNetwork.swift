@@ -9,9 +9,11 @@ import VMService
 ///
 /// An egress body maps onto the kernel-enforced policy: `allow_http` and `allow_https` open the
 /// public internet on port 80 and 443 (both: on every port), `allowed_cidrs` open those
-/// networks on every port (private ranges included), nothing else is reachable.
-/// `allow_public_repos` adds nothing beyond that yet (package registries are names, and name
-/// allow-lists need the guest resolver): it is reported as what the policy lets through.
+/// networks on every port (private ranges included), `allowed_domains` (each with the names
+/// under it; `*.` allowed) are resolved by the guest's resolver and the public addresses it
+/// answers open on every port; nothing else is reachable (with neither http nor https, the
+/// resolver answers allowed names only). `allow_public_repos` adds nothing beyond that yet: it
+/// is reported as what the policy lets through.
 extension InstaVMRoutes {
     /// The SDK's egress body.
     struct EgressRequest: JSONBody {
@@ -21,16 +23,7 @@ extension InstaVMRoutes {
         var allow_public_repos, allow_http, allow_https: Bool?
         var allowed_domains, allowed_cidrs: [String]?
 
-        func validate() throws {
-            if let d = allowed_domains, !d.isEmpty {
-                throw FieldProblem(
-                    ["allowed_domains"],
-                    .notSupported(
-                        "domain allow-lists are not enforced by this server yet; use allowed_cidrs (or allow_http/allow_https)"
-                    ))
-            }
-            _ = try policy
-        }
+        func validate() throws { _ = try policy }
 
         /// The policy the kernel enforces.
         var policy: EgressPolicy {
@@ -46,10 +39,24 @@ extension InstaVMRoutes {
                     throw FieldProblem(
                         ["allowed_cidrs"], .invalid("allowed_cidrs names at most \(EgressPolicy.maxNetworks) networks"))
                 }
+                var names: [String] = []
+                for (i, d) in (allowed_domains ?? []).enumerated() {
+                    guard d.utf8.count <= 255 else {
+                        throw FieldProblem(["allowed_domains", "\(i)"], .tooLong(max: 255))
+                    }
+                    do { names.append(try EgressPolicy.normalizedDomain(d)) } catch let e as FurcateError {
+                        throw FieldProblem(["allowed_domains", "\(i)"], .invalid("allowed_domains.\(i): \(e.message)"))
+                    }
+                }
+                guard names.count <= EgressPolicy.maxNetworks else {
+                    throw FieldProblem(
+                        ["allowed_domains"],
+                        .invalid("allowed_domains names at most \(EgressPolicy.maxNetworks) domains"))
+                }
                 let (http, https) = (allow_http ?? true, allow_https ?? true)
                 return EgressPolicy(
-                    allowPublic: http || https, publicPorts: http && https ? nil : http ? [80] : [443],
-                    allowedNetworks: nets)
+                    allowPublic: http || https, publicPorts: http == https ? nil : http ? [80] : [443],
+                    allowedNetworks: nets, allowedDomains: Array(Set(names)).sorted())
             }
         }
     }
@@ -67,7 +74,7 @@ extension InstaVMRoutes {
             allow_http = p.allowPublic && (p.publicPorts?.contains(80) ?? true)
             allow_https = p.allowPublic && (p.publicPorts?.contains(443) ?? true)
             allow_public_repos = allow_http && allow_https
-            allowed_domains = []
+            allowed_domains = p.allowedDomains
             allowed_cidrs = p.allowedNetworks.map(\.description)
         }
     }

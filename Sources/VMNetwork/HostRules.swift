@@ -35,11 +35,28 @@ enum HostRules {
 
     /// A VM's chain, made with its rules.
     static func vmChain(_ p: VMNetworkPlan, policy: EgressPolicy, host h: NetworkHost) -> String {
-        "add chain inet \(h.table) \(p.chain)\n" + vmRules(p, policy: policy, host: h)
+        addNameSet(p, host: h) + "flush set inet \(h.table) \(p.nameSet)\n" + "add chain inet \(h.table) \(p.chain)\n"
+            + vmRules(p, policy: policy, host: h)
     }
 
-    /// The rules of a VM's chain: named networks first, then the default blocks, then public
-    /// addresses as the policy says; anything else is dropped.
+    /// The set of the addresses the guest's resolver answered for allowed names, each until its
+    /// answer expires.
+    static func addNameSet(_ p: VMNetworkPlan, host h: NetworkHost) -> String {
+        "add set inet \(h.table) \(p.nameSet) { type ipv4_addr; flags timeout; }\n"
+    }
+
+    /// Adds resolved addresses to a VM's name set, or renews their time (an element added
+    /// again keeps its old timeout: it is deleted and added in the same transaction).
+    static func addResolved(_ p: VMNetworkPlan, _ addresses: [(IPv4Address, Int)], table: String) -> String {
+        let set = "inet \(table) \(p.nameSet)"
+        let all = addresses.map { "\($0.0)" }.joined(separator: ", ")
+        return "add element \(set) { \(all) }\ndelete element \(set) { \(all) }\n"
+            + "add element \(set) { \(addresses.map { "\($0.0) timeout \($0.1)s" }.joined(separator: ", ")) }\n"
+    }
+
+    /// The rules of a VM's chain: named networks first, then the default blocks, then the
+    /// addresses of allowed names, then public addresses as the policy says; anything else is
+    /// dropped.
     static func vmRules(_ p: VMNetworkPlan, policy: EgressPolicy, host h: NetworkHost) -> String {
         let at = "add rule inet \(h.table) \(p.chain)"
         var r = ""
@@ -47,6 +64,7 @@ enum HostRules {
             r += "\(at) ip daddr { \(policy.allowedNetworks.map(\.description).joined(separator: ", ")) } accept\n"
         }
         r += "\(at) ip daddr { \(IPv4Network.blockedByDefault.map(\.description).joined(separator: ", ")) } drop\n"
+        if !policy.allowedDomains.isEmpty { r += "\(at) ip daddr @\(p.nameSet) accept\n" }
         if policy.allowPublic {
             if let ports = policy.publicPorts {
                 let list = Set(ports).sorted().map(String.init).joined(separator: ", ")
@@ -73,7 +91,7 @@ enum HostRules {
         delete element inet \(h.table) vms { "\(p.hostLink)" }
         delete chain inet \(h.table) \(p.chain)
 
-        """
+        """ + addNameSet(p, host: h) + "delete set inet \(h.table) \(p.nameSet)\n"
     }
 
     /// The namespace's own table: the guest reaches its resolver and, through the uplink

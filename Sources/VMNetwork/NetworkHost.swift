@@ -20,10 +20,12 @@ public struct NetworkOptions: Sendable {
     /// Four lowercase hex digits in every name this host's networks use (namespaces, links,
     /// the nftables table), so that servers over different data directories do not meet.
     public var tag: String
+    /// The DNS servers the guests' resolver asks (default: those of /etc/resolv.conf).
+    public var dnsUpstreams: [DNSServer]
 
     /// - Throws: `.invalidArgument` for a pool smaller than one /30 or a tag that is not four
     ///   lowercase hex digits.
-    public init(pool: IPv4Network, tag: String) throws {
+    public init(pool: IPv4Network, tag: String, dnsUpstreams: [DNSServer]? = nil) throws {
         guard pool.prefix <= 30 else {
             throw FurcateError(.invalidArgument, "the VM network pool \(pool) is smaller than one /30")
         }
@@ -32,6 +34,7 @@ public struct NetworkOptions: Sendable {
         }
         self.pool = pool
         self.tag = tag
+        self.dnsUpstreams = dnsUpstreams ?? DNSServer.fromResolvConf()
     }
 
     /// The tag of a data directory: its path hashed (FNV-1a) to four hex digits.
@@ -78,6 +81,8 @@ public struct VMNetworkPlan: Sendable, Equatable {
     public let namespaceAddress: IPv4Address
     /// The per-VM chain in the host's table.
     public var chain: String { "vm-\(index)" }
+    /// The nftables set of the addresses its resolver answered for allowed names.
+    public var nameSet: String { "names-\(index)" }
 }
 
 /// The VM networks of one host (one data directory): made, changed and removed with `ip` and
@@ -86,8 +91,14 @@ public struct NetworkHost: Sendable {
     /// The settings.
     public let options: NetworkOptions
 
-    /// - Parameter options: pool and tag.
-    public init(options: NetworkOptions) { self.options = options }
+    /// The guests' DNS resolver (one listener per VM network this process serves).
+    public let resolver: GuestResolver
+
+    /// - Parameter options: pool, tag and DNS servers.
+    public init(options: NetworkOptions) {
+        self.options = options
+        resolver = GuestResolver(upstreams: options.dnsUpstreams, table: "furcate-\(options.tag)")
+    }
 
     /// The host's nftables table.
     public var table: String { "furcate-\(options.tag)" }
@@ -218,7 +229,9 @@ public struct NetworkHost: Sendable {
             try ip(["-n", p.namespace, "link", "set", GuestAddressing.tap, "up"])
             try inNamespace(p, "nft", ["-f", "-"], input: HostRules.namespaceTable())
             try nft(HostRules.vmChain(p, policy: policy, host: self) + HostRules.vmJump(p, host: self))
+            try resolver.listen(p, policy: policy)
         } catch {
+            resolver.close(index)
             try? removeNamespace(p)
             try? nft(HostRules.removeVM(p, host: self))
             throw error
@@ -232,19 +245,30 @@ public struct NetworkHost: Sendable {
         try policy.validate()
         let p = try plan(index)
         try nft(HostRules.vmChain(p, policy: policy, host: self) + HostRules.vmJump(p, host: self))
+        try resolver.listen(p, policy: policy)
     }
 
-    /// Replaces the policy of a VM network, at once and atomically (one nft transaction).
+    /// Replaces the policy of a VM network, at once and atomically (one nft transaction; the
+    /// addresses of names allowed before go with it when the allowed names change).
     public func setPolicy(_ index: Int, policy: EgressPolicy) throws {
         try policy.validate()
         let p = try plan(index)
-        try nft("flush chain inet \(table) \(p.chain)\n" + HostRules.vmRules(p, policy: policy, host: self))
+        let namesChanged = resolver.policy(index)?.allowedDomains != policy.allowedDomains
+        try nft(
+            "flush chain inet \(table) \(p.chain)\n" + HostRules.vmRules(p, policy: policy, host: self)
+                + (namesChanged ? "flush set inet \(table) \(p.nameSet)\n" : ""))
+        if resolver.isListening(index) {
+            resolver.setPolicy(index, policy)
+        } else {
+            try resolver.listen(p, policy: policy)
+        }
     }
 
     /// Removes a VM network: its namespace (which takes the veth pair and tap with it) and
     /// its chain. Not an error when it is gone already.
     public func detach(_ index: Int) throws {
         let p = try plan(index)
+        resolver.close(index)
         try removeNamespace(p)
         if try tableExists() { try nft(HostRules.removeVM(p, host: self)) }
     }
@@ -261,6 +285,7 @@ public struct NetworkHost: Sendable {
         let gone = found.subtracting(keeping).sorted()
         for i in gone {
             let p = try plan(i)
+            resolver.close(i)
             try removeNamespace(p)
             if try hostLinks().contains(p.hostLink) { try ip(["link", "del", p.hostLink]) }
             if try tableExists() { try? nft(HostRules.removeVM(p, host: self)) }

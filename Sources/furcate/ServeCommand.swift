@@ -71,6 +71,12 @@ struct ServeCommand: ParsableCommand {
     )
     var egress = "allow"
     @Option(
+        name: .customLong("dns-upstream"),
+        help:
+            "A DNS server (IPv4[:port]) the guests' resolver asks, with --vm-network; repeat for more. Default: the name servers of /etc/resolv.conf."
+    )
+    var dnsUpstream: [String] = []
+    @Option(
         name: .customLong("ingress-port"),
         help:
             "Port of the HTTP ingress, on --host: http://{vm-id}-{port}.{public domain}:PORT/ reaches a VM's exposed port (Freestyle ports, InstaVM shares). 0: no ingress."
@@ -110,6 +116,11 @@ struct ServeCommand: ParsableCommand {
         if vmNetwork != "off" {
             do { _ = try IPv4Network(parsing: vmNetwork) } catch let e as FurcateError {
                 throw ValidationError("--vm-network: \(e.message) (or off)")
+            }
+        }
+        for d in dnsUpstream {
+            do { _ = try DNSServer(parsing: d) } catch let e as FurcateError {
+                throw ValidationError("--dns-upstream: \(e.message)")
             }
         }
         guard (0...65535).contains(ingressPort), ingressPort != port else {
@@ -169,7 +180,12 @@ struct ServeCommand: ParsableCommand {
         if vmNetwork != "off" {
             let host = NetworkHost(
                 options: try NetworkOptions(
-                    pool: IPv4Network(parsing: vmNetwork), tag: NetworkOptions.tag(for: data.layout.root)))
+                    pool: IPv4Network(parsing: vmNetwork), tag: NetworkOptions.tag(for: data.layout.root),
+                    dnsUpstreams: dnsUpstream.isEmpty ? nil : try dnsUpstream.map { try DNSServer(parsing: $0) }))
+            if host.options.dnsUpstreams.isEmpty {
+                Logger(label: "furcate.serve").warning(
+                    "no DNS server for the guests' resolver (/etc/resolv.conf names none): give --dns-upstream")
+            }
             do { try host.checkHost() } catch let e as FurcateError {
                 throw FurcateError(
                     e.code,

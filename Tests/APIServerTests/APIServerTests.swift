@@ -6,6 +6,7 @@ import Foundation
 import FurcateCore
 import FurcateEngine
 import FurcateTestSupport
+import GuestAgentProtocol
 import Hummingbird
 import HummingbirdTesting
 import Hypervisor
@@ -77,7 +78,21 @@ final class APIHarness: @unchecked Sendable {
     /// Boots the test rootfs, snapshots it for account a, deletes the VM.
     func makeSnapshot() async throws {
         let vm = try await engine.vms.create(CreateVMRequest(image: "rootfs"))
-        _ = try await engine.vms.agent(vm.id, timeout: .seconds(60))
+        let agent = try await engine.vms.agent(vm.id, timeout: .seconds(60))
+        // The agent answers before the test rootfs's init has mounted /tmp and /dev/pts (and
+        // set the hostname, its last step): a snapshot taken then has init still mounting in
+        // every VM made from it (a terminal opened meanwhile failed: posix_openpt ENOENT).
+        let booted = try await eventually(within: .seconds(60)) { () async throws -> Bool? in
+            let r = try await agent.exec(
+                ExecRequest(
+                    argv: [
+                        "/bin/sh", "-c",
+                        "grep -q ' /dev/pts devpts ' /proc/mounts && [ \"$(hostname)\" = furcate-test ]",
+                    ],
+                    timeoutMs: 10_000))
+            return r.exitCode == 0 ? true : nil
+        }
+        guard booted == true else { throw FurcateError(.timedOut, "the test rootfs's init did not finish") }
         snapshot = try engine.recordVMSnapshot(try await engine.vms.snapshot(vm.id), account: "a").id
         try await engine.vms.delete(vm.id)
     }

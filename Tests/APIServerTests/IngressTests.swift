@@ -1,8 +1,11 @@
+import APIServer
 import Foundation
 import FurcateCore
 import FurcateEngine
 import FurcateTestSupport
 import GuestAgentProtocol
+import Hummingbird
+import HummingbirdTesting
 import Ingress
 import Logging
 import Testing
@@ -147,19 +150,6 @@ func webSocketFrame(_ text: String) -> [UInt8] {
                 let c = IngressClient(port: try await ingress.port())
                 let vm = try await engine.createVM(
                     NewVM(account: "a", snapshot: h.snapshot, policy: VMPolicy(persistence: .persistent)))
-                // The snapshot was taken as soon as the agent answered, before the test rootfs's
-                // init had mounted its tmpfs on /tmp (and set the hostname, its last step): wait.
-                let booted = try await eventually(within: .seconds(60)) {
-                    let r = try await engine.guest(vm, wake: .requireRunning).exec(
-                        ExecRequest(
-                            argv: [
-                                "/bin/sh", "-c",
-                                "grep -q ' /tmp tmpfs ' /proc/mounts && [ \"$(hostname)\" = furcate-test ]",
-                            ],
-                            timeoutMs: 10_000))
-                    return r.exitCode == 0 ? true : nil
-                }
-                #expect(booted == true)
                 let setup = try await engine.guest(vm, wake: .requireRunning).exec(
                     ExecRequest(
                         argv: ["/bin/sh", "-c", ingressGuestSetup, "setup", "parent-marker"], timeoutMs: 30_000))
@@ -230,6 +220,31 @@ func webSocketFrame(_ text: String) -> [UInt8] {
                 #expect(
                     try await eventually(within: .seconds(10)) { ingress.openConnections(vm.id) == 0 ? true : nil }
                         == true)
+
+                // InstaVM's egress body with a domain allow-list, as the SDK's set_vm_egress sends
+                // it: kept normalized and answered back; a malformed name is a 422 naming it.
+                let api = engine
+                let app = APIServer.buildApplication(api, host: "127.0.0.1", port: 0)
+                try await app.test(.live) { client in
+                    let path = "/instavm/v1/egress/vm/\(vm.id)"
+                    let set = try await call(
+                        client, .post, path, h.keyA,
+                        #"{"allow_http":false,"allow_https":false,"allowed_domains":["*.Allowed.test","allowed.test"]}"#
+                    )
+                    #expect(set.status == .ok, "\(String(buffer: set.body))")
+                    let got = try await call(client, .get, path, h.keyA)
+                    #expect(
+                        json(got)["allowed_domains"] as? [String] == ["allowed.test"], "\(String(buffer: got.body))")
+                    #expect(json(got)["allow_https"] as? Bool == false)
+                    #expect(
+                        try await api.vms.info(vm.id).egress
+                            == EgressPolicy(allowPublic: false, allowedDomains: ["allowed.test"]))
+                    let bad = try await call(client, .post, path, h.keyA, #"{"allowed_domains":["no spaces.test"]}"#)
+                    #expect(
+                        bad.status == .unprocessableContent && String(buffer: bad.body).contains("allowed_domains"),
+                        "\(bad.status) \(String(buffer: bad.body))")
+                    #expect(try await call(client, .get, path, h.keyB).status == .notFound)
+                }
             }
         }
     }

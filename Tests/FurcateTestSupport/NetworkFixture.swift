@@ -84,7 +84,9 @@ public final class NetworkFixture {
     /// - Parameter pool: the VM network pool (default: a free /24 of 10.250.0.0/16).
     init(pool: IPv4Network? = nil) throws {
         tag = String(format: "%04x", (Int(getpid()) ^ 0x5a5a) & 0xffff)
-        host = NetworkHost(options: try NetworkOptions(pool: try pool ?? Self.freePool(), tag: tag))
+        host = NetworkHost(
+            options: try NetworkOptions(
+                pool: try pool ?? Self.freePool(), tag: tag, dnsUpstreams: [Self.dnsServer]))
         inet = "fct-\(tag)-inet"
         inetLink = "fct\(tag)i"
         hostPort = 20000 + Int(getpid() % 20000)
@@ -115,6 +117,55 @@ public final class NetworkFixture {
             ])
         }
         try serve(["python3", "-c", Self.server, "0.0.0.0", "\(hostPort)", "host"])
+        try startDNS()
+    }
+
+    /// The test internet's DNS server (the VM networks' upstream): `Self.zone`'s names.
+    public static let dnsServer = DNSServer(IPv4Address(0xc633_640a))  // 198.51.100.10
+
+    /// The test internet's names: two public, one that points at a private address.
+    public static let zone = [
+        "allowed.test": "198.51.100.10", "www.allowed.test": "198.51.100.10", "other.test": "198.51.100.10",
+        "private.allowed.test": "192.168.77.10",
+    ]
+
+    /// A DNS server of the test internet's on 198.51.100.10:53: `zone`'s A records (TTL 1 s),
+    /// no records of other types, NXDOMAIN for other names.
+    static let dnsServerScript = #"""
+        import json, socket, struct, sys, os
+        zone = json.loads(sys.argv[1])
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("198.51.100.10", 53))
+        open(sys.argv[2], "w").close()
+        while True:
+            q, peer = s.recvfrom(4096)
+            i, labels = 12, []
+            while q[i]:
+                labels.append(q[i + 1:i + 1 + q[i]].decode().lower()); i += 1 + q[i]
+            name, qtype, end = ".".join(labels), struct.unpack(">H", q[i + 1:i + 3])[0], i + 5
+            known = name in zone
+            head = q[:2] + bytes([0x84 | (q[2] & 1), 0x80 if known else 0x83]) + b"\0\1"
+            ans = b""
+            if known and qtype == 1:
+                ans = b"\xc0\x0c\0\1\0\1" + struct.pack(">IH", 1, 4) + socket.inet_aton(zone[name])
+            s.sendto(head + struct.pack(">HHH", 1 if ans else 0, 0, 0) + q[12:end] + ans, peer)
+        """#
+
+    private func startDNS() throws {
+        let ready = NSTemporaryDirectory() + "fct-\(tag)-dns-ready"
+        unlink(ready)
+        let zone = String(decoding: try JSONSerialization.data(withJSONObject: Self.zone), as: UTF8.self)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["nsenter", "--net=/run/netns/\(inet)", "python3", "-c", Self.dnsServerScript, zone, ready]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.runWithSignalsUnblocked()
+        servers.append(p)
+        for _ in 0..<50 {
+            if unlink(ready) == 0 { return }
+            usleep(100_000)
+        }
+        throw FurcateError(.timedOut, "the test DNS server did not start")
     }
 
     /// An unused /24 of 10.0.0.0/8 for the pool (none of the host's networks overlaps it).
@@ -155,6 +206,38 @@ public final class NetworkFixture {
         else { return nil }
         return r.output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
+
+    /// What the resolver of `p`'s guests answers for `name` (asked from inside its namespace):
+    /// the response code and the IPv4 addresses; nil when nothing answers within 3 s.
+    public func resolve(from p: VMNetworkPlan, _ name: String) -> (code: Int, addresses: [String])? {
+        guard
+            let r = try? runCommand([
+                "nsenter", "--net=/run/netns/\(p.namespace)", "python3", "-c", Self.dnsClientScript,
+                "\(GuestAddressing.resolver)", name,
+            ]), r.status == 0
+        else { return nil }
+        let words = r.output.split(whereSeparator: \.isWhitespace).map(String.init)
+        guard let code = words.first.flatMap({ Int($0) }) else { return nil }
+        return (code, Array(words.dropFirst()))
+    }
+
+    /// Asks argv[1]:53 for argv[2]'s A records; prints the response code and the addresses.
+    static let dnsClientScript = #"""
+        import socket, struct, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+        q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"".join(
+            bytes([len(l)]) + l.encode() for l in sys.argv[2].split(".")) + b"\x00\x00\x01\x00\x01"
+        s.sendto(q, (sys.argv[1], 53))
+        r = s.recv(4096)
+        i, out = len(q), [str(r[3] & 15)]
+        for _ in range(struct.unpack(">H", r[6:8])[0]):
+            while r[i] and r[i] < 192: i += 1 + r[i]
+            i += 2 if r[i] >= 192 else 1
+            t, _, _, n = struct.unpack(">HHIH", r[i:i + 10]); i += 10
+            if t == 1: out.append(socket.inet_ntoa(r[i:i + 4]))
+            i += n
+        print(" ".join(out))
+        """#
 
     /// A one-line HTTP server: answers every GET with its third argument.
     static let server = """

@@ -970,6 +970,29 @@ struct VMServiceTests {
             try await svc.setEgress(vm.id, nil)
             #expect(try await guest(sh, fetch("198.51.100.10:8000")) == "inet-8000")
             #expect(try await guest(sh, fetch("192.168.77.10:8000")).isEmpty)
+
+            // The guest's resolver: with public egress it answers any name (from the test
+            // internet's DNS server)...
+            func lookup(_ name: String) -> String {
+                "nslookup \(name) \(GuestAddressing.resolver) 2>/dev/null | sed -n '3,$p' | grep -o '[0-9.]*\\.[0-9]*$' | head -n 1; echo"
+            }
+            #expect(try await guest(sh, lookup("other.test")) == "198.51.100.10")
+            // ...and with a name allow-list only: an allowed name's address is not reachable
+            // until the guest resolves the name, another name is refused, and a name that
+            // points at a private address resolves but does not open it.
+            let byName = EgressPolicy(allowPublic: false, allowedDomains: ["allowed.test"])
+            try await svc.setEgress(vm.id, byName)
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")).isEmpty)
+            #expect(try await guest(sh, lookup("other.test")).isEmpty)
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")).isEmpty)
+            #expect(try await guest(sh, lookup("www.allowed.test")) == "198.51.100.10")
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")) == "inet-8000")
+            #expect(try await guest(sh, lookup("private.allowed.test")) == "192.168.77.10")
+            #expect(try await guest(sh, fetch("192.168.77.10:8000")).isEmpty)
+            // Changing the allowed names closes what the old ones opened, at once.
+            try await svc.setEgress(vm.id, EgressPolicy(allowPublic: false, allowedDomains: ["elsewhere.test"]))
+            #expect(try await guest(sh, fetch("198.51.100.10:8000")).isEmpty)
+            #expect(try await guest(sh, lookup("allowed.test")).isEmpty)
             try await svc.delete(vm.id)
             #expect(try net.namespaces().isEmpty && net.hostLinks().isEmpty)
         }
