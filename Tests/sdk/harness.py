@@ -50,7 +50,7 @@ def busybox_layout(layout, busybox="/bin/busybox", extra=None):
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             t.addfile(info)
         t.add(busybox, arcname="bin/busybox")
-        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat", "mount", "kill"]:
+        for applet in ["sh", "echo", "cat", "ls", "mkdir", "sleep", "true", "uname", "env", "sync", "dd", "rm", "fstrim", "df", "cat", "mount", "kill", "httpd", "nc", "printf", "tail"]:
             info = tarfile.TarInfo("bin/" + applet)
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             t.addfile(info)
@@ -160,3 +160,64 @@ def clean_up(tmp, procs, failed, log_lines=60):
     time.sleep(0.5)
     subprocess.run(["umount", "-l", os.path.join(data, "mnt")], stderr=subprocess.DEVNULL)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sh(cmd):
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL)
+
+
+def free_pool():
+    """An unused /24 of 10.249.0.0/16 (no route of the host's overlaps it) for --vm-network."""
+    routes = subprocess.run(["ip", "-o", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    for third in range(os.getpid() % 200, 256):
+        if f"10.249.{third}." not in routes and "10.249.0.0/16" not in routes and "10.0.0.0/8" not in routes:
+            return f"10.249.{third}.0/24"
+    raise SystemExit("no free /24 in 10.249.0.0/16 for the VM network pool")
+
+
+def network_names():
+    """Furcate's network namespaces, links and nftables tables on this host, as one set."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    links = [l.split(": ")[1].split("@")[0] for l in
+             subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.splitlines()]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines()
+    return {n for n in ns if n.startswith("fc-")} | {l for l in links if l.startswith("fc")} | \
+        {t for t in tables if "furcate" in t}
+
+
+class TestInternet:
+    """A namespace of the test's own as "the internet": 203.0.113.10 (its HTTP server on port
+    8000 answers every path with `marker`), reached from this host through its own veth link
+    (203.0.113.1), which forwards for it."""
+
+    def __init__(self, tmp, procs, marker):
+        self.ns, self.link = f"fst-{os.getpid() % 100000}", f"fst{os.getpid() % 100000}i"
+        self.address = "203.0.113.10"
+        sh(f"ip netns add {self.ns}")
+        try:
+            sh(f"ip link add {self.link} type veth peer name eth0 netns {self.ns}")
+            sh(f"ip addr add 203.0.113.1/24 dev {self.link} && ip link set {self.link} up")
+            sh(f"sysctl -qw net.ipv4.conf.{self.link}.forwarding=1 net.ipv6.conf.{self.link}.disable_ipv6=1")
+            sh(f"ip -n {self.ns} addr add {self.address}/24 dev eth0 && ip -n {self.ns} link set eth0 up"
+               f" && ip -n {self.ns} link set lo up && ip -n {self.ns} route add default via 203.0.113.1")
+            www = os.path.join(tmp, "internet-www")
+            os.makedirs(www)
+            with open(os.path.join(www, "index.html"), "w") as f:
+                f.write(marker + "\n")
+            server = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", "python3", "-m", "http.server", "8000",
+                                       "--bind", self.address, "--directory", www],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(server)
+            deadline = time.time() + 30
+            while subprocess.run(["curl", "-s", "-m", "1", f"http://{self.address}:8000/"],
+                                 stdout=subprocess.DEVNULL).returncode != 0:
+                if time.time() > deadline:
+                    raise SystemExit("the test internet's server did not start")
+                time.sleep(0.1)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self):
+        subprocess.run(["ip", "netns", "del", self.ns], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "link", "del", self.link], stderr=subprocess.DEVNULL)

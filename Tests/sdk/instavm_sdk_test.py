@@ -15,22 +15,29 @@ import time
 import requests
 from instavm import InstaVM
 
-from harness import check, clean_up, free_port, furcate_processes, push_busybox, start_registry, wait_port
+from harness import (TestInternet, check, clean_up, free_pool, free_port, furcate_processes, network_names, push_busybox,
+                     start_registry, wait_port)
 
 
 def main():
     furcate = os.path.abspath(sys.argv[1])
     tmp = tempfile.mkdtemp(prefix="fsdk-", dir="/tmp")
     procs = []
+    internet = None
     try:
         # A registry with the test image.
         image = push_busybox(tmp, start_registry(tmp, procs), "sdk/busybox")
 
-        # furcate serve on a fresh data directory.
-        port = free_port()
+        # A test "internet" its VMs reach through their own networks.
+        networks_before = network_names()
+        internet = TestInternet(tmp, procs, "internet-marker")
+
+        # furcate serve on a fresh data directory, every VM on a network of its own.
+        port, ingress = free_port(), free_port()
         env = dict(os.environ, FURCATE_DATA=os.path.join(tmp, "data"))
         serve_log = open(os.path.join(tmp, "serve.log"), "w")
-        serve = subprocess.Popen([furcate, "serve", "--port", str(port)], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        argv = [furcate, "serve", "--port", str(port), "--vm-network", free_pool(), "--ingress-port", str(ingress)]
+        serve = subprocess.Popen(argv, env=env, stdout=serve_log, stderr=subprocess.STDOUT)
         procs.append(serve)
         wait_port(port, serve, "furcate serve", seconds=120)
         key = open(os.path.join(tmp, "data", "admin-key")).read().strip()
@@ -87,6 +94,26 @@ def main():
         check(out.get("stdout") == "built\nyes 1\nbuilt for the instavm SDK test\n", f"the VM has the build's file, env and the image: {out}")
         client.execute("echo before-snapshot > /root/mark")
 
+        # Its dev server through the ingress (shares.create), and egress on its own network:
+        # the test internet answers until set_vm_egress denies it, in force at once.
+        out = client.execute("mkdir -p /root/www && echo sdk-page > /root/www/index.html && httpd -p 8000 -h /root/www && echo up")
+        check(out.get("stdout") == "up\n", f"a dev server in the VM: {out}")
+        share = client.shares.create(port=8000, vm_id=vm_id, is_public=True)
+        check(share.get("url", "").startswith(f"http://{vm_id}-8000.localhost:{ingress}"), f"shares.create: {share}")
+        page = requests.get(f"http://127.0.0.1:{ingress}/", headers={"Host": f"{vm_id}-8000.localhost"}, timeout=60)
+        check(page.status_code == 200 and page.text == "sdk-page\n", f"the share's URL serves the guest's page: {page.status_code} {page.text}")
+        fetch = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {internet.address} 8000 | tail -n 1"
+        out = client.execute(fetch)
+        check(out.get("stdout") == "internet-marker\n", f"the VM reaches the test internet: {out}")
+        out = client.execute("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 %d | tail -n 1" % port)
+        check("openapi" not in out.get("stdout", "") and out.get("stdout", "").strip() == "", f"nor this server's API on the host: {out}")
+        policy = client.set_vm_egress(vm_id, allow_http=False, allow_https=False)
+        check(policy.get("allow_http") is False and policy.get("allow_https") is False, f"set_vm_egress: {policy}")
+        out = client.execute(fetch)
+        check(out.get("stdout", "").strip() == "", f"a denied destination fails from execute: {out}")
+        check(client.get_vm_egress(vm_id).get("allow_http") is False, "get_vm_egress says so")
+        client.set_vm_egress(vm_id)
+
         vsnap = client.vms.snapshot(vm_id, name="after-mark")
         vsid = vsnap.get("snapshot_id") or vsnap.get("id")
         check(vsnap["status"] == "ready" and vsnap["source_vm_id"] == vm_id, f"vms.snapshot: {vsnap}")
@@ -124,7 +151,7 @@ def main():
         serve.send_signal(signal.SIGTERM)
         check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM")
         check(not furcate_processes(tmp + "/data"), f"nothing outlives a graceful stop: {furcate_processes(tmp + '/data')}")
-        serve = subprocess.Popen([furcate, "serve", "--port", str(port)], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(argv, env=env, stdout=serve_log, stderr=subprocess.STDOUT)
         procs.append(serve)
         wait_port(port, serve, "furcate serve (again)", seconds=300)
         out = last.execute("cat /tmp/marker")
@@ -140,7 +167,7 @@ def main():
         serve.send_signal(signal.SIGKILL)
         serve.wait(timeout=60)
         check(furcate_processes(tmp + "/data"), "the VMs' QEMUs and the storage process outlive kill -9 of the server")
-        serve = subprocess.Popen([furcate, "serve", "--port", str(port)], env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(argv, env=env, stdout=serve_log, stderr=subprocess.STDOUT)
         procs.append(serve)
         wait_port(port, serve, "furcate serve (after kill -9)", seconds=300)
         out = last.execute("cat /run/t/v; kill -0 $(cat /run/t/pid) && echo alive")
@@ -173,11 +200,16 @@ def main():
         serve.send_signal(signal.SIGTERM)
         check(serve.wait(timeout=300) == 0, "furcate serve exits 0 on SIGTERM again")
         check(not furcate_processes(tmp + "/data"), f"nothing outlives the second stop: {furcate_processes(tmp + '/data')}")
+        internet.remove()
+        check(network_names() == networks_before,
+              f"no namespace, link or table of the VM networks is left: {network_names() - networks_before}")
         print("instavm SDK: all checks passed")
     except requests.exceptions.HTTPError as e:
         print(f"HTTP {e.response.status_code} from {e.request.method} {e.request.url}: {e.response.text}")
         raise
     finally:
+        if internet:
+            internet.remove()
         clean_up(tmp, procs, failed=sys.exc_info()[0] is not None)
 
 if __name__ == "__main__":
